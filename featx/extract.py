@@ -1,0 +1,398 @@
+"""The extraction engine: a manifest and a backbone in, a finished feature store out.
+
+DataLoader workers decode and resize images to uint8; the main process moves them to the device
+(pinned memory, non-blocking copies), normalises there, runs the truncated network under
+``inference_mode`` (autocast and ``channels_last`` where they pay), and hands each batch to a writer
+thread that persists it as one crash-safe part of the store. Memory stays flat in the number of
+images; an interrupted job resumes from the last written batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featx._env import cache_dir
+from featx._errors import ImageDecodeError, unknown
+from featx._imageio import DEFAULT_MAX_PIXELS, load_rgb, preprocess_uint8
+from featx.backbones import (
+    DEFAULT_BACKBONE,
+    PENULTIMATE,
+    Backbone,
+    FeatureModel,
+    bytes_per_image,
+    feature_dims,
+    human_bytes,
+    load_backbone,
+    resolve_backbone,
+)
+from featx.data import DEFAULT_TEST_FRACTION, FINGERPRINT_MODES, Manifest, load_source
+from featx.spec import AMP_MODES, DTYPES, POOLS, TTA_MODES, ExtractionSpec, Preprocessing, cache_key
+from featx.store import Failure, StoreWriter, read_key
+
+__all__ = ["ExtractionResult", "MaxFailures", "default_store_path", "extract", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+_NONE_POOL_WARN_BYTES = 64 * 1024  # warn when `--pool none` stores more than this per image
+
+
+# ------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class MaxFailures:
+    """How many failed images a job tolerates: a count (``10``) or a share of the images (``1%``)."""
+
+    count: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | int | None) -> MaxFailures:
+        """``None``/``"inf"`` → unlimited; ``"10"`` → 10 images; ``"2.5%"`` → 2.5 % of the images."""
+        if text is None or str(text).strip().lower() in ("inf", "none", "unlimited"):
+            return cls()
+        raw = str(text).strip()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)%", raw)
+        if m and float(m.group(1)) <= 100:
+            return cls(fraction=float(m.group(1)) / 100)
+        if raw.isdigit():
+            return cls(count=int(raw))
+        raise ValueError(f"max failures {raw!r} must be a count (e.g. 10), a percentage (e.g. 1%) or 'inf'")
+
+    def exceeded(self, failed: int, total: int) -> bool:
+        if self.count is not None:
+            return failed > self.count
+        if self.fraction is not None:
+            return failed > self.fraction * total
+        return False
+
+    def __str__(self) -> str:
+        if self.count is not None:
+            return str(self.count)
+        return f"{self.fraction * 100:g}%" if self.fraction is not None else "inf"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA GPU if there is one, else the CPU; explicit devices are checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but MPS is not available here; use --device cpu")
+    return dev
+
+
+def _resolve_amp(amp: str, device: torch.device) -> str:
+    if amp == "auto":
+        if device.type != "cuda":
+            return "none"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp not in AMP_MODES:
+        raise unknown("amp mode", amp, (*AMP_MODES, "auto"), "Use auto, bf16, fp16 or none.")
+    return amp
+
+
+def default_store_path(key: str) -> Path:
+    """Where a store goes when no ``out`` is given: ``<cache>/stores/<key prefix>.h5``."""
+    return cache_dir() / "stores" / f"{key[:20]}.h5"
+
+
+@dataclass
+class ExtractionResult:
+    """What one call of :func:`extract` did."""
+
+    path: Path
+    key: str
+    spec: ExtractionSpec
+    cached: bool
+    n_images: int
+    n_done: int
+    n_failed: int
+    seconds: float
+    images_this_run: int = 0
+    resumed_rows: int = 0
+    device: str = "cpu"
+    failures: list[Failure] = field(default_factory=list)
+    max_failures: MaxFailures = field(default_factory=MaxFailures)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def too_many_failures(self) -> bool:
+        return self.max_failures.exceeded(self.n_failed, self.n_images)
+
+
+# ------------------------------------------------------------------------------------------- loading
+class _ImageRows(Dataset):
+    """Decodes manifest rows to uint8 tensors; a bad image yields its reason instead of a tensor."""
+
+    def __init__(self, paths: Sequence[str], rows: np.ndarray, pre: Preprocessing, max_pixels: int) -> None:
+        self.paths = paths
+        self.rows = rows
+        self.pre = pre
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        row = int(self.rows[i])
+        try:
+            return row, preprocess_uint8(load_rgb(self.paths[row], self.max_pixels), self.pre), ""
+        except ImageDecodeError as exc:
+            return row, None, str(exc)
+        except Exception as exc:  # never let one file kill the job; record what happened
+            return row, None, f"unexpected {type(exc).__name__}: {exc}"
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str]]):
+    ok = [(row, t) for row, t, _ in items if t is not None]
+    failed = [(row, reason) for row, t, reason in items if t is None]
+    rows = torch.tensor([r for r, _ in ok], dtype=torch.long)
+    images = torch.stack([t for _, t in ok]) if ok else torch.empty(0, dtype=torch.uint8)
+    return rows, images, failed
+
+
+# -------------------------------------------------------------------------------------------- engine
+class _Embedder:
+    """Normalises uint8 batches on the device and runs the feature model with the spec's precision."""
+
+    def __init__(self, model: FeatureModel, pre: Preprocessing, device: torch.device, amp: str, tta: str) -> None:
+        self.device = device
+        self.amp = amp
+        self.tta = tta
+        self.channels_last = device.type in ("cuda", "cpu")
+        self.model = model.to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255.0
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            out = self.model(x)
+            if self.tta == "flip":
+                flipped = self.model(x.flip(3))
+                out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
+        return {k: v.float().cpu() for k, v in out.items()}
+
+
+def build_spec(backbone: Backbone, layers: Sequence[str], pool: str, dtype: str, amp: str, tta: str) -> ExtractionSpec:
+    """The spec for extracting ``layers`` of a loaded backbone."""
+    return ExtractionSpec(
+        backbone=backbone.name,
+        weights=backbone.weights,
+        weights_sha256=backbone.weights_sha256,
+        layers=tuple(layers),
+        preprocessing=backbone.preprocessing,
+        pool=pool,
+        dtype=dtype,
+        amp=amp,
+        tta=tta,
+    )
+
+
+def _check_options(batch_size: int, pool: str, dtype: str, tta: str, fingerprint: str, workers: int | None) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    for kind, value, choices in (("pooling", pool, POOLS), ("dtype", dtype, DTYPES), ("tta mode", tta, TTA_MODES),
+                                 ("fingerprint mode", fingerprint, FINGERPRINT_MODES)):
+        if value not in choices:
+            raise unknown(kind, value, choices, f"Choose one of {', '.join(choices)}.")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be 0 (decode in the main process) or more, got {workers}")
+
+
+def extract(
+    source: str | Path | Manifest,
+    backbone: str = DEFAULT_BACKBONE,
+    *,
+    layers: Sequence[str] = (PENULTIMATE,),
+    pool: str = "avg",
+    out: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    dtype: str = "float32",
+    amp: str = "auto",
+    tta: str = "none",
+    workers: int | None = None,
+    max_failures: str | int | None = None,
+    overwrite: bool = False,
+    fingerprint: str = "stat",
+    seed: int = 0,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> ExtractionResult:
+    """Embed every image of a source with a frozen backbone into an HDF5 feature store.
+
+    Re-running with the same inputs is a cache hit that does no model work; an interrupted run
+    resumes from the batches already written. Every option is validated before any image is read.
+
+    Parameters
+    ----------
+    source : str, Path or Manifest
+        An image folder, CSV/TSV manifest, ``.txt`` file list, ``digits`` or ``torchvision:NAME``.
+    backbone : str, default="featx:efficientnet_lite0"
+        ``SOURCE:NAME[.TAG]``; see :mod:`featx.backbones`.
+    layers : sequence of str, default=("penultimate",)
+        Layers extracted in one pass.
+    pool : {"avg", "max", "avgmax", "gem", "none"}, default="avg"
+        Pooling of spatial maps (and token sequences).
+    out : str or Path, optional
+        Store path; by default ``<cache>/stores/<key>.h5``.
+    batch_size : int, default=64
+    device : str, default="auto"
+        ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+    dtype : {"float32", "float16"}, default="float32"
+        Storage dtype; float16 halves the store.
+    amp : {"auto", "bf16", "fp16", "none"}, default="auto"
+        Autocast precision; ``auto`` is bf16 (or fp16) on CUDA and none elsewhere.
+    tta : {"none", "flip"}, default="none"
+        ``flip`` averages the features of each image and its mirror image.
+    workers : int, optional
+        DataLoader decoding processes; by default one per CPU core (at most 8).
+    max_failures : str or int, optional
+        Failed images tolerated before :attr:`ExtractionResult.too_many_failures` is set (a count or
+        ``"1%"``); the store is written either way.
+    overwrite : bool, default=False
+        Replace a store (or discard an interrupted job) made with another spec.
+    fingerprint : {"stat", "content"}, default="stat"
+        How the images enter the cache key: path/size/mtime, or content hashes.
+    seed, test_fraction :
+        For carving a test split when the source has none.
+    max_pixels : int
+        Images with more pixels are recorded as failures (decompression-bomb guard).
+    progress : bool, default=True
+        Show a progress bar with images/s and ETA.
+
+    Returns
+    -------
+    ExtractionResult
+    """
+    t0 = time.perf_counter()
+    _check_options(batch_size, pool, dtype, tta, fingerprint, workers)
+    limit = MaxFailures.parse(max_failures)
+    dev = resolve_device(device)
+    amp = _resolve_amp(amp, dev)
+    resolve_backbone(backbone)  # cheap name check before reading the source or loading weights
+    manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
+    net = load_backbone(backbone)
+    feature_model = net.feature_model(list(layers), pool)
+    spec = build_spec(net, layers, pool, dtype, amp, tta)
+    fp = manifest.fingerprint(fingerprint)
+    key = cache_key(spec, fp)
+    path = Path(out).expanduser() if out is not None else default_store_path(key)
+    if read_key(path) == key:
+        return _cached_result(path, key, spec, manifest, t0, limit)
+
+    dims = feature_dims(feature_model, net.preprocessing)
+    if pool == "none" and bytes_per_image(dims, dtype) > _NONE_POOL_WARN_BYTES:
+        log.warning(
+            "pool 'none' keeps %s per image (%s for %d images); consider avg pooling",
+            human_bytes(bytes_per_image(dims, dtype)),
+            human_bytes(bytes_per_image(dims, dtype) * len(manifest)),
+            len(manifest),
+        )
+    with StoreWriter(path, spec, key, manifest, fp, dims, overwrite=overwrite) as writer:
+        if writer.cached:
+            return _cached_result(path, key, spec, manifest, t0, limit)
+        resumed = writer.n_done + writer.n_failed
+        pending = writer.pending_rows()
+        run_start = time.perf_counter()
+        _run(writer, manifest, pending, feature_model, net.preprocessing, dev, amp, tta, batch_size, workers,
+             max_pixels, progress, resumed)
+        seconds = time.perf_counter() - run_start
+        stats = {
+            "seconds": round(seconds, 3),
+            "images_this_run": len(pending),
+            "resumed_rows": resumed,
+            "images_per_second": round(len(pending) / seconds, 2) if seconds > 0 else None,
+            "device": str(dev),
+            "batch_size": batch_size,
+        }
+        writer.finalize(stats)
+        failures = [Failure(r, manifest.ids[r], reason) for r, reason in sorted(writer._failed.items())]
+        return ExtractionResult(
+            path=path, key=key, spec=spec, cached=False, n_images=len(manifest), n_done=writer.n_done,
+            n_failed=writer.n_failed, seconds=time.perf_counter() - t0, images_this_run=len(pending),
+            resumed_rows=resumed, device=str(dev), failures=failures, max_failures=limit,
+        )
+
+
+def _cached_result(path: Path, key: str, spec: ExtractionSpec, manifest: Manifest, t0: float,
+                   limit: MaxFailures) -> ExtractionResult:
+    from featx.store import FeatureStore
+
+    with FeatureStore(path) as store:
+        failures = store.failures
+        n_done = int(len(store.rows()))
+    return ExtractionResult(
+        path=path, key=key, spec=spec, cached=True, n_images=len(manifest), n_done=n_done,
+        n_failed=len(failures), seconds=time.perf_counter() - t0, failures=failures, max_failures=limit,
+    )
+
+
+def _run(writer: StoreWriter, manifest: Manifest, pending: np.ndarray, feature_model: FeatureModel,
+         pre: Preprocessing, dev: torch.device, amp: str, tta: str, batch_size: int, workers: int | None,
+         max_pixels: int, progress: bool, resumed: int) -> None:
+    from tqdm.auto import tqdm
+
+    if not len(pending):
+        return
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    loader = DataLoader(
+        _ImageRows(manifest.paths, pending, pre, max_pixels),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    embed = _Embedder(feature_model, pre, dev, amp, tta)
+    bar = tqdm(total=len(manifest), initial=resumed, unit="img", desc="extract", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    # One writer thread: the next batch computes while the last one is saved (at most two in flight).
+    in_flight: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer") as pool:
+        try:
+            for rows, images, failed in loader:
+                feats = embed(images) if len(rows) else {layer: torch.empty(0, d) for layer, d in writer.dims.items()}
+                arrays = {k: v.numpy() for k, v in feats.items()}
+                in_flight.append(pool.submit(writer.write_batch, rows.numpy(), arrays, failed))
+                while len(in_flight) > 2:
+                    in_flight.popleft().result()
+                bar.update(len(rows) + len(failed))
+                if failed:
+                    bar.set_postfix(failed=writer.n_failed + len(failed), refresh=False)
+        finally:
+            # Whatever happens (Ctrl-C included), batches already computed are saved before we leave.
+            for fut in in_flight:
+                fut.result()
+            bar.close()

@@ -1,0 +1,197 @@
+"""The extraction spec: the one frozen description of how features were made.
+
+:class:`ExtractionSpec` is the single source for the store's cache key, its HDF5 provenance
+attributes and the command-line defaults. Every field that changes the numbers in a store is a
+field here; fields that do not (batch size, worker count, memory layout) are deliberately absent so
+that changing them reuses the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AMP_MODES",
+    "DTYPES",
+    "EXTRACTOR_VERSION",
+    "INTERPOLATIONS",
+    "POOLS",
+    "TTA_MODES",
+    "ExtractionSpec",
+    "Preprocessing",
+    "cache_key",
+    "canonical_json",
+    "spec_differences",
+]
+
+#: Bumped whenever a code change alters the numbers extraction produces (decoding, resizing, pooling).
+#: It is part of every cache key, so stores made by older code are never silently reused.
+EXTRACTOR_VERSION = 1
+
+POOLS = ("avg", "max", "avgmax", "gem", "none")
+DTYPES = ("float32", "float16")
+AMP_MODES = ("none", "bf16", "fp16")
+TTA_MODES = ("none", "flip")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input tensor.
+
+    Parameters
+    ----------
+    input_size : tuple of int
+        ``(height, width)`` of the centre crop fed to the network.
+    resize_size : int
+        The shorter image side is resized to this before the centre crop.
+    interpolation : str
+        One of ``nearest``, ``bilinear``, ``bicubic``, ``lanczos``.
+    mean, std : tuple of float
+        Per-channel normalisation applied to pixels scaled to ``[0, 1]``.
+    """
+
+    input_size: tuple[int, int]
+    resize_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        if min(self.input_size) < 1 or self.resize_size < min(self.input_size):
+            raise ValueError(
+                f"resize_size {self.resize_size} must be at least the crop {self.input_size}; "
+                "the crop is taken from the resized image"
+            )
+
+    @classmethod
+    def from_crop_pct(
+        cls,
+        input_size: tuple[int, int],
+        crop_pct: float,
+        interpolation: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> Preprocessing:
+        """Build from timm-style metadata: resize the shorter side to ``input / crop_pct``, then crop."""
+        import math
+
+        resize = math.floor(min(input_size) / crop_pct)
+        return cls(
+            input_size=(int(input_size[0]), int(input_size[1])),
+            resize_size=int(resize),
+            interpolation=interpolation,
+            mean=tuple(float(m) for m in mean),
+            std=tuple(float(s) for s in std),
+        )
+
+
+@dataclass(frozen=True)
+class ExtractionSpec:
+    """Everything that determines the numbers in a feature store.
+
+    Parameters
+    ----------
+    backbone : str
+        Canonical backbone name, e.g. ``featx:efficientnet_lite0`` or ``torchvision:resnet50``.
+    weights : str
+        The weights tag that was loaded (``IMAGENET1K_V2``, ``in1k``, a checkpoint file name, ...).
+    weights_sha256 : str
+        Checksum of the loaded parameters and buffers, so re-trained weights under an old tag differ.
+    layers : tuple of str
+        The layers extracted in one pass (``penultimate`` or the network's own node names).
+    pool : str, default="avg"
+        Spatial pooling of 4-D (and token pooling of 3-D) layer outputs.
+    preprocessing : Preprocessing
+        Resize, crop, interpolation and normalisation.
+    dtype : str, default="float32"
+        Storage dtype of the features.
+    amp : str, default="none"
+        Autocast precision used for the forward pass (``none`` on CPU).
+    tta : str, default="none"
+        Test-time augmentation; ``flip`` averages the features of the image and its mirror.
+    """
+
+    backbone: str
+    weights: str
+    weights_sha256: str
+    layers: tuple[str, ...]
+    preprocessing: Preprocessing
+    pool: str = "avg"
+    dtype: str = "float32"
+    amp: str = "none"
+    tta: str = "none"
+    extractor_version: int = field(default=EXTRACTOR_VERSION)
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("pool", self.pool, POOLS),
+            ("dtype", self.dtype, DTYPES),
+            ("amp", self.amp, AMP_MODES),
+            ("tta", self.tta, TTA_MODES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+        if not self.layers:
+            raise ValueError("an extraction needs at least one layer (the default is 'penultimate')")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers repeat: {list(self.layers)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return json.loads(canonical_json(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExtractionSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are an error so a newer store is never misread."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = set(data) - known
+        if extra:
+            raise ValueError(
+                f"this store's spec has fields this featx does not know ({', '.join(sorted(extra))}); "
+                "it was written by a newer featx: upgrade featx to read it"
+            )
+        pre = dict(data.pop("preprocessing"))
+        pre["input_size"] = tuple(pre["input_size"])
+        pre["mean"] = tuple(pre["mean"])
+        pre["std"] = tuple(pre["std"])
+        data["layers"] = tuple(data["layers"])
+        return cls(preprocessing=Preprocessing(**pre), **data)
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal objects hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def cache_key(spec: ExtractionSpec, manifest_fingerprint: str) -> str:
+    """The store's cache key: a hash of the spec (which includes the extractor version) and the manifest.
+
+    Raises
+    ------
+    ValueError
+        If the fingerprint is empty: a key that cannot be computed is an error, never a random key.
+    """
+    if not manifest_fingerprint:
+        raise ValueError("cannot compute a cache key without the manifest fingerprint")
+    payload = canonical_json({"spec": spec.to_dict(), "manifest": manifest_fingerprint})
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def spec_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Names of the (nested) fields whose values differ between two spec dicts."""
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += spec_differences(va, vb, prefix=f"{prefix}{key}.")
+        elif va != vb:
+            diffs.append(f"{prefix}{key}: {va!r} != {vb!r}")
+    return diffs
