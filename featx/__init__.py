@@ -10,6 +10,6 @@ The stages, each its own module:
 
 __version__ = "0.1.0"
 
-from featx.spec import ExtractionSpec, Preprocessing  # noqa: E402
+from featx.spec import ExtractionSpec, Preprocessing
 
 __all__ = ["ExtractionSpec", "Preprocessing", "__version__"]

@@ -34,8 +34,9 @@ def main(verbose: int) -> None:
     featx info digits.h5                      show how a store was made
     featx backbones --source torchvision      list backbones
     """
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("featx").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -50,34 +51,105 @@ def _validate_max_failures(ctx, param, value):
 
 @main.command()
 @click.argument("source")
-@click.option("--backbone", "-b", default="featx:efficientnet_lite0", show_default=True,
-              help="SOURCE:NAME[.TAG], e.g. torchvision:resnet50.IMAGENET1K_V2, timm:convnext_tiny, file:resnet50=ckpt.pt.")
-@click.option("--layer", "-l", "layers", multiple=True, default=["penultimate"], show_default=True,
-              help="Layer to extract; repeat for several in one pass. `featx backbones --layers NAME` lists them.")
-@click.option("--pool", type=click.Choice(["avg", "max", "avgmax", "gem", "none"]), default="avg", show_default=True,
-              help="Pooling of spatial feature maps.")
+@click.option(
+    "--backbone",
+    "-b",
+    default="featx:efficientnet_lite0",
+    show_default=True,
+    help="SOURCE:NAME[.TAG], e.g. torchvision:resnet50.IMAGENET1K_V2, timm:convnext_tiny, file:resnet50=ckpt.pt.",
+)
+@click.option(
+    "--layer",
+    "-l",
+    "layers",
+    multiple=True,
+    default=["penultimate"],
+    show_default=True,
+    help="Layer to extract; repeat for several in one pass. `featx backbones --layers NAME` lists them.",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["avg", "max", "avgmax", "gem", "none"]),
+    default="avg",
+    show_default=True,
+    help="Pooling of spatial feature maps.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Storage dtype of the features.")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), default="auto", show_default=True,
-              help="Autocast precision (auto: bf16/fp16 on CUDA, none on CPU).")
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
-              help="Test-time augmentation: flip averages the features of each image and its mirror.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU cores, max 8].")
-@click.option("--max-failures", default="0", show_default=True, callback=_validate_max_failures,
-              help="Failed images tolerated before the exit code is 3: a count, a percentage like 1%, or inf.")
-@click.option("--fingerprint", type=click.Choice(["stat", "content"]), default="stat", show_default=True,
-              help="How images enter the cache key: path/size/mtime, or content hashes.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Storage dtype of the features.",
+)
+@click.option(
+    "--amp",
+    type=click.Choice(["auto", "bf16", "fp16", "none"]),
+    default="auto",
+    show_default=True,
+    help="Autocast precision (auto: bf16/fp16 on CUDA, none on CPU).",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(["none", "flip"]),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation: flip averages the features of each image and its mirror.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU cores, max 8]."
+)
+@click.option(
+    "--max-failures",
+    default="0",
+    show_default=True,
+    callback=_validate_max_failures,
+    help="Failed images tolerated before the exit code is 3: a count, a percentage like 1%, or inf.",
+)
+@click.option(
+    "--fingerprint",
+    type=click.Choice(["stat", "content"]),
+    default="stat",
+    show_default=True,
+    help="How images enter the cache key: path/size/mtime, or content hashes.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the carved test split, if one is needed.")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True, help="Share of each class carved off as the test split when the source has none.")
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Share of each class carved off as the test split when the source has none.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a store (or interrupted job) made with another spec.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Store path (.h5) [default: in the featx cache, named by the cache key].")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Store path (.h5) [default: in the featx cache, named by the cache key].",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def extract(source, backbone, layers, pool, batch_size, device, dtype, amp, tta, workers, max_failures,
-            fingerprint, seed, test_fraction, overwrite, out, no_progress) -> None:
+def extract(
+    source,
+    backbone,
+    layers,
+    pool,
+    batch_size,
+    device,
+    dtype,
+    amp,
+    tta,
+    workers,
+    max_failures,
+    fingerprint,
+    seed,
+    test_fraction,
+    overwrite,
+    out,
+    no_progress,
+) -> None:
     """Embed the images of SOURCE into an HDF5 feature store.
 
     SOURCE is an image folder (root/<class>/<img> or root/<split>/<class>/<img>), a CSV/TSV manifest
@@ -87,30 +159,55 @@ def extract(source, backbone, layers, pool, batch_size, device, dtype, amp, tta,
 
     try:
         result = run_extract(
-            source, backbone, layers=layers, pool=pool, out=out, batch_size=batch_size, device=device,
-            dtype=dtype, amp=amp, tta=tta, workers=workers, max_failures=str(max_failures), overwrite=overwrite,
-            fingerprint=fingerprint, seed=seed, test_fraction=test_fraction, progress=not no_progress,
+            source,
+            backbone,
+            layers=layers,
+            pool=pool,
+            out=out,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            amp=amp,
+            tta=tta,
+            workers=workers,
+            max_failures=str(max_failures),
+            overwrite=overwrite,
+            fingerprint=fingerprint,
+            seed=seed,
+            test_fraction=test_fraction,
+            progress=not no_progress,
         )
     except KeyboardInterrupt:
-        click.secho("interrupted: the batches written so far are kept; run the same command again to resume.",
-                    fg="yellow", err=True)
+        click.secho(
+            "interrupted: the batches written so far are kept; run the same command again to resume.",
+            fg="yellow",
+            err=True,
+        )
         sys.exit(EXIT_INTERRUPTED)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
     _print_summary(result)
     if result.too_many_failures:
-        click.secho(f"{result.n_failed} images failed, more than --max-failures {result.max_failures} allows "
-                    "(the store is complete; its failures list says why each failed)", fg="red", err=True)
+        click.secho(
+            f"{result.n_failed} images failed, more than --max-failures {result.max_failures} allows "
+            "(the store is complete; its failures list says why each failed)",
+            fg="red",
+            err=True,
+        )
         sys.exit(EXIT_TOO_MANY_FAILURES)
 
 
 def _print_summary(result) -> None:
     if result.cached:
-        click.echo(f"cache hit: {result.path} already holds these features (key {result.key[:12]}); "
-                   f"nothing to do ({result.seconds:.1f} s)")
+        click.echo(
+            f"cache hit: {result.path} already holds these features (key {result.key[:12]}); "
+            f"nothing to do ({result.seconds:.1f} s)"
+        )
     else:
-        line = (f"extracted {result.n_done} of {result.n_images} images, {result.n_failed} failed, "
-                f"in {result.seconds:.1f} s")
+        line = (
+            f"extracted {result.n_done} of {result.n_images} images, {result.n_failed} failed, "
+            f"in {result.seconds:.1f} s"
+        )
         if result.images_this_run:
             line += f" ({result.images_per_second:.1f} images/s on {result.device})"
         if result.resumed_rows:
@@ -149,7 +246,8 @@ def info(store, as_json, show_failures) -> None:
         f"backbone    {spec['backbone']}  weights {spec['weights']}  sha256 {spec['weights_sha256'][:16]}",
         *(f"layer       {layer}: {shape}" for layer, shape in data["features"].items()),
         f"pooling     {spec['pool']}   amp {spec['amp']}   tta {spec['tta']}   extractor v{spec['extractor_version']}",
-        f"preprocess  resize {pre['resize_size']} ({pre['interpolation']}), crop {pre['input_size'][0]}x{pre['input_size'][1]}, "
+        f"preprocess  resize {pre['resize_size']} ({pre['interpolation']}), "
+        f"crop {pre['input_size'][0]}x{pre['input_size'][1]}, "
         f"mean {pre['mean']}, std {pre['std']}",
         f"images      {data['rows']} rows; {', '.join(f'{k} {v}' for k, v in data['splits'].items())}; "
         f"{data['classes']} classes; {data['failures']} failed",
@@ -159,8 +257,10 @@ def info(store, as_json, show_failures) -> None:
     ]
     stats = data["stats"]
     if stats:
-        lines.append(f"extraction  {stats.get('images_this_run')} images in {stats.get('seconds')} s on "
-                     f"{stats.get('device')} ({stats.get('images_per_second')} images/s)")
+        lines.append(
+            f"extraction  {stats.get('images_this_run')} images in {stats.get('seconds')} s on "
+            f"{stats.get('device')} ({stats.get('images_per_second')} images/s)"
+        )
     lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
     click.echo("\n".join(lines))
     if show_failures:
@@ -169,11 +269,20 @@ def info(store, as_json, show_failures) -> None:
 
 
 @main.command()
-@click.option("--source", type=click.Choice(["featx", "torchvision", "timm"]), default=None,
-              help="Only this source (timm lists ~1,800 weights: combine with --filter).")
+@click.option(
+    "--source",
+    type=click.Choice(["featx", "torchvision", "timm"]),
+    default=None,
+    help="Only this source (timm lists ~1,800 weights: combine with --filter).",
+)
 @click.option("--filter", "pattern", default=None, help="Shell pattern on the model name, e.g. 'resnet*'.")
-@click.option("--layers", "layers_of", default=None, metavar="BACKBONE",
-              help="List the layers of one backbone instead (loads it).")
+@click.option(
+    "--layers",
+    "layers_of",
+    default=None,
+    metavar="BACKBONE",
+    help="List the layers of one backbone instead (loads it).",
+)
 def backbones(source, pattern, layers_of) -> None:
     """List backbones (and their weight tags; * marks weights usable offline), or one backbone's layers."""
     from featx.backbones import list_backbones, load_backbone
@@ -200,8 +309,10 @@ def backbones(source, pattern, layers_of) -> None:
             text += f"  — {row.description}"
         click.echo(text)
     if timm_rows and source != "timm" and pattern is None:
-        click.echo(f"... and {len(timm_rows)} timm models with pretrained weights: "
-                   "`featx backbones --source timm --filter 'convnext*'`")
+        click.echo(
+            f"... and {len(timm_rows)} timm models with pretrained weights: "
+            "`featx backbones --source timm --filter 'convnext*'`"
+        )
     click.echo("* = weights usable offline here (built in or already cached). Write SOURCE:NAME[.TAG].")
 
 

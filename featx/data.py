@@ -50,7 +50,14 @@ log = logging.getLogger(__name__)
 
 #: Split names a manifest may hold; ``unlabeled`` rows are for prediction only.
 SPLITS = ("train", "val", "test", "unlabeled")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
 FINGERPRINT_MODES = ("stat", "content")
 DEFAULT_TEST_FRACTION = 0.2
@@ -167,7 +174,9 @@ def ensure_test_split(
     if not labeled.any() or "test" in splits:
         return splits, "from source"
     if "val" in splits:
-        return ["test" if s == "val" else s for s in splits], "source has no test split: its val split is the test split"
+        return [
+            "test" if s == "val" else s for s in splits
+        ], "source has no test split: its val split is the test split"
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
     rng = np.random.default_rng(seed)
@@ -192,7 +201,11 @@ def _finish(
     class_names: Sequence[str] | None = None,
 ) -> Manifest:
     """Turn string labels into indices, give labeled rows a test split, and build the manifest."""
-    names = list(class_names) if class_names is not None else sorted({n for n in label_names if n is not None}, key=_natural_key)
+    names = (
+        list(class_names)
+        if class_names is not None
+        else sorted({n for n in label_names if n is not None}, key=_natural_key)
+    )
     index = {n: i for i, n in enumerate(names)}
     labels = np.array([index[n] if n is not None else -1 for n in label_names], dtype=np.int64)
     splits = ["unlabeled" if lab < 0 else s for lab, s in zip(labels, splits, strict=True)]
@@ -352,13 +365,18 @@ def _torchvision_split_kwargs(cls) -> list[tuple[str, dict]]:
     if "train" in params:
         return [("train", {"train": True}), ("test", {"train": False})]
     if "split" in params:
-        return [("train", {"split": "train"}), ("train", {"split": "trainval"}), ("val", {"split": "val"}),
-                ("test", {"split": "test"})]
+        return [
+            ("train", {"split": "train"}),
+            ("train", {"split": "trainval"}),
+            ("val", {"split": "val"}),
+            ("test", {"split": "test"}),
+        ]
     return [("train", {})]
 
 
-def from_torchvision(name: str, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION,
-                     download: bool = True) -> Manifest:
+def from_torchvision(
+    name: str, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION, download: bool = True
+) -> Manifest:
     """A torchvision dataset by class name (``CIFAR10``, ``Flowers102``, ...), written once as PNGs.
 
     Downloads into ``<cache>/torchvision/NAME`` on machines with internet; the images are then
@@ -366,7 +384,9 @@ def from_torchvision(name: str, *, seed: int = 0, test_fraction: float = DEFAULT
     """
     import torchvision.datasets as tvd
 
-    available = sorted(n for n in tvd.__all__ if n[0].isupper() and n not in ("VisionDataset", "DatasetFolder", "ImageFolder"))
+    available = sorted(
+        n for n in tvd.__all__ if n[0].isupper() and n not in ("VisionDataset", "DatasetFolder", "ImageFolder")
+    )
     if name not in available:
         raise unknown("torchvision dataset", name, available, f"Datasets are: {', '.join(available)}.")
     cls = getattr(tvd, name)

@@ -219,8 +219,12 @@ def build_spec(backbone: Backbone, layers: Sequence[str], pool: str, dtype: str,
 def _check_options(batch_size: int, pool: str, dtype: str, tta: str, fingerprint: str, workers: int | None) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    for kind, value, choices in (("pooling", pool, POOLS), ("dtype", dtype, DTYPES), ("tta mode", tta, TTA_MODES),
-                                 ("fingerprint mode", fingerprint, FINGERPRINT_MODES)):
+    for kind, value, choices in (
+        ("pooling", pool, POOLS),
+        ("dtype", dtype, DTYPES),
+        ("tta mode", tta, TTA_MODES),
+        ("fingerprint mode", fingerprint, FINGERPRINT_MODES),
+    ):
         if value not in choices:
             raise unknown(kind, value, choices, f"Choose one of {', '.join(choices)}.")
     if workers is not None and workers < 0:
@@ -311,6 +315,7 @@ def extract(
         return _cached_result(path, key, spec, manifest, t0, limit)
 
     dims = feature_dims(feature_model, net.preprocessing)
+    _warn_pool_without_effect(feature_model, net.preprocessing, pool)
     if pool == "none" and bytes_per_image(dims, dtype) > _NONE_POOL_WARN_BYTES:
         log.warning(
             "pool 'none' keeps %s per image (%s for %d images); consider avg pooling",
@@ -324,8 +329,21 @@ def extract(
         resumed = writer.n_done + writer.n_failed
         pending = writer.pending_rows()
         run_start = time.perf_counter()
-        _run(writer, manifest, pending, feature_model, net.preprocessing, dev, amp, tta, batch_size, workers,
-             max_pixels, progress, resumed)
+        _run(
+            writer,
+            manifest,
+            pending,
+            feature_model,
+            net.preprocessing,
+            dev,
+            amp,
+            tta,
+            batch_size,
+            workers,
+            max_pixels,
+            progress,
+            resumed,
+        )
         seconds = time.perf_counter() - run_start
         stats = {
             "seconds": round(seconds, 3),
@@ -338,28 +356,74 @@ def extract(
         writer.finalize(stats)
         failures = [Failure(r, manifest.ids[r], reason) for r, reason in sorted(writer._failed.items())]
         return ExtractionResult(
-            path=path, key=key, spec=spec, cached=False, n_images=len(manifest), n_done=writer.n_done,
-            n_failed=writer.n_failed, seconds=time.perf_counter() - t0, images_this_run=len(pending),
-            resumed_rows=resumed, device=str(dev), failures=failures, max_failures=limit,
+            path=path,
+            key=key,
+            spec=spec,
+            cached=False,
+            n_images=len(manifest),
+            n_done=writer.n_done,
+            n_failed=writer.n_failed,
+            seconds=time.perf_counter() - t0,
+            images_this_run=len(pending),
+            resumed_rows=resumed,
+            device=str(dev),
+            failures=failures,
+            max_failures=limit,
         )
 
 
-def _cached_result(path: Path, key: str, spec: ExtractionSpec, manifest: Manifest, t0: float,
-                   limit: MaxFailures) -> ExtractionResult:
+def _warn_pool_without_effect(model: FeatureModel, pre: Preprocessing, pool: str) -> None:
+    if pool == "avg":
+        return
+    with torch.inference_mode():
+        raw = model.extractor(torch.zeros(1, 3, *pre.input_size))
+    vectors = [layer for layer, t in raw.items() if t.ndim == 2]
+    if vectors:
+        log.warning(
+            "pool %r does not change %s: already a pooled vector (penultimate is the network's own pooled "
+            "output). To pool the last feature map your way, name that layer (`featx backbones --layers`)",
+            pool,
+            ", ".join(vectors),
+        )
+
+
+def _cached_result(
+    path: Path, key: str, spec: ExtractionSpec, manifest: Manifest, t0: float, limit: MaxFailures
+) -> ExtractionResult:
     from featx.store import FeatureStore
 
     with FeatureStore(path) as store:
         failures = store.failures
-        n_done = int(len(store.rows()))
+        n_done = len(store.rows())
     return ExtractionResult(
-        path=path, key=key, spec=spec, cached=True, n_images=len(manifest), n_done=n_done,
-        n_failed=len(failures), seconds=time.perf_counter() - t0, failures=failures, max_failures=limit,
+        path=path,
+        key=key,
+        spec=spec,
+        cached=True,
+        n_images=len(manifest),
+        n_done=n_done,
+        n_failed=len(failures),
+        seconds=time.perf_counter() - t0,
+        failures=failures,
+        max_failures=limit,
     )
 
 
-def _run(writer: StoreWriter, manifest: Manifest, pending: np.ndarray, feature_model: FeatureModel,
-         pre: Preprocessing, dev: torch.device, amp: str, tta: str, batch_size: int, workers: int | None,
-         max_pixels: int, progress: bool, resumed: int) -> None:
+def _run(
+    writer: StoreWriter,
+    manifest: Manifest,
+    pending: np.ndarray,
+    feature_model: FeatureModel,
+    pre: Preprocessing,
+    dev: torch.device,
+    amp: str,
+    tta: str,
+    batch_size: int,
+    workers: int | None,
+    max_pixels: int,
+    progress: bool,
+    resumed: int,
+) -> None:
     from tqdm.auto import tqdm
 
     if not len(pending):
@@ -376,8 +440,15 @@ def _run(writer: StoreWriter, manifest: Manifest, pending: np.ndarray, feature_m
         prefetch_factor=4 if workers else None,
     )
     embed = _Embedder(feature_model, pre, dev, amp, tta)
-    bar = tqdm(total=len(manifest), initial=resumed, unit="img", desc="extract", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=len(manifest),
+        initial=resumed,
+        unit="img",
+        desc="extract",
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     # One writer thread: the next batch computes while the last one is saved (at most two in flight).
     in_flight: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer") as pool:

@@ -405,7 +405,9 @@ def _mismatch_message(path: Path, spec: ExtractionSpec, fingerprint: str) -> str
             "made with another spec: pass --overwrite to replace it, or write to another --out"
         )
     except Exception:
-        return f"{path} exists and is not a complete featx store; pass --overwrite to replace it, or choose another --out"
+        return (
+            f"{path} exists and is not a complete featx store; pass --overwrite to replace it, or choose another --out"
+        )
 
 
 def partial_progress(path: str | Path) -> tuple[int, int, int] | None:
@@ -502,7 +504,9 @@ class FeatureStore:
     @property
     def splits(self) -> dict[str, int]:
         """Rows holding features per split."""
-        return {s: int(((self._split == c) & self._done).sum()) for s, c in SPLIT_CODES.items() if (self._split == c).any()}
+        return {
+            s: int(((self._split == c) & self._done).sum()) for s, c in SPLIT_CODES.items() if (self._split == c).any()
+        }
 
     def rows(self, split: str | None = None, include_failed: bool = False) -> np.ndarray:
         """Row indices of a split (all splits when ``None``)."""
@@ -574,9 +578,7 @@ class FeatureStore:
             "rows": len(self),
             "splits": self.splits,
             "classes": len(self.class_names),
-            "features": {
-                layer: f"[{len(self)}, {d}] {self.spec.dtype}" for layer, d in self.feature_dims().items()
-            },
+            "features": {layer: f"[{len(self)}, {d}] {self.spec.dtype}" for layer, d in self.feature_dims().items()},
             "spec": self.spec.to_dict(),
             "manifest": {
                 "source": self.attrs.get("manifest_source"),
@@ -611,7 +613,7 @@ def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(pieces)
 
 
-def open(path: str | Path) -> FeatureStore:  # noqa: A001 - mirrors h5py.File / builtins.open for a store
+def open(path: str | Path) -> FeatureStore:
     """Open a complete feature store for reading.
 
     Raises

@@ -1,0 +1,159 @@
+"""Image sources → manifests: folders, CSV/TSV, file lists, digits, torchvision datasets, splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, make_image
+
+from featx._errors import UnknownNameError
+from featx.data import (
+    Manifest,
+    ensure_test_split,
+    from_csv,
+    from_digits,
+    from_folder,
+    from_torchvision,
+    load_source,
+)
+
+
+def test_class_folder_gets_a_seeded_stratified_test_split(image_folder):
+    m = from_folder(image_folder, seed=3, test_fraction=0.34)
+    assert m.class_names == ["cat", "dog", "emu"]
+    assert m.ids[0] == "cat/00.png" and Path(m.paths[0]).is_absolute()
+    assert m.split_counts() == {"train": 12, "test": 6}
+    for c in range(3):  # stratified: two test images per class
+        assert sum(1 for lab, s in zip(m.labels, m.splits, strict=True) if lab == c and s == "test") == 2
+    assert "seed 3" in m.split_policy
+    again = from_folder(image_folder, seed=3, test_fraction=0.34)
+    assert again.splits == m.splits
+    other = from_folder(image_folder, seed=4, test_fraction=0.34)
+    assert other.splits != m.splits
+
+
+def test_split_folders_and_val_as_test(split_folder, tmp_path):
+    m = from_folder(split_folder)
+    assert m.split_counts() == {"train": 10, "test": 4}
+    assert "val split is the test split" in m.split_policy
+    make_image(split_folder / "test" / "ants" / "t.jpg", seed=7)
+    make_image(split_folder / "test" / "bees" / "t.jpg", seed=8)
+    m3 = from_folder(split_folder)
+    assert m3.split_counts() == {"train": 10, "val": 4, "test": 2}
+    assert m3.split_policy == "from source"
+
+
+def test_folder_skips_non_images_and_explains_empty(tmp_path):
+    root = tmp_path / "r"
+    make_image(root / "a" / "x.png", seed=1)
+    (root / "a" / "notes.txt").write_text("hi")
+    (root / "a" / ".DS_Store").write_text("junk")
+    make_image(root / "b" / "y.JPG", seed=2, fmt="JPEG")
+    m = from_folder(root)
+    assert sorted(m.ids) == ["a/x.png", "b/y.JPG"]
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found"):
+        from_folder(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        from_folder(tmp_path / "missing")
+
+
+def test_a_class_with_one_image_stays_in_train():
+    labels = np.array([0] * 10 + [1])
+    splits, _ = ensure_test_split(labels, ["train"] * 11, seed=0, test_fraction=0.2)
+    assert splits[-1] == "train" and splits.count("test") == 2
+
+
+def test_csv_and_tsv_manifests(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    (tmp_path / "m.csv").write_text(
+        "path,label,split\nimgs/0.png,zebra,train\nimgs/1.png,yak,train\nimgs/2.png,zebra,test\nimgs/3.png,yak,val\n"
+    )
+    m = from_csv(tmp_path / "m.csv")
+    assert m.class_names == ["yak", "zebra"]
+    assert m.split_counts() == {"train": 2, "val": 1, "test": 1}
+    assert m.paths[0] == str((tmp_path / "imgs" / "0.png").resolve())
+    (tmp_path / "m.tsv").write_text("path\tlabel\nimgs/0.png\ta\nimgs/1.png\t\n")
+    t = from_csv(tmp_path / "m.tsv")
+    assert list(t.labels) == [0, -1] and t.splits[1] == "unlabeled"
+
+
+def test_csv_errors_name_the_problem(tmp_path):
+    (tmp_path / "bad.csv").write_text("file,label\na.png,x\n")
+    with pytest.raises(ValueError, match="'path' column"):
+        from_csv(tmp_path / "bad.csv")
+    (tmp_path / "bad2.csv").write_text("path,label,split\na.png,x,holdout\n")
+    with pytest.raises(UnknownNameError, match=r"bad2.csv:2: unknown split 'holdout'"):
+        from_csv(tmp_path / "bad2.csv")
+
+
+def test_load_source_dispatch_and_errors(tmp_path, image_folder):
+    assert load_source(image_folder).source.startswith("folder:")
+    make_image(tmp_path / "p.png", seed=1)
+    (tmp_path / "list.txt").write_text("p.png\n# comment\n\n")
+    unlabeled = load_source(tmp_path / "list.txt")
+    assert unlabeled.split_counts() == {"unlabeled": 1} and unlabeled.labels[0] == -1
+    with pytest.raises(FileNotFoundError, match="A SOURCE is"):
+        load_source(tmp_path / "nope")
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(UnknownNameError, match="suffix"):
+        load_source(tmp_path / "x.json")
+
+
+def test_manifest_validation():
+    with pytest.raises(ValueError, match="unique"):
+        Manifest(["a", "a"], ["/a", "/b"], [0, 0], ["train", "train"], ["x"], "t")
+    with pytest.raises(ValueError, match="no images"):
+        Manifest([], [], [], [], [], "t")
+
+
+def test_digits_is_materialised_once(isolated_caches):
+    m = from_digits()
+    assert len(m) == 1797 and m.class_names == [str(i) for i in range(10)]
+    assert m.source == "digits" and "carved" in m.split_policy
+    assert (isolated_caches / "featx" / "sources" / "digits-v1" / ".complete").exists()
+    before = Path(m.paths[0]).stat().st_mtime_ns
+    assert from_digits().fingerprint() == m.fingerprint()
+    assert Path(m.paths[0]).stat().st_mtime_ns == before
+
+
+def test_torchvision_source_offline(monkeypatch, isolated_caches):
+    import torchvision.datasets as tvd
+    from PIL import Image
+
+    calls = []
+
+    class TinyCIFAR(tvd.VisionDataset):  # the constructor signature of torchvision's CIFAR10
+        classes = ("plane", "car")
+
+        def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
+            super().__init__(root)
+            calls.append((train, download))
+            self.n = 6 if train else 2
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (8, 8), (i * 20, 0, 0)), i % 2
+
+    monkeypatch.setattr(tvd, "CIFAR10", TinyCIFAR)
+    m = from_torchvision("CIFAR10")
+    assert calls == [(True, True), (False, True)]
+    assert m.class_names == ["plane", "car"] and m.split_counts() == {"train": 6, "test": 2}
+    assert m.source == "torchvision:CIFAR10"
+    assert list(m.labels[:2]) == [0, 1]
+    from_torchvision("CIFAR10")  # second time: from the cache, no dataset construction
+    assert len(calls) == 2
+    with pytest.raises(UnknownNameError, match="CIFAR10"):
+        from_torchvision("CIFAR11")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hymenoptera").is_dir(), reason="../shared/data/hymenoptera not present")
+def test_hymenoptera_manifest():
+    m = load_source(SHARED_DATA / "hymenoptera")
+    assert m.class_names == ["ants", "bees"]
+    assert m.split_counts() == {"train": 245, "test": 153}

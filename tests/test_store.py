@@ -1,0 +1,356 @@
+"""The feature store: cache key, reuse and refusal, reading API, locking, crash safety and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import TINY, make_image
+
+import featx.store
+from featx._errors import IncompleteStoreError, SpecMismatchError, StoreLockedError
+from featx.data import from_folder
+from featx.extract import extract
+from featx.spec import ExtractionSpec, Preprocessing, cache_key
+from featx.store import FORMAT_NAME, StoreWriter, partial_path
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _spec(**changes) -> ExtractionSpec:
+    base = ExtractionSpec(
+        backbone="featx:tiny_test",
+        weights="w",
+        weights_sha256="0" * 64,
+        layers=("penultimate",),
+        preprocessing=Preprocessing((64, 64), 72, "bilinear", (0.5,) * 3, (0.5,) * 3),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+# ------------------------------------------------------------------------------------------ cache key
+_ALTERNATIVES = {
+    "backbone": "featx:other",
+    "weights": "v2",
+    "weights_sha256": "1" * 64,
+    "layers": ("penultimate", "blocks.2"),
+    "pool": "gem",
+    "dtype": "float16",
+    "amp": "bf16",
+    "tta": "flip",
+    "extractor_version": 999,
+}
+_PRE_ALTERNATIVES = {
+    "input_size": (60, 60),
+    "resize_size": 80,
+    "interpolation": "bicubic",
+    "mean": (0.4, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.4),
+}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ExtractionSpec)])
+def test_every_spec_field_changes_the_key(field):
+    if field == "preprocessing":
+        for pre_field, value in _PRE_ALTERNATIVES.items():
+            changed = _spec(preprocessing=dataclasses.replace(_spec().preprocessing, **{pre_field: value}))
+            assert cache_key(changed, "stat:x") != cache_key(_spec(), "stat:x"), pre_field
+        assert set(_PRE_ALTERNATIVES) == {f.name for f in dataclasses.fields(Preprocessing)}
+        return
+    assert field in _ALTERNATIVES, f"new spec field {field!r}: add it to the key tests"
+    assert cache_key(_spec(**{field: _ALTERNATIVES[field]}), "stat:x") != cache_key(_spec(), "stat:x")
+
+
+def test_key_is_stable_and_needs_a_fingerprint():
+    assert cache_key(_spec(), "stat:x") == cache_key(_spec(), "stat:x")
+    assert cache_key(_spec(), "stat:x") != cache_key(_spec(), "stat:y")
+    with pytest.raises(ValueError, match="fingerprint"):
+        cache_key(_spec(), "")
+
+
+def test_spec_round_trips_and_refuses_unknown_fields():
+    spec = _spec(layers=("a", "b"))
+    assert ExtractionSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="newer featx"):
+        ExtractionSpec.from_dict({**spec.to_dict(), "future_field": 1})
+
+
+def test_manifest_fingerprint_tracks_images_labels_and_splits(image_folder):
+    m = from_folder(image_folder)
+    base = m.fingerprint("stat")
+    assert m.fingerprint("stat") == base
+    content = m.fingerprint("content")
+    # Same bytes, new mtime: the stat fingerprint changes, the content one does not.
+    st = os.stat(m.paths[0])
+    os.utime(m.paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert m.fingerprint("stat") != base
+    assert m.fingerprint("content") == content
+    make_image(Path(m.paths[0]), seed=999)
+    assert m.fingerprint("content") != content
+    relabeled = dataclasses.replace(m, labels=m.labels[::-1].copy())
+    assert relabeled.fingerprint("content") != m.fingerprint("content")
+    resplit = dataclasses.replace(m, splits=["test" if s == "train" else "train" for s in m.splits])
+    assert resplit.fingerprint("content") != m.fingerprint("content")
+
+
+# ----------------------------------------------------------------------------- reuse and refusal
+def test_second_run_is_a_cache_hit_without_model_work(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "s.h5"
+    first = extract(image_folder, TINY, out=out, workers=0, progress=False)
+    assert not first.cached and first.n_done == 18
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("a cache hit must not run the network")
+
+    monkeypatch.setattr("featx.extract._Embedder.__call__", no_model_work)
+    monkeypatch.setattr("featx.extract.feature_dims", no_model_work)
+    second = extract(image_folder, TINY, out=out, workers=0, progress=False)
+    assert second.cached and second.n_done == 18 and second.key == first.key
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"pool": "max"},
+        {"layers": ["penultimate", "blocks.1"]},
+        {"dtype": "float16"},
+        {"tta": "flip"},
+        {"backbone": "featx:tiny_other"},
+    ],
+)
+def test_a_changed_spec_never_reuses_the_store(image_folder, tmp_path, change, monkeypatch):
+    from conftest import tiny_factory
+
+    from featx.backbones import _unregister_backbone, register_backbone
+
+    def other():  # same architecture, one weight changed: a different checksum
+        model, pre, tag = tiny_factory()
+        next(model.parameters()).data.add_(1.0)
+        return model, pre, tag
+
+    register_backbone("tiny_other", other)
+    try:
+        out = tmp_path / "s.h5"
+        kwargs = {"layers": ["penultimate"], "pool": "avg", "dtype": "float32", "tta": "none", "backbone": TINY}
+        extract(image_folder, out=out, workers=0, progress=False, **kwargs)
+        kwargs.update(change)
+        with pytest.raises(SpecMismatchError, match="--overwrite") as err:
+            extract(image_folder, out=out, workers=0, progress=False, **kwargs)
+        changed_field = "weights_sha256" if "backbone" in change else next(iter(change))
+        assert changed_field in str(err.value)
+        redone = extract(image_folder, out=out, workers=0, progress=False, overwrite=True, **kwargs)
+        assert not redone.cached
+    finally:
+        _unregister_backbone("tiny_other")
+
+
+def test_changed_images_never_reuse_the_store(image_folder, tmp_path):
+    out = tmp_path / "s.h5"
+    extract(image_folder, TINY, out=out, workers=0, progress=False)
+    make_image(image_folder / "cat" / "00.png", seed=4242)
+    with pytest.raises(SpecMismatchError, match="manifest fingerprint"):
+        extract(image_folder, TINY, out=out, workers=0, progress=False)
+    make_image(image_folder / "cat" / "new.png", seed=4243)
+    with pytest.raises(SpecMismatchError):
+        extract(image_folder, TINY, out=out, workers=0, progress=False)
+
+
+def test_default_path_is_in_the_cache_named_by_key(image_folder, isolated_caches):
+    result = extract(image_folder, TINY, workers=0, progress=False)
+    assert result.path.parent == isolated_caches / "featx" / "stores"
+    assert result.path.name.startswith(result.key[:20])
+
+
+# ----------------------------------------------------------------------------------------- reading
+def test_reader_gives_aligned_splits_chunks_and_provenance(split_folder, tmp_path):
+    out = tmp_path / "s.h5"
+    extract(split_folder, TINY, out=out, layers=["penultimate", "blocks.1"], workers=0, progress=False)
+    with featx.store.open(out) as store:
+        assert store.class_names == ["ants", "bees"]
+        assert store.splits == {"train": 10, "test": 4}
+        assert store.attrs["split_policy"].startswith("source has no test split")
+        X = store.features(split="train")
+        assert X.shape == (10, store.feature_dims()["penultimate"]) and X.dtype == np.float32
+        assert store.features("blocks.1", split="test").shape[0] == 4
+        ids = store.ids("test")
+        assert all(i.startswith("val/") for i in ids)
+        assert list(store.labels("test")) == [0, 0, 1, 1]
+        chunks = list(store.iter_chunks(split="train", chunk_size=3))
+        assert [len(c[0]) for c in chunks] == [3, 3, 3, 1]
+        np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), X)
+        np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), store.labels("train"))
+        info = store.info()
+        assert info["spec"]["backbone"] == TINY and info["versions"]["torch"]
+        with pytest.raises(ValueError, match="Did you mean"):
+            store.features("blocks.11")
+    with h5py.File(out, "r") as f:  # the documented layout, readable without featx
+        assert f.attrs["featx_format"] == FORMAT_NAME and f.attrs["complete"]
+        assert set(f) >= {"features", "ids", "paths", "labels", "split", "class_names", "done", "failures"}
+
+
+def test_scattered_rows_read_like_fancy_indexing(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        data = np.arange(20000 * 3, dtype=np.float32).reshape(20000, 3)
+        ds = f.create_dataset("x", data=data, chunks=(512, 3))
+        rows = np.sort(np.random.default_rng(0).choice(20000, size=3000, replace=False))
+        np.testing.assert_array_equal(featx.store._read_rows(ds, rows), data[rows])
+
+
+def test_float16_storage_matches_float32(image_folder, tmp_path):
+    a = extract(image_folder, TINY, out=tmp_path / "a.h5", workers=0, progress=False)
+    b = extract(image_folder, TINY, out=tmp_path / "b.h5", dtype="float16", workers=0, progress=False)
+    with featx.store.open(a.path) as sa, featx.store.open(b.path) as sb:
+        assert sb.features().dtype == np.float16
+        np.testing.assert_allclose(sb.features().astype(np.float32), sa.features(), rtol=2e-3, atol=2e-3)
+        assert os.path.getsize(b.path) < os.path.getsize(a.path)
+
+
+def test_open_refuses_non_stores_and_newer_formats(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        featx.store.open(tmp_path / "none.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable HDF5"):
+        featx.store.open(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_dataset("x", data=[1])
+    with pytest.raises(ValueError, match="not a featx feature store"):
+        featx.store.open(tmp_path / "other.h5")
+    with h5py.File(tmp_path / "future.h5", "w") as f:
+        f.attrs["featx_format"] = FORMAT_NAME
+        f.attrs["featx_format_version"] = 99
+    with pytest.raises(ValueError, match="Upgrade featx"):
+        featx.store.open(tmp_path / "future.h5")
+
+
+# ------------------------------------------------------------------------------------------ locking
+def test_second_writer_gets_a_clear_error(image_folder, tmp_path):
+    out = tmp_path / "s.h5"
+    m = from_folder(image_folder)
+    spec = _spec()
+    fp = m.fingerprint()
+    with (
+        StoreWriter(out, spec, cache_key(spec, fp), m, fp, {"penultimate": 4}),
+        pytest.raises(StoreLockedError, match="another featx process"),
+    ):
+        extract(image_folder, TINY, out=out, workers=0, progress=False)
+    # Once the first writer is gone the lock is free again.
+    assert not extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False, overwrite=True).cached
+
+
+def test_partial_job_of_another_spec_is_not_mixed_in(image_folder, tmp_path):
+    out = tmp_path / "s.h5"
+    m = from_folder(image_folder)
+    spec = _spec()
+    fp = m.fingerprint()
+    with StoreWriter(out, spec, cache_key(spec, fp), m, fp, {"penultimate": 4}) as w:
+        w.write_batch(np.array([0, 1]), {"penultimate": np.ones((2, 4))})
+    with pytest.raises(SpecMismatchError, match="interrupted extraction with another spec"):
+        extract(image_folder, TINY, out=out, workers=0, progress=False)
+    assert not extract(image_folder, TINY, out=out, workers=0, progress=False, overwrite=True).cached
+
+
+# ------------------------------------------------------------------------------------ crash safety
+_SLOW_RUN = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import conftest  # registers featx:tiny_test
+    import featx.extract as fx
+
+    call = fx._Embedder.__call__
+    def slow(self, images):
+        time.sleep(0.15)
+        return call(self, images)
+    fx._Embedder.__call__ = slow
+    from featx.cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+def _start_slow(tmp_path: Path, source: Path, out: Path, *extra: str) -> subprocess.Popen:
+    script = tmp_path / "slow_run.py"
+    script.write_text(_SLOW_RUN.format(tests=str(TESTS)))
+    args = [
+        sys.executable,
+        str(script),
+        "extract",
+        str(source),
+        "--backbone",
+        TINY,
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+
+
+def _wait_for_parts(out: Path, proc: subprocess.Popen, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(partial_path(out).glob("part-*.npz"))) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        time.sleep(0.02)
+    raise AssertionError("no progress")
+
+
+@pytest.fixture
+def many_images(tmp_path) -> Path:
+    root = tmp_path / "many"
+    for i in range(48):
+        make_image(root / ("a" if i % 2 else "b") / f"{i:03d}.png", seed=i)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_job_leaves_no_complete_store_and_resumes_to_the_same_result(tmp_path, many_images, sig):
+    out = tmp_path / "killed.h5"
+    proc = _start_slow(tmp_path, many_images, out)
+    _wait_for_parts(out, proc, n=3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, stderr
+        assert b"resume" in stderr
+    assert not out.exists()
+    with pytest.raises(IncompleteStoreError, match="re-run the same"):
+        featx.store.open(out)
+
+    resumed = extract(many_images, TINY, out=out, batch_size=4, workers=0, progress=False)
+    assert 0 < resumed.resumed_rows < 48 and resumed.images_this_run == 48 - resumed.resumed_rows
+    reference = extract(many_images, TINY, out=tmp_path / "ref.h5", batch_size=4, workers=0, progress=False)
+    with featx.store.open(out) as a, featx.store.open(reference.path) as b:
+        assert a.key == b.key
+        assert a.ids() == b.ids()
+        np.testing.assert_array_equal(a.features(), b.features())
+    assert not partial_path(out).exists()
+
+
+@pytest.mark.slow
+def test_a_running_writer_locks_out_a_second_process(tmp_path, many_images):
+    out = tmp_path / "busy.h5"
+    proc = _start_slow(tmp_path, many_images, out)
+    try:
+        _wait_for_parts(out, proc, n=1)
+        with pytest.raises(StoreLockedError, match=f"pid {proc.pid}"):
+            extract(many_images, TINY, out=out, batch_size=4, workers=0, progress=False)
+    finally:
+        proc.kill()
+        proc.communicate()
