@@ -6,7 +6,12 @@ recorded in the store's failure list, so one bad file never stops a job.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +19,13 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from featx._errors import ImageDecodeError
-from featx.spec import Preprocessing
+from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing
 
 __all__ = ["DEFAULT_MAX_PIXELS", "load_rgb", "preprocess_uint8"]
 
-#: Images above this many pixels are refused before decoding (decompression-bomb guard, ~89 Mpx as Pillow).
-DEFAULT_MAX_PIXELS = 89_478_485
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -44,59 +50,104 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     # Pillow's global switch would silently pad truncated files with grey; we want them reported.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():
+            target = os.readlink(path)
+            raise ImageDecodeError(f"broken symbolic link (its target {target!r} does not exist)") from None
         raise ImageDecodeError("file not found") from None
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
-    if path.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         raise ImageDecodeError("is a directory, not an image file")
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or stream forever
+        raise ImageDecodeError("not a regular file (a FIFO, socket or device), not an image file")
+    if st.st_size == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(), _pillow_limit_at_least(max_pixels):
+            # Pillow's own warning threshold is fixed; ``max_pixels`` (checked below) is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageDecodeError(
-                        f"image is {w}x{h} = {w * h / 1e6:.0f} Mpx, over the {max_pixels / 1e6:.0f} Mpx limit "
+                        f"image is {w}x{h} = {w * h:,} pixels, over the max_pixels limit of {max_pixels:,} "
                         "(decompression-bomb guard); raise max_pixels if you trust the file"
                     )
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)
                 img.load()
+                # Older Pillow opens 16-bit greyscale PNGs as 32-bit "I": remember they are 16-bit.
+                sixteen_bit = img.format == "PNG" and img.mode == "I"
                 img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return _to_rgb(img, sixteen_bit=sixteen_bit)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image file Pillow can identify (wrong extension or corrupt header)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"decompression-bomb guard: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = str(exc) or type(exc).__name__
-        if "truncated" in reason:
-            raise ImageDecodeError(f"truncated image: {reason}") from None
-        raise ImageDecodeError(f"cannot decode: {reason}") from None
+        raise ImageDecodeError(
+            "not an image file Pillow can identify (wrong extension or corrupt header)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(
+            f"image is over the max_pixels limit of {max_pixels:,} (decompression-bomb guard: {exc}); "
+            "raise max_pixels if you trust the file"
+        ) from None
+    except OSError as exc:
+        if exc.errno is not None:  # the operating system's error (permissions, I/O), not Pillow's
+            raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
+        raise ImageDecodeError(_decode_reason(exc)) from None
+    except MemoryError:
+        raise ImageDecodeError("cannot decode: out of memory") from None
+    except Exception as exc:  # corrupt data makes Pillow raise almost anything (struct.error, KeyError...)
+        raise ImageDecodeError(_decode_reason(exc)) from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _decode_reason(exc: BaseException) -> str:
+    reason = str(exc) or type(exc).__name__
+    if "truncated" in reason.lower():
+        return f"truncated image: {reason}"
+    return f"cannot decode: {reason}"
+
+
+@contextlib.contextmanager
+def _pillow_limit_at_least(max_pixels: int) -> Iterator[None]:
+    """Lift Pillow's hard decompression-bomb stop (twice ``Image.MAX_IMAGE_PIXELS``) to ``max_pixels``.
+
+    Only when the caller allows more pixels than Pillow would; the global is restored afterwards.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or max_pixels <= 2 * limit:
+        yield
+        return
+    with _PILLOW_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None:
+            Image.MAX_IMAGE_PIXELS = max(limit, max_pixels)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _to_rgb(img: Image.Image, sixteen_bit: bool = False) -> Image.Image:
     mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if mode in _HIGH_DEPTH_MODES:
         # Pillow's convert("L") clips 16-bit data at 255; scale the full range down instead.
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        sixteen_bit = sixteen_bit or mode.startswith("I;16")
+        top = 65535.0 if sixteen_bit or arr.max(initial=0) > 255 else 255.0
         if mode == "F" and arr.max(initial=0) <= 1.0:
             top = 1.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+    if img.has_transparency_data:
+        # Alpha channels, palettes with alpha, transparent colour keys (palette, greyscale, RGB PNGs; GIFs).
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return img
     return img.convert("RGB")
 
 

@@ -13,6 +13,7 @@ import sys
 import click
 
 from featx import __version__
+from featx.spec import DEFAULT_MAX_PIXELS
 
 EXIT_TOO_MANY_FAILURES = 3
 EXIT_INTERRUPTED = 130
@@ -122,6 +123,13 @@ def _validate_max_failures(ctx, param, value):
     show_default=True,
     help="Share of each class carved off as the test split when the source has none.",
 )
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Images with more pixels are recorded as failures (decompression-bomb guard).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a store (or interrupted job) made with another spec.")
 @click.option(
     "--out",
@@ -146,6 +154,7 @@ def extract(
     fingerprint,
     seed,
     test_fraction,
+    max_pixels,
     overwrite,
     out,
     no_progress,
@@ -175,6 +184,7 @@ def extract(
             fingerprint=fingerprint,
             seed=seed,
             test_fraction=test_fraction,
+            max_pixels=max_pixels,
             progress=not no_progress,
         )
     except KeyboardInterrupt:
@@ -200,8 +210,8 @@ def extract(
 def _print_summary(result) -> None:
     if result.cached:
         click.echo(
-            f"cache hit: {result.path} already holds these features (key {result.key[:12]}); "
-            f"nothing to do ({result.seconds:.1f} s)"
+            f"cache hit: {result.path} already holds these features (key {result.key[:12]}): "
+            f"{result.n_done} images, {result.n_failed} failed; nothing to do ({result.seconds:.1f} s)"
         )
     else:
         line = (

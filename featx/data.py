@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,6 +147,8 @@ def _file_signature(path: str, mode: str) -> list:
         return [path, "missing"]
     if mode == "stat":
         return [path, st.st_size, st.st_mtime_ns]
+    if not stat.S_ISREG(st.st_mode):  # never open a FIFO or device: reading one could block forever
+        return ["not a regular file"]
     h = hashlib.sha256()
     try:
         with open(path, "rb") as fh:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featx._env import cache_dir
 from featx._errors import ImageDecodeError, unknown
-from featx._imageio import DEFAULT_MAX_PIXELS, load_rgb, preprocess_uint8
+from featx._imageio import load_rgb, preprocess_uint8
 from featx.backbones import (
     DEFAULT_BACKBONE,
     PENULTIMATE,
@@ -38,7 +38,7 @@ from featx.backbones import (
     resolve_backbone,
 )
 from featx.data import DEFAULT_TEST_FRACTION, FINGERPRINT_MODES, Manifest, load_source
-from featx.spec import AMP_MODES, DTYPES, POOLS, TTA_MODES, ExtractionSpec, Preprocessing, cache_key
+from featx.spec import AMP_MODES, DEFAULT_MAX_PIXELS, DTYPES, POOLS, TTA_MODES, ExtractionSpec, Preprocessing, cache_key
 from featx.store import Failure, StoreWriter, read_key
 
 __all__ = ["ExtractionResult", "MaxFailures", "default_store_path", "extract", "resolve_device"]
@@ -201,7 +201,16 @@ class _Embedder:
         return {k: v.float().cpu() for k, v in out.items()}
 
 
-def build_spec(backbone: Backbone, layers: Sequence[str], pool: str, dtype: str, amp: str, tta: str) -> ExtractionSpec:
+def build_spec(
+    backbone: Backbone,
+    layers: Sequence[str],
+    *,
+    pool: str = "avg",
+    dtype: str = "float32",
+    amp: str = "none",
+    tta: str = "none",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ExtractionSpec:
     """The spec for extracting ``layers`` of a loaded backbone."""
     return ExtractionSpec(
         backbone=backbone.name,
@@ -213,10 +222,13 @@ def build_spec(backbone: Backbone, layers: Sequence[str], pool: str, dtype: str,
         dtype=dtype,
         amp=amp,
         tta=tta,
+        max_pixels=max_pixels,
     )
 
 
-def _check_options(batch_size: int, pool: str, dtype: str, tta: str, fingerprint: str, workers: int | None) -> None:
+def _check_options(
+    batch_size: int, pool: str, dtype: str, tta: str, fingerprint: str, workers: int | None, max_pixels: int
+) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     for kind, value, choices in (
@@ -227,6 +239,8 @@ def _check_options(batch_size: int, pool: str, dtype: str, tta: str, fingerprint
     ):
         if value not in choices:
             raise unknown(kind, value, choices, f"Choose one of {', '.join(choices)}.")
+    if not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if workers is not None and workers < 0:
         raise ValueError(f"workers must be 0 (decode in the main process) or more, got {workers}")
 
@@ -299,7 +313,7 @@ def extract(
     ExtractionResult
     """
     t0 = time.perf_counter()
-    _check_options(batch_size, pool, dtype, tta, fingerprint, workers)
+    _check_options(batch_size, pool, dtype, tta, fingerprint, workers, max_pixels)
     limit = MaxFailures.parse(max_failures)
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
@@ -307,7 +321,7 @@ def extract(
     manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
     net = load_backbone(backbone)
     feature_model = net.feature_model(list(layers), pool)
-    spec = build_spec(net, layers, pool, dtype, amp, tta)
+    spec = build_spec(net, layers, pool=pool, dtype=dtype, amp=amp, tta=tta, max_pixels=max_pixels)
     fp = manifest.fingerprint(fingerprint)
     key = cache_key(spec, fp)
     path = Path(out).expanduser() if out is not None else default_store_path(key)

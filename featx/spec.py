@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "AMP_MODES",
+    "DEFAULT_MAX_PIXELS",
     "DTYPES",
     "EXTRACTOR_VERSION",
     "INTERPOLATIONS",
@@ -31,6 +32,9 @@ __all__ = [
 #: Bumped whenever a code change alters the numbers extraction produces (decoding, resizing, pooling).
 #: It is part of every cache key, so stores made by older code are never silently reused.
 EXTRACTOR_VERSION = 1
+
+#: Images above this many pixels are refused before decoding (decompression-bomb guard; Pillow's own limit).
+DEFAULT_MAX_PIXELS = 89_478_485
 
 POOLS = ("avg", "max", "avgmax", "gem", "none")
 DTYPES = ("float32", "float16")
@@ -116,6 +120,9 @@ class ExtractionSpec:
         Autocast precision used for the forward pass (``none`` on CPU).
     tta : str, default="none"
         Test-time augmentation; ``flip`` averages the features of the image and its mirror.
+    max_pixels : int
+        Larger images are recorded as failures (decompression-bomb guard), so the limit decides which rows
+        hold features.
     """
 
     backbone: str
@@ -127,6 +134,7 @@ class ExtractionSpec:
     dtype: str = "float32"
     amp: str = "none"
     tta: str = "none"
+    max_pixels: int = DEFAULT_MAX_PIXELS
     extractor_version: int = field(default=EXTRACTOR_VERSION)
 
     def __post_init__(self) -> None:

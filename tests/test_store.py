@@ -47,6 +47,7 @@ _ALTERNATIVES = {
     "dtype": "float16",
     "amp": "bf16",
     "tta": "flip",
+    "max_pixels": 1000,
     "extractor_version": 999,
 }
 _PRE_ALTERNATIVES = {
