@@ -40,15 +40,20 @@ class ImageDecodeError(ValueError):
 
 
 def close_matches(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
-    """Return up to ``n`` choices that look like ``name`` (case-insensitive, substrings first)."""
+    """Return up to ``n`` choices that look like ``name``: closest spellings, then prefixes, then substrings."""
     choices = list(choices)
-    lowered = {c.lower(): c for c in choices}
+    lowered: dict[str, str] = {}
+    for c in choices:
+        lowered.setdefault(c.lower(), c)
     needle = name.lower()
-    hits = [c for c in choices if needle and needle in c.lower()]
-    fuzzy = difflib.get_close_matches(needle, list(lowered), n=n, cutoff=0.6)
-    for f in fuzzy:
-        if lowered[f] not in hits:
-            hits.append(lowered[f])
+    hits: list[str] = []
+    for candidate in (
+        *(lowered[f] for f in difflib.get_close_matches(needle, list(lowered), n=n, cutoff=0.6)),
+        *(c for c in choices if needle and c.lower().startswith(needle)),
+        *(c for c in choices if needle and needle in c.lower()),
+    ):
+        if candidate not in hits:
+            hits.append(candidate)
     return hits[:n]
 
 

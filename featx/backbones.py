@@ -19,11 +19,13 @@ final classifier, i.e. the globally pooled vector the classifier sees.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -208,9 +210,7 @@ def _timm_weights_cached(hf_hub_id: str | None) -> bool:
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         return False
     repo = hf_hub_id.split("@")[0]
-    return any(
-        isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")
-    )
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
 
 
 def list_backbones(source: str | None = None, pattern: str | None = None) -> list[BackboneInfo]:
@@ -261,7 +261,11 @@ def list_backbones(source: str | None = None, pattern: str | None = None) -> lis
         for arch, tags in sorted(by_arch.items()):
             cached = []
             if source == "timm":  # checking the HF cache for ~1800 weights is only worth it when asked
-                cached = [t for t in tags if _timm_weights_cached(getattr(get_pretrained_cfg(f"{arch}.{t}"), "hf_hub_id", None))]
+                cached = [
+                    t
+                    for t in tags
+                    if _timm_weights_cached(getattr(get_pretrained_cfg(f"{arch}.{t}"), "hf_hub_id", None))
+                ]
             rows.append(BackboneInfo(f"timm:{arch}", tuple(tags), tuple(cached)))
     return rows
 
@@ -296,9 +300,7 @@ def resolve_backbone(name: str) -> BackboneName:
         tags = list(enum.__members__)
         tag = parsed.tag or "DEFAULT"
         if tag not in tags:
-            raise unknown(
-                f"weights tag for torchvision:{parsed.arch}", tag, tags, f"Its tags are: {', '.join(tags)}."
-            )
+            raise unknown(f"weights tag for torchvision:{parsed.arch}", tag, tags, f"Its tags are: {', '.join(tags)}.")
         return dataclasses.replace(parsed, tag=enum[tag].name)
     if parsed.source == "timm":
         import timm
@@ -318,7 +320,8 @@ def resolve_backbone(name: str) -> BackboneName:
         if tag not in tags:
             raise unknown(f"weights tag for timm:{parsed.arch}", tag, tags, f"Its tags are: {', '.join(tags)}.")
         return dataclasses.replace(parsed, tag=tag)
-    # file:
+    # file: the architecture is a name like any other, checked before the file system
+    family, arch = _checkpoint_family(parsed.arch)
     path = Path(parsed.path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} for backbone {name!r} does not exist")
@@ -327,7 +330,6 @@ def resolve_backbone(name: str) -> BackboneName:
             f"checkpoint {str(path)!r} has suffix {path.suffix!r}; featx reads state dicts from "
             f"{', '.join(CHECKPOINT_SUFFIXES)} files"
         )
-    family, arch = _checkpoint_family(parsed.arch)
     return dataclasses.replace(parsed, arch=f"{family}:{arch}", path=str(path.resolve()))
 
 
@@ -417,36 +419,57 @@ class Backbone:
 
     def check_layers(self, layers: Sequence[str]) -> None:
         """Raise :class:`UnknownNameError` for a layer this network does not have, before any image is read."""
+        self._layer_nodes([layer for layer in layers if layer != PENULTIMATE])
+
+    def _layer_nodes(self, layers: Sequence[str]) -> dict[str, str]:
+        """Map each layer to the FX node that produces it (a module name means its last node).
+
+        Raises :class:`UnknownNameError` for a name that is neither a node nor a module used in the
+        forward pass.
+        """
         wanted = [layer for layer in layers if layer != PENULTIMATE]
-        if not wanted:
-            return
-        nodes = self.layer_names()
-        node_set = set(nodes)
-        modules = {name for name, _ in self.model.named_modules() if name}
-        for layer in wanted:
-            if layer not in node_set and layer not in modules:
-                raise unknown(
-                    f"layer of {self.name}",
-                    layer,
-                    nodes,
-                    f"Run `featx backbones --layers {self.name}` to list its layers, or use 'penultimate'.",
-                )
+        resolved: dict[str, str] = {}
+        if wanted:
+            nodes = self.layer_names()
+            node_set = set(nodes)
+            modules = [name for name, _ in self.model.named_modules() if name]
+            for layer in wanted:
+                if layer in node_set:
+                    resolved[layer] = layer
+                    continue
+                inside = [n for n in nodes if n.startswith(layer + ".")]
+                if not inside:  # unknown, or a module the forward pass never calls
+                    used = [m for m in modules if m in node_set or any(n.startswith(m + ".") for n in nodes)]
+                    raise unknown(
+                        f"layer of {self.name}",
+                        layer,
+                        list(dict.fromkeys(nodes + used)),
+                        f"Run `featx backbones --layers {self.name}` to list its layers, or use 'penultimate'.",
+                    )
+                resolved[layer] = inside[-1]
+        if PENULTIMATE in layers:
+            resolved[PENULTIMATE] = self.penultimate_node()
+        return {layer: resolved[layer] for layer in layers}
 
     def feature_model(self, layers: Sequence[str], pool: str) -> FeatureModel:
-        """A module mapping normalised images to ``{layer: [N, D] float32}``, pooled as asked."""
+        """A module mapping normalised images to ``{layer: [N, D] float32}``, pooled as asked.
+
+        Several layers may name the same node (``penultimate`` and its node name, a module and its
+        last node): the node is computed once and each layer gets its output.
+        """
         from timm.models import create_feature_extractor
 
-        self.check_layers(layers)
         if pool not in POOLS:
             raise unknown("pooling", pool, POOLS, f"Choose one of {', '.join(POOLS)}.")
-        return_nodes = {}
+        node_of = self._layer_nodes(layers)
+        return_nodes: dict[str, str] = {}  # node -> output key (the first layer asking for it)
         for layer in layers:
-            node = self.penultimate_node() if layer == PENULTIMATE else layer
-            return_nodes[node] = layer
+            return_nodes.setdefault(node_of[layer], layer)
+        keys = {layer: return_nodes[node_of[layer]] for layer in layers}
         self.model.eval()
         extractor = create_feature_extractor(self.model, return_nodes=return_nodes)
         extractor.eval()
-        return FeatureModel(extractor, tuple(layers), pool)
+        return FeatureModel(extractor, tuple(layers), pool, keys)
 
 
 def _timm_notrace() -> tuple[list[type], list[Callable]]:
@@ -464,15 +487,21 @@ def _timm_notrace() -> tuple[list[type], list[Callable]]:
 class FeatureModel(nn.Module):
     """The truncated network plus pooling: images in, one ``[N, D]`` tensor per layer out."""
 
-    def __init__(self, extractor: nn.Module, layers: tuple[str, ...], pool: str) -> None:
+    def __init__(
+        self, extractor: nn.Module, layers: tuple[str, ...], pool: str, keys: dict[str, str] | None = None
+    ) -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise unknown("pooling", pool, POOLS, f"Choose one of {', '.join(POOLS)}.")
         self.extractor = extractor
-        self.layers = layers
+        self.layers = tuple(layers)
         self.pool = pool
+        # The extractor's output key for each layer (layers naming the same node share one key).
+        self.keys = dict(keys) if keys is not None else {layer: layer for layer in self.layers}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.extractor(x)
-        return {layer: pool_features(out[layer], self.pool) for layer in self.layers}
+        return {layer: pool_features(out[self.keys[layer]], self.pool) for layer in self.layers}
 
 
 def pool_features(t: torch.Tensor, pool: str, gem_p: float = 3.0) -> torch.Tensor:
@@ -482,6 +511,8 @@ def pool_features(t: torch.Tensor, pool: str, gem_p: float = 3.0) -> torch.Tenso
     2-D outputs are already vectors. ``avgmax`` concatenates average and max (``2C`` values); ``gem``
     is generalised-mean pooling (p = 3, activations clamped at 1e-6); ``none`` flattens.
     """
+    if pool not in POOLS:
+        raise unknown("pooling", pool, POOLS, f"Choose one of {', '.join(POOLS)}.")
     t = t.float()
     if t.ndim == 2:
         return t
@@ -494,9 +525,7 @@ def pool_features(t: torch.Tensor, pool: str, gem_p: float = 3.0) -> torch.Tenso
         return t.amax(dim=dims)
     if pool == "avgmax":
         return torch.cat([t.mean(dim=dims), t.amax(dim=dims)], dim=1)
-    if pool == "gem":
-        return t.clamp(min=1e-6).pow(gem_p).mean(dim=dims).pow(1.0 / gem_p)
-    raise unknown("pooling", pool, POOLS, "")
+    return t.clamp(min=1e-6).pow(gem_p).mean(dim=dims).pow(1.0 / gem_p)  # gem
 
 
 def weights_checksum(model: nn.Module) -> str:
@@ -509,12 +538,20 @@ def weights_checksum(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _offline_hint(name: str) -> str:
+def _offline_hint(name: str, where: str) -> str:
     return (
         f"could not download the weights of {name}: this machine may have no network. Pre-seed the cache "
-        f"(torchvision: $TORCH_HOME/hub/checkpoints, timm: $HF_HOME), load a checkpoint with "
-        f"file:ARCH=PATH, or use the offline built-in {DEFAULT_BACKBONE}."
+        f"({where}), load a checkpoint with file:ARCH=PATH, or use the offline built-in {DEFAULT_BACKBONE}."
     )
+
+
+def _hf_hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return "$HF_HUB_CACHE (default $HF_HOME/hub)"
 
 
 def _torchvision_preprocessing(weights) -> Preprocessing:
@@ -539,30 +576,45 @@ def _timm_preprocessing(model: nn.Module, name: str) -> Preprocessing:
     return Preprocessing.from_crop_pct((h, w), cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"])
 
 
+def _unpickling_reason(exc: Exception) -> str:
+    """The one informative line of torch's long weights_only refusal (e.g. ``Unsupported global: ...``)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". Please use")[0]
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # SafetensorError, OSError: not a (complete) safetensors file
+            raise ValueError(f"checkpoint {str(path)!r} is not a readable .safetensors file: {exc}") from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle.UnpicklingError and friends
             raise ValueError(
-                f"checkpoint {str(path)!r} cannot be read safely ({type(exc).__name__}: {exc}). featx loads with "
-                "weights_only=True and never runs pickled code: save a plain state_dict "
+                f"checkpoint {str(path)!r} cannot be read safely ({type(exc).__name__}: {_unpickling_reason(exc)}). "
+                "featx loads with weights_only=True and never runs pickled code: save a plain state_dict "
                 "(torch.save(model.state_dict(), path)) or a .safetensors file"
             ) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {str(path)!r} holds no state dict (a mapping of names to tensors)")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds no state dict (a mapping of names to tensors, possibly under "
+            "'state_dict', 'model' or 'model_state_dict')"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _classifier_outputs(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+def _classifier_outputs(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> int | None:
     """If only the final classifier's shape differs from the checkpoint, its class count there."""
     own = model.state_dict()
     differing = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -573,8 +625,9 @@ def _classifier_outputs(model: nn.Module, state: dict[str, torch.Tensor]) -> int
     if head and all(k in (f"{head}.weight", f"{head}.bias") for k in differing):
         return int(state[f"{head}.weight"].shape[0])
     raise ValueError(
-        "checkpoint does not fit the architecture; mismatched tensors: "
+        f"{what}: {len(differing)} tensors have other shapes (checkpoint vs architecture): "
         + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in differing[:5])
+        + ". Is the checkpoint of another architecture?"
     )
 
 
@@ -595,18 +648,41 @@ def _build_checkpoint(family: str, arch: str, path: Path) -> tuple[nn.Module, Pr
 
         pre = None
     model = build()
-    classes = _classifier_outputs(model, state)
+    classes = _classifier_outputs(model, state, f"checkpoint {str(path)!r} does not fit {family}:{arch}")
     if classes is not None:
         model = build(classes)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
+        problems = [
+            f"{len(keys)} {kind} tensors (e.g. {', '.join(keys[:3])})"
+            for kind, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
         raise ValueError(
-            f"checkpoint {str(path)!r} does not fit {family}:{arch}: "
-            f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            f"checkpoint {str(path)!r} does not fit {family}:{arch}: {'; '.join(problems)}. "
+            "Is the checkpoint of another architecture?"
         )
     if pre is None:
         pre = _timm_preprocessing(model, f"timm:{arch}")
     return model, pre
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Make every ``torch.load`` inside (torch.hub's cache included) refuse pickled code.
+
+    torchvision's builders load cached weights with ``weights_only=False``; a file planted in the cache
+    could otherwise run code. PyTorch reads this switch at each call.
+    """
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 def load_backbone(name: str) -> Backbone:
@@ -632,17 +708,33 @@ def load_backbone(name: str) -> Backbone:
 
         w = get_model_weights(resolved.arch)[resolved.tag]
         try:
-            model = get_model(resolved.arch, weights=w)
+            with _weights_only_loads():
+                model = get_model(resolved.arch, weights=w)
+        except pickle.UnpicklingError as exc:
+            where = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+            raise ValueError(
+                f"the cached weights {where} contain pickled objects beyond tensors and were not loaded "
+                f"({_unpickling_reason(exc)}); delete the file so it is downloaded again, or replace it with the original"
+            ) from None
         except OSError as exc:  # URLError is an OSError
-            raise RuntimeError(_offline_hint(str(resolved))) from exc
+            where = str(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url))
+            raise RuntimeError(_offline_hint(str(resolved), f"put {w.url} at {where}")) from exc
         pre, weights = _torchvision_preprocessing(w), w.name
     elif resolved.source == "timm":
         import timm
 
         try:
-            model = timm.create_model(f"{resolved.arch}.{resolved.tag}", pretrained=True)
+            with _weights_only_loads():
+                model = timm.create_model(f"{resolved.arch}.{resolved.tag}", pretrained=True)
         except OSError as exc:  # also huggingface_hub's offline / connection errors
-            raise RuntimeError(_offline_hint(str(resolved))) from exc
+            cfg = timm.models.get_pretrained_cfg(f"{resolved.arch}.{resolved.tag}")
+            hub_id = getattr(cfg, "hf_hub_id", None)
+            where = (
+                f"Hugging Face repo {hub_id} in {_hf_hub_cache()}"
+                if hub_id
+                else f"{getattr(cfg, 'url', '') or 'its weights'} in {Path(torch.hub.get_dir()) / 'checkpoints'}"
+            )
+            raise RuntimeError(_offline_hint(str(resolved), where)) from exc
         pre, weights = _timm_preprocessing(model, str(resolved)), resolved.tag
     else:
         family, arch = resolved.arch.split(":", 1)

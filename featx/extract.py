@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featx._env import cache_dir
-from featx._errors import ImageDecodeError, unknown
+from featx._errors import ImageDecodeError, SpecMismatchError, unknown
 from featx._imageio import load_rgb, preprocess_uint8
 from featx.backbones import (
     DEFAULT_BACKBONE,
@@ -265,6 +265,7 @@ def extract(
     test_fraction: float = DEFAULT_TEST_FRACTION,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    expect_weights_sha256: str | None = None,
 ) -> ExtractionResult:
     """Embed every image of a source with a frozen backbone into an HDF5 feature store.
 
@@ -307,6 +308,9 @@ def extract(
         Images with more pixels are recorded as failures (decompression-bomb guard).
     progress : bool, default=True
         Show a progress bar with images/s and ETA.
+    expect_weights_sha256 : str, optional
+        Refuse (before reading any image) if the backbone's weights have another checksum, e.g. when
+        re-extracting for a trained classifier and the weights behind a tag have changed.
 
     Returns
     -------
@@ -320,6 +324,11 @@ def extract(
     resolve_backbone(backbone)  # cheap name check before reading the source or loading weights
     manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
     net = load_backbone(backbone)
+    if expect_weights_sha256 is not None and net.weights_sha256 != expect_weights_sha256:
+        raise SpecMismatchError(
+            f"the weights of {net.name} have checksum {net.weights_sha256[:16]}…, not the expected "
+            f"{expect_weights_sha256[:16]}…: they changed since the features were made"
+        )
     feature_model = net.feature_model(list(layers), pool)
     spec = build_spec(net, layers, pool=pool, dtype=dtype, amp=amp, tta=tta, max_pixels=max_pixels)
     fp = manifest.fingerprint(fingerprint)
