@@ -85,9 +85,7 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError(
-            "not an image file Pillow can identify (wrong extension or corrupt header)"
-        ) from None
+        raise ImageDecodeError("not an image file Pillow can identify (wrong extension or corrupt header)") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(
             f"image is over the max_pixels limit of {max_pixels:,} (decompression-bomb guard: {exc}); "

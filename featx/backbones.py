@@ -714,7 +714,8 @@ def load_backbone(name: str) -> Backbone:
             where = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
             raise ValueError(
                 f"the cached weights {where} contain pickled objects beyond tensors and were not loaded "
-                f"({_unpickling_reason(exc)}); delete the file so it is downloaded again, or replace it with the original"
+                f"({_unpickling_reason(exc)}); delete the file so it is downloaded again, "
+                "or replace it with the original"
             ) from None
         except OSError as exc:  # URLError is an OSError
             where = str(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url))

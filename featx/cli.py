@@ -326,5 +326,242 @@ def backbones(source, pattern, layers_of) -> None:
     click.echo("* = weights usable offline here (built in or already cached). Write SOURCE:NAME[.TAG].")
 
 
+def _positive_or_auto(ctx, param, value):
+    if value is None or value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number") from None
+    if number <= 0:
+        raise click.BadParameter(f"{value!r} must be positive")
+    return number
+
+
+def _float_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 0.01,0.1,1,10") from None
+    if not values or min(values) <= 0:
+        raise click.BadParameter("give one or more positive numbers")
+    return values
+
+
+def _shots(ctx, param, value):
+    if value is None:
+        return None
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if part == "all":
+            out.append("all")
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise click.BadParameter(f"{part!r}: shots are positive integers or 'all', e.g. 1,2,5,10,all")
+    return out
+
+
+def _key_values(ctx, param, value):
+    params = {}
+    for item in value:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: write NAME=VALUE, e.g. loss=log_loss")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--classifier",
+    "-c",
+    default="svm",
+    show_default=True,
+    help="svm, logreg, sgd, ridge, knn, or an import path such as sklearn.svm.SVC.",
+)
+@click.option("--C", "C", default=None, callback=_positive_or_auto, help="C for svm/logreg: auto (search) or a value.")
+@click.option("--alpha", default=None, callback=_positive_or_auto, help="alpha for sgd/ridge: auto or a value.")
+@click.option("--neighbors", default=None, callback=_positive_or_auto, help="k for knn: auto or a value.")
+@click.option("--grid", default=None, callback=_float_list, help="Search grid, e.g. 0.01,0.1,1,10 [default: preset's].")
+@click.option("--preprocess", default="l2", show_default=True, help="Comma-separated: l2, standard, pca:K, none.")
+@click.option(
+    "--cv",
+    type=click.IntRange(min=2),
+    default=5,
+    show_default=True,
+    help="Folds of the stratified CV (used when the store has no val split).",
+)
+@click.option(
+    "--jobs", "-j", type=int, default=-1, show_default=True, help="Parallel jobs for the search (-1: all cores)."
+)
+@click.option(
+    "--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes by inverse frequency."
+)
+@click.option("--scoring", type=click.Choice(["accuracy", "balanced_accuracy"]), default="accuracy", show_default=True)
+@click.option("--param", "params", multiple=True, callback=_key_values, help="Extra estimator parameter NAME=VALUE.")
+@click.option("--layer", default=None, help="Store layer to train on [default: its first].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shots", default=None, callback=_shots, help="Learning curve: images per class, e.g. 1,2,5,10,all.")
+@click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, help="Seeded draws per shot count.")
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Folder for model.skops and results.json.",
+)
+def train(
+    store,
+    classifier,
+    C,
+    alpha,
+    neighbors,
+    grid,
+    preprocess,
+    cv,
+    jobs,
+    class_weight,
+    scoring,
+    params,
+    layer,
+    seed,
+    shots,
+    draws,
+    out_dir,
+) -> None:
+    """Train a classifier on the features in STORE, choosing its hyper-parameter on the training data only."""
+    from featx.classify import ClassifierConfig, get_preset, parse_preprocess
+    from featx.classify import train as run_train
+
+    try:
+        preset = get_preset(classifier)
+        given = {"C": C, "alpha": alpha, "n_neighbors": neighbors}
+        option = {"C": "--C", "alpha": "--alpha", "n_neighbors": "--neighbors"}
+        for name, value in given.items():
+            if value is not None and name != preset.param:
+                hint = f"use {option[preset.param]}" if preset.param in option else "it has none to set"
+                raise ValueError(
+                    f"{option[name]} does not apply to {preset.name}, whose hyper-parameter is "
+                    f"{preset.param or 'none'}: {hint}"
+                )
+        value = given.get(preset.param) or "auto"
+        config = ClassifierConfig(
+            classifier=classifier,
+            value=value,
+            grid=grid,
+            preprocess=tuple(parse_preprocess(preprocess)),
+            cv=cv,
+            class_weight=class_weight,
+            scoring=scoring,
+            params=tuple(sorted(params.items())),
+            layer=layer,
+            seed=seed,
+        )
+        config.validate()
+        _, results = run_train(store, config, n_jobs=jobs, out_dir=out_dir, shots=shots, draws=draws)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    _print_results(results)
+    click.echo(f"wrote {out_dir}/model.skops and {out_dir}/results.json")
+
+
+def _print_results(results) -> None:
+    search = results.get("search")
+    clf = results["classifier"]
+    if search:
+        click.echo(f"{clf['preset']}: {search['param']} chosen by {search['scheme']} in {search['seconds']:.1f} s")
+        for point in search["curve"]:
+            mark = "  <- chosen" if point["value"] == search["best"] else ""
+            click.echo(f"  {search['param']}={point['value']:<10g} {point['mean']:.4f} ± {point['std']:.4f}{mark}")
+    elif clf.get("param"):
+        click.echo(f"{clf['preset']}: {clf['param']}={clf['chosen']:g} (fixed)")
+    test = results.get("test")
+    if test:
+        _print_metrics(test)
+    for point in results.get("few_shot") or []:
+        click.echo(
+            f"  {point['shots']!s:>4} per class: {point['mean']:.4f} ± {point['std']:.4f} ({point['draws']} draws)"
+        )
+
+
+def _print_metrics(test) -> None:
+    lo, hi = test["accuracy_ci95"]
+    top5 = f", top-5 {test['top5_accuracy']:.4f}" if test.get("top5_accuracy") is not None else ""
+    click.echo(
+        f"{test.get('split', 'test')} ({test['n']} images): accuracy {test['accuracy']:.4f} "
+        f"[95% CI {lo:.4f}–{hi:.4f}], balanced {test['balanced_accuracy']:.4f}, "
+        f"macro F1 {test['macro_f1']:.4f}{top5}"
+    )
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--model", "-m", "model_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option(
+    "--trust", is_flag=True, help="Load model files containing types that could run code (only if you trust them)."
+)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON.")
+def evaluate(store, model_path, split, trust, out) -> None:
+    """Score a trained model on STORE's test split (refused if STORE's features were made differently)."""
+    from featx.classify import evaluate_model, load_model, write_results
+    from featx.store import FeatureStore
+
+    try:
+        model = load_model(model_path, trust=trust)
+        with FeatureStore(store) as fs:
+            metrics = evaluate_model(model, fs, split=split)
+        if out:
+            write_results(out, metrics)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    _print_metrics(metrics)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "-m", "model_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--trust", is_flag=True, help="Load model files containing types that could run code (only if you trust them)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+def predict(images, model_path, top_k, device, batch_size, trust, as_json) -> None:
+    """Classify IMAGES end to end: the model's backbone is rebuilt from its recorded spec."""
+    from featx.classify import load_model, predict_images
+
+    try:
+        model = load_model(model_path, trust=trust)
+        predictions = predict_images(list(images), model, top_k=top_k, device=device, batch_size=batch_size)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    failed = 0
+    for p in predictions:
+        if as_json:
+            click.echo(
+                json.dumps({"path": p.path, "class": p.label, "score": p.score, "top_k": p.top_k, "error": p.error})
+            )
+        elif p.error:
+            click.echo(f"{p.path}\terror: {p.error}", err=True)
+        else:
+            ranked = ", ".join(f"{name} {score:.3f}" for name, score in p.top_k)
+            click.echo(f"{p.path}\t{p.label}\t{p.score if p.score is not None else ''}\t{ranked}")
+        failed += p.error is not None
+    if failed:
+        click.secho(f"{failed} of {len(predictions)} images could not be read", fg="yellow", err=True)
+        sys.exit(EXIT_TOO_MANY_FAILURES)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -110,9 +110,10 @@ def _resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
-def default_store_path(key: str) -> Path:
-    """Where a store goes when no ``out`` is given: ``<cache>/stores/<key prefix>.h5``."""
-    return cache_dir() / "stores" / f"{key[:20]}.h5"
+def default_store_path(key: str, store_dir: str | Path | None = None) -> Path:
+    """Where a store goes when no ``out`` is given: ``<store_dir or cache/stores>/<key prefix>.h5``."""
+    folder = Path(store_dir).expanduser() if store_dir is not None else cache_dir() / "stores"
+    return folder / f"{key[:20]}.h5"
 
 
 @dataclass
@@ -266,6 +267,7 @@ def extract(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     expect_weights_sha256: str | None = None,
+    store_dir: str | Path | None = None,
 ) -> ExtractionResult:
     """Embed every image of a source with a frozen backbone into an HDF5 feature store.
 
@@ -283,7 +285,7 @@ def extract(
     pool : {"avg", "max", "avgmax", "gem", "none"}, default="avg"
         Pooling of spatial maps (and token sequences).
     out : str or Path, optional
-        Store path; by default ``<cache>/stores/<key>.h5``.
+        Store path; by default ``<store_dir>/<key>.h5``.
     batch_size : int, default=64
     device : str, default="auto"
         ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
@@ -311,6 +313,8 @@ def extract(
     expect_weights_sha256 : str, optional
         Refuse (before reading any image) if the backbone's weights have another checksum, e.g. when
         re-extracting for a trained classifier and the weights behind a tag have changed.
+    store_dir : str or Path, optional
+        Folder for stores named by their key when ``out`` is not given; by default ``<cache>/stores``.
 
     Returns
     -------
@@ -333,7 +337,7 @@ def extract(
     spec = build_spec(net, layers, pool=pool, dtype=dtype, amp=amp, tta=tta, max_pixels=max_pixels)
     fp = manifest.fingerprint(fingerprint)
     key = cache_key(spec, fp)
-    path = Path(out).expanduser() if out is not None else default_store_path(key)
+    path = Path(out).expanduser() if out is not None else default_store_path(key, store_dir)
     if read_key(path) == key:
         return _cached_result(path, key, spec, manifest, t0, limit)
 

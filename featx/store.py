@@ -5,6 +5,7 @@ Layout of a finished ``STORE.h5``::
     /features/<layer>   [N, D] float32|float16, chunked along N
     /ids, /paths        [N] UTF-8 strings, aligned row by row with the features
     /labels             [N] int64 (-1 = unlabeled)
+    /file_size, /file_mtime_ns  [N] int64: each image file as it was extracted (-1 = missing)
     /split              [N] int8 codes, attribute ``codes`` maps names to codes
     /class_names        [C] UTF-8 strings
     /done               [N] bool: the row holds features (False = the image failed)
@@ -371,6 +372,9 @@ class StoreWriter:
             f.create_dataset("ids", data=np.array(m.ids, dtype=object), dtype=strings)
             f.create_dataset("paths", data=np.array(m.paths, dtype=object), dtype=strings)
             f.create_dataset("labels", data=m.labels.astype(np.int64))
+            sizes, mtimes = _file_stats(m.paths)
+            f.create_dataset("file_size", data=sizes)
+            f.create_dataset("file_mtime_ns", data=mtimes)
             split = f.create_dataset("split", data=np.array([SPLIT_CODES[s] for s in m.splits], dtype=np.int8))
             split.attrs["codes"] = canonical_json(SPLIT_CODES)
             f.create_dataset("class_names", data=np.array(m.class_names, dtype=object), dtype=strings)
@@ -391,6 +395,19 @@ class StoreWriter:
             f.attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             f.attrs["stats"] = canonical_json(stats)
             f.attrs["complete"] = True
+
+
+def _file_stats(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Size and modification time of each file as extracted (-1 when missing), for per-image reuse checks."""
+    sizes = np.full(len(paths), -1, dtype=np.int64)
+    mtimes = np.full(len(paths), -1, dtype=np.int64)
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    return sizes, mtimes
 
 
 def _mismatch_message(path: Path, spec: ExtractionSpec, fingerprint: str) -> str:
@@ -542,6 +559,18 @@ class FeatureStore:
     def paths(self, split: str | None = None) -> list[str]:
         """Image paths, aligned with :meth:`features`."""
         return [_text(s) for s in _read_rows(self._file["paths"], self.rows(split))]
+
+    def read_rows(self, rows: np.ndarray, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(features, labels)`` of the given row indices (sorted ascending), e.g. a block from :meth:`rows`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) > 1 and np.any(np.diff(rows) <= 0):
+            raise ValueError("rows must be sorted and unique")
+        return _read_rows(self._file["features"][self._layer(layer)], rows), self._labels[rows]
+
+    def file_stats(self, split: str | None = None, include_failed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(sizes, mtimes_ns)`` of the image files as they were when extracted, aligned with :meth:`rows`."""
+        rows = self.rows(split, include_failed)
+        return self._file["file_size"][:][rows], self._file["file_mtime_ns"][:][rows]
 
     def iter_chunks(
         self, layer: str | None = None, split: str | None = None, chunk_size: int = 4096

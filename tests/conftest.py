@@ -90,3 +90,64 @@ def split_folder(tmp_path) -> Path:
         for i in range(2):
             make_image(root / "val" / name / f"v{i}.jpg", seed=1000 + 10 * c + i)
     return root
+
+
+def synthetic_store(
+    path: Path,
+    n_classes: int = 3,
+    per_class: int = 40,
+    dims: int = 16,
+    seed: int = 0,
+    splits: tuple[float, float] = (0.6, 0.0),
+    pool: str = "avg",
+    spread: float = 1.0,
+) -> Path:
+    """A complete store of Gaussian blobs (no images needed): ``splits`` = (train share, val share), rest test."""
+    from featx.data import Manifest
+    from featx.spec import ExtractionSpec, cache_key
+    from featx.store import StoreWriter
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(n_classes, dims))
+    n = n_classes * per_class
+    labels = np.repeat(np.arange(n_classes), per_class)
+    X = (centres[labels] + rng.normal(scale=spread, size=(n, dims))).astype(np.float32)
+    share = np.tile(np.arange(per_class) / per_class, n_classes)
+    split_names = np.where(share < splits[0], "train", np.where(share < splits[0] + splits[1], "val", "test"))
+    ids = [f"img{i:05d}.png" for i in range(n)]
+    manifest = Manifest(
+        ids,
+        [f"/nonexistent/{i}" for i in ids],
+        labels,
+        list(split_names),
+        [f"class{c}" for c in range(n_classes)],
+        "synthetic",
+        "from source",
+    )
+    spec = ExtractionSpec(
+        backbone=TINY,
+        weights="random-seed0",
+        weights_sha256="0" * 64,
+        layers=("penultimate",),
+        preprocessing=Preprocessing((64, 64), 72, "bilinear", (0.5,) * 3, (0.5,) * 3),
+        pool=pool,
+    )
+    fingerprint = manifest.fingerprint()
+    with StoreWriter(path, spec, cache_key(spec, fingerprint), manifest, fingerprint, {"penultimate": dims}) as w:
+        for start in range(0, n, 50):
+            rows = np.arange(start, min(n, start + 50))
+            w.write_batch(rows, {"penultimate": X[rows]})
+        w.finalize({})
+    return path
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_store(tmp_path_factory) -> Path:
+    """The PyTorch tutorial's ants-vs-bees with the built-in EfficientNet-Lite0 (extracted once per session)."""
+    if not (SHARED_DATA / "hymenoptera").is_dir():
+        pytest.skip("../shared/data/hymenoptera not present")
+    from featx.extract import extract
+
+    out = tmp_path_factory.mktemp("hymenoptera") / "lite0.h5"
+    result = extract(SHARED_DATA / "hymenoptera", out=out, progress=False, max_failures="inf")
+    return result.path

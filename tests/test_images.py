@@ -47,8 +47,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _png_bytes(width: int, height: int, bit_depth: int, color_type: int, scanlines: bytes) -> bytes:
     """A minimal PNG, for what Pillow cannot write (16-bit RGB, a header claiming a huge size)."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(scanlines))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(scanlines))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _halves(size: tuple[int, int], left: tuple[int, ...], right: tuple[int, ...], mode: str = "RGB") -> Image.Image:
@@ -444,8 +448,13 @@ def test_preprocess_matches_torchvision(size, interpolation, input_size, resize_
     from torchvision.transforms import InterpolationMode
 
     img = _random_rgb(size, seed=sum(size))
-    pre = Preprocessing(input_size=input_size, resize_size=resize_size, interpolation=interpolation,
-                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    pre = Preprocessing(
+        input_size=input_size,
+        resize_size=resize_size,
+        interpolation=interpolation,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
     mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[interpolation]
     reference = T.Compose([T.Resize(resize_size, interpolation=mode), T.CenterCrop(input_size), T.PILToTensor()])
     expected = reference(img)
@@ -458,8 +467,9 @@ def test_preprocess_matches_torchvision(size, interpolation, input_size, resize_
 
 def test_preprocess_of_loaded_hostile_images(tmp_path):
     """Whatever load_rgb returns, preprocess_uint8 turns into a [3, H, W] uint8 tensor."""
-    pre = Preprocessing(input_size=(32, 32), resize_size=36, interpolation="bilinear",
-                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    pre = Preprocessing(
+        input_size=(32, 32), resize_size=36, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )
     paths = [
         write_cmyk_jpeg(tmp_path / "cmyk.jpg"),
         write_gray16(tmp_path / "g16.png"),
@@ -615,9 +625,9 @@ def test_cli_exit_code_follows_max_failures(zoo, tmp_path):
 
 
 def test_cli_rejects_a_bad_max_failures(zoo, tmp_path):
-    result = CliRunner().invoke(main, ["extract", str(zoo), "--backbone", TINY, "--max-failures", "lots",
-                                       "--out", str(tmp_path / "x.h5")])
+    result = CliRunner().invoke(
+        main, ["extract", str(zoo), "--backbone", TINY, "--max-failures", "lots", "--out", str(tmp_path / "x.h5")]
+    )
     assert result.exit_code == 2
     assert "max failures" in result.output
     assert not (tmp_path / "x.h5").exists()
-

@@ -1,0 +1,77 @@
+"""Test-set metrics shared by every method (classifiers on features and fine-tuned networks).
+
+One function, :func:`evaluate`, so every results JSON carries the same metrics computed the same way,
+all from :mod:`sklearn.metrics`, plus a seeded bootstrap confidence interval for accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+__all__ = ["bootstrap_accuracy_ci", "evaluate"]
+
+
+def bootstrap_accuracy_ci(
+    y_true: np.ndarray, y_pred: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the accuracy (resampling test images with replacement)."""
+    correct = (np.asarray(y_true) == np.asarray(y_pred)).astype(np.float64)
+    if correct.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    # Resample in blocks so memory stays small for large test sets.
+    means = np.empty(n_resamples)
+    block = max(1, 2_000_000 // correct.size)
+    for start in range(0, n_resamples, block):
+        stop = min(n_resamples, start + block)
+        idx = rng.integers(0, correct.size, size=(stop - start, correct.size))
+        means[start:stop] = correct[idx].mean(axis=1)
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+def evaluate(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    class_names: Sequence[str],
+    scores: np.ndarray | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy (with a bootstrap 95 % CI), balanced accuracy, macro F1, top-5, per-class report, confusion matrix.
+
+    Parameters
+    ----------
+    y_true, y_pred : array of int
+        Class indices into ``class_names``.
+    class_names : sequence of str
+    scores : array of shape (n, n_classes), optional
+        Decision scores or probabilities; enables top-5 accuracy when there are more than 5 classes.
+    n_bootstrap : int, default=1000
+    seed : int, default=0
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    labels = list(range(len(class_names)))
+    lo, hi = bootstrap_accuracy_ci(y_true, y_pred, n_bootstrap, seed=seed)
+    result: dict[str, Any] = {
+        "n": int(y_true.size),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": [lo, hi],
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "top5_accuracy": None,
+    }
+    if scores is not None and len(class_names) > 5:
+        result["top5_accuracy"] = float(skm.top_k_accuracy_score(y_true, scores, k=5, labels=labels))
+    report = skm.classification_report(
+        y_true, y_pred, labels=labels, target_names=list(class_names), output_dict=True, zero_division=0
+    )
+    result["per_class"] = {name: report[name] for name in class_names}
+    result["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    return result
