@@ -81,6 +81,8 @@ class Preset:
         The estimator supports ``warm_start=True`` along the grid.
     supports_class_weight : bool, default=True
     description : str, default=""
+    preprocess : tuple of str, default=("standard",)
+        Preprocessing used when the configuration names none.
     """
 
     name: str
@@ -90,6 +92,7 @@ class Preset:
     warm_start: bool = False
     supports_class_weight: bool = True
     description: str = ""
+    preprocess: tuple[str, ...] = ("standard",)
 
 
 PRESETS: dict[str, Preset] = {}
@@ -177,6 +180,7 @@ register_classifier(
         _knn,
         supports_class_weight=False,
         description="k-nearest neighbours (distance-weighted), a no-training baseline",
+        preprocess=("l2",),
     )
 )
 
@@ -399,7 +403,8 @@ class ClassifierConfig:
         The searched hyper-parameter (C, alpha, k); ``auto`` searches ``grid``.
     grid : tuple of float, optional
         Overrides the preset's grid.
-    preprocess : tuple of str, default=("l2",)
+    preprocess : tuple of str, optional
+        Steps before the estimator; by default the preset's (``standard``; ``l2`` for knn, i.e. cosine).
     cv : int, default=5
     class_weight : {None, "balanced"}
     scoring : {"accuracy", "balanced_accuracy"}
@@ -416,7 +421,7 @@ class ClassifierConfig:
     classifier: str = "svm"
     value: float | str = "auto"
     grid: tuple[float, ...] | None = None
-    preprocess: tuple[str, ...] = ("l2",)
+    preprocess: tuple[str, ...] | None = None
     cv: int = 5
     class_weight: str | None = None
     scoring: str = "accuracy"
@@ -430,7 +435,7 @@ class ClassifierConfig:
             "classifier": self.classifier,
             "value": self.value,
             "grid": list(self.grid) if self.grid else None,
-            "preprocess": list(self.preprocess),
+            "preprocess": None if self.preprocess is None else list(self.preprocess),
             "cv": self.cv,
             "class_weight": self.class_weight,
             "scoring": self.scoring,
@@ -440,10 +445,14 @@ class ClassifierConfig:
             "out_of_core": self.out_of_core,
         }
 
+    def steps(self, preset: Preset) -> list[str]:
+        """The preprocessing steps in force: the configured ones, else the preset's default."""
+        return parse_preprocess(self.preprocess if self.preprocess is not None else preset.preprocess)
+
     def validate(self) -> Preset:
         """Check every field (before any data is read); returns the preset."""
         preset = get_preset(self.classifier)
-        parse_preprocess(self.preprocess)
+        self.steps(preset)
         if self.cv < 2:
             raise ValueError(f"cv must be at least 2 folds, got {self.cv}")
         if self.class_weight not in (None, "balanced"):
@@ -462,7 +471,7 @@ class ClassifierConfig:
         if self.out_of_core:
             if preset.name != "sgd":
                 raise ValueError("out-of-core training streams store chunks through partial_fit: use --classifier sgd")
-            if set(parse_preprocess(self.preprocess)) - {"l2", "standard"}:
+            if set(self.steps(preset)) - {"l2", "standard"}:
                 raise ValueError("out-of-core training supports the l2 and standard preprocessing steps only")
         if self.class_weight and not preset.supports_class_weight:
             raise ValueError(f"classifier {preset.name} has no class_weight; drop --class-weight")
@@ -633,7 +642,7 @@ def train(
         layer = config.layer or fs.layers[0]
         if layer not in fs.layers:
             raise unknown("layer of this store", layer, fs.layers, f"It holds: {', '.join(fs.layers)}.")
-        preprocess = parse_preprocess(config.preprocess)
+        preprocess = config.steps(preset)
         if config.out_of_core:
             pipeline, value, search_result, fit_seconds, trained_on = _train_out_of_core(
                 fs, layer, preset, config, preprocess
@@ -718,6 +727,7 @@ def _finish_training(
             **config.to_dict(),
             "layer": layer,
             "preset": preset.name,
+            "preprocess": config.steps(preset),
             "param": preset.param,
             "chosen": value,
         },
@@ -745,7 +755,7 @@ def _finish_training(
         "created_at": meta["created_at"],
     }
     if shots:
-        preprocess = parse_preprocess(config.preprocess)
+        preprocess = config.steps(preset)
         results["few_shot"] = few_shot_curve(fs, preset, value, preprocess, config, shots, draws, layer)
     if out_dir is not None:
         out = Path(out_dir)

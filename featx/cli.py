@@ -391,7 +391,11 @@ def _key_values(ctx, param, value):
 @click.option("--alpha", default=None, callback=_positive_or_auto, help="alpha for sgd/ridge: auto or a value.")
 @click.option("--neighbors", default=None, callback=_positive_or_auto, help="k for knn: auto or a value.")
 @click.option("--grid", default=None, callback=_float_list, help="Search grid, e.g. 0.01,0.1,1,10 [default: preset's].")
-@click.option("--preprocess", default="l2", show_default=True, help="Comma-separated: l2, standard, pca:K, none.")
+@click.option(
+    "--preprocess",
+    default=None,
+    help="Comma-separated steps: l2, standard, pca:K, none [default: standard; l2 for knn].",
+)
 @click.option(
     "--cv",
     type=click.IntRange(min=2),
@@ -458,7 +462,7 @@ def train(
             classifier=classifier,
             value=value,
             grid=grid,
-            preprocess=tuple(parse_preprocess(preprocess)),
+            preprocess=None if preprocess is None else tuple(parse_preprocess(preprocess)),
             cv=cv,
             class_weight=class_weight,
             scoring=scoring,
