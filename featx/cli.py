@@ -413,6 +413,11 @@ def _key_values(ctx, param, value):
 @click.option("--param", "params", multiple=True, callback=_key_values, help="Extra estimator parameter NAME=VALUE.")
 @click.option("--layer", default=None, help="Store layer to train on [default: its first].")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out-of-core",
+    is_flag=True,
+    help="sgd only: stream the store through partial_fit in shuffled blocks (bounded memory).",
+)
 @click.option("--shots", default=None, callback=_shots, help="Learning curve: images per class, e.g. 1,2,5,10,all.")
 @click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, help="Seeded draws per shot count.")
 @click.option(
@@ -438,6 +443,7 @@ def train(
     params,
     layer,
     seed,
+    out_of_core,
     shots,
     draws,
     out_dir,
@@ -469,6 +475,7 @@ def train(
             params=tuple(sorted(params.items())),
             layer=layer,
             seed=seed,
+            out_of_core=out_of_core,
         )
         config.validate()
         _, results = run_train(store, config, n_jobs=jobs, out_dir=out_dir, shots=shots, draws=draws)

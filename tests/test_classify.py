@@ -323,3 +323,9 @@ def test_hymenoptera_svm_and_logreg_reach_094(hymenoptera_store, name):
     assert results["test"]["n"] == 153
     assert results["test"]["accuracy"] >= 0.94, results["search"]
     assert results["search"]["seconds"] < 60
+
+
+def test_cli_out_of_core_flag(blobs, tmp_path):
+    result = CliRunner().invoke(main, ["train", str(blobs), "-c", "sgd", "--out-of-core", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["classifier"]["out_of_core"] is True
