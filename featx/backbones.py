@@ -394,6 +394,14 @@ class Backbone:
 
     def penultimate_node(self) -> str:
         """The FX node whose output the classifier consumes (the last Linear's input; Conv2d if none)."""
+        return self._classifier_call()[1]
+
+    def classifier_name(self) -> str:
+        """The module name of the final classifier (the last Linear in execution order; Conv2d if none)."""
+        return self._classifier_call()[0]
+
+    def _classifier_call(self) -> tuple[str, str]:
+        """``(classifier module name, input node name)``, found by tracing the network once."""
         from torchvision.models.feature_extraction import NodePathTracer
 
         leaf_modules, autowrap_functions = _timm_notrace()
@@ -415,7 +423,7 @@ class Backbone:
         node = last.get(nn.Linear) or last.get(nn.Conv2d)
         if node is None or not node.args or not hasattr(node.args[0], "name"):
             raise ValueError(f"cannot find the classifier of {self.name}; name a layer explicitly with --layer")
-        return tracer.node_to_qualname[node.args[0]]
+        return str(node.target), tracer.node_to_qualname[node.args[0]]
 
     def check_layers(self, layers: Sequence[str]) -> None:
         """Raise :class:`UnknownNameError` for a layer this network does not have, before any image is read."""
@@ -469,7 +477,29 @@ class Backbone:
         self.model.eval()
         extractor = create_feature_extractor(self.model, return_nodes=return_nodes)
         extractor.eval()
-        return FeatureModel(extractor, tuple(layers), pool, keys)
+        nhwc_model = str(getattr(self.model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC")
+        channels_last = _channels_last_outputs(extractor, self.preprocessing.input_size, nhwc_model)
+        return FeatureModel(extractor, tuple(layers), pool, keys, channels_last)
+
+
+def _channels_last_outputs(extractor: nn.Module, input_size: tuple[int, int], nhwc_model: bool) -> list[str]:
+    """Output keys whose 4-D maps are laid out ``[N, H, W, C]``.
+
+    Spatial sizes follow the input size and channel counts do not, so two blank images of different
+    sizes tell the layouts apart. Networks that accept only one input size fall back on the layout the
+    model declares (timm's ``output_fmt``, e.g. NHWC for Swin).
+    """
+    h, w = input_size
+    with torch.inference_mode():
+        small = extractor(torch.zeros(1, 3, h, w))
+        four_d = {k: v.shape for k, v in small.items() if v.ndim == 4}
+        if not four_d:
+            return []
+        try:
+            large = extractor(torch.zeros(1, 3, h + 64, w + 64))
+        except Exception:  # fixed-size models (Swin, ViTs without dynamic size)
+            return list(four_d) if nhwc_model else []
+    return [k for k, shape in four_d.items() if large[k].shape[3] == shape[3] and large[k].shape[1] != shape[1]]
 
 
 def _timm_notrace() -> tuple[list[type], list[Callable]]:
@@ -488,7 +518,12 @@ class FeatureModel(nn.Module):
     """The truncated network plus pooling: images in, one ``[N, D]`` tensor per layer out."""
 
     def __init__(
-        self, extractor: nn.Module, layers: tuple[str, ...], pool: str, keys: dict[str, str] | None = None
+        self,
+        extractor: nn.Module,
+        layers: tuple[str, ...],
+        pool: str,
+        keys: dict[str, str] | None = None,
+        channels_last: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if pool not in POOLS:
@@ -498,10 +533,18 @@ class FeatureModel(nn.Module):
         self.pool = pool
         # The extractor's output key for each layer (layers naming the same node share one key).
         self.keys = dict(keys) if keys is not None else {layer: layer for layer in self.layers}
+        # Output keys whose 4-D maps are [N, H, W, C] (Swin, MaxViT stages) rather than [N, C, H, W].
+        self.channels_last = frozenset(channels_last)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.extractor(x)
-        return {layer: pool_features(out[self.keys[layer]], self.pool) for layer in self.layers}
+        result = {}
+        for layer in self.layers:
+            t = out[self.keys[layer]]
+            if self.keys[layer] in self.channels_last:
+                t = t.permute(0, 3, 1, 2)
+            result[layer] = pool_features(t, self.pool)
+        return result
 
 
 def pool_features(t: torch.Tensor, pool: str, gem_p: float = 3.0) -> torch.Tensor:
@@ -569,7 +612,7 @@ def _torchvision_preprocessing(weights) -> Preprocessing:
 def _timm_preprocessing(model: nn.Module, name: str) -> Preprocessing:
     from timm.data import resolve_data_config
 
-    cfg = resolve_data_config({}, model=model)
+    cfg = resolve_data_config({}, model=model, use_test_size=True)
     if cfg.get("crop_mode", "center") != "center":
         log.warning("%s asks for crop_mode=%r; featx uses a centre crop", name, cfg["crop_mode"])
     _, h, w = cfg["input_size"]

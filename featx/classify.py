@@ -30,6 +30,7 @@ from sklearn.pipeline import Pipeline
 
 from featx._env import library_versions
 from featx._errors import SpecMismatchError, UnknownNameError, unknown
+from featx._io import atomic_write
 from featx.metrics import evaluate
 from featx.spec import DEFAULT_MAX_PIXELS, canonical_json, spec_differences
 from featx.store import FeatureStore
@@ -311,7 +312,9 @@ def _score_fold(
     for value in values:
         if not warm:
             est = clone(est)
-        est.set_params(**{param: int(value) if param == "n_neighbors" else value})
+        if param == "n_neighbors":  # a fold may hold fewer images than the largest k
+            value = min(int(value), len(train_idx))
+        est.set_params(**{param: value})
         _fit_quietly(est, Xtr, y[train_idx])
         scores.append(float(score_fn(y[val_idx], est.predict(Xva))))
     return scores
@@ -471,6 +474,8 @@ class ClassifierConfig:
         if self.out_of_core:
             if preset.name != "sgd":
                 raise ValueError("out-of-core training streams store chunks through partial_fit: use --classifier sgd")
+            if self.class_weight is not None:
+                raise ValueError("out-of-core training cannot weight classes (partial_fit has no class_weight)")
             if set(self.steps(preset)) - {"l2", "standard"}:
                 raise ValueError("out-of-core training supports the l2 and standard preprocessing steps only")
         if self.class_weight and not preset.supports_class_weight:
@@ -516,25 +521,22 @@ class TrainedModel:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        sio.dump(
-            {
-                "format": MODEL_FORMAT,
-                "format_version": MODEL_FORMAT_VERSION,
-                "meta": canonical_json(self.meta),
-                "pipeline": self.pipeline,
-            },
-            tmp,
-        )
-        tmp.replace(path)
-        return path
+        content = {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "meta": canonical_json(self.meta),
+            "pipeline": self.pipeline,
+        }
+        return atomic_write(path, lambda fh: fh.write(sio.dumps(content)))
 
 
 def _expand_scores(scores: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
     """Scores for the fitted classes placed into columns of every class (absent classes get -inf)."""
     if scores.shape[1] == n_classes and np.array_equal(classes, np.arange(n_classes)):
         return scores
-    full = np.full((scores.shape[0], n_classes), -np.inf)
+    # Classes the model never saw rank below every seen class (finite, so top-k metrics accept them).
+    floor = scores.min(axis=1, keepdims=True) - 1.0
+    full = np.repeat(floor, n_classes, axis=1)
     full[:, classes] = scores
     return full
 
@@ -803,9 +805,11 @@ def _train_out_of_core(
     if len(val_rows):
         fit_rows, holdout_rows, scheme = train_rows, val_rows, "validation split (out of core)"
     else:
-        holdout = np.concatenate(
+        holdout = np.concatenate(  # 10 % per class, never a class's only image
             [
-                rng.permutation(train_rows[y_train == c])[: max(1, int(0.1 * (y_train == c).sum()))]
+                rng.permutation(train_rows[y_train == c])[
+                    : min(int((y_train == c).sum()) - 1, max(1, int(0.1 * (y_train == c).sum())))
+                ]
                 for c in np.unique(y_train)
             ]
         )
@@ -921,7 +925,7 @@ def few_shot_curve(
             if k == "all":
                 idx = np.arange(len(y))
             else:
-                rng = np.random.default_rng(config.seed + 1000 * d + int(k))
+                rng = np.random.default_rng([config.seed, d, int(k)])
                 idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: int(k)] for c in np.unique(y)])
             if len(np.unique(y[idx])) < 2:
                 continue
@@ -945,11 +949,8 @@ def few_shot_curve(
 
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:
     """Write a results JSON atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, allow_nan=False, default=_json_default))
-    tmp.replace(path)
-    return path
+    text = json.dumps(results, indent=2, allow_nan=False, default=_json_default)
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _json_default(obj: Any) -> Any:

@@ -236,7 +236,14 @@ def from_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    split_layout = bool(top) and all(p.name.lower() in _SPLIT_ALIASES for p in top)
+    split_named = [p.name for p in top if p.name.lower() in _SPLIT_ALIASES]
+    split_layout = bool(top) and len(split_named) == len(top)
+    if split_named and not split_layout:
+        others = [p.name for p in top if p.name.lower() not in _SPLIT_ALIASES]
+        raise ValueError(
+            f"{root} mixes split folders ({', '.join(split_named)}) with other folders ({', '.join(others[:5])}): "
+            "use either root/<class>/<image> or root/{train,val,test}/<class>/<image>, or a CSV manifest"
+        )
     groups = [(p, _SPLIT_ALIASES[p.name.lower()]) for p in top] if split_layout else [(root, "train")]
     ids, paths, labels, splits = [], [], [], []
     skipped = 0
@@ -328,10 +335,13 @@ def _materialise(target: Path, write) -> None:
     tmp.mkdir(parents=True)
     write(tmp)
     (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(target, ignore_errors=True)
+    if (target / ".complete").exists():  # another process finished first: never delete a complete copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover
     try:
         os.replace(tmp, target)
-    except OSError:  # another process finished first
+    except OSError:  # another process finished in between
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / ".complete").exists():
             raise

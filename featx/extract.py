@@ -9,6 +9,7 @@ images; an interrupted job resumes from the last written batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featx._env import cache_dir
+from featx._env import cache_dir, library_versions
 from featx._errors import ImageDecodeError, SpecMismatchError, unknown
 from featx._imageio import load_rgb, preprocess_uint8
 from featx.backbones import (
@@ -183,6 +184,10 @@ class _Embedder:
         self.amp = amp
         self.tta = tta
         self.channels_last = device.type in ("cuda", "cpu")
+        if device.type == "cuda" and amp == "none":
+            # float32 means float32: no TF32 matmuls, so a GPU store matches the CPU's numbers.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.model = model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -321,19 +326,24 @@ def extract(
     ExtractionResult
     """
     t0 = time.perf_counter()
+    if isinstance(layers, str):
+        layers = (layers,)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
     _check_options(batch_size, pool, dtype, tta, fingerprint, workers, max_pixels)
     limit = MaxFailures.parse(max_failures)
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
-    resolve_backbone(backbone)  # cheap name check before reading the source or loading weights
-    manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
+    resolve_backbone(backbone)  # cheap name check before loading weights
     net = load_backbone(backbone)
     if expect_weights_sha256 is not None and net.weights_sha256 != expect_weights_sha256:
         raise SpecMismatchError(
             f"the weights of {net.name} have checksum {net.weights_sha256[:16]}…, not the expected "
             f"{expect_weights_sha256[:16]}…: they changed since the features were made"
         )
-    feature_model = net.feature_model(list(layers), pool)
+    feature_model = net.feature_model(list(layers), pool)  # checks the layers
+    # Only now read the source: it may download a dataset or write thousands of PNG files.
+    manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
     spec = build_spec(net, layers, pool=pool, dtype=dtype, amp=amp, tta=tta, max_pixels=max_pixels)
     fp = manifest.fingerprint(fingerprint)
     key = cache_key(spec, fp)
@@ -422,6 +432,15 @@ def _cached_result(
     with FeatureStore(path) as store:
         failures = store.failures
         n_done = len(store.rows())
+        made_with = json.loads(store.attrs.get("versions", "{}"))
+    now = library_versions()
+    changed = [f"{k} {made_with.get(k)} → {now[k]}" for k in ("torch", "timm", "pillow") if made_with.get(k) != now[k]]
+    if changed:
+        log.warning(
+            "reusing %s, made with other library versions (%s); if that matters, re-extract with --overwrite",
+            path,
+            ", ".join(changed),
+        )
     return ExtractionResult(
         path=path,
         key=key,

@@ -64,7 +64,10 @@ def evaluate(
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "accuracy_ci95": [lo, hi],
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        # Over the classes present in the test labels or predictions: a class absent from both says nothing.
+        "macro_f1": float(
+            skm.f1_score(y_true, y_pred, labels=np.union1d(y_true, y_pred), average="macro", zero_division=0)
+        ),
         "top5_accuracy": None,
     }
     if scores is not None and len(class_names) > 5:

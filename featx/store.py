@@ -38,6 +38,7 @@ import numpy as np
 
 from featx._env import library_versions
 from featx._errors import IncompleteStoreError, SpecMismatchError, StoreLockedError, unknown
+from featx._io import atomic_write, fsync_dir
 from featx.data import SPLITS, Manifest
 from featx.spec import ExtractionSpec, canonical_json, spec_differences
 
@@ -107,25 +108,6 @@ class _Lock:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write_bytes(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    with tmp.open("wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-
-
 def read_key(path: str | Path) -> str | None:
     """The cache key of a complete store, or ``None`` if ``path`` is no complete featx store."""
     try:
@@ -243,7 +225,12 @@ class StoreWriter:
         }
         job_file = self.workdir / "job.json"
         if job_file.exists():
-            old = json.loads(job_file.read_text())
+            try:
+                old = json.loads(job_file.read_text())
+            except json.JSONDecodeError:
+                raise SpecMismatchError(
+                    f"{job_file} is damaged; pass --overwrite to discard the interrupted job and start afresh"
+                ) from None
             if old.get("key") != self.key:
                 if not self.overwrite:
                     diffs = spec_differences(old.get("spec", {}), job["spec"])
@@ -267,9 +254,9 @@ class StoreWriter:
             self._done[rows] = True
             self._failed.update(zip(fail_rows.tolist(), reasons.tolist(), strict=True))
             self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
-        for stale in self.workdir.glob(".*.tmp"):
+        for stale in [*self.workdir.glob(".*.tmp*"), *self.workdir.glob("assembling-*.h5")]:
             stale.unlink()
-        _atomic_write_bytes(job_file, lambda fh: fh.write(canonical_json(job).encode()))
+        atomic_write(job_file, lambda fh: fh.write(canonical_json(job).encode()))
         if self._done.any() or self._failed:
             log.info(
                 "resuming %s: %d rows already extracted, %d failed", self.path, self._done.sum(), len(self._failed)
@@ -315,7 +302,7 @@ class StoreWriter:
                 raise ValueError(f"layer {layer}: got {block.shape}, expected {(len(rows), self.dims[layer])}")
             arrays[f"f{i}"] = block
         target = self.workdir / f"part-{self._next_part:08d}.npz"
-        _atomic_write_bytes(target, lambda fh: np.savez(fh, **arrays))
+        atomic_write(target, lambda fh: np.savez(fh, **arrays))
         self._next_part += 1
         self._done[rows] = True
         self._failed.update((int(r), reason) for r, reason in failures)
@@ -326,13 +313,14 @@ class StoreWriter:
         missing = self.pending_rows()
         if len(missing):
             raise IncompleteStoreError(f"cannot finalise {self.path}: {len(missing)} rows were never extracted")
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        # Assembled inside the partial folder, so a kill during assembly leaves nothing beside the store.
+        tmp = self.workdir / f"assembling-{os.getpid()}.h5"
         try:
             self._assemble(tmp, stats or {})
             with tmp.open("rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -474,20 +462,27 @@ class FeatureStore:
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise ValueError(f"{self.path} is not a readable HDF5 file ({exc})") from exc
+            raise ValueError(
+                f"{self.path} is not a readable HDF5 file ({exc}); if it is a damaged store, delete it and run "
+                "the extraction again"
+            ) from exc
+        try:
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self) -> None:
         attrs = self._file.attrs
         if attrs.get("featx_format") != FORMAT_NAME:
-            self.close()
             raise ValueError(f"{self.path} is an HDF5 file but not a featx feature store")
         version = int(attrs.get("featx_format_version", 0))
         if version > FORMAT_VERSION:
-            self.close()
             raise ValueError(
                 f"{self.path} uses store format version {version}; this featx reads up to {FORMAT_VERSION}. "
                 "Upgrade featx to read it"
             )
         if not attrs.get("complete", False):
-            self.close()
             raise IncompleteStoreError(f"{self.path} was never completed; re-run the extraction that made it")
         self.attrs: dict[str, Any] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
         self.spec = ExtractionSpec.from_dict(json.loads(self.attrs["spec"]))
@@ -496,6 +491,9 @@ class FeatureStore:
         self.class_names: list[str] = [s.decode() if isinstance(s, bytes) else s for s in self._file["class_names"][:]]
         self._labels = self._file["labels"][:]
         self._split = self._file["split"][:]
+        # Codes as written in the file, so a future reordering of SPLITS cannot misread old stores.
+        codes = json.loads(self._file["split"].attrs.get("codes", canonical_json(SPLIT_CODES)))
+        self._codes: dict[str, int] = dict(sorted(codes.items(), key=lambda item: item[1]))
         self._done = self._file["done"][:]
 
     # -- context management
@@ -522,16 +520,16 @@ class FeatureStore:
     def splits(self) -> dict[str, int]:
         """Rows holding features per split."""
         return {
-            s: int(((self._split == c) & self._done).sum()) for s, c in SPLIT_CODES.items() if (self._split == c).any()
+            s: int(((self._split == c) & self._done).sum()) for s, c in self._codes.items() if (self._split == c).any()
         }
 
     def rows(self, split: str | None = None, include_failed: bool = False) -> np.ndarray:
         """Row indices of a split (all splits when ``None``)."""
         mask = np.ones(len(self), dtype=bool) if include_failed else self._done.copy()
         if split is not None:
-            if split not in SPLIT_CODES:
-                raise unknown("split", split, SPLIT_CODES, f"Splits are {', '.join(SPLITS)}.")
-            mask &= self._split == SPLIT_CODES[split]
+            if split not in self._codes:
+                raise unknown("split", split, self._codes, f"Splits are {', '.join(self._codes)}.")
+            mask &= self._split == self._codes[split]
         return np.flatnonzero(mask)
 
     def _layer(self, layer: str | None) -> str:

@@ -223,9 +223,7 @@ def test_list_backbones_has_builtins_and_torchvision():
     assert "DEFAULT" not in rows["torchvision:resnet50"].tags
     assert "timm:test_resnet" in rows
     assert {r.name for r in B.list_backbones(source="featx")} >= {"featx:efficientnet_lite0", TINY}
-    assert [r.name for r in B.list_backbones(source="torchvision", pattern="resnet1?")] == [
-        "torchvision:resnet18"
-    ]
+    assert [r.name for r in B.list_backbones(source="torchvision", pattern="resnet1?")] == ["torchvision:resnet18"]
     with pytest.raises(UnknownNameError, match="torchvision"):
         B.list_backbones(source="torchvison")
 
@@ -508,9 +506,7 @@ def test_checkpoint_errors(resnet18_ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------------------- pooling
 def test_pool_features_numerics():
-    t = torch.tensor(
-        [[[[1.0, 2.0], [3.0, 6.0]], [[-1.0, 0.0], [4.0, -3.0]]]], dtype=torch.float16
-    )  # [1, 2, 2, 2]
+    t = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]], [[-1.0, 0.0], [4.0, -3.0]]]], dtype=torch.float16)  # [1, 2, 2, 2]
     avg = B.pool_features(t, "avg")
     assert avg.dtype == torch.float32
     torch.testing.assert_close(avg, torch.tensor([[3.0, 0.0]]))
@@ -594,7 +590,10 @@ def test_feature_model_several_layers_in_one_pass(tiny, pool):
     torch.testing.assert_close(out["penultimate"], raw["global_pool"])
     c1, c2 = raw["blocks.1"].shape[1], raw["conv_head"].shape[1]
     expected = {
-        "avg": (c1, c2), "max": (c1, c2), "gem": (c1, c2), "avgmax": (2 * c1, 2 * c2),
+        "avg": (c1, c2),
+        "max": (c1, c2),
+        "gem": (c1, c2),
+        "avgmax": (2 * c1, 2 * c2),
         "none": (raw["blocks.1"][0].numel(), raw["conv_head"][0].numel()),
     }[pool]
     assert (out["blocks.1"].shape[1], out["conv_head"].shape[1]) == expected
@@ -664,3 +663,30 @@ def test_planted_pickle_in_the_torch_hub_cache_is_not_executed(no_download, tmp_
         B.load_backbone("torchvision:resnet18")
     assert not marker.exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the switch is restored afterwards
+
+
+class _NHWCNet(torch.nn.Module):
+    """A toy network whose stage output is [N, H, W, C], like Swin's stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+        self.fc = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        stage = self.conv(x).permute(0, 2, 3, 1)
+        return self.fc(stage.mean(dim=(1, 2)))
+
+
+def test_channels_last_stage_outputs_are_pooled_over_space():
+    pre = Preprocessing((32, 32), 32, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    net = B.Backbone("featx:nhwc", _NHWCNet().eval(), pre, "w", "0")
+    fm = net.feature_model(["permute", "penultimate"], "avg")
+    assert fm.channels_last == {"permute"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = fm(x)
+        expected = net.model.conv(x).mean(dim=(2, 3))
+    assert out["permute"].shape == (2, 6)
+    torch.testing.assert_close(out["permute"], expected)
+    torch.testing.assert_close(out["penultimate"], expected)

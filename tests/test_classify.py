@@ -329,3 +329,28 @@ def test_cli_out_of_core_flag(blobs, tmp_path):
     result = CliRunner().invoke(main, ["train", str(blobs), "-c", "sgd", "--out-of-core", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "o" / "results.json").read_text())["classifier"]["out_of_core"] is True
+
+
+def test_metrics_ignore_classes_absent_from_test_and_predictions():
+    m = evaluate(np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]), ["a", "b", "c"])
+    assert m["macro_f1"] == 1.0 and m["accuracy"] == 1.0
+
+
+def test_unseen_classes_get_finite_scores_and_top5_works(tmp_path):
+    from featx.classify import _expand_scores
+
+    scores = _expand_scores(np.array([[0.2, -1.0]]), np.array([0, 2]), 7)
+    assert np.isfinite(scores).all() and scores[0].argmax() == 0 and scores[0, 1] < -1.0
+    m = evaluate(np.array([0, 2]), np.array([0, 2]), [f"c{i}" for i in range(7)], scores=np.vstack([scores, scores]))
+    assert m["top5_accuracy"] == 1.0
+
+
+def test_knn_grid_larger_than_a_fold(tmp_path):
+    store = synthetic_store(tmp_path / "small.h5", per_class=8)
+    _, results = _train(store, classifier="knn", grid=(1.0, 50.0), cv=2)
+    assert results["test"]["accuracy"] > 0.5
+
+
+def test_out_of_core_refuses_class_weights(blobs):
+    with pytest.raises(ValueError, match="cannot weight classes"):
+        _train(blobs, classifier="sgd", out_of_core=True, class_weight="balanced")

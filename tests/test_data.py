@@ -157,3 +157,26 @@ def test_hymenoptera_manifest():
     m = load_source(SHARED_DATA / "hymenoptera")
     assert m.class_names == ["ants", "bees"]
     assert m.split_counts() == {"train": 245, "test": 153}
+
+
+def test_mixed_split_and_class_folders_are_refused(tmp_path):
+    make_image(tmp_path / "r" / "train" / "a" / "1.png", seed=1)
+    make_image(tmp_path / "r" / "extra" / "2.png", seed=2)
+    with pytest.raises(ValueError, match=r"mixes split folders \(train\) with other folders \(extra\)"):
+        from_folder(tmp_path / "r")
+
+
+def test_materialise_never_deletes_a_complete_copy(tmp_path):
+    from featx.data import _materialise
+
+    target = tmp_path / "gen"
+
+    def write(folder):
+        (folder / "x.txt").write_text("1")
+
+    _materialise(target, write)
+    inode = (target / "x.txt").stat().st_ino
+    (target / ".complete").unlink()
+    (target / ".complete").write_text("ok\n")
+    _materialise(target, lambda folder: (_ for _ in ()).throw(AssertionError("rewritten")))
+    assert (target / "x.txt").stat().st_ino == inode

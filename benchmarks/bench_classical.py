@@ -1,0 +1,112 @@
+"""Time featx's hyper-parameter search on cached features, against a plain GridSearchCV.
+
+Usage::
+
+    featx extract ../shared/data/cifar10 --out cifar10.h5          # once (see benchmarks/README.md)
+    python benchmarks/bench_classical.py cifar10.h5 --classifier logreg [--baseline] [--quick] [--jobs -1]
+
+Prints one Markdown table row per run, to be pasted into ``benchmarks/RESULTS.md`` with the machine line
+that it prints first. ``--quick`` uses 5,000 training images (seeded) so it finishes in minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import warnings
+
+import numpy as np
+
+
+def machine_line() -> str:
+    import sklearn
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (f"machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}; "
+            f"scikit-learn {sklearn.__version__}, torch {torch.__version__}, numpy {np.__version__}")
+
+
+def featx_search(store_path: str, classifier: str, jobs: int, rows: np.ndarray | None) -> dict:
+    from featx.classify import ClassifierConfig, _folds, build_pipeline, search
+    from featx.store import FeatureStore
+
+    config = ClassifierConfig(classifier=classifier)
+    preset = config.validate()
+    with FeatureStore(store_path) as store:
+        X, y = store.features(split="train", dtype=np.float32), store.labels("train")
+        Xt, yt = store.features(split="test", dtype=np.float32), store.labels("test")
+    if rows is not None:
+        X, y = X[rows], y[rows]
+    folds, scheme = _folds(y, np.array(["train"] * len(y)), config.cv, config.seed)
+    steps = config.steps(preset)
+    t0 = time.perf_counter()
+    result = search(build_pipeline(preset, preset.grid[0], steps), preset, preset.grid, X, y, folds, scheme, jobs)
+    search_s = time.perf_counter() - t0
+    final = build_pipeline(preset, result.best, steps)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final.fit(X, y)
+    refit_s = time.perf_counter() - t0
+    return {"what": f"featx {classifier} search ({scheme}, {len(preset.grid)} values)", "n": len(y),
+            "dims": X.shape[1], "search_s": search_s, "refit_s": refit_s, "best": result.best,
+            "test_accuracy": float((final.predict(Xt) == yt).mean())}
+
+
+def gridsearch_baseline(store_path: str, classifier: str, jobs: int, rows: np.ndarray | None) -> dict:
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from featx.classify import ClassifierConfig, build_pipeline, get_preset
+    from featx.store import FeatureStore
+
+    config = ClassifierConfig(classifier=classifier)
+    preset = get_preset(classifier)
+    with FeatureStore(store_path) as store:
+        X, y = store.features(split="train", dtype=np.float32), store.labels("train")
+        Xt, yt = store.features(split="test", dtype=np.float32), store.labels("test")
+    if rows is not None:
+        X, y = X[rows], y[rows]
+    pipe = build_pipeline(preset, preset.grid[0], config.steps(preset))
+    grid = GridSearchCV(pipe, {f"clf__{preset.param}": list(preset.grid)}, n_jobs=jobs,
+                        cv=StratifiedKFold(5, shuffle=True, random_state=0), refit=True)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grid.fit(X, y)
+    total = time.perf_counter() - t0
+    return {"what": f"plain GridSearchCV {classifier} (5-fold, {len(preset.grid)} values)", "n": len(y),
+            "dims": X.shape[1], "search_s": total - grid.refit_time_, "refit_s": grid.refit_time_,
+            "best": grid.best_params_[f"clf__{preset.param}"], "test_accuracy": float(grid.score(Xt, yt))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("store")
+    parser.add_argument("--classifier", default="logreg")
+    parser.add_argument("--jobs", type=int, default=-1)
+    parser.add_argument("--baseline", action="store_true", help="also time a plain GridSearchCV")
+    parser.add_argument("--quick", action="store_true", help="5,000 seeded training images only")
+    args = parser.parse_args()
+
+    from featx.store import FeatureStore
+
+    rows = None
+    if args.quick:
+        with FeatureStore(args.store) as store:
+            n = store.splits["train"]
+        rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, 5000), replace=False))
+    print(machine_line())
+    print("| run | train images × dims | search s | refit s | chosen | test accuracy |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    runs = [featx_search] + ([gridsearch_baseline] if args.baseline else [])
+    for run in runs:
+        r = run(args.store, args.classifier, args.jobs, rows)
+        print(f"| {r['what']} | {r['n']} × {r['dims']} | {r['search_s']:.1f} | {r['refit_s']:.1f} | "
+              f"{r['best']:g} | {r['test_accuracy']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
