@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from featx._errors import UnknownNameError, unknown
-from featx.spec import POOLS, Preprocessing
+from featx.spec import DEFAULT_BACKBONE, POOLS, Preprocessing
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -53,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "featx:efficientnet_lite0"
 PENULTIMATE = "penultimate"
 SOURCES = ("torchvision", "timm", "featx", "file")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")

@@ -13,7 +13,7 @@ import sys
 import click
 
 from featx import __version__
-from featx.spec import DEFAULT_MAX_PIXELS
+from featx.spec import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS, POOLS
 
 EXIT_TOO_MANY_FAILURES = 3
 EXIT_INTERRUPTED = 130
@@ -55,7 +55,7 @@ def _validate_max_failures(ctx, param, value):
 @click.option(
     "--backbone",
     "-b",
-    default="featx:efficientnet_lite0",
+    default=DEFAULT_BACKBONE,
     show_default=True,
     help="SOURCE:NAME[.TAG], e.g. torchvision:resnet50.IMAGENET1K_V2, timm:convnext_tiny, file:resnet50=ckpt.pt.",
 )
@@ -70,7 +70,7 @@ def _validate_max_failures(ctx, param, value):
 )
 @click.option(
     "--pool",
-    type=click.Choice(["avg", "max", "avgmax", "gem", "none"]),
+    type=click.Choice(POOLS),
     default="avg",
     show_default=True,
     help="Pooling of spatial feature maps.",
@@ -540,7 +540,14 @@ def evaluate(store, model_path, split, trust, out) -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "-m", "model_path", type=click.Path(dir_okay=False), required=True)
+@click.option(
+    "--model",
+    "-m",
+    "model_path",
+    type=click.Path(),
+    required=True,
+    help="A model.skops from `featx train`, or a `featx finetune --out` folder.",
+)
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -549,12 +556,19 @@ def evaluate(store, model_path, split, trust, out) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def predict(images, model_path, top_k, device, batch_size, trust, as_json) -> None:
-    """Classify IMAGES end to end: the model's backbone is rebuilt from its recorded spec."""
+    """Classify IMAGES end to end: the backbone is rebuilt from the model's record (f then g, or f')."""
+    from pathlib import Path
+
     from featx.classify import load_model, predict_images
 
     try:
-        model = load_model(model_path, trust=trust)
-        predictions = predict_images(list(images), model, top_k=top_k, device=device, batch_size=batch_size)
+        if Path(model_path).is_dir():  # a `featx finetune --out` folder
+            from featx.finetune import predict_finetuned
+
+            predictions = predict_finetuned(list(images), model_path, top_k=top_k, device=device, batch_size=batch_size)
+        else:
+            model = load_model(model_path, trust=trust)
+            predictions = predict_images(list(images), model, top_k=top_k, device=device, batch_size=batch_size)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
     failed = 0
@@ -572,6 +586,145 @@ def predict(images, model_path, top_k, device, batch_size, trust, as_json) -> No
     if failed:
         click.secho(f"{failed} of {len(predictions)} images could not be read", fg="yellow", err=True)
         sys.exit(EXIT_TOO_MANY_FAILURES)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True)
+@click.option(
+    "--phases",
+    default="head:3:1e-3,top2:5:1e-4,all:5:1e-5",
+    show_default=True,
+    help="FREEZE:EPOCHS:LR,… with FREEZE = head, topK or all; or a .toml file of [[phase]] tables.",
+)
+@click.option(
+    "--init-head",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="LP-FT: start the head from a `featx train -c logreg` model.skops on this backbone's features.",
+)
+@click.option("--trust", is_flag=True, help="Trust --init-head files holding types that could run code.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option(
+    "--clip-grad", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Max grad norm (0: off)."
+)
+@click.option(
+    "--backbone-lr-mult",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="The backbone's learning rate relative to the head's.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Share of each phase's steps spent warming up.",
+)
+@click.option("--hidden", default="", help="Hidden sizes of an MLP head, e.g. 512,256 [default: linear head].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=None, help="End a phase after N epochs without gain.")
+@click.option("--metric", type=click.Choice(["val_accuracy", "val_loss"]), default="val_accuracy", show_default=True)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Share of train used for validation when the source has no val split.",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Start afresh if --out holds a run with other settings.")
+@click.option("--no-progress", is_flag=True)
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True)
+def finetune(
+    source,
+    backbone,
+    phases,
+    init_head,
+    trust,
+    batch_size,
+    optimizer,
+    weight_decay,
+    label_smoothing,
+    clip_grad,
+    backbone_lr_mult,
+    warmup,
+    hidden,
+    dropout,
+    patience,
+    metric,
+    val_fraction,
+    device,
+    amp,
+    workers,
+    seed,
+    overwrite,
+    no_progress,
+    out_dir,
+) -> None:
+    """Fine-tune a backbone on SOURCE in phases; resumable; tested on the same split as `featx train`."""
+    from featx.finetune import FinetuneConfig, parse_phases
+    from featx.finetune import finetune as run_finetune
+
+    try:
+        try:
+            hidden_sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
+        except ValueError:
+            raise ValueError(f"--hidden {hidden!r}: give comma-separated layer sizes, e.g. 512,256") from None
+        config = FinetuneConfig(
+            phases=tuple(parse_phases(phases)),
+            batch_size=batch_size,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            label_smoothing=label_smoothing,
+            clip_grad=clip_grad,
+            backbone_lr_mult=backbone_lr_mult,
+            warmup=warmup,
+            hidden=hidden_sizes,
+            dropout=dropout,
+            patience=patience,
+            metric=metric,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
+        results = run_finetune(
+            source,
+            backbone,
+            config,
+            out_dir,
+            init_head=init_head,
+            trust=trust,
+            device=device,
+            amp=amp,
+            workers=workers,
+            overwrite=overwrite,
+            progress=not no_progress,
+        )
+    except KeyboardInterrupt:
+        click.secho(
+            "interrupted: the last epoch's checkpoint is kept; run the same command again to resume.",
+            fg="yellow",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    for c in results["curves"]:
+        click.echo(
+            f"  epoch {c['epoch']:>3} {c['freeze']:>5}: train loss {c['train_loss']:.4f}, val accuracy "
+            f"{c['val_accuracy']:.4f}, {c['images_per_second']:.1f} images/s"
+        )
+    click.echo(f"best epoch {results['best_epoch']}")
+    if results["test"]:
+        _print_metrics(results["test"])
+    click.echo(f"wrote {out_dir}/model.safetensors, finetune.json and results.json")
 
 
 if __name__ == "__main__":  # pragma: no cover

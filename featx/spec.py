@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "AMP_MODES",
+    "DEFAULT_BACKBONE",
     "DEFAULT_MAX_PIXELS",
     "DTYPES",
     "EXTRACTOR_VERSION",
@@ -32,6 +33,9 @@ __all__ = [
 #: Bumped whenever a code change alters the numbers extraction produces (decoding, resizing, pooling).
 #: It is part of every cache key, so stores made by older code are never silently reused.
 EXTRACTOR_VERSION = 1
+
+#: The offline built-in backbone, used when none is named.
+DEFAULT_BACKBONE = "featx:efficientnet_lite0"
 
 #: Images above this many pixels are refused before decoding (decompression-bomb guard; Pillow's own limit).
 DEFAULT_MAX_PIXELS = 89_478_485

@@ -1,0 +1,379 @@
+"""Fine-tuning: phases, freezing, frozen BatchNorm statistics, schedules, LP-FT, crash-safe resume, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY, make_image
+from safetensors.torch import load_file
+
+import featx.backbones as B
+from featx._errors import SpecMismatchError, UnknownNameError
+from featx.cli import main
+from featx.finetune import (
+    FinetuneConfig,
+    Phase,
+    _set_trainable,
+    _train_mode,
+    block_names,
+    finetune,
+    head_from_logreg,
+    parse_phases,
+)
+from featx.spec import Preprocessing
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """3 classes × 10 images with a class-dependent colour, so a network can learn something."""
+    root = tmp_path / "data"
+    for c, name in enumerate(("red", "green", "blue")):
+        for i in range(10):
+            rng = np.random.default_rng(100 * c + i)
+            arr = rng.integers(0, 80, size=(40, 48, 3), dtype=np.uint8)
+            arr[..., c] += 170
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            Image.fromarray(arr).save(path)
+    return root
+
+
+def _config(phases="head:1:1e-2", **kw) -> FinetuneConfig:
+    return FinetuneConfig(phases=tuple(parse_phases(phases)), batch_size=8, **kw)
+
+
+# -------------------------------------------------------------------------------------------- phases
+def test_parse_phases_strings_and_toml(tmp_path):
+    assert parse_phases("head:3:1e-3,top2:5:1e-4,all:5:1e-5") == [
+        Phase("head", 3, 1e-3),
+        Phase("top2", 5, 1e-4),
+        Phase("all", 5, 1e-5),
+    ]
+    (tmp_path / "p.toml").write_text('[[phase]]\nfreeze = "head"\nepochs = 2\nlr = 0.01\n')
+    assert parse_phases(tmp_path / "p.toml") == [Phase("head", 2, 0.01)]
+    for bad, message in [
+        ("head:3", "FREEZE:EPOCHS:LR"),
+        ("top0:1:1e-3", "use head, topK"),
+        ("some:1:1e-3", "FREEZE:EPOCHS:LR"),
+        ("head:0:1e-3", "at least one epoch"),
+        ("head:1:0", "positive learning rate"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_phases(bad)
+    (tmp_path / "bad.toml").write_text('[[phase]]\nfreeze = "head"\nepochs = 2\n')
+    with pytest.raises(ValueError, match="exactly freeze, epochs and lr"):
+        parse_phases(tmp_path / "bad.toml")
+
+
+def test_blocks_per_family():
+    import torchvision
+
+    tiny = B.load_backbone(TINY)
+    blocks = block_names(tiny)
+    assert len(blocks) >= 4 and blocks[0][0].startswith("conv_stem")
+    assert not any(n.startswith("classifier") for b in blocks for n in b)
+    pre = Preprocessing((64, 64), 72, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    resnet = B.Backbone("torchvision:resnet18", torchvision.models.resnet18(num_classes=3), pre, "w", "0")
+    assert [b[0].split(".")[0] for b in block_names(resnet)] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    vgg = B.Backbone("torchvision:vgg11", torchvision.models.vgg11(num_classes=3), pre, "w", "0")
+    vgg_blocks = [b[0] for b in block_names(vgg)]
+    assert "classifier.0.weight" in vgg_blocks and "classifier.3.weight" in vgg_blocks  # fc6, fc7 are blocks
+    assert not any(n.startswith("classifier.6") for b in block_names(vgg) for n in b)
+
+
+def test_phase_freezing_and_frozen_batchnorm():
+    net = B.load_backbone(TINY)
+    blocks = block_names(net)
+    head = net.classifier_name()
+    model = net.model
+    trainable = _set_trainable(model, blocks, head, Phase("head", 1, 1e-3))
+    assert trainable == {f"{head}.weight", f"{head}.bias"}
+    trainable = _set_trainable(model, blocks, head, Phase("top2", 1, 1e-3))
+    assert trainable == {*blocks[-1], *blocks[-2], f"{head}.weight", f"{head}.bias"}
+    _train_mode(model)
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for name, bn in bns.items():
+        frozen = not any(p.requires_grad for p in bn.parameters())
+        assert bn.training is not frozen, name
+    with pytest.raises(UnknownNameError, match=f"only {len(blocks)} blocks"):
+        _set_trainable(model, blocks, head, Phase(f"top{len(blocks) + 1}", 1, 1e-3))
+
+
+def test_frozen_parameters_and_bn_statistics_do_not_move(folder, tmp_path):
+    before = {k: v.clone() for k, v in B.load_backbone(TINY).model.state_dict().items()}
+    finetune(folder, TINY, _config("top1:2:5e-2"), tmp_path / "ft", workers=0, progress=False)
+    after = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    blocks = block_names(B.load_backbone(TINY))
+    last = set(blocks[-1])
+    last_modules = {n.rsplit(".", 1)[0] for n in last}
+    moved = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    assert moved, "the last block must train"
+    for key in moved:  # only the last block (params and its BN statistics) and the head change
+        assert key.rsplit(".", 1)[0] in last_modules or key.startswith("classifier"), key
+    frozen_stats = [k for k in before if k.endswith("running_mean") and k.rsplit(".", 1)[0] not in last_modules]
+    assert frozen_stats and all(torch.equal(before[k], after[k]) for k in frozen_stats)
+
+
+def test_phase_transitions_change_rates_and_curves(folder, tmp_path):
+    results = finetune(
+        folder,
+        TINY,
+        _config("head:1:1e-2,top2:1:1e-3,all:1:1e-4", backbone_lr_mult=0.1, warmup=0.0),
+        tmp_path / "ft",
+        workers=0,
+        progress=False,
+    )
+    curves = results["curves"]
+    assert [c["freeze"] for c in curves] == ["head", "top2", "all"]
+    assert curves[0]["lr_backbone"] is None
+    for c, peak in zip(curves[1:], (1e-3, 1e-4), strict=True):
+        assert c["lr_head"] <= peak and c["lr_backbone"] == pytest.approx(0.1 * c["lr_head"])
+    assert all(c["images_per_second"] > 0 for c in curves)
+    assert results["test"]["n"] == 6 and set(results["test"]) >= {"accuracy", "accuracy_ci95", "macro_f1"}
+    assert results["kind"] == "finetune" and results["method"].startswith("finetune[head→top2→all]")
+    assert "carved from train" in results["val_policy"]
+
+
+def test_schedule_warms_up_then_decays():
+    from featx.finetune import _lr_lambda
+
+    f = _lr_lambda(total_steps=100, warmup_steps=10)
+    values = [f(s) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
+    assert values[-1] < 0.01
+
+
+def test_errors_before_training(folder, tmp_path):
+    one = tmp_path / "one"
+    make_image(one / "only" / "a.png", seed=1)
+    make_image(one / "only" / "b.png", seed=2)
+    with pytest.raises(ValueError, match="fewer than two classes"):
+        finetune(one, TINY, _config(), tmp_path / "x", workers=0, progress=False)
+    with pytest.raises(UnknownNameError, match="blocks, so use top1"):
+        finetune(folder, TINY, _config("top99:1:1e-3"), tmp_path / "x", workers=0, progress=False)
+    finetune(folder, TINY, _config(), tmp_path / "ft", workers=0, progress=False)
+    with pytest.raises(SpecMismatchError, match="--overwrite"):
+        finetune(folder, TINY, _config("head:2:1e-2"), tmp_path / "ft", workers=0, progress=False)
+    finetune(folder, TINY, _config("head:2:1e-2"), tmp_path / "ft", workers=0, progress=False, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------- LP-FT
+@pytest.mark.parametrize("preprocess", [(), ("standard",)])
+def test_lp_ft_head_is_exactly_the_logistic_regression(folder, tmp_path, preprocess):
+    from featx.classify import ClassifierConfig, train
+    from featx.extract import extract
+
+    store = extract(folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False).path
+    model, _ = train(
+        store, ClassifierConfig(classifier="logreg", value=1.0, preprocess=preprocess), out_dir=tmp_path / "lr"
+    )
+    net = B.load_backbone(TINY)
+    W, b = head_from_logreg(tmp_path / "lr" / "model.skops", net, model.class_names)
+    clf = model.pipeline.steps[-1][1]
+    if not preprocess:
+        np.testing.assert_array_equal(W.numpy(), clf.coef_.astype(np.float32))
+        np.testing.assert_array_equal(b.numpy(), clf.intercept_.astype(np.float32))
+    import featx.store
+
+    with featx.store.open(store) as s:
+        X = s.features()
+    np.testing.assert_allclose(X @ W.numpy().T + b.numpy(), model.pipeline.decision_function(X), rtol=1e-4, atol=1e-4)
+
+    # finetune starts from it: with a vanishing learning rate the saved head is that regression.
+    results = finetune(
+        folder,
+        TINY,
+        _config("head:1:1e-12", weight_decay=0.0),
+        tmp_path / "ft",
+        init_head=tmp_path / "lr" / "model.skops",
+        workers=0,
+        progress=False,
+    )
+    saved = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    torch.testing.assert_close(saved["classifier.weight"], W, rtol=0, atol=1e-6)
+    assert results["method"].startswith("lp-ft[head]")
+
+
+def test_lp_ft_refuses_unfoldable_or_foreign_models(folder, tmp_path):
+    from featx.classify import ClassifierConfig, train
+    from featx.extract import extract
+
+    store = extract(folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False).path
+    train(store, ClassifierConfig(classifier="logreg", value=1.0, preprocess=("l2",)), out_dir=tmp_path / "l2")
+    train(store, ClassifierConfig(classifier="svm", value=1.0), out_dir=tmp_path / "svm")
+    net = B.load_backbone(TINY)
+    names = ["blue", "green", "red"]
+    with pytest.raises(ValueError, match="cannot be folded"):
+        head_from_logreg(tmp_path / "l2" / "model.skops", net, names)
+    with pytest.raises(ValueError, match="logistic regression"):
+        head_from_logreg(tmp_path / "svm" / "model.skops", net, names)
+    other = B.Backbone("featx:other", net.model, net.preprocessing, "w", "1" * 64)
+    with pytest.raises(SpecMismatchError, match="train it on a store of this backbone"):
+        head_from_logreg(tmp_path / "l2" / "model.skops", other, names)
+
+
+# --------------------------------------------------------------------------------------------- resume
+_SLOW_FINETUNE = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import conftest  # registers featx:tiny_test
+    import torch
+    original = torch.optim.SGD.step
+    def slow_step(self, *a, **k):
+        time.sleep(0.05)
+        return original(self, *a, **k)
+    torch.optim.SGD.step = slow_step
+    from featx.cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_same_weights(folder, tmp_path):
+    args = [
+        "finetune",
+        str(folder),
+        "--backbone",
+        TINY,
+        "--phases",
+        "head:1:1e-2,all:3:1e-3",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_FINETUNE.format(tests=str(TESTS)))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until epoch 2 (the second checkpoint) is on disk
+        ckpt = out / "checkpoint.pt"
+        if ckpt.exists():
+            try:
+                if len(torch.load(ckpt, weights_only=True)["curves"]) >= 2:
+                    break
+            except Exception:
+                pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 2 <= len(state["curves"]) < 4
+
+    runner = CliRunner()
+    resumed = runner.invoke(main, [*args, "--out", str(out)], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    reference = runner.invoke(main, [*args, "--out", str(tmp_path / "reference")], catch_exceptions=False)
+    assert reference.exit_code == 0
+    a = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ra = json.loads((out / "results.json").read_text())
+    rb = json.loads((tmp_path / "reference" / "results.json").read_text())
+    assert [c["val_loss"] for c in ra["curves"]] == [c["val_loss"] for c in rb["curves"]]
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_finetune_predict_and_extract_from_the_finetuned_network(folder, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "ft"
+    result = runner.invoke(
+        main,
+        [
+            "finetune",
+            str(folder),
+            "--backbone",
+            TINY,
+            "--phases",
+            "head:2:5e-2,all:1:1e-2",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "best epoch" in result.output and "accuracy" in result.output
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["class_names"] == ["blue", "green", "red"] and meta["extract_with"].startswith("file:timm:")
+
+    image = folder / "red" / "3.png"
+    predicted = runner.invoke(main, ["predict", str(image), "--model", str(out), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    line = json.loads(predicted.output.splitlines()[-1])
+    assert line["class"] in meta["class_names"] and abs(sum(s for _, s in line["top_k"]) - 1) < 1e-4
+
+    extracted = runner.invoke(
+        main,
+        [
+            "extract",
+            str(folder),
+            "--backbone",
+            meta["extract_with"],
+            "--workers",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "ft.h5"),
+        ],
+    )
+    assert extracted.exit_code == 0, extracted.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--phases", "head:1"], "FREEZE:EPOCHS:LR"),
+        (["--hidden", "a,b"], "comma-separated layer sizes"),
+        (["--optimizer", "lion"], "lion"),
+    ],
+)
+def test_cli_finetune_validates_options(folder, tmp_path, args, message):
+    result = CliRunner().invoke(
+        main, ["finetune", str(folder), "--backbone", TINY, *args, "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code != 0 and message in result.output
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_hymenoptera_finetune_on_cpu(tmp_path):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "hymenoptera").is_dir():
+        pytest.skip("../shared/data/hymenoptera not present")
+    config = FinetuneConfig(phases=tuple(parse_phases("head:1:1e-2,top1:1:1e-3")), batch_size=32)
+    results = finetune(SHARED_DATA / "hymenoptera", "featx:efficientnet_lite0", config, tmp_path / "ft", progress=False)
+    assert results["test"]["n"] == 153 and results["test"]["accuracy"] > 0.85
