@@ -6,7 +6,8 @@ Sources
 - a CSV/TSV manifest with a header ``path,label[,split]`` (paths relative to the manifest);
 - a ``.txt`` list of image paths, one per line (unlabeled, for prediction);
 - ``digits``: scikit-learn's 8×8 handwritten digits, the embedded demo (written once as PNGs to the cache);
-- ``torchvision:NAME``: a torchvision dataset (downloaded on machines with internet, then written as PNGs).
+- ``torchvision:NAME``: a torchvision dataset (downloaded on machines with internet, then written as PNGs);
+- a ``.tar``/``.tar.gz``/``.zip`` archive of an image folder (unpacked once into the cache).
 
 Every labeled manifest has a test split. When the source brings none, its ``val`` split becomes the
 held-out test split; with no ``val`` either, a seeded, stratified share of the training images is
@@ -39,6 +40,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
     "Manifest",
+    "from_archive",
     "from_csv",
     "from_digits",
     "from_files",
@@ -61,10 +63,11 @@ _SPLIT_ALIASES = {
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
 FINGERPRINT_MODES = ("stat", "content")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 DEFAULT_TEST_FRACTION = 0.2
 _SOURCE_HINT = (
-    "A SOURCE is an image folder, a .csv/.tsv manifest (path,label[,split]), a .txt list of image paths, "
-    "'digits', or 'torchvision:NAME'."
+    "A SOURCE is an image folder, a .tar/.tar.gz/.zip of one, a .csv/.tsv manifest (path,label[,split]), "
+    "a .txt list of image paths, 'digits', or 'torchvision:NAME'."
 )
 
 
@@ -460,6 +463,52 @@ def from_torchvision(
     return manifest
 
 
+def from_archive(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+    """A ``.tar``/``.tar.gz``/``.tgz``/``.zip`` of an image folder, unpacked once into the cache.
+
+    The unpacked copy is keyed by the archive's name, size and modification time; members that would land
+    outside it (absolute paths, ``..``, links) are refused. An archive holding a single top folder is read
+    from inside that folder.
+    """
+    import tarfile
+    import zipfile
+
+    path = Path(path).expanduser().resolve()
+    st = path.stat()
+    digest = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "sources" / f"archive-{path.name.split('.')[0]}-{digest}"
+
+    def write(folder: Path) -> None:
+        if path.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                for member in zf.namelist():
+                    dest = (folder / member).resolve()
+                    if not dest.is_relative_to(folder.resolve()):
+                        raise ValueError(f"{path}: member {member!r} would be written outside the unpack folder")
+                zf.extractall(folder)
+        else:
+            with tarfile.open(path) as tf:
+                if hasattr(tarfile, "data_filter"):  # refuses absolute paths, '..' and links leading outside
+                    tf.extractall(folder, filter="data")
+                    return
+                for member in tf.getmembers():  # Pythons without extraction filters
+                    dest = (folder / member.name).resolve()
+                    if not dest.is_relative_to(folder.resolve()) or member.issym() or member.islnk():
+                        raise ValueError(f"{path}: member {member.name!r} is not a plain file inside the archive")
+                tf.extractall(folder)
+
+    _materialise(target, write)
+    entries = [p for p in target.iterdir() if not p.name.startswith(".")]
+    root = (
+        entries[0]
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in _SPLIT_ALIASES
+        else target
+    )
+    manifest = from_folder(root, seed=seed, test_fraction=test_fraction)
+    manifest.source = f"archive:{path}"
+    return manifest
+
+
 def load_source(source: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
     """Build a manifest from any source featx understands (see the module docstring).
 
@@ -478,6 +527,8 @@ def load_source(source: str | Path, *, seed: int = 0, test_fraction: float = DEF
     path = Path(text).expanduser()
     if path.is_dir():
         return from_folder(path, seed=seed, test_fraction=test_fraction)
+    if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        return from_archive(path, seed=seed, test_fraction=test_fraction)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv"):

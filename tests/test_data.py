@@ -180,3 +180,25 @@ def test_materialise_never_deletes_a_complete_copy(tmp_path):
     (target / ".complete").write_text("ok\n")
     _materialise(target, lambda folder: (_ for _ in ()).throw(AssertionError("rewritten")))
     assert (target / "x.txt").stat().st_ino == inode
+
+
+def test_archives_are_unpacked_once_and_safely(tmp_path, image_folder):
+    import tarfile
+
+    archive = tmp_path / "pets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(image_folder, arcname="pets")
+    m = load_source(archive)
+    assert m.class_names == ["cat", "dog", "emu"] and len(m) == 18 and m.source == f"archive:{archive}"
+    assert load_source(archive).fingerprint() == m.fingerprint()
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tf:
+        info = tarfile.TarInfo("../outside.png")
+        data = (image_folder / "cat" / "00.png").read_bytes()
+        info.size = len(data)
+        import io
+
+        tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(Exception, match="outside|not a plain file|path"):
+        load_source(evil)
+    assert not (tmp_path / "outside.png").exists()
