@@ -727,5 +727,80 @@ def finetune(
     click.echo(f"wrote {out_dir}/model.safetensors, finetune.json and results.json")
 
 
+def _set_vars(ctx, param, value):
+    out = {}
+    for item in value:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: write NAME=VALUE, e.g. data=/datasets")
+        out[key] = raw
+    return out
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, callback=_set_vars, help="Set a [vars] value: NAME=VALUE.")
+@click.option("--only", multiple=True, help="Run only tasks or cells matching this pattern (and what they need).")
+@click.option("--force", is_flag=True, help="Redo the selected cells even when their results are cached.")
+@click.option("--dry-run", is_flag=True, help="Print the plan: what is cached and what would run.")
+@click.option("--no-progress", is_flag=True)
+def run(pipeline, overrides, only, force, dry_run, no_progress) -> None:
+    """Run a pipeline (datasets × backbones × classifiers, + fine-tuning) as a cached, resumable batch job."""
+    from featx.pipeline import load_job
+    from featx.pipeline import run as run_job
+
+    try:
+        job = load_job(pipeline, overrides)
+        summary = run_job(job, only=only, force=force, dry_run=dry_run, progress=not no_progress)
+    except KeyboardInterrupt:
+        click.secho(
+            "interrupted: finished cells, extracted batches and fine-tuning checkpoints are kept; run the "
+            "same command again to resume.",
+            fg="yellow",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    for task in summary.tasks:
+        note = f"  ({task.message})" if task.message else ""
+        click.echo(f"{task.status:>8}  {task.id}{note}")
+    counts = ", ".join(
+        f"{summary.count(s)} {s}" for s in ("done", "cached", "planned", "failed", "skipped") if summary.count(s)
+    )
+    click.echo(f"{job.name}: {counts} in {summary.seconds:.1f} s; log: {job.out / 'run.log'}")
+    if not dry_run:
+        _compare(job.out)
+    if summary.failed:
+        sys.exit(1)
+
+
+def _compare(out_dir) -> None:
+    from featx.report import collect, format_table, write_report
+
+    try:
+        rows = collect(out_dir)
+    except FileNotFoundError as exc:
+        click.echo(str(exc), err=True)
+        return
+    click.echo("")
+    click.echo(format_table(rows))
+    paths = write_report(out_dir)
+    click.echo(f"\nreport: {paths['markdown']} and {paths['html']} (plots in {paths['plots']})")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def compare(out_dir) -> None:
+    """Compare every result under OUT_DIR side by side; write report.md, report.html and plots."""
+    try:
+        from featx.report import collect
+
+        collect(out_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    _compare(out_dir)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

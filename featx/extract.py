@@ -134,6 +134,7 @@ class ExtractionResult:
     device: str = "cpu"
     failures: list[Failure] = field(default_factory=list)
     max_failures: MaxFailures = field(default_factory=MaxFailures)
+    dry_run: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -273,6 +274,7 @@ def extract(
     progress: bool = True,
     expect_weights_sha256: str | None = None,
     store_dir: str | Path | None = None,
+    dry_run: bool = False,
 ) -> ExtractionResult:
     """Embed every image of a source with a frozen backbone into an HDF5 feature store.
 
@@ -320,6 +322,9 @@ def extract(
         re-extracting for a trained classifier and the weights behind a tag have changed.
     store_dir : str or Path, optional
         Folder for stores named by their key when ``out`` is not given; by default ``<cache>/stores``.
+    dry_run : bool, default=False
+        Resolve everything (weights, source, key, path) but extract nothing; the result says whether the
+        store is already there (``cached``).
 
     Returns
     -------
@@ -350,6 +355,19 @@ def extract(
     path = Path(out).expanduser() if out is not None else default_store_path(key, store_dir)
     if read_key(path) == key:
         return _cached_result(path, key, spec, manifest, t0, limit)
+    if dry_run:  # the plan only: which store, and that it is not there yet
+        return ExtractionResult(
+            path=path,
+            key=key,
+            spec=spec,
+            cached=False,
+            n_images=len(manifest),
+            n_done=0,
+            n_failed=0,
+            seconds=time.perf_counter() - t0,
+            max_failures=limit,
+            dry_run=True,
+        )
 
     dims = feature_dims(feature_model, net.preprocessing)
     _warn_pool_without_effect(feature_model, net.preprocessing, pool)

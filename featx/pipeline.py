@@ -1,0 +1,713 @@
+"""Batch jobs: a TOML file declares datasets × backbones × classifiers (+ fine-tuning); ``run`` executes the grid.
+
+Extraction happens once per (dataset, backbone) and is reused by every classifier on it; every cell's result
+is cached under its configuration hash (which includes the store's key) and skipped when present. A failing
+cell is recorded and the others go on; an interrupted run resumes (stores and fine-tuning checkpoint as they
+go). The file is validated up front, with the line of each problem, before any model is loaded.
+
+Example::
+
+    [job]
+    name = "quickstart"
+    out = "runs/quickstart"
+    seed = 0
+
+    [vars]                      # ${data} below; override with `featx run JOB --set data=/elsewhere`
+    data = "../shared/data"
+
+    [[datasets]]
+    name = "digits"
+    source = "digits"
+
+    [[backbones]]
+    name = "lite0"
+    backbone = "featx:efficientnet_lite0"
+    layers = ["penultimate"]
+
+    [[classifiers]]
+    name = "svm"
+    classifier = "svm"
+
+    [[finetune]]
+    name = "finetune"
+    backbone = "lite0"          # a [[backbones]] name, or a backbone
+    phases = "head:1:1e-3"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import logging
+import re
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featx.spec import DEFAULT_BACKBONE, canonical_json
+
+__all__ = ["Job", "JobError", "RunSummary", "load_job", "plan", "run"]
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class JobError(ValueError):
+    """A pipeline file that does not validate; the message names the file, line and fix."""
+
+
+# ---------------------------------------------------------------------------------------------- schema
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    source: str
+    test_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    backbone: str = DEFAULT_BACKBONE
+    layers: tuple[str, ...] = ("penultimate",)
+    pool: str = "avg"
+    dtype: str = "float32"
+    tta: str = "none"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    name: str
+    classifier: str = "svm"
+    value: float | str = "auto"
+    grid: tuple[float, ...] | None = None
+    preprocess: tuple[str, ...] | None = None
+    cv: int = 5
+    class_weight: str | None = None
+    scoring: str = "accuracy"
+    params: tuple[tuple[str, Any], ...] = ()
+    layers: tuple[str, ...] | None = None  # None: every layer of each store
+    shots: tuple[Any, ...] | None = None
+    draws: int = 5
+    out_of_core: bool = False
+    backbones: tuple[str, ...] | None = None  # None: every backbone
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    name: str
+    backbone: str = DEFAULT_BACKBONE
+    phases: str = "head:3:1e-3,top2:5:1e-4,all:5:1e-5"
+    init_head: str | None = None  # a [[classifiers]] name (a logreg) for LP-FT
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    clip_grad: float = 0.0
+    backbone_lr_mult: float = 1.0
+    warmup: float = 0.1
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+    patience: int | None = None
+    metric: str = "val_accuracy"
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated pipeline: what to run and where to write it."""
+
+    name: str
+    out: Path
+    seed: int
+    datasets: tuple[DatasetSpec, ...]
+    backbones: tuple[BackboneSpec, ...]
+    classifiers: tuple[ClassifierSpec, ...] = ()
+    finetune: tuple[FinetuneSpec, ...] = ()
+    device: str = "auto"
+    workers: int | None = None
+    source_file: Path | None = None
+
+
+_TABLES = {"datasets": DatasetSpec, "backbones": BackboneSpec, "classifiers": ClassifierSpec, "finetune": FinetuneSpec}
+_JOB_KEYS = {"name", "out", "seed", "device", "workers"}
+
+
+def _locate(text: str, table: str | None, index: int | None, key: str | None) -> int | None:
+    """The 1-based line of ``key`` in the ``index``-th ``[[table]]`` (or ``[table]``), for error messages."""
+    lines = text.splitlines()
+    start, end = 0, len(lines)
+    if table is not None:
+        headers = [
+            i for i, ln in enumerate(lines) if re.match(rf"^\s*\[\[?\s*{re.escape(table)}\s*\]\]?\s*(#.*)?$", ln)
+        ]
+        if not headers:
+            return None
+        start = headers[min(index or 0, len(headers) - 1)]
+        following = [i for i, ln in enumerate(lines) if i > start and re.match(r"^\s*\[", ln)]
+        end = following[0] if following else len(lines)
+        if key is None:
+            return start + 1
+    for i in range(start, end):
+        if key is not None and re.match(rf"^\s*{re.escape(key)}\s*=", lines[i]):
+            return i + 1
+    return start + 1 if table is not None else None
+
+
+def _substitute(value: Any, variables: dict[str, str], where: str) -> Any:
+    if isinstance(value, str):
+
+        def repl(m: re.Match) -> str:
+            if m.group(1) not in variables:
+                raise JobError(
+                    f"{where}: unknown variable ${{{m.group(1)}}}; define it under [vars] or pass "
+                    f"--set {m.group(1)}=VALUE"
+                )
+            return variables[m.group(1)]
+
+        return _VAR.sub(repl, value)
+    if isinstance(value, list):
+        return [_substitute(v, variables, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables, where) for k, v in value.items()}
+    return value
+
+
+def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
+    """Read and validate a pipeline file; every problem is reported with its line and a fix.
+
+    Parameters
+    ----------
+    path : str or Path
+    overrides : dict, optional
+        ``[vars]`` values set on the command line (``--set NAME=VALUE``).
+
+    Raises
+    ------
+    JobError
+        Unknown keys, bad values, missing sources, names that repeat or do not resolve.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pipeline file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError(f"{path}: not valid TOML: {exc}") from None
+
+    def err(message: str, table: str | None = None, index: int | None = None, key: str | None = None) -> JobError:
+        line = _locate(text, table, index, key)
+        where = f"{path}:{line}" if line else str(path)
+        return JobError(f"{where}: {message}")
+
+    allowed_top = {"job", "vars", *_TABLES}
+    for key in data:
+        if key not in allowed_top:
+            from featx._errors import close_matches
+
+            hint = close_matches(key, allowed_top)
+            raise err(
+                f"unknown section [{key}]"
+                + (f"; did you mean [{hint[0]}]?" if hint else "")
+                + f" Sections are {', '.join(sorted(allowed_top))}.",
+                key,
+            )
+    variables = {k: str(v) for k, v in (data.get("vars") or {}).items()}
+    for k, v in (overrides or {}).items():
+        variables[k] = v
+    job_table = data.get("job", {})
+    for key in job_table:
+        if key not in _JOB_KEYS:
+            raise err(f"unknown key {key!r} in [job]; keys are {', '.join(sorted(_JOB_KEYS))}", "job", None, key)
+
+    def build(table: str, cls) -> tuple:
+        rows = data.get(table, [])
+        if isinstance(rows, dict):
+            raise err(f"[{table}] must be an array of tables: write [[{table}]]", table)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out, names = [], set()
+        for i, row in enumerate(rows):
+            row = _substitute(row, variables, f"{path}:{_locate(text, table, i, None)}")
+            for key in row:
+                if key not in fields:
+                    from featx._errors import close_matches
+
+                    hint = close_matches(key, fields)
+                    raise err(
+                        f"unknown key {key!r} in [[{table}]]"
+                        + (f"; did you mean {hint[0]!r}?" if hint else "")
+                        + f" Keys are {', '.join(fields)}.",
+                        table,
+                        i,
+                        key,
+                    )
+            if "name" not in row:
+                raise err(f"[[{table}]] number {i + 1} needs a name", table, i)
+            name = row["name"]
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise err(f"name {name!r}: use letters, digits, '_', '-' and '.'", table, i, "name")
+            if name in names:
+                raise err(f"name {name!r} is used twice in [[{table}]]", table, i, "name")
+            names.add(name)
+            kwargs = {}
+            for key, value in row.items():
+                if isinstance(value, list):
+                    value = tuple(value)
+                if key == "params":
+                    value = tuple(sorted(value.items())) if isinstance(value, dict) else value
+                kwargs[key] = value
+            try:
+                spec = cls(**kwargs)
+                _check_spec(spec)
+            except (TypeError, ValueError) as exc:
+                bad_key = next((k for k in row if k in str(exc)), None)
+                raise err(str(exc), table, i, bad_key) from None
+            out.append(spec)
+        return tuple(out)
+
+    datasets = build("datasets", DatasetSpec)
+    backbones = build("backbones", BackboneSpec)
+    classifiers = build("classifiers", ClassifierSpec)
+    finetunes = build("finetune", FinetuneSpec)
+    if not datasets:
+        raise err("a job needs at least one [[datasets]] table (name, source)")
+    if classifiers and not backbones:
+        raise err("classifiers need at least one [[backbones]] table to extract features with")
+    backbone_names = {b.name for b in backbones}
+    classifier_names = {c.name: c for c in classifiers}
+    for i, c in enumerate(classifiers):
+        for b in c.backbones or ():
+            if b not in backbone_names:
+                raise err(
+                    f"classifier {c.name!r} names backbone {b!r}, which is not a [[backbones]] name",
+                    "classifiers",
+                    i,
+                    "backbones",
+                )
+    for i, f in enumerate(finetunes):
+        if f.init_head is not None and f.backbone not in backbone_names:
+            raise err(
+                f"init_head needs backbone to name a [[backbones]] table (its logreg is trained on that "
+                f"table's features), not {f.backbone!r}",
+                "finetune",
+                i,
+                "backbone",
+            )
+        if f.init_head is not None:
+            target = classifier_names.get(f.init_head)
+            if target is None or target.classifier != "logreg":
+                raise err(
+                    f'init_head {f.init_head!r} must name a [[classifiers]] table with classifier = "logreg"',
+                    "finetune",
+                    i,
+                    "init_head",
+                )
+    name = job_table.get("name", path.stem)
+    # Relative paths (out, sources) are relative to the working directory, like every featx command.
+    out = Path(_substitute(job_table.get("out", f"runs/{name}"), variables, str(path))).expanduser()
+    seed = job_table.get("seed", 0)
+    if not isinstance(seed, int):
+        raise err("seed must be an integer", "job", None, "seed")
+    return Job(
+        name=name,
+        out=out,
+        seed=seed,
+        datasets=datasets,
+        backbones=backbones,
+        classifiers=classifiers,
+        finetune=finetunes,
+        device=job_table.get("device", "auto"),
+        workers=job_table.get("workers"),
+        source_file=path,
+    )
+
+
+def _check_spec(spec: Any) -> None:
+    """Validate one table's values without loading any model (names, choices, paths)."""
+    from featx.backbones import parse_backbone_name
+    from featx.spec import DTYPES, POOLS, TTA_MODES
+
+    if isinstance(spec, DatasetSpec):
+        s = spec.source
+        if not (s == "digits" or s.startswith("torchvision:") or Path(s).expanduser().exists()):
+            raise ValueError(f"source {s!r} does not exist (sources: a folder, archive, CSV, digits, torchvision:NAME)")
+        if not 0 < spec.test_fraction < 1:
+            raise ValueError(f"test_fraction must be between 0 and 1, got {spec.test_fraction}")
+    elif isinstance(spec, BackboneSpec):
+        parse_backbone_name(spec.backbone)
+        for key, value, choices in (
+            ("pool", spec.pool, POOLS),
+            ("dtype", spec.dtype, DTYPES),
+            ("tta", spec.tta, TTA_MODES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{key} {value!r} is not one of {', '.join(choices)}")
+        if not spec.layers:
+            raise ValueError("layers must name at least one layer")
+        if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
+            raise ValueError("batch_size must be a positive integer")
+    elif isinstance(spec, ClassifierSpec):
+        _classifier_config(spec, seed=0, layer=None).validate()
+        if spec.shots is not None:
+            for k in spec.shots:
+                if not (k == "all" or (isinstance(k, int) and k > 0)):
+                    raise ValueError(f"shots {list(spec.shots)}: use positive integers or 'all'")
+    elif isinstance(spec, FinetuneSpec):
+        _finetune_config(spec, seed=0)
+
+
+def _classifier_config(spec: ClassifierSpec, seed: int, layer: str | None):
+    from featx.classify import ClassifierConfig
+
+    return ClassifierConfig(
+        classifier=spec.classifier,
+        value=spec.value,
+        grid=spec.grid,
+        preprocess=spec.preprocess,
+        cv=spec.cv,
+        class_weight=spec.class_weight,
+        scoring=spec.scoring,
+        params=spec.params,
+        layer=layer,
+        seed=seed,
+        out_of_core=spec.out_of_core,
+    )
+
+
+def _finetune_config(spec: FinetuneSpec, seed: int):
+    from featx.finetune import FinetuneConfig, parse_phases
+
+    return FinetuneConfig(
+        phases=tuple(parse_phases(spec.phases)),
+        batch_size=spec.batch_size,
+        optimizer=spec.optimizer,
+        weight_decay=spec.weight_decay,
+        label_smoothing=spec.label_smoothing,
+        clip_grad=spec.clip_grad,
+        backbone_lr_mult=spec.backbone_lr_mult,
+        warmup=spec.warmup,
+        hidden=tuple(spec.hidden),
+        dropout=spec.dropout,
+        patience=spec.patience,
+        metric=spec.metric,
+        val_fraction=spec.val_fraction,
+        seed=seed,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class Task:
+    """One unit of work in a run."""
+
+    id: str
+    kind: str  # extract | classify | finetune
+    dataset: DatasetSpec
+    backbone: BackboneSpec | None = None
+    classifier: ClassifierSpec | None = None
+    finetune: FinetuneSpec | None = None
+    layer: str | None = None
+    depends: list[str] = field(default_factory=list)
+    status: str = "pending"  # pending | cached | done | failed | skipped
+    message: str = ""
+    seconds: float = 0.0
+    store: Path | None = None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", text).strip("-")
+
+
+def plan(job: Job) -> list[Task]:
+    """The tasks of a job in dependency order: extractions, then classifier cells, then fine-tuning."""
+    tasks: list[Task] = []
+    for ds in job.datasets:
+        for bb in job.backbones:
+            ext = Task(f"extract/{ds.name}/{bb.name}", "extract", ds, backbone=bb)
+            tasks.append(ext)
+            for clf in job.classifiers:
+                if clf.backbones is not None and bb.name not in clf.backbones:
+                    continue
+                for layer in clf.layers or bb.layers:
+                    if layer not in bb.layers:
+                        continue
+                    tasks.append(
+                        Task(
+                            f"classify/{ds.name}/{bb.name}/{_slug(layer)}/{clf.name}",
+                            "classify",
+                            ds,
+                            backbone=bb,
+                            classifier=clf,
+                            layer=layer,
+                            depends=[ext.id],
+                        )
+                    )
+        for ft in job.finetune:
+            depends = []
+            if ft.init_head:
+                bb = _backbone_of(job, ft)
+                depends = [
+                    t.id
+                    for t in tasks
+                    if t.kind == "classify"
+                    and t.dataset == ds
+                    and t.classifier
+                    and t.classifier.name == ft.init_head
+                    and t.layer == "penultimate"
+                    and bb is not None
+                    and t.backbone == bb
+                ]
+            tasks.append(Task(f"finetune/{ds.name}/{ft.name}", "finetune", ds, finetune=ft, depends=depends))
+    return tasks
+
+
+def _backbone_of(job: Job, ft: FinetuneSpec) -> BackboneSpec | None:
+    return next((b for b in job.backbones if b.name == ft.backbone), None)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------- run
+@dataclass
+class RunSummary:
+    """What a run did, task by task."""
+
+    tasks: list[Task]
+    seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(t.status == status for t in self.tasks)
+
+    @property
+    def failed(self) -> list[Task]:
+        return [t for t in self.tasks if t.status == "failed"]
+
+
+def run(
+    job: Job, *, only: Sequence[str] = (), force: bool = False, dry_run: bool = False, progress: bool = True
+) -> RunSummary:
+    """Execute (or, with ``dry_run``, only plan) a job; cached cells are skipped, failures isolated.
+
+    Parameters
+    ----------
+    only : sequence of str
+        Shell patterns on task ids or cell names (``svm``, ``classify/digits/*``); their dependencies run too.
+    force : bool
+        Redo selected cells even when their results are cached (extractions stay cached).
+    dry_run : bool
+        Print what is cached and what would run; nothing is computed (weights are loaded to compute keys).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    job.out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(job.out / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("featx").addHandler(handler)
+    try:
+        tasks = plan(job)
+        selected = _select(tasks, only)
+        by_id = {t.id: t for t in tasks}
+        log.info(
+            "job %s: %d tasks (%d selected)%s", job.name, len(tasks), len(selected), " [dry run]" if dry_run else ""
+        )
+        bar = tqdm(total=len(selected), unit="task", desc=job.name, disable=not progress or dry_run, position=0)
+        for task in tasks:
+            if task.id not in selected:
+                continue
+            blocked = [d for d in task.depends if by_id[d].status in ("failed", "skipped")]
+            if blocked:
+                task.status, task.message = "skipped", f"depends on {', '.join(blocked)}, which did not finish"
+            else:
+                start = time.perf_counter()
+                try:
+                    _execute(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
+                except KeyboardInterrupt:
+                    task.status, task.message = "failed", "interrupted"
+                    raise
+                except Exception as exc:  # one failing cell must not lose the others
+                    task.status, task.message = "failed", f"{type(exc).__name__}: {exc}"
+                    log.error("%s failed: %s\n%s", task.id, task.message, traceback.format_exc())
+                task.seconds = time.perf_counter() - start
+            log.info("%s: %s%s", task.id, task.status, f" ({task.message})" if task.message else "")
+            bar.update(1)
+        bar.close()
+        summary = RunSummary([t for t in tasks if t.id in selected], time.perf_counter() - t0)
+        (job.out / "run.json").write_text(
+            json.dumps(
+                {
+                    "job": job.name,
+                    "seconds": round(summary.seconds, 2),
+                    "dry_run": dry_run,
+                    "tasks": [
+                        {"id": t.id, "status": t.status, "message": t.message, "seconds": round(t.seconds, 2)}
+                        for t in summary.tasks
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return summary
+    finally:
+        logging.getLogger("featx").removeHandler(handler)
+        handler.close()
+
+
+def _select(tasks: list[Task], only: Sequence[str]) -> set[str]:
+    if not only:
+        return {t.id for t in tasks}
+    by_id = {t.id: t for t in tasks}
+    chosen = set()
+    for t in tasks:
+        names = [t.id] + [
+            n
+            for n in (
+                t.classifier and t.classifier.name,
+                t.finetune and t.finetune.name,
+                t.dataset.name,
+                t.backbone and t.backbone.name,
+            )
+            if n
+        ]
+        if any(fnmatch.fnmatch(n, pattern) for pattern in only for n in names):
+            chosen.add(t.id)
+    if not chosen:
+        raise JobError(f"--only {', '.join(only)} matches no task; tasks are: {', '.join(by_id)}")
+    stack = list(chosen)
+    while stack:
+        for dep in by_id[stack.pop()].depends:
+            if dep not in chosen:
+                chosen.add(dep)
+                stack.append(dep)
+    return chosen
+
+
+def cell_dir(job: Job, task: Task) -> Path:
+    """Where a classifier or fine-tuning cell keeps its results."""
+    return job.out / "cells" / _slug(task.id.split("/", 1)[1].replace("/", "__"))
+
+
+def _execute(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_run: bool, progress: bool) -> None:
+    from featx.extract import extract
+
+    ds = task.dataset
+    if task.kind == "extract":
+        bb = task.backbone
+        result = extract(
+            ds.source,
+            bb.backbone,
+            layers=bb.layers,
+            pool=bb.pool,
+            dtype=bb.dtype,
+            tta=bb.tta,
+            batch_size=bb.batch_size,
+            device=job.device,
+            workers=job.workers,
+            seed=job.seed,
+            test_fraction=ds.test_fraction,
+            store_dir=job.out / "stores",
+            max_failures="inf",
+            progress=progress,
+            dry_run=dry_run,
+        )
+        task.store = result.path
+        task.status = "cached" if result.cached else ("planned" if dry_run else "done")
+        if result.n_failed and not dry_run:
+            task.message = f"{result.n_failed} images could not be read (see `featx info {result.path} --failures`)"
+        return
+    out = cell_dir(job, task)
+    marker = out / "cell.json"
+    if task.kind == "classify":
+        store_task = by_id[task.depends[0]]
+        from featx.store import read_key
+
+        key = read_key(store_task.store) if store_task.store else None
+        if key is None:  # dry run with a store still to extract
+            task.status = "planned"
+            return
+        config = _classifier_config(task.classifier, job.seed, task.layer)
+        identity = {
+            "kind": "classify",
+            "store_key": key,
+            "config": config.to_dict(),
+            "shots": list(task.classifier.shots) if task.classifier.shots else None,
+            "draws": task.classifier.draws,
+        }
+    else:
+        ft = task.finetune
+        bb = _backbone_of(job, ft)
+        backbone = bb.backbone if bb is not None else ft.backbone
+        init_dir = cell_dir(job, by_id[task.depends[0]]) if task.depends else None
+        identity = {
+            "kind": "finetune",
+            "dataset": dataclasses.asdict(ds),
+            "backbone": backbone,
+            "config": _finetune_config(ft, job.seed).to_dict(),
+            "init_head": json.loads((init_dir / "cell.json").read_text())["hash"]
+            if init_dir is not None and (init_dir / "cell.json").exists()
+            else None,
+        }
+    digest = _hash(identity)
+    cached = (
+        not force
+        and marker.exists()
+        and (out / "results.json").exists()
+        and json.loads(marker.read_text()).get("hash") == digest
+    )
+    if cached:
+        task.status = "cached"
+        return
+    if dry_run:
+        task.status = "planned"
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # a half-finished cell never reads as done
+    if task.kind == "classify":
+        from featx.classify import train
+
+        shots = list(task.classifier.shots) if task.classifier.shots else None
+        train(store_task.store, config, out_dir=out, shots=shots, draws=task.classifier.draws)
+    else:
+        from featx.finetune import finetune
+
+        init_head = (init_dir / "model.skops") if init_dir is not None else None
+        finetune(
+            ds.source,
+            backbone,
+            _finetune_config(ft, job.seed),
+            out,
+            init_head=init_head,
+            device=job.device,
+            workers=job.workers,
+            overwrite=True,
+            progress=progress,
+            test_fraction=ds.test_fraction,
+        )
+    results = json.loads((out / "results.json").read_text())
+    results["cell"] = {
+        "id": task.id,
+        "dataset": ds.name,
+        "name": (task.classifier or task.finetune).name,
+        "backbone": task.backbone.name if task.backbone else ft.backbone,
+        "layer": task.layer,
+    }
+    from featx.classify import write_results
+
+    write_results(out / "results.json", results)
+    marker.write_text(json.dumps({"hash": digest, "identity": identity}, indent=2))
+    task.status = "done"

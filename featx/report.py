@@ -1,0 +1,341 @@
+"""The comparison report: every results JSON of a run folder side by side, as a table, Markdown, HTML and plots.
+
+Rows are methods (``svm · efficientnet_lite0 · penultimate``, ``finetune[head→top2→all] · …``), one table per
+dataset, with the same metrics for every row; each row also says exactly how it was made, so a reader can
+reproduce it. The HTML page embeds its plots, so it opens offline as a single file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Row", "collect", "format_table", "write_report"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "method",
+    "test accuracy ± 95% CI",
+    "balanced acc.",
+    "macro F1",
+    "chosen",
+    "train s",
+    "extract s",
+    "images/s",
+)
+
+
+class Row(dict):
+    """One method's numbers and provenance (a dict, so it serialises as is)."""
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _row(results: dict[str, Any], path: Path) -> Row:
+    test = results.get("test") or {}
+    cell = results.get("cell") or {}
+    if results.get("kind") == "finetune":
+        ft = results["finetune"]
+        curves = results.get("curves") or []
+        speeds = [c["images_per_second"] for c in curves if c.get("images_per_second")]
+        chosen = f"best epoch {results.get('best_epoch')}"
+        train_s = sum(c["seconds"] for c in curves)
+        extract_s, ips = None, (float(np.mean(speeds)) if speeds else None)
+        phases = ", ".join(f"{p['freeze']} {p['epochs']} ep @ {p['lr']:g}" for p in ft["phases"])
+        how = (
+            f"fine-tuned {results['backbone']}: phases {phases}; optimizer {ft['optimizer']}, weight decay "
+            f"{ft['weight_decay']:g}, backbone lr ×{ft['backbone_lr_mult']:g}, warm-up {ft['warmup']:g}, "
+            f"label smoothing {ft['label_smoothing']:g}, batch {ft['batch_size']}, head "
+            f"{'MLP ' + str(ft['hidden']) if ft['hidden'] else 'linear'}"
+            f"{', initialised from ' + ft['init_head'] if ft.get('init_head') else ''}; "
+            f"validation {results.get('val_policy')}; seed {ft['seed']}; {ft.get('device')}, amp {ft.get('amp')}"
+        )
+        dataset = cell.get("dataset") or results.get("source")
+    else:
+        clf = results["classifier"]
+        search = results.get("search") or {}
+        chosen = f"{clf['param']}={clf['chosen']:g}" if clf.get("param") and clf.get("chosen") is not None else "—"
+        train_s = (search.get("seconds") or 0.0) + results["train"]["fit_seconds"]
+        stats = (results.get("store") or {}).get("stats") or {}
+        extract_s, ips = stats.get("seconds"), stats.get("images_per_second")
+        spec = results["store"]["spec"]
+        steps = ", ".join(clf["preprocess"]) or "none"
+        how = (
+            f"{clf['preset']} on frozen {spec['backbone']} ({spec['weights']}) layer {clf['layer']}, "
+            f"pool {spec['pool']}, {spec['dtype']}, tta {spec['tta']}; preprocessing {steps}; "
+            f"{clf['param'] or 'no hyper-parameter'} chosen by {search.get('scheme', 'fixed value')} "
+            f"over {len(search.get('curve') or [])} values; class weight {clf['class_weight'] or 'none'}; "
+            f"seed {clf['seed']}"
+        )
+        dataset = cell.get("dataset") or (results.get("store") or {}).get("path")
+    versions = results.get("versions") or {}
+    return Row(
+        method=results.get("method", path.parent.name),
+        dataset=dataset,
+        kind=results.get("kind"),
+        accuracy=test.get("accuracy"),
+        ci=test.get("accuracy_ci95"),
+        balanced=test.get("balanced_accuracy"),
+        macro_f1=test.get("macro_f1"),
+        chosen=chosen,
+        train_s=train_s,
+        extract_s=extract_s,
+        images_per_s=ips,
+        how=how
+        + "; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("featx", "torch", "timm", "scikit-learn")),
+        confusion=test.get("confusion_matrix"),
+        class_names=list((test.get("per_class") or {}).keys()),
+        few_shot=results.get("few_shot"),
+        curves=results.get("curves"),
+        path=str(path),
+    )
+
+
+def collect(out_dir: str | Path) -> list[Row]:
+    """Every results JSON under ``out_dir`` (a run folder, or any folder of ``results.json`` files)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} is not a folder of results")
+    rows = []
+    for path in sorted(out.rglob("results.json")):
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("skipping unreadable %s", path)
+            continue
+        if results.get("schema") == "featx.results/1":
+            rows.append(_row(results, path))
+    if not rows:
+        raise FileNotFoundError(
+            f"no featx results.json under {out}; run `featx run`, `featx train` or `featx finetune` first"
+        )
+    return rows
+
+
+def _cells(row: Row) -> list[str]:
+    acc = _fmt(row["accuracy"])
+    if row["ci"] and row["accuracy"] is not None:
+        half = (row["ci"][1] - row["ci"][0]) / 2
+        acc = f"{row['accuracy']:.4f} ± {half:.4f}"
+    return [
+        row["method"],
+        acc,
+        _fmt(row["balanced"]),
+        _fmt(row["macro_f1"]),
+        row["chosen"],
+        _fmt(row["train_s"], 1),
+        _fmt(row["extract_s"], 1),
+        _fmt(row["images_per_s"], 1),
+    ]
+
+
+def _by_dataset(rows: list[Row]) -> dict[str, list[Row]]:
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(str(row["dataset"]), []).append(row)
+    for group in groups.values():
+        group.sort(key=lambda r: -(r["accuracy"] or 0))
+    return groups
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text table per dataset, best method first."""
+    parts = []
+    for dataset, group in _by_dataset(rows).items():
+        cells = [list(COLUMNS)] + [_cells(r) for r in group]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+        lines = [f"dataset: {dataset}"]
+        for j, c in enumerate(cells):
+            lines.append(
+                "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths, strict=True)))
+            )
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- plots
+def _plots(rows: list[Row], folder: Path) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made: list[tuple[str, Path]] = []
+
+    def save(fig, name: str, title: str) -> None:
+        fig.tight_layout()
+        for suffix in ("png", "svg"):
+            fig.savefig(folder / f"{name}.{suffix}", dpi=110)
+        plt.close(fig)
+        made.append((title, folder / f"{name}.png"))
+
+    for i, (dataset, group) in enumerate(_by_dataset(rows).items()):
+        scored = [r for r in group if r["accuracy"] is not None]
+        if scored:
+            fig, ax = plt.subplots(figsize=(8, 0.45 * len(scored) + 1.2))
+            acc = np.array([r["accuracy"] for r in scored])
+            lo = np.array([r["ci"][0] if r["ci"] else a for r, a in zip(scored, acc, strict=True)])
+            hi = np.array([r["ci"][1] if r["ci"] else a for r, a in zip(scored, acc, strict=True)])
+            y = np.arange(len(scored))[::-1]
+            colors = ["#c44e52" if r["kind"] == "finetune" else "#4c72b0" for r in scored]
+            ax.barh(y, acc, xerr=[acc - lo, hi - acc], color=colors, capsize=3)
+            ax.set_yticks(y, [r["method"] for r in scored])
+            ax.set_xlabel("test accuracy (95% bootstrap CI)")
+            ax.set_xlim(max(0.0, float(lo.min()) - 0.05), 1.0)
+            ax.set_title(f"{dataset}: accuracy by method")
+            save(fig, f"accuracy-{i}", f"{dataset}: accuracy by method")
+        for j, r in enumerate(scored):
+            if not r["confusion"]:
+                continue
+            cm = np.array(r["confusion"])
+            n = len(cm)
+            fig, ax = plt.subplots(figsize=(min(8, 1.5 + 0.45 * n), min(7, 1.2 + 0.4 * n)))
+            ax.imshow(cm, cmap="Blues")
+            if n <= 20:
+                ax.set_xticks(range(n), r["class_names"] or range(n), rotation=90)
+                ax.set_yticks(range(n), r["class_names"] or range(n))
+                for a in range(n):
+                    for b in range(n):
+                        ax.text(
+                            b,
+                            a,
+                            int(cm[a, b]),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if cm[a, b] > cm.max() / 2 else "black",
+                        )
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.set_title(r["method"], fontsize=9)
+            save(fig, f"confusion-{i}-{j}", f"{dataset}: confusion matrix, {r['method']}")
+        curves = [r for r in group if r["few_shot"]]
+        if curves:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            all_n = []
+            for r in curves:
+                pts = [p for p in r["few_shot"] if p["shots"] != "all"]
+                xs = [p["shots"] for p in pts]
+                all_n += xs
+                ax.errorbar(
+                    xs,
+                    [p["mean"] for p in pts],
+                    yerr=[p["std"] for p in pts],
+                    marker="o",
+                    capsize=3,
+                    label=f"frozen: {r['method']}",
+                )
+            for r in group:
+                if r["kind"] == "finetune" and r["accuracy"] is not None:
+                    ax.axhline(
+                        r["accuracy"], linestyle="--", color="#c44e52", label=f"fine-tuned (all data): {r['method']}"
+                    )
+            ax.set_xscale("log")
+            ax.set_xlabel("training images per class")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{dataset}: learning curves")
+            ax.legend(fontsize=7)
+            save(fig, f"learning-{i}", f"{dataset}: learning curves, frozen vs fine-tuned")
+        tuned = [r for r in group if r["curves"]]
+        if tuned:
+            fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+            for r in tuned:
+                epochs = [c["epoch"] for c in r["curves"]]
+                axes[0].plot(epochs, [c["train_loss"] for c in r["curves"]], marker="o", label=f"{r['method']} train")
+                axes[0].plot(
+                    epochs, [c["val_loss"] for c in r["curves"]], marker="x", linestyle="--", label=f"{r['method']} val"
+                )
+                axes[1].plot(epochs, [c["val_accuracy"] for c in r["curves"]], marker="o", label=r["method"])
+            axes[0].set_xlabel("epoch")
+            axes[0].set_ylabel("loss")
+            axes[1].set_xlabel("epoch")
+            axes[1].set_ylabel("val accuracy")
+            axes[0].legend(fontsize=7)
+            axes[1].legend(fontsize=7)
+            fig.suptitle(f"{dataset}: fine-tuning curves")
+            save(fig, f"finetune-{i}", f"{dataset}: fine-tuning curves")
+    return made
+
+
+# ------------------------------------------------------------------------------------------- documents
+def _markdown(rows: list[Row], plots: list[tuple[str, Path]], out: Path, title: str) -> str:
+    lines = [f"# {title}", ""]
+    for dataset, group in _by_dataset(rows).items():
+        lines += [f"## {dataset}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+        lines += ["| " + " | ".join(_cells(r)) + " |" for r in group]
+        lines += ["", "How each row was made:", ""]
+        lines += [f"- **{r['method']}**: {r['how']}" for r in group]
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{title_}]({p.relative_to(out).as_posix()})" for title_, p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _html(rows: list[Row], plots: list[tuple[str, Path]], title: str) -> str:
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{esc(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}th{background:#f0f0f0}"
+        "li{margin:.3em 0}figure{margin:1.5em 0}img{max-width:100%}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    for dataset, group in _by_dataset(rows).items():
+        parts.append(f"<h2>{esc(dataset)}</h2><table class='results'><thead><tr>")
+        parts += [f"<th>{esc(c)}</th>" for c in COLUMNS]
+        parts.append("</tr></thead><tbody>")
+        for r in group:
+            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _cells(r)) + "</tr>")
+        parts.append("</tbody></table><h3>How each row was made</h3><ul class='provenance'>")
+        parts += [f"<li><b>{esc(r['method'])}</b>: {esc(r['how'])}</li>" for r in group]
+        parts.append("</ul>")
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        for caption, png in plots:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(
+                f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{esc(caption)}</figcaption></figure>"
+            )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` (self-contained) and ``plots/`` into ``out_dir``.
+
+    Returns
+    -------
+    dict
+        Paths of ``markdown``, ``html`` and ``plots``.
+    """
+    from featx._io import atomic_write
+
+    out = Path(out_dir)
+    rows = collect(out)
+    title = title or f"featx comparison: {out.name}"
+    plots = _plots(rows, out / "plots")
+    md, page = _markdown(rows, plots, out, title), _html(rows, plots, title)
+    atomic_write(out / "report.md", lambda fh: fh.write(md.encode("utf-8")))
+    atomic_write(out / "report.html", lambda fh: fh.write(page.encode("utf-8")))
+    (out / "report.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=2, default=str))
+    return {"markdown": out / "report.md", "html": out / "report.html", "plots": out / "plots"}
