@@ -273,7 +273,7 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
                 spec = cls(**kwargs)
                 _check_spec(spec)
             except (TypeError, ValueError) as exc:
-                bad_key = next((k for k in row if k in str(exc)), None)
+                bad_key = _key_in_message(row, str(exc))
                 raise err(str(exc), table, i, bad_key) from None
             out.append(spec)
         return tuple(out)
@@ -333,6 +333,14 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
         workers=job_table.get("workers"),
         source_file=path,
     )
+
+
+def _key_in_message(row: dict[str, Any], message: str) -> str | None:
+    """The key an error message is about: its value quoted in the message, else its name mentioned."""
+    for key, value in row.items():
+        if key != "name" and isinstance(value, str | int | float) and len(str(value)) > 1 and repr(value) in message:
+            return key
+    return next((k for k in row if k != "name" and re.search(rf"\b{re.escape(k)}\b", message)), None)
 
 
 def _check_spec(spec: Any) -> None:
@@ -518,7 +526,12 @@ def run(
     job.out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(job.out / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("featx").addHandler(handler)
+    handler.setLevel(logging.INFO)
+    featx_logger = logging.getLogger("featx")
+    previous_level = featx_logger.level
+    featx_logger.addHandler(handler)
+    if featx_logger.getEffectiveLevel() > logging.INFO:  # the log file always gets the INFO story
+        featx_logger.setLevel(logging.INFO)
     try:
         tasks = plan(job)
         selected = _select(tasks, only)
@@ -564,7 +577,8 @@ def run(
         )
         return summary
     finally:
-        logging.getLogger("featx").removeHandler(handler)
+        featx_logger.removeHandler(handler)
+        featx_logger.setLevel(previous_level)
         handler.close()
 
 

@@ -1,0 +1,244 @@
+"""Pipelines: validation with line numbers, cached and resumable runs, isolated failures, the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from featx.cli import main
+from featx.pipeline import JobError, load_job, plan, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def colours(tmp_path) -> Path:
+    root = tmp_path / "colours"
+    for c, name in enumerate(("red", "green", "blue")):
+        for i in range(10):
+            rng = np.random.default_rng(100 * c + i)
+            arr = rng.integers(0, 80, size=(40, 48, 3), dtype=np.uint8)
+            arr[..., c] += 170
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path)
+    return root
+
+
+JOB = """
+[job]
+name = "tiny"
+out = "{out}"
+
+[vars]
+data = "{data}"
+
+[[datasets]]
+name = "colours"
+source = "${{data}}"
+
+[[backbones]]
+name = "tiny"
+backbone = "featx:tiny_test"
+layers = ["penultimate", "blocks.2"]
+
+[[classifiers]]
+name = "logreg"
+classifier = "logreg"
+shots = [1, 2, "all"]
+draws = 2
+
+[[classifiers]]
+name = "knn"
+classifier = "knn"
+layers = ["penultimate"]
+
+[[finetune]]
+name = "lpft"
+backbone = "tiny"
+phases = "head:1:1e-2"
+init_head = "logreg"
+batch_size = 8
+"""
+
+
+@pytest.fixture
+def job_file(tmp_path, colours) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(JOB.format(out=tmp_path / "out", data=colours))
+    return path
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "bad.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('[[datasets]]\nname = "d"\nsource = "digits"\ncolour = 1\n', 4, "unknown key 'colour'"),
+        ('[[datasets]]\nname = "d"\nsource = "/no/such/folder"\n', 3, "does not exist"),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\npool = "median"\n',
+            6,
+            "pool 'median'",
+        ),
+        ('[[datasets]]\nname = "d"\nsource = "digits"\n[[datasets]]\nname = "d"\nsource = "digits"\n', 5, "used twice"),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\n[[classifiers]]\n'
+            'name = "c"\nclassifier = "svn"\n',
+            8,
+            "Did you mean: svm",
+        ),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\n[[classifiers]]\nname = "c"\n'
+            'classifier = "svm"\n[[finetune]]\nname = "f"\nbackbone = "b"\ninit_head = "c"\n',
+            12,
+            "logreg",
+        ),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\n[[finetune]]\nname = "f"\nphases = "head:1"\n',
+            6,
+            "FREEZE:EPOCHS:LR",
+        ),
+        ('[job]\nname = "x"\n[dataset]\nname = "d"\n', 3, "did you mean [datasets]"),
+        ('[[datasets]]\nname = "d"\nsource = "${nowhere}"\n', 1, "unknown variable ${nowhere}"),
+    ],
+)
+def test_validation_names_the_line_and_the_fix(tmp_path, text, line, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(JobError) as err:
+        load_job(path)
+    assert message in str(err.value)
+    assert re.search(rf"bad\.toml:{line}\b", str(err.value)), str(err.value)
+
+
+def test_plan_covers_the_grid(job_file):
+    tasks = plan(load_job(job_file))
+    assert [t.id for t in tasks] == [
+        "extract/colours/tiny",
+        "classify/colours/tiny/penultimate/logreg",
+        "classify/colours/tiny/blocks.2/logreg",
+        "classify/colours/tiny/penultimate/knn",
+        "finetune/colours/lpft",
+    ]
+    assert tasks[-1].depends == ["classify/colours/tiny/penultimate/logreg"]
+
+
+def test_run_caches_resumes_and_reports(job_file, tmp_path, monkeypatch):
+    job = load_job(job_file)
+    first = run(job, progress=False)
+    assert [t.status for t in first.tasks] == ["done"] * 5
+    out = tmp_path / "out"
+    lpft = json.loads((out / "cells" / "colours__lpft" / "results.json").read_text())
+    assert lpft["method"].startswith("lp-ft") and lpft["cell"]["dataset"] == "colours"
+
+    second = run(job, progress=False)
+    assert [t.status for t in second.tasks] == ["cached"] * 5
+    assert second.seconds < first.seconds
+
+    (out / "cells" / "colours__tiny__penultimate__knn" / "results.json").unlink()
+    calls = []
+    import featx.classify
+
+    original = featx.classify.train
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("out_dir"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(featx.classify, "train", counting)
+    third = run(job, progress=False)
+    assert [t.status for t in third.tasks] == ["cached", "cached", "cached", "done", "cached"]
+    assert len(calls) == 1
+
+    dry = run(job, dry_run=True, force=True, only=["knn"], progress=False)
+    assert [(t.id, t.status) for t in dry.tasks] == [
+        ("extract/colours/tiny", "cached"),
+        ("classify/colours/tiny/penultimate/knn", "planned"),
+    ]
+    assert (out / "run.log").read_text().count("job tiny") == 4
+
+
+def test_a_failing_cell_does_not_lose_the_others(tmp_path, colours):
+    path = tmp_path / "job.toml"
+    path.write_text(
+        JOB.format(out=tmp_path / "out", data=colours)
+        + textwrap.dedent(
+            """
+        [[classifiers]]
+        name = "toobig"
+        classifier = "logreg"
+        preprocess = ["pca:500"]
+        layers = ["penultimate"]
+        """
+        )
+    )
+    result = CliRunner().invoke(main, ["run", str(path), "--no-progress"])
+    assert result.exit_code == 1
+    assert re.search(r"failed\s+classify/colours/tiny/penultimate/toobig", result.output)
+    assert "5 done, 1 failed" in result.output
+    assert "logreg · tiny_test · penultimate" in result.output  # the table still comes
+
+
+class _Structure(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
+    run(load_job(job_file), progress=False)
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    for column in ("test accuracy ± 95% CI", "balanced acc.", "macro F1", "chosen", "train s", "extract s"):
+        assert column in result.output
+    out = tmp_path / "out"
+    page = (out / "report.html").read_text()
+    parser = _Structure()
+    parser.feed(page)
+    assert parser.tags.count("table") == 1 and parser.tags.count("tr") == 5  # header + 4 methods
+    assert parser.images and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert "http://" not in page and "https://" not in page  # opens offline
+    assert "How each row was made" in page and "seed 0" in page
+    md = (out / "report.md").read_text()
+    referenced = re.findall(r"\]\((plots/[^)]+)\)", md)
+    assert referenced
+    for rel in referenced:
+        with Image.open(out / rel) as img:
+            img.verify()
+        assert (out / rel).with_suffix(".svg").read_text().lstrip().startswith("<?xml")
+    titles = " ".join(referenced)
+    for kind in ("accuracy", "confusion", "learning", "finetune"):
+        assert kind in titles
+
+
+def test_compare_explains_an_empty_folder(tmp_path):
+    result = CliRunner().invoke(main, ["compare", str(tmp_path)])
+    assert result.exit_code == 1 and "no featx results.json" in result.output
+
+
+def test_shipped_pipelines_validate(monkeypatch):
+    shared = REPO.parent / "shared" / "data"
+    for path in sorted((REPO / "pipelines").glob("*.toml")):
+        text = path.read_text()
+        if "${data}" in text and not shared.is_dir():
+            continue
+        job = load_job(path, {"data": str(shared)} if "${data}" in text else None)
+        assert job.datasets and plan(job)
