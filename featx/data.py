@@ -489,7 +489,10 @@ def from_archive(path: str | Path, *, seed: int = 0, test_fraction: float = DEFA
         else:
             with tarfile.open(path) as tf:
                 if hasattr(tarfile, "data_filter"):  # refuses absolute paths, '..' and links leading outside
-                    tf.extractall(folder, filter="data")
+                    try:
+                        tf.extractall(folder, filter="data")
+                    except tarfile.TarError as exc:
+                        raise ValueError(f"{path}: unsafe or broken archive member ({exc}); not unpacked") from None
                     return
                 for member in tf.getmembers():  # Pythons without extraction filters
                     dest = (folder / member.name).resolve()
