@@ -109,8 +109,10 @@ def register_classifier(preset: Preset) -> None:
 def _svm(C, seed, class_weight, **extra):
     from sklearn.svm import LinearSVC
 
+    # The dual solver always: sklearn's "auto" picks the primal when n > D, which on standardised CNN features
+    # took 50x longer at moderate C (digits / EfficientNet-Lite0, C=0.1: 110 s against 2 s).
     return LinearSVC(
-        C=C, dual="auto", max_iter=extra.pop("max_iter", 5000), random_state=seed, class_weight=class_weight, **extra
+        C=C, dual=True, max_iter=extra.pop("max_iter", 5000), random_state=seed, class_weight=class_weight, **extra
     )
 
 
