@@ -59,7 +59,8 @@ def _row(results: dict[str, Any], path: Path) -> Row:
             f"label smoothing {ft['label_smoothing']:g}, batch {ft['batch_size']}, head "
             f"{'MLP ' + str(ft['hidden']) if ft['hidden'] else 'linear'}"
             f"{', initialised from ' + ft['init_head'] if ft.get('init_head') else ''}; "
-            f"validation {results.get('val_policy')}; training seed {ft['seed']}; {ft.get('device')}, amp {ft.get('amp')}"
+            f"validation {results.get('val_policy')}; training seed {ft['seed']}; "
+            f"{ft.get('device')}, amp {ft.get('amp')}"
         )
         dataset = cell.get("dataset") or results.get("source")
     else:
