@@ -191,9 +191,10 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
                         fresh.append(i)
                 if not fresh:
                     continue
-                block = store.features(self.layer, dtype=np.float32)
-                for i in fresh:
-                    found[store_paths[i]] = block[i]
+                rows = store.rows()[fresh]  # only the rows asked for: memory follows the request, not the store
+                block, _ = store.read_rows(rows, self.layer)
+                for i, vector in zip(fresh, block.astype(np.float32, copy=False), strict=True):
+                    found[store_paths[i]] = vector
                     wanted.discard(store_paths[i])
         return found
 
