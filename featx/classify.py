@@ -648,41 +648,16 @@ def train(
             raise unknown("layer of this store", layer, fs.layers, f"It holds: {', '.join(fs.layers)}.")
         preprocess = config.steps(preset)
         if config.out_of_core:
+            if shots:
+                raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
             pipeline, value, search_result, fit_seconds, trained_on = _train_out_of_core(
                 fs, layer, preset, config, preprocess
             )
-            return _finish_training(
-                fs,
-                config,
-                preset,
-                layer,
-                pipeline,
-                value,
-                search_result,
-                fit_seconds,
-                trained_on,
-                n_bootstrap=n_bootstrap,
-                out_dir=out_dir,
-                shots=None,
-                draws=draws,
+        else:
+            pipeline, value, search_result, fit_seconds, trained_on = _train_in_memory(
+                fs, layer, preset, config, preprocess, n_jobs
             )
-        X, y, splits = _labelled_rows(fs, layer)
-        if len(np.unique(y)) < 2:
-            raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
-        params = dict(config.params)
-        value = None if config.value == "auto" else float(config.value)
-        search_result = None
-        if value is None and preset.param:
-            grid = config.grid or preset.grid
-            folds, scheme = _folds(y, splits, config.cv, config.seed)
-            base = build_pipeline(preset, grid[0], preprocess, config.seed, config.class_weight, params)
-            search_result = search(base, preset, grid, X, y, folds, scheme, n_jobs, config.scoring)
-            value = search_result.best
-            log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
-        pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
-        fit_seconds = _fit_timed(pipeline, X, y)
-        trained_on = {"splits": sorted(set(splits.tolist())), "n": len(y)}
-        model, results = _finish_training(
+        return _finish_training(
             fs,
             config,
             preset,
@@ -697,10 +672,32 @@ def train(
             shots=shots,
             draws=draws,
         )
-        return model, results
     finally:
         if owns:
             fs.close()
+
+
+def _train_in_memory(
+    fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str], n_jobs: int
+):
+    """Search (unless the value is fixed) and refit on the features held in memory."""
+    X, y, splits = _labelled_rows(fs, layer)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
+    params = dict(config.params)
+    value = None if config.value == "auto" else float(config.value)
+    search_result = None
+    if value is None and preset.param:
+        grid = config.grid or preset.grid
+        folds, scheme = _folds(y, splits, config.cv, config.seed)
+        base = build_pipeline(preset, grid[0], preprocess, config.seed, config.class_weight, params)
+        search_result = search(base, preset, grid, X, y, folds, scheme, n_jobs, config.scoring)
+        value = search_result.best
+        log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
+    pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
+    fit_seconds = _fit_timed(pipeline, X, y)
+    trained_on = {"splits": sorted(set(splits.tolist())), "n": len(y)}
+    return pipeline, value, search_result, fit_seconds, trained_on
 
 
 def _finish_training(

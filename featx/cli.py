@@ -19,6 +19,11 @@ EXIT_TOO_MANY_FAILURES = 3
 EXIT_INTERRUPTED = 130
 
 
+def _interrupted(kept: str) -> None:
+    click.secho(f"interrupted: {kept}; run the same command again to resume.", fg="yellow", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def _fail(exc: BaseException) -> None:
     click.secho(f"error: {exc}", fg="red", err=True)
     sys.exit(1)
@@ -188,12 +193,7 @@ def extract(
             progress=not no_progress,
         )
     except KeyboardInterrupt:
-        click.secho(
-            "interrupted: the batches written so far are kept; run the same command again to resume.",
-            fg="yellow",
-            err=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
+        _interrupted("the batches written so far are kept")
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
     _print_summary(result)
@@ -708,12 +708,7 @@ def finetune(
             progress=not no_progress,
         )
     except KeyboardInterrupt:
-        click.secho(
-            "interrupted: the last epoch's checkpoint is kept; run the same command again to resume.",
-            fg="yellow",
-            err=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
+        _interrupted("the last epoch's checkpoint is kept")
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
     for c in results["curves"]:
@@ -753,13 +748,7 @@ def run(pipeline, overrides, only, force, dry_run, no_progress) -> None:
         job = load_job(pipeline, overrides)
         summary = run_job(job, only=only, force=force, dry_run=dry_run, progress=not no_progress)
     except KeyboardInterrupt:
-        click.secho(
-            "interrupted: finished cells, extracted batches and fine-tuning checkpoints are kept; run the "
-            "same command again to resume.",
-            fg="yellow",
-            err=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
+        _interrupted("finished cells, extracted batches and fine-tuning checkpoints are kept")
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
     for task in summary.tasks:
