@@ -636,6 +636,17 @@ def predict(images, model_path, top_k, device, batch_size, trust, as_json) -> No
     show_default=True,
     help="Share of train used for validation when the source has no val split.",
 )
+@click.option(
+    "--crop-scale",
+    default="0.25,1.0",
+    show_default=True,
+    help="Area range MIN,MAX of the training random resized crop.",
+)
+@click.option(
+    "--update-bn-stats",
+    is_flag=True,
+    help="Let unfrozen BatchNorm layers update their running statistics (kept fixed by default).",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
@@ -661,6 +672,8 @@ def finetune(
     patience,
     metric,
     val_fraction,
+    crop_scale,
+    update_bn_stats,
     device,
     amp,
     workers,
@@ -678,6 +691,10 @@ def finetune(
             hidden_sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
         except ValueError:
             raise ValueError(f"--hidden {hidden!r}: give comma-separated layer sizes, e.g. 512,256") from None
+        try:
+            low, high = (float(v) for v in crop_scale.split(","))
+        except ValueError:
+            raise ValueError(f"--crop-scale {crop_scale!r}: give MIN,MAX, e.g. 0.25,1.0") from None
         config = FinetuneConfig(
             phases=tuple(parse_phases(phases)),
             batch_size=batch_size,
@@ -693,6 +710,8 @@ def finetune(
             metric=metric,
             val_fraction=val_fraction,
             seed=seed,
+            update_bn_stats=update_bn_stats,
+            crop_scale=(low, high),
         )
         results = run_finetune(
             source,

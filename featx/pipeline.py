@@ -118,6 +118,8 @@ class FinetuneSpec:
     patience: int | None = None
     metric: str = "val_accuracy"
     val_fraction: float = 0.1
+    update_bn_stats: bool = False
+    crop_scale: tuple[float, float] = (0.25, 1.0)
 
 
 @dataclass(frozen=True)
@@ -413,6 +415,8 @@ def _finetune_config(spec: FinetuneSpec, seed: int):
         metric=spec.metric,
         val_fraction=spec.val_fraction,
         seed=seed,
+        update_bn_stats=spec.update_bn_stats,
+        crop_scale=tuple(spec.crop_scale),
     )
 
 

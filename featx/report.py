@@ -56,7 +56,8 @@ def _row(results: dict[str, Any], path: Path) -> Row:
         how = (
             f"fine-tuned {results['backbone']}: phases {phases}; optimizer {ft['optimizer']}, weight decay "
             f"{ft['weight_decay']:g}, backbone lr ×{ft['backbone_lr_mult']:g}, warm-up {ft['warmup']:g}, "
-            f"label smoothing {ft['label_smoothing']:g}, batch {ft['batch_size']}, head "
+            f"label smoothing {ft['label_smoothing']:g}, batch {ft['batch_size']}, BatchNorm statistics "
+            f"{'updated' if ft.get('update_bn_stats') else 'fixed'}, head "
             f"{'MLP ' + str(ft['hidden']) if ft['hidden'] else 'linear'}"
             f"{', initialised from ' + ft['init_head'] if ft.get('init_head') else ''}; "
             f"validation {results.get('val_policy')}; training seed {ft['seed']}; "

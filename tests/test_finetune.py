@@ -106,11 +106,14 @@ def test_phase_freezing_and_frozen_batchnorm():
     assert trainable == {f"{head}.weight", f"{head}.bias"}
     trainable = _set_trainable(model, blocks, head, Phase("top2", 1, 1e-3))
     assert trainable == {*blocks[-1], *blocks[-2], f"{head}.weight", f"{head}.bias"}
-    _train_mode(model)
     bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    _train_mode(model, update_bn_stats=True)
     for name, bn in bns.items():
         frozen = not any(p.requires_grad for p in bn.parameters())
         assert bn.training is not frozen, name
+    _train_mode(model)  # the default: no BatchNorm statistics move, trainable or not
+    assert not any(bn.training for bn in bns.values())
+    assert model.training
     with pytest.raises(UnknownNameError, match=f"only {len(blocks)} blocks"):
         _set_trainable(model, blocks, head, Phase(f"top{len(blocks) + 1}", 1, 1e-3))
 
