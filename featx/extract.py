@@ -409,7 +409,7 @@ def extract(
             "batch_size": batch_size,
         }
         writer.finalize(stats)
-        failures = [Failure(r, manifest.ids[r], reason) for r, reason in sorted(writer._failed.items())]
+        failures = [Failure(r, manifest.ids[r], reason) for r, reason in sorted(writer.failed.items())]
         return ExtractionResult(
             path=path,
             key=key,

@@ -282,6 +282,11 @@ class StoreWriter:
     def n_failed(self) -> int:
         return len(self._failed)
 
+    @property
+    def failed(self) -> dict[int, str]:
+        """Failed rows and their reasons, so far."""
+        return dict(self._failed)
+
     def write_batch(
         self,
         rows: np.ndarray,

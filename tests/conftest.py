@@ -151,3 +151,18 @@ def hymenoptera_store(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hymenoptera") / "lite0.h5"
     result = extract(SHARED_DATA / "hymenoptera", out=out, progress=False, max_failures="inf")
     return result.path
+
+
+@pytest.fixture
+def colour_folder(tmp_path) -> Path:
+    """3 classes × 10 images whose dominant colour is the class, so even a tiny network can learn them."""
+    root = tmp_path / "colours"
+    for c, name in enumerate(("red", "green", "blue")):
+        for i in range(10):
+            rng = np.random.default_rng(100 * c + i)
+            arr = rng.integers(0, 80, size=(40, 48, 3), dtype=np.uint8)
+            arr[..., c] += 170
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path)
+    return root

@@ -38,20 +38,8 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
-def folder(tmp_path) -> Path:
-    """3 classes × 10 images with a class-dependent colour, so a network can learn something."""
-    root = tmp_path / "data"
-    for c, name in enumerate(("red", "green", "blue")):
-        for i in range(10):
-            rng = np.random.default_rng(100 * c + i)
-            arr = rng.integers(0, 80, size=(40, 48, 3), dtype=np.uint8)
-            arr[..., c] += 170
-            path = root / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            from PIL import Image
-
-            Image.fromarray(arr).save(path)
-    return root
+def folder(colour_folder) -> Path:
+    return colour_folder
 
 
 def _config(phases="head:1:1e-2", **kw) -> FinetuneConfig:

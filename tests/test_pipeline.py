@@ -8,7 +8,6 @@ import textwrap
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -20,17 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def colours(tmp_path) -> Path:
-    root = tmp_path / "colours"
-    for c, name in enumerate(("red", "green", "blue")):
-        for i in range(10):
-            rng = np.random.default_rng(100 * c + i)
-            arr = rng.integers(0, 80, size=(40, 48, 3), dtype=np.uint8)
-            arr[..., c] += 170
-            path = root / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(path)
-    return root
+def colours(colour_folder) -> Path:
+    return colour_folder
 
 
 JOB = """
