@@ -593,7 +593,7 @@ def predict(images, model_path, top_k, device, batch_size, trust, as_json) -> No
 @click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True)
 @click.option(
     "--phases",
-    default="head:3:1e-3,top2:5:1e-4,all:5:1e-5",
+    default="head:3:1e-3,top2:5:1e-4,all:5:1e-5",  # featx.finetune.DEFAULT_PHASES (not imported: torch)
     show_default=True,
     help="FREEZE:EPOCHS:LR,… with FREEZE = head, topK or all; or a .toml file of [[phase]] tables.",
 )

@@ -38,6 +38,7 @@ from featx.metrics import evaluate
 from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing, canonical_json
 
 __all__ = [
+    "DEFAULT_PHASES",
     "FinetuneConfig",
     "Phase",
     "block_names",
@@ -49,6 +50,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The classic recipe: the head alone, then the top two blocks, then everything, each at a tenth of the rate.
+DEFAULT_PHASES = "head:3:1e-3,top2:5:1e-4,all:5:1e-5"
 CHECKPOINT = "checkpoint.pt"
 FINETUNE_META = "finetune.json"
 WEIGHTS = "model.safetensors"

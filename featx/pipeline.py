@@ -84,42 +84,43 @@ class BackboneSpec:
 
 @dataclass(frozen=True)
 class ClassifierSpec:
+    """A ``[[classifiers]]`` table: where it applies, plus any :class:`~featx.classify.ClassifierConfig` setting."""
+
     name: str
-    classifier: str = "svm"
-    value: float | str = "auto"
-    grid: tuple[float, ...] | None = None
-    preprocess: tuple[str, ...] | None = None
-    cv: int = 5
-    class_weight: str | None = None
-    scoring: str = "accuracy"
-    params: tuple[tuple[str, Any], ...] = ()
     layers: tuple[str, ...] | None = None  # None: every layer of each store
     shots: tuple[Any, ...] | None = None
     draws: int = 5
-    out_of_core: bool = False
     backbones: tuple[str, ...] | None = None  # None: every backbone
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def classifier(self) -> str:
+        from featx.classify import ClassifierConfig
+
+        return dict(self.settings).get("classifier", ClassifierConfig.classifier)
 
 
 @dataclass(frozen=True)
 class FinetuneSpec:
+    """A ``[[finetune]]`` table: backbone, LP-FT source, plus any :class:`~featx.finetune.FinetuneConfig` setting."""
+
     name: str
     backbone: str = DEFAULT_BACKBONE
-    phases: str = "head:3:1e-3,top2:5:1e-4,all:5:1e-5"
     init_head: str | None = None  # a [[classifiers]] name (a logreg) for LP-FT
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    clip_grad: float = 0.0
-    backbone_lr_mult: float = 1.0
-    warmup: float = 0.1
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.0
-    patience: int | None = None
-    metric: str = "val_accuracy"
-    val_fraction: float = 0.1
-    update_bn_stats: bool = False
-    crop_scale: tuple[float, float] = (0.25, 1.0)
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+# Config fields a table may set; the pipeline sets the others (the layer from `layers`, the job's seed).
+def _config_keys(table: str) -> set[str]:
+    if table == "classifiers":
+        from featx.classify import ClassifierConfig
+
+        return {f.name for f in dataclasses.fields(ClassifierConfig)} - {"layer", "seed"}
+    if table == "finetune":
+        from featx.finetune import FinetuneConfig
+
+        return {f.name for f in dataclasses.fields(FinetuneConfig)} - {"seed"}
+    return set()
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,9 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
         rows = data.get(table, [])
         if isinstance(rows, dict):
             raise err(f"[{table}] must be an array of tables: write [[{table}]]", table)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        own = {f.name for f in dataclasses.fields(cls)} - {"settings"}
+        config_keys = _config_keys(table)
+        fields = sorted(own | config_keys, key=lambda k: (k != "name", k))
         out, names = [], set()
         for i, row in enumerate(rows):
             row = _substitute(row, variables, f"{path}:{_locate(text, table, i, None)}")
@@ -264,13 +267,16 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
             if name in names:
                 raise err(f"name {name!r} is used twice in [[{table}]]", table, i, "name")
             names.add(name)
-            kwargs = {}
+            kwargs: dict[str, Any] = {}
+            settings: dict[str, Any] = {}
             for key, value in row.items():
                 if isinstance(value, list):
                     value = tuple(value)
                 if key == "params":
                     value = tuple(sorted(value.items())) if isinstance(value, dict) else value
-                kwargs[key] = value
+                (kwargs if key in own else settings)[key] = value
+            if config_keys:
+                kwargs["settings"] = tuple(sorted(settings.items()))
             try:
                 spec = cls(**kwargs)
                 _check_spec(spec)
@@ -382,42 +388,15 @@ def _check_spec(spec: Any) -> None:
 def _classifier_config(spec: ClassifierSpec, seed: int, layer: str | None):
     from featx.classify import ClassifierConfig
 
-    return ClassifierConfig(
-        classifier=spec.classifier,
-        value=spec.value,
-        grid=spec.grid,
-        preprocess=spec.preprocess,
-        cv=spec.cv,
-        class_weight=spec.class_weight,
-        scoring=spec.scoring,
-        params=spec.params,
-        layer=layer,
-        seed=seed,
-        out_of_core=spec.out_of_core,
-    )
+    return ClassifierConfig(**dict(spec.settings), layer=layer, seed=seed)
 
 
 def _finetune_config(spec: FinetuneSpec, seed: int):
-    from featx.finetune import FinetuneConfig, parse_phases
+    from featx.finetune import DEFAULT_PHASES, FinetuneConfig, parse_phases
 
-    return FinetuneConfig(
-        phases=tuple(parse_phases(spec.phases)),
-        batch_size=spec.batch_size,
-        optimizer=spec.optimizer,
-        weight_decay=spec.weight_decay,
-        label_smoothing=spec.label_smoothing,
-        clip_grad=spec.clip_grad,
-        backbone_lr_mult=spec.backbone_lr_mult,
-        warmup=spec.warmup,
-        hidden=tuple(spec.hidden),
-        dropout=spec.dropout,
-        patience=spec.patience,
-        metric=spec.metric,
-        val_fraction=spec.val_fraction,
-        seed=seed,
-        update_bn_stats=spec.update_bn_stats,
-        crop_scale=tuple(spec.crop_scale),
-    )
+    settings = dict(spec.settings)
+    phases = tuple(parse_phases(settings.pop("phases", DEFAULT_PHASES)))
+    return FinetuneConfig(phases=phases, **settings, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ plan
