@@ -29,17 +29,24 @@ def machine_line() -> str:
             f"scikit-learn {sklearn.__version__}, torch {torch.__version__}, numpy {np.__version__}")
 
 
-def featx_search(store_path: str, classifier: str, jobs: int, rows: np.ndarray | None) -> dict:
-    from featx.classify import ClassifierConfig, _folds, build_pipeline, search
+def load(store_path: str, rows: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Train (optionally a subset of rows) and test features and labels, read once for every run."""
     from featx.store import FeatureStore
 
-    config = ClassifierConfig(classifier=classifier)
-    preset = config.validate()
     with FeatureStore(store_path) as store:
         X, y = store.features(split="train", dtype=np.float32), store.labels("train")
         Xt, yt = store.features(split="test", dtype=np.float32), store.labels("test")
     if rows is not None:
         X, y = X[rows], y[rows]
+    return X, y, Xt, yt
+
+
+def featx_search(data: tuple[np.ndarray, ...], classifier: str, jobs: int) -> dict:
+    from featx.classify import ClassifierConfig, _folds, build_pipeline, search
+
+    X, y, Xt, yt = data
+    config = ClassifierConfig(classifier=classifier)
+    preset = config.validate()
     folds, scheme = _folds(y, np.array(["train"] * len(y)), config.cv, config.seed)
     steps = config.steps(preset)
     t0 = time.perf_counter()
@@ -56,28 +63,24 @@ def featx_search(store_path: str, classifier: str, jobs: int, rows: np.ndarray |
             "test_accuracy": float((final.predict(Xt) == yt).mean())}
 
 
-def gridsearch_baseline(store_path: str, classifier: str, jobs: int, rows: np.ndarray | None) -> dict:
+def gridsearch_baseline(data: tuple[np.ndarray, ...], classifier: str, jobs: int) -> dict:
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-    from featx.classify import ClassifierConfig, build_pipeline, get_preset
-    from featx.store import FeatureStore
+    from featx.classify import ClassifierConfig, build_pipeline
 
+    X, y, Xt, yt = data
     config = ClassifierConfig(classifier=classifier)
-    preset = get_preset(classifier)
-    with FeatureStore(store_path) as store:
-        X, y = store.features(split="train", dtype=np.float32), store.labels("train")
-        Xt, yt = store.features(split="test", dtype=np.float32), store.labels("test")
-    if rows is not None:
-        X, y = X[rows], y[rows]
+    preset = config.validate()
     pipe = build_pipeline(preset, preset.grid[0], config.steps(preset))
+    # The same seeded folds as featx's search (StratifiedKFold, shuffled, seed 0).
     grid = GridSearchCV(pipe, {f"clf__{preset.param}": list(preset.grid)}, n_jobs=jobs,
-                        cv=StratifiedKFold(5, shuffle=True, random_state=0), refit=True)
+                        cv=StratifiedKFold(config.cv, shuffle=True, random_state=config.seed), refit=True)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grid.fit(X, y)
     total = time.perf_counter() - t0
-    return {"what": f"plain GridSearchCV {classifier} (5-fold, {len(preset.grid)} values)", "n": len(y),
+    return {"what": f"plain GridSearchCV {classifier} ({config.cv}-fold, {len(preset.grid)} values)", "n": len(y),
             "dims": X.shape[1], "search_s": total - grid.refit_time_, "refit_s": grid.refit_time_,
             "best": grid.best_params_[f"clf__{preset.param}"], "test_accuracy": float(grid.score(Xt, yt))}
 
@@ -101,9 +104,10 @@ def main() -> None:
     print(machine_line())
     print("| run | train images × dims | search s | refit s | chosen | test accuracy |")
     print("| --- | --- | --- | --- | --- | --- |")
+    data = load(args.store, rows)
     runs = [featx_search] + ([gridsearch_baseline] if args.baseline else [])
     for run in runs:
-        r = run(args.store, args.classifier, args.jobs, rows)
+        r = run(data, args.classifier, args.jobs)
         print(f"| {r['what']} | {r['n']} × {r['dims']} | {r['search_s']:.1f} | {r['refit_s']:.1f} | "
               f"{r['best']:g} | {r['test_accuracy']:.4f} |", flush=True)
 

@@ -372,10 +372,8 @@ class _TrainImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        import numpy as _np
-
         img = self.flip(self.crop(load_rgb(self.paths[i], self.max_pixels)))
-        return torch.from_numpy(_np.asarray(img, dtype=_np.uint8).copy()).permute(2, 0, 1), int(self.labels[i])
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), int(self.labels[i])
 
 
 class _EvalImages(Dataset):

@@ -164,6 +164,15 @@ def _locate(text: str, table: str | None, index: int | None, key: str | None) ->
     return start + 1 if table is not None else None
 
 
+def _unknown(what: str, name: str, choices: Sequence[str], kind: str, show=repr) -> str:
+    """``unknown <what>; did you mean …? <Kind> are …`` for a job-file error."""
+    from featx._errors import close_matches
+
+    hint = close_matches(name, choices)
+    suggestion = f"; did you mean {show(hint[0])}?" if hint else ""
+    return f"unknown {what}{suggestion} {kind} are {', '.join(choices)}."
+
+
 def _substitute(value: Any, variables: dict[str, str], where: str) -> Any:
     if isinstance(value, str):
 
@@ -219,15 +228,7 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
     allowed_top = {"job", "vars", *_TABLES}
     for key in data:
         if key not in allowed_top:
-            from featx._errors import close_matches
-
-            hint = close_matches(key, allowed_top)
-            raise err(
-                f"unknown section [{key}]"
-                + (f"; did you mean [{hint[0]}]?" if hint else "")
-                + f" Sections are {', '.join(sorted(allowed_top))}.",
-                key,
-            )
+            raise err(_unknown(f"section [{key}]", key, sorted(allowed_top), "Sections", "[{}]".format), key)
     variables = {k: str(v) for k, v in (data.get("vars") or {}).items()}
     for k, v in (overrides or {}).items():
         variables[k] = v
@@ -248,17 +249,7 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
             row = _substitute(row, variables, f"{path}:{_locate(text, table, i, None)}")
             for key in row:
                 if key not in fields:
-                    from featx._errors import close_matches
-
-                    hint = close_matches(key, fields)
-                    raise err(
-                        f"unknown key {key!r} in [[{table}]]"
-                        + (f"; did you mean {hint[0]!r}?" if hint else "")
-                        + f" Keys are {', '.join(fields)}.",
-                        table,
-                        i,
-                        key,
-                    )
+                    raise err(_unknown(f"key {key!r} in [[{table}]]", key, fields, "Keys"), table, i, key)
             if "name" not in row:
                 raise err(f"[[{table}]] number {i + 1} needs a name", table, i)
             name = row["name"]
