@@ -477,8 +477,11 @@ class Backbone:
         extractor = create_feature_extractor(self.model, return_nodes=return_nodes)
         extractor.eval()
         nhwc_model = str(getattr(self.model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC")
-        channels_last = _channels_last_outputs(extractor, self.preprocessing.input_size, nhwc_model)
-        return FeatureModel(extractor, tuple(layers), pool, keys, channels_last)
+        input_size = self.preprocessing.input_size
+        # Probed on first use, so building a feature model (e.g. before a cache hit) runs no forward pass.
+        return FeatureModel(
+            extractor, tuple(layers), pool, keys, lambda: _channels_last_outputs(extractor, input_size, nhwc_model)
+        )
 
 
 def _channels_last_outputs(extractor: nn.Module, input_size: tuple[int, int], nhwc_model: bool) -> list[str]:
@@ -489,13 +492,15 @@ def _channels_last_outputs(extractor: nn.Module, input_size: tuple[int, int], nh
     model declares (timm's ``output_fmt``, e.g. NHWC for Swin).
     """
     h, w = input_size
+    param = next(extractor.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     with torch.inference_mode():
-        small = extractor(torch.zeros(1, 3, h, w))
+        small = extractor(torch.zeros(1, 3, h, w, device=device))
         four_d = {k: v.shape for k, v in small.items() if v.ndim == 4}
         if not four_d:
             return []
         try:
-            large = extractor(torch.zeros(1, 3, h + 64, w + 64))
+            large = extractor(torch.zeros(1, 3, h + 64, w + 64, device=device))
         except Exception:  # fixed-size models (Swin, ViTs without dynamic size)
             return list(four_d) if nhwc_model else []
     return [k for k, shape in four_d.items() if large[k].shape[3] == shape[3] and large[k].shape[1] != shape[1]]
@@ -522,7 +527,7 @@ class FeatureModel(nn.Module):
         layers: tuple[str, ...],
         pool: str,
         keys: dict[str, str] | None = None,
-        channels_last: Sequence[str] = (),
+        channels_last: Sequence[str] | Callable[[], Sequence[str]] = (),
     ) -> None:
         super().__init__()
         if pool not in POOLS:
@@ -532,8 +537,14 @@ class FeatureModel(nn.Module):
         self.pool = pool
         # The extractor's output key for each layer (layers naming the same node share one key).
         self.keys = dict(keys) if keys is not None else {layer: layer for layer in self.layers}
-        # Output keys whose 4-D maps are [N, H, W, C] (Swin, MaxViT stages) rather than [N, C, H, W].
-        self.channels_last = frozenset(channels_last)
+        self._channels_last = channels_last
+
+    @property
+    def channels_last(self) -> frozenset[str]:
+        """Output keys whose 4-D maps are [N, H, W, C] (Swin stages) rather than [N, C, H, W]."""
+        if callable(self._channels_last):
+            self._channels_last = self._channels_last()
+        return frozenset(self._channels_last)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.extractor(x)

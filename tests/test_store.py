@@ -114,6 +114,7 @@ def test_second_run_is_a_cache_hit_without_model_work(image_folder, tmp_path, mo
 
     monkeypatch.setattr("featx.extract._Embedder.__call__", no_model_work)
     monkeypatch.setattr("featx.extract.feature_dims", no_model_work)
+    monkeypatch.setattr("featx.backbones._channels_last_outputs", no_model_work)
     second = extract(image_folder, TINY, out=out, workers=0, progress=False)
     assert second.cached and second.n_done == 18 and second.key == first.key
 
