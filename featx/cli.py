@@ -143,6 +143,14 @@ def _validate_max_failures(ctx, param, value):
     default=None,
     help="Store path (.h5) [default: in the featx cache, named by the cache key].",
 )
+@click.option(
+    "--compile",
+    "compile_mode",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="torch.compile the network (features within float tolerance of eager); auto: CPU jobs of 20,000+ images.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def extract(
     source,
@@ -162,6 +170,7 @@ def extract(
     max_pixels,
     overwrite,
     out,
+    compile_mode,
     no_progress,
 ) -> None:
     """Embed the images of SOURCE into an HDF5 feature store.
@@ -191,6 +200,7 @@ def extract(
             test_fraction=test_fraction,
             max_pixels=max_pixels,
             progress=not no_progress,
+            compile_mode=compile_mode,
         )
     except KeyboardInterrupt:
         _interrupted("the batches written so far are kept")

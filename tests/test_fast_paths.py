@@ -1,0 +1,109 @@
+"""The speed-ups of the extraction engine keep the numbers of the straightforward path."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+import featx.store
+from featx import _malloc
+from featx.extract import _compile_wanted, extract
+
+glibc_only = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's"
+)
+
+_BLOCK = 64 << 20  # as big as an activation map of a batch; glibc would mmap it by default
+
+
+def _page_faults_touching_a_fresh_block() -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = np.empty(_BLOCK, dtype=np.uint8)
+    block[::4096] = 1
+    del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@glibc_only
+def test_freed_blocks_are_reused_inside_the_context_and_handed_back_after(monkeypatch):
+    monkeypatch.delenv("FEATX_MALLOC_TUNING", raising=False)
+    # glibc's default maps a fresh block each time: it faults in again (in 4 KiB or 2 MiB pages).
+    fresh = _page_faults_touching_a_fresh_block()
+    assert fresh >= _BLOCK // (2 << 20)
+    with _malloc.reuse_freed_memory() as active:
+        assert active
+        _page_faults_touching_a_fresh_block()  # grows the heap once
+        assert _page_faults_touching_a_fresh_block() * 4 < fresh  # ...and reuses it
+    assert _malloc._depth == 0
+    assert _page_faults_touching_a_fresh_block() * 2 > fresh  # the defaults are back
+
+
+@glibc_only
+def test_nested_uses_restore_only_at_the_outermost_exit():
+    with _malloc.reuse_freed_memory(), _malloc.reuse_freed_memory():
+        assert _malloc._depth == 2
+    assert _malloc._depth == 0
+
+
+def test_malloc_tuning_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FEATX_MALLOC_TUNING", "0")
+    with _malloc.reuse_freed_memory() as active:
+        assert not active
+    with _malloc.reuse_freed_memory(enabled=False) as active:
+        assert not active
+
+
+def test_malloc_tuning_leaves_the_features_bit_identical(image_folder, tmp_path, monkeypatch):
+    tuned = extract(image_folder, TINY, out=tmp_path / "tuned.h5", workers=0, progress=False)
+    monkeypatch.setenv("FEATX_MALLOC_TUNING", "0")
+    plain = extract(image_folder, TINY, out=tmp_path / "plain.h5", workers=0, progress=False)
+    with featx.store.open(tuned.path) as a, featx.store.open(plain.path) as b:
+        np.testing.assert_array_equal(a.features(), b.features())
+
+
+def test_compile_auto_only_pays_on_big_cpu_jobs():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not _compile_wanted("auto", cpu, 1_000)
+    assert _compile_wanted("auto", cpu, 50_000)
+    assert not _compile_wanted("auto", cuda, 50_000)  # not measured on a GPU yet
+    assert _compile_wanted("on", cuda, 1) and not _compile_wanted("off", cpu, 10**9)
+
+
+def test_unknown_compile_mode_is_refused_before_any_work(image_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"compile mode 'fast'.*auto, on, off"):
+        extract(image_folder, TINY, out=tmp_path / "s.h5", compile_mode="fast", progress=False)
+    assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.slow
+def test_compiled_features_match_eager_float32(image_folder, tmp_path):
+    # 18 images in batches of 8: the last batch (2 images) is padded to the compiled shape.
+    eager = extract(image_folder, TINY, out=tmp_path / "eager.h5", batch_size=8, compile_mode="off", progress=False)
+    fast = extract(image_folder, TINY, out=tmp_path / "fast.h5", batch_size=8, compile_mode="on", progress=False)
+    assert fast.key == eager.key  # how the network was run is not part of what the features are
+    with featx.store.open(eager.path) as a, featx.store.open(fast.path) as b:
+        np.testing.assert_allclose(b.features(), a.features(), rtol=0, atol=1e-4)
+        assert b.info()["stats"]["compiled"] is True
+
+
+def test_a_model_that_does_not_compile_falls_back_to_eager(image_folder, tmp_path, monkeypatch, caplog):
+    def broken_compile(model, **kwargs):
+        def run(x):
+            raise RuntimeError("no C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager = extract(image_folder, TINY, out=tmp_path / "eager.h5", workers=0, compile_mode="off", progress=False)
+    with caplog.at_level(logging.WARNING, logger="featx.extract"):
+        fallback = extract(image_folder, TINY, out=tmp_path / "fb.h5", workers=0, compile_mode="on", progress=False)
+    assert "torch.compile failed (RuntimeError: no C++ compiler found); extracting eagerly" in caplog.text
+    with featx.store.open(eager.path) as a, featx.store.open(fallback.path) as b:
+        np.testing.assert_array_equal(a.features(), b.features())
+        assert b.info()["stats"]["compiled"] is False
