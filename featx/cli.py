@@ -682,9 +682,18 @@ def finetune(
     no_progress,
     out_dir,
 ) -> None:
-    """Fine-tune a backbone on SOURCE in phases; resumable; tested on the same split as `featx train`."""
+    """Fine-tune a backbone on SOURCE in phases; resumable; tested on the same split as `featx train`.
+
+    \b
+    On several GPUs or nodes, launch it with torchrun (DistributedDataParallel; --batch-size is global):
+    torchrun --nproc-per-node 4 -m featx finetune SOURCE --out DIR …
+    """
+    from featx._ddp import env_rank
     from featx.finetune import FinetuneConfig, parse_phases
     from featx.finetune import finetune as run_finetune
+
+    if env_rank() != 0:  # under torchrun, rank 0 tells the story
+        logging.getLogger("featx").setLevel(logging.WARNING)
 
     try:
         try:
@@ -730,6 +739,8 @@ def finetune(
         _interrupted("the last epoch's checkpoint is kept")
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
+    if env_rank() != 0:
+        return
     for c in results["curves"]:
         click.echo(
             f"  epoch {c['epoch']:>3} {c['freeze']:>5}: train loss {c['train_loss']:.4f}, val accuracy "
