@@ -104,7 +104,8 @@ def test_pipeline_cells_search_on_the_cluster(colour_folder, cluster, tmp_path):
     assert result.exit_code == 0, result.output
     assert "1 done, 1 cached" in result.output  # the store is reused, the cell is recomputed on the cluster
     remote = json.loads(cell.read_text())
-    assert remote["search"]["curve"] == local["search"]["curve"] and remote["test"] == local["test"]
+    assert remote["search"]["curve"] == local["search"]["curve"]
+    assert {**remote["test"], "predict_seconds": 0} == {**local["test"], "predict_seconds": 0}  # a timing
 
 
 def test_unreachable_or_malformed_scheduler_fails_clearly(blobs, tmp_path):
