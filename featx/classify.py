@@ -618,6 +618,7 @@ def train(
     shots: Sequence[int | str] | None = None,
     draws: int = 5,
     n_bootstrap: int = 1000,
+    scheduler: str | None = None,
 ) -> tuple[TrainedModel, dict[str, Any]]:
     """Search, refit and evaluate one classifier on a store; optionally write ``model.skops`` and ``results.json``.
 
@@ -633,6 +634,10 @@ def train(
         Also compute a learning curve: k training images per class (several seeded draws).
     draws : int, default=5
     n_bootstrap : int, default=1000
+    scheduler : str, optional
+        Address of a Dask scheduler (``tcp://HOST:8786``) to run the search's folds on, through joblib's
+        Dask backend (see :func:`featx.cluster.scheduler`); the results are the same as a local run's.
+        Needs ``pip install 'featx[dask]'``.
 
     Returns
     -------
@@ -640,41 +645,46 @@ def train(
         The model and the results (the ``results.json`` content; test metrics under ``"test"``).
     """
     preset = config.validate()
-    owns = not isinstance(store, FeatureStore)
-    fs = FeatureStore(store) if owns else store
-    try:
-        layer = config.layer or fs.layers[0]
-        if layer not in fs.layers:
-            raise unknown("layer of this store", layer, fs.layers, f"It holds: {', '.join(fs.layers)}.")
-        preprocess = config.steps(preset)
-        if config.out_of_core:
-            if shots:
-                raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
-            pipeline, value, search_result, fit_seconds, trained_on = _train_out_of_core(
-                fs, layer, preset, config, preprocess
+    if scheduler is not None and config.out_of_core:
+        raise ValueError("out-of-core training streams the store on this machine; drop --scheduler or out-of-core")
+    from featx.cluster import scheduler as dask_scheduler
+
+    with dask_scheduler(scheduler):  # connect first: a bad address fails before the store is read
+        owns = not isinstance(store, FeatureStore)
+        fs = FeatureStore(store) if owns else store
+        try:
+            layer = config.layer or fs.layers[0]
+            if layer not in fs.layers:
+                raise unknown("layer of this store", layer, fs.layers, f"It holds: {', '.join(fs.layers)}.")
+            preprocess = config.steps(preset)
+            if config.out_of_core:
+                if shots:
+                    raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
+                pipeline, value, search_result, fit_seconds, trained_on = _train_out_of_core(
+                    fs, layer, preset, config, preprocess
+                )
+            else:
+                pipeline, value, search_result, fit_seconds, trained_on = _train_in_memory(
+                    fs, layer, preset, config, preprocess, n_jobs
+                )
+            return _finish_training(
+                fs,
+                config,
+                preset,
+                layer,
+                pipeline,
+                value,
+                search_result,
+                fit_seconds,
+                trained_on,
+                n_bootstrap=n_bootstrap,
+                out_dir=out_dir,
+                shots=shots,
+                draws=draws,
             )
-        else:
-            pipeline, value, search_result, fit_seconds, trained_on = _train_in_memory(
-                fs, layer, preset, config, preprocess, n_jobs
-            )
-        return _finish_training(
-            fs,
-            config,
-            preset,
-            layer,
-            pipeline,
-            value,
-            search_result,
-            fit_seconds,
-            trained_on,
-            n_bootstrap=n_bootstrap,
-            out_dir=out_dir,
-            shots=shots,
-            draws=draws,
-        )
-    finally:
-        if owns:
-            fs.close()
+        finally:
+            if owns:
+                fs.close()
 
 
 def _train_in_memory(

@@ -428,6 +428,12 @@ def _key_values(ctx, param, value):
     is_flag=True,
     help="sgd only: stream the store through partial_fit in shuffled blocks (bounded memory).",
 )
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run the search's folds on the Dask scheduler at ADDRESS (tcp://HOST:8786); needs featx[dask].",
+)
 @click.option("--shots", default=None, callback=_shots, help="Learning curve: images per class, e.g. 1,2,5,10,all.")
 @click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, help="Seeded draws per shot count.")
 @click.option(
@@ -454,6 +460,7 @@ def train(
     layer,
     seed,
     out_of_core,
+    scheduler,
     shots,
     draws,
     out_dir,
@@ -488,8 +495,10 @@ def train(
             out_of_core=out_of_core,
         )
         config.validate()
-        _, results = run_train(store, config, n_jobs=jobs, out_dir=out_dir, shots=shots, draws=draws)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _, results = run_train(
+            store, config, n_jobs=jobs, out_dir=out_dir, shots=shots, draws=draws, scheduler=scheduler
+        )
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, ModuleNotFoundError) as exc:
         _fail(exc)
     _print_results(results)
     click.echo(f"wrote {out_dir}/model.skops and {out_dir}/results.json")
@@ -692,9 +701,18 @@ def finetune(
     no_progress,
     out_dir,
 ) -> None:
-    """Fine-tune a backbone on SOURCE in phases; resumable; tested on the same split as `featx train`."""
+    """Fine-tune a backbone on SOURCE in phases; resumable; tested on the same split as `featx train`.
+
+    \b
+    On several GPUs or nodes, launch it with torchrun (DistributedDataParallel; --batch-size is global):
+    torchrun --nproc-per-node 4 -m featx finetune SOURCE --out DIR …
+    """
+    from featx._ddp import env_rank
     from featx.finetune import FinetuneConfig, parse_phases
     from featx.finetune import finetune as run_finetune
+
+    if env_rank() != 0:  # under torchrun, rank 0 tells the story
+        logging.getLogger("featx").setLevel(logging.WARNING)
 
     try:
         try:
@@ -740,6 +758,8 @@ def finetune(
         _interrupted("the last epoch's checkpoint is kept")
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
+    if env_rank() != 0:
+        return
     for c in results["curves"]:
         click.echo(
             f"  epoch {c['epoch']:>3} {c['freeze']:>5}: train loss {c['train_loss']:.4f}, val accuracy "
@@ -767,18 +787,24 @@ def _set_vars(ctx, param, value):
 @click.option("--only", multiple=True, help="Run only tasks or cells matching this pattern (and what they need).")
 @click.option("--force", is_flag=True, help="Redo the selected cells even when their results are cached.")
 @click.option("--dry-run", is_flag=True, help="Print the plan: what is cached and what would run.")
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run the classifier cells' searches on the Dask scheduler at ADDRESS (tcp://HOST:8786); needs featx[dask].",
+)
 @click.option("--no-progress", is_flag=True)
-def run(pipeline, overrides, only, force, dry_run, no_progress) -> None:
+def run(pipeline, overrides, only, force, dry_run, scheduler, no_progress) -> None:
     """Run a pipeline (datasets × backbones × classifiers, + fine-tuning) as a cached, resumable batch job."""
     from featx.pipeline import load_job
     from featx.pipeline import run as run_job
 
     try:
         job = load_job(pipeline, overrides)
-        summary = run_job(job, only=only, force=force, dry_run=dry_run, progress=not no_progress)
+        summary = run_job(job, only=only, force=force, dry_run=dry_run, progress=not no_progress, scheduler=scheduler)
     except KeyboardInterrupt:
         _interrupted("finished cells, extracted batches and fine-tuning checkpoints are kept")
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, ModuleNotFoundError) as exc:
         _fail(exc)
     for task in summary.tasks:
         note = f"  ({task.message})" if task.message else ""

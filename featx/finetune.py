@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from featx import _ddp
 from featx._env import library_versions
 from featx._errors import SpecMismatchError, UnknownNameError
 from featx._imageio import load_rgb, preprocess_uint8
@@ -357,7 +359,12 @@ class _Classifier(nn.Module):
 
 
 class _TrainImages(Dataset):
-    """Training images with augmentation derived from the backbone's preprocessing (random resized crop, flip)."""
+    """Training images with augmentation derived from the backbone's preprocessing (random resized crop, flip).
+
+    Items are keyed ``(index, epoch_seed, weight)`` by :class:`_GlobalBatches`. Each image's augmentation is
+    drawn from its own generator seeded by ``(epoch_seed, index)``, so it is the same whichever process,
+    DataLoader worker or rank loads it: a run on N ranks sees exactly the images a run on one process sees.
+    """
 
     def __init__(
         self, paths: Sequence[str], labels: np.ndarray, pre: Preprocessing, scale: tuple[float, float], max_pixels: int
@@ -371,9 +378,47 @@ class _TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
-        img = self.flip(self.crop(load_rgb(self.paths[i], self.max_pixels)))
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), int(self.labels[i])
+    def __getitem__(self, key: tuple[int, int, float]):
+        i, epoch_seed, weight = key
+        image = load_rgb(self.paths[i], self.max_pixels)
+        # torchvision's transforms draw from the global generator; fork it so the image's own seed rules.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(epoch_seed, i))
+            img = self.flip(self.crop(image))
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return pixels, int(self.labels[i]), float(weight)
+
+
+def _sample_seed(epoch_seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([epoch_seed, index]).generate_state(1)[0])
+
+
+class _GlobalBatches:
+    """One epoch's batches for one rank: the global order is a seeded permutation, each global batch of
+    ``batch_size`` images is split across the ranks in contiguous parts.
+
+    The global batches are the ones a single process would train on, so with gradients averaged over the
+    ranks (and each image's loss weighted by ``world / len(global batch)``) every step sees the same gradient
+    as a single process, whatever the number of ranks. A rank whose part of a short last batch is empty gets
+    one image with weight 0, because every rank must run each step's forward and backward pass.
+    """
+
+    def __init__(self, n: int, batch_size: int, epoch_seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.epoch_seed, self.rank, self.world = n, batch_size, epoch_seed, rank, world
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch_seed)).tolist()
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            weight = self.world / len(batch)
+            part = np.array_split(np.array(batch), self.world)[self.rank]
+            if len(part):
+                yield [(int(i), self.epoch_seed, weight) for i in part]
+            else:
+                yield [(batch[0], self.epoch_seed, 0.0)]
 
 
 class _EvalImages(Dataset):
@@ -502,7 +547,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 @torch.inference_mode()
-def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: str, criterion) -> tuple:
+def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: str, n_classes: int) -> tuple:
+    """Scores, labels and the summed cross-entropy of everything in ``loader``."""
     model.eval()
     logits, labels, loss_sum = [], [], 0.0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -512,12 +558,54 @@ def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(images).float()
-        loss_sum += float(criterion(out, y.to(device)).item()) * len(y)
+        loss_sum += float(nn.functional.cross_entropy(out, y.to(device), reduction="sum").item())
         logits.append(out.cpu())
         labels.append(y)
-    scores = torch.cat(logits).numpy()
-    y_all = torch.cat(labels).numpy()
-    return scores, y_all, loss_sum / max(1, len(y_all))
+    if not logits:  # this rank's shard is empty
+        return np.zeros((0, n_classes), dtype=np.float32), np.zeros(0, dtype=np.int64), 0.0
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy(), loss_sum
+
+
+def _predict_rows(
+    model: nn.Module,
+    images: _EvalImages,
+    world: _ddp.World,
+    *,
+    batch_size: int,
+    loader_kw: dict[str, Any],
+    device: torch.device,
+    amp: str,
+    n_classes: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scores and labels of every image, in order, on every rank, and the mean loss.
+
+    Each rank predicts every ``world.size``-th image (no padding, so no image counts twice); the parts
+    are gathered and put back in order, so the metrics equal a single process's.
+    """
+    mine = np.arange(len(images))[world.rank :: world.size]
+    loader = DataLoader(Subset(images, mine.tolist()), batch_size=batch_size, shuffle=False, **loader_kw)
+    scores, y, loss_sum = _predict(model, loader, device, amp, n_classes)
+    parts = _ddp.gather_objects(world, (mine, scores, y, loss_sum))
+    if len(parts) == 1:
+        return scores, y, loss_sum / max(1, len(y))
+    order = np.concatenate([p[0] for p in parts])
+    all_scores = np.zeros((len(images), n_classes), dtype=np.float32)
+    all_y = np.zeros(len(images), dtype=np.int64)
+    all_scores[order] = np.concatenate([p[1] for p in parts])
+    all_y[order] = np.concatenate([p[2] for p in parts])
+    return all_scores, all_y, sum(p[3] for p in parts) / max(1, len(images))
+
+
+def _readable_sharded(
+    manifest: Manifest, rows: np.ndarray, max_pixels: int, world: _ddp.World
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """:func:`_readable`, each rank decoding its share of the images once."""
+    parts = _ddp.gather_objects(world, _readable(manifest, rows[world.rank :: world.size], max_pixels))
+    if len(parts) == 1:
+        return parts[0]
+    reasons = dict(b for _, part in parts for b in part)
+    ok = np.array([r for r in rows if manifest.ids[r] not in reasons], dtype=np.int64)
+    return ok, [(manifest.ids[r], reasons[manifest.ids[r]]) for r in rows if manifest.ids[r] in reasons]
 
 
 def finetune(
@@ -543,17 +631,61 @@ def finetune(
     ``finetune.json`` (how to rebuild it) and ``results.json`` (curves and test metrics, same schema as
     ``featx train``).
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) each rank trains on its part of every global
+    batch with :class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on CUDA, gloo on the CPU);
+    ``config.batch_size`` stays the global batch, so the run follows the single-process one (see
+    ``docs/distributed-training.md``). Only rank 0 writes files; every rank returns the same results.
+
     Returns
     -------
     dict
         The results (test metrics under ``"test"``, per-epoch curves under ``"curves"``).
     """
+    world, dev = _ddp.init(device)
+    try:
+        return _finetune(
+            world,
+            dev,
+            source,
+            backbone,
+            config,
+            Path(out_dir),
+            init_head=init_head,
+            trust=trust,
+            amp=amp,
+            workers=workers,
+            overwrite=overwrite,
+            progress=progress,
+            test_fraction=test_fraction,
+            max_pixels=max_pixels,
+        )
+    finally:
+        _ddp.close(world)
+
+
+def _finetune(
+    world: _ddp.World,
+    dev: torch.device,
+    source: str | Path | Manifest,
+    backbone: str,
+    config: FinetuneConfig,
+    out: Path,
+    *,
+    init_head: str | Path | None,
+    trust: bool,
+    amp: str,
+    workers: int | None,
+    overwrite: bool,
+    progress: bool,
+    test_fraction: float,
+    max_pixels: int,
+) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
+    info = log.info if world.is_main else log.debug  # one story in the log, not one per rank
     resolve_backbone(backbone)
     manifest = (
         source if isinstance(source, Manifest) else load_source(source, seed=config.seed, test_fraction=test_fraction)
@@ -593,6 +725,12 @@ def finetune(
     for p in net.model.parameters():
         p.requires_grad_(True)
 
+    fp = manifest.fingerprint()
+    if len(set(_ddp.gather_objects(world, fp))) > 1:
+        raise RuntimeError(
+            f"the ranks see different data at {manifest.source} (manifest fingerprints differ); every node "
+            "must see the same files: put the dataset on a shared filesystem or copy it identically"
+        )
     splits = np.array(manifest.splits)
     train_rows, val_rows = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
     val_policy = "from source"
@@ -600,14 +738,14 @@ def finetune(
         train_rows, val_rows = _carve_val(manifest.labels, train_rows, config.val_fraction, config.seed)
         val_policy = f"carved from train: {config.val_fraction:g} per class, seed {config.seed}"
     test_rows = np.flatnonzero(splits == "test")
-    train_rows, bad_train = _readable(manifest, train_rows, max_pixels)
-    val_rows, bad_val = _readable(manifest, val_rows, max_pixels)
-    test_rows, bad_test = _readable(manifest, test_rows, max_pixels)
+    train_rows, bad_train = _readable_sharded(manifest, train_rows, max_pixels, world)
+    val_rows, bad_val = _readable_sharded(manifest, val_rows, max_pixels, world)
+    test_rows, bad_test = _readable_sharded(manifest, test_rows, max_pixels, world)
     skipped = bad_train + bad_val + bad_test
-    for image_id, reason in skipped:
-        log.warning("skipping unreadable image %s: %s", image_id, reason)
+    if world.is_main:
+        for image_id, reason in skipped:
+            log.warning("skipping unreadable image %s: %s", image_id, reason)
 
-    fp = manifest.fingerprint()
     run_hash = _config_hash(config, net, fp, init_ref)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
@@ -621,24 +759,38 @@ def finetune(
                     "to start afresh, or choose another --out"
                 )
             state = None
+    # Every rank must resume from the same place (they each read checkpoint.pt): a different answer means
+    # --out is not one folder that all nodes see.
+    positions = _ddp.gather_objects(world, None if state is None else (state["phase"], state["epoch_in_phase"]))
+    if len(set(positions)) > 1:
+        raise RuntimeError(
+            f"the ranks found different checkpoints in {out} (per rank: {positions}); --out must be a folder "
+            "on a filesystem that every node sees"
+        )
 
     pre = net.preprocessing
+    if world.distributed and config.update_bn_stats:
+        if dev.type == "cuda":  # batch statistics over the global batch, as on one GPU
+            net.model = nn.SyncBatchNorm.convert_sync_batchnorm(net.model)
+        elif world.is_main:
+            warnings.warn(
+                "update_bn_stats under gloo: BatchNorm statistics come from each rank's part of the batch "
+                "(SyncBatchNorm needs CUDA), so the run will not match a single-process one",
+                stacklevel=3,
+            )
     model = _Classifier(net.model, pre).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     labels = manifest.labels
     paths = manifest.paths
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    if workers is None:  # the node's cores are shared by its ranks
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        workers = min(8, max(1, (os.cpu_count() or 1) // per_node))
     loader_kw = {"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": False}
     train_set = _TrainImages([paths[r] for r in train_rows], labels[train_rows], pre, config.crop_scale, max_pixels)
-    val_loader = DataLoader(
-        _EvalImages([paths[r] for r in val_rows], labels[val_rows], pre, max_pixels),
-        batch_size=config.batch_size,
-        shuffle=False,
-        **loader_kw,
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    eval_criterion = nn.CrossEntropyLoss()
+    val_images = _EvalImages([paths[r] for r in val_rows], labels[val_rows], pre, max_pixels)
+    predict_kw = {"batch_size": config.batch_size, "loader_kw": loader_kw, "device": dev, "amp": amp}
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="none")
     steps_per_epoch = max(1, math.ceil(len(train_rows) / config.batch_size))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16")
@@ -650,16 +802,28 @@ def finetune(
         model.net.load_state_dict(state["model"])
         curves, best = state["curves"], state["best"]
         start_phase, start_epoch, stale = state["phase"], state["epoch_in_phase"], state["stale"]
-        log.info("resuming %s at phase %d, epoch %d", out, start_phase + 1, start_epoch + 1)
+        info("resuming %s at phase %d, epoch %d", out, start_phase + 1, start_epoch + 1)
     global_epoch = sum(p.epochs for p in config.phases[:start_phase]) + start_epoch
     total_epochs = sum(p.epochs for p in config.phases)
-    bar = tqdm(total=total_epochs, initial=global_epoch, unit="epoch", desc="finetune", disable=not progress)
+    bar = tqdm(
+        total=total_epochs,
+        initial=global_epoch,
+        unit="epoch",
+        desc="finetune",
+        disable=not (progress and world.is_main),
+    )
     best_path = out / WEIGHTS
 
     for phase_index in range(start_phase, len(config.phases)):
         phase = config.phases[phase_index]
         trainable = _set_trainable(model.net, blocks, head_name, phase)
         optimizer = _optimizer(model.net, head_name, config, phase.lr)
+        # DDP is rebuilt per phase: it registers gradient hooks only on the parameters that train now.
+        step_model: nn.Module = (
+            DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            if world.distributed
+            else model
+        )
         total_steps = phase.epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_lambda(total_steps, round(config.warmup * total_steps))
@@ -671,7 +835,7 @@ def finetune(
             scaler.load_state_dict(state["scaler"])
         if phase_index != start_phase:
             stale = 0
-        log.info(
+        info(
             "phase %d/%d %s: %d trainable tensors, lr %g",
             phase_index + 1,
             len(config.phases),
@@ -681,23 +845,27 @@ def finetune(
         )
         for epoch in range(first_epoch, phase.epochs):
             seed = _epoch_seed(config.seed, global_epoch)
-            torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)
+            torch.manual_seed((seed + 7919 * world.rank) % 2**31)  # dropout masks differ between ranks
             train_loader = DataLoader(
-                train_set, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False, **loader_kw
+                train_set,
+                batch_sampler=_GlobalBatches(len(train_set), config.batch_size, seed, world.rank, world.size),
+                **loader_kw,
             )
             _train_mode(model.net, config.update_bn_stats)
             t0 = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, correct, seen = 0.0, 0.0, 0.0
             lr_sums: dict[str, float] = {}
             steps = 0
-            for images, y in train_loader:
+            for images, y, weight in train_loader:
                 images, y = images.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                weight = weight.to(dev, dtype=torch.float32, non_blocking=True)
                 if dev.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                    logits = model(images)
-                    loss = criterion(logits.float(), y)
+                    logits = step_model(images)
+                    per_image = criterion(logits.float(), y)
+                    # world/len(global batch) per image: DDP's mean over ranks makes this the global batch mean.
+                    loss = (per_image * weight).sum()
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.clip_grad:
@@ -709,11 +877,13 @@ def finetune(
                     lr_sums[group["featx_group"]] = lr_sums.get(group["featx_group"], 0.0) + group["lr"]
                 steps += 1
                 scheduler.step()
-                loss_sum += float(loss.item()) * len(y)
-                correct += int((logits.argmax(1) == y).sum().item())
-                seen += len(y)
+                real = (weight > 0).float()
+                loss_sum += float((per_image.detach() * real).sum().item())
+                correct += float(((logits.argmax(1) == y).float() * real).sum().item())
+                seen += float(real.sum().item())
             seconds = time.perf_counter() - t0
-            val_scores, val_y, val_loss = _predict(model, val_loader, dev, amp, eval_criterion)
+            loss_sum, correct, seen = _ddp.sum_floats(world, [loss_sum, correct, seen], dev)
+            val_scores, val_y, val_loss = _predict_rows(model, val_images, world, n_classes=n_classes, **predict_kw)
             val_acc = float((val_scores.argmax(1) == val_y).mean()) if len(val_y) else float("nan")
             lrs = {name: total / max(1, steps) for name, total in lr_sums.items()}  # mean over the epoch's steps
             curves.append(
@@ -735,37 +905,41 @@ def finetune(
             if best["metric"] is None or metric > best["metric"]:
                 best = {"metric": metric, "epoch": global_epoch + 1}
                 stale = 0
-                from safetensors.torch import save_file
+                if world.is_main:
+                    from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(best_path))
+                    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(best_path))
             else:
                 stale += 1
             global_epoch += 1
             last_in_phase = epoch + 1 == phase.epochs or (config.patience is not None and stale >= config.patience)
-            _atomic_torch_save(
-                {
-                    "run_hash": run_hash,
-                    "model": model.net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "curves": curves,
-                    "best": best,
-                    "phase": phase_index + 1 if last_in_phase else phase_index,
-                    "epoch_in_phase": 0 if last_in_phase else epoch + 1,
-                    "stale": 0 if last_in_phase else stale,
-                },
-                ckpt_path,
-            )
+            if world.is_main:  # the ranks hold the same weights: one writer
+                _atomic_torch_save(
+                    {
+                        "run_hash": run_hash,
+                        "model": model.net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "curves": curves,
+                        "best": best,
+                        "phase": phase_index + 1 if last_in_phase else phase_index,
+                        "epoch_in_phase": 0 if last_in_phase else epoch + 1,
+                        "stale": 0 if last_in_phase else stale,
+                    },
+                    ckpt_path,
+                )
+            _ddp.barrier(world)
             bar.update(1)
             bar.set_postfix(val_acc=f"{val_acc:.3f}", refresh=False)
             if config.patience is not None and stale >= config.patience:
-                log.info("no improvement for %d epochs: ending phase %d early", stale, phase_index + 1)
+                info("no improvement for %d epochs: ending phase %d early", stale, phase_index + 1)
                 bar.update(phase.epochs - epoch - 1)
                 global_epoch += phase.epochs - epoch - 1
                 break
         state = None
         start_epoch = 0
+        del step_model
     bar.close()
 
     # The best epoch's weights, tested once.
@@ -774,14 +948,9 @@ def finetune(
     model.net.load_state_dict(load_file(str(best_path)))
     test_metrics = None
     if len(test_rows):
-        test_loader = DataLoader(
-            _EvalImages([paths[r] for r in test_rows], labels[test_rows], pre, max_pixels),
-            batch_size=config.batch_size,
-            shuffle=False,
-            **loader_kw,
-        )
+        test_images = _EvalImages([paths[r] for r in test_rows], labels[test_rows], pre, max_pixels)
         t0 = time.perf_counter()
-        scores, y_test, _ = _predict(model, test_loader, dev, amp, eval_criterion)
+        scores, y_test, _ = _predict_rows(model, test_images, world, n_classes=n_classes, **predict_kw)
         predict_seconds = time.perf_counter() - t0
         test_metrics = evaluate(y_test, scores.argmax(1), manifest.class_names, scores=scores, seed=config.seed)
         test_metrics["predict_seconds"] = round(predict_seconds, 4)
@@ -801,7 +970,6 @@ def finetune(
         "best_epoch": best["epoch"],
         "extract_with": f"file:{family}={best_path.resolve()}" if not config.hidden else None,
     }
-    (out / FINETUNE_META).write_text(json.dumps(meta, indent=2))
     n_train = len(train_rows)
     results = {
         "schema": "featx.results/1",
@@ -813,7 +981,14 @@ def finetune(
         "val_policy": val_policy,
         "manifest_fingerprint": fp,
         "backbone": net.name,
-        "finetune": {**config.to_dict(), "blocks": len(blocks), "init_head": init_ref, "amp": amp, "device": str(dev)},
+        "finetune": {
+            **config.to_dict(),
+            "blocks": len(blocks),
+            "init_head": init_ref,
+            "amp": amp,
+            "device": str(dev),
+            "world_size": world.size,
+        },
         "curves": curves,
         "best_epoch": best["epoch"],
         "skipped_images": [{"id": i, "reason": r} for i, r in skipped],
@@ -827,9 +1002,12 @@ def finetune(
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t_start, 3),
     }
-    from featx.classify import write_results
+    if world.is_main:
+        from featx.classify import write_results
 
-    write_results(out / "results.json", results)
+        (out / FINETUNE_META).write_text(json.dumps(meta, indent=2))
+        write_results(out / "results.json", results)
+    _ddp.barrier(world)  # no rank returns (or exits) before the files are there
     return results
 
 

@@ -481,7 +481,13 @@ class RunSummary:
 
 
 def run(
-    job: Job, *, only: Sequence[str] = (), force: bool = False, dry_run: bool = False, progress: bool = True
+    job: Job,
+    *,
+    only: Sequence[str] = (),
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    scheduler: str | None = None,
 ) -> RunSummary:
     """Execute (or, with ``dry_run``, only plan) a job; cached cells are skipped, failures isolated.
 
@@ -493,10 +499,21 @@ def run(
         Redo selected cells even when their results are cached (extractions stay cached).
     dry_run : bool
         Print what is cached and what would run; nothing is computed (weights are loaded to compute keys).
+    scheduler : str, optional
+        Address of a Dask scheduler (``tcp://HOST:8786``): every classifier cell's search runs its folds on
+        that cluster (see :func:`featx.cluster.scheduler`). Cells still run one after another here, reading
+        their stores on this machine; the results, and so the cell cache, are the same as a local run's.
     """
-    from tqdm.auto import tqdm
+    from featx.cluster import scheduler as dask_scheduler
 
     t0 = time.perf_counter()
+    with dask_scheduler(None if dry_run else scheduler):  # connect first: a bad address fails before any work
+        return _run(job, only=only, force=force, dry_run=dry_run, progress=progress, t0=t0)
+
+
+def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress: bool, t0: float) -> RunSummary:
+    from tqdm.auto import tqdm
+
     job.out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(job.out / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
