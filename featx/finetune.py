@@ -33,6 +33,7 @@ from featx import _ddp
 from featx._env import library_versions
 from featx._errors import SpecMismatchError, UnknownNameError
 from featx._imageio import load_rgb, preprocess_uint8
+from featx._malloc import reuse_freed_memory
 from featx.backbones import Backbone, load_backbone, resolve_backbone
 from featx.data import Manifest, load_source
 from featx.extract import _resolve_amp, resolve_device
@@ -643,22 +644,23 @@ def finetune(
     """
     world, dev = _ddp.init(device)
     try:
-        return _finetune(
-            world,
-            dev,
-            source,
-            backbone,
-            config,
-            Path(out_dir),
-            init_head=init_head,
-            trust=trust,
-            amp=amp,
-            workers=workers,
-            overwrite=overwrite,
-            progress=progress,
-            test_fraction=test_fraction,
-            max_pixels=max_pixels,
-        )
+        with reuse_freed_memory(dev.type == "cpu"):  # CPU training frees and re-faults big activations per step
+            return _finetune(
+                world,
+                dev,
+                source,
+                backbone,
+                config,
+                Path(out_dir),
+                init_head=init_head,
+                trust=trust,
+                amp=amp,
+                workers=workers,
+                overwrite=overwrite,
+                progress=progress,
+                test_fraction=test_fraction,
+                max_pixels=max_pixels,
+            )
     finally:
         _ddp.close(world)
 

@@ -1,0 +1,111 @@
+"""Shared by the benchmark scripts: the machine line, sample images, child runs and Markdown tables."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+HYMENOPTERA = SHARED_DATA / "hymenoptera"
+
+
+def machine() -> dict:
+    """What the numbers were measured on: CPU, cores, memory, GPU and library versions."""
+    import h5py
+    import sklearn
+    import timm
+    import torch
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "date": _dt.date.today().isoformat(),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "gpu": gpu,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "scikit-learn": sklearn.__version__,
+        "h5py": h5py.__version__,
+    }
+
+
+def machine_line() -> str:
+    m = machine()
+    return (
+        f"{m['date']} · {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, GPU: {m['gpu']}, {m['os']} · "
+        f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, timm {m['timm']}, "
+        f"scikit-learn {m['scikit-learn']}, h5py {m['h5py']}"
+    )
+
+
+def sample_jpegs(out: Path, n: int, source: Path = HYMENOPTERA) -> Path:
+    """``out/<class>/<i>.jpg``: ``n`` real photos, cycling through the JPEGs of ``source``'s class folders.
+
+    Copies, not links, so every file is read from disk like a real dataset's. Made once per ``n``.
+    """
+    if (out / ".complete").exists() and int((out / ".complete").read_text()) == n:
+        return out
+    if not source.is_dir():
+        sys.exit(f"no sample images: {source} is missing (pass --images DIR, a folder of <class>/*.jpg)")
+    photos = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not photos:
+        sys.exit(f"no JPEG files under {source}")
+    shutil.rmtree(out, ignore_errors=True)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        target = out / photo.parent.name / f"{i:06d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(photo, target)
+    (out / ".complete").write_text(str(n))
+    return out
+
+
+def run_child(args: list[str], env: dict | None = None, python: str | None = None, timeout: float = 3600) -> dict:
+    """Run ``python <args>`` in a fresh process (so allocator and thread settings cannot leak between
+    runs) and parse the JSON object it prints last."""
+    cmd = [python or sys.executable, *args]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
