@@ -277,6 +277,11 @@ _LAUNCH = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import conftest  # registers featx:tiny_test in every rank
     from featx.cli import main
+    if os.environ.get("FAIL_RANK") == os.environ["RANK"]:  # this rank's extraction dies with an error
+        import featx.extract
+        def broken(job, shard):
+            raise RuntimeError("disk full on this node")
+        featx.extract._extract_shard = broken
     out = sys.argv[sys.argv.index("--out") + 1]
     for run in ("first", "second"):
         if run == "second" and os.environ["RANK"] == "0":
@@ -295,13 +300,11 @@ _LAUNCH = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process(images, tmp_path):
-    out = tmp_path / "ddp.h5"
+def _torchrun(tmp_path: Path, images: Path, out: Path, **env_extra: str) -> tuple[int, str, str]:
     script = tmp_path / "launch.py"
     script.write_text(_LAUNCH.format(tests=str(TESTS)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", **env_extra)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     command += ["extract", str(images), "--backbone", TINY, "--workers", "0", "--batch-size", "4", "--out", str(out)]
     command += ["--no-progress", "--max-failures", "1"]
@@ -312,7 +315,14 @@ def test_torchrun_two_processes_equal_one_process(images, tmp_path):
     finally:  # never leave ranks behind, whatever happened
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stdout + stderr
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process(images, tmp_path):
+    out = tmp_path / "ddp.h5"
+    code, stdout, stderr = _torchrun(tmp_path, images, out)
+    assert code == 0, stdout + stderr
     first, second = stdout.split("store before second run:")
     assert "extracted 18 of 19 images, 1 failed" in first and "on 2 × cpu" in first
     assert "cache hit" in second and "extracted" not in second  # every rank sees it; rank 0 reports
@@ -324,3 +334,19 @@ def test_torchrun_two_processes_equal_one_process(images, tmp_path):
     assert_same_store(out, single.path)
     with featx.store.open(out) as store:
         assert store.info()["stats"]["shards"] == 2
+
+
+@pytest.mark.slow
+def test_a_failed_rank_is_named_and_can_be_rerun_alone(images, tmp_path):
+    out = tmp_path / "ddp.h5"
+    code, stdout, stderr = _torchrun(tmp_path, images, out, FAIL_RANK="1")
+    assert code != 0, stdout
+    # Rank 0 is not left waiting: it learns which rank failed, and how to redo just that shard.
+    assert "extraction failed on rank 1: RuntimeError: disk full on this node" in stderr
+    assert "--shard 1/2" in stderr and f"featx join {out}" in stderr
+    assert shard_path(out, Shard(0, 2)).is_file() and not out.exists()  # rank 0's shard is kept, nothing joined
+
+    redo = _extract(images, out, shard="1/2")
+    assert redo.n_images == 10 and not redo.cached
+    join_shards(out)
+    assert_same_store(out, _extract(images, tmp_path / "single.h5").path)
