@@ -147,6 +147,7 @@ class TorchrunEnv:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1
 
     @classmethod
     def detect(cls, environ: dict[str, str] | None = None) -> TorchrunEnv | None:
@@ -166,7 +167,8 @@ class TorchrunEnv:
             missing = ", ".join(name for name in names if name not in present)
             raise ValueError(
                 f"the torchrun environment is incomplete ({missing} not set); launch with "
-                "`torchrun --nproc-per-node N -m featx extract ...`, or use --shard INDEX/COUNT without torchrun"
+                "`torchrun --nproc-per-node N -m featx extract ...`, use --shard INDEX/COUNT without torchrun, "
+                "or pass --no-distributed to ignore these variables"
             )
         try:
             rank, world, local = (int(env[name]) for name in names)
@@ -176,7 +178,12 @@ class TorchrunEnv:
             ) from None
         if not 0 <= rank < world:
             raise ValueError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
-        return cls(rank, world, local)
+        local_world = int(env.get("LOCAL_WORLD_SIZE") or 1)
+        return cls(rank, world, local, max(1, local_world))
+
+    def default_workers(self) -> int:
+        """DataLoader workers per rank when none are asked for: this node's cores shared by its ranks (≤ 8)."""
+        return max(1, min(8, (os.cpu_count() or 1) // self.local_world_size))
 
     def device(self, requested: str) -> str:
         """This rank's device: ``cuda:LOCAL_RANK`` for ``auto`` or ``cuda`` where CUDA is available, else as asked."""

@@ -348,9 +348,9 @@ def extract(
     distributed : bool, default=False
         Run as one rank of a ``torchrun`` job (read from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``): every rank
         checks that all computed the same key, extracts its shard (on ``cuda:LOCAL_RANK`` when the device is
-        ``auto`` or ``cuda``), and rank 0 joins the shards into ``out`` after a barrier; only rank 0 shows
-        progress. Rank 0's result describes the joined store, the others' their shard. See
-        ``docs/distributed.md``.
+        ``auto`` or ``cuda``; ``workers`` defaults to the node's cores divided by its ranks), and rank 0 joins
+        the shards into ``out`` after a barrier; only rank 0 shows progress. Rank 0's result describes the
+        joined store, the others' their shard. See ``docs/distributed.md``.
 
     Returns
     -------
@@ -381,6 +381,8 @@ def extract(
         else:
             device = env.device(device)
             progress = progress and env.rank == 0
+            if workers is None:  # the default (one per core) would oversubscribe a node running several ranks
+                workers = env.default_workers()
     one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
