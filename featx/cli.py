@@ -55,6 +55,17 @@ def _validate_max_failures(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _validate_shard(ctx, param, value):
+    if value is None:
+        return None
+    from featx.distributed import Shard
+
+    try:
+        return Shard.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
 @click.argument("source")
 @click.option(
@@ -152,6 +163,20 @@ def _validate_max_failures(ctx, param, value):
     help="torch.compile the network (features within float tolerance of eager); auto: CPU jobs of 20,000+ images.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--shard",
+    default=None,
+    callback=_validate_shard,
+    metavar="INDEX/COUNT",
+    help="Extract only this shard of the images (INDEX from 0) into OUT.shards/, e.g. to re-run one dead "
+    "torchrun rank alone; then `featx join OUT`.",
+)
+@click.option(
+    "--distributed/--no-distributed",
+    default=None,
+    help="Run as one rank of a torchrun job: each rank extracts its shard, rank 0 joins them into OUT "
+    "[default: on when launched by torchrun with more than one process].",
+)
 def extract(
     source,
     backbone,
@@ -172,15 +197,25 @@ def extract(
     out,
     compile_mode,
     no_progress,
+    shard,
+    distributed,
 ) -> None:
     """Embed the images of SOURCE into an HDF5 feature store.
 
     SOURCE is an image folder (root/<class>/<img> or root/<split>/<class>/<img>), a CSV/TSV manifest
     (path,label[,split]), a .txt list of images, `digits`, or `torchvision:NAME`.
+
+    \b
+    On several GPUs or machines (see docs/distributed.md):
+    torchrun --nproc-per-node 4 -m featx extract SOURCE --out STORE.h5
     """
+    from featx.distributed import TorchrunEnv
     from featx.extract import extract as run_extract
 
     try:
+        if distributed is None:  # on by default under torchrun with several processes, unless one shard is asked for
+            env = TorchrunEnv.detect()
+            distributed = shard is None and env is not None and env.world_size > 1
         result = run_extract(
             source,
             backbone,
@@ -201,11 +236,18 @@ def extract(
             max_pixels=max_pixels,
             progress=not no_progress,
             compile_mode=compile_mode,
+            shard=shard,
+            distributed=distributed,
         )
     except KeyboardInterrupt:
         _interrupted("the batches written so far are kept")
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
+    if result.shard is not None:
+        _print_shard_summary(result)
+        return
+    if result.rank not in (None, 0):
+        return  # rank 0 reports the whole job
     _print_summary(result)
     if result.too_many_failures:
         click.secho(
@@ -215,6 +257,24 @@ def extract(
             err=True,
         )
         sys.exit(EXIT_TOO_MANY_FAILURES)
+
+
+def _print_shard_summary(result) -> None:
+    who = f"rank {result.rank}: " if result.rank is not None else ""
+    if result.cached:
+        line = f"{who}shard {result.shard} is already done ({result.n_done} images, {result.n_failed} failed)"
+    else:
+        line = f"{who}shard {result.shard}: extracted {result.n_done} of {result.n_images} images, {result.n_failed} "
+        line += f"failed, in {result.seconds:.1f} s"
+        if result.resumed_rows:
+            line += f"; resumed after {result.resumed_rows} already done"
+    click.echo(line)
+    for failure in result.failures[:10]:
+        click.echo(f"  failed: {failure.id}: {failure.reason}", err=True)
+    if result.rank is None:
+        click.echo(f"shard store: {result.path}")
+        store = result.path.parent.with_name(result.path.parent.name.removesuffix(".shards"))
+        click.echo(f"when every shard is done: featx join {store}")
 
 
 def _print_summary(result) -> None:
@@ -238,6 +298,57 @@ def _print_summary(result) -> None:
         click.echo(f"  failed: {failure.id}: {failure.reason}", err=True)
     if len(result.failures) > 10:
         click.echo(f"  ... and {len(result.failures) - 10} more (`featx info STORE --failures`)", err=True)
+
+
+@main.command()
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option(
+    "--shards",
+    "count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of shards of the run to join [default: from the shard file names].",
+)
+@click.option("--keep-shards", is_flag=True, help="Keep STORE.shards/ after a successful join.")
+@click.option("--overwrite", is_flag=True, help="Replace a STORE made with another spec.")
+@click.option(
+    "--max-failures",
+    default="0",
+    show_default=True,
+    callback=_validate_max_failures,
+    help="Failed images tolerated (over all shards) before the exit code is 3.",
+)
+def join(store, count, keep_shards, overwrite, max_failures) -> None:
+    """Join the shards in STORE.shards/ (from torchrun or --shard runs) into STORE.
+
+    Refuses, naming the fix, when a shard is missing, unfinished, or from another job or shard count;
+    nothing is deleted then.
+    """
+    from featx.distributed import join_shards
+
+    try:
+        result = join_shards(store, count=count, overwrite=overwrite, keep_shards=keep_shards)
+    except KeyboardInterrupt:
+        _interrupted("the shards are kept")
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    if result.cached:
+        click.echo(f"{result.path} is already joined (key {result.key[:12]}); nothing to do")
+    else:
+        click.echo(
+            f"joined {result.n_shards} shards into {result.path}: {result.n_done} of {result.n_images} images, "
+            f"{result.n_failed} failed ({result.seconds:.1f} s)"
+        )
+    for failure in result.failures[:10]:
+        click.echo(f"  failed: {failure.id}: {failure.reason}", err=True)
+    if max_failures.exceeded(result.n_failed, result.n_images):
+        click.secho(
+            f"{result.n_failed} images failed, more than --max-failures {max_failures} allows "
+            "(the store is complete; its failures list says why each failed)",
+            fg="red",
+            err=True,
+        )
+        sys.exit(EXIT_TOO_MANY_FAILURES)
 
 
 @main.command()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -40,8 +41,18 @@ from featx.backbones import (
     resolve_backbone,
 )
 from featx.data import DEFAULT_TEST_FRACTION, FINGERPRINT_MODES, Manifest, load_source
+from featx.distributed import (
+    ProcessGroup,
+    Shard,
+    TorchrunEnv,
+    check_agreement,
+    join_shards,
+    shard_attrs,
+    shard_manifest,
+    shard_path,
+)
 from featx.spec import AMP_MODES, DEFAULT_MAX_PIXELS, DTYPES, POOLS, TTA_MODES, ExtractionSpec, Preprocessing, cache_key
-from featx.store import Failure, StoreWriter, read_key
+from featx.store import Failure, StoreWriter, check_replaceable, read_key
 
 __all__ = ["COMPILE_MODES", "ExtractionResult", "MaxFailures", "default_store_path", "extract", "resolve_device"]
 
@@ -142,6 +153,8 @@ class ExtractionResult:
     failures: list[Failure] = field(default_factory=list)
     max_failures: MaxFailures = field(default_factory=MaxFailures)
     dry_run: bool = False
+    shard: str | None = None
+    rank: int | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -149,7 +162,8 @@ class ExtractionResult:
 
     @property
     def too_many_failures(self) -> bool:
-        return self.max_failures.exceeded(self.n_failed, self.n_images)
+        """More failed images than ``max_failures`` allows; a shard is never judged alone, only the joined store."""
+        return self.shard is None and self.max_failures.exceeded(self.n_failed, self.n_images)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -315,6 +329,8 @@ def extract(
     store_dir: str | Path | None = None,
     dry_run: bool = False,
     compile_mode: str = "auto",
+    shard: str | Shard | None = None,
+    distributed: bool = False,
 ) -> ExtractionResult:
     """Embed every image of a source with a frozen backbone into an HDF5 feature store.
 
@@ -369,6 +385,16 @@ def extract(
         Run the network through ``torch.compile``. Its features match eager float32 within float
         tolerance (tested at 1e-4), not bit for bit, and compiling takes a while, so ``auto`` compiles only
         on a CPU with at least 20,000 images to go. Compiled code is cached in ``<cache>/inductor``.
+    shard : str or Shard, optional
+        Extract only shard ``"INDEX/COUNT"`` (INDEX from 0) of the manifest's rows into
+        ``<out>.shards/``, e.g. to re-run one dead rank alone; join the shards with
+        :func:`featx.distributed.join_shards` (``featx join``). The result describes the shard.
+    distributed : bool, default=False
+        Run as one rank of a ``torchrun`` job (read from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``): every rank
+        checks that all computed the same key, extracts its shard (on ``cuda:LOCAL_RANK`` when the device is
+        ``auto`` or ``cuda``; ``workers`` defaults to the node's cores divided by its ranks), and rank 0 joins
+        the shards into ``out`` after a barrier; only rank 0 shows progress. Rank 0's result describes the
+        joined store, the others' their shard. See ``docs/distributed.md``.
 
     Returns
     -------
@@ -383,6 +409,27 @@ def extract(
     if compile_mode not in COMPILE_MODES:
         raise unknown("compile mode", compile_mode, COMPILE_MODES, f"Choose one of {', '.join(COMPILE_MODES)}.")
     limit = MaxFailures.parse(max_failures)
+    env = None
+    if distributed:
+        if shard is not None:
+            raise ValueError(
+                "--shard and --distributed exclude each other: under torchrun each rank extracts shard RANK of "
+                "WORLD_SIZE; --shard INDEX/COUNT is for running one shard without torchrun"
+            )
+        env = TorchrunEnv.detect()
+        if env is None:
+            raise ValueError(
+                "distributed extraction needs torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): launch with "
+                "`torchrun --nproc-per-node N -m featx extract ...`, or run one shard with --shard INDEX/COUNT"
+            )
+        if env.world_size == 1:
+            env = None  # one process: an ordinary extraction, no shards
+        else:
+            device = env.device(device)
+            progress = progress and env.rank == 0
+            if workers is None:  # the default (one per core) would oversubscribe a node running several ranks
+                workers = env.default_workers()
+    one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
     resolve_backbone(backbone)  # cheap name check before loading weights
@@ -399,6 +446,25 @@ def extract(
     fp = manifest.fingerprint(fingerprint)
     key = cache_key(spec, fp)
     path = Path(out).expanduser() if out is not None else default_store_path(key, store_dir)
+    job = _Job(
+        manifest,
+        spec,
+        fp,
+        key,
+        path,
+        net,
+        feature_model,
+        dev,
+        batch_size,
+        workers,
+        progress,
+        overwrite,
+        limit,
+        t0,
+        compile_mode,
+    )
+    if env is not None and not dry_run:
+        return _extract_distributed(job, env)
     if read_key(path) == key:
         return _cached_result(path, key, spec, manifest, t0, limit)
     if dry_run:  # the plan only: which store, and that it is not there yet
@@ -414,17 +480,50 @@ def extract(
             max_failures=limit,
             dry_run=True,
         )
+    if one_shard is not None:
+        check_replaceable(path, key, spec, fp, overwrite)  # refuse before the work, not at the join
+        return _extract_shard(job, one_shard)
+    return _extract_store(job, path, key, manifest)
 
-    dims = feature_dims(feature_model, net.preprocessing)
-    _warn_pool_without_effect(feature_model, net.preprocessing, pool)
-    if pool == "none" and bytes_per_image(dims, dtype) > _NONE_POOL_WARN_BYTES:
+
+@dataclass
+class _Job:
+    """Everything resolved about one extraction, before any image is read."""
+
+    manifest: Manifest
+    spec: ExtractionSpec
+    fingerprint: str
+    key: str
+    path: Path
+    net: Backbone
+    feature_model: FeatureModel
+    device: torch.device
+    batch_size: int
+    workers: int | None
+    progress: bool
+    overwrite: bool
+    limit: MaxFailures
+    t0: float
+    compile_mode: str = "auto"
+
+
+def _extract_store(
+    job: _Job, path: Path, key: str, manifest: Manifest, attrs: dict[str, str] | None = None
+) -> ExtractionResult:
+    """Extract ``manifest`` into the store at ``path`` (resuming, or a cache hit when it is already there)."""
+    spec, net, t0, limit = job.spec, job.net, job.t0, job.limit
+    if read_key(path) == key:
+        return _cached_result(path, key, spec, manifest, t0, limit)
+    dims = feature_dims(job.feature_model, net.preprocessing)
+    _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)
+    if spec.pool == "none" and bytes_per_image(dims, spec.dtype) > _NONE_POOL_WARN_BYTES:
         log.warning(
             "pool 'none' keeps %s per image (%s for %d images); consider avg pooling",
-            human_bytes(bytes_per_image(dims, dtype)),
-            human_bytes(bytes_per_image(dims, dtype) * len(manifest)),
+            human_bytes(bytes_per_image(dims, spec.dtype)),
+            human_bytes(bytes_per_image(dims, spec.dtype) * len(manifest)),
             len(manifest),
         )
-    with StoreWriter(path, spec, key, manifest, fp, dims, overwrite=overwrite) as writer:
+    with StoreWriter(path, spec, key, manifest, job.fingerprint, dims, overwrite=job.overwrite, attrs=attrs) as writer:
         if writer.cached:
             return _cached_result(path, key, spec, manifest, t0, limit)
         resumed = writer.n_done + writer.n_failed
@@ -434,17 +533,17 @@ def extract(
             writer,
             manifest,
             pending,
-            feature_model,
+            job.feature_model,
             net.preprocessing,
-            dev,
-            amp,
-            tta,
-            batch_size,
-            workers,
-            max_pixels,
-            progress,
+            job.device,
+            spec.amp,
+            spec.tta,
+            job.batch_size,
+            job.workers,
+            spec.max_pixels,
+            job.progress,
             resumed,
-            _compile_wanted(compile_mode, dev, len(pending)),
+            _compile_wanted(job.compile_mode, job.device, len(pending)),
         )
         seconds = time.perf_counter() - run_start
         stats = {
@@ -452,8 +551,8 @@ def extract(
             "images_this_run": len(pending),
             "resumed_rows": resumed,
             "images_per_second": round(len(pending) / seconds, 2) if seconds > 0 else None,
-            "device": str(dev),
-            "batch_size": batch_size,
+            "device": str(job.device),
+            "batch_size": job.batch_size,
             "compiled": compiled,
         }
         writer.finalize(stats)
@@ -469,10 +568,93 @@ def extract(
             seconds=time.perf_counter() - t0,
             images_this_run=len(pending),
             resumed_rows=resumed,
-            device=str(dev),
+            device=str(job.device),
             failures=failures,
             max_failures=limit,
         )
+
+
+def _extract_shard(job: _Job, shard: Shard) -> ExtractionResult:
+    """Extract one shard's rows into its own store under ``<out>.shards/``."""
+    rows = shard_manifest(job.manifest, shard)
+    attrs = shard_attrs(shard, job.key, len(job.manifest))
+    result = _extract_store(job, shard_path(job.path, shard), shard.key(job.key), rows, attrs)
+    result.shard = str(shard)
+    return result
+
+
+def _on_every_rank(group: ProcessGroup, step: str, path: Path, work):
+    """Run ``work()`` on every rank and gather ``(error, value)``, so no rank waits for a rank that failed."""
+    own = None
+    try:
+        value, error = work(), None
+    except Exception as exc:
+        value, error, own = None, f"{type(exc).__name__}: {exc}", exc
+    reports = group.all_gather((error, value))
+    if own is not None:
+        raise own
+    failed = [rank for rank, (err, _) in enumerate(reports) if err is not None]
+    if failed:
+        shards = ", ".join(f"--shard {Shard(rank, group.env.world_size)}" for rank in failed)
+        raise RuntimeError(
+            f"{step} failed on "
+            + "; ".join(f"rank {rank}: {reports[rank][0]}" for rank in failed)
+            + ". Finished shards are kept: fix the problem and re-run the same torchrun command (finished shards "
+            f"are reused), or re-run each failed rank alone with the same `featx extract` command plus {shards}, "
+            f"then `featx join {path}`"
+        )
+    return [value for _, value in reports]
+
+
+def _extract_distributed(job: _Job, env: TorchrunEnv) -> ExtractionResult:
+    """One rank of a torchrun job: agree on the key, extract shard RANK, and (rank 0) join after a barrier."""
+    shard = Shard(env.rank, env.world_size)
+    with ProcessGroup(env, job.device.type) as group:
+        mine = {
+            "key": job.key,
+            "rows": len(job.manifest),
+            "path": str(job.path.resolve()),
+            "host": socket.gethostname(),
+        }
+        check_agreement(group.all_gather(mine))
+        cached = _on_every_rank(
+            group,
+            "checking the store",
+            job.path,
+            lambda: check_replaceable(job.path, job.key, job.spec, job.fingerprint, job.overwrite),
+        )
+        if all(cached):
+            result = _cached_result(job.path, job.key, job.spec, job.manifest, job.t0, job.limit)
+            result.rank = env.rank
+            return result
+        if any(cached):
+            seen = [rank for rank, hit in enumerate(cached) if hit]
+            raise RuntimeError(
+                f"only ranks {seen} see the finished store {job.path}: --out must be on a filesystem that every "
+                "node shares"
+            )
+        runs = _on_every_rank(group, "extraction", job.path, lambda: _extract_shard(job, shard))
+    mine_run = runs[env.rank]
+    mine_run.rank = env.rank
+    if env.rank != 0:
+        return mine_run
+    joined = join_shards(job.path, count=env.world_size, key=job.key, overwrite=job.overwrite)
+    return ExtractionResult(
+        path=job.path,
+        key=job.key,
+        spec=job.spec,
+        cached=False,
+        n_images=joined.n_images,
+        n_done=joined.n_done,
+        n_failed=joined.n_failed,
+        seconds=time.perf_counter() - job.t0,
+        images_this_run=sum(r.images_this_run for r in runs),
+        resumed_rows=sum(r.resumed_rows for r in runs),
+        device=f"{env.world_size} × {job.device.type}",
+        failures=joined.failures,
+        max_failures=job.limit,
+        rank=env.rank,
+    )
 
 
 def _warn_pool_without_effect(model: FeatureModel, pre: Preprocessing, pool: str) -> None:

@@ -635,7 +635,7 @@ def finetune(
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) each rank trains on its part of every global
     batch with :class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on CUDA, gloo on the CPU);
     ``config.batch_size`` stays the global batch, so the run follows the single-process one (see
-    ``docs/distributed-training.md``). Only rank 0 writes files; every rank returns the same results.
+    ``docs/distributed.md``). Only rank 0 writes files; every rank returns the same results.
 
     Returns
     -------

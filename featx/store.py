@@ -18,6 +18,9 @@ Crash safety: while a job runs, each finished batch is written as one small ``.n
 only at the end, written under a temporary name and renamed into place, so a store that exists is
 complete; a job killed at any moment leaves parts that the next run with the same key resumes from.
 One writer at a time: the ``.partial`` folder holds an advisory lock.
+
+A store extracted in shards (:mod:`featx.distributed`) keeps them in ``STORE.h5.shards/`` until they are
+joined with :func:`concatenate` into an ordinary store like the one above.
 """
 
 from __future__ import annotations
@@ -47,9 +50,12 @@ __all__ = [
     "FORMAT_VERSION",
     "FeatureStore",
     "StoreWriter",
+    "check_replaceable",
+    "concatenate",
     "open",
     "partial_path",
     "read_key",
+    "shards_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,12 @@ def partial_path(path: str | Path) -> Path:
     """The folder holding an unfinished store's parts and lock."""
     path = Path(path)
     return path.with_name(path.name + ".partial")
+
+
+def shards_path(path: str | Path) -> Path:
+    """The folder holding the shard stores of a sharded extraction, until they are joined."""
+    path = Path(path)
+    return path.with_name(path.name + ".shards")
 
 
 # ------------------------------------------------------------------------------------------- locking
@@ -119,6 +131,27 @@ def read_key(path: str | Path) -> str | None:
         return None
 
 
+def check_replaceable(
+    path: str | Path, key: str, spec: ExtractionSpec, manifest_fingerprint: str, overwrite: bool = False
+) -> bool:
+    """Whether ``path`` already holds the complete store with ``key`` (then there is nothing to do).
+
+    Raises
+    ------
+    SpecMismatchError
+        ``path`` holds something else (another spec, other images, or no featx store at all) and
+        ``overwrite`` is False; the message names what differs.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    if read_key(path) == key:
+        return True
+    if not overwrite:
+        raise SpecMismatchError(_mismatch_message(path, spec, manifest_fingerprint))
+    return False
+
+
 class StoreWriter:
     """Write one store crash-safely and resumably; use as a context manager.
 
@@ -138,6 +171,8 @@ class StoreWriter:
         Feature size per layer.
     overwrite : bool, default=False
         Discard an existing store or partial job made with another spec instead of refusing.
+    attrs : dict of str to str, optional
+        Extra root attributes for the finished file (a shard's place in its job, for instance).
 
     Examples
     --------
@@ -156,6 +191,7 @@ class StoreWriter:
         manifest_fingerprint: str,
         dims: dict[str, int],
         overwrite: bool = False,
+        attrs: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.spec = spec
@@ -164,6 +200,7 @@ class StoreWriter:
         self.manifest_fingerprint = manifest_fingerprint
         self.dims = dict(dims)
         self.overwrite = overwrite
+        self.attrs = dict(attrs or {})
         self.workdir = partial_path(self.path)
         self._lock: _Lock | None = None
         self._next_part = 0
@@ -208,14 +245,10 @@ class StoreWriter:
 
     def _open_job(self) -> None:
         self._cached = False
-        if self.path.exists():
-            existing = read_key(self.path)
-            if existing == self.key:
-                self._cached = True
-                shutil.rmtree(self.workdir, ignore_errors=True)
-                return
-            if not self.overwrite:
-                raise SpecMismatchError(_mismatch_message(self.path, self.spec, self.manifest_fingerprint))
+        if check_replaceable(self.path, self.key, self.spec, self.manifest_fingerprint, self.overwrite):
+            self._cached = True
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return
         job = {
             "key": self.key,
             "spec": self.spec.to_dict(),
@@ -334,20 +367,8 @@ class StoreWriter:
 
     def _assemble(self, target: Path, stats: dict[str, Any]) -> None:
         m, n = self.manifest, len(self.manifest)
-        strings = h5py.string_dtype(encoding="utf-8")
-        storage = np.float16 if self.spec.dtype == "float16" else np.float32
         with h5py.File(target, "w") as f:
-            f.attrs["featx_format"] = FORMAT_NAME
-            f.attrs["featx_format_version"] = FORMAT_VERSION
-            f.attrs["complete"] = False
-            group = f.create_group("features")
-            datasets = {}
-            for layer in self.spec.layers:
-                d = self.dims[layer]
-                rows_per_chunk = int(max(1, min(n, _CHUNK_BYTES // (d * np.dtype(storage).itemsize))))
-                datasets[layer] = group.create_dataset(
-                    layer, shape=(n, d), dtype=storage, chunks=(rows_per_chunk, d), fillvalue=0
-                )
+            datasets = _create_layout(f, self.spec, self.dims, n)
             for part in sorted(self.workdir.glob("part-*.npz")):
                 with np.load(part, allow_pickle=False) as data:
                     rows = data["rows"]
@@ -362,32 +383,97 @@ class StoreWriter:
                             datasets[layer][sorted_rows[0] : sorted_rows[-1] + 1] = block
                         else:
                             datasets[layer][sorted_rows] = block
-            f.create_dataset("ids", data=np.array(m.ids, dtype=object), dtype=strings)
-            f.create_dataset("paths", data=np.array(m.paths, dtype=object), dtype=strings)
-            f.create_dataset("labels", data=m.labels.astype(np.int64))
             sizes, mtimes = _file_stats(m.paths)
-            f.create_dataset("file_size", data=sizes)
-            f.create_dataset("file_mtime_ns", data=mtimes)
-            split = f.create_dataset("split", data=np.array([SPLIT_CODES[s] for s in m.splits], dtype=np.int8))
-            split.attrs["codes"] = canonical_json(SPLIT_CODES)
-            f.create_dataset("class_names", data=np.array(m.class_names, dtype=object), dtype=strings)
-            f.create_dataset("done", data=self._done)
             fail_rows = np.array(sorted(self._failed), dtype=np.int64)
-            fg = f.create_group("failures")
-            fg.create_dataset("rows", data=fail_rows)
-            fg.create_dataset("ids", data=np.array([m.ids[r] for r in fail_rows], dtype=object), dtype=strings)
-            fg.create_dataset(
-                "reasons", data=np.array([self._failed[r] for r in fail_rows], dtype=object), dtype=strings
+            _write_columns(
+                f,
+                ids=m.ids,
+                paths=m.paths,
+                labels=m.labels.astype(np.int64),
+                file_size=sizes,
+                file_mtime_ns=mtimes,
+                split=np.array([SPLIT_CODES[s] for s in m.splits], dtype=np.int8),
+                split_codes=SPLIT_CODES,
+                class_names=m.class_names,
+                done=self._done,
+                fail_rows=fail_rows,
+                fail_ids=[m.ids[r] for r in fail_rows],
+                fail_reasons=[self._failed[r] for r in fail_rows],
             )
-            f.attrs["key"] = self.key
-            f.attrs["spec"] = canonical_json(self.spec.to_dict())
-            f.attrs["manifest_fingerprint"] = self.manifest_fingerprint
-            f.attrs["manifest_source"] = m.source
-            f.attrs["split_policy"] = m.split_policy
-            f.attrs["versions"] = canonical_json(library_versions())
-            f.attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            f.attrs["stats"] = canonical_json(stats)
-            f.attrs["complete"] = True
+            _finish_attrs(
+                f,
+                {
+                    "key": self.key,
+                    "spec": canonical_json(self.spec.to_dict()),
+                    "manifest_fingerprint": self.manifest_fingerprint,
+                    "manifest_source": m.source,
+                    "split_policy": m.split_policy,
+                    "versions": canonical_json(library_versions()),
+                    "stats": canonical_json(stats),
+                    **self.attrs,
+                },
+            )
+
+
+# ------------------------------------------------------------------------------------ file layout
+# The two writers of finished stores (StoreWriter's assembly and `concatenate`) share these three
+# helpers, so a joined store cannot drift from the layout of one written in a single process.
+def _create_layout(f: h5py.File, spec: ExtractionSpec, dims: dict[str, int], n: int) -> dict[str, h5py.Dataset]:
+    """Stamp the format (marked incomplete) and create the zero-filled ``/features/<layer>`` datasets."""
+    storage = np.float16 if spec.dtype == "float16" else np.float32
+    f.attrs["featx_format"] = FORMAT_NAME
+    f.attrs["featx_format_version"] = FORMAT_VERSION
+    f.attrs["complete"] = False
+    group = f.create_group("features")
+    datasets = {}
+    for layer in spec.layers:
+        d = dims[layer]
+        rows_per_chunk = int(max(1, min(n, _CHUNK_BYTES // (d * np.dtype(storage).itemsize))))
+        datasets[layer] = group.create_dataset(
+            layer, shape=(n, d), dtype=storage, chunks=(rows_per_chunk, d), fillvalue=0
+        )
+    return datasets
+
+
+def _write_columns(
+    f: h5py.File,
+    *,
+    ids: Sequence[str],
+    paths: Sequence[str],
+    labels: np.ndarray,
+    file_size: np.ndarray,
+    file_mtime_ns: np.ndarray,
+    split: np.ndarray,
+    split_codes: dict[str, int],
+    class_names: Sequence[str],
+    done: np.ndarray,
+    fail_rows: np.ndarray,
+    fail_ids: Sequence[str],
+    fail_reasons: Sequence[str],
+) -> None:
+    """Write every per-row dataset except the features, and the failures group."""
+    strings = h5py.string_dtype(encoding="utf-8")
+    f.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=strings)
+    f.create_dataset("paths", data=np.array(list(paths), dtype=object), dtype=strings)
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+    f.create_dataset("file_size", data=np.asarray(file_size, dtype=np.int64))
+    f.create_dataset("file_mtime_ns", data=np.asarray(file_mtime_ns, dtype=np.int64))
+    ds = f.create_dataset("split", data=np.asarray(split, dtype=np.int8))
+    ds.attrs["codes"] = canonical_json(split_codes)
+    f.create_dataset("class_names", data=np.array(list(class_names), dtype=object), dtype=strings)
+    f.create_dataset("done", data=np.asarray(done, dtype=bool))
+    fg = f.create_group("failures")
+    fg.create_dataset("rows", data=np.asarray(fail_rows, dtype=np.int64))
+    fg.create_dataset("ids", data=np.array(list(fail_ids), dtype=object), dtype=strings)
+    fg.create_dataset("reasons", data=np.array(list(fail_reasons), dtype=object), dtype=strings)
+
+
+def _finish_attrs(f: h5py.File, attrs: dict[str, str]) -> None:
+    """Write the provenance attributes and, last of all, mark the file complete."""
+    for name, value in attrs.items():
+        f.attrs[name] = value
+    f.attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    f.attrs["complete"] = True
 
 
 def _file_stats(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -462,6 +548,11 @@ class FeatureStore:
                     f"{self.path} is not finished: {done + failed} of {total} images processed so far. The "
                     "extraction was interrupted or is still running; re-run the same `featx extract` command "
                     "to resume it"
+                )
+            if shards_path(self.path).is_dir():
+                raise IncompleteStoreError(
+                    f"{self.path} is being extracted in shards that are not joined yet (see "
+                    f"{shards_path(self.path)}); when every shard is done, `featx join {self.path}` joins them"
                 )
             raise FileNotFoundError(f"feature store {str(self.path)!r} does not exist")
         try:
@@ -643,6 +734,136 @@ def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
         if len(wanted):
             pieces.append(ds[start : min(start + window, int(rows[-1]) + 1)][wanted - start])
     return np.concatenate(pieces)
+
+
+# ------------------------------------------------------------------------------------------- joining
+_COPY_BYTES = 64 << 20  # rows copied per step when joining: RAM stays bounded for any N
+
+
+def concatenate(
+    parts: Sequence[str | Path],
+    target: str | Path,
+    *,
+    key: str,
+    stats: dict[str, Any] | None = None,
+    attrs: dict[str, str] | None = None,
+) -> Path:
+    """Join complete stores of consecutive row blocks of one manifest into one store, atomically.
+
+    The result has exactly the layout of a store written in one process (features for every layer,
+    ids, paths, labels, file stats, splits, class names, done flags, failures with their rows shifted,
+    provenance); the parts' own extra attributes are not carried over. Features are copied in bounded
+    blocks, so memory does not grow with the number of rows. ``target`` appears only when complete.
+
+    Parameters
+    ----------
+    parts : sequence of str or Path
+        Complete stores, in row order.
+    target : str or Path
+        The joined store; replaced if it exists.
+    key : str
+        The joined store's cache key.
+    stats : dict, optional
+        The joined store's ``stats`` attribute.
+    attrs : dict of str to str, optional
+        Extra root attributes.
+
+    Raises
+    ------
+    SpecMismatchError
+        The parts were made with different specs, images, class names or split policies.
+    """
+    if not parts:
+        raise ValueError("nothing to join: no stores given")
+    target = Path(target)
+    stores = []
+    try:
+        for part in parts:
+            stores.append(FeatureStore(part))
+        first = stores[0]
+        same = ("spec", "manifest_fingerprint", "manifest_source", "split_policy")
+        for store in stores[1:]:
+            diffs = [name for name in same if store.attrs.get(name) != first.attrs.get(name)]
+            if store.class_names != first.class_names:
+                diffs.append("class_names")
+            if store._codes != first._codes:
+                diffs.append("split codes")
+            if store.feature_dims() != first.feature_dims():
+                diffs.append("feature sizes")
+            if diffs:
+                raise SpecMismatchError(
+                    f"cannot join {store.path.name} with {first.path.name}: they differ in {', '.join(diffs)}"
+                )
+        versions = [store.attrs.get("versions", "{}") for store in stores]
+        if len(set(versions)) > 1:
+            log.warning("the joined stores were made with different library versions; recording the first's")
+        tmp = target.with_name(f".{target.name}.joining-{os.getpid()}")
+        try:
+            _join_into(tmp, stores, key, stats or {}, {"versions": versions[0], **(attrs or {})})
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    finally:
+        for store in stores:
+            store.close()
+    return target
+
+
+def _join_into(
+    target: Path, stores: Sequence[FeatureStore], key: str, stats: dict[str, Any], attrs: dict[str, str]
+) -> None:
+    first = stores[0]
+    n = sum(len(store) for store in stores)
+    offsets = np.cumsum([0] + [len(store) for store in stores])
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([store._file[name][:] for store in stores])
+
+    def failures(name: str) -> np.ndarray:
+        return np.concatenate([store._file["failures"][name][:] for store in stores])
+
+    with h5py.File(target, "w") as f:
+        datasets = _create_layout(f, first.spec, first.feature_dims(), n)
+        for layer, out in datasets.items():
+            step = max(1, _COPY_BYTES // (out.shape[1] * out.dtype.itemsize))
+            for store, offset in zip(stores, offsets, strict=False):
+                src = store._file["features"][layer]
+                for start in range(0, len(store), step):
+                    stop = min(len(store), start + step)
+                    out[offset + start : offset + stop] = src[start:stop]
+        _write_columns(
+            f,
+            ids=[_text(s) for s in column("ids")],
+            paths=[_text(s) for s in column("paths")],
+            labels=column("labels"),
+            file_size=column("file_size"),
+            file_mtime_ns=column("file_mtime_ns"),
+            split=column("split"),
+            split_codes=first._codes,
+            class_names=first.class_names,
+            done=column("done"),
+            fail_rows=np.concatenate(
+                [store._file["failures"]["rows"][:] + offset for store, offset in zip(stores, offsets, strict=False)]
+            ),
+            fail_ids=[_text(s) for s in failures("ids")],
+            fail_reasons=[_text(s) for s in failures("reasons")],
+        )
+        _finish_attrs(
+            f,
+            {
+                "key": key,
+                **{
+                    name: first.attrs[name]
+                    for name in ("spec", "manifest_fingerprint", "manifest_source", "split_policy")
+                },
+                "stats": canonical_json(stats),
+                **attrs,
+            },
+        )
 
 
 def open(path: str | Path) -> FeatureStore:
