@@ -25,8 +25,10 @@ def machine_line() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    return (f"machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}; "
-            f"scikit-learn {sklearn.__version__}, torch {torch.__version__}, numpy {np.__version__}")
+    return (
+        f"machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}; "
+        f"scikit-learn {sklearn.__version__}, torch {torch.__version__}, numpy {np.__version__}"
+    )
 
 
 def load(store_path: str, rows: np.ndarray | None) -> tuple[np.ndarray, ...]:
@@ -58,9 +60,15 @@ def featx_search(data: tuple[np.ndarray, ...], classifier: str, jobs: int) -> di
         warnings.simplefilter("ignore")
         final.fit(X, y)
     refit_s = time.perf_counter() - t0
-    return {"what": f"featx {classifier} search ({scheme}, {len(preset.grid)} values)", "n": len(y),
-            "dims": X.shape[1], "search_s": search_s, "refit_s": refit_s, "best": result.best,
-            "test_accuracy": float((final.predict(Xt) == yt).mean())}
+    return {
+        "what": f"featx {classifier} search ({scheme}, {len(preset.grid)} values)",
+        "n": len(y),
+        "dims": X.shape[1],
+        "search_s": search_s,
+        "refit_s": refit_s,
+        "best": result.best,
+        "test_accuracy": float((final.predict(Xt) == yt).mean()),
+    }
 
 
 def gridsearch_baseline(data: tuple[np.ndarray, ...], classifier: str, jobs: int) -> dict:
@@ -73,16 +81,27 @@ def gridsearch_baseline(data: tuple[np.ndarray, ...], classifier: str, jobs: int
     preset = config.validate()
     pipe = build_pipeline(preset, preset.grid[0], config.steps(preset))
     # The same seeded folds as featx's search (StratifiedKFold, shuffled, seed 0).
-    grid = GridSearchCV(pipe, {f"clf__{preset.param}": list(preset.grid)}, n_jobs=jobs,
-                        cv=StratifiedKFold(config.cv, shuffle=True, random_state=config.seed), refit=True)
+    grid = GridSearchCV(
+        pipe,
+        {f"clf__{preset.param}": list(preset.grid)},
+        n_jobs=jobs,
+        cv=StratifiedKFold(config.cv, shuffle=True, random_state=config.seed),
+        refit=True,
+    )
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grid.fit(X, y)
     total = time.perf_counter() - t0
-    return {"what": f"plain GridSearchCV {classifier} ({config.cv}-fold, {len(preset.grid)} values)", "n": len(y),
-            "dims": X.shape[1], "search_s": total - grid.refit_time_, "refit_s": grid.refit_time_,
-            "best": grid.best_params_[f"clf__{preset.param}"], "test_accuracy": float(grid.score(Xt, yt))}
+    return {
+        "what": f"plain GridSearchCV {classifier} ({config.cv}-fold, {len(preset.grid)} values)",
+        "n": len(y),
+        "dims": X.shape[1],
+        "search_s": total - grid.refit_time_,
+        "refit_s": grid.refit_time_,
+        "best": grid.best_params_[f"clf__{preset.param}"],
+        "test_accuracy": float(grid.score(Xt, yt)),
+    }
 
 
 def main() -> None:
@@ -108,8 +127,11 @@ def main() -> None:
     runs = [featx_search] + ([gridsearch_baseline] if args.baseline else [])
     for run in runs:
         r = run(data, args.classifier, args.jobs)
-        print(f"| {r['what']} | {r['n']} × {r['dims']} | {r['search_s']:.1f} | {r['refit_s']:.1f} | "
-              f"{r['best']:g} | {r['test_accuracy']:.4f} |", flush=True)
+        print(
+            f"| {r['what']} | {r['n']} × {r['dims']} | {r['search_s']:.1f} | {r['refit_s']:.1f} | "
+            f"{r['best']:g} | {r['test_accuracy']:.4f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

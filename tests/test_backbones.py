@@ -467,7 +467,8 @@ def test_checkpoint_with_pickled_objects_is_refused(resnet18_ckpt, tmp_path, kin
         B.load_backbone(f"file:resnet18={path}")
     message = str(info.value)
     assert "weights_only" in message and "state_dict" in message and "safetensors" in message
-    assert "\x1b[" not in message and len(message) < 600  # one clear line, not torch's full essay
+    # One clear line, not torch's full essay (the temporary path's length varies from run to run).
+    assert "\x1b[" not in message and len(message.replace(str(path), "PATH")) < 600
     assert not marker.exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import textwrap
@@ -22,10 +23,17 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def cluster():
     """Two worker processes, one thread each: the folds really leave this process, pickled."""
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
-    ) as local:
-        yield local.scheduler_address
+    environ = dict(os.environ)
+    try:
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+        ) as local:
+            yield local.scheduler_address
+    finally:
+        # Starting workers sets OMP_NUM_THREADS=1 (and MKL_…) in this process's environment; later tests'
+        # subprocesses would then run torch on one thread and round differently from in-process runs.
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @pytest.fixture
