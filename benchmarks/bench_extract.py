@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -99,9 +100,12 @@ def child_featx(args) -> dict:
     import torch
 
     from featx.extract import extract
+    from featx.store import partial_path
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.unlink(missing_ok=True)  # a finished store of the same job would be a cache hit
+    shutil.rmtree(partial_path(out), ignore_errors=True)
     t0 = time.perf_counter()
     result = extract(
         args.images,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ def child_featx(args) -> dict:
     from featx.finetune import FinetuneConfig, finetune, parse_phases
 
     torch.set_num_threads(args.threads)
+    shutil.rmtree(args.out, ignore_errors=True)  # a finished run in the same folder would just be read back
     config = FinetuneConfig(phases=tuple(parse_phases(f"{args.phase}:1:1e-3")), batch_size=args.batch_size)
     results = finetune(args.images, BACKBONE, config, args.out, overwrite=True, progress=False, device="cpu")
     epoch = results["curves"][-1]
@@ -117,7 +119,7 @@ def main() -> None:
     me = str(Path(__file__).resolve())
     ours = run_child([me, "--child", "featx", "--out", str(work / "finetune-bench"), *common], env)
     with open(work / "finetune-bench" / "results.json") as f:
-        train_images = json.load(f)["data"]["train"]
+        train_images = json.load(f)["train"]["n"]
     plain = run_child([me, "--child", "plain", "--train-images", str(train_images), *common], env)
     print(f"machine: {machine_line()}\n")
     print(

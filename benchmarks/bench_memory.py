@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_memory.py [--sizes 1000 50000] [--backbone featx:efficientnet_lite0] [--quick]
 
 Reads CIFAR-10's JPEGs (``../shared/data/cifar10-jpeg.tar.gz``, unpacked once into the work folder, or
-``--images DIR``), writes a ``.txt`` list of the first N training images (classes interleaved) and runs
+``--images DIR``), writes a CSV manifest of the first N training images (classes interleaved) and runs
 ``featx extract`` on it in a fresh process per size. Reports the peak resident memory of the main process
 and of its largest DataLoader worker. ``--quick`` uses 1,000 and 10,000 images and a small random-weight
 MobileNetV3 (the engine around the model is what is measured; the model's own memory does not depend on N).
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -50,8 +51,9 @@ def image_list(root: Path, n: int, work: Path) -> Path:
     interleaved = [files[i] for i in range(max(map(len, per_class))) for files in per_class if i < len(files)]
     if n > len(interleaved):
         sys.exit(f"only {len(interleaved)} training images under {root}, asked for {n}")
-    out = work / f"cifar-first-{n}.txt"
-    out.write_text("".join(f"{p}\n" for p in interleaved[:n]))
+    # A labelled CSV manifest (featx carves a seeded test split), so bench_classical.py can use the store too.
+    out = work / f"cifar-first-{n}.csv"
+    out.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in interleaved[:n]))
     return out
 
 
@@ -70,8 +72,11 @@ def child(args) -> dict:
     import torch
 
     from featx.extract import extract
+    from featx.store import partial_path
 
     torch.set_num_threads(args.threads)
+    Path(args.out).unlink(missing_ok=True)  # a finished store of the same job would be a cache hit
+    shutil.rmtree(partial_path(args.out), ignore_errors=True)
     t0 = time.perf_counter()
     result = extract(args.list, args.backbone, out=args.out, overwrite=True, progress=False, compile_mode="off")
     seconds = time.perf_counter() - t0

@@ -9,7 +9,7 @@ non-negative synthetic ones shaped like pooled ReLU activations. Timed:
 
 * **featx's writer**: ``StoreWriter.write_batch`` per batch of 64 (each an atomic ``.npz`` part, fsync'd)
   plus ``finalize`` (assembling the HDF5 file), float32 and float16: the store's share of an extraction;
-* **plain h5py** layouts written batch by batch into a preallocated dataset, then read whole and by 1,000
+* **plain h5py** layouts written chunk by chunk into a preallocated dataset, then read whole and by 1,000
   scattered rows: chunk rows × compression (none, lzf, gzip 1/4) × dtype, with the file size.
 """
 
@@ -85,11 +85,14 @@ def h5_layout(X: np.ndarray, dtype: str, chunk_rows: int, compression: str, work
     elif compression == "lzf":
         kwargs = {"compression": "lzf"}
     path = work / "layout.h5"
+    rows_per_chunk = min(chunk_rows, n)
     t0 = time.perf_counter()
+    # Whole chunks per write: batches of 64 written one by one into a compressed chunk bigger than HDF5's
+    # chunk cache (1 MiB) recompress the whole chunk every time, which is what featx's assembly avoids.
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("x", shape=(n, dims), dtype=storage, chunks=(min(chunk_rows, n), dims), **kwargs)
-        for start in range(0, n, BATCH):
-            ds[start : start + BATCH] = X[start : start + BATCH].astype(storage)
+        ds = f.create_dataset("x", shape=(n, dims), dtype=storage, chunks=(rows_per_chunk, dims), **kwargs)
+        for start in range(0, n, rows_per_chunk):
+            ds[start : start + rows_per_chunk] = X[start : start + rows_per_chunk].astype(storage)
     write_s = time.perf_counter() - t0
     os.sync()
     t0 = time.perf_counter()

@@ -555,7 +555,7 @@ def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     for images, y in loader:
         images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
+        if device.type in ("cuda", "cpu"):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(images).float()
@@ -781,7 +781,8 @@ def _finetune(
                 stacklevel=3,
             )
     model = _Classifier(net.model, pre).to(dev)
-    if dev.type == "cuda":
+    channels_last = dev.type in ("cuda", "cpu")  # faster convolutions on both (benchmarks/RESULTS.md)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     labels = manifest.labels
     paths = manifest.paths
@@ -861,7 +862,7 @@ def _finetune(
             for images, y, weight in train_loader:
                 images, y = images.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 weight = weight.to(dev, dtype=torch.float32, non_blocking=True)
-                if dev.type == "cuda":
+                if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
                     logits = step_model(images)
