@@ -84,6 +84,30 @@ def sample_jpegs(out: Path, n: int, source: Path = HYMENOPTERA) -> Path:
     return out
 
 
+def random_torchvision_weights(arch: str, path: Path) -> Path:
+    """A torchvision ``arch`` with seeded random weights (timing only), saved once as a checkpoint featx loads
+    as ``file:ARCH=PATH``."""
+    if not path.exists():
+        import torch
+        import torchvision
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        save_file(torchvision.models.get_model(arch).state_dict(), str(path))
+    return path
+
+
+def fresh_store(path: str | Path) -> Path:
+    """Remove a store and any interrupted job at ``path``: a finished store of the same job would be a cache
+    hit (``overwrite`` only replaces stores of *another* spec), and a timing run must extract."""
+    from featx.store import partial_path
+
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    shutil.rmtree(partial_path(path), ignore_errors=True)
+    return path
+
+
 def run_child(args: list[str], env: dict | None = None, python: str | None = None, timeout: float = 3600) -> dict:
     """Run ``python <args>`` in a fresh process (so allocator and thread settings cannot leak between
     runs) and parse the JSON object it prints last."""

@@ -12,23 +12,15 @@ that it prints first. ``--quick`` uses 5,000 training images (seeded) so it fini
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
-
-def machine_line() -> str:
-    import sklearn
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    return (
-        f"machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}; "
-        f"scikit-learn {sklearn.__version__}, torch {torch.__version__}, numpy {np.__version__}"
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line
 
 
 def load(store_path: str, rows: np.ndarray | None) -> tuple[np.ndarray, ...]:
@@ -120,7 +112,7 @@ def main() -> None:
         with FeatureStore(args.store) as store:
             n = store.splits["train"]
         rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, 5000), replace=False))
-    print(machine_line())
+    print(f"machine: {machine_line()}\n")
     print("| run | train images × dims | search s | refit s | chosen | test accuracy |")
     print("| --- | --- | --- | --- | --- | --- |")
     data = load(args.store, rows)

@@ -25,14 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_line, peak_rss_gib, run_child, sample_jpegs, table
+from _common import (
+    REPO,
+    fresh_store,
+    machine_line,
+    peak_rss_gib,
+    random_torchvision_weights,
+    run_child,
+    sample_jpegs,
+    table,
+)
 
 BACKBONES = {
     # name: (featx backbone, thingsvision (model, source, module))
@@ -99,13 +107,11 @@ def child_model(args) -> dict:
 def child_featx(args) -> dict:
     import torch
 
+    import featx.store
     from featx.extract import extract
-    from featx.store import partial_path
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.unlink(missing_ok=True)  # a finished store of the same job would be a cache hit
-    shutil.rmtree(partial_path(out), ignore_errors=True)
+    out = fresh_store(args.out)
     t0 = time.perf_counter()
     result = extract(
         args.images,
@@ -118,7 +124,8 @@ def child_featx(args) -> dict:
         progress=False,
     )
     seconds = time.perf_counter() - t0
-    stats = json.loads(__import__("h5py").File(out, "r").attrs["stats"])
+    with featx.store.open(out) as store:
+        stats = store.info()["stats"]
     return {
         "images": result.n_done,
         "seconds": seconds,
@@ -183,18 +190,6 @@ def max_abs_diff(store: str, textbook_npy: str) -> float:
     return float(np.abs(ours - reference[order]).max())
 
 
-def random_resnet50(path: Path) -> Path:
-    """ResNet-50 with seeded random weights (timing only), as a checkpoint featx loads via ``file:``."""
-    if not path.exists():
-        import torch
-        import torchvision
-        from safetensors.torch import save_file
-
-        torch.manual_seed(0)
-        save_file(torchvision.models.resnet50().state_dict(), str(path))
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", help="a folder of <class>/*.jpg [default: hymenoptera's photos, cycled to --n]")
@@ -226,7 +221,9 @@ def main() -> None:
         n = args.n if not args.quick else (512 if name == "lite0" else 192)
         compile_too = not args.no_compile and not (args.quick and name == "resnet50")
         images = Path(args.images) if args.images else sample_jpegs(work / f"jpegs-{n}", n)
-        featx_name = BACKBONES[name][0].format(weights=random_resnet50(work / "resnet50-random.safetensors"))
+        featx_name = BACKBONES[name][0].format(
+            weights=random_torchvision_weights("resnet50", work / "resnet50-random.safetensors")
+        )
         common = [
             "--backbone",
             featx_name,

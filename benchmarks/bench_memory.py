@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED_DATA, machine_line, run_child, table
+from _common import REPO, SHARED_DATA, fresh_store, machine_line, random_torchvision_weights, run_child, table
 
 
 def cifar_train(work: Path, images: str | None) -> Path:
@@ -57,26 +56,13 @@ def image_list(root: Path, n: int, work: Path) -> Path:
     return out
 
 
-def random_mobilenet(path: Path) -> Path:
-    if not path.exists():
-        import torch
-        import torchvision
-        from safetensors.torch import save_file
-
-        torch.manual_seed(0)
-        save_file(torchvision.models.mobilenet_v3_small().state_dict(), str(path))
-    return path
-
-
 def child(args) -> dict:
     import torch
 
     from featx.extract import extract
-    from featx.store import partial_path
 
     torch.set_num_threads(args.threads)
-    Path(args.out).unlink(missing_ok=True)  # a finished store of the same job would be a cache hit
-    shutil.rmtree(partial_path(args.out), ignore_errors=True)
+    fresh_store(args.out)
     t0 = time.perf_counter()
     result = extract(args.list, args.backbone, out=args.out, overwrite=True, progress=False, compile_mode="off")
     seconds = time.perf_counter() - t0
@@ -108,7 +94,8 @@ def main() -> None:
     sizes, backbone = args.sizes, args.backbone
     if args.quick:
         sizes = [1000, 10_000]
-        backbone = f"file:mobilenet_v3_small={random_mobilenet(work / 'mobilenet_v3_small-random.safetensors')}"
+        weights = random_torchvision_weights("mobilenet_v3_small", work / "mobilenet_v3_small-random.safetensors")
+        backbone = f"file:mobilenet_v3_small={weights}"
     root = cifar_train(work, args.images)
     env = {"FEATX_CACHE_DIR": str(work / "cache"), "OMP_NUM_THREADS": str(args.threads)}
     rows = []

@@ -6,7 +6,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["cache_dir", "library_versions"]
+__all__ = ["cache_dir", "default_workers", "library_versions"]
 
 
 def cache_dir() -> Path:
@@ -17,6 +17,14 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "featx"
+
+
+def default_workers(environ: dict[str, str] | None = None) -> int:
+    """DataLoader workers when none are asked for: the node's cores (at most 8), shared by the ranks that
+    ``torchrun`` starts on it (``LOCAL_WORLD_SIZE``), so several ranks do not oversubscribe one machine."""
+    environ = os.environ if environ is None else environ
+    ranks_here = max(1, int(environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, min(8, (os.cpu_count() or 1) // ranks_here))
 
 
 def library_versions() -> dict[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -37,6 +38,7 @@ _lock = threading.Lock()
 _depth = 0
 
 
+@functools.cache  # find_library may run ldconfig or a compiler: once per process
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None

@@ -557,6 +557,12 @@ class FeatureModel(nn.Module):
         return result
 
 
+def channels_last_pays(device: torch.device) -> bool:
+    """Whether to run convolutions in ``channels_last`` (NHWC) on ``device``: faster on CUDA and on the CPU
+    (oneDNN), for inference and training alike (benchmarks/RESULTS.md); left alone elsewhere (MPS)."""
+    return device.type in ("cuda", "cpu")
+
+
 def pool_features(t: torch.Tensor, pool: str, gem_p: float = 3.0) -> torch.Tensor:
     """Reduce a layer output to ``[N, D]`` float32.
 

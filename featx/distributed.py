@@ -147,7 +147,6 @@ class TorchrunEnv:
     rank: int
     world_size: int
     local_rank: int
-    local_world_size: int = 1
 
     @classmethod
     def detect(cls, environ: dict[str, str] | None = None) -> TorchrunEnv | None:
@@ -178,12 +177,7 @@ class TorchrunEnv:
             ) from None
         if not 0 <= rank < world:
             raise ValueError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
-        local_world = int(env.get("LOCAL_WORLD_SIZE") or 1)
-        return cls(rank, world, local, max(1, local_world))
-
-    def default_workers(self) -> int:
-        """DataLoader workers per rank when none are asked for: this node's cores shared by its ranks (≤ 8)."""
-        return max(1, min(8, (os.cpu_count() or 1) // self.local_world_size))
+        return cls(rank, world, local)
 
     def device(self, requested: str) -> str:
         """This rank's device: ``cuda:LOCAL_RANK`` for ``auto`` or ``cuda`` where CUDA is available, else as asked."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featx._env import cache_dir, library_versions
+from featx._env import cache_dir, default_workers, library_versions
 from featx._errors import ImageDecodeError, SpecMismatchError, unknown
 from featx._imageio import load_rgb, preprocess_uint8
 from featx._malloc import reuse_freed_memory
@@ -35,6 +35,7 @@ from featx.backbones import (
     Backbone,
     FeatureModel,
     bytes_per_image,
+    channels_last_pays,
     feature_dims,
     human_bytes,
     load_backbone,
@@ -61,9 +62,10 @@ log = logging.getLogger(__name__)
 _NONE_POOL_WARN_BYTES = 64 * 1024  # warn when `--pool none` stores more than this per image
 
 COMPILE_MODES = ("auto", "on", "off")
-# With `compile="auto"`, torch.compile is used on these devices from this many images to extract on:
-# on 2 CPU cores it cuts EfficientNet-Lite0's time per image by about a third but costs a minute or two
-# to compile (benchmarks/RESULTS.md), so it pays from some 10,000 images. No GPU has been measured yet.
+# With `compile_mode="auto"`, torch.compile is used on these devices from this many images to extract on.
+# On 2 CPU cores it takes EfficientNet-Lite0 from 101 to 133 images/s (2.4 ms less per image) but compiling
+# takes from seconds (warm inductor cache) to over a minute (cold) (benchmarks/RESULTS.md): 20,000 images
+# save ~50 s. No GPU has been measured yet.
 _COMPILE_AUTO_MIN_IMAGES = {"cpu": 20_000}
 
 
@@ -214,7 +216,7 @@ class _Embedder:
         self.device = device
         self.amp = amp
         self.tta = tta
-        self.channels_last = device.type in ("cuda", "cpu")
+        self.channels_last = channels_last_pays(device)
         if device.type == "cuda" and amp == "none":
             # float32 means float32: no TF32 matmuls, so a GPU store matches the CPU's numbers.
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -427,8 +429,6 @@ def extract(
         else:
             device = env.device(device)
             progress = progress and env.rank == 0
-            if workers is None:  # the default (one per core) would oversubscribe a node running several ranks
-                workers = env.default_workers()
     one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
@@ -447,21 +447,21 @@ def extract(
     key = cache_key(spec, fp)
     path = Path(out).expanduser() if out is not None else default_store_path(key, store_dir)
     job = _Job(
-        manifest,
-        spec,
-        fp,
-        key,
-        path,
-        net,
-        feature_model,
-        dev,
-        batch_size,
-        workers,
-        progress,
-        overwrite,
-        limit,
-        t0,
-        compile_mode,
+        manifest=manifest,
+        spec=spec,
+        fingerprint=fp,
+        key=key,
+        path=path,
+        net=net,
+        feature_model=feature_model,
+        device=dev,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        overwrite=overwrite,
+        limit=limit,
+        t0=t0,
+        compile_mode=compile_mode,
     )
     if env is not None and not dry_run:
         return _extract_distributed(job, env)
@@ -529,22 +529,7 @@ def _extract_store(
         resumed = writer.n_done + writer.n_failed
         pending = writer.pending_rows()
         run_start = time.perf_counter()
-        compiled = _run(
-            writer,
-            manifest,
-            pending,
-            job.feature_model,
-            net.preprocessing,
-            job.device,
-            spec.amp,
-            spec.tta,
-            job.batch_size,
-            job.workers,
-            spec.max_pixels,
-            job.progress,
-            resumed,
-            _compile_wanted(job.compile_mode, job.device, len(pending)),
-        )
+        compiled = _run(job, writer, manifest, pending, resumed)
         seconds = time.perf_counter() - run_start
         stats = {
             "seconds": round(seconds, 3),
@@ -703,39 +688,25 @@ def _cached_result(
     )
 
 
-def _run(
-    writer: StoreWriter,
-    manifest: Manifest,
-    pending: np.ndarray,
-    feature_model: FeatureModel,
-    pre: Preprocessing,
-    dev: torch.device,
-    amp: str,
-    tta: str,
-    batch_size: int,
-    workers: int | None,
-    max_pixels: int,
-    progress: bool,
-    resumed: int,
-    compiled: bool = False,
-) -> bool:
-    """Extract the pending rows; returns whether the network ran compiled."""
+def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray, resumed: int) -> bool:
+    """Extract the pending rows of ``manifest`` into ``writer``; returns whether the network ran compiled."""
     from tqdm.auto import tqdm
 
     if not len(pending):
         return False
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
+    spec, pre, dev, progress = job.spec, job.net.preprocessing, job.device, job.progress
+    workers = default_workers() if job.workers is None else job.workers
     loader = DataLoader(
-        _ImageRows(manifest.paths, pending, pre, max_pixels),
-        batch_size=batch_size,
+        _ImageRows(manifest.paths, pending, pre, spec.max_pixels),
+        batch_size=job.batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=dev.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    embed = _Embedder(feature_model, pre, dev, amp, tta, compiled, batch_size)
+    compile_model = _compile_wanted(job.compile_mode, dev, len(pending))
+    embed = _Embedder(job.feature_model, pre, dev, spec.amp, spec.tta, compile_model, job.batch_size)
     bar = tqdm(
         total=len(manifest),
         initial=resumed,

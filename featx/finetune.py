@@ -30,11 +30,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from featx import _ddp
-from featx._env import library_versions
+from featx._env import default_workers, library_versions
 from featx._errors import SpecMismatchError, UnknownNameError
 from featx._imageio import load_rgb, preprocess_uint8
 from featx._malloc import reuse_freed_memory
-from featx.backbones import Backbone, load_backbone, resolve_backbone
+from featx.backbones import Backbone, channels_last_pays, load_backbone, resolve_backbone
 from featx.data import Manifest, load_source
 from featx.extract import _resolve_amp, resolve_device
 from featx.metrics import evaluate
@@ -555,7 +555,7 @@ def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     for images, y in loader:
         images = images.to(device, non_blocking=True)
-        if device.type in ("cuda", "cpu"):
+        if channels_last_pays(device):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(images).float()
@@ -781,14 +781,13 @@ def _finetune(
                 stacklevel=3,
             )
     model = _Classifier(net.model, pre).to(dev)
-    channels_last = dev.type in ("cuda", "cpu")  # faster convolutions on both (benchmarks/RESULTS.md)
+    channels_last = channels_last_pays(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     labels = manifest.labels
     paths = manifest.paths
-    if workers is None:  # the node's cores are shared by its ranks
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-        workers = min(8, max(1, (os.cpu_count() or 1) // per_node))
+    if workers is None:
+        workers = default_workers()
     loader_kw = {"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": False}
     train_set = _TrainImages([paths[r] for r in train_rows], labels[train_rows], pre, config.crop_scale, max_pixels)
     val_images = _EvalImages([paths[r] for r in val_rows], labels[val_rows], pre, max_pixels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,19 @@ def colour_folder(tmp_path) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(path)
     return root
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen, epochs: int, timeout: float) -> None:
+    """Block until ``out/checkpoint.pt`` holds ``epochs`` finished epochs (then the run is mid-training)."""
+    ckpt = out / "checkpoint.pt"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ckpt.exists():
+            try:
+                if len(torch.load(ckpt, weights_only=True)["curves"]) >= epochs:
+                    return
+            except Exception:  # caught mid-rename or mid-write: look again
+                pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint with {epochs} epochs in {out} after {timeout:.0f} s")

@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, wait_for_checkpoint
 from safetensors.torch import load_file
 
 from featx.finetune import FinetuneConfig, _GlobalBatches, finetune, parse_phases
@@ -153,24 +152,14 @@ def test_two_process_gloo_finetune_killed_and_resumed_equals_single_process(colo
     start costs several seconds on this CPU.)"""
     out = tmp_path / "killed"
     proc = _torchrun(tmp_path, _args(colour_folder, out), slow_step=0.3)
-    deadline = time.monotonic() + 240
-    ckpt = out / "checkpoint.pt"
-    while time.monotonic() < deadline:  # wait for epoch 2's checkpoint (mid-phase), then kill during epoch 3
-        if ckpt.exists():
-            try:
-                if len(torch.load(ckpt, weights_only=True)["curves"]) >= 2:
-                    break
-            except Exception:
-                pass
-        assert proc.poll() is None, proc.communicate()[0].decode()
-        time.sleep(0.05)
+    wait_for_checkpoint(out, proc, epochs=2, timeout=240)  # epoch 2 is mid-phase: kill during epoch 3
     # As when the node dies: torchrun and both ranks (each in a session of its own) at once.
     ranks = [int(f.read_text()) for f in tmp_path.glob("rank*.pid")]
     assert len(ranks) == 2
     for pid in [proc.pid, *ranks]:
         os.kill(pid, signal.SIGKILL)
     proc.communicate()
-    state = torch.load(ckpt, weights_only=True)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert len(state["curves"]) == 2 and state["epoch_in_phase"] == 1  # resumes inside phase top2
     assert not (out / "results.json").exists()
 

@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, make_image
+from conftest import TINY, make_image, wait_for_checkpoint
 from safetensors.torch import load_file
 
 import featx.backbones as B
@@ -262,17 +261,7 @@ def test_resume_after_kill_gives_the_same_weights(folder, tmp_path):
         stderr=subprocess.PIPE,
         env=os.environ.copy(),
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until epoch 2 (the second checkpoint) is on disk
-        ckpt = out / "checkpoint.pt"
-        if ckpt.exists():
-            try:
-                if len(torch.load(ckpt, weights_only=True)["curves"]) >= 2:
-                    break
-            except Exception:
-                pass
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    wait_for_checkpoint(out, proc, epochs=2, timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     state = torch.load(out / "checkpoint.pt", weights_only=True)
