@@ -5,16 +5,19 @@ Usage::
     python benchmarks/bench_extract.py                 # 1,360 photos, Lite0 and ResNet-50, every mode
     python benchmarks/bench_extract.py --quick         # fewer images, no compile for ResNet-50 (minutes)
     python benchmarks/bench_extract.py --thingsvision-python /tmp/tv-venv/bin/python
+    python benchmarks/bench_extract.py --device cuda   # the default where there is a GPU: 5,000 photos, batch 256
 
-Every run is a fresh process with the same thread count, batch size and precision (float32):
+Every run is a fresh process with the same thread count, batch size and device:
 
-* **model alone**: the feature network on pre-decoded, normalised tensors already in memory (the
-  ceiling), in each mode: eager NCHW and ``channels_last`` with glibc's default allocator, then featx's
-  modes (``channels_last`` with freed memory kept in the heap, and that plus ``torch.compile``);
+* **model alone**: the feature network on pre-decoded, normalised tensors already on the device (the
+  ceiling), in each mode. On the CPU: eager NCHW and ``channels_last`` with glibc's default allocator,
+  then with freed memory kept in the heap, then featx's modes (that plus batch norms folded into the
+  convolutions, and that plus ``torch.compile``). On a GPU: float32 NCHW, featx's float32 mode
+  (``channels_last``, folded batch norms, no TF32), its default AMP mode, and that plus ``torch.compile``;
 * **featx**: ``featx.extract`` from JPEG files to a finished HDF5 store, model loading included;
 * **textbook**: ``ImageFolder`` + ``DataLoader`` + an eager float32 loop + ``np.save`` at the end;
-* **thingsvision**: its ``get_extractor`` / ``ImageDataset`` / ``extract_features`` / ``save_features``
-  (in its own virtual environment, since it pins an older torch: see benchmarks/README.md).
+* **thingsvision** (CPU only): its ``get_extractor`` / ``ImageDataset`` / ``extract_features`` /
+  ``save_features``, in its own virtual environment, since it pins an older torch (benchmarks/README.md).
 
 The same weights go into featx, the model-alone runs and the textbook loop, and featx's features are
 compared with the textbook's eager float32 ones. Prints Markdown tables for ``benchmarks/RESULTS.md``.
@@ -28,12 +31,14 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     REPO,
     fresh_store,
+    machine,
     machine_line,
     peak_rss_gib,
     random_torchvision_weights,
@@ -47,12 +52,45 @@ BACKBONES = {
     "lite0": ("featx:efficientnet_lite0", ("tf_efficientnet_lite0", "timm", "global_pool")),
     "resnet50": ("file:resnet50={weights}", ("resnet50", "torchvision", "avgpool")),
 }
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the model-alone run executes the network."""
+
+    channels_last: bool = True
+    heap_reuse: bool = False  # keep freed memory in glibc's heap (featx on the CPU)
+    fold: bool = False  # batch norms folded into the convolutions (featx)
+    compile: bool = False
+    amp: str = "none"  # "auto": featx's rule (bf16 where the GPU has it, else fp16)
+
+
 MODEL_MODES = {
-    # mode: (channels_last, keep freed memory in the heap, torch.compile)
-    "eager NCHW, glibc default": (False, False, False),
-    "channels_last, glibc default": (True, False, False),
-    "channels_last + heap reuse (featx default)": (True, True, False),
-    "torch.compile + channels_last + heap reuse (featx --compile on)": (True, True, True),
+    "cpu": {
+        "eager NCHW, glibc default": Mode(channels_last=False),
+        "channels_last, glibc default": Mode(),
+        "channels_last + heap reuse": Mode(heap_reuse=True),
+        "channels_last + heap reuse + folded BN (featx default)": Mode(heap_reuse=True, fold=True),
+        "torch.compile + the above (featx --compile on)": Mode(heap_reuse=True, fold=True, compile=True),
+    },
+    "cuda": {
+        "fp32 NCHW": Mode(channels_last=False),
+        "fp32 channels_last + folded BN (featx --amp none)": Mode(fold=True),
+        "AMP + channels_last + folded BN (featx default)": Mode(fold=True, amp="auto"),
+        "torch.compile + the above (featx --compile on)": Mode(fold=True, amp="auto", compile=True),
+    },
+}
+# featx's end-to-end runs: label -> (extract() options, the model-alone mode that is its ceiling)
+FEATX_RUNS = {
+    "cpu": {
+        "featx extract (default)": ({}, "channels_last + heap reuse + folded BN (featx default)"),
+        "featx extract --compile on": ({"compile_mode": "on"}, "torch.compile + the above (featx --compile on)"),
+    },
+    "cuda": {
+        "featx extract (default: AMP)": ({}, "AMP + channels_last + folded BN (featx default)"),
+        "featx extract --amp none": ({"amp": "none"}, "fp32 channels_last + folded BN (featx --amp none)"),
+        "featx extract --compile on": ({"compile_mode": "on"}, "torch.compile + the above (featx --compile on)"),
+    },
 }
 
 
@@ -64,16 +102,25 @@ def _load(backbone: str):
 
 
 def child_model(args) -> dict:
-    """Forward passes only, over tensors decoded and normalised before the clock starts."""
+    """Forward passes only, over tensors decoded, normalised and put on the device before the clock starts."""
     import torch
 
     from featx._imageio import load_rgb, preprocess_uint8
     from featx._malloc import reuse_freed_memory
+    from featx.extract import _resolve_amp
 
     torch.set_num_threads(args.threads)
-    channels_last, heap_reuse, compiled = MODEL_MODES[args.mode]
+    device = torch.device(args.device)
+    mode = MODEL_MODES[device.type][args.mode]
+    amp = _resolve_amp(mode.amp, device) if mode.amp == "auto" else mode.amp
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if device.type == "cuda" and dtype is None:  # as featx --amp none: float32 without TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     net = _load(args.backbone)
     model = net.feature_model(["penultimate"], "avg").eval()
+    if mode.fold:
+        model = model.with_batchnorm_folded()
+    model = model.to(device)
     pre = net.preprocessing
     paths = sorted(str(p) for p in Path(args.images).rglob("*.jpg"))[: 2 * args.batch_size]
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0
@@ -81,27 +128,48 @@ def child_model(args) -> dict:
     batches = []
     for i in range(0, len(paths), args.batch_size):
         x = torch.stack([preprocess_uint8(load_rgb(p), pre) for p in paths[i : i + args.batch_size]])
-        x = x.float().sub_(mean).div_(std)
-        batches.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        x = x.float().sub_(mean).div_(std).to(device)
+        batches.append(x.contiguous(memory_format=torch.channels_last) if mode.channels_last else x)
     batches = [b for b in batches if len(b) == args.batch_size]
-    if channels_last:
+    if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    n_batches = max(1, args.n // args.batch_size)
-    with reuse_freed_memory(heap_reuse), torch.inference_mode():
+    # A GPU gets through a batch in milliseconds: time at least 20 of them.
+    n_batches = max(1, args.n // args.batch_size, 20 if device.type == "cuda" else 1)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with (
+        reuse_freed_memory(mode.heap_reuse),
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    ):
         compile_s = 0.0
-        if compiled:
+        if mode.compile:
             _ = model.channels_last
             t0 = time.perf_counter()
             model = torch.compile(model, dynamic=False)
             model(batches[0])
+            sync()
             compile_s = time.perf_counter() - t0
-        model(batches[0])  # warm-up
+        for _ in range(3 if device.type == "cuda" else 1):  # warm-up (cuDNN picks its kernels)
+            model(batches[0])
+        sync()
         t0 = time.perf_counter()
         for i in range(n_batches):
             model(batches[i % len(batches)])
+        sync()
         seconds = time.perf_counter() - t0
     n = n_batches * args.batch_size
-    return {"images": n, "seconds": seconds, "ips": n / seconds, "compile_s": compile_s, "rss_gib": peak_rss_gib()}
+    return {
+        "images": n,
+        "seconds": seconds,
+        "ips": n / seconds,
+        "compile_s": compile_s,
+        "rss_gib": peak_rss_gib(),
+        "amp": amp,
+    }
 
 
 def child_featx(args) -> dict:
@@ -113,15 +181,17 @@ def child_featx(args) -> dict:
     torch.set_num_threads(args.threads)
     out = fresh_store(args.out)
     t0 = time.perf_counter()
+    options = dict(FEATX_RUNS[torch.device(args.device).type][args.run][0])
     result = extract(
         args.images,
         args.backbone,
         out=out,
         batch_size=args.batch_size,
         workers=args.workers,
-        compile_mode=args.compile,
+        device=args.device,
         overwrite=True,
         progress=False,
+        **options,
     )
     seconds = time.perf_counter() - t0
     with featx.store.open(out) as store:
@@ -132,6 +202,7 @@ def child_featx(args) -> dict:
         "ips": result.n_done / seconds,
         "loop_ips": stats["images_per_second"],
         "compiled": stats["compiled"],
+        "amp": result.spec.amp,
         "rss_gib": peak_rss_gib(),
         "store": str(out),
     }
@@ -163,10 +234,12 @@ def child_textbook(args) -> dict:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.threads if args.workers is None else args.workers
     )
+    device = torch.device(args.device)
+    model = model.to(device).eval()
     features = []
     with torch.no_grad():
         for x, _ in loader:
-            features.append(model(x).numpy())
+            features.append(model(x.to(device)).cpu().numpy())
     np.save(args.out, np.concatenate(features))
     seconds = time.perf_counter() - t0
     Path(args.out + ".paths.json").write_text(json.dumps([p for p, _ in dataset.samples]))
@@ -193,21 +266,28 @@ def max_abs_diff(store: str, textbook_npy: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", help="a folder of <class>/*.jpg [default: hymenoptera's photos, cycled to --n]")
-    parser.add_argument("--n", type=int, default=1360, help="images per run (Oxford Flowers-17 has 1,360)")
+    parser.add_argument("--n", type=int, help="images per run [1,360 (Oxford Flowers-17's size); 5,000 on a GPU]")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="[cuda when there is a GPU, else cpu]")
+    parser.add_argument("--batch-size", type=int, help="[64 on the CPU, 256 on a GPU]")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--workers", type=int, default=None, help="featx's and the textbook's decoding processes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
     parser.add_argument("--thingsvision-python", default=os.environ.get("FEATX_THINGSVISION_PYTHON"))
-    parser.add_argument("--quick", action="store_true", help="512 images (ResNet-50: 192, no compile)")
+    parser.add_argument("--quick", action="store_true", help="CPU: 512 images (ResNet-50: 192, no compile)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "featx-bench"))
     parser.add_argument("--child", choices=["model", "featx", "textbook"], help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--compile", default="off", help=argparse.SUPPRESS)
+    parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.batch_size = args.batch_size or (256 if gpu else 64)
     if args.child:
         print(json.dumps({"model": child_model, "featx": child_featx, "textbook": child_textbook}[args.child](args)))
         return
@@ -218,81 +298,65 @@ def main() -> None:
     print(f"machine: {machine_line()}\n")
     summary = []
     for name in args.backbones:
-        n = args.n if not args.quick else (512 if name == "lite0" else 192)
-        compile_too = not args.no_compile and not (args.quick and name == "resnet50")
+        if args.n:
+            n = args.n
+        elif gpu:
+            n = 5000
+        else:
+            n = 1360 if not args.quick else (512 if name == "lite0" else 192)
+        compile_too = not args.no_compile and not (args.quick and name == "resnet50" and not gpu)
         images = Path(args.images) if args.images else sample_jpegs(work / f"jpegs-{n}", n)
         featx_name = BACKBONES[name][0].format(
             weights=random_torchvision_weights("resnet50", work / "resnet50-random.safetensors")
         )
-        common = [
-            "--backbone",
-            featx_name,
-            "--images",
-            str(images),
-            "--n",
-            str(n),
-            "--batch-size",
-            str(args.batch_size),
-            "--threads",
-            str(args.threads),
-        ]
+        common = ["--backbone", featx_name, "--images", str(images), "--n", str(n), "--device", args.device]
+        common += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         if args.workers is not None:
             common += ["--workers", str(args.workers)]
         me = str(Path(__file__).resolve())
         rows, result = [], {}
-        for mode, (_, _, compiled) in MODEL_MODES.items():
-            if compiled and not compile_too:
+        for label, mode in MODEL_MODES[args.device].items():
+            if mode.compile and not compile_too:
                 continue
-            r = run_child([me, "--child", "model", "--mode", mode, *common], env)
-            result[mode] = r
-            note = f"compile {r['compile_s']:.0f} s (not counted)" if compiled else ""
-            rows.append([f"model alone: {mode}", f"{r['ips']:.1f}", "", f"{r['rss_gib']:.2f}", note])
-            print(f"  {name} {mode}: {r['ips']:.1f} img/s", file=sys.stderr, flush=True)
+            r = run_child([me, "--child", "model", "--mode", label, *common], env)
+            result[label] = r
+            note = [f"compile {r['compile_s']:.0f} s (not counted)"] if mode.compile else []
+            note += [f"autocast {r['amp']}"] if r["amp"] != "none" else []
+            rows.append([f"model alone: {label}", f"{r['ips']:.1f}", "", f"{r['rss_gib']:.2f}", "; ".join(note)])
+            print(f"  {name} {label}: {r['ips']:.1f} img/s", file=sys.stderr, flush=True)
         textbook = run_child([me, "--child", "textbook", "--out", str(work / f"{name}-textbook.npy"), *common], env)
         tv = None
-        if args.thingsvision_python:
+        if args.thingsvision_python and not gpu:
             model, source, module = BACKBONES[name][1]
+            tv_args = [str(images), model, source, module, str(args.batch_size), str(args.threads)]
             tv = run_child(
-                [
-                    str(Path(__file__).resolve().parent / "_thingsvision_child.py"),
-                    str(images),
-                    model,
-                    source,
-                    module,
-                    str(args.batch_size),
-                    str(args.threads),
-                    str(work / f"{name}-tv"),
-                ],
+                [str(Path(__file__).resolve().parent / "_thingsvision_child.py"), *tv_args, str(work / f"{name}-tv")],
                 env,
                 python=args.thingsvision_python,
             )
-        runs = {"off": "featx extract (default)"}
-        if compile_too:
-            runs["on"] = "featx extract --compile on"
-        for flag, label in runs.items():
-            r = run_child(
-                [me, "--child", "featx", "--compile", flag, "--out", str(work / f"{name}-{flag}.h5"), *common], env
-            )
-            ceiling = result[
-                "torch.compile + channels_last + heap reuse (featx --compile on)"
-                if flag == "on"
-                else "channels_last + heap reuse (featx default)"
-            ]
+        for i, (label, (options, ceiling_mode)) in enumerate(FEATX_RUNS[args.device].items()):
+            if options.get("compile_mode") == "on" and not compile_too:
+                continue
+            out = str(work / f"{name}-featx{i}.h5")
+            r = run_child([me, "--child", "featx", "--run", label, "--out", out, *common], env)
+            ceiling = result[ceiling_mode]
             diff = max_abs_diff(r["store"], str(work / f"{name}-textbook.npy"))
+            versus = f"{r['ips'] / textbook['ips']:.1f}× textbook"
+            versus += f", {r['ips'] / tv['ips']:.1f}× thingsvision" if tv else ""
             rows.append(
                 [
                     f"**{label}**, JPEG → store",
                     f"**{r['ips']:.1f}**",
                     f"{r['ips'] / ceiling['ips']:.2f}",
                     f"{r['rss_gib']:.2f}",
-                    f"{r['ips'] / textbook['ips']:.1f}× textbook"
-                    + (f", {r['ips'] / tv['ips']:.1f}× thingsvision" if tv else "")
-                    + f"; in-loop {r['loop_ips']:.1f} img/s; max abs diff vs eager fp32 {diff:.1e}",
+                    f"{versus}; in-loop {r['loop_ips']:.1f} img/s; {r['amp'] if r['amp'] != 'none' else 'fp32'}, "
+                    f"max abs diff vs the textbook's fp32 {diff:.1e}",
                 ]
             )
             summary.append(
                 {
                     "backbone": name,
+                    "device": args.device,
                     "run": label,
                     "ips": r["ips"],
                     "vs_model": r["ips"] / ceiling["ips"],
@@ -320,9 +384,10 @@ def main() -> None:
                     "",
                 ]
             )
-        print(f"### {name}: {n} JPEGs, batch {args.batch_size}, {args.threads} threads, float32\n")
+        where = machine()["gpu"] if gpu else f"{args.threads} threads"
+        print(f"### {name}: {n} JPEGs, batch {args.batch_size}, {args.device} ({where})\n")
         print(table(["run", "images/s", "÷ model alone", "peak RSS GiB", "notes"], rows) + "\n", flush=True)
-    (work / "bench_extract.json").write_text(json.dumps(summary))
+    (work / f"bench_extract-{args.device}.json").write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 DataLoader workers decode and resize images to uint8; the main process moves them to the device
 (pinned memory, non-blocking copies), normalises there, runs the truncated network under
-``inference_mode`` (autocast and ``channels_last`` where they pay), and hands each batch to a writer
+``inference_mode`` (batch norms folded into their convolutions, autocast and ``channels_last`` where
+they pay, ``torch.compile`` for big CPU jobs), and hands each batch to a writer
 thread that persists it as one crash-safe part of the store. Memory stays flat in the number of
 images; an interrupted job resumes from the last written batch.
 """
@@ -201,7 +202,8 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]):
 
 # -------------------------------------------------------------------------------------------- engine
 class _Embedder:
-    """Normalises uint8 batches on the device and runs the feature model with the spec's precision."""
+    """Normalises uint8 batches on the device and runs the feature model, batch norms folded, with the spec's
+    precision."""
 
     def __init__(
         self,
@@ -221,6 +223,8 @@ class _Embedder:
             # float32 means float32: no TF32 matmuls, so a GPU store matches the CPU's numbers.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
+        model = model.with_batchnorm_folded()  # exact to float32 rounding, and a fifth faster on the CPU
+        self.folded_batchnorms = model.folded_batchnorms
         self.model = model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -529,7 +533,7 @@ def _extract_store(
         resumed = writer.n_done + writer.n_failed
         pending = writer.pending_rows()
         run_start = time.perf_counter()
-        compiled = _run(job, writer, manifest, pending, resumed)
+        engine = _run(job, writer, manifest, pending, resumed)
         seconds = time.perf_counter() - run_start
         stats = {
             "seconds": round(seconds, 3),
@@ -538,7 +542,7 @@ def _extract_store(
             "images_per_second": round(len(pending) / seconds, 2) if seconds > 0 else None,
             "device": str(job.device),
             "batch_size": job.batch_size,
-            "compiled": compiled,
+            **engine,
         }
         writer.finalize(stats)
         failures = [Failure(r, manifest.ids[r], reason) for r, reason in sorted(writer.failed.items())]
@@ -688,12 +692,15 @@ def _cached_result(
     )
 
 
-def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray, resumed: int) -> bool:
-    """Extract the pending rows of ``manifest`` into ``writer``; returns whether the network ran compiled."""
+def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray, resumed: int) -> dict:
+    """Extract the pending rows of ``manifest`` into ``writer``.
+
+    Returns how the network ran, for the store's stats: ``compiled`` and ``batchnorms_folded``.
+    """
     from tqdm.auto import tqdm
 
     if not len(pending):
-        return False
+        return {"compiled": False, "batchnorms_folded": 0}
     spec, pre, dev, progress = job.spec, job.net.preprocessing, job.device, job.progress
     workers = default_workers() if job.workers is None else job.workers
     loader = DataLoader(
@@ -737,7 +744,7 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
             for fut in in_flight:
                 fut.result()
             bar.close()
-    return embed.compiled
+    return {"compiled": embed.compiled, "batchnorms_folded": embed.folded_batchnorms}
 
 
 def _compile_wanted(mode: str, dev: torch.device, n_images: int) -> bool:

@@ -691,3 +691,101 @@ def test_channels_last_stage_outputs_are_pooled_over_space():
     assert out["permute"].shape == (2, 6)
     torch.testing.assert_close(out["permute"], expected)
     torch.testing.assert_close(out["penultimate"], expected)
+
+
+# ---------------------------------------------------------------------------------- batch norm folding
+def _random_affine_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random running statistics and affine parameters: folding identity batch norms would prove nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.copy_(torch.rand(module.num_features, generator=gen) - 0.5)
+                module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+                module.bias.copy_(torch.rand(module.num_features, generator=gen) - 0.5)
+    return model.eval()
+
+
+def _count_batchnorms(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_folding_batchnorm_keeps_the_features_and_leaves_the_model_alone(tiny):
+    _random_affine_batchnorms(tiny.model)
+    layers = ["penultimate", "blocks.1", "bn2"]
+    model = tiny.feature_model(layers, "avg")
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    x = _random_input(tiny.preprocessing, n=3)
+    with torch.no_grad():
+        reference = model(x)
+        folded = model.with_batchnorm_folded()
+        out = folded(x)
+    # Every batch norm of this EfficientNet follows a convolution (timm's BatchNormAct2d, activation kept).
+    assert folded.folded_batchnorms == _count_batchnorms(tiny.model) > 0
+    assert model.folded_batchnorms == 0
+    assert _count_batchnorms(folded) == 0
+    for layer in layers:
+        torch.testing.assert_close(out[layer], reference[layer], rtol=1e-5, atol=1e-5)
+    _assert_same_weights(tiny.model, before)
+    with torch.no_grad():
+        again = model(x)
+    for layer in layers:
+        assert torch.equal(again[layer], reference[layer])
+
+
+def test_folding_torchvision_conv_norm_activation_blocks(tmp_path):
+    import torchvision
+
+    built = _random_affine_batchnorms(torchvision.models.mobilenet_v3_small(num_classes=4))
+    path = tmp_path / "mnv3.safetensors"
+    save_file({k: v.contiguous() for k, v in built.state_dict().items()}, path)
+    net = B.load_backbone(f"file:mobilenet_v3_small={path}")
+    model = net.feature_model(["penultimate"], "avg")
+    x = _random_input(net.preprocessing, max_side=96)
+    with torch.no_grad():
+        folded = model.with_batchnorm_folded()
+        torch.testing.assert_close(folded(x)["penultimate"], model(x)["penultimate"], rtol=1e-5, atol=1e-5)
+    assert folded.folded_batchnorms == _count_batchnorms(net.model)
+
+
+class _Unfoldable(torch.nn.Module):
+    """One batch norm each that must stay: after a conv whose output is used twice, after a
+    weight-standardised conv (which would undo the scaling), and in training mode; plus one foldable."""
+
+    def __init__(self) -> None:
+        from timm.layers import StdConv2d
+        from torch import nn
+
+        super().__init__()
+        self.shared, self.bn_shared = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.std, self.bn_std = StdConv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv, self.bn = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.shared(x)
+        x = self.bn_shared(a) + a
+        x = self.bn_std(self.std(x))
+        return self.bn(self.conv(x))
+
+
+def test_folding_only_where_it_is_exact():
+    from timm.layers import StdConv2d
+    from torch import fx
+
+    class KeepStdConv(fx.Tracer):  # as timm's tracer does: its convolutions stay modules in the graph
+        def is_leaf_module(self, module, name):
+            return isinstance(module, StdConv2d) or super().is_leaf_module(module, name)
+
+    net = _random_affine_batchnorms(_Unfoldable())
+    graph = fx.GraphModule(net, KeepStdConv().trace(net))
+    x = torch.randn(2, 3, 8, 8)
+    folded, n = B._fold_batchnorm(graph)
+    assert n == 1
+    assert {type(m).__name__ for m in folded.modules()} >= {"StdConv2d", "BatchNorm2d"}
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), graph(x), rtol=1e-5, atol=1e-5)
+    graph.train()
+    assert B._fold_batchnorm(graph)[1] == 0  # batch statistics, not running ones
+    plain = _Unfoldable().eval()
+    assert B._fold_batchnorm(plain) == (plain, 0)  # not an FX graph: nothing to follow, nothing folded

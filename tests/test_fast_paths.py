@@ -13,6 +13,7 @@ from conftest import TINY
 
 import featx.store
 from featx import _malloc
+from featx.backbones import FeatureModel
 from featx.extract import _compile_wanted, extract
 
 glibc_only = pytest.mark.skipif(
@@ -107,3 +108,14 @@ def test_a_model_that_does_not_compile_falls_back_to_eager(image_folder, tmp_pat
     with featx.store.open(eager.path) as a, featx.store.open(fallback.path) as b:
         np.testing.assert_array_equal(a.features(), b.features())
         assert b.info()["stats"]["compiled"] is False
+
+
+def test_extraction_folds_batchnorm_within_float_rounding(image_folder, tmp_path, monkeypatch):
+    folded = extract(image_folder, TINY, out=tmp_path / "folded.h5", workers=0, progress=False)
+    monkeypatch.setattr(FeatureModel, "with_batchnorm_folded", lambda self: self)
+    plain = extract(image_folder, TINY, out=tmp_path / "plain.h5", workers=0, progress=False)
+    assert folded.key == plain.key  # how the network was run is not part of what the features are
+    with featx.store.open(folded.path) as a, featx.store.open(plain.path) as b:
+        np.testing.assert_allclose(a.features(), b.features(), rtol=1e-5, atol=1e-6)
+        assert a.info()["stats"]["batchnorms_folded"] > 0
+        assert b.info()["stats"]["batchnorms_folded"] == 0
