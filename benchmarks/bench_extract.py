@@ -85,6 +85,8 @@ FEATX_RUNS = {
     "cpu": {
         "featx extract (default)": ({}, "channels_last + heap reuse + folded BN (featx default)"),
         "featx extract --compile on": ({"compile_mode": "on"}, "torch.compile + the above (featx --compile on)"),
+        # Not exact (other pixels, another store): how much of the decoding cost it takes off.
+        "featx extract --decode fast": ({"decode": "fast"}, "channels_last + heap reuse + folded BN (featx default)"),
     },
     "cuda": {
         "featx extract (default: AMP)": ({}, "AMP + channels_last + folded BN (featx default)"),

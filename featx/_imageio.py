@@ -21,7 +21,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from featx._errors import ImageDecodeError
 from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing
 
-__all__ = ["DEFAULT_MAX_PIXELS", "load_rgb", "preprocess_uint8"]
+__all__ = ["DEFAULT_MAX_PIXELS", "load_for_model", "load_rgb", "preprocess_uint8"]
 
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -35,11 +35,13 @@ _RESAMPLE = {
 }
 
 
-def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Open an image file as an upright 8-bit RGB image.
 
     Converts CMYK, palette, greyscale and 16-bit images; composites transparency over white; applies
-    the EXIF orientation; takes the first frame of animations.
+    the EXIF orientation; takes the first frame of animations. ``draft_size`` decodes a JPEG at the
+    smallest DCT scale (1/2, 1/4, 1/8) at which both sides are still at least ``draft_size`` pixels
+    (libjpeg's reduced decoding; ``max_pixels`` applies to the full size).
 
     Raises
     ------
@@ -77,6 +79,8 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
                     )
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)
+                if draft_size and img.format == "JPEG":
+                    img.draft(None, (draft_size, draft_size))
                 img.load()
                 # Older Pillow opens 16-bit greyscale PNGs as 32-bit "I": remember they are 16-bit.
                 sixteen_bit = img.format == "PNG" and img.mode == "I"
@@ -149,20 +153,35 @@ def _to_rgb(img: Image.Image, sixteen_bit: bool = False) -> Image.Image:
     return img.convert("RGB")
 
 
-def preprocess_uint8(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
+def load_for_model(path: str | Path, pre: Preprocessing, max_pixels: int, decode: str = "exact") -> torch.Tensor:
+    """Decode and preprocess one file the way ``decode`` says (see :class:`~featx.spec.ExtractionSpec`)."""
+    fast = decode == "fast"
+    img = load_rgb(path, max_pixels, draft_size=pre.resize_size if fast else None)
+    return preprocess_uint8(img, pre, crop_region_only=fast)
+
+
+def preprocess_uint8(img: Image.Image, pre: Preprocessing, crop_region_only: bool = False) -> torch.Tensor:
     """Resize the shorter side to ``pre.resize_size``, centre-crop ``pre.input_size``; ``[3, H, W]`` uint8.
 
     Mirrors torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images, so normalising the result
     gives exactly what the weights' own transforms give. Normalisation is left to the consumer (it is
-    cheaper on the device, from uint8).
+    cheaper on the device, from uint8). ``crop_region_only`` resizes just the part of the image the crop
+    keeps (Pillow's ``box``): the same sampling positions, about half the work, and a few pixels one
+    level apart from the exact path, where Pillow rounds its filter weights differently.
     """
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = pre.resize_size, int(pre.resize_size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    crop_h, crop_w = pre.input_size
+    if crop_region_only and (new_w, new_h) != (w, h) and crop_w <= new_w and crop_h <= new_h:
+        top, left = round((new_h - crop_h) / 2.0), round((new_w - crop_w) / 2.0)
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+        img = img.resize((crop_w, crop_h), resample=_RESAMPLE[pre.interpolation], box=box)
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample=_RESAMPLE[pre.interpolation])
-    crop_h, crop_w = pre.input_size
     if crop_w > new_w or crop_h > new_h:  # only for non-square crops wider than the resized image
         padded = Image.new("RGB", (max(crop_w, new_w), max(crop_h, new_h)))
         padded.paste(img, ((padded.width - new_w) // 2, (padded.height - new_h) // 2))

@@ -115,6 +115,13 @@ def _validate_shard(ctx, param, value):
     help="Test-time augmentation: flip averages the features of each image and its mirror.",
 )
 @click.option(
+    "--decode",
+    type=click.Choice(["exact", "fast"]),
+    default="exact",
+    show_default=True,
+    help="fast: decode big JPEGs at a reduced scale and resize only the crop region (slightly different pixels).",
+)
+@click.option(
     "--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU cores, max 8]."
 )
 @click.option(
@@ -187,6 +194,7 @@ def extract(
     dtype,
     amp,
     tta,
+    decode,
     workers,
     max_failures,
     fingerprint,
@@ -227,6 +235,7 @@ def extract(
             dtype=dtype,
             amp=amp,
             tta=tta,
+            decode=decode,
             workers=workers,
             max_failures=str(max_failures),
             overwrite=overwrite,
@@ -376,7 +385,8 @@ def info(store, as_json, show_failures) -> None:
         f"key         {data['key']}",
         f"backbone    {spec['backbone']}  weights {spec['weights']}  sha256 {spec['weights_sha256'][:16]}",
         *(f"layer       {layer}: {shape}" for layer, shape in data["features"].items()),
-        f"pooling     {spec['pool']}   amp {spec['amp']}   tta {spec['tta']}   extractor v{spec['extractor_version']}",
+        f"pooling     {spec['pool']}   amp {spec['amp']}   tta {spec['tta']}   decode {spec.get('decode', 'exact')}   "
+        f"extractor v{spec['extractor_version']}",
         f"preprocess  resize {pre['resize_size']} ({pre['interpolation']}), "
         f"crop {pre['input_size'][0]}x{pre['input_size'][1]}, "
         f"mean {pre['mean']}, std {pre['std']}",

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featx._env import cache_dir, default_workers, library_versions
 from featx._errors import ImageDecodeError, SpecMismatchError, unknown
-from featx._imageio import load_rgb, preprocess_uint8
+from featx._imageio import load_for_model
 from featx._malloc import reuse_freed_memory
 from featx.backbones import (
     DEFAULT_BACKBONE,
@@ -53,7 +53,17 @@ from featx.distributed import (
     shard_manifest,
     shard_path,
 )
-from featx.spec import AMP_MODES, DEFAULT_MAX_PIXELS, DTYPES, POOLS, TTA_MODES, ExtractionSpec, Preprocessing, cache_key
+from featx.spec import (
+    AMP_MODES,
+    DECODE_MODES,
+    DEFAULT_MAX_PIXELS,
+    DTYPES,
+    POOLS,
+    TTA_MODES,
+    ExtractionSpec,
+    Preprocessing,
+    cache_key,
+)
 from featx.store import Failure, StoreWriter, check_replaceable, read_key
 
 __all__ = ["COMPILE_MODES", "ExtractionResult", "MaxFailures", "default_store_path", "extract", "resolve_device"]
@@ -173,11 +183,14 @@ class ExtractionResult:
 class _ImageRows(Dataset):
     """Decodes manifest rows to uint8 tensors; a bad image yields its reason instead of a tensor."""
 
-    def __init__(self, paths: Sequence[str], rows: np.ndarray, pre: Preprocessing, max_pixels: int) -> None:
+    def __init__(
+        self, paths: Sequence[str], rows: np.ndarray, pre: Preprocessing, max_pixels: int, decode: str = "exact"
+    ) -> None:
         self.paths = paths
         self.rows = rows
         self.pre = pre
         self.max_pixels = max_pixels
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -185,7 +198,7 @@ class _ImageRows(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         row = int(self.rows[i])
         try:
-            return row, preprocess_uint8(load_rgb(self.paths[row], self.max_pixels), self.pre), ""
+            return row, load_for_model(self.paths[row], self.pre, self.max_pixels, self.decode), ""
         except ImageDecodeError as exc:
             return row, None, str(exc)
         except Exception as exc:  # never let one file kill the job; record what happened
@@ -276,6 +289,7 @@ def build_spec(
     amp: str = "none",
     tta: str = "none",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: str = "exact",
 ) -> ExtractionSpec:
     """The spec for extracting ``layers`` of a loaded backbone."""
     return ExtractionSpec(
@@ -289,11 +303,19 @@ def build_spec(
         amp=amp,
         tta=tta,
         max_pixels=max_pixels,
+        decode=decode,
     )
 
 
 def _check_options(
-    batch_size: int, pool: str, dtype: str, tta: str, fingerprint: str, workers: int | None, max_pixels: int
+    batch_size: int,
+    pool: str,
+    dtype: str,
+    tta: str,
+    fingerprint: str,
+    workers: int | None,
+    max_pixels: int,
+    decode: str = "exact",
 ) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -301,6 +323,7 @@ def _check_options(
         ("pooling", pool, POOLS),
         ("dtype", dtype, DTYPES),
         ("tta mode", tta, TTA_MODES),
+        ("decode mode", decode, DECODE_MODES),
         ("fingerprint mode", fingerprint, FINGERPRINT_MODES),
     ):
         if value not in choices:
@@ -330,6 +353,7 @@ def extract(
     seed: int = 0,
     test_fraction: float = DEFAULT_TEST_FRACTION,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: str = "exact",
     progress: bool = True,
     expect_weights_sha256: str | None = None,
     store_dir: str | Path | None = None,
@@ -377,6 +401,11 @@ def extract(
         For carving a test split when the source has none.
     max_pixels : int
         Images with more pixels are recorded as failures (decompression-bomb guard).
+    decode : {"exact", "fast"}, default="exact"
+        ``exact`` decodes and resizes as the weights' own transforms do. ``fast`` decodes JPEGs at a
+        reduced DCT scale while the shorter side stays at least the resize size, and resizes only the
+        centre-crop region: several times less decoding for photos of a few megapixels, slightly different
+        pixels, and so a different store (it is part of the key).
     progress : bool, default=True
         Show a progress bar with images/s and ETA.
     expect_weights_sha256 : str, optional
@@ -411,7 +440,7 @@ def extract(
         layers = (layers,)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
-    _check_options(batch_size, pool, dtype, tta, fingerprint, workers, max_pixels)
+    _check_options(batch_size, pool, dtype, tta, fingerprint, workers, max_pixels, decode)
     if compile_mode not in COMPILE_MODES:
         raise unknown("compile mode", compile_mode, COMPILE_MODES, f"Choose one of {', '.join(COMPILE_MODES)}.")
     limit = MaxFailures.parse(max_failures)
@@ -446,7 +475,7 @@ def extract(
     feature_model = net.feature_model(list(layers), pool)  # checks the layers
     # Only now read the source: it may download a dataset or write thousands of PNG files.
     manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
-    spec = build_spec(net, layers, pool=pool, dtype=dtype, amp=amp, tta=tta, max_pixels=max_pixels)
+    spec = build_spec(net, layers, pool=pool, dtype=dtype, amp=amp, tta=tta, max_pixels=max_pixels, decode=decode)
     fp = manifest.fingerprint(fingerprint)
     key = cache_key(spec, fp)
     path = Path(out).expanduser() if out is not None else default_store_path(key, store_dir)
@@ -704,7 +733,7 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
     spec, pre, dev, progress = job.spec, job.net.preprocessing, job.device, job.progress
     workers = default_workers() if job.workers is None else job.workers
     loader = DataLoader(
-        _ImageRows(manifest.paths, pending, pre, spec.max_pixels),
+        _ImageRows(manifest.paths, pending, pre, spec.max_pixels, spec.decode),
         batch_size=job.batch_size,
         shuffle=False,
         num_workers=workers,

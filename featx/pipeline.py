@@ -79,6 +79,7 @@ class BackboneSpec:
     pool: str = "avg"
     dtype: str = "float32"
     tta: str = "none"
+    decode: str = "exact"
     batch_size: int = 64
 
 
@@ -345,7 +346,7 @@ def _key_in_message(row: dict[str, Any], message: str) -> str | None:
 def _check_spec(spec: Any) -> None:
     """Validate one table's values without loading any model (names, choices, paths)."""
     from featx.backbones import parse_backbone_name
-    from featx.spec import DTYPES, POOLS, TTA_MODES
+    from featx.spec import DECODE_MODES, DTYPES, POOLS, TTA_MODES
 
     if isinstance(spec, DatasetSpec):
         s = spec.source
@@ -359,6 +360,7 @@ def _check_spec(spec: Any) -> None:
             ("pool", spec.pool, POOLS),
             ("dtype", spec.dtype, DTYPES),
             ("tta", spec.tta, TTA_MODES),
+            ("decode", spec.decode, DECODE_MODES),
         ):
             if value not in choices:
                 raise ValueError(f"{key} {value!r} is not one of {', '.join(choices)}")
@@ -620,6 +622,7 @@ def _execute(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_r
             pool=bb.pool,
             dtype=bb.dtype,
             tta=bb.tta,
+            decode=bb.decode,
             batch_size=bb.batch_size,
             device=job.device,
             workers=job.workers,

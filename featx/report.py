@@ -75,7 +75,8 @@ def _row(results: dict[str, Any], path: Path) -> Row:
         steps = ", ".join(clf["preprocess"]) or "none"
         how = (
             f"{clf['preset']} on frozen {spec['backbone']} ({spec['weights']}) layer {clf['layer']}, "
-            f"pool {spec['pool']}, {spec['dtype']}, tta {spec['tta']}; preprocessing {steps}; "
+            f"pool {spec['pool']}, {spec['dtype']}, tta {spec['tta']}"
+            f"{', fast decode' if spec.get('decode') == 'fast' else ''}; preprocessing {steps}; "
             f"{clf['param'] or 'no hyper-parameter'} chosen by {search.get('scheme', 'fixed value')} "
             f"over {len(search.get('curve') or [])} values; class weight {clf['class_weight'] or 'none'}; "
             f"seed {clf['seed']}"

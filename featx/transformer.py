@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from featx._env import cache_dir as default_cache_dir
 from featx._errors import unknown
 from featx.backbones import DEFAULT_BACKBONE, PENULTIMATE, load_backbone, resolve_backbone
-from featx.spec import DTYPES, POOLS, TTA_MODES, ExtractionSpec
+from featx.spec import DECODE_MODES, DTYPES, POOLS, TTA_MODES, ExtractionSpec
 
 __all__ = ["ConvNetFeatures"]
 
@@ -51,6 +51,8 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
     dtype : {"float32", "float16"}, default="float32"
         Storage dtype in the cache; ``transform`` always returns float32.
     tta : {"none", "flip"}, default="none"
+    decode : {"exact", "fast"}, default="exact"
+        ``fast`` decodes large JPEGs at a reduced scale (see :func:`featx.extract.extract`).
     device : str, default="auto"
     batch_size : int, default=64
     cache_dir : str or Path, optional
@@ -77,6 +79,7 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         pool: str = "avg",
         dtype: str = "float32",
         tta: str = "none",
+        decode: str = "exact",
         device: str = "auto",
         batch_size: int = 64,
         cache_dir: str | Path | None = None,
@@ -87,6 +90,7 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         self.pool = pool
         self.dtype = dtype
         self.tta = tta
+        self.decode = decode
         self.device = device
         self.batch_size = batch_size
         self.cache_dir = cache_dir
@@ -104,6 +108,7 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
             ("pool", self.pool, POOLS),
             ("dtype", self.dtype, DTYPES),
             ("tta", self.tta, TTA_MODES),
+            ("decode", self.decode, DECODE_MODES),
         ):
             if value not in choices:
                 raise unknown(name, value, choices, f"Choose one of {', '.join(choices)}.")
@@ -111,7 +116,8 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         net = load_backbone(self.backbone)
         net.check_layers([self.layer])
         amp = _resolve_amp("auto", resolve_device(self.device))
-        spec = build_spec(net, [self.layer], pool=self.pool, dtype=self.dtype, amp=amp, tta=self.tta)
+        options = {"pool": self.pool, "dtype": self.dtype, "amp": amp, "tta": self.tta, "decode": self.decode}
+        spec = build_spec(net, [self.layer], **options)
         self.spec_ = spec.to_dict()
         return self
 
@@ -141,6 +147,7 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
                 dtype=self.dtype,
                 amp=spec.amp,
                 tta=self.tta,
+                decode=self.decode,
                 device=self.device,
                 batch_size=self.batch_size,
                 progress=self.progress,

@@ -191,7 +191,7 @@ def test_unknown_name_raised_before_loading_or_reading(monkeypatch, tmp_path):
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was read before the name was checked")
 
-    monkeypatch.setattr(extract_module, "load_rgb", no_decoding)
+    monkeypatch.setattr(extract_module, "load_for_model", no_decoding)
     monkeypatch.setattr(B, "_build_checkpoint", no_decoding)
     with pytest.raises(UnknownNameError, match="resnet50"):
         B.load_backbone("torchvision:resnet5")
@@ -207,7 +207,7 @@ def test_unknown_layer_raised_before_any_image(monkeypatch, image_folder, tmp_pa
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was read before the layer was checked")
 
-    monkeypatch.setattr(extract_module, "load_rgb", no_decoding)
+    monkeypatch.setattr(extract_module, "load_for_model", no_decoding)
     out = tmp_path / "store.h5"
     with pytest.raises(UnknownNameError, match="conv_head"):
         extract_module.extract(image_folder, TINY, layers=["conv_haed"], out=out, workers=0, progress=False)

@@ -1,4 +1,5 @@
-"""The speed-ups of the extraction engine keep the numbers of the straightforward path."""
+"""The extraction engine's speed-ups: the exact ones keep the straightforward path's numbers (bit for bit or
+within float rounding); fast decoding, which changes pixels, stays close and gets a store of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
+from PIL import Image
 
 import featx.store
 from featx import _malloc
@@ -119,3 +121,51 @@ def test_extraction_folds_batchnorm_within_float_rounding(image_folder, tmp_path
         np.testing.assert_allclose(a.features(), b.features(), rtol=1e-5, atol=1e-6)
         assert a.info()["stats"]["batchnorms_folded"] > 0
         assert b.info()["stats"]["batchnorms_folded"] == 0
+
+
+# ------------------------------------------------------------------------------------------ fast decoding
+def _photo(path, size=(1200, 900)) -> None:
+    """A smooth, photo-like JPEG (gradients and soft discs), big enough for reduced-scale decoding."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    arr = np.stack([xx / w * 200, yy / h * 200, (xx + yy) / (w + h) * 255], axis=-1)
+    for cx, cy, r in ((0.3, 0.4, 0.2), (0.7, 0.6, 0.15)):
+        arr[(xx - cx * w) ** 2 + (yy - cy * h) ** 2 < (r * w) ** 2] = (230, 60, 40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path, quality=92)
+
+
+def test_fast_decode_reduces_big_jpegs_and_stays_close_to_exact(tmp_path):
+    from featx._imageio import load_for_model, load_rgb
+    from featx.spec import Preprocessing
+
+    _photo(tmp_path / "big.jpg")
+    assert load_rgb(tmp_path / "big.jpg", draft_size=256).size == (600, 450)  # 1/2: 1/4 would go under 256
+    assert load_rgb(tmp_path / "big.jpg", draft_size=500).size == (1200, 900)  # no smaller scale keeps 500
+    Image.open(tmp_path / "big.jpg").save(tmp_path / "big.png")
+    assert load_rgb(tmp_path / "big.png", draft_size=256).size == (1200, 900)  # only JPEGs have DCT scales
+    pre = Preprocessing((224, 224), 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    for name in ("big.jpg", "big.png"):
+        exact = load_for_model(tmp_path / name, pre, 10**8).int()
+        fast = load_for_model(tmp_path / name, pre, 10**8, decode="fast").int()
+        assert fast.shape == exact.shape == (3, 224, 224)
+        assert (fast - exact).abs().float().mean() < 1.5, name  # a level or so on average, not another image
+    png_diff = (load_for_model(tmp_path / "big.png", pre, 10**8, "fast").int() - exact).abs()
+    assert png_diff.max() <= 2 and (png_diff > 0).float().mean() < 0.05  # crop-region resize: rounding only
+
+
+def test_fast_decode_is_a_different_store_and_says_so(tmp_path):
+    from featx.spec import ExtractionSpec
+
+    for i in range(4):
+        _photo(tmp_path / "photos" / ("a" if i % 2 else "b") / f"{i}.jpg", size=(1000 + 40 * i, 760))
+    exact = extract(tmp_path / "photos", TINY, out=tmp_path / "exact.h5", workers=0, progress=False)
+    fast = extract(tmp_path / "photos", TINY, out=tmp_path / "fast.h5", workers=0, decode="fast", progress=False)
+    assert fast.key != exact.key and fast.spec.decode == "fast"
+    assert "decode" not in exact.spec.to_dict()  # stores made before the option existed keep their keys
+    assert ExtractionSpec.from_dict(exact.spec.to_dict()).decode == "exact"
+    with featx.store.open(exact.path) as a, featx.store.open(fast.path) as b:
+        assert b.spec.decode == "fast"
+        np.testing.assert_allclose(b.features(), a.features(), rtol=0, atol=0.1 * np.abs(a.features()).max())
+    with pytest.raises(ValueError, match=r"decode mode 'quick'.*exact, fast"):
+        extract(tmp_path / "photos", TINY, out=tmp_path / "bad.h5", decode="quick", progress=False)

@@ -83,6 +83,11 @@ def _write(tmp_path, text: str) -> Path:
             6,
             "pool 'median'",
         ),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\ndecode = "quick"\n',
+            6,
+            "decode 'quick' is not one of exact, fast",
+        ),
         ('[[datasets]]\nname = "d"\nsource = "digits"\n[[datasets]]\nname = "d"\nsource = "digits"\n', 5, "used twice"),
         (
             '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\n[[classifiers]]\n'

@@ -48,6 +48,7 @@ _ALTERNATIVES = {
     "amp": "bf16",
     "tta": "flip",
     "max_pixels": 1000,
+    "decode": "fast",
     "extractor_version": 999,
 }
 _PRE_ALTERNATIVES = {
