@@ -125,6 +125,8 @@ def child_model(args) -> dict:
     model = model.to(device)
     pre = net.preprocessing
     paths = sorted(str(p) for p in Path(args.images).rglob("*.jpg"))[: 2 * args.batch_size]
+    if len(paths) < args.batch_size:
+        sys.exit(f"{args.images} has {len(paths)} JPEGs, fewer than one batch of {args.batch_size}: pass --batch-size")
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0
     batches = []
@@ -237,6 +239,9 @@ def child_textbook(args) -> dict:
         dataset, batch_size=args.batch_size, num_workers=args.threads if args.workers is None else args.workers
     )
     device = torch.device(args.device)
+    # float32 means float32 here too: PyTorch lets cuDNN use TF32 by default, which would put TF32's error
+    # into the tolerance check (featx --amp none turns it off the same way).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = model.to(device).eval()
     features = []
     with torch.no_grad():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 
 from featx._errors import ImageDecodeError
 from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing
@@ -79,7 +80,7 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size:
                     )
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)
-                if draft_size and img.format == "JPEG":
+                if draft_size and isinstance(img, JpegImageFile):  # MPO (phone photos) included
                     img.draft(None, (draft_size, draft_size))
                 img.load()
                 # Older Pillow opens 16-bit greyscale PNGs as 32-bit "I": remember they are 16-bit.

@@ -32,7 +32,7 @@ from featx._env import library_versions
 from featx._errors import SpecMismatchError, UnknownNameError, unknown
 from featx._io import atomic_write
 from featx.metrics import evaluate
-from featx.spec import DEFAULT_MAX_PIXELS, canonical_json, spec_differences
+from featx.spec import DEFAULT_MAX_PIXELS, canonical_json, spec_differences, with_defaults
 from featx.store import FeatureStore
 
 __all__ = [
@@ -578,8 +578,8 @@ def check_compatible(model: TrainedModel, store: FeatureStore) -> None:
     trained = model.meta["store_spec"]
     layer = model.layer
     diffs = spec_differences(
-        {k: v for k, v in trained.items() if k != "layers"},
-        {k: v for k, v in store.spec.to_dict().items() if k != "layers"},
+        {k: v for k, v in with_defaults(trained).items() if k != "layers"},
+        {k: v for k, v in with_defaults(store.spec.to_dict()).items() if k != "layers"},
     )
     if layer not in store.layers:
         diffs.append(f"layer: the model needs {layer!r}, the store has {list(store.layers)}")
@@ -1017,6 +1017,7 @@ def predict_images(
         amp=spec["amp"],
         tta=spec["tta"],
         max_pixels=spec.get("max_pixels", DEFAULT_MAX_PIXELS),
+        decode=spec.get("decode", "exact"),
         device=device,
         batch_size=batch_size,
         workers=workers,

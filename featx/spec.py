@@ -29,6 +29,7 @@ __all__ = [
     "cache_key",
     "canonical_json",
     "spec_differences",
+    "with_defaults",
 ]
 
 #: Bumped whenever a code change alters the numbers extraction produces (decoding, resizing, pooling).
@@ -136,8 +137,9 @@ class ExtractionSpec:
     decode : str, default="exact"
         ``exact`` decodes and resizes as the weights' own transforms do. ``fast`` decodes JPEGs at a
         reduced DCT scale (1/2, 1/4 or 1/8, while the shorter side stays at least the resize size) and
-        resizes only the region the centre crop keeps: several times less decoding work for large photos,
-        pixels within a level or two of ``exact`` for the rest.
+        resizes only the region the centre crop keeps: several times less decoding work for large photos.
+        Reduced-scale decoding changes the pixels a little; the crop-region resize alone moves a few
+        pixels by one level.
     """
 
     backbone: str
@@ -212,6 +214,11 @@ def cache_key(spec: ExtractionSpec, manifest_fingerprint: str) -> str:
         raise ValueError("cannot compute a cache key without the manifest fingerprint")
     payload = canonical_json({"spec": spec.to_dict(), "manifest": manifest_fingerprint})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict with the fields :meth:`ExtractionSpec.to_dict` leaves out at their default filled in."""
+    return {**_OMITTED_AT_DEFAULT, **data}
 
 
 def spec_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

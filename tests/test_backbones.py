@@ -724,7 +724,9 @@ def test_folding_batchnorm_keeps_the_features_and_leaves_the_model_alone(tiny):
     # Every batch norm of this EfficientNet follows a convolution (timm's BatchNormAct2d, activation kept).
     assert folded.folded_batchnorms == _count_batchnorms(tiny.model) > 0
     assert model.folded_batchnorms == 0
-    assert _count_batchnorms(folded) == 0
+    graph = folded.extractor
+    called = [graph.get_submodule(n.target) for n in graph.graph.nodes if n.op == "call_module"]
+    assert not [m for m in called if _count_batchnorms(m)]  # no batch norm runs any more
     for layer in layers:
         torch.testing.assert_close(out[layer], reference[layer], rtol=1e-5, atol=1e-5)
     _assert_same_weights(tiny.model, before)
@@ -789,3 +791,16 @@ def test_folding_only_where_it_is_exact():
     assert B._fold_batchnorm(graph)[1] == 0  # batch statistics, not running ones
     plain = _Unfoldable().eval()
     assert B._fold_batchnorm(plain) == (plain, 0)  # not an FX graph: nothing to follow, nothing folded
+
+
+def test_folding_leaves_hooked_and_weight_normed_convolutions_alone():
+    from torch import fx, nn
+
+    net = _random_affine_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    calls = []
+    net[1].register_forward_hook(lambda *args: calls.append(1))  # a user's hook must keep firing
+    graph = fx.symbolic_trace(net)
+    assert B._fold_batchnorm(graph)[1] == 0
+    weight_norm = nn.utils.parametrizations.weight_norm
+    normed = _random_affine_batchnorms(nn.Sequential(weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
+    assert B._fold_batchnorm(fx.symbolic_trace(normed))[1] == 0
