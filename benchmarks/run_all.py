@@ -34,6 +34,7 @@ def main() -> None:
     work = ["--workdir", args.workdir]
     runs = [
         ["bench_extract.py", *quick, *work],
+        ["bench_decode.py", *quick, *work],
         ["bench_store.py", *quick, *work],
         ["bench_memory.py", *quick, *work],
         ["bench_finetune.py", *quick, *work],
