@@ -675,7 +675,7 @@ def _fold_batchnorm(extractor: nn.Module) -> tuple[nn.Module, int]:
         if node.op != "call_module":
             continue
         module, name = folded.get_submodule(node.target), f"featx_folded_{n}"
-        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward and _plain(module):
             new, count = _fold_sequential(module)
             if count:
                 folded.add_submodule(name, new)
