@@ -154,7 +154,9 @@ def _to_rgb(img: Image.Image, sixteen_bit: bool = False) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_for_model(path: str | Path, pre: Preprocessing, max_pixels: int, decode: str = "exact") -> torch.Tensor:
+def load_for_model(
+    path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "exact"
+) -> torch.Tensor:
     """Decode and preprocess one file the way ``decode`` says (see :class:`~featx.spec.ExtractionSpec`)."""
     fast = decode == "fast"
     img = load_rgb(path, max_pixels, draft_size=pre.resize_size if fast else None)

@@ -421,7 +421,7 @@ def join_shards(
         )
 
     paths = [shard_path(path, Shard(i, count)) for i in range(count)]
-    infos, stats, first_spec = [], [], None
+    infos, stats, first_spec, first_fingerprint = [], [], None, None
     for p in paths:
         with FeatureStore(p) as store:
             raw = store.attrs.get("shard")
@@ -434,25 +434,19 @@ def join_shards(
             infos.append(info)
             stats.append(json.loads(store.attrs.get("stats", "{}")))
             first_spec = first_spec or store.spec
+            first_fingerprint = first_fingerprint or store.attrs["manifest_fingerprint"]
     _check_shards(path, infos, count, key)
     job_key = infos[0]["job_key"]
 
-    if check_replaceable(path, job_key, first_spec, _fingerprint_of(paths[0]), overwrite):
+    cached = check_replaceable(path, job_key, first_spec, first_fingerprint, overwrite)
+    if cached:
         log.info("%s already holds the joined store; nothing to do", path)
-        result = _joined_result(path, t0, cached=True)
     else:
-        merged = _merged_stats(stats)
-        concatenate(paths, path, key=job_key, stats=merged)
-        result = _joined_result(path, t0, cached=False)
-        result.stats = merged
+        concatenate(paths, path, key=job_key, stats=_merged_stats(stats))
+    result = _joined_result(path, t0, cached=cached)
     if not keep_shards:
         _remove_shards(path, count, others)
     return result
-
-
-def _fingerprint_of(path: Path) -> str:
-    with FeatureStore(path) as store:
-        return store.attrs["manifest_fingerprint"]
 
 
 def _check_shards(path: Path, infos: list[dict[str, Any]], count: int, key: str | None) -> None:
@@ -501,17 +495,18 @@ def _check_shards(path: Path, infos: list[dict[str, Any]], count: int, key: str 
 def _joined_result(path: Path, t0: float, cached: bool) -> JoinResult:
     with FeatureStore(path) as store:
         failures = store.failures
+        stats = json.loads(store.attrs.get("stats", "{}"))
         return JoinResult(
             path=path,
             key=store.key,
-            n_shards=int(json.loads(store.attrs.get("stats", "{}")).get("shards") or 0),
+            n_shards=int(stats.get("shards") or 0),
             n_images=len(store),
             n_done=len(store.rows()),
             n_failed=len(failures),
             failures=failures,
             seconds=time.perf_counter() - t0,
             cached=cached,
-            stats=json.loads(store.attrs.get("stats", "{}")),
+            stats=stats,
         )
 
 

@@ -246,8 +246,7 @@ class _Embedder:
         self.batch_size = batch_size
         self.forward = self.model
         self.compiled = compiled
-        if compiled:
-            _ = model.channels_last  # the layout probe runs eagerly, outside the compiled graph
+        if compiled:  # the layout probe already ran eagerly, when the copy was folded
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))  # reused across runs
             self.forward = torch.compile(self.model, dynamic=False)
 

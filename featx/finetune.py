@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from featx import _ddp
 from featx._env import default_workers, library_versions
 from featx._errors import SpecMismatchError, UnknownNameError
-from featx._imageio import load_rgb, preprocess_uint8
+from featx._imageio import load_for_model, load_rgb
 from featx._malloc import reuse_freed_memory
 from featx.backbones import Backbone, channels_last_pays, load_backbone, resolve_backbone
 from featx.data import Manifest, load_source
@@ -432,7 +432,7 @@ class _EvalImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return preprocess_uint8(load_rgb(self.paths[i], self.max_pixels), self.pre), int(self.labels[i])
+        return load_for_model(self.paths[i], self.pre, self.max_pixels), int(self.labels[i])
 
 
 def _readable(manifest: Manifest, rows: np.ndarray, max_pixels: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
@@ -1075,7 +1075,7 @@ def predict_finetuned(
         resolved = str(Path(path).expanduser().resolve())
         results.append(Prediction(resolved))
         try:
-            batch.append((len(results) - 1, preprocess_uint8(load_rgb(resolved), pre)))
+            batch.append((len(results) - 1, load_for_model(resolved, pre)))
         except ImageDecodeError as exc:
             results[-1].error = str(exc)
         if len(batch) >= batch_size:
