@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +189,49 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen, epochs: int, timeout:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     pytest.fail(f"no checkpoint with {epochs} epochs in {out} after {timeout:.0f} s")
+
+
+# A torchrun child script starts with this: torchrun puts each rank in a session of its own, so killing
+# torchrun's process group would leave the ranks running; each rank writes its pid for the cleanup.
+_RANK_PID_PREAMBLE = """\
+import os as _os
+if _os.environ.get("FEATX_TEST_PID_DIR"):
+    with open(_os.path.join(_os.environ["FEATX_TEST_PID_DIR"], f"rank{_os.environ['RANK']}.pid"), "w") as _fh:
+        _fh.write(str(_os.getpid()))
+"""
+
+
+def rank_pids(tmp_path: Path) -> list[int]:
+    """The pids of the ranks of the last :func:`torchrun` started in ``tmp_path``."""
+    return [int(f.read_text()) for f in sorted((tmp_path / "rank-pids").glob("rank*.pid"))]
+
+
+@contextlib.contextmanager
+def torchrun(tmp_path: Path, script: str, args: list[str], **env: str) -> Iterator[subprocess.Popen]:
+    """``script`` (Python source) with ``args`` on 2 ranks under torchrun (gloo, one thread each), text pipes.
+
+    Whatever happens in the block, torchrun and its ranks are not left running after it.
+    """
+    path = tmp_path / "torchrun_child.py"
+    path.write_text(_RANK_PID_PREAMBLE + script)
+    pid_dir = tmp_path / "rank-pids"
+    pid_dir.mkdir(exist_ok=True)
+    for old in pid_dir.glob("*.pid"):
+        old.unlink()
+    child_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    child_env.update(OMP_NUM_THREADS="1", FEATX_TEST_PID_DIR=str(pid_dir), **env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(path)]
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(
+        [*command, *args], stdout=pipe, stderr=pipe, text=True, env=child_env, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:  # a failed or timed-out test: stop torchrun and every rank it started
+            for pid in rank_pids(tmp_path):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()

@@ -33,11 +33,20 @@ def _random_model(build, seed: int = 0) -> torch.nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build()
-        # BatchNorm running stats are 0/1 at init; make them random too so a mix-up cannot go unnoticed.
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name.endswith(("running_mean", "running_var")):
-                    buf.copy_(torch.rand_like(buf) + 0.5)
+    # BatchNorm layers are the identity at init; random ones make a mix-up (or a wrong fold) show.
+    return _random_affine_batchnorms(model, seed)
+
+
+def _random_affine_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random running statistics and affine parameters: folding identity batch norms would prove nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.copy_(torch.rand(module.num_features, generator=gen) - 0.5)
+                module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+                module.bias.copy_(torch.rand(module.num_features, generator=gen) - 0.5)
     return model.eval()
 
 
@@ -694,19 +703,6 @@ def test_channels_last_stage_outputs_are_pooled_over_space():
 
 
 # ---------------------------------------------------------------------------------- batch norm folding
-def _random_affine_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random running statistics and affine parameters: folding identity batch norms would prove nothing."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.rand(module.num_features, generator=gen) - 0.5)
-                module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
-                module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
-                module.bias.copy_(torch.rand(module.num_features, generator=gen) - 0.5)
-    return model.eval()
-
-
 def _count_batchnorms(model: torch.nn.Module) -> int:
     return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -739,7 +735,7 @@ def test_folding_batchnorm_keeps_the_features_and_leaves_the_model_alone(tiny):
 def test_folding_torchvision_conv_norm_activation_blocks(tmp_path):
     import torchvision
 
-    built = _random_affine_batchnorms(torchvision.models.mobilenet_v3_small(num_classes=4))
+    built = _random_model(lambda: torchvision.models.mobilenet_v3_small(num_classes=4))
     path = tmp_path / "mnv3.safetensors"
     save_file({k: v.contiguous() for k, v in built.state_dict().items()}, path)
     net = B.load_backbone(f"file:mobilenet_v3_small={path}")
@@ -799,8 +795,11 @@ def test_folding_leaves_hooked_and_weight_normed_convolutions_alone():
     net = _random_affine_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     calls = []
     net[1].register_forward_hook(lambda *args: calls.append(1))  # a user's hook must keep firing
-    graph = fx.symbolic_trace(net)
-    assert B._fold_batchnorm(graph)[1] == 0
+    folded, n = B._fold_batchnorm(fx.symbolic_trace(net))
+    assert n == 0
+    with torch.no_grad():
+        folded(torch.randn(1, 3, 8, 8))
+    assert calls == [1]
     weight_norm = nn.utils.parametrizations.weight_norm
     normed = _random_affine_batchnorms(nn.Sequential(weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
     assert B._fold_batchnorm(fx.symbolic_trace(normed))[1] == 0

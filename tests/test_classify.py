@@ -320,6 +320,7 @@ def test_predict_with_a_model_trained_on_fast_decoded_features(image_folder, tmp
 
     store = extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, decode="fast", progress=False).path
     model, _ = train(store, ClassifierConfig(classifier="ridge", value=1.0))
+    assert model.meta["store_spec"]["decode"] == "fast"
     (prediction,) = predict_images([image_folder / "cat" / "00.png"], model, workers=0)
     assert prediction.error is None and prediction.label in model.class_names
 

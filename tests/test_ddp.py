@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, wait_for_checkpoint
+from conftest import TINY, rank_pids, torchrun, wait_for_checkpoint
 from safetensors.torch import load_file
 
 from featx.finetune import FinetuneConfig, _GlobalBatches, finetune, parse_phases
@@ -34,9 +32,6 @@ _CHILD = textwrap.dedent(
     import os, sys, time
     sys.path.insert(0, {tests!r})
     import conftest  # registers featx:tiny_test
-    if os.environ.get("FEATX_TEST_PID_DIR"):  # torchrun starts each rank in its own session: say who we are
-        with open(os.path.join(os.environ["FEATX_TEST_PID_DIR"], f"rank{{os.environ['RANK']}}.pid"), "w") as fh:
-            fh.write(str(os.getpid()))
     if os.environ.get("FEATX_TEST_SLOW_STEP"):
         import torch
         original = torch.optim.SGD.step
@@ -68,17 +63,6 @@ def _args(folder: Path, out: Path) -> list[str]:
         "--out",
         str(out),
     ]
-
-
-def _torchrun(tmp_path: Path, args: list[str], slow_step: float = 0.0) -> subprocess.Popen:
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD.format(tests=str(TESTS)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if slow_step:
-        env["FEATX_TEST_SLOW_STEP"] = str(slow_step)
-        env["FEATX_TEST_PID_DIR"] = str(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
 def _single(folder: Path, out: Path) -> dict:
@@ -151,21 +135,22 @@ def test_two_process_gloo_finetune_killed_and_resumed_equals_single_process(colo
     test metrics equal an uninterrupted single-process run's. (One test for both claims: each torchrun
     start costs several seconds on this CPU.)"""
     out = tmp_path / "killed"
-    proc = _torchrun(tmp_path, _args(colour_folder, out), slow_step=0.3)
-    wait_for_checkpoint(out, proc, epochs=2, timeout=240)  # epoch 2 is mid-phase: kill during epoch 3
-    # As when the node dies: torchrun and both ranks (each in a session of its own) at once.
-    ranks = [int(f.read_text()) for f in tmp_path.glob("rank*.pid")]
-    assert len(ranks) == 2
-    for pid in [proc.pid, *ranks]:
-        os.kill(pid, signal.SIGKILL)
-    proc.communicate()
+    child = _CHILD.format(tests=str(TESTS))
+    with torchrun(tmp_path, child, _args(colour_folder, out), FEATX_TEST_SLOW_STEP="0.3") as proc:
+        wait_for_checkpoint(out, proc, epochs=2, timeout=240)  # epoch 2 is mid-phase: kill during epoch 3
+        # As when the node dies: torchrun and both ranks (each in a session of its own) at once.
+        ranks = rank_pids(tmp_path)
+        assert len(ranks) == 2
+        for pid in [proc.pid, *ranks]:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate()
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert len(state["curves"]) == 2 and state["epoch_in_phase"] == 1  # resumes inside phase top2
     assert not (out / "results.json").exists()
 
-    resumed = _torchrun(tmp_path, _args(colour_folder, out))
-    output, _ = resumed.communicate(timeout=300)
-    text = output.decode()
+    with torchrun(tmp_path, child, _args(colour_folder, out)) as resumed:
+        stdout, stderr = resumed.communicate(timeout=300)
+    text = stdout + stderr
     assert resumed.returncode == 0, text
     assert "resuming" in text and text.count("best epoch") == 1  # rank 0 tells the story, rank 1 stays quiet
     assert not list(out.glob(".*.tmp"))

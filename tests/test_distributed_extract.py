@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,13 +11,14 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY
+from conftest import TINY, torchrun
 
 import featx.store
 from featx._env import default_workers
 from featx._errors import IncompleteStoreError, SpecMismatchError
 from featx.cli import main
-from featx.distributed import Shard, TorchrunEnv, check_agreement, join_shards, shard_path
+from featx.data import Manifest
+from featx.distributed import Shard, TorchrunEnv, check_agreement, join_shards, shard_manifest, shard_path
 from featx.extract import extract
 from featx.store import shards_path
 
@@ -87,7 +84,11 @@ def assert_same_store(joined: Path, single: Path) -> None:
 @pytest.mark.parametrize("n", [2, 5, 18, 1001])
 @pytest.mark.parametrize("count", [1, 2, 3, 8])
 def test_shards_are_contiguous_blocks_that_tile_the_rows(n, count):
-    if n < count:
+    if n < count:  # some shard would hold no image: refused before any work
+        with pytest.raises(ValueError, match=f"{n} images cannot be split into {count} shards"):
+            ids = [f"{i}.png" for i in range(n)]
+            manifest = Manifest(ids, ids, np.zeros(n, dtype=np.int64), ["train"] * n, ["c"], "test", "from source")
+            shard_manifest(manifest, Shard(0, count))
         return
     blocks = [Shard(i, count).rows(n) for i in range(count)]
     assert blocks[0][0] == 0 and blocks[-1][1] == n
@@ -105,7 +106,7 @@ def test_shard_parsing_and_keys():
     assert len(keys) == 5 and Shard(0, 2).key("k") != Shard(0, 2).key("other")
 
 
-def test_torchrun_environment_detection():
+def test_torchrun_environment_detection(monkeypatch):
     assert TorchrunEnv.detect({}) is None
     assert TorchrunEnv.detect({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == TorchrunEnv(1, 4, 1)
     with pytest.raises(ValueError, match="LOCAL_RANK not set"):
@@ -114,7 +115,8 @@ def test_torchrun_environment_detection():
         TorchrunEnv.detect({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
     assert TorchrunEnv(0, 2, 0).device("cpu") == "cpu"
     # Ranks on one node share its cores between their DataLoader workers.
-    assert default_workers({"LOCAL_WORLD_SIZE": "4"}) == max(1, min(8, (os.cpu_count() or 1) // 4))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_workers({"LOCAL_WORLD_SIZE": "4"}) == 4 and default_workers({}) == 8
 
 
 def test_ranks_that_built_another_job_are_refused_by_name():
@@ -303,21 +305,11 @@ _LAUNCH = textwrap.dedent(
 )
 
 
-def _torchrun(tmp_path: Path, images: Path, out: Path, **env_extra: str) -> tuple[int, str, str]:
-    script = tmp_path / "launch.py"
-    script.write_text(_LAUNCH.format(tests=str(TESTS)))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", **env_extra)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    command += ["extract", str(images), "--backbone", TINY, "--workers", "0", "--batch-size", "4", "--out", str(out)]
-    command += ["--no-progress", "--max-failures", "1"]
-    pipe = subprocess.PIPE
-    proc = subprocess.Popen(command, stdout=pipe, stderr=pipe, text=True, env=env, start_new_session=True)
-    try:
+def _torchrun(tmp_path: Path, images: Path, out: Path, **env: str) -> tuple[int, str, str]:
+    args = ["extract", str(images), "--backbone", TINY, "--workers", "0", "--batch-size", "4", "--out", str(out)]
+    args += ["--no-progress", "--max-failures", "1"]
+    with torchrun(tmp_path, _LAUNCH.format(tests=str(TESTS)), args, **env) as proc:
         stdout, stderr = proc.communicate(timeout=240)
-    finally:  # never leave ranks behind, whatever happened
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode, stdout, stderr
 
 
