@@ -16,6 +16,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 HYMENOPTERA = SHARED_DATA / "hymenoptera"
 
 
+def cores() -> int:
+    """The cores this process may run on (the default thread count of every benchmark)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def child_env(work: Path, threads: int) -> dict[str, str]:
+    """The environment of a timed child run: its own featx cache under ``work``, ``threads`` OpenMP threads."""
+    return {"FEATX_CACHE_DIR": str(work / "cache"), "OMP_NUM_THREADS": str(threads)}
+
+
 def machine() -> dict:
     """What the numbers were measured on: CPU, cores, memory, GPU and library versions."""
     import h5py
@@ -40,7 +50,7 @@ def machine() -> dict:
     return {
         "date": _dt.date.today().isoformat(),
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": cores(),
         "memory_gib": round(mem_gib, 1),
         "gpu": gpu,
         "os": f"{platform.system()} {platform.release()}",
@@ -53,8 +63,8 @@ def machine() -> dict:
     }
 
 
-def machine_line() -> str:
-    m = machine()
+def machine_line(m: dict | None = None) -> str:
+    m = m or machine()
     return (
         f"{m['date']} · {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, GPU: {m['gpu']}, {m['os']} · "
         f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, timm {m['timm']}, "

@@ -23,14 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line
 
 
-def load(store_path: str, rows: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    """Train (optionally a subset of rows) and test features and labels, read once for every run."""
+def load(store_path: str, subset: int | None) -> tuple[np.ndarray, ...]:
+    """Train (optionally ``subset`` seeded training rows) and test features and labels, read once for every run."""
     from featx.store import FeatureStore
 
     with FeatureStore(store_path) as store:
         X, y = store.features(split="train", dtype=np.float32), store.labels("train")
         Xt, yt = store.features(split="test", dtype=np.float32), store.labels("test")
-    if rows is not None:
+    if subset is not None:
+        rows = np.sort(np.random.default_rng(0).choice(len(y), size=min(len(y), subset), replace=False))
         X, y = X[rows], y[rows]
     return X, y, Xt, yt
 
@@ -105,17 +106,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5,000 seeded training images only")
     args = parser.parse_args()
 
-    from featx.store import FeatureStore
-
-    rows = None
-    if args.quick:
-        with FeatureStore(args.store) as store:
-            n = store.splits["train"]
-        rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, 5000), replace=False))
     print(f"machine: {machine_line()}\n")
     print("| run | train images × dims | search s | refit s | chosen | test accuracy |")
     print("| --- | --- | --- | --- | --- | --- |")
-    data = load(args.store, rows)
+    data = load(args.store, 5000 if args.quick else None)
     runs = [featx_search] + ([gridsearch_baseline] if args.baseline else [])
     for run in runs:
         r = run(data, args.classifier, args.jobs)

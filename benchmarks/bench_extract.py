@@ -37,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     REPO,
+    child_env,
+    cores,
     fresh_store,
     machine,
     machine_line,
@@ -97,28 +99,23 @@ FEATX_RUNS = {
 
 
 # ------------------------------------------------------------------------------------------ children
-def _load(backbone: str):
-    from featx.backbones import load_backbone
-
-    return load_backbone(backbone)
-
-
 def child_model(args) -> dict:
     """Forward passes only, over tensors decoded, normalised and put on the device before the clock starts."""
     import torch
 
     from featx._imageio import load_rgb, preprocess_uint8
     from featx._malloc import reuse_freed_memory
+    from featx.backbones import load_backbone
     from featx.extract import _resolve_amp
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     mode = MODEL_MODES[device.type][args.mode]
-    amp = _resolve_amp(mode.amp, device) if mode.amp == "auto" else mode.amp
+    amp = _resolve_amp(mode.amp, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if device.type == "cuda" and dtype is None:  # as featx --amp none: float32 without TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    net = _load(args.backbone)
+    net = load_backbone(args.backbone)
     model = net.feature_model(["penultimate"], "avg").eval()
     if mode.fold:
         model = model.with_batchnorm_folded()
@@ -150,8 +147,7 @@ def child_model(args) -> dict:
         torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
     ):
         compile_s = 0.0
-        if mode.compile:
-            _ = model.channels_last
+        if mode.compile:  # every compiled mode folds, and folding has already probed the output layout
             t0 = time.perf_counter()
             model = torch.compile(model, dynamic=False)
             model(batches[0])
@@ -219,9 +215,12 @@ def child_textbook(args) -> dict:
     from torch import nn
     from torchvision import datasets, transforms
 
+    from featx._env import default_workers
+    from featx.backbones import load_backbone
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    net = _load(args.backbone)
+    net = load_backbone(args.backbone)
     model = net.model
     parent, _, leaf = net.classifier_name().rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
@@ -235,9 +234,8 @@ def child_textbook(args) -> dict:
         ]
     )
     dataset = datasets.ImageFolder(args.images, transform=transform)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.threads if args.workers is None else args.workers
-    )
+    workers = default_workers() if args.workers is None else args.workers  # as many as featx's
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
     device = torch.device(args.device)
     # float32 means float32 here too: PyTorch lets cuDNN use TF32 by default, which would put TF32's error
     # into the tolerance check (featx --amp none turns it off the same way).
@@ -277,7 +275,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="[cuda when there is a GPU, else cpu]")
     parser.add_argument("--batch-size", type=int, help="[64 on the CPU, 256 on a GPU]")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=cores())
     parser.add_argument("--workers", type=int, default=None, help="featx's and the textbook's decoding processes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
     parser.add_argument("--thingsvision-python", default=os.environ.get("FEATX_THINGSVISION_PYTHON"))
@@ -301,8 +299,9 @@ def main() -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    env = {"FEATX_CACHE_DIR": str(work / "cache"), "OMP_NUM_THREADS": str(args.threads)}
-    print(f"machine: {machine_line()}\n")
+    env = child_env(work, args.threads)
+    this_machine = machine()
+    print(f"machine: {machine_line(this_machine)}\n")
     summary = []
     for name in args.backbones:
         if args.n:
@@ -313,9 +312,10 @@ def main() -> None:
             n = 1360 if not args.quick else (512 if name == "lite0" else 192)
         compile_too = not args.no_compile and not (args.quick and name == "resnet50" and not gpu)
         images = Path(args.images) if args.images else sample_jpegs(work / f"jpegs-{n}", n)
-        featx_name = BACKBONES[name][0].format(
-            weights=random_torchvision_weights("resnet50", work / "resnet50-random.safetensors")
-        )
+        featx_name = BACKBONES[name][0]
+        if name == "resnet50":
+            weights = random_torchvision_weights(name, work / f"{name}-random.safetensors")
+            featx_name = featx_name.format(weights=weights)
         common = ["--backbone", featx_name, "--images", str(images), "--n", str(n), "--device", args.device]
         common += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         if args.workers is not None:
@@ -391,7 +391,7 @@ def main() -> None:
                     "",
                 ]
             )
-        where = machine()["gpu"] if gpu else f"{args.threads} threads"
+        where = this_machine["gpu"] if gpu else f"{args.threads} threads"
         print(f"### {name}: {n} JPEGs, batch {args.batch_size}, {args.device} ({where})\n")
         print(table(["run", "images/s", "÷ model alone", "peak RSS GiB", "notes"], rows) + "\n", flush=True)
     (work / f"bench_extract-{args.device}.json").write_text(json.dumps(summary))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_line, peak_rss_gib, run_child, sample_jpegs, table
+from _common import REPO, child_env, cores, machine_line, peak_rss_gib, run_child, sample_jpegs, table
 
 BACKBONE = "featx:efficientnet_lite0"
 
@@ -38,7 +38,12 @@ def child_featx(args) -> dict:
     config = FinetuneConfig(phases=tuple(parse_phases(f"{args.phase}:1:1e-3")), batch_size=args.batch_size)
     results = finetune(args.images, BACKBONE, config, args.out, overwrite=True, progress=False, device="cpu")
     epoch = results["curves"][-1]
-    return {"ips": epoch["images_per_second"], "seconds": epoch["seconds"], "rss_gib": peak_rss_gib()}
+    return {
+        "ips": epoch["images_per_second"],
+        "seconds": epoch["seconds"],
+        "rss_gib": peak_rss_gib(),
+        "train_images": results["train"]["n"],
+    }
 
 
 def child_plain(args) -> dict:
@@ -46,6 +51,7 @@ def child_plain(args) -> dict:
     from torch import nn
     from torchvision import datasets, transforms
 
+    from featx._env import default_workers
     from featx.backbones import load_backbone
 
     torch.set_num_threads(args.threads)
@@ -69,7 +75,8 @@ def child_plain(args) -> dict:
             p.requires_grad = name.startswith("classifier")
     # featx trains on its train split (70 % of the images after val and test are carved off): match the count.
     subset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset))[: args.train_images].tolist())
-    loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, shuffle=True, num_workers=args.threads)
+    workers = default_workers()  # as many decoding workers as featx's fine-tuning uses
+    loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, shuffle=True, num_workers=workers)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
     model.train()
@@ -89,8 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512, help="images in the source (featx trains on its train split)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--phase", default="all", help="what trains: head, topK or all")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--phase", default="all", choices=["head", "all"], help="what trains (both loops)")
+    parser.add_argument("--threads", type=int, default=cores())
     parser.add_argument("--quick", action="store_true", help="256 images")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "featx-bench"))
     parser.add_argument("--child", choices=["featx", "plain"], help=argparse.SUPPRESS)
@@ -105,7 +112,7 @@ def main() -> None:
     n = 256 if args.quick else args.n
     work = Path(args.workdir)
     images = sample_jpegs(work / f"jpegs-{n}", n)
-    env = {"FEATX_CACHE_DIR": str(work / "cache"), "OMP_NUM_THREADS": str(args.threads)}
+    env = child_env(work, args.threads)
     common = [
         "--images",
         str(images),
@@ -118,8 +125,7 @@ def main() -> None:
     ]
     me = str(Path(__file__).resolve())
     ours = run_child([me, "--child", "featx", "--out", str(work / "finetune-bench"), *common], env)
-    with open(work / "finetune-bench" / "results.json") as f:
-        train_images = json.load(f)["train"]["n"]
+    train_images = ours["train_images"]
     plain = run_child([me, "--child", "plain", "--train-images", str(train_images), *common], env)
     print(f"machine: {machine_line()}\n")
     print(

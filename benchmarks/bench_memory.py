@@ -24,12 +24,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED_DATA, fresh_store, machine_line, random_torchvision_weights, run_child, table
+from _common import (
+    REPO,
+    SHARED_DATA,
+    child_env,
+    cores,
+    fresh_store,
+    machine_line,
+    peak_rss_gib,
+    random_torchvision_weights,
+    run_child,
+    table,
+)
 
 
 def cifar_train(work: Path, images: str | None) -> Path:
     if images:
         return Path(images)
+    # The archive holds one top folder, cifar10-jpeg/: unpacked into `work`, it lands at work/cifar10-jpeg.
     for candidate in (work / "cifar10-jpeg", Path(tempfile.gettempdir()) / "cifar10-jpeg"):
         if (candidate / "train").is_dir():
             return candidate
@@ -38,10 +50,10 @@ def cifar_train(work: Path, images: str | None) -> Path:
         sys.exit(f"no CIFAR-10 JPEGs: {archive} is missing (pass --images DIR with train/<class>/*.jpg)")
     print(f"unpacking {archive} …", file=sys.stderr, flush=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(work / "cifar10-jpeg", filter="data")
-    root = work / "cifar10-jpeg"
-    inner = [p for p in root.iterdir() if p.is_dir()]
-    return inner[0] if not (root / "train").is_dir() and len(inner) == 1 else root
+        tar.extractall(work, filter="data")
+    if not (work / "cifar10-jpeg" / "train").is_dir():
+        sys.exit(f"{archive} did not unpack to {work / 'cifar10-jpeg'}/train (pass --images DIR instead)")
+    return work / "cifar10-jpeg"
 
 
 def image_list(root: Path, n: int, work: Path) -> Path:
@@ -69,7 +81,7 @@ def child(args) -> dict:
     return {
         "images": result.n_done,
         "seconds": seconds,
-        "main_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "main_gib": peak_rss_gib(),
         "worker_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
     }
 
@@ -79,7 +91,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 50_000])
     parser.add_argument("--backbone", default="featx:efficientnet_lite0")
     parser.add_argument("--images", help="a folder with train/<class>/*.jpg [default: CIFAR-10]")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=cores())
     parser.add_argument("--quick", action="store_true", help="1,000 and 10,000 images, small random MobileNetV3")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "featx-bench"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -97,7 +109,7 @@ def main() -> None:
         weights = random_torchvision_weights("mobilenet_v3_small", work / "mobilenet_v3_small-random.safetensors")
         backbone = f"file:mobilenet_v3_small={weights}"
     root = cifar_train(work, args.images)
-    env = {"FEATX_CACHE_DIR": str(work / "cache"), "OMP_NUM_THREADS": str(args.threads)}
+    env = child_env(work, args.threads)
     rows = []
     for n in sizes:
         listing = image_list(root, n, work)

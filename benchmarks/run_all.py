@@ -27,9 +27,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--classical-store")
-    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "featx-bench", "results.md"))
+    parser.add_argument("--out", help="the collected tables [default: WORKDIR/results.md]")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "featx-bench"))
     args = parser.parse_args()
+    args.out = args.out or os.path.join(args.workdir, "results.md")
     quick = ["--quick"] if args.quick else []
     work = ["--workdir", args.workdir]
     runs = [
@@ -46,7 +47,7 @@ def main() -> None:
         ]
     else:
         print("no --classical-store: skipping the C-search benchmark (see benchmarks/README.md)", file=sys.stderr)
-    sections, t_all = [], time.perf_counter()
+    sections, failed, t_all = [], [], time.perf_counter()
     for run in runs:
         t0 = time.perf_counter()
         print(f"== {' '.join(run)}", file=sys.stderr, flush=True)
@@ -55,10 +56,14 @@ def main() -> None:
         body = proc.stdout if proc.returncode == 0 else f"FAILED ({proc.returncode}):\n```\n{proc.stderr[-3000:]}\n```"
         sections.append(f"## `{' '.join(run)}` ({took / 60:.1f} min)\n\n{body}")
         print(f"   {took / 60:.1f} min, exit {proc.returncode}", file=sys.stderr, flush=True)
+        if proc.returncode:
+            failed.append(run[0])
     sections.append(f"Total: {(time.perf_counter() - t_all) / 60:.1f} min.")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n\n".join(sections) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (their sections in {args.out} hold the error)")
 
 
 if __name__ == "__main__":
