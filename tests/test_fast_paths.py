@@ -47,16 +47,32 @@ def test_freed_blocks_are_reused_inside_the_context_and_handed_back_after(monkey
     assert _page_faults_touching_a_fresh_block() * 2 > fresh  # the defaults are back
 
 
-@glibc_only
 def test_nested_uses_restore_only_at_the_outermost_exit(monkeypatch):
+    class RecordingLibc:  # what reuse_freed_memory asks of glibc, in order
+        def __init__(self):
+            self.calls = []
+
+        def mallopt(self, param, value):
+            self.calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            self.calls.append(("malloc_trim", pad))
+            return 1
+
+    libc = RecordingLibc()
+    monkeypatch.setattr(_malloc, "_glibc", lambda: libc)
     monkeypatch.delenv("FEATX_MALLOC_TUNING", raising=False)
-    fresh = _page_faults_touching_a_fresh_block()
+    tuned = [("mallopt", _malloc._M_MMAP_MAX, 0), ("mallopt", _malloc._M_TRIM_THRESHOLD, _malloc._NEVER_TRIM)]
     with _malloc.reuse_freed_memory():
         with _malloc.reuse_freed_memory():
-            assert _malloc._depth == 2
-            _page_faults_touching_a_fresh_block()
-        assert _malloc._depth == 1
-        assert _page_faults_touching_a_fresh_block() * 4 < fresh  # the inner exit did not restore the defaults
+            assert libc.calls == tuned  # tuned once, by the outermost entry
+        assert libc.calls == tuned and _malloc._depth == 1  # the inner exit restored nothing
+    assert libc.calls[2:] == [
+        ("mallopt", _malloc._M_MMAP_MAX, _malloc._DEFAULT_MMAP_MAX),
+        ("mallopt", _malloc._M_TRIM_THRESHOLD, _malloc._DEFAULT_TRIM_THRESHOLD),
+        ("malloc_trim", 0),
+    ]
     assert _malloc._depth == 0
 
 
