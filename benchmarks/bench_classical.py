@@ -37,7 +37,8 @@ def load(store_path: str, subset: int | None) -> tuple[np.ndarray, ...]:
 
 
 def featx_search(data: tuple[np.ndarray, ...], classifier: str, jobs: int) -> dict:
-    from featx.classify import ClassifierConfig, _folds, build_pipeline, search
+    from featx.classify import ClassifierConfig, build_pipeline, search
+    from featx.classify.search import _folds
 
     X, y, Xt, yt = data
     config = ClassifierConfig(classifier=classifier)

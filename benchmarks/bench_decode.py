@@ -33,7 +33,7 @@ def make_photo(source: Path, megapixels: float, out: Path) -> Path:
 
 
 def per_photo_ms(path: Path, pre, decode: str, repeats: int) -> float:
-    from featx._imageio import load_for_model
+    from featx.data.imageio import load_for_model
 
     load_for_model(path, pre, 10**9, decode)  # page cache and first-call costs out of the timing
     t0 = time.perf_counter()
@@ -55,8 +55,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from featx._imageio import load_for_model
     from featx.backbones import load_backbone
+    from featx.data.imageio import load_for_model
 
     torch.set_num_threads(1)
     source = Path(args.photo) if args.photo else next(iter(sorted(HYMENOPTERA.rglob("*.jpg"))), None)

@@ -103,10 +103,10 @@ def child_model(args) -> dict:
     """Forward passes only, over tensors decoded, normalised and put on the device before the clock starts."""
     import torch
 
-    from featx._imageio import load_rgb, preprocess_uint8
-    from featx._malloc import reuse_freed_memory
+    from featx._runtime.device import _resolve_amp
+    from featx._runtime.malloc import reuse_freed_memory
     from featx.backbones import load_backbone
-    from featx.extract import _resolve_amp
+    from featx.data.imageio import load_rgb, preprocess_uint8
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -215,7 +215,7 @@ def child_textbook(args) -> dict:
     from torch import nn
     from torchvision import datasets, transforms
 
-    from featx._env import default_workers
+    from featx._runtime.env import default_workers
     from featx.backbones import load_backbone
 
     torch.set_num_threads(args.threads)

@@ -51,7 +51,7 @@ def child_plain(args) -> dict:
     from torch import nn
     from torchvision import datasets, transforms
 
-    from featx._env import default_workers
+    from featx._runtime.env import default_workers
     from featx.backbones import load_backbone
 
     torch.set_num_threads(args.threads)

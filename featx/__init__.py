@@ -20,7 +20,7 @@ __all__ = ["ConvNetFeatures", "ExtractionSpec", "Preprocessing", "__version__"]
 def __getattr__(name: str):
     # Imported lazily: the transformer pulls in torch and scikit-learn, `import featx` should not.
     if name == "ConvNetFeatures":
-        from featx.transformer import ConvNetFeatures
+        from featx.sklearn import ConvNetFeatures
 
         return ConvNetFeatures
     raise AttributeError(f"module 'featx' has no attribute {name!r}")

@@ -47,7 +47,7 @@ def main(verbose: int) -> None:
 
 
 def _validate_max_failures(ctx, param, value):
-    from featx.extract import MaxFailures
+    from featx.extract.engine import MaxFailures
 
     try:
         return MaxFailures.parse(value)
@@ -58,7 +58,7 @@ def _validate_max_failures(ctx, param, value):
 def _validate_shard(ctx, param, value):
     if value is None:
         return None
-    from featx.distributed import Shard
+    from featx.extract.sharded import Shard
 
     try:
         return Shard.parse(value)
@@ -217,8 +217,8 @@ def extract(
     On several GPUs or machines (see docs/distributed.md):
     torchrun --nproc-per-node 4 -m featx extract SOURCE --out STORE.h5
     """
-    from featx.distributed import TorchrunEnv
-    from featx.extract import extract as run_extract
+    from featx._runtime.dist import TorchrunEnv
+    from featx.extract.api import extract as run_extract
 
     try:
         if distributed is None:  # on by default under torchrun with several processes, unless one shard is asked for
@@ -333,7 +333,7 @@ def join(store, count, keep_shards, overwrite, max_failures) -> None:
     Refuses, naming the fix, when a shard is missing, unfinished, or from another job or shard count;
     nothing is deleted then.
     """
-    from featx.distributed import join_shards
+    from featx.extract.sharded import join_shards
 
     try:
         result = join_shards(store, count=count, overwrite=overwrite, keep_shards=keep_shards)
@@ -366,7 +366,7 @@ def join(store, count, keep_shards, overwrite, max_failures) -> None:
 @click.option("--failures", "show_failures", is_flag=True, help="List every failed image with its reason.")
 def info(store, as_json, show_failures) -> None:
     """Show how STORE was made: backbone, weights, layers, preprocessing, images, versions."""
-    from featx.store import FeatureStore
+    from featx.store.reader import FeatureStore
 
     try:
         with FeatureStore(store) as fs:
@@ -426,7 +426,8 @@ def info(store, as_json, show_failures) -> None:
 )
 def backbones(source, pattern, layers_of) -> None:
     """List backbones (and their weight tags; * marks weights usable offline), or one backbone's layers."""
-    from featx.backbones import list_backbones, load_backbone
+    from featx.backbones.loading import load_backbone
+    from featx.backbones.names import list_backbones
 
     try:
         if layers_of:
@@ -587,8 +588,9 @@ def train(
     out_dir,
 ) -> None:
     """Train a classifier on the features in STORE, choosing its hyper-parameter on the training data only."""
-    from featx.classify import ClassifierConfig, get_preset, parse_preprocess
-    from featx.classify import train as run_train
+    from featx.classify.config import ClassifierConfig
+    from featx.classify.presets import get_preset, parse_preprocess
+    from featx.classify.training import train as run_train
 
     try:
         preset = get_preset(classifier)
@@ -664,8 +666,10 @@ def _print_metrics(test) -> None:
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON.")
 def evaluate(store, model_path, split, trust, out) -> None:
     """Score a trained model on STORE's test split (refused if STORE's features were made differently)."""
-    from featx.classify import evaluate_model, load_model, write_results
-    from featx.store import FeatureStore
+    from featx.classify.model import load_model
+    from featx.classify.training import evaluate_model
+    from featx.results import write_results
+    from featx.store.reader import FeatureStore
 
     try:
         model = load_model(model_path, trust=trust)
@@ -699,11 +703,12 @@ def predict(images, model_path, top_k, device, batch_size, trust, as_json) -> No
     """Classify IMAGES end to end: the backbone is rebuilt from the model's record (f then g, or f')."""
     from pathlib import Path
 
-    from featx.classify import load_model, predict_images
+    from featx.classify.model import load_model
+    from featx.predict import predict_images
 
     try:
         if Path(model_path).is_dir():  # a `featx finetune --out` folder
-            from featx.finetune import predict_finetuned
+            from featx.predict import predict_finetuned
 
             predictions = predict_finetuned(list(images), model_path, top_k=top_k, device=device, batch_size=batch_size)
         else:
@@ -828,9 +833,9 @@ def finetune(
     On several GPUs or nodes, launch it with torchrun (DistributedDataParallel; --batch-size is global):
     torchrun --nproc-per-node 4 -m featx finetune SOURCE --out DIR …
     """
-    from featx._ddp import env_rank
-    from featx.finetune import FinetuneConfig, parse_phases
-    from featx.finetune import finetune as run_finetune
+    from featx._runtime.dist import env_rank
+    from featx.finetune.config import FinetuneConfig, parse_phases
+    from featx.finetune.trainer import finetune as run_finetune
 
     if env_rank() != 0:  # under torchrun, rank 0 tells the story
         logging.getLogger("featx").setLevel(logging.WARNING)
@@ -917,8 +922,8 @@ def _set_vars(ctx, param, value):
 @click.option("--no-progress", is_flag=True)
 def run(pipeline, overrides, only, force, dry_run, scheduler, no_progress) -> None:
     """Run a pipeline (datasets × backbones × classifiers, + fine-tuning) as a cached, resumable batch job."""
-    from featx.pipeline import load_job
-    from featx.pipeline import run as run_job
+    from featx.jobs.runner import run as run_job
+    from featx.jobs.schema import load_job
 
     try:
         job = load_job(pipeline, overrides)
@@ -941,7 +946,7 @@ def run(pipeline, overrides, only, force, dry_run, scheduler, no_progress) -> No
 
 
 def _compare(out_dir) -> None:
-    from featx.report import collect, format_table, write_report
+    from featx.jobs.report import collect, format_table, write_report
 
     try:
         rows = collect(out_dir)
@@ -959,7 +964,7 @@ def _compare(out_dir) -> None:
 def compare(out_dir) -> None:
     """Compare every result under OUT_DIR side by side; write report.md, report.html and plots."""
     try:
-        from featx.report import collect
+        from featx.jobs.report import collect
 
         collect(out_dir)
     except (FileNotFoundError, ValueError) as exc:

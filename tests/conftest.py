@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from featx.backbones import _BUILTINS, register_backbone
+from featx.backbones import register_backbone
+from featx.backbones.names import _BUILTINS
 from featx.spec import Preprocessing
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

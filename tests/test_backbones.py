@@ -18,8 +18,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from featx import backbones as B
-from featx._errors import UnknownNameError
-from featx._imageio import preprocess_uint8
+from featx.backbones import features, folding, loading, names
+from featx.data.imageio import preprocess_uint8
+from featx.exceptions import UnknownNameError
 from featx.spec import Preprocessing
 
 TINY = "featx:tiny_test"
@@ -195,23 +196,25 @@ def test_unknown_names_suggest_close_matches(name, expected):
 
 
 def test_unknown_name_raised_before_loading_or_reading(monkeypatch, tmp_path):
-    from featx import extract as extract_module
+    from featx.extract import engine as extract_module
+    from featx.extract import extract
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was read before the name was checked")
 
     monkeypatch.setattr(extract_module, "load_for_model", no_decoding)
-    monkeypatch.setattr(B, "_build_checkpoint", no_decoding)
+    monkeypatch.setattr(loading, "_build_checkpoint", no_decoding)
     with pytest.raises(UnknownNameError, match="resnet50"):
         B.load_backbone("torchvision:resnet5")
     with pytest.raises(UnknownNameError, match="resnet50"):
         B.load_backbone(f"file:resnet5={tmp_path / 'x.pt'}")
     with pytest.raises(UnknownNameError, match="resnet50"):
-        extract_module.extract(tmp_path / "no-such-folder", "torchvision:resnet5", workers=0, progress=False)
+        extract(tmp_path / "no-such-folder", "torchvision:resnet5", workers=0, progress=False)
 
 
 def test_unknown_layer_raised_before_any_image(monkeypatch, image_folder, tmp_path):
-    from featx import extract as extract_module
+    from featx.extract import engine as extract_module
+    from featx.extract import extract
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was read before the layer was checked")
@@ -219,7 +222,7 @@ def test_unknown_layer_raised_before_any_image(monkeypatch, image_folder, tmp_pa
     monkeypatch.setattr(extract_module, "load_for_model", no_decoding)
     out = tmp_path / "store.h5"
     with pytest.raises(UnknownNameError, match="conv_head"):
-        extract_module.extract(image_folder, TINY, layers=["conv_haed"], out=out, workers=0, progress=False)
+        extract(image_folder, TINY, layers=["conv_haed"], out=out, workers=0, progress=False)
     assert not out.exists()
 
 
@@ -247,7 +250,7 @@ def test_register_backbone_twice_is_an_error():
         with pytest.raises(ValueError, match="already registered"):
             B.register_backbone("efficientnet_lite0", tiny_factory)
     finally:
-        B._unregister_backbone("dup_test")
+        names._unregister_backbone("dup_test")
     with pytest.raises(ValueError, match="letters"):
         B.register_backbone("bad name", tiny_factory)
     assert "featx:dup_test" not in {r.name for r in B.list_backbones(source="featx")}
@@ -297,7 +300,7 @@ def test_efficientnet_lite0_has_real_imagenet_weights():
     assert float(cat_logits.softmax(1)[0, sorted(cats)].sum()) > 0.5
     assert float(coffee_logits.softmax(1)[0, sorted(coffee)].sum()) > 0.5
     _penultimate_matches_logits(net, net.model.classifier)
-    assert B.feature_dims(net.feature_model(["penultimate"], "avg"), pre) == {"penultimate": 1280}
+    assert features.feature_dims(net.feature_model(["penultimate"], "avg"), pre) == {"penultimate": 1280}
 
 
 def test_lite0_preprocessing_matches_timm_config():
@@ -308,7 +311,7 @@ def test_lite0_preprocessing_matches_timm_config():
     expected = Preprocessing.from_crop_pct(
         cfg["input_size"][1:], cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"]
     )
-    assert expected == B._LITE0_PREPROCESSING
+    assert expected == names._LITE0_PREPROCESSING
 
 
 # ------------------------------------------------------------------------------- torchvision downloads
@@ -334,7 +337,7 @@ def test_torchvision_loads_from_seeded_cache(no_download):
     _assert_same_weights(net.model, state)
     assert not net.model.training
     assert not any(p.requires_grad for p in net.model.parameters())
-    assert net.weights_sha256 == B.weights_checksum(_resnet18(seed=3))
+    assert net.weights_sha256 == loading.weights_checksum(_resnet18(seed=3))
 
     # Preprocessing is the weights' own transforms metadata.
     t = weights.transforms()
@@ -415,7 +418,7 @@ def test_checkpoint_torchvision(resnet18_ckpt, tmp_path, suffix):
     assert net.weights == path.name
     assert net.model.fc.out_features == 5  # inferred from the checkpoint
     _assert_same_weights(net.model, state)
-    assert net.preprocessing == B._torchvision_preprocessing(ResNet18_Weights.DEFAULT)
+    assert net.preprocessing == loading._torchvision_preprocessing(ResNet18_Weights.DEFAULT)
     # The canonical name loads the same thing.
     assert B.load_backbone(net.name).weights_sha256 == net.weights_sha256
     _penultimate_matches_logits(net, net.model.fc)
@@ -517,32 +520,34 @@ def test_checkpoint_errors(resnet18_ckpt, tmp_path):
 # ------------------------------------------------------------------------------------------- pooling
 def test_pool_features_numerics():
     t = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]], [[-1.0, 0.0], [4.0, -3.0]]]], dtype=torch.float16)  # [1, 2, 2, 2]
-    avg = B.pool_features(t, "avg")
+    avg = features.pool_features(t, "avg")
     assert avg.dtype == torch.float32
     torch.testing.assert_close(avg, torch.tensor([[3.0, 0.0]]))
-    torch.testing.assert_close(B.pool_features(t, "max"), torch.tensor([[6.0, 4.0]]))
-    torch.testing.assert_close(B.pool_features(t, "avgmax"), torch.tensor([[3.0, 0.0, 6.0, 4.0]]))
+    torch.testing.assert_close(features.pool_features(t, "max"), torch.tensor([[6.0, 4.0]]))
+    torch.testing.assert_close(features.pool_features(t, "avgmax"), torch.tensor([[3.0, 0.0, 6.0, 4.0]]))
     # GeM (p = 3) over activations clamped at 1e-6: ((1 + 8 + 27 + 216) / 4) ** (1/3) and (64 / 4) ** (1/3).
-    gem = B.pool_features(t, "gem")
+    gem = features.pool_features(t, "gem")
     torch.testing.assert_close(gem, torch.tensor([[63.0 ** (1 / 3), 16.0 ** (1 / 3)]]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(B.pool_features(t.abs() + 1, "gem", gem_p=1.0), B.pool_features(t.abs() + 1, "avg"))
-    none = B.pool_features(t, "none")
+    torch.testing.assert_close(
+        features.pool_features(t.abs() + 1, "gem", gem_p=1.0), features.pool_features(t.abs() + 1, "avg")
+    )
+    none = features.pool_features(t, "none")
     torch.testing.assert_close(none, torch.tensor([[1.0, 2.0, 3.0, 6.0, -1.0, 0.0, 4.0, -3.0]]))
     # Channels-last memory does not change what "none" means.
-    torch.testing.assert_close(B.pool_features(t.float().to(memory_format=torch.channels_last), "none"), none)
+    torch.testing.assert_close(features.pool_features(t.float().to(memory_format=torch.channels_last), "none"), none)
 
     tokens = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [5.0, 0.0]]])  # [N=1, T=3, C=2]
-    torch.testing.assert_close(B.pool_features(tokens, "avg"), torch.tensor([[3.0, 2.0 / 3.0]]))
-    torch.testing.assert_close(B.pool_features(tokens, "max"), torch.tensor([[5.0, 4.0]]))
-    assert B.pool_features(tokens, "avgmax").shape == (1, 4)
-    assert B.pool_features(tokens, "none").shape == (1, 6)
+    torch.testing.assert_close(features.pool_features(tokens, "avg"), torch.tensor([[3.0, 2.0 / 3.0]]))
+    torch.testing.assert_close(features.pool_features(tokens, "max"), torch.tensor([[5.0, 4.0]]))
+    assert features.pool_features(tokens, "avgmax").shape == (1, 4)
+    assert features.pool_features(tokens, "none").shape == (1, 6)
 
     vectors = torch.randn(3, 5)
     for pool in ("avg", "max", "avgmax", "gem", "none"):
-        torch.testing.assert_close(B.pool_features(vectors, pool), vectors)
+        torch.testing.assert_close(features.pool_features(vectors, pool), vectors)
     for t_ in (t, vectors):
         with pytest.raises(UnknownNameError, match="avgmax"):
-            B.pool_features(t_, "avgmx")
+            features.pool_features(t_, "avgmx")
 
 
 # -------------------------------------------------------------------------------------------- layers
@@ -595,7 +600,7 @@ def test_feature_model_several_layers_in_one_pass(tiny, pool):
         assert t.dtype == torch.float32 and t.ndim == 2 and t.shape[0] == 3, layer
     # A module name means that module's output; pooling is pool_features on it.
     for layer in ("blocks.1", "conv_head"):
-        torch.testing.assert_close(out[layer], B.pool_features(raw[layer], pool))
+        torch.testing.assert_close(out[layer], features.pool_features(raw[layer], pool))
     # penultimate is already the pooled vector the classifier sees: pooling leaves it alone.
     torch.testing.assert_close(out["penultimate"], raw["global_pool"])
     c1, c2 = raw["blocks.1"].shape[1], raw["conv_head"].shape[1]
@@ -608,7 +613,7 @@ def test_feature_model_several_layers_in_one_pass(tiny, pool):
     }[pool]
     assert (out["blocks.1"].shape[1], out["conv_head"].shape[1]) == expected
     assert out["penultimate"].shape[1] == c2 == 256
-    dims = B.feature_dims(fm, tiny.preprocessing)
+    dims = features.feature_dims(fm, tiny.preprocessing)
     assert dims == {layer: t.shape[1] for layer, t in out.items()}
 
 
@@ -635,30 +640,30 @@ def test_torchvision_module_layers(resnet18_ckpt):
     with torch.no_grad():
         out = net.feature_model(["layer3", "layer4", "penultimate"], "avgmax")(x)
     assert {k: v.shape[1] for k, v in out.items()} == {"layer3": 512, "layer4": 1024, "penultimate": 512}
-    torch.testing.assert_close(out["layer4"], B.pool_features(raw["layer4"], "avgmax"))
+    torch.testing.assert_close(out["layer4"], features.pool_features(raw["layer4"], "avgmax"))
     torch.testing.assert_close(out["penultimate"], raw["avgpool"].flatten(1))
 
 
 # ------------------------------------------------------------------------------------------ checksum
 def test_weights_checksum_changes_with_one_weight():
     model = _resnet18(num_classes=5, seed=2)
-    first = B.weights_checksum(model)
-    assert first == B.weights_checksum(_resnet18(num_classes=5, seed=2))  # deterministic
+    first = loading.weights_checksum(model)
+    assert first == loading.weights_checksum(_resnet18(num_classes=5, seed=2))  # deterministic
     assert len(first) == 64
     with torch.no_grad():
         model.layer2[0].conv1.weight[0, 0, 0, 0] += 1e-3
-    changed = B.weights_checksum(model)
+    changed = loading.weights_checksum(model)
     assert changed != first
     with torch.no_grad():
         model.layer2[0].conv1.weight[0, 0, 0, 0] -= 1e-3
     # A buffer counts too.
     model.bn1.num_batches_tracked += 1
-    assert B.weights_checksum(model) not in (first, changed)
+    assert loading.weights_checksum(model) not in (first, changed)
 
 
 def test_builtin_checksum_is_stable(tiny):
     again = B.load_backbone(TINY)
-    assert tiny.weights_sha256 == again.weights_sha256 == B.weights_checksum(again.model)
+    assert tiny.weights_sha256 == again.weights_sha256 == loading.weights_checksum(again.model)
     assert tiny.weights == "random-seed0"
 
 
@@ -778,15 +783,15 @@ def test_folding_only_where_it_is_exact():
     net = _random_affine_batchnorms(_Unfoldable())
     graph = fx.GraphModule(net, KeepStdConv().trace(net))
     x = torch.randn(2, 3, 8, 8)
-    folded, n = B._fold_batchnorm(graph)
+    folded, n = folding._fold_batchnorm(graph)
     assert n == 1
     assert {type(m).__name__ for m in folded.modules()} >= {"StdConv2d", "BatchNorm2d"}
     with torch.no_grad():
         torch.testing.assert_close(folded(x), graph(x), rtol=1e-5, atol=1e-5)
     graph.train()
-    assert B._fold_batchnorm(graph)[1] == 0  # batch statistics, not running ones
+    assert folding._fold_batchnorm(graph)[1] == 0  # batch statistics, not running ones
     plain = _Unfoldable().eval()
-    assert B._fold_batchnorm(plain) == (plain, 0)  # not an FX graph: nothing to follow, nothing folded
+    assert folding._fold_batchnorm(plain) == (plain, 0)  # not an FX graph: nothing to follow, nothing folded
 
 
 def test_folding_leaves_hooked_and_weight_normed_convolutions_alone():
@@ -795,11 +800,11 @@ def test_folding_leaves_hooked_and_weight_normed_convolutions_alone():
     net = _random_affine_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     calls = []
     net[1].register_forward_hook(lambda *args: calls.append(1))  # a user's hook must keep firing
-    folded, n = B._fold_batchnorm(fx.symbolic_trace(net))
+    folded, n = folding._fold_batchnorm(fx.symbolic_trace(net))
     assert n == 0
     with torch.no_grad():
         folded(torch.randn(1, 3, 8, 8))
     assert calls == [1]
     weight_norm = nn.utils.parametrizations.weight_norm
     normed = _random_affine_batchnorms(nn.Sequential(weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
-    assert B._fold_batchnorm(fx.symbolic_trace(normed))[1] == 0
+    assert folding._fold_batchnorm(fx.symbolic_trace(normed))[1] == 0

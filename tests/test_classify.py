@@ -11,19 +11,11 @@ from click.testing import CliRunner
 from conftest import TINY, synthetic_store
 
 import featx.store
-from featx._errors import SpecMismatchError, UnknownNameError
-from featx.classify import (
-    PRESETS,
-    ClassifierConfig,
-    Preset,
-    load_model,
-    parse_preprocess,
-    predict_images,
-    register_classifier,
-    train,
-)
+from featx.classify import PRESETS, ClassifierConfig, Preset, load_model, parse_preprocess, register_classifier, train
 from featx.cli import main
+from featx.exceptions import SpecMismatchError, UnknownNameError
 from featx.metrics import bootstrap_accuracy_ci, evaluate
+from featx.predict import predict_images
 
 
 @pytest.fixture
@@ -157,7 +149,7 @@ def test_out_of_core_sgd_streams_bounded_blocks(tmp_path, monkeypatch):
 
 
 def test_out_of_core_buffers_mix_classes():
-    from featx.classify import _shuffled_buffers
+    from featx.classify.training import _shuffled_buffers
 
     rows = np.arange(100_000)  # a store sorted by class: class = row // 10_000
     buffers = _shuffled_buffers(rows, np.random.default_rng(0))
@@ -199,7 +191,7 @@ def test_model_round_trip_and_results_file(blobs, tmp_path):
 def test_model_refuses_a_store_with_another_spec(blobs, tmp_path):
     model, _ = _train(blobs, classifier="ridge")
     other = synthetic_store(tmp_path / "max.h5", pool="max")
-    from featx.classify import evaluate_model
+    from featx.classify.training import evaluate_model
 
     with featx.store.open(other) as s, pytest.raises(SpecMismatchError, match=r"pool: 'avg' != 'max'"):
         evaluate_model(model, s)
@@ -216,7 +208,7 @@ def test_loading_never_runs_untrusted_code(blobs, tmp_path):
     path = model.save(tmp_path / "m.skops")
     assert load_model(path).meta["layer"] == "penultimate"
     # A file whose contents need a non-sklearn type is refused unless trusted.
-    from featx.classify import MODEL_FORMAT
+    from featx.classify.model import MODEL_FORMAT
 
     sio.dump({"format": MODEL_FORMAT, "format_version": 1, "meta": "{}", "pipeline": _Custom()}, tmp_path / "u.skops")
     with pytest.raises(ValueError, match="--trust"):
@@ -347,7 +339,7 @@ def test_metrics_ignore_classes_absent_from_test_and_predictions():
 
 
 def test_unseen_classes_get_finite_scores_and_top5_works(tmp_path):
-    from featx.classify import _expand_scores
+    from featx.classify.model import _expand_scores
 
     scores = _expand_scores(np.array([[0.2, -1.0]]), np.array([0, 2]), 7)
     assert np.isfinite(scores).all() and scores[0].argmax() == 0 and scores[0, 1] < -1.0

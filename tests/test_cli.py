@@ -27,8 +27,8 @@ def no_image_reads(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("an image was read before the options were validated")
 
-    monkeypatch.setattr("featx.extract.load_for_model", forbidden)
-    monkeypatch.setattr("featx._imageio.load_rgb", forbidden)
+    monkeypatch.setattr("featx.extract.engine.load_for_model", forbidden)
+    monkeypatch.setattr("featx.data.imageio.load_rgb", forbidden)
 
 
 def _extract(runner, *args):

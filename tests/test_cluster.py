@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from conftest import synthetic_store
 
 from featx.classify import ClassifierConfig, train
+from featx.classify.cluster import scheduler
 from featx.cli import main
-from featx.cluster import scheduler
 
 distributed = pytest.importorskip("distributed")
 
@@ -79,7 +79,8 @@ def test_cli_train_with_a_scheduler(blobs, cluster, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_cells_search_on_the_cluster(colour_folder, cluster, tmp_path):
-    from featx.pipeline import load_job, run
+    from featx.jobs.runner import run
+    from featx.jobs.schema import load_job
 
     job_file = tmp_path / "job.toml"
     job_file.write_text(

@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, make_image
 
-from featx._errors import UnknownNameError
-from featx.data import (
-    Manifest,
-    ensure_test_split,
-    from_csv,
-    from_digits,
-    from_folder,
-    from_torchvision,
-    load_source,
-)
+from featx.data import Manifest, from_csv, from_digits, from_folder, from_torchvision, load_source
+from featx.data.splits import ensure_test_split
+from featx.exceptions import UnknownNameError
 
 
 def test_class_folder_gets_a_seeded_stratified_test_split(image_folder):
@@ -167,7 +160,7 @@ def test_mixed_split_and_class_folders_are_refused(tmp_path):
 
 
 def test_materialise_never_deletes_a_complete_copy(tmp_path):
-    from featx.data import _materialise
+    from featx.data.sources import _materialise
 
     target = tmp_path / "gen"
 

@@ -20,7 +20,8 @@ import torch
 from conftest import TINY, rank_pids, torchrun, wait_for_checkpoint
 from safetensors.torch import load_file
 
-from featx.finetune import FinetuneConfig, _GlobalBatches, finetune, parse_phases
+from featx.finetune import FinetuneConfig, finetune, parse_phases
+from featx.finetune.data import _GlobalBatches
 
 TESTS = Path(__file__).resolve().parent
 PHASES = "head:1:0.5,top2:2:0.1"  # large rates: the weights move far in three epochs
@@ -118,7 +119,7 @@ def test_global_batches_shard_the_single_process_batches():
 
 def test_augmentation_depends_on_the_image_not_the_process(colour_folder):
     from featx.backbones import load_backbone
-    from featx.finetune import _TrainImages
+    from featx.finetune.data import _TrainImages
 
     paths = sorted(str(p) for p in colour_folder.rglob("*.png"))[:3]
     images = _TrainImages(paths, np.zeros(3, dtype=np.int64), load_backbone(TINY).preprocessing, (0.25, 1.0), 10**8)

@@ -14,12 +14,13 @@ from click.testing import CliRunner
 from conftest import TINY, torchrun
 
 import featx.store
-from featx._env import default_workers
-from featx._errors import IncompleteStoreError, SpecMismatchError
+from featx._runtime.dist import TorchrunEnv
+from featx._runtime.env import default_workers
 from featx.cli import main
 from featx.data import Manifest
-from featx.distributed import Shard, TorchrunEnv, check_agreement, join_shards, shard_manifest, shard_path
+from featx.exceptions import IncompleteStoreError, SpecMismatchError
 from featx.extract import extract
+from featx.extract.sharded import Shard, check_agreement, join_shards, shard_manifest, shard_path
 from featx.store import shards_path
 
 TESTS = Path(__file__).resolve().parent
@@ -161,7 +162,7 @@ def single_ids(path: Path) -> list[str]:
 
 def test_a_rerun_shard_resumes_its_partial_store(images, tmp_path, monkeypatch):
     out = tmp_path / "s.h5"
-    import featx.extract as fx
+    import featx.extract.engine as fx
 
     call = fx._Embedder.__call__
     calls = []
@@ -283,10 +284,10 @@ _LAUNCH = textwrap.dedent(
     import conftest  # registers featx:tiny_test in every rank
     from featx.cli import main
     if os.environ.get("FAIL_RANK") == os.environ["RANK"]:  # this rank's extraction dies with an error
-        import featx.extract
+        import featx.extract.sharded
         def broken(job, shard):
             raise RuntimeError("disk full on this node")
-        featx.extract._extract_shard = broken
+        featx.extract.sharded._extract_shard = broken
     out = sys.argv[sys.argv.index("--out") + 1]
     for run in ("first", "second"):
         if run == "second" and os.environ["RANK"] == "0":

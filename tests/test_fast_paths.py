@@ -14,9 +14,10 @@ from conftest import TINY
 from PIL import Image
 
 import featx.store
-from featx import _malloc
+from featx._runtime import malloc as _malloc
 from featx.backbones import FeatureModel
-from featx.extract import _compile_wanted, extract
+from featx.extract import extract
+from featx.extract.engine import _compile_wanted
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's"
@@ -160,7 +161,7 @@ def _photo(path, size=(1200, 900)) -> None:
 
 
 def test_fast_decode_reduces_big_jpegs_and_stays_close_to_exact(tmp_path):
-    from featx._imageio import load_for_model, load_rgb
+    from featx.data.imageio import load_for_model, load_rgb
     from featx.spec import Preprocessing
 
     _photo(tmp_path / "big.jpg")

@@ -19,18 +19,10 @@ from conftest import TINY, make_image, wait_for_checkpoint
 from safetensors.torch import load_file
 
 import featx.backbones as B
-from featx._errors import SpecMismatchError, UnknownNameError
 from featx.cli import main
-from featx.finetune import (
-    FinetuneConfig,
-    Phase,
-    _set_trainable,
-    _train_mode,
-    block_names,
-    finetune,
-    head_from_logreg,
-    parse_phases,
-)
+from featx.exceptions import SpecMismatchError, UnknownNameError
+from featx.finetune import FinetuneConfig, Phase, block_names, finetune, head_from_logreg, parse_phases
+from featx.finetune.heads import _set_trainable, _train_mode
 from featx.spec import Preprocessing
 
 TESTS = Path(__file__).resolve().parent
@@ -141,7 +133,7 @@ def test_phase_transitions_change_rates_and_curves(folder, tmp_path):
 
 
 def test_schedule_warms_up_then_decays():
-    from featx.finetune import _lr_lambda
+    from featx.finetune.trainer import _lr_lambda
 
     f = _lr_lambda(total_steps=100, warmup_steps=10)
     values = [f(s) for s in range(100)]

@@ -24,11 +24,11 @@ from conftest import TINY, make_image
 from PIL import Image, ImageFile, ImageOps, features
 
 import featx.store
-from featx._errors import ImageDecodeError
-from featx._imageio import DEFAULT_MAX_PIXELS, load_rgb, preprocess_uint8
 from featx.cli import main
+from featx.data.imageio import load_rgb, preprocess_uint8
+from featx.exceptions import ImageDecodeError
 from featx.extract import extract
-from featx.spec import Preprocessing
+from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing
 
 ORIENTATION = 0x0112
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)

@@ -13,7 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from featx.cli import main
-from featx.pipeline import JobError, load_job, plan, run
+from featx.jobs.planning import plan
+from featx.jobs.runner import run
+from featx.jobs.schema import JobError, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,15 +146,15 @@ def test_run_caches_resumes_and_reports(job_file, tmp_path, monkeypatch):
 
     (out / "cells" / "colours__tiny__penultimate__knn" / "results.json").unlink()
     calls = []
-    import featx.classify
+    import featx.classify.training
 
-    original = featx.classify.train
+    original = featx.classify.training.train
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("out_dir"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(featx.classify, "train", counting)
+    monkeypatch.setattr(featx.classify.training, "train", counting)
     third = run(job, progress=False)
     assert [t.status for t in third.tasks] == ["cached", "cached", "cached", "done", "cached"]
     assert len(calls) == 1

@@ -17,8 +17,8 @@ import pytest
 from conftest import TINY, make_image
 
 import featx.store
-from featx._errors import IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.data import from_folder
+from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.extract import extract
 from featx.spec import ExtractionSpec, Preprocessing, cache_key
 from featx.store import FORMAT_NAME, StoreWriter, partial_path
@@ -113,9 +113,9 @@ def test_second_run_is_a_cache_hit_without_model_work(image_folder, tmp_path, mo
     def no_model_work(*args, **kwargs):
         raise AssertionError("a cache hit must not run the network")
 
-    monkeypatch.setattr("featx.extract._Embedder.__call__", no_model_work)
-    monkeypatch.setattr("featx.extract.feature_dims", no_model_work)
-    monkeypatch.setattr("featx.backbones._channels_last_outputs", no_model_work)
+    monkeypatch.setattr("featx.extract.engine._Embedder.__call__", no_model_work)
+    monkeypatch.setattr("featx.extract.engine.feature_dims", no_model_work)
+    monkeypatch.setattr("featx.backbones.features._channels_last_outputs", no_model_work)
     second = extract(image_folder, TINY, out=out, workers=0, progress=False)
     assert second.cached and second.n_done == 18 and second.key == first.key
 
@@ -133,7 +133,8 @@ def test_second_run_is_a_cache_hit_without_model_work(image_folder, tmp_path, mo
 def test_a_changed_spec_never_reuses_the_store(image_folder, tmp_path, change, monkeypatch):
     from conftest import tiny_factory
 
-    from featx.backbones import _unregister_backbone, register_backbone
+    from featx.backbones import register_backbone
+    from featx.backbones.names import _unregister_backbone
 
     def other():  # same architecture, one weight changed: a different checksum
         model, pre, tag = tiny_factory()
@@ -205,7 +206,7 @@ def test_scattered_rows_read_like_fancy_indexing(tmp_path):
         data = np.arange(20000 * 3, dtype=np.float32).reshape(20000, 3)
         ds = f.create_dataset("x", data=data, chunks=(512, 3))
         rows = np.sort(np.random.default_rng(0).choice(20000, size=3000, replace=False))
-        np.testing.assert_array_equal(featx.store._read_rows(ds, rows), data[rows])
+        np.testing.assert_array_equal(featx.store.reader._read_rows(ds, rows), data[rows])
 
 
 def test_float16_storage_matches_float32(image_folder, tmp_path):
@@ -267,7 +268,7 @@ _SLOW_RUN = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {tests!r})
     import conftest  # registers featx:tiny_test
-    import featx.extract as fx
+    import featx.extract.engine as fx
 
     call = fx._Embedder.__call__
     def slow(self, images):

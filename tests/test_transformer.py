@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.utils import estimator_checks
 
 import featx
-from featx.transformer import ConvNetFeatures
+from featx.sklearn import ConvNetFeatures
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_transform_matches_extract_and_is_cached(labelled_paths, tmp_path, monke
     def no_extraction(*args, **kwargs):
         raise AssertionError("cached images must not be extracted again")
 
-    monkeypatch.setattr("featx.extract.extract", no_extraction)
+    monkeypatch.setattr("featx.extract.api.extract", no_extraction)
     np.testing.assert_array_equal(t.transform(paths[:5]), X[:5])
     # A changed file is not served from the cache.
     make_image(__import__("pathlib").Path(paths[0]), seed=777)

@@ -7,6 +7,8 @@ process per GPU and sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; :func:`ini
 
 from __future__ import annotations
 
+import atexit
+import datetime as _dt
 import logging
 import os
 from dataclasses import dataclass
@@ -14,6 +16,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+__all__ = [
+    "BARRIER_TIMEOUT",
+    "ProcessGroup",
+    "TorchrunEnv",
+    "World",
+    "barrier",
+    "broadcast_object",
+    "close",
+    "env_rank",
+    "gather_objects",
+    "init",
+    "sum_floats",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +74,7 @@ def init(device: str = "auto") -> tuple[World, torch.device]:
     Under torchrun with CUDA, rank ``LOCAL_RANK`` uses ``cuda:LOCAL_RANK`` and NCCL; on CPU, gloo. A process
     group that already exists (the caller made one) is used as it is and left for the caller to destroy.
     """
-    from featx.extract import resolve_device
+    from featx._runtime.device import resolve_device
 
     size = _env_int("WORLD_SIZE") or 1
     if size <= 1 and not (dist.is_available() and dist.is_initialized()):
@@ -129,3 +145,106 @@ def sum_floats(world: World, values: list[float], device: torch.device) -> list[
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+#: How long a rank waits at a barrier for the slowest rank. Ranks that crash are stopped by torchrun at
+#: once; this only bounds the wait for ranks that are alive but slower (a bigger or slower shard).
+BARRIER_TIMEOUT = _dt.timedelta(hours=72)
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """The rank layout that ``torchrun`` (or any launcher setting its variables) gives this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def detect(cls, environ: dict[str, str] | None = None) -> TorchrunEnv | None:
+        """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; ``None`` when not launched that way.
+
+        Raises
+        ------
+        ValueError
+            The variables are only partly set, or not integers.
+        """
+        env = os.environ if environ is None else environ
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        present = [name for name in names if env.get(name, "") != ""]
+        if not present:
+            return None
+        if len(present) < len(names):
+            missing = ", ".join(name for name in names if name not in present)
+            raise ValueError(
+                f"the torchrun environment is incomplete ({missing} not set); launch with "
+                "`torchrun --nproc-per-node N -m featx extract ...`, use --shard INDEX/COUNT without torchrun, "
+                "or pass --no-distributed to ignore these variables"
+            )
+        try:
+            rank, world, local = (int(env[name]) for name in names)
+        except ValueError:
+            raise ValueError(
+                f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {[env[n] for n in names]}"
+            ) from None
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
+        return cls(rank, world, local)
+
+    def device(self, requested: str) -> str:
+        """This rank's device: ``cuda:LOCAL_RANK`` for ``auto`` or ``cuda`` where CUDA is available, else as asked."""
+        import torch
+
+        if requested in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return requested
+
+
+class ProcessGroup:
+    """Barriers and small all-gathers over ``torch.distributed`` (gloo on CPU, nccl on CUDA).
+
+    Joins a process group the launcher already initialised, or initialises one from torchrun's
+    environment (``MASTER_ADDR``/``MASTER_PORT``) that lives until the process exits: re-initialising a
+    group after destroying it hangs under torchrun's agent store, and a script may extract several times.
+    """
+
+    def __init__(self, env: TorchrunEnv, device_type: str, timeout: _dt.timedelta = BARRIER_TIMEOUT) -> None:
+        self.env = env
+        self.backend = "nccl" if device_type == "cuda" else "gloo"
+        self.timeout = timeout
+
+    def __enter__(self) -> ProcessGroup:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise RuntimeError("this PyTorch build has no torch.distributed; use --shard INDEX/COUNT per process")
+        if self.backend == "nccl":
+            torch.cuda.set_device(self.env.local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group(self.backend, timeout=self.timeout)
+            atexit.register(_destroy_group)
+        elif self.env.world_size != dist.get_world_size():
+            raise RuntimeError(
+                f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE is {self.env.world_size}"
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (a barrier as well)."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Row", "collect", "format_table", "write_report"]
+__all__ = ["COLUMNS", "Row", "collect", "format_table", "write_report"]
 
 log = logging.getLogger(__name__)
+
 
 COLUMNS = (
     "method",
@@ -331,7 +332,7 @@ def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Pat
     dict
         Paths of ``markdown``, ``html`` and ``plots``.
     """
-    from featx._io import atomic_write
+    from featx._runtime.io import atomic_write
 
     out = Path(out_dir)
     rows = collect(out)

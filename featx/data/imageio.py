@@ -19,14 +19,17 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
-from featx._errors import ImageDecodeError
+from featx.exceptions import ImageDecodeError
 from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing
 
-__all__ = ["DEFAULT_MAX_PIXELS", "load_for_model", "load_rgb", "preprocess_uint8"]
+__all__ = ["load_for_model", "load_rgb", "preprocess_uint8"]
 
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 _PILLOW_LIMIT_LOCK = threading.Lock()
+
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -27,14 +27,26 @@ __all__ = ["reuse_freed_memory"]
 
 log = logging.getLogger(__name__)
 
+
 # mallopt(3) parameters and glibc's defaults (malloc/malloc.c).
 _M_TRIM_THRESHOLD = -1
+
+
 _M_MMAP_MAX = -4
+
+
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
+
+
 _DEFAULT_MMAP_MAX = 65536
+
+
 _NEVER_TRIM = 2**31 - 1
 
+
 _lock = threading.Lock()
+
+
 _depth = 0
 
 

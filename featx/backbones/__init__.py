@@ -1,0 +1,34 @@
+"""Backbones: ``SOURCE:NAME[.TAG]`` names resolved into pretrained networks, their preprocessing and layers.
+
+- :mod:`~featx.backbones.names` parses and lists names and holds the ``featx:`` registry (no weights loaded);
+- :mod:`~featx.backbones.loading` builds the network and its preprocessing, safely, from any source;
+- :mod:`~featx.backbones.features` picks layers out of it (FX) and pools them;
+- :mod:`~featx.backbones.folding` folds batch norms into convolutions for extraction.
+"""
+
+from featx.backbones.features import Backbone, FeatureModel
+from featx.backbones.loading import load_backbone
+from featx.backbones.names import (
+    PENULTIMATE,
+    BackboneInfo,
+    BackboneName,
+    list_backbones,
+    parse_backbone_name,
+    register_backbone,
+    resolve_backbone,
+)
+from featx.spec import DEFAULT_BACKBONE
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "PENULTIMATE",
+    "Backbone",
+    "BackboneInfo",
+    "BackboneName",
+    "FeatureModel",
+    "list_backbones",
+    "load_backbone",
+    "parse_backbone_name",
+    "register_backbone",
+    "resolve_backbone",
+]

@@ -1,0 +1,31 @@
+"""g on cached features: scikit-learn classifiers trained, searched and saved on a feature store.
+
+- :mod:`~featx.classify.presets`: the named classifiers and their preprocessing pipelines;
+- :mod:`~featx.classify.config`: :class:`ClassifierConfig`, every setting of one training run, checked once;
+- :mod:`~featx.classify.search`: the hyper-parameter search on the training rows;
+- :mod:`~featx.classify.training`: search, refit, evaluate, learning curves;
+- :mod:`~featx.classify.model`: :class:`TrainedModel` and its pickle-free persistence;
+- :mod:`~featx.classify.cluster`: sweeps on a Dask cluster.
+"""
+
+from featx.classify.config import ClassifierConfig
+from featx.classify.model import TrainedModel, check_compatible, load_model
+from featx.classify.presets import PRESETS, Preset, build_pipeline, parse_preprocess, register_classifier
+from featx.classify.search import search
+from featx.classify.training import evaluate_model, few_shot_curve, train
+
+__all__ = [
+    "PRESETS",
+    "ClassifierConfig",
+    "Preset",
+    "TrainedModel",
+    "build_pipeline",
+    "check_compatible",
+    "evaluate_model",
+    "few_shot_curve",
+    "load_model",
+    "parse_preprocess",
+    "register_classifier",
+    "search",
+    "train",
+]

@@ -1,0 +1,400 @@
+"""g on cached f(x): scikit-learn classifiers trained on a feature store, searched, evaluated and saved safely.
+
+The protocol follows the linear-evaluation literature (VISSL's LinearSVC sweep; Kornblith et al. 2019's
+logistic regression on fixed features): the regularisation strength is chosen on the training data only —
+on the store's validation split when it has one, else by stratified k-fold cross-validation — over a log
+grid, in parallel, with warm starts along the grid where the solver allows; the model is then refit on
+train (+ val) and scored once on the test split.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from featx._runtime.env import library_versions
+from featx.classify.config import ClassifierConfig
+from featx.classify.model import TrainedModel, check_compatible
+from featx.classify.presets import Preset, build_pipeline
+from featx.classify.search import SearchResult, _fit_quietly, _folds, search
+from featx.exceptions import SpecMismatchError, unknown
+from featx.metrics import evaluate
+from featx.results import RESULTS_SCHEMA, write_results
+from featx.store.reader import FeatureStore
+
+__all__ = ["evaluate_model", "few_shot_curve", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def _fit_timed(pipeline: Pipeline, X, y) -> float:
+    t0 = time.perf_counter()
+    _fit_quietly(pipeline, X, y)
+    return time.perf_counter() - t0
+
+
+def _labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, labels and split names of the labelled train/val rows."""
+    Xs, ys, splits = [], [], []
+    for split in ("train", "val"):
+        if store.splits.get(split):
+            Xs.append(store.features(layer, split=split, dtype=np.float32))
+            ys.append(store.labels(split))
+            splits += [split] * len(ys[-1])
+    if not Xs:
+        raise ValueError(f"{store.path} has no labelled training images")
+    return np.concatenate(Xs), np.concatenate(ys), np.array(splits)
+
+
+def train(
+    store: FeatureStore | str | Path,
+    config: ClassifierConfig = ClassifierConfig(),
+    *,
+    n_jobs: int = -1,
+    out_dir: str | Path | None = None,
+    shots: Sequence[int | str] | None = None,
+    draws: int = 5,
+    n_bootstrap: int = 1000,
+    scheduler: str | None = None,
+) -> tuple[TrainedModel, dict[str, Any]]:
+    """Search, refit and evaluate one classifier on a store; optionally write ``model.skops`` and ``results.json``.
+
+    Parameters
+    ----------
+    store : FeatureStore or path
+    config : ClassifierConfig
+    n_jobs : int, default=-1
+        Parallel jobs for the search (-1: all cores).
+    out_dir : str or Path, optional
+        Where to write ``model.skops`` and ``results.json``.
+    shots : sequence of int or "all", optional
+        Also compute a learning curve: k training images per class (several seeded draws).
+    draws : int, default=5
+    n_bootstrap : int, default=1000
+    scheduler : str, optional
+        Address of a Dask scheduler (``tcp://HOST:8786``) to run the search's folds on, through joblib's
+        Dask backend (see :func:`featx.cluster.scheduler`); the results are the same as a local run's.
+        Needs ``pip install 'featx[dask]'``.
+
+    Returns
+    -------
+    (TrainedModel, dict)
+        The model and the results (the ``results.json`` content; test metrics under ``"test"``).
+    """
+    preset = config.validate()
+    if scheduler is not None and config.out_of_core:
+        raise ValueError("out-of-core training streams the store on this machine; drop --scheduler or out-of-core")
+    from featx.classify.cluster import scheduler as dask_scheduler
+
+    with dask_scheduler(scheduler):  # connect first: a bad address fails before the store is read
+        owns = not isinstance(store, FeatureStore)
+        fs = FeatureStore(store) if owns else store
+        try:
+            layer = config.layer or fs.layers[0]
+            if layer not in fs.layers:
+                raise unknown("layer of this store", layer, fs.layers, f"It holds: {', '.join(fs.layers)}.")
+            preprocess = config.steps(preset)
+            if config.out_of_core:
+                if shots:
+                    raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
+                pipeline, value, search_result, fit_seconds, trained_on = _train_out_of_core(
+                    fs, layer, preset, config, preprocess
+                )
+            else:
+                pipeline, value, search_result, fit_seconds, trained_on = _train_in_memory(
+                    fs, layer, preset, config, preprocess, n_jobs
+                )
+            return _finish_training(
+                fs,
+                config,
+                preset,
+                layer,
+                pipeline,
+                value,
+                search_result,
+                fit_seconds,
+                trained_on,
+                n_bootstrap=n_bootstrap,
+                out_dir=out_dir,
+                shots=shots,
+                draws=draws,
+            )
+        finally:
+            if owns:
+                fs.close()
+
+
+def _train_in_memory(
+    fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str], n_jobs: int
+):
+    """Search (unless the value is fixed) and refit on the features held in memory."""
+    X, y, splits = _labelled_rows(fs, layer)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
+    params = dict(config.params)
+    value = None if config.value == "auto" else float(config.value)
+    search_result = None
+    if value is None and preset.param:
+        grid = config.grid or preset.grid
+        folds, scheme = _folds(y, splits, config.cv, config.seed)
+        base = build_pipeline(preset, grid[0], preprocess, config.seed, config.class_weight, params)
+        search_result = search(base, preset, grid, X, y, folds, scheme, n_jobs, config.scoring)
+        value = search_result.best
+        log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
+    pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
+    fit_seconds = _fit_timed(pipeline, X, y)
+    trained_on = {"splits": sorted(set(splits.tolist())), "n": len(y)}
+    return pipeline, value, search_result, fit_seconds, trained_on
+
+
+def _finish_training(
+    fs: FeatureStore,
+    config: ClassifierConfig,
+    preset: Preset,
+    layer: str,
+    pipeline: Pipeline,
+    value: float | None,
+    search_result: SearchResult | None,
+    fit_seconds: float,
+    trained_on: dict[str, Any],
+    *,
+    n_bootstrap: int,
+    out_dir: str | Path | None,
+    shots: Sequence[int | str] | None,
+    draws: int,
+) -> tuple[TrainedModel, dict[str, Any]]:
+    """Wrap a fitted pipeline with its metadata, evaluate it, and write the model and results."""
+    meta = {
+        "featx_version": library_versions()["featx"],
+        "store_spec": fs.spec.to_dict(),
+        "store_key": fs.key,
+        "manifest_fingerprint": fs.attrs.get("manifest_fingerprint"),
+        "layer": layer,
+        "class_names": fs.class_names,
+        "classifier": {
+            **config.to_dict(),
+            "layer": layer,
+            "preset": preset.name,
+            "preprocess": config.steps(preset),
+            "param": preset.param,
+            "chosen": value,
+        },
+        "trained_on": trained_on,
+        "versions": library_versions(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    model = TrainedModel(pipeline, meta)
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "kind": "classifier",
+        "method": f"{preset.name} · {fs.spec.backbone.split(':', 1)[-1]} · {layer}",
+        "store": {
+            "path": str(fs.path),
+            "key": fs.key,
+            "manifest_fingerprint": meta["manifest_fingerprint"],
+            "spec": fs.spec.to_dict(),
+            "stats": fs.info()["stats"],
+        },
+        "classifier": meta["classifier"],
+        "search": search_result.to_dict() if search_result else None,
+        "train": {"n": trained_on["n"], "fit_seconds": round(fit_seconds, 4)},
+        "test": evaluate_model(model, fs, n_bootstrap=n_bootstrap, seed=config.seed) if fs.splits.get("test") else None,
+        "versions": meta["versions"],
+        "created_at": meta["created_at"],
+    }
+    if shots:
+        preprocess = config.steps(preset)
+        results["few_shot"] = few_shot_curve(fs, preset, value, preprocess, config, shots, draws, layer)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save(out / "model.skops")
+        write_results(out / "results.json", results)
+    return model, results
+
+
+def _shuffled_buffers(
+    rows: np.ndarray, rng: np.random.Generator, block_rows: int = 256, buffer_blocks: int = 32
+) -> list[np.ndarray]:
+    """Rows regrouped for streaming SGD: contiguous blocks (cheap HDF5 reads) in random order, ``buffer_blocks``
+    per buffer so one buffer mixes many classes even when the store is sorted by class."""
+    blocks = np.array_split(rows, max(1, int(np.ceil(len(rows) / block_rows))))
+    order = rng.permutation(len(blocks))
+    return [
+        np.concatenate([blocks[b] for b in order[i : i + buffer_blocks]]) for i in range(0, len(order), buffer_blocks)
+    ]
+
+
+def _stream(fs: FeatureStore, layer: str, rows: np.ndarray, rng: np.random.Generator, transform):
+    """Yield shuffled ``(X, y)`` buffers of the given rows, preprocessed by ``transform``."""
+    for buffer in _shuffled_buffers(rows, rng):
+        X, y = fs.read_rows(np.sort(buffer), layer)
+        perm = rng.permutation(len(y))
+        yield transform(X[perm].astype(np.float32, copy=False)), y[perm]
+
+
+def _train_out_of_core(
+    fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str]
+):
+    """SGD through ``partial_fit`` over store blocks; memory is bounded by one buffer, whatever the store size."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    params = dict(config.params)
+    epochs = int(params.pop("epochs", 10))
+    train_rows, val_rows = fs.rows("train"), fs.rows("val")
+    all_rows = np.sort(np.concatenate([train_rows, val_rows]))
+    y_train = fs.labels("train")
+    classes = np.unique(np.concatenate([y_train, fs.labels("val")]))
+    dims = fs.feature_dims()[layer]
+    rng = np.random.default_rng(config.seed)
+    if len(val_rows):
+        fit_rows, holdout_rows, scheme = train_rows, val_rows, "validation split (out of core)"
+    else:
+        holdout = np.concatenate(  # 10 % per class, never a class's only image
+            [
+                rng.permutation(train_rows[y_train == c])[
+                    : min(int((y_train == c).sum()) - 1, max(1, int(0.1 * (y_train == c).sum())))
+                ]
+                for c in np.unique(y_train)
+            ]
+        )
+        holdout_rows = np.sort(holdout)
+        fit_rows = np.setdiff1d(train_rows, holdout_rows)
+        scheme = f"seeded 10% hold-out of train (out of core, seed {config.seed})"
+
+    def make_transform(rows: np.ndarray):
+        steps = []
+        for step in preprocess:
+            if step == "l2":
+                steps.append(Normalizer().fit(np.zeros((1, dims), dtype=np.float32)))  # stateless
+            else:  # standard: fitted in one streaming pass
+                scaler = StandardScaler()
+                for X, _ in _stream(fs, layer, rows, np.random.default_rng(0), _chain(steps)):
+                    scaler.partial_fit(X)
+                steps.append(scaler)
+        return _chain(steps), steps
+
+    def fit(alpha: float, rows: np.ndarray):
+        transform, steps = make_transform(rows)
+        est = preset.build(alpha, config.seed, config.class_weight, **params)
+        epoch_rng = np.random.default_rng(config.seed)
+        for _ in range(epochs):
+            for X, y in _stream(fs, layer, rows, epoch_rng, transform):
+                est.partial_fit(X, y, classes=classes)
+        return est, steps, transform
+
+    score_fn = balanced_accuracy_score if config.scoring == "balanced_accuracy" else accuracy_score
+    search_result = None
+    value = None if config.value == "auto" else float(config.value)
+    if value is None:
+        t0 = time.perf_counter()
+        grid = [float(v) for v in (config.grid or preset.grid)]
+        curve = []
+        for alpha in grid:
+            est, _, transform = fit(alpha, fit_rows)
+            truth, predicted = [], []
+            for X, y in _stream(fs, layer, holdout_rows, np.random.default_rng(0), transform):
+                truth.append(y)
+                predicted.append(est.predict(X))
+            score = float(score_fn(np.concatenate(truth), np.concatenate(predicted)))
+            curve.append({"value": alpha, "mean": score, "std": 0.0, "folds": [score]})
+        best = int(np.argmax([c["mean"] for c in curve]))
+        value = grid[best]
+        search_result = SearchResult(preset.param, scheme, value, curve, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    est, steps, _ = fit(value, all_rows)
+    fit_seconds = time.perf_counter() - t0
+    pipeline = Pipeline([*zip(preprocess, steps, strict=True), ("clf", est)])
+    trained_on = {
+        "splits": ["train", "val"] if len(val_rows) else ["train"],
+        "n": len(all_rows),
+        "epochs": epochs,
+        "out_of_core": True,
+    }
+    return pipeline, value, search_result, fit_seconds, trained_on
+
+
+def _chain(steps):
+    def transform(X):
+        for step in steps:
+            X = step.transform(X)
+        return X
+
+    return transform
+
+
+def evaluate_model(
+    model: TrainedModel, store: FeatureStore, split: str = "test", n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Test metrics of a model on a store's split (after checking the store matches the model's spec)."""
+    check_compatible(model, store)
+    if store.class_names != model.class_names:
+        raise SpecMismatchError(
+            f"the model knows classes {model.class_names[:10]}, the store {store.class_names[:10]}; they must match"
+        )
+    X = store.features(model.layer, split=split, dtype=np.float32)
+    y = store.labels(split)
+    if not len(y):
+        raise ValueError(f"{store.path} has no labelled {split} images to evaluate on")
+    t0 = time.perf_counter()
+    y_pred = model.predict(X)
+    predict_seconds = time.perf_counter() - t0
+    metrics = evaluate(y, y_pred, model.class_names, scores=model.scores(X), n_bootstrap=n_bootstrap, seed=seed)
+    metrics["predict_seconds"] = round(predict_seconds, 4)
+    metrics["split"] = split
+    return metrics
+
+
+def few_shot_curve(
+    store: FeatureStore,
+    preset: Preset,
+    value: float | None,
+    preprocess: Sequence[str],
+    config: ClassifierConfig,
+    shots: Sequence[int | str],
+    draws: int,
+    layer: str,
+) -> list[dict]:
+    """Test accuracy with k training images per class, mean ± std over seeded draws.
+
+    The hyper-parameter is the one chosen on the full training set (chosen without test data), so each
+    point isolates the effect of fewer examples.
+    """
+    X, y, _ = _labelled_rows(store, layer)
+    Xt, yt = store.features(layer, split="test", dtype=np.float32), store.labels("test")
+    curve = []
+    for k in shots:
+        accs = []
+        n_draws = 1 if k == "all" else draws
+        for d in range(n_draws):
+            if k == "all":
+                idx = np.arange(len(y))
+            else:
+                rng = np.random.default_rng([config.seed, d, int(k)])
+                idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: int(k)] for c in np.unique(y)])
+            if len(np.unique(y[idx])) < 2:
+                continue
+            pipe = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, dict(config.params))
+            if preset.param == "n_neighbors":
+                pipe.set_params(clf__n_neighbors=min(int(value or 5), len(idx)))
+            _fit_quietly(pipe, X[idx], y[idx])
+            accs.append(float((pipe.predict(Xt) == yt).mean()))
+        if accs:
+            curve.append(
+                {
+                    "shots": k,
+                    "draws": len(accs),
+                    "mean": float(np.mean(accs)),
+                    "std": float(np.std(accs)),
+                    "accuracies": accs,
+                }
+            )
+    return curve

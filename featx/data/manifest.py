@@ -1,0 +1,138 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from featx.exceptions import UnknownNameError, unknown
+from featx.spec import canonical_json
+
+__all__ = ["FINGERPRINT_MODES", "IMAGE_EXTENSIONS", "SPLITS", "Manifest"]
+
+
+#: Split names a manifest may hold; ``unlabeled`` rows are for prediction only.
+SPLITS = ("train", "val", "test", "unlabeled")
+
+
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
+
+
+FINGERPRINT_MODES = ("stat", "content")
+
+
+_SOURCE_HINT = (
+    "A SOURCE is an image folder, a .tar/.tar.gz/.zip of one, a .csv/.tsv manifest (path,label[,split]), "
+    "a .txt list of image paths, 'digits', or 'torchvision:NAME'."
+)
+
+
+@dataclass
+class Manifest:
+    """The images of one job, row by row.
+
+    Attributes
+    ----------
+    ids : list of str
+        Stable, unique ids (the path relative to the source root, or a dataset index).
+    paths : list of str
+        Absolute file paths.
+    labels : numpy.ndarray of int64
+        Index into ``class_names``; -1 for unlabeled rows.
+    splits : list of str
+        One of :data:`SPLITS` per row.
+    class_names : list of str
+        Class names in label order.
+    source : str
+        What the manifest was built from, e.g. ``folder:/data/hymenoptera``.
+    split_policy : str
+        How the test split came about (from the source, its val split, or carved with a seed).
+    """
+
+    ids: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    splits: list[str]
+    class_names: list[str]
+    source: str
+    split_policy: str = "from source"
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.ids)
+        if not (len(self.paths) == len(self.labels) == len(self.splits) == n):
+            raise ValueError("manifest columns differ in length")
+        if n == 0:
+            raise ValueError(f"no images found in {self.source}. {_SOURCE_HINT}")
+        dupes = [i for i, c in Counter(self.ids).items() if c > 1]
+        if dupes:
+            raise ValueError(f"manifest ids must be unique; repeated: {dupes[:5]}")
+        bad = sorted(set(self.splits) - set(SPLITS))
+        if bad:
+            raise UnknownNameError(f"unknown split(s) {bad}; splits are {', '.join(SPLITS[:3])}")
+        if self.labels.size and (self.labels.max() >= len(self.class_names) or self.labels.min() < -1):
+            raise ValueError("labels must index class_names (or be -1 for unlabeled rows)")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split_counts(self) -> dict[str, int]:
+        """Number of rows per split, in :data:`SPLITS` order."""
+        counts = Counter(self.splits)
+        return {s: counts[s] for s in SPLITS if counts[s]}
+
+    def fingerprint(self, mode: str = "stat") -> str:
+        """A hash of what the features depend on: ids, labels, splits, class names and the files.
+
+        Parameters
+        ----------
+        mode : {"stat", "content"}, default="stat"
+            ``stat`` hashes each file's path, size and modification time (fast); ``content`` hashes the
+            bytes (slow, but survives copies and ``touch``).
+        """
+        if mode not in FINGERPRINT_MODES:
+            raise unknown("fingerprint mode", mode, FINGERPRINT_MODES, "Use stat or content.")
+        digest = hashlib.sha256()
+        digest.update(canonical_json({"classes": self.class_names, "mode": mode}).encode())
+        for row_id, path, label, split in zip(self.ids, self.paths, self.labels.tolist(), self.splits, strict=True):
+            digest.update(canonical_json([row_id, label, split, _file_signature(path, mode)]).encode())
+        return f"{mode}:{digest.hexdigest()}"
+
+
+def _file_signature(path: str, mode: str) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, "missing"]
+    if mode == "stat":
+        return [path, st.st_size, st.st_mtime_ns]
+    if not stat.S_ISREG(st.st_mode):  # never open a FIFO or device: reading one could block forever
+        return ["not a regular file"]
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        return ["unreadable", exc.errno]
+    return [h.hexdigest()]
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

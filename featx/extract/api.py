@@ -1,0 +1,283 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from featx._runtime.device import _resolve_amp, resolve_device
+from featx._runtime.dist import TorchrunEnv
+from featx._runtime.env import cache_dir
+from featx.backbones.features import Backbone
+from featx.backbones.loading import load_backbone
+from featx.backbones.names import PENULTIMATE, resolve_backbone
+from featx.data.manifest import FINGERPRINT_MODES, Manifest
+from featx.data.sources import load_source
+from featx.data.splits import DEFAULT_TEST_FRACTION
+from featx.exceptions import SpecMismatchError, unknown
+from featx.extract.engine import COMPILE_MODES, ExtractionResult, MaxFailures, _cached_result, _extract_store, _Job
+from featx.extract.sharded import (
+    Shard,
+    _extract_distributed,
+    _extract_shard,
+)
+from featx.spec import (
+    DECODE_MODES,
+    DEFAULT_BACKBONE,
+    DEFAULT_MAX_PIXELS,
+    DTYPES,
+    POOLS,
+    TTA_MODES,
+    ExtractionSpec,
+    cache_key,
+)
+from featx.store.format import read_key
+from featx.store.writer import check_replaceable
+
+__all__ = ["build_spec", "default_store_path", "extract"]
+
+
+def default_store_path(key: str, store_dir: str | Path | None = None) -> Path:
+    """Where a store goes when no ``out`` is given: ``<store_dir or cache/stores>/<key prefix>.h5``."""
+    folder = Path(store_dir).expanduser() if store_dir is not None else cache_dir() / "stores"
+    return folder / f"{key[:20]}.h5"
+
+
+def build_spec(
+    backbone: Backbone,
+    layers: Sequence[str],
+    *,
+    pool: str = "avg",
+    dtype: str = "float32",
+    amp: str = "none",
+    tta: str = "none",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: str = "exact",
+) -> ExtractionSpec:
+    """The spec for extracting ``layers`` of a loaded backbone."""
+    return ExtractionSpec(
+        backbone=backbone.name,
+        weights=backbone.weights,
+        weights_sha256=backbone.weights_sha256,
+        layers=tuple(layers),
+        preprocessing=backbone.preprocessing,
+        pool=pool,
+        dtype=dtype,
+        amp=amp,
+        tta=tta,
+        max_pixels=max_pixels,
+        decode=decode,
+    )
+
+
+def _check_options(
+    batch_size: int,
+    pool: str,
+    dtype: str,
+    tta: str,
+    fingerprint: str,
+    workers: int | None,
+    max_pixels: int,
+    decode: str = "exact",
+) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    for kind, value, choices in (
+        ("pooling", pool, POOLS),
+        ("dtype", dtype, DTYPES),
+        ("tta mode", tta, TTA_MODES),
+        ("decode mode", decode, DECODE_MODES),
+        ("fingerprint mode", fingerprint, FINGERPRINT_MODES),
+    ):
+        if value not in choices:
+            raise unknown(kind, value, choices, f"Choose one of {', '.join(choices)}.")
+    if not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be 0 (decode in the main process) or more, got {workers}")
+
+
+def extract(
+    source: str | Path | Manifest,
+    backbone: str = DEFAULT_BACKBONE,
+    *,
+    layers: Sequence[str] = (PENULTIMATE,),
+    pool: str = "avg",
+    out: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    dtype: str = "float32",
+    amp: str = "auto",
+    tta: str = "none",
+    workers: int | None = None,
+    max_failures: str | int | None = None,
+    overwrite: bool = False,
+    fingerprint: str = "stat",
+    seed: int = 0,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: str = "exact",
+    progress: bool = True,
+    expect_weights_sha256: str | None = None,
+    store_dir: str | Path | None = None,
+    dry_run: bool = False,
+    compile_mode: str = "auto",
+    shard: str | Shard | None = None,
+    distributed: bool = False,
+) -> ExtractionResult:
+    """Embed every image of a source with a frozen backbone into an HDF5 feature store.
+
+    Re-running with the same inputs is a cache hit that does no model work; an interrupted run
+    resumes from the batches already written. Every option is validated before any image is read.
+
+    Parameters
+    ----------
+    source : str, Path or Manifest
+        An image folder, CSV/TSV manifest, ``.txt`` file list, ``digits`` or ``torchvision:NAME``.
+    backbone : str, default="featx:efficientnet_lite0"
+        ``SOURCE:NAME[.TAG]``; see :mod:`featx.backbones`.
+    layers : sequence of str, default=("penultimate",)
+        Layers extracted in one pass.
+    pool : {"avg", "max", "avgmax", "gem", "none"}, default="avg"
+        Pooling of spatial maps (and token sequences).
+    out : str or Path, optional
+        Store path; by default ``<store_dir>/<key>.h5``.
+    batch_size : int, default=64
+    device : str, default="auto"
+        ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+    dtype : {"float32", "float16"}, default="float32"
+        Storage dtype; float16 halves the store.
+    amp : {"auto", "bf16", "fp16", "none"}, default="auto"
+        Autocast precision; ``auto`` is bf16 (or fp16) on CUDA and none elsewhere.
+    tta : {"none", "flip"}, default="none"
+        ``flip`` averages the features of each image and its mirror image.
+    workers : int, optional
+        DataLoader decoding processes; by default one per CPU core (at most 8).
+    max_failures : str or int, optional
+        Failed images tolerated before :attr:`ExtractionResult.too_many_failures` is set (a count or
+        ``"1%"``); the store is written either way.
+    overwrite : bool, default=False
+        Replace a store (or discard an interrupted job) made with another spec.
+    fingerprint : {"stat", "content"}, default="stat"
+        How the images enter the cache key: path/size/mtime, or content hashes.
+    seed, test_fraction :
+        For carving a test split when the source has none.
+    max_pixels : int
+        Images with more pixels are recorded as failures (decompression-bomb guard).
+    decode : {"exact", "fast"}, default="exact"
+        ``exact`` decodes and resizes as the weights' own transforms do. ``fast`` decodes JPEGs at a
+        reduced DCT scale while the shorter side stays at least the resize size, and resizes only the
+        centre-crop region: several times less decoding for photos of a few megapixels, slightly different
+        pixels, and so a different store (it is part of the key).
+    progress : bool, default=True
+        Show a progress bar with images/s and ETA.
+    expect_weights_sha256 : str, optional
+        Refuse (before reading any image) if the backbone's weights have another checksum, e.g. when
+        re-extracting for a trained classifier and the weights behind a tag have changed.
+    store_dir : str or Path, optional
+        Folder for stores named by their key when ``out`` is not given; by default ``<cache>/stores``.
+    dry_run : bool, default=False
+        Resolve everything (weights, source, key, path) but extract nothing; the result says whether the
+        store is already there (``cached``).
+    compile_mode : {"auto", "on", "off"}, default="auto"
+        Run the network through ``torch.compile``. Its features match eager float32 within float
+        tolerance (tested at 1e-4), not bit for bit, and compiling takes a while, so ``auto`` compiles only
+        on a CPU with at least 20,000 images to go. Compiled code is cached in ``<cache>/inductor``.
+    shard : str or Shard, optional
+        Extract only shard ``"INDEX/COUNT"`` (INDEX from 0) of the manifest's rows into
+        ``<out>.shards/``, e.g. to re-run one dead rank alone; join the shards with
+        :func:`featx.distributed.join_shards` (``featx join``). The result describes the shard.
+    distributed : bool, default=False
+        Run as one rank of a ``torchrun`` job (read from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``): every rank
+        checks that all computed the same key, extracts its shard (on ``cuda:LOCAL_RANK`` when the device is
+        ``auto`` or ``cuda``; ``workers`` defaults to the node's cores divided by its ranks), and rank 0 joins
+        the shards into ``out`` after a barrier; only rank 0 shows progress. Rank 0's result describes the
+        joined store, the others' their shard. See ``docs/distributed.md``.
+
+    Returns
+    -------
+    ExtractionResult
+    """
+    t0 = time.perf_counter()
+    if isinstance(layers, str):
+        layers = (layers,)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    _check_options(batch_size, pool, dtype, tta, fingerprint, workers, max_pixels, decode)
+    if compile_mode not in COMPILE_MODES:
+        raise unknown("compile mode", compile_mode, COMPILE_MODES, f"Choose one of {', '.join(COMPILE_MODES)}.")
+    limit = MaxFailures.parse(max_failures)
+    env = None
+    if distributed:
+        if shard is not None:
+            raise ValueError(
+                "--shard and --distributed exclude each other: under torchrun each rank extracts shard RANK of "
+                "WORLD_SIZE; --shard INDEX/COUNT is for running one shard without torchrun"
+            )
+        env = TorchrunEnv.detect()
+        if env is None:
+            raise ValueError(
+                "distributed extraction needs torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): launch with "
+                "`torchrun --nproc-per-node N -m featx extract ...`, or run one shard with --shard INDEX/COUNT"
+            )
+        if env.world_size == 1:
+            env = None  # one process: an ordinary extraction, no shards
+        else:
+            device = env.device(device)
+            progress = progress and env.rank == 0
+    one_shard = Shard.parse(shard) if shard is not None else None
+    dev = resolve_device(device)
+    amp = _resolve_amp(amp, dev)
+    resolve_backbone(backbone)  # cheap name check before loading weights
+    net = load_backbone(backbone)
+    if expect_weights_sha256 is not None and net.weights_sha256 != expect_weights_sha256:
+        raise SpecMismatchError(
+            f"the weights of {net.name} have checksum {net.weights_sha256[:16]}…, not the expected "
+            f"{expect_weights_sha256[:16]}…: they changed since the features were made"
+        )
+    feature_model = net.feature_model(list(layers), pool)  # checks the layers
+    # Only now read the source: it may download a dataset or write thousands of PNG files.
+    manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
+    spec = build_spec(net, layers, pool=pool, dtype=dtype, amp=amp, tta=tta, max_pixels=max_pixels, decode=decode)
+    fp = manifest.fingerprint(fingerprint)
+    key = cache_key(spec, fp)
+    path = Path(out).expanduser() if out is not None else default_store_path(key, store_dir)
+    job = _Job(
+        manifest=manifest,
+        spec=spec,
+        fingerprint=fp,
+        key=key,
+        path=path,
+        net=net,
+        feature_model=feature_model,
+        device=dev,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        overwrite=overwrite,
+        limit=limit,
+        t0=t0,
+        compile_mode=compile_mode,
+    )
+    if env is not None and not dry_run:
+        return _extract_distributed(job, env)
+    if read_key(path) == key:
+        return _cached_result(path, key, spec, manifest, t0, limit)
+    if dry_run:  # the plan only: which store, and that it is not there yet
+        return ExtractionResult(
+            path=path,
+            key=key,
+            spec=spec,
+            cached=False,
+            n_images=len(manifest),
+            n_done=0,
+            n_failed=0,
+            seconds=time.perf_counter() - t0,
+            max_failures=limit,
+            dry_run=True,
+        )
+    if one_shard is not None:
+        check_replaceable(path, key, spec, fp, overwrite)  # refuse before the work, not at the join
+        return _extract_shard(job, one_shard)
+    return _extract_store(job, path, key, manifest)

@@ -1,0 +1,13 @@
+"""Batch jobs: ``pipelines/*.toml`` checked, planned into cached cells, run, and reported.
+
+- :mod:`~featx.jobs.schema`: the TOML file read and checked, every problem with its line;
+- :mod:`~featx.jobs.planning`: the cells (extraction, classifiers, fine-tunes) and their cache hashes;
+- :mod:`~featx.jobs.runner`: running them, resumably;
+- :mod:`~featx.jobs.report`: the side-by-side report.
+"""
+
+from featx.jobs.planning import plan
+from featx.jobs.runner import RunSummary, run
+from featx.jobs.schema import Job, JobError, load_job
+
+__all__ = ["Job", "JobError", "RunSummary", "load_job", "plan", "run"]

@@ -1,0 +1,93 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featx.jobs.schema import BackboneSpec, ClassifierSpec, DatasetSpec, FinetuneSpec, Job
+from featx.spec import canonical_json
+
+__all__ = ["Task", "cell_dir", "plan"]
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class Task:
+    """One unit of work in a run."""
+
+    id: str
+    kind: str  # extract | classify | finetune
+    dataset: DatasetSpec
+    backbone: BackboneSpec | None = None
+    classifier: ClassifierSpec | None = None
+    finetune: FinetuneSpec | None = None
+    layer: str | None = None
+    depends: list[str] = field(default_factory=list)
+    status: str = "pending"  # pending | cached | done | failed | skipped
+    message: str = ""
+    seconds: float = 0.0
+    store: Path | None = None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", text).strip("-")
+
+
+def plan(job: Job) -> list[Task]:
+    """The tasks of a job in dependency order: extractions, then classifier cells, then fine-tuning."""
+    tasks: list[Task] = []
+    for ds in job.datasets:
+        for bb in job.backbones:
+            ext = Task(f"extract/{ds.name}/{bb.name}", "extract", ds, backbone=bb)
+            tasks.append(ext)
+            for clf in job.classifiers:
+                if clf.backbones is not None and bb.name not in clf.backbones:
+                    continue
+                for layer in clf.layers or bb.layers:
+                    if layer not in bb.layers:
+                        continue
+                    tasks.append(
+                        Task(
+                            f"classify/{ds.name}/{bb.name}/{_slug(layer)}/{clf.name}",
+                            "classify",
+                            ds,
+                            backbone=bb,
+                            classifier=clf,
+                            layer=layer,
+                            depends=[ext.id],
+                        )
+                    )
+        for ft in job.finetune:
+            depends = []
+            if ft.init_head:
+                bb = _backbone_of(job, ft)
+                depends = [
+                    t.id
+                    for t in tasks
+                    if t.kind == "classify"
+                    and t.dataset == ds
+                    and t.classifier
+                    and t.classifier.name == ft.init_head
+                    and t.layer == "penultimate"
+                    and bb is not None
+                    and t.backbone == bb
+                ]
+            tasks.append(Task(f"finetune/{ds.name}/{ft.name}", "finetune", ds, finetune=ft, depends=depends))
+    return tasks
+
+
+def _backbone_of(job: Job, ft: FinetuneSpec) -> BackboneSpec | None:
+    return next((b for b in job.backbones if b.name == ft.backbone), None)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def cell_dir(job: Job, task: Task) -> Path:
+    """Where a classifier or fine-tuning cell keeps its results."""
+    return job.out / "cells" / _slug(task.id.split("/", 1)[1].replace("/", "__"))

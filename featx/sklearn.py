@@ -1,0 +1,213 @@
+"""A scikit-learn transformer from image paths to convnet features, through featx's store cache.
+
+``make_pipeline(ConvNetFeatures(), LinearSVC())`` works with ``cross_val_score``, ``GridSearchCV`` and
+``clone``: images are embedded once per extraction spec and reused from the stores in ``cache_dir``
+by every fold and every later call, as long as the files are unchanged (size and modification time).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from featx._runtime.env import cache_dir as default_cache_dir
+from featx.backbones.loading import load_backbone
+from featx.backbones.names import PENULTIMATE, resolve_backbone
+from featx.exceptions import unknown
+from featx.spec import DECODE_MODES, DEFAULT_BACKBONE, DTYPES, POOLS, TTA_MODES, ExtractionSpec
+
+__all__ = ["ConvNetFeatures"]
+
+
+def _as_paths(X: Any) -> list[str]:
+    if isinstance(X, str | os.PathLike):
+        raise ValueError("X must be a sequence of image paths, not a single path; wrap it in a list")
+    items = list(np.asarray(X, dtype=object).ravel()) if isinstance(X, np.ndarray) else list(X)
+    if not items:
+        raise ValueError("X holds no image paths")
+    bad = [type(x).__name__ for x in items if not isinstance(x, str | os.PathLike)]
+    if bad:
+        raise ValueError(f"X must hold image paths (str or Path); found {bad[0]} values")
+    return [str(Path(x).expanduser().resolve()) for x in items]
+
+
+class ConvNetFeatures(TransformerMixin, BaseEstimator):
+    """Embed images (given as file paths) with a frozen pretrained backbone.
+
+    Parameters
+    ----------
+    backbone : str, default="featx:efficientnet_lite0"
+        ``SOURCE:NAME[.TAG]`` as for ``featx extract``.
+    layer : str, default="penultimate"
+    pool : str, default="avg"
+    dtype : {"float32", "float16"}, default="float32"
+        Storage dtype in the cache; ``transform`` always returns float32.
+    tta : {"none", "flip"}, default="none"
+    decode : {"exact", "fast"}, default="exact"
+        ``fast`` decodes large JPEGs at a reduced scale (see :func:`featx.extract.extract`).
+    device : str, default="auto"
+    batch_size : int, default=64
+    cache_dir : str or Path, optional
+        Folder of the feature stores; by default ``<featx cache>/stores``.
+    progress : bool, default=False
+
+    Attributes
+    ----------
+    spec_ : dict
+        The extraction spec (backbone, weights checksum, preprocessing, ...) set by :meth:`fit`.
+
+    Examples
+    --------
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.svm import LinearSVC
+    >>> model = make_pipeline(ConvNetFeatures(), LinearSVC())  # doctest: +SKIP
+    >>> model.fit(train_paths, train_labels).score(test_paths, test_labels)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layer: str = PENULTIMATE,
+        pool: str = "avg",
+        dtype: str = "float32",
+        tta: str = "none",
+        decode: str = "exact",
+        device: str = "auto",
+        batch_size: int = 64,
+        cache_dir: str | Path | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.layer = layer
+        self.pool = pool
+        self.dtype = dtype
+        self.tta = tta
+        self.decode = decode
+        self.device = device
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.progress = progress
+
+    def _store_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir is not None else default_cache_dir() / "stores"
+
+    def fit(self, X: Sequence[str | Path], y: Any = None) -> ConvNetFeatures:
+        """Validate the parameters and resolve the backbone's spec (no image is read)."""
+        from featx._runtime.device import _resolve_amp, resolve_device
+        from featx.extract.api import build_spec
+
+        _as_paths(X)
+        for name, value, choices in (
+            ("pool", self.pool, POOLS),
+            ("dtype", self.dtype, DTYPES),
+            ("tta", self.tta, TTA_MODES),
+            ("decode", self.decode, DECODE_MODES),
+        ):
+            if value not in choices:
+                raise unknown(name, value, choices, f"Choose one of {', '.join(choices)}.")
+        resolve_backbone(self.backbone)
+        net = load_backbone(self.backbone)
+        net.check_layers([self.layer])
+        amp = _resolve_amp("auto", resolve_device(self.device))
+        options = {"pool": self.pool, "dtype": self.dtype, "amp": amp, "tta": self.tta, "decode": self.decode}
+        spec = build_spec(net, [self.layer], **options)
+        self.spec_ = spec.to_dict()
+        return self
+
+    def transform(self, X: Sequence[str | Path]) -> np.ndarray:
+        """``[n_images, n_features]`` float32 features, extracting only images not cached yet.
+
+        Raises
+        ------
+        ValueError
+            If some images cannot be read (the message lists them); a transformer must return a row for each.
+        """
+        from featx.data.sources import from_files
+        from featx.extract.api import extract
+
+        check_is_fitted(self, "spec_")
+        paths = _as_paths(X)
+        unique = list(dict.fromkeys(paths))
+        found = self._from_cached_stores(unique)
+        missing = [p for p in unique if p not in found]
+        if missing:
+            spec = ExtractionSpec.from_dict(self.spec_)
+            result = extract(
+                from_files(missing),
+                self.backbone,
+                layers=[self.layer],
+                pool=self.pool,
+                dtype=self.dtype,
+                amp=spec.amp,
+                tta=self.tta,
+                decode=self.decode,
+                device=self.device,
+                batch_size=self.batch_size,
+                progress=self.progress,
+                max_failures="inf",
+                expect_weights_sha256=spec.weights_sha256,
+                store_dir=self._store_dir(),
+            )
+            if result.failures:
+                listed = "; ".join(f"{f.id}: {f.reason}" for f in result.failures[:5])
+                raise ValueError(f"{len(result.failures)} images could not be read ({listed}); remove or fix them")
+            found.update(self._from_cached_stores(missing, only=result.path))
+        out = np.stack([found[p] for p in paths]).astype(np.float32, copy=False)
+        self.n_features_out_ = out.shape[1]
+        return out
+
+    def _from_cached_stores(self, paths: list[str], only: Path | None = None) -> dict[str, np.ndarray]:
+        """Features of ``paths`` from complete stores with this spec whose files are unchanged."""
+        from featx.store.reader import FeatureStore
+
+        folder = self._store_dir()
+        candidates = [only] if only is not None else sorted(folder.glob("*.h5")) if folder.is_dir() else []
+        wanted = set(paths)
+        found: dict[str, np.ndarray] = {}
+        ours = {k: v for k, v in self.spec_.items() if k != "layers"}
+        for store_path in candidates:
+            if not wanted:
+                break
+            try:
+                store = FeatureStore(store_path)
+            except (OSError, ValueError, RuntimeError):
+                continue
+            with store:
+                theirs = {k: v for k, v in store.spec.to_dict().items() if k != "layers"}
+                if theirs != ours or self.layer not in store.layers:
+                    continue
+                store_paths = store.paths()
+                hits = [i for i, p in enumerate(store_paths) if p in wanted]
+                if not hits:
+                    continue
+                sizes, mtimes = store.file_stats()
+                fresh = []
+                for i in hits:
+                    try:
+                        st = os.stat(store_paths[i])
+                    except OSError:
+                        continue
+                    if (st.st_size, st.st_mtime_ns) == (sizes[i], mtimes[i]):
+                        fresh.append(i)
+                if not fresh:
+                    continue
+                rows = store.rows()[fresh]  # only the rows asked for: memory follows the request, not the store
+                block, _ = store.read_rows(rows, self.layer)
+                for i, vector in zip(fresh, block.astype(np.float32, copy=False), strict=True):
+                    found[store_paths[i]] = vector
+                    wanted.discard(store_paths[i])
+        return found
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """``<layer>_0 … <layer>_{D-1}`` (known after the first ``transform``)."""
+        check_is_fitted(self, "spec_")
+        dims = getattr(self, "n_features_out_", None)
+        if dims is None:
+            raise ValueError("the feature count is known after the first transform")
+        return np.array([f"{self.layer}_{i}" for i in range(dims)], dtype=object)

@@ -1,0 +1,25 @@
+"""The HDF5 feature store: one file per (images x backbone x layers x preprocessing), describing itself.
+
+- :mod:`~featx.store.format`: the layout and its attributes, shared by every writer;
+- :mod:`~featx.store.writer`: the crash-safe, resumable, single-writer :class:`StoreWriter`;
+- :mod:`~featx.store.reader`: :class:`FeatureStore` and :func:`open`;
+- :mod:`~featx.store.join`: several stores concatenated into one.
+"""
+
+from featx.store.format import FORMAT_NAME, FORMAT_VERSION, partial_path, read_key, shards_path
+from featx.store.join import concatenate
+from featx.store.reader import FeatureStore, open
+from featx.store.writer import StoreWriter, check_replaceable
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "FeatureStore",
+    "StoreWriter",
+    "check_replaceable",
+    "concatenate",
+    "open",
+    "partial_path",
+    "read_key",
+    "shards_path",
+]

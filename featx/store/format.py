@@ -1,0 +1,191 @@
+"""The HDF5 feature store: format, crash-safe writing, locking, and reading.
+
+Layout of a finished ``STORE.h5``::
+
+    /features/<layer>   [N, D] float32|float16, chunked along N
+    /ids, /paths        [N] UTF-8 strings, aligned row by row with the features
+    /labels             [N] int64 (-1 = unlabeled)
+    /file_size, /file_mtime_ns  [N] int64: each image file as it was extracted (-1 = missing)
+    /split              [N] int8 codes, attribute ``codes`` maps names to codes
+    /class_names        [C] UTF-8 strings
+    /done               [N] bool: the row holds features (False = the image failed)
+    /failures/{rows,ids,reasons}
+    attributes: featx_format, featx_format_version, complete, key, spec (canonical JSON),
+                manifest_fingerprint, manifest_source, split_policy, versions, created_at, stats
+
+Crash safety: while a job runs, each finished batch is written as one small ``.npz`` part into
+``STORE.h5.partial/`` (temporary file, fsync, atomic rename). The HDF5 file is assembled from the parts
+only at the end, written under a temporary name and renamed into place, so a store that exists is
+complete; a job killed at any moment leaves parts that the next run with the same key resumes from.
+One writer at a time: the ``.partial`` folder holds an advisory lock.
+
+A store extracted in shards (:mod:`featx.distributed`) keeps them in ``STORE.h5.shards/`` until they are
+joined with :func:`concatenate` into an ordinary store like the one above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from featx.data.manifest import SPLITS
+from featx.spec import ExtractionSpec, canonical_json
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SPLIT_CODES",
+    "Failure",
+    "partial_path",
+    "partial_progress",
+    "read_key",
+    "shards_path",
+]
+
+
+FORMAT_NAME = "featx.feature-store"
+
+
+FORMAT_VERSION = 1
+
+
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+
+
+_CHUNK_BYTES = 1 << 20  # ~1 MiB HDF5 chunks: large enough for throughput, small enough for partial reads
+
+
+def partial_path(path: str | Path) -> Path:
+    """The folder holding an unfinished store's parts and lock."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def shards_path(path: str | Path) -> Path:
+    """The folder holding the shard stores of a sharded extraction, until they are joined."""
+    path = Path(path)
+    return path.with_name(path.name + ".shards")
+
+
+# ------------------------------------------------------------------------------------------- writing
+def read_key(path: str | Path) -> str | None:
+    """The cache key of a complete store, or ``None`` if ``path`` is no complete featx store."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("featx_format") != FORMAT_NAME or not f.attrs.get("complete", False):
+                return None
+            return str(f.attrs["key"])
+    except (OSError, KeyError):
+        return None
+
+
+# ------------------------------------------------------------------------------------ file layout
+# The two writers of finished stores (StoreWriter's assembly and `concatenate`) share these three
+# helpers, so a joined store cannot drift from the layout of one written in a single process.
+def _create_layout(f: h5py.File, spec: ExtractionSpec, dims: dict[str, int], n: int) -> dict[str, h5py.Dataset]:
+    """Stamp the format (marked incomplete) and create the zero-filled ``/features/<layer>`` datasets."""
+    storage = np.float16 if spec.dtype == "float16" else np.float32
+    f.attrs["featx_format"] = FORMAT_NAME
+    f.attrs["featx_format_version"] = FORMAT_VERSION
+    f.attrs["complete"] = False
+    group = f.create_group("features")
+    datasets = {}
+    for layer in spec.layers:
+        d = dims[layer]
+        rows_per_chunk = int(max(1, min(n, _CHUNK_BYTES // (d * np.dtype(storage).itemsize))))
+        datasets[layer] = group.create_dataset(
+            layer, shape=(n, d), dtype=storage, chunks=(rows_per_chunk, d), fillvalue=0
+        )
+    return datasets
+
+
+def _write_columns(
+    f: h5py.File,
+    *,
+    ids: Sequence[str],
+    paths: Sequence[str],
+    labels: np.ndarray,
+    file_size: np.ndarray,
+    file_mtime_ns: np.ndarray,
+    split: np.ndarray,
+    split_codes: dict[str, int],
+    class_names: Sequence[str],
+    done: np.ndarray,
+    fail_rows: np.ndarray,
+    fail_ids: Sequence[str],
+    fail_reasons: Sequence[str],
+) -> None:
+    """Write every per-row dataset except the features, and the failures group."""
+    strings = h5py.string_dtype(encoding="utf-8")
+    f.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=strings)
+    f.create_dataset("paths", data=np.array(list(paths), dtype=object), dtype=strings)
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+    f.create_dataset("file_size", data=np.asarray(file_size, dtype=np.int64))
+    f.create_dataset("file_mtime_ns", data=np.asarray(file_mtime_ns, dtype=np.int64))
+    ds = f.create_dataset("split", data=np.asarray(split, dtype=np.int8))
+    ds.attrs["codes"] = canonical_json(split_codes)
+    f.create_dataset("class_names", data=np.array(list(class_names), dtype=object), dtype=strings)
+    f.create_dataset("done", data=np.asarray(done, dtype=bool))
+    fg = f.create_group("failures")
+    fg.create_dataset("rows", data=np.asarray(fail_rows, dtype=np.int64))
+    fg.create_dataset("ids", data=np.array(list(fail_ids), dtype=object), dtype=strings)
+    fg.create_dataset("reasons", data=np.array(list(fail_reasons), dtype=object), dtype=strings)
+
+
+def _finish_attrs(f: h5py.File, attrs: dict[str, str]) -> None:
+    """Write the provenance attributes and, last of all, mark the file complete."""
+    for name, value in attrs.items():
+        f.attrs[name] = value
+    f.attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    f.attrs["complete"] = True
+
+
+def _file_stats(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Size and modification time of each file as extracted (-1 when missing), for per-image reuse checks."""
+    sizes = np.full(len(paths), -1, dtype=np.int64)
+    mtimes = np.full(len(paths), -1, dtype=np.int64)
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    return sizes, mtimes
+
+
+def partial_progress(path: str | Path) -> tuple[int, int, int] | None:
+    """For an unfinished store: ``(rows done, rows failed, total rows)``; ``None`` if there is no partial job."""
+    work = partial_path(path)
+    job = work / "job.json"
+    if not job.is_file():
+        return None
+    total = json.loads(job.read_text()).get("rows", 0)
+    done = failed = 0
+    for part in work.glob("part-*.npz"):
+        with contextlib.suppress(Exception), np.load(part, allow_pickle=False) as data:
+            done += len(data["rows"])
+            failed += len(data["fail_rows"])
+    return done, failed, total
+
+
+# ------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class Failure:
+    """An image that could not be extracted."""
+
+    row: int
+    id: str
+    reason: str
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,152 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from featx._runtime.io import fsync_dir
+from featx.exceptions import SpecMismatchError
+from featx.spec import canonical_json
+from featx.store.format import _create_layout, _finish_attrs, _text, _write_columns
+from featx.store.reader import FeatureStore
+
+__all__ = ["concatenate"]
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- joining
+_COPY_BYTES = 64 << 20  # rows copied per step when joining: RAM stays bounded for any N
+
+
+def concatenate(
+    parts: Sequence[str | Path],
+    target: str | Path,
+    *,
+    key: str,
+    stats: dict[str, Any] | None = None,
+    attrs: dict[str, str] | None = None,
+) -> Path:
+    """Join complete stores of consecutive row blocks of one manifest into one store, atomically.
+
+    The result has exactly the layout of a store written in one process (features for every layer,
+    ids, paths, labels, file stats, splits, class names, done flags, failures with their rows shifted,
+    provenance); the parts' own extra attributes are not carried over. Features are copied in bounded
+    blocks, so memory does not grow with the number of rows. ``target`` appears only when complete.
+
+    Parameters
+    ----------
+    parts : sequence of str or Path
+        Complete stores, in row order.
+    target : str or Path
+        The joined store; replaced if it exists.
+    key : str
+        The joined store's cache key.
+    stats : dict, optional
+        The joined store's ``stats`` attribute.
+    attrs : dict of str to str, optional
+        Extra root attributes.
+
+    Raises
+    ------
+    SpecMismatchError
+        The parts were made with different specs, images, class names or split policies.
+    """
+    if not parts:
+        raise ValueError("nothing to join: no stores given")
+    target = Path(target)
+    stores = []
+    try:
+        for part in parts:
+            stores.append(FeatureStore(part))
+        first = stores[0]
+        same = ("spec", "manifest_fingerprint", "manifest_source", "split_policy")
+        for store in stores[1:]:
+            diffs = [name for name in same if store.attrs.get(name) != first.attrs.get(name)]
+            if store.class_names != first.class_names:
+                diffs.append("class_names")
+            if store._codes != first._codes:
+                diffs.append("split codes")
+            if store.feature_dims() != first.feature_dims():
+                diffs.append("feature sizes")
+            if diffs:
+                raise SpecMismatchError(
+                    f"cannot join {store.path.name} with {first.path.name}: they differ in {', '.join(diffs)}"
+                )
+        versions = [store.attrs.get("versions", "{}") for store in stores]
+        if len(set(versions)) > 1:
+            log.warning("the joined stores were made with different library versions; recording the first's")
+        tmp = target.with_name(f".{target.name}.joining-{os.getpid()}")
+        try:
+            _join_into(tmp, stores, key, stats or {}, {"versions": versions[0], **(attrs or {})})
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    finally:
+        for store in stores:
+            store.close()
+    return target
+
+
+def _join_into(
+    target: Path, stores: Sequence[FeatureStore], key: str, stats: dict[str, Any], attrs: dict[str, str]
+) -> None:
+    first = stores[0]
+    n = sum(len(store) for store in stores)
+    offsets = np.cumsum([0] + [len(store) for store in stores])
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([store._file[name][:] for store in stores])
+
+    def failures(name: str) -> np.ndarray:
+        return np.concatenate([store._file["failures"][name][:] for store in stores])
+
+    with h5py.File(target, "w") as f:
+        datasets = _create_layout(f, first.spec, first.feature_dims(), n)
+        for layer, out in datasets.items():
+            step = max(1, _COPY_BYTES // (out.shape[1] * out.dtype.itemsize))
+            for store, offset in zip(stores, offsets, strict=False):
+                src = store._file["features"][layer]
+                for start in range(0, len(store), step):
+                    stop = min(len(store), start + step)
+                    out[offset + start : offset + stop] = src[start:stop]
+        _write_columns(
+            f,
+            ids=[_text(s) for s in column("ids")],
+            paths=[_text(s) for s in column("paths")],
+            labels=column("labels"),
+            file_size=column("file_size"),
+            file_mtime_ns=column("file_mtime_ns"),
+            split=column("split"),
+            split_codes=first._codes,
+            class_names=first.class_names,
+            done=column("done"),
+            fail_rows=np.concatenate(
+                [store._file["failures"]["rows"][:] + offset for store, offset in zip(stores, offsets, strict=False)]
+            ),
+            fail_ids=[_text(s) for s in failures("ids")],
+            fail_reasons=[_text(s) for s in failures("reasons")],
+        )
+        _finish_attrs(
+            f,
+            {
+                "key": key,
+                **{
+                    name: first.attrs[name]
+                    for name in ("spec", "manifest_fingerprint", "manifest_source", "split_policy")
+                },
+                "stats": canonical_json(stats),
+                **attrs,
+            },
+        )

@@ -1,0 +1,237 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from featx.exceptions import IncompleteStoreError, unknown
+from featx.spec import ExtractionSpec, canonical_json
+from featx.store.format import FORMAT_NAME, FORMAT_VERSION, SPLIT_CODES, Failure, _text, partial_progress, shards_path
+
+__all__ = ["FeatureStore", "open"]
+
+
+class FeatureStore:
+    """A complete feature store opened for reading (see :func:`open`).
+
+    Row selections (``split``) default to all rows that hold features; failed rows are left out
+    everywhere unless ``include_failed=True`` (their features are zeros).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            progress = partial_progress(self.path)
+            if progress is not None:
+                done, failed, total = progress
+                raise IncompleteStoreError(
+                    f"{self.path} is not finished: {done + failed} of {total} images processed so far. The "
+                    "extraction was interrupted or is still running; re-run the same `featx extract` command "
+                    "to resume it"
+                )
+            if shards_path(self.path).is_dir():
+                raise IncompleteStoreError(
+                    f"{self.path} is being extracted in shards that are not joined yet (see "
+                    f"{shards_path(self.path)}); when every shard is done, `featx join {self.path}` joins them"
+                )
+            raise FileNotFoundError(f"feature store {str(self.path)!r} does not exist")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise ValueError(
+                f"{self.path} is not a readable HDF5 file ({exc}); if it is a damaged store, delete it and run "
+                "the extraction again"
+            ) from exc
+        try:
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self) -> None:
+        attrs = self._file.attrs
+        if attrs.get("featx_format") != FORMAT_NAME:
+            raise ValueError(f"{self.path} is an HDF5 file but not a featx feature store")
+        version = int(attrs.get("featx_format_version", 0))
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path} uses store format version {version}; this featx reads up to {FORMAT_VERSION}. "
+                "Upgrade featx to read it"
+            )
+        if not attrs.get("complete", False):
+            raise IncompleteStoreError(f"{self.path} was never completed; re-run the extraction that made it")
+        self.attrs: dict[str, Any] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        self.spec = ExtractionSpec.from_dict(json.loads(self.attrs["spec"]))
+        self.key: str = self.attrs["key"]
+        self.layers: tuple[str, ...] = self.spec.layers
+        self.class_names: list[str] = [s.decode() if isinstance(s, bytes) else s for s in self._file["class_names"][:]]
+        self._labels = self._file["labels"][:]
+        self._split = self._file["split"][:]
+        # Codes as written in the file, so a future reordering of SPLITS cannot misread old stores.
+        codes = json.loads(self._file["split"].attrs.get("codes", canonical_json(SPLIT_CODES)))
+        self._codes: dict[str, int] = dict(sorted(codes.items(), key=lambda item: item[1]))
+        self._done = self._file["done"][:]
+
+    # -- context management
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the underlying HDF5 file."""
+        f = getattr(self, "_file", None)
+        if f is not None and f.id.valid:
+            f.close()
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, backbone={self.spec.backbone!r}, rows={len(self)})"
+
+    # -- selections
+    @property
+    def splits(self) -> dict[str, int]:
+        """Rows holding features per split."""
+        return {
+            s: int(((self._split == c) & self._done).sum()) for s, c in self._codes.items() if (self._split == c).any()
+        }
+
+    def rows(self, split: str | None = None, include_failed: bool = False) -> np.ndarray:
+        """Row indices of a split (all splits when ``None``)."""
+        mask = np.ones(len(self), dtype=bool) if include_failed else self._done.copy()
+        if split is not None:
+            if split not in self._codes:
+                raise unknown("split", split, self._codes, f"Splits are {', '.join(self._codes)}.")
+            mask &= self._split == self._codes[split]
+        return np.flatnonzero(mask)
+
+    def _layer(self, layer: str | None) -> str:
+        if layer is None:
+            return self.layers[0]
+        if layer not in self.layers:
+            raise unknown("layer of this store", layer, self.layers, f"It holds: {', '.join(self.layers)}.")
+        return layer
+
+    def features(self, layer: str | None = None, split: str | None = None, dtype: Any = None) -> np.ndarray:
+        """``[n, D]`` features of one layer (the first by default) for the rows of ``split``."""
+        ds = self._file["features"][self._layer(layer)]
+        rows = self.rows(split)
+        out = _read_rows(ds, rows)
+        return out.astype(dtype, copy=False) if dtype is not None else out
+
+    def labels(self, split: str | None = None) -> np.ndarray:
+        """Integer labels (index into :attr:`class_names`; -1 for unlabeled rows)."""
+        return self._labels[self.rows(split)]
+
+    def ids(self, split: str | None = None) -> list[str]:
+        """Row ids, aligned with :meth:`features`."""
+        return [_text(s) for s in _read_rows(self._file["ids"], self.rows(split))]
+
+    def paths(self, split: str | None = None) -> list[str]:
+        """Image paths, aligned with :meth:`features`."""
+        return [_text(s) for s in _read_rows(self._file["paths"], self.rows(split))]
+
+    def read_rows(self, rows: np.ndarray, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(features, labels)`` of the given row indices (sorted ascending), e.g. a block from :meth:`rows`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) > 1 and np.any(np.diff(rows) <= 0):
+            raise ValueError("rows must be sorted and unique")
+        return _read_rows(self._file["features"][self._layer(layer)], rows), self._labels[rows]
+
+    def file_stats(self, split: str | None = None, include_failed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(sizes, mtimes_ns)`` of the image files as they were when extracted, aligned with :meth:`rows`."""
+        rows = self.rows(split, include_failed)
+        return self._file["file_size"][:][rows], self._file["file_mtime_ns"][:][rows]
+
+    def iter_chunks(
+        self, layer: str | None = None, split: str | None = None, chunk_size: int = 4096
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(X, y, rows)`` blocks of at most ``chunk_size`` rows; memory stays bounded for any N."""
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        ds = self._file["features"][self._layer(layer)]
+        rows = self.rows(split)
+        for start in range(0, len(rows), chunk_size):
+            block = rows[start : start + chunk_size]
+            yield _read_rows(ds, block), self._labels[block], block
+
+    @property
+    def failures(self) -> list[Failure]:
+        """Images that could not be extracted, with the reason."""
+        fg = self._file["failures"]
+        return [
+            Failure(int(r), _text(i), _text(reason))
+            for r, i, reason in zip(fg["rows"][:], fg["ids"][:], fg["reasons"][:], strict=True)
+        ]
+
+    def feature_dims(self) -> dict[str, int]:
+        """Feature size per layer."""
+        return {layer: int(self._file["features"][layer].shape[1]) for layer in self.layers}
+
+    def info(self) -> dict[str, Any]:
+        """Everything ``featx info`` shows, as a JSON-ready dict."""
+        return {
+            "path": str(self.path),
+            "format": f"{self.attrs['featx_format']} v{self.attrs['featx_format_version']}",
+            "key": self.key,
+            "created_at": self.attrs.get("created_at"),
+            "rows": len(self),
+            "splits": self.splits,
+            "classes": len(self.class_names),
+            "features": {layer: f"[{len(self)}, {d}] {self.spec.dtype}" for layer, d in self.feature_dims().items()},
+            "spec": self.spec.to_dict(),
+            "manifest": {
+                "source": self.attrs.get("manifest_source"),
+                "fingerprint": self.attrs.get("manifest_fingerprint"),
+                "split_policy": self.attrs.get("split_policy"),
+            },
+            "failures": len(self.failures),
+            "stats": json.loads(self.attrs.get("stats", "{}")),
+            "versions": json.loads(self.attrs.get("versions", "{}")),
+        }
+
+
+def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Read rows (sorted indices) in as few contiguous slices as possible; h5py's fancy indexing is slow."""
+    if len(rows) == 0:
+        return ds[0:0]
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return ds[int(rows[0]) : int(rows[-1]) + 1]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    if len(breaks) < 64:
+        return np.concatenate([ds[int(run[0]) : int(run[-1]) + 1] for run in np.split(rows, breaks)])
+    # Scattered rows (a random split): read the covering range window by window and keep the wanted rows.
+    pieces, window = [], 8192
+    for start in range(int(rows[0]), int(rows[-1]) + 1, window):
+        wanted = rows[(rows >= start) & (rows < start + window)]
+        if len(wanted):
+            pieces.append(ds[start : min(start + window, int(rows[-1]) + 1)][wanted - start])
+    return np.concatenate(pieces)
+
+
+def open(path: str | Path) -> FeatureStore:
+    """Open a complete feature store for reading.
+
+    Raises
+    ------
+    IncompleteStoreError
+        The store's extraction was interrupted (or is still running); the message says how to resume.
+    FileNotFoundError
+        No store and no partial job at ``path``.
+
+    Examples
+    --------
+    >>> import featx.store
+    >>> with featx.store.open("digits.h5") as store:  # doctest: +SKIP
+    ...     X, y = store.features(split="train"), store.labels(split="train")
+    """
+    return FeatureStore(path)

@@ -1,0 +1,376 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from featx._runtime.env import library_versions
+from featx._runtime.io import atomic_write, fsync_dir
+from featx.data.manifest import Manifest
+from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLockedError
+from featx.spec import ExtractionSpec, canonical_json, spec_differences
+from featx.store.format import (
+    SPLIT_CODES,
+    _create_layout,
+    _file_stats,
+    _finish_attrs,
+    _write_columns,
+    partial_path,
+    read_key,
+)
+from featx.store.reader import FeatureStore
+
+__all__ = ["StoreWriter", "check_replaceable"]
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- locking
+class _Lock:
+    """An exclusive advisory lock on a file; released by the OS if the process dies (even ``kill -9``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = None
+
+    def acquire(self) -> None:
+        import fcntl  # POSIX only; featx's writers run on Linux and macOS
+
+        fh = self.path.open("a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise StoreLockedError(
+                f"another featx process ({holder}) is writing {self.path.parent.name.removesuffix('.partial')}; "
+                "wait for it to finish (re-running afterwards is a cache hit) or write to another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        self._fh = fh
+
+    def still_ours(self) -> bool:
+        """False if the lock file was removed (and maybe recreated) after we opened it."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fh.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock
+            self._fh = None
+
+
+def check_replaceable(
+    path: str | Path, key: str, spec: ExtractionSpec, manifest_fingerprint: str, overwrite: bool = False
+) -> bool:
+    """Whether ``path`` already holds the complete store with ``key`` (then there is nothing to do).
+
+    Raises
+    ------
+    SpecMismatchError
+        ``path`` holds something else (another spec, other images, or no featx store at all) and
+        ``overwrite`` is False; the message names what differs.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    if read_key(path) == key:
+        return True
+    if not overwrite:
+        raise SpecMismatchError(_mismatch_message(path, spec, manifest_fingerprint))
+    return False
+
+
+class StoreWriter:
+    """Write one store crash-safely and resumably; use as a context manager.
+
+    Parameters
+    ----------
+    path : str or Path
+        The final ``.h5`` path.
+    spec : ExtractionSpec
+        How the features are made.
+    key : str
+        The cache key (:func:`featx.spec.cache_key`).
+    manifest : Manifest
+        The rows, in order.
+    manifest_fingerprint : str
+        As used for the key.
+    dims : dict of str to int
+        Feature size per layer.
+    overwrite : bool, default=False
+        Discard an existing store or partial job made with another spec instead of refusing.
+    attrs : dict of str to str, optional
+        Extra root attributes for the finished file (a shard's place in its job, for instance).
+
+    Examples
+    --------
+    >>> with StoreWriter(path, spec, key, manifest, fp, dims) as w:  # doctest: +SKIP
+    ...     for rows in batches(w.pending_rows()):
+    ...         w.write_batch(rows, feats, failures)
+    ...     w.finalize(stats)
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        spec: ExtractionSpec,
+        key: str,
+        manifest: Manifest,
+        manifest_fingerprint: str,
+        dims: dict[str, int],
+        overwrite: bool = False,
+        attrs: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.spec = spec
+        self.key = key
+        self.manifest = manifest
+        self.manifest_fingerprint = manifest_fingerprint
+        self.dims = dict(dims)
+        self.overwrite = overwrite
+        self.attrs = dict(attrs or {})
+        self.workdir = partial_path(self.path)
+        self._lock: _Lock | None = None
+        self._next_part = 0
+        self._done = np.zeros(len(manifest), dtype=bool)
+        self._failed: dict[int, str] = {}
+
+    # -- lifecycle
+    def __enter__(self) -> StoreWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            self.workdir.mkdir(exist_ok=True)
+            lock = _Lock(self.workdir / "lock")
+            try:
+                lock.acquire()
+            except FileNotFoundError:  # the previous writer removed the folder under us; try again
+                continue
+            if lock.still_ours():
+                self._lock = lock
+                break
+            lock.release()
+        else:  # pragma: no cover - needs a pathological race
+            raise StoreLockedError(f"could not lock {self.workdir}; is another process removing it?")
+        try:
+            self._open_job()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @property
+    def cached(self) -> bool:
+        """True when a complete store with this key already exists (nothing to do)."""
+        return self._cached
+
+    def _open_job(self) -> None:
+        self._cached = False
+        if check_replaceable(self.path, self.key, self.spec, self.manifest_fingerprint, self.overwrite):
+            self._cached = True
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return
+        job = {
+            "key": self.key,
+            "spec": self.spec.to_dict(),
+            "manifest_fingerprint": self.manifest_fingerprint,
+            "rows": len(self.manifest),
+            "dims": self.dims,
+        }
+        job_file = self.workdir / "job.json"
+        if job_file.exists():
+            try:
+                old = json.loads(job_file.read_text())
+            except json.JSONDecodeError:
+                raise SpecMismatchError(
+                    f"{job_file} is damaged; pass --overwrite to discard the interrupted job and start afresh"
+                ) from None
+            if old.get("key") != self.key:
+                if not self.overwrite:
+                    diffs = spec_differences(old.get("spec", {}), job["spec"])
+                    if old.get("manifest_fingerprint") != self.manifest_fingerprint:
+                        diffs.append("the images (manifest fingerprint)")
+                    raise SpecMismatchError(
+                        f"{self.workdir} holds an interrupted extraction with another spec "
+                        f"(differs in: {'; '.join(diffs) or 'extractor version'}). Re-run that job to finish it, "
+                        "pass --overwrite to discard it, or write to another --out"
+                    )
+                self._clear_parts()
+        for part in sorted(self.workdir.glob("part-*.npz")):
+            try:
+                with np.load(part, allow_pickle=False) as data:
+                    rows = data["rows"]
+                    fail_rows, reasons = data["fail_rows"], data["fail_reasons"]
+            except Exception as exc:  # a part damaged by power loss: recompute its rows
+                log.warning("discarding unreadable part %s (%s); its rows will be extracted again", part.name, exc)
+                part.unlink()
+                continue
+            self._done[rows] = True
+            self._failed.update(zip(fail_rows.tolist(), reasons.tolist(), strict=True))
+            self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
+        for stale in [*self.workdir.glob(".*.tmp*"), *self.workdir.glob("assembling-*.h5")]:
+            stale.unlink()
+        atomic_write(job_file, lambda fh: fh.write(canonical_json(job).encode()))
+        if self._done.any() or self._failed:
+            log.info(
+                "resuming %s: %d rows already extracted, %d failed", self.path, self._done.sum(), len(self._failed)
+            )
+
+    def _clear_parts(self) -> None:
+        for part in self.workdir.glob("part-*.npz"):
+            part.unlink()
+
+    # -- progress
+    def pending_rows(self) -> np.ndarray:
+        """Row indices still to extract (neither written nor recorded as failed), in order."""
+        todo = ~self._done
+        if self._failed:
+            todo[list(self._failed)] = False
+        return np.flatnonzero(todo)
+
+    @property
+    def n_done(self) -> int:
+        return int(self._done.sum())
+
+    @property
+    def n_failed(self) -> int:
+        return len(self._failed)
+
+    @property
+    def failed(self) -> dict[int, str]:
+        """Failed rows and their reasons, so far."""
+        return dict(self._failed)
+
+    def write_batch(
+        self,
+        rows: np.ndarray,
+        features: dict[str, np.ndarray],
+        failures: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        """Persist one batch (atomically): features for ``rows``, and failed rows with their reasons."""
+        rows = np.asarray(rows, dtype=np.int64)
+        arrays: dict[str, np.ndarray] = {
+            "rows": rows,
+            "fail_rows": np.array([r for r, _ in failures], dtype=np.int64),
+            "fail_reasons": np.array([reason for _, reason in failures], dtype=np.str_),
+        }
+        storage = np.float16 if self.spec.dtype == "float16" else np.float32
+        for i, layer in enumerate(self.spec.layers):
+            block = np.asarray(features[layer], dtype=storage)
+            if block.shape != (len(rows), self.dims[layer]):
+                raise ValueError(f"layer {layer}: got {block.shape}, expected {(len(rows), self.dims[layer])}")
+            arrays[f"f{i}"] = block
+        target = self.workdir / f"part-{self._next_part:08d}.npz"
+        atomic_write(target, lambda fh: np.savez(fh, **arrays))
+        self._next_part += 1
+        self._done[rows] = True
+        self._failed.update((int(r), reason) for r, reason in failures)
+
+    # -- assembly
+    def finalize(self, stats: dict[str, Any] | None = None) -> Path:
+        """Assemble the parts into the final HDF5 file (atomically) and remove the partial folder."""
+        missing = self.pending_rows()
+        if len(missing):
+            raise IncompleteStoreError(f"cannot finalise {self.path}: {len(missing)} rows were never extracted")
+        # Assembled inside the partial folder, so a kill during assembly leaves nothing beside the store.
+        tmp = self.workdir / f"assembling-{os.getpid()}.h5"
+        try:
+            self._assemble(tmp, stats or {})
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        shutil.rmtree(self.workdir, ignore_errors=True)  # the lock goes with it; we still hold its flock
+        return self.path
+
+    def _assemble(self, target: Path, stats: dict[str, Any]) -> None:
+        m, n = self.manifest, len(self.manifest)
+        with h5py.File(target, "w") as f:
+            datasets = _create_layout(f, self.spec, self.dims, n)
+            for part in sorted(self.workdir.glob("part-*.npz")):
+                with np.load(part, allow_pickle=False) as data:
+                    rows = data["rows"]
+                    if not len(rows):
+                        continue
+                    order = np.argsort(rows, kind="stable")
+                    sorted_rows = rows[order]
+                    contiguous = sorted_rows[-1] - sorted_rows[0] + 1 == len(sorted_rows)
+                    for i, layer in enumerate(self.spec.layers):
+                        block = data[f"f{i}"][order]
+                        if contiguous:
+                            datasets[layer][sorted_rows[0] : sorted_rows[-1] + 1] = block
+                        else:
+                            datasets[layer][sorted_rows] = block
+            sizes, mtimes = _file_stats(m.paths)
+            fail_rows = np.array(sorted(self._failed), dtype=np.int64)
+            _write_columns(
+                f,
+                ids=m.ids,
+                paths=m.paths,
+                labels=m.labels.astype(np.int64),
+                file_size=sizes,
+                file_mtime_ns=mtimes,
+                split=np.array([SPLIT_CODES[s] for s in m.splits], dtype=np.int8),
+                split_codes=SPLIT_CODES,
+                class_names=m.class_names,
+                done=self._done,
+                fail_rows=fail_rows,
+                fail_ids=[m.ids[r] for r in fail_rows],
+                fail_reasons=[self._failed[r] for r in fail_rows],
+            )
+            _finish_attrs(
+                f,
+                {
+                    "key": self.key,
+                    "spec": canonical_json(self.spec.to_dict()),
+                    "manifest_fingerprint": self.manifest_fingerprint,
+                    "manifest_source": m.source,
+                    "split_policy": m.split_policy,
+                    "versions": canonical_json(library_versions()),
+                    "stats": canonical_json(stats),
+                    **self.attrs,
+                },
+            )
+
+
+def _mismatch_message(path: Path, spec: ExtractionSpec, fingerprint: str) -> str:
+    try:
+        with FeatureStore(path) as old:
+            diffs = spec_differences(old.spec.to_dict(), spec.to_dict())
+            if old.attrs["manifest_fingerprint"] != fingerprint:
+                diffs.append("the images or their labels/splits (manifest fingerprint)")
+        what = "; ".join(diffs) or "the extractor version"
+        return (
+            f"{path} already holds features made differently (differs in: {what}). featx never reuses a store "
+            "made with another spec: pass --overwrite to replace it, or write to another --out"
+        )
+    except Exception:
+        return (
+            f"{path} exists and is not a complete featx store; pass --overwrite to replace it, or choose another --out"
+        )
