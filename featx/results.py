@@ -1,25 +1,349 @@
-"""TODO docstring"""
+"""The results schema: one typed document per trained method, written and read here only.
+
+A ``results.json`` is what ``featx train``, ``featx finetune`` and every cell of ``featx run`` leave behind,
+and what ``featx compare`` reads back. Its sections are :class:`~typing.TypedDict` types, so the code that
+builds them keeps using plain dicts and the JSON is exactly the dict. Two kinds share the top level
+(:class:`ClassifierResults` for a classifier on cached features, :class:`FinetuneResults` for a fine-tuned
+network) and both carry the same :class:`TestMetrics`.
+
+Keys marked optional below were added after the schema's first version or are written only sometimes; a
+file without them still reads. A change that removes or renames a key bumps :data:`SCHEMA_VERSION`.
+
+Example
+-------
+>>> from featx.results import read_results
+>>> results = read_results("runs/quickstart/cells/digits__lite0__penultimate__svm/results.json")  # doctest: +SKIP
+>>> results["test"]["accuracy"]  # doctest: +SKIP
+0.9694
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 
 from featx._runtime.io import atomic_write
 
-__all__ = ["RESULTS_SCHEMA", "write_results"]
+__all__ = [
+    "RESULTS_SCHEMA",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "CellInfo",
+    "ClassReport",
+    "ClassifierResults",
+    "ClassifierSettings",
+    "EpochRecord",
+    "FewShotPoint",
+    "FinetuneResults",
+    "FinetuneSettings",
+    "NotResultsError",
+    "Results",
+    "ResultsError",
+    "SearchPoint",
+    "SearchSummary",
+    "SkippedImage",
+    "StoreInfo",
+    "TestMetrics",
+    "TrainSummary",
+    "read_results",
+    "write_results",
+]
+
+SCHEMA_PREFIX = "featx.results/"
+SCHEMA_VERSION = 1
+#: The ``"schema"`` value of every results document this featx writes.
+SCHEMA = f"{SCHEMA_PREFIX}{SCHEMA_VERSION}"
+#: The same, under the name featx used before the schema had its own module.
+RESULTS_SCHEMA = SCHEMA
 
 
-RESULTS_SCHEMA = "featx.results/1"
+class ResultsError(ValueError):
+    """A results file that cannot be read: not JSON, a newer schema, or a missing section (the message says which)."""
 
 
-def write_results(path: str | Path, results: dict[str, Any]) -> Path:
-    """Write a results JSON atomically."""
+class NotResultsError(ResultsError):
+    """A JSON file that is not a featx results document at all (no featx ``schema`` field)."""
+
+
+# -------------------------------------------------------------------------------------------- sections
+# ``f1-score`` is not an identifier, hence the functional form (the keys are scikit-learn's).
+ClassReport = TypedDict("ClassReport", {"precision": float, "recall": float, "f1-score": float, "support": float})
+
+
+class _TestMetricsBase(TypedDict):
+    n: int
+    accuracy: float
+    accuracy_ci95: list[float]  # [low, high]: percentile bootstrap over the test images
+    balanced_accuracy: float
+    macro_f1: float
+    top5_accuracy: float | None  # None with five classes or fewer, or without scores
+    per_class: dict[str, ClassReport]
+    confusion_matrix: list[list[int]]
+
+
+class TestMetrics(_TestMetricsBase, total=False):
+    """The metrics of one split, the same for every method (:func:`featx.metrics.evaluate`)."""
+
+    predict_seconds: float
+    split: str
+
+
+class StoreInfo(TypedDict):
+    """The feature store a classifier was trained on."""
+
+    path: str
+    key: str
+    manifest_fingerprint: str | None
+    spec: dict[str, Any]  # ExtractionSpec.to_dict()
+    stats: dict[str, Any]  # the store's extraction stats
+
+
+class ClassifierSettings(TypedDict):
+    """:meth:`ClassifierConfig.to_dict() <featx.classify.ClassifierConfig.to_dict>` and what it resolved to."""
+
+    classifier: str
+    value: float | str  # "auto": searched
+    grid: list[float] | None
+    preprocess: list[str]  # the steps used (the preset's default resolved)
+    cv: int
+    class_weight: str | None
+    scoring: str
+    params: dict[str, Any]
+    layer: str
+    seed: int
+    out_of_core: bool
+    preset: str
+    param: str | None  # the searched hyper-parameter (C, alpha, n_neighbors), None for none
+    chosen: float | None
+
+
+class SearchPoint(TypedDict):
+    """One grid value's score: mean and std over the folds, and each fold's score."""
+
+    value: float
+    mean: float
+    std: float
+    folds: list[float]
+
+
+class SearchSummary(TypedDict):
+    """The hyper-parameter search (:class:`featx.classify.search.SearchResult`)."""
+
+    param: str
+    scheme: str  # e.g. "5-fold stratified CV", "validation split"
+    best: float | None
+    curve: list[SearchPoint]
+    seconds: float
+
+
+class _TrainSummaryBase(TypedDict):
+    n: int
+    fit_seconds: float
+
+
+class TrainSummary(_TrainSummaryBase, total=False):
+    """How many images the final model was trained on, and how long it took."""
+
+    val_n: int  # fine-tuning: the images it chose its epoch on
+
+
+class FewShotPoint(TypedDict):
+    """Test accuracy with ``shots`` training images per class, over seeded draws."""
+
+    shots: int | str  # or "all"
+    draws: int
+    mean: float
+    std: float
+    accuracies: list[float]
+
+
+class CellInfo(TypedDict):
+    """Which cell of a ``featx run`` job made the results (added by the job runner)."""
+
+    id: str
+    dataset: str
+    name: str
+    backbone: str | None
+    layer: str | None
+
+
+class _FinetuneSettingsBase(TypedDict):
+    backbone_lr_mult: float
+    batch_size: int
+    clip_grad: float
+    crop_scale: list[float]
+    dropout: float
+    hidden: list[int]
+    label_smoothing: float
+    metric: str
+    optimizer: str
+    patience: int | None
+    phases: list[dict[str, Any]]  # {"freeze", "epochs", "lr"}
+    seed: int
+    update_bn_stats: bool
+    val_fraction: float
+    warmup: float
+    weight_decay: float
+    blocks: int
+    init_head: str | None
+    amp: str
+    device: str
+
+
+class FinetuneSettings(_FinetuneSettingsBase, total=False):
+    """:meth:`FinetuneConfig.to_dict() <featx.finetune.FinetuneConfig.to_dict>` and how the run was set up."""
+
+    world_size: int
+
+
+class EpochRecord(TypedDict):
+    """One epoch of fine-tuning."""
+
+    epoch: int
+    phase: int
+    freeze: str
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    lr_head: float | None
+    lr_backbone: float | None
+    images_per_second: float | None
+    seconds: float
+
+
+class SkippedImage(TypedDict):
+    """An image fine-tuning could not decode, and why."""
+
+    id: str
+    reason: str
+
+
+# -------------------------------------------------------------------------------------------- documents
+class _ResultsBase(TypedDict):
+    schema: str  # SCHEMA
+    method: str  # the row name in a comparison, e.g. "svm · efficientnet_lite0 · penultimate"
+    train: TrainSummary
+    test: TestMetrics | None  # None without a labelled test split
+    versions: dict[str, str]
+    created_at: str  # ISO 8601, UTC
+
+
+class _ClassifierResultsBase(_ResultsBase):
+    kind: Literal["classifier"]
+    store: StoreInfo
+    classifier: ClassifierSettings
+    search: SearchSummary | None  # None when the value was fixed
+
+
+class ClassifierResults(_ClassifierResultsBase, total=False):
+    """The results of a classifier trained on a feature store (:func:`featx.classify.train`)."""
+
+    few_shot: list[FewShotPoint]
+    cell: CellInfo
+
+
+class _FinetuneResultsBase(_ResultsBase):
+    kind: Literal["finetune"]
+    store: None
+    source: str
+    val_policy: str
+    manifest_fingerprint: str | None
+    backbone: str
+    finetune: FinetuneSettings
+    curves: list[EpochRecord]
+    best_epoch: int | None
+    skipped_images: list[SkippedImage]
+    seconds: float
+
+
+class FinetuneResults(_FinetuneResultsBase, total=False):
+    """The results of a fine-tuned network (:func:`featx.finetune.finetune`)."""
+
+    split_policy: str
+    cell: CellInfo
+
+
+Results = ClassifierResults | FinetuneResults
+
+_KINDS: dict[str, type] = {"classifier": ClassifierResults, "finetune": FinetuneResults}
+
+
+# ------------------------------------------------------------------------------------------- write/read
+def write_results(path: str | Path, results: Results | TestMetrics | Mapping[str, Any]) -> Path:
+    """Write a results document (or, for ``featx evaluate --out``, one split's :class:`TestMetrics`) atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write; a reader sees the previous file or this one, never half of one.
+    results : ClassifierResults, FinetuneResults or TestMetrics
+        NumPy scalars and arrays are written as JSON numbers and lists; NaN is refused.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     text = json.dumps(results, indent=2, allow_nan=False, default=_json_default)
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def read_results(path: str | Path) -> Results:
+    """Read a results document and check its schema.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``results.json`` written by featx (this version or an earlier one of the same schema).
+
+    Returns
+    -------
+    ClassifierResults or FinetuneResults
+        According to its ``"kind"``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    NotResultsError
+        The file is JSON but has no featx ``"schema"`` field (some other tool's file).
+    ResultsError
+        The file is not complete JSON, was written by a newer featx, has an unknown kind or lacks a section;
+        the message names the file and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path} is not valid JSON ({exc}); was it written completely?") from None
+    return _check(data, path)
+
+
+def _check(data: Any, path: Path) -> Results:
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if not (isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX)):
+        raise NotResultsError(f"{path} is not a featx results file (no {SCHEMA_PREFIX}N 'schema' field)")
+    if schema != SCHEMA:
+        version = schema[len(SCHEMA_PREFIX) :]
+        newer = version.isdigit() and int(version) > SCHEMA_VERSION
+        raise ResultsError(
+            f"{path} has schema {schema!r}; this featx reads {SCHEMA!r}"
+            + ("; it was written by a newer featx: upgrade featx to read it" if newer else "")
+        )
+    kind = data.get("kind")
+    if kind not in _KINDS:
+        raise ResultsError(f"{path}: unknown results kind {kind!r}; kinds are {', '.join(_KINDS)}")
+    missing = sorted(_KINDS[kind].__required_keys__ - data.keys())
+    if missing:
+        raise ResultsError(f"{path}: a {kind} results file needs {', '.join(map(repr, missing))}; it is incomplete")
+    return data  # type: ignore[return-value]
 
 
 def _json_default(obj: Any) -> Any:
