@@ -11,23 +11,40 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from featx.exceptions import unknown
 
 __all__ = [
+    "AMP_CHOICES",
     "AMP_MODES",
+    "COMPILE_MODES",
     "DECODE_MODES",
+    "DEFAULT_AMP",
     "DEFAULT_BACKBONE",
+    "DEFAULT_COMPILE",
+    "DEFAULT_DECODE",
+    "DEFAULT_DTYPE",
+    "DEFAULT_FINGERPRINT",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_POOL",
+    "DEFAULT_TTA",
     "DTYPES",
     "EXTRACTOR_VERSION",
+    "FINGERPRINT_MODES",
     "INTERPOLATIONS",
+    "OPTIONS",
     "POOLS",
     "TTA_MODES",
     "ExtractionSpec",
+    "Option",
     "Preprocessing",
     "cache_key",
     "canonical_json",
+    "check_option",
     "spec_differences",
     "with_defaults",
 ]
@@ -42,16 +59,93 @@ DEFAULT_BACKBONE = "featx:efficientnet_lite0"
 #: Images above this many pixels are refused before decoding (decompression-bomb guard; Pillow's own limit).
 DEFAULT_MAX_PIXELS = 89_478_485
 
+# The choices of every extraction option. The Python API, the CLI's click.Choice lists and the pipeline
+# schema all take theirs from here, and all validate through :func:`check_option`.
 POOLS = ("avg", "max", "avgmax", "gem", "none")
 DTYPES = ("float32", "float16")
+#: Autocast precisions a spec records (``auto`` is resolved against the device before a spec is built).
 AMP_MODES = ("none", "bf16", "fp16")
+#: What a caller may ask for: ``auto`` is bf16 (else fp16) on CUDA and none elsewhere.
+AMP_CHOICES = ("auto", *AMP_MODES)
 TTA_MODES = ("none", "flip")
 DECODE_MODES = ("exact", "fast")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+#: How images enter the cache key: path, size and mtime (``stat``) or content hashes.
+FINGERPRINT_MODES = ("stat", "content")
+#: ``torch.compile`` of the network; ``auto`` compiles CPU jobs big enough to repay the compile time.
+COMPILE_MODES = ("auto", "on", "off")
+
+DEFAULT_POOL = "avg"
+DEFAULT_DTYPE = "float32"
+DEFAULT_AMP = "auto"
+DEFAULT_TTA = "none"
+DEFAULT_DECODE = "exact"
+DEFAULT_FINGERPRINT = "stat"
+DEFAULT_COMPILE = "auto"
+
+
+class Option(NamedTuple):
+    """One extraction option: how messages name it, its choices and its default (``None``: none)."""
+
+    label: str
+    choices: tuple[str, ...]
+    default: str | None
+
+
+#: Every extraction option with a fixed set of choices, by the name users type it under.
+OPTIONS: Mapping[str, Option] = MappingProxyType(
+    {
+        "pool": Option("pool", POOLS, DEFAULT_POOL),
+        "dtype": Option("dtype", DTYPES, DEFAULT_DTYPE),
+        "amp": Option("amp", AMP_CHOICES, DEFAULT_AMP),
+        "tta": Option("tta", TTA_MODES, DEFAULT_TTA),
+        "decode": Option("decode", DECODE_MODES, DEFAULT_DECODE),
+        "interpolation": Option("interpolation", INTERPOLATIONS, None),
+        "fingerprint": Option("fingerprint mode", FINGERPRINT_MODES, DEFAULT_FINGERPRINT),
+        "compile": Option("compile mode", COMPILE_MODES, DEFAULT_COMPILE),
+    }
+)
 
 # Fields added after stores existed, left out of the spec's dict (and so its key) at their default value:
 # every store made before a field existed keeps its key, and reads back with the default.
-_OMITTED_AT_DEFAULT = {"decode": "exact"}
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+_OMITTED_AT_DEFAULT = {"decode": DEFAULT_DECODE}
+
+
+def check_option(name: str, value: Any, choices: Sequence[str] | None = None) -> str:
+    """The one check of an extraction option's value; returns the value.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`OPTIONS` (``pool``, ``dtype``, ``amp``, ``tta``, ``decode``, ``interpolation``,
+        ``fingerprint``, ``compile``).
+    value : str
+        The value given.
+    choices : sequence of str, optional
+        A narrower set than the option's own, where a context allows fewer (a spec records a resolved
+        ``amp``, never ``auto``).
+
+    Returns
+    -------
+    str
+        ``value``, unchanged.
+
+    Raises
+    ------
+    UnknownNameError
+        If ``value`` is not one of the choices: the message names the value, the close matches and every choice,
+        e.g. ``unknown pool 'mean'. Choose one of avg, max, avgmax, gem, none.``
+
+    Examples
+    --------
+    >>> check_option("pool", "gem")
+    'gem'
+    """
+    option = OPTIONS[name]
+    allowed = tuple(option.choices if choices is None else choices)
+    if not isinstance(value, str) or value not in allowed:
+        raise unknown(option.label, str(value), allowed, f"Choose one of {', '.join(allowed)}.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -77,8 +171,7 @@ class Preprocessing:
     std: tuple[float, float, float]
 
     def __post_init__(self) -> None:
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        check_option("interpolation", self.interpolation)
         if min(self.input_size) < 1 or self.resize_size < min(self.input_size):
             raise ValueError(
                 f"resize_size {self.resize_size} must be at least the crop {self.input_size}; "
@@ -147,24 +240,20 @@ class ExtractionSpec:
     weights_sha256: str
     layers: tuple[str, ...]
     preprocessing: Preprocessing
-    pool: str = "avg"
-    dtype: str = "float32"
+    pool: str = DEFAULT_POOL
+    dtype: str = DEFAULT_DTYPE
     amp: str = "none"
-    tta: str = "none"
+    tta: str = DEFAULT_TTA
     max_pixels: int = DEFAULT_MAX_PIXELS
-    decode: str = "exact"
+    decode: str = DEFAULT_DECODE
     extractor_version: int = field(default=EXTRACTOR_VERSION)
 
     def __post_init__(self) -> None:
-        for name, value, choices in (
-            ("pool", self.pool, POOLS),
-            ("dtype", self.dtype, DTYPES),
-            ("amp", self.amp, AMP_MODES),
-            ("tta", self.tta, TTA_MODES),
-            ("decode", self.decode, DECODE_MODES),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+        for name in ("pool", "dtype", "tta", "decode"):
+            check_option(name, getattr(self, name))
+        check_option("amp", self.amp, AMP_MODES)
+        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
         if not self.layers:
             raise ValueError("an extraction needs at least one layer (the default is 'penultimate')")
         if len(set(self.layers)) != len(self.layers):

@@ -9,8 +9,9 @@ import pytest
 from conftest import SHARED_DATA, make_image
 
 from featx.data import Manifest, from_csv, from_digits, from_folder, from_torchvision, load_source
-from featx.data.splits import ensure_test_split
+from featx.data.splits import DEFAULT_TEST_FRACTION, check_test_fraction, ensure_test_split
 from featx.exceptions import UnknownNameError
+from featx.spec import OPTIONS, ExtractionSpec, Preprocessing, check_option
 
 
 def test_class_folder_gets_a_seeded_stratified_test_split(image_folder):
@@ -57,6 +58,49 @@ def test_a_class_with_one_image_stays_in_train():
     labels = np.array([0] * 10 + [1])
     splits, _ = ensure_test_split(labels, ["train"] * 11, seed=0, test_fraction=0.2)
     assert splits[-1] == "train" and splits.count("test") == 2
+
+
+def test_test_fraction_is_checked_once_with_one_wording():
+    assert check_test_fraction(DEFAULT_TEST_FRACTION) == 0.2
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(ValueError, match=f"test_fraction must be between 0 and 1, got {bad}"):
+            check_test_fraction(bad)
+        with pytest.raises(ValueError, match="test_fraction must be between 0 and 1"):
+            ensure_test_split(np.array([0, 0, 1, 1]), ["train"] * 4, test_fraction=bad)
+
+
+def test_every_option_has_one_check_with_close_matches():
+    assert set(OPTIONS) == {"pool", "dtype", "amp", "tta", "decode", "interpolation", "fingerprint", "compile"}
+    for name, option in OPTIONS.items():
+        assert option.default is None or option.default in option.choices
+        for value in option.choices:
+            assert check_option(name, value) == value
+        with pytest.raises(UnknownNameError) as info:
+            check_option(name, "zzz")
+        assert str(info.value) == f"unknown {option.label} 'zzz'. Choose one of {', '.join(option.choices)}."
+    with pytest.raises(UnknownNameError, match=r"unknown pool 'avgmx'\. Did you mean: avgmax"):
+        check_option("pool", "avgmx")
+    with pytest.raises(UnknownNameError, match=r"unknown amp 'auto'\. Choose one of none, bf16, fp16\."):
+        check_option("amp", "auto", ("none", "bf16", "fp16"))
+
+
+def test_the_spec_validates_through_the_one_check():
+    pre = Preprocessing((8, 8), 8, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    base = {"backbone": "featx:x", "weights": "w", "weights_sha256": "0", "layers": ("penultimate",)}
+    ExtractionSpec(**base, preprocessing=pre)
+    for field, value, label in (
+        ("pool", "mean", "pool"),
+        ("dtype", "float64", "dtype"),
+        ("tta", "mirror", "tta"),
+        ("decode", "quick", "decode"),
+        ("amp", "auto", "amp"),  # a spec records the resolved precision
+    ):
+        with pytest.raises(UnknownNameError, match=f"unknown {label} '{value}'\\. "):
+            ExtractionSpec(**base, preprocessing=pre, **{field: value})
+    with pytest.raises(UnknownNameError, match=r"unknown interpolation 'cubic'\. Did you mean: bicubic"):
+        Preprocessing((8, 8), 8, "cubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+        ExtractionSpec(**base, preprocessing=pre, max_pixels=0)
 
 
 def test_csv_and_tsv_manifests(tmp_path):

@@ -1,4 +1,7 @@
-"""TODO docstring"""
+"""The manifest: the rows of one job (ids, paths, labels, splits, class names) and the images' fingerprint.
+
+:data:`FINGERPRINT_MODES` is defined in :mod:`featx.spec` with the other extraction options and re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featx.exceptions import UnknownNameError, unknown
-from featx.spec import canonical_json
+from featx.exceptions import UnknownNameError
+from featx.spec import DEFAULT_FINGERPRINT, FINGERPRINT_MODES, canonical_json, check_option
 
 __all__ = ["FINGERPRINT_MODES", "IMAGE_EXTENSIONS", "SPLITS", "Manifest"]
 
@@ -32,9 +35,6 @@ _SPLIT_ALIASES = {
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
-
-
-FINGERPRINT_MODES = ("stat", "content")
 
 
 _SOURCE_HINT = (
@@ -97,7 +97,7 @@ class Manifest:
         counts = Counter(self.splits)
         return {s: counts[s] for s in SPLITS if counts[s]}
 
-    def fingerprint(self, mode: str = "stat") -> str:
+    def fingerprint(self, mode: str = DEFAULT_FINGERPRINT) -> str:
         """A hash of what the features depend on: ids, labels, splits, class names and the files.
 
         Parameters
@@ -106,8 +106,7 @@ class Manifest:
             ``stat`` hashes each file's path, size and modification time (fast); ``content`` hashes the
             bytes (slow, but survives copies and ``touch``).
         """
-        if mode not in FINGERPRINT_MODES:
-            raise unknown("fingerprint mode", mode, FINGERPRINT_MODES, "Use stat or content.")
+        check_option("fingerprint", mode)
         digest = hashlib.sha256()
         digest.update(canonical_json({"classes": self.class_names, "mode": mode}).encode())
         for row_id, path, label, split in zip(self.ids, self.paths, self.labels.tolist(), self.splits, strict=True):

@@ -1,20 +1,56 @@
-"""TODO docstring"""
+"""The test split a labeled manifest gets when its source has none.
+
+A source's own ``test`` split is kept; a source with ``train`` and ``val`` only has its ``val`` split used as the
+test split; a source with ``train`` only has :data:`DEFAULT_TEST_FRACTION` of each class carved off, stratified
+and seeded, a class of one image staying in train.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_TEST_FRACTION", "ensure_test_split"]
+__all__ = ["DEFAULT_TEST_FRACTION", "check_test_fraction", "ensure_test_split"]
 
-
+#: Share of each class carved off as the test split when a source has none.
 DEFAULT_TEST_FRACTION = 0.2
 
 
-# -------------------------------------------------------------------------------------------- splits
+def check_test_fraction(test_fraction: float) -> float:
+    """The one check of a test fraction: strictly between 0 and 1; returns it.
+
+    Raises
+    ------
+    ValueError
+        If it is not.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    return test_fraction
+
+
 def ensure_test_split(
     labels: np.ndarray, splits: list[str], seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION
 ) -> tuple[list[str], str]:
-    """Give a labeled manifest a test split (see the module docstring); returns ``(splits, policy)``."""
+    """Give a labeled manifest a test split (see the module docstring).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray of int
+        One class index per row; -1 for unlabeled rows.
+    splits : list of str
+        The source's split per row.
+    seed : int, default=0
+        Seed of the carved split.
+    test_fraction : float, default=DEFAULT_TEST_FRACTION
+        Share of each class carved off when the source has neither a test nor a val split.
+
+    Returns
+    -------
+    splits : list of str
+        The splits with a test split.
+    policy : str
+        How the test split was chosen, in words (recorded in the store).
+    """
     splits = list(splits)
     labeled = labels >= 0
     if not labeled.any() or "test" in splits:
@@ -23,8 +59,7 @@ def ensure_test_split(
         return [
             "test" if s == "val" else s for s in splits
         ], "source has no test split: its val split is the test split"
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    check_test_fraction(test_fraction)
     rng = np.random.default_rng(seed)
     for cls in np.unique(labels[labeled]):
         idx = np.flatnonzero((labels == cls) & np.array([s == "train" for s in splits]))
