@@ -7,10 +7,11 @@ all from :mod:`sklearn.metrics`, plus a seeded bootstrap confidence interval for
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
+
+from featx.results import TestMetrics
 
 __all__ = ["bootstrap_accuracy_ci", "evaluate"]
 
@@ -42,7 +43,7 @@ def evaluate(
     scores: np.ndarray | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> TestMetrics:
     """Accuracy (with a bootstrap 95 % CI), balanced accuracy, macro F1, top-5, per-class report, confusion matrix.
 
     Parameters
@@ -59,7 +60,7 @@ def evaluate(
     y_pred = np.asarray(y_pred)
     labels = list(range(len(class_names)))
     lo, hi = bootstrap_accuracy_ci(y_true, y_pred, n_bootstrap, seed=seed)
-    result: dict[str, Any] = {
+    result: TestMetrics = {
         "n": int(y_true.size),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "accuracy_ci95": [lo, hi],

@@ -8,24 +8,38 @@
 - :mod:`~featx.classify.cluster`: sweeps on a Dask cluster.
 """
 
+from featx.classify.cluster import scheduler
 from featx.classify.config import ClassifierConfig
-from featx.classify.model import TrainedModel, check_compatible, load_model
-from featx.classify.presets import PRESETS, Preset, build_pipeline, parse_preprocess, register_classifier
-from featx.classify.search import search
-from featx.classify.training import evaluate_model, few_shot_curve, train
+from featx.classify.model import MODEL_FORMAT, MODEL_FORMAT_VERSION, TrainedModel, check_compatible, load_model
+from featx.classify.presets import (
+    PRESETS,
+    Preset,
+    build_pipeline,
+    get_preset,
+    parse_preprocess,
+    register_classifier,
+)
+from featx.classify.search import SearchResult, search
+from featx.classify.training import Fitted, evaluate_model, few_shot_curve, train
 
 __all__ = [
+    "MODEL_FORMAT",
+    "MODEL_FORMAT_VERSION",
     "PRESETS",
     "ClassifierConfig",
+    "Fitted",
     "Preset",
+    "SearchResult",
     "TrainedModel",
     "build_pipeline",
     "check_compatible",
     "evaluate_model",
     "few_shot_curve",
+    "get_preset",
     "load_model",
     "parse_preprocess",
     "register_classifier",
+    "scheduler",
     "search",
     "train",
 ]

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""Every setting of one classifier run, in one frozen dataclass checked once (:meth:`ClassifierConfig.validate`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring"""
+"""A trained classifier and its file: the fitted pipeline plus what applying it needs, saved without pickle.
+
+:class:`TrainedModel` is written as a skops file that records the store spec it was trained on;
+:func:`load_model` loads only trusted types, and :func:`check_compatible` refuses features made differently.
+"""
 
 from __future__ import annotations
 

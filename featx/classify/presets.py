@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""The named classifiers (``svm``, ``logreg``, ``sgd``, ``ridge``, ``knn``) and their preprocessing pipelines.
+
+A :class:`Preset` says how to build the estimator for one value of its hyper-parameter, which grid to search
+and whether it can warm-start along that grid; :func:`build_pipeline` puts the preprocessing steps (``l2``,
+``standard``, ``pca``) in front of it so they are fitted inside each fold. Any scikit-learn classifier can
+be named by import path, or registered with :func:`register_classifier`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring"""
+"""The hyper-parameter search on the training rows: the val split, else stratified k-fold, in parallel.
+
+Warm-started presets fit each fold once along the whole grid; the best mean score wins (ties: the first
+value in grid order), and a best value at the edge of the grid is logged.
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import datetime as _dt
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,18 @@ from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, _fit_quietly, _folds, search
 from featx.exceptions import SpecMismatchError, unknown
 from featx.metrics import evaluate
-from featx.results import RESULTS_SCHEMA, write_results
+from featx.results import (
+    SCHEMA,
+    ClassifierResults,
+    ClassifierSettings,
+    StoreInfo,
+    TestMetrics,
+    TrainSummary,
+    write_results,
+)
 from featx.store.reader import FeatureStore
 
-__all__ = ["evaluate_model", "few_shot_curve", "train"]
+__all__ = ["Fitted", "evaluate_model", "few_shot_curve", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +72,7 @@ def train(
     draws: int = 5,
     n_bootstrap: int = 1000,
     scheduler: str | None = None,
-) -> tuple[TrainedModel, dict[str, Any]]:
+) -> tuple[TrainedModel, ClassifierResults]:
     """Search, refit and evaluate one classifier on a store; optionally write ``model.skops`` and ``results.json``.
 
     Parameters
@@ -85,55 +94,60 @@ def train(
 
     Returns
     -------
-    (TrainedModel, dict)
+    (TrainedModel, ClassifierResults)
         The model and the results (the ``results.json`` content; test metrics under ``"test"``).
     """
     preset = config.validate()
     if scheduler is not None and config.out_of_core:
         raise ValueError("out-of-core training streams the store on this machine; drop --scheduler or out-of-core")
+    if shots and config.out_of_core:
+        raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
     from featx.classify.cluster import scheduler as dask_scheduler
 
     with dask_scheduler(scheduler):  # connect first: a bad address fails before the store is read
         owns = not isinstance(store, FeatureStore)
         fs = FeatureStore(store) if owns else store
         try:
-            layer = config.layer or fs.layers[0]
-            if layer not in fs.layers:
-                raise unknown("layer of this store", layer, fs.layers, f"It holds: {', '.join(fs.layers)}.")
+            layer = _check_layer(fs, config.layer)
             preprocess = config.steps(preset)
             if config.out_of_core:
-                if shots:
-                    raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
-                pipeline, value, search_result, fit_seconds, trained_on = _train_out_of_core(
-                    fs, layer, preset, config, preprocess
-                )
+                fitted = _train_out_of_core(fs, layer, preset, config, preprocess)
             else:
-                pipeline, value, search_result, fit_seconds, trained_on = _train_in_memory(
-                    fs, layer, preset, config, preprocess, n_jobs
-                )
-            return _finish_training(
-                fs,
-                config,
-                preset,
-                layer,
-                pipeline,
-                value,
-                search_result,
-                fit_seconds,
-                trained_on,
-                n_bootstrap=n_bootstrap,
-                out_dir=out_dir,
-                shots=shots,
-                draws=draws,
-            )
+                fitted = _train_in_memory(fs, layer, preset, config, preprocess, n_jobs)
+            model = _wrap_model(fs, config, preset, layer, fitted)
+            results = _classifier_results(fs, model, fitted, n_bootstrap)
+            if shots:
+                results["few_shot"] = few_shot_curve(fs, preset, fitted.value, preprocess, config, shots, draws, layer)
+            if out_dir is not None:
+                _write_artifacts(Path(out_dir), model, results)
+            return model, results
         finally:
             if owns:
                 fs.close()
 
 
+@dataclass
+class Fitted:
+    """A refit classifier and how it was chosen: what both training paths hand to evaluation."""
+
+    pipeline: Pipeline
+    value: float | None  # the chosen (or fixed) hyper-parameter; None for a preset without one
+    search: SearchResult | None  # None when the value was fixed
+    fit_seconds: float  # the final refit only
+    trained_on: dict[str, Any]  # {"splits", "n"} (+ "epochs", "out_of_core" out of core)
+
+
+def _check_layer(fs: FeatureStore, layer: str | None) -> str:
+    """The configured layer, else the store's first; an unknown one lists the store's layers."""
+    layer = layer or fs.layers[0]
+    if layer not in fs.layers:
+        raise unknown("layer of this store", layer, fs.layers, f"It holds: {', '.join(fs.layers)}.")
+    return layer
+
+
 def _train_in_memory(
     fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str], n_jobs: int
-):
+) -> Fitted:
     """Search (unless the value is fixed) and refit on the features held in memory."""
     X, y, splits = _labelled_rows(fs, layer)
     if len(np.unique(y)) < 2:
@@ -151,28 +165,14 @@ def _train_in_memory(
     pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
     fit_seconds = _fit_timed(pipeline, X, y)
     trained_on = {"splits": sorted(set(splits.tolist())), "n": len(y)}
-    return pipeline, value, search_result, fit_seconds, trained_on
+    return Fitted(pipeline, value, search_result, fit_seconds, trained_on)
 
 
-def _finish_training(
-    fs: FeatureStore,
-    config: ClassifierConfig,
-    preset: Preset,
-    layer: str,
-    pipeline: Pipeline,
-    value: float | None,
-    search_result: SearchResult | None,
-    fit_seconds: float,
-    trained_on: dict[str, Any],
-    *,
-    n_bootstrap: int,
-    out_dir: str | Path | None,
-    shots: Sequence[int | str] | None,
-    draws: int,
-) -> tuple[TrainedModel, dict[str, Any]]:
-    """Wrap a fitted pipeline with its metadata, evaluate it, and write the model and results."""
+def _wrap_model(fs: FeatureStore, config: ClassifierConfig, preset: Preset, layer: str, fitted: Fitted) -> TrainedModel:
+    """The fitted pipeline with what applying it later needs: the store's spec, classes and the settings."""
+    versions = library_versions()
     meta = {
-        "featx_version": library_versions()["featx"],
+        "featx_version": versions["featx"],
         "store_spec": fs.spec.to_dict(),
         "store_key": fs.key,
         "manifest_fingerprint": fs.attrs.get("manifest_fingerprint"),
@@ -184,40 +184,44 @@ def _finish_training(
             "preset": preset.name,
             "preprocess": config.steps(preset),
             "param": preset.param,
-            "chosen": value,
+            "chosen": fitted.value,
         },
-        "trained_on": trained_on,
-        "versions": library_versions(),
+        "trained_on": fitted.trained_on,
+        "versions": versions,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    model = TrainedModel(pipeline, meta)
-    results = {
-        "schema": RESULTS_SCHEMA,
-        "kind": "classifier",
-        "method": f"{preset.name} · {fs.spec.backbone.split(':', 1)[-1]} · {layer}",
-        "store": {
-            "path": str(fs.path),
-            "key": fs.key,
-            "manifest_fingerprint": meta["manifest_fingerprint"],
-            "spec": fs.spec.to_dict(),
-            "stats": fs.info()["stats"],
-        },
-        "classifier": meta["classifier"],
-        "search": search_result.to_dict() if search_result else None,
-        "train": {"n": trained_on["n"], "fit_seconds": round(fit_seconds, 4)},
-        "test": evaluate_model(model, fs, n_bootstrap=n_bootstrap, seed=config.seed) if fs.splits.get("test") else None,
-        "versions": meta["versions"],
-        "created_at": meta["created_at"],
-    }
-    if shots:
-        preprocess = config.steps(preset)
-        results["few_shot"] = few_shot_curve(fs, preset, value, preprocess, config, shots, draws, layer)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save(out / "model.skops")
-        write_results(out / "results.json", results)
-    return model, results
+    return TrainedModel(fitted.pipeline, meta)
+
+
+def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted, n_bootstrap: int) -> ClassifierResults:
+    """The ``results.json`` document of a trained model, scored once on the store's test split (if any)."""
+    meta = model.meta
+    settings: ClassifierSettings = meta["classifier"]
+    test = evaluate_model(model, fs, n_bootstrap=n_bootstrap, seed=settings["seed"]) if fs.splits.get("test") else None
+    return ClassifierResults(
+        schema=SCHEMA,
+        kind="classifier",
+        method=f"{settings['preset']} · {fs.spec.backbone.split(':', 1)[-1]} · {model.layer}",
+        store=StoreInfo(
+            path=str(fs.path),
+            key=fs.key,
+            manifest_fingerprint=meta["manifest_fingerprint"],
+            spec=fs.spec.to_dict(),
+            stats=fs.info()["stats"],
+        ),
+        classifier=settings,
+        search=fitted.search.to_dict() if fitted.search else None,
+        train=TrainSummary(n=fitted.trained_on["n"], fit_seconds=round(fitted.fit_seconds, 4)),
+        test=test,
+        versions=meta["versions"],
+        created_at=meta["created_at"],
+    )
+
+
+def _write_artifacts(out: Path, model: TrainedModel, results: ClassifierResults) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model.skops")
+    write_results(out / "results.json", results)
 
 
 def _shuffled_buffers(
@@ -242,7 +246,7 @@ def _stream(fs: FeatureStore, layer: str, rows: np.ndarray, rng: np.random.Gener
 
 def _train_out_of_core(
     fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str]
-):
+) -> Fitted:
     """SGD through ``partial_fit`` over store blocks; memory is bounded by one buffer, whatever the store size."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
     from sklearn.preprocessing import Normalizer, StandardScaler
@@ -319,7 +323,7 @@ def _train_out_of_core(
         "epochs": epochs,
         "out_of_core": True,
     }
-    return pipeline, value, search_result, fit_seconds, trained_on
+    return Fitted(pipeline, value, search_result, fit_seconds, trained_on)
 
 
 def _chain(steps):
@@ -333,7 +337,7 @@ def _chain(steps):
 
 def evaluate_model(
     model: TrainedModel, store: FeatureStore, split: str = "test", n_bootstrap: int = 1000, seed: int = 0
-) -> dict[str, Any]:
+) -> TestMetrics:
     """Test metrics of a model on a store's split (after checking the store matches the model's spec)."""
     check_compatible(model, store)
     if store.class_names != model.class_names:
