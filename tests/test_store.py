@@ -265,7 +265,10 @@ def test_partial_job_of_another_spec_is_not_mixed_in(image_folder, tmp_path):
 # ------------------------------------------------------------------------------------ crash safety
 _SLOW_RUN = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
+    # A shell's background job (`nohup pytest &`) starts with SIGINT ignored, and children inherit that:
+    # restore Python's handler so the test's SIGINT interrupts the run like Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     import conftest  # registers featx:tiny_test
     import featx.extract.engine as fx
