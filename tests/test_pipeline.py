@@ -140,13 +140,30 @@ def test_run_caches_resumes_and_reports(job_file, tmp_path, monkeypatch):
     lpft = json.loads((out / "cells" / "colours__lpft" / "results.json").read_text())
     assert lpft["method"].startswith("lp-ft") and lpft["cell"]["dataset"] == "colours"
 
-    second = run(job, progress=False)
-    assert [t.status for t in second.tasks] == ["cached"] * 5
-    assert second.seconds < first.seconds
+    import featx.classify.training
+    import featx.finetune.trainer
+    import featx.store.writer
+
+    def stamps() -> dict[Path, tuple[int, int, int]]:
+        files = [p for p in sorted((out / "cells").rglob("*")) + sorted((out / "stores").rglob("*")) if p.is_file()]
+        return {p: (p.stat().st_mtime_ns, p.stat().st_size, p.stat().st_ino) for p in files}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a cached cell must not be computed again")
+
+    # The second run does no work: no store is written, nothing is trained, no file of a cell or store changes.
+    before = stamps()
+    assert len(before) > 10
+    with monkeypatch.context() as patched:
+        patched.setattr(featx.store.writer.StoreWriter, "__init__", no_work)
+        patched.setattr(featx.classify.training, "train", no_work)
+        patched.setattr(featx.finetune.trainer, "finetune", no_work)
+        second = run(job, progress=False)
+    assert [(t.status, t.message) for t in second.tasks] == [("cached", "")] * 5
+    assert stamps() == before
 
     (out / "cells" / "colours__tiny__penultimate__knn" / "results.json").unlink()
     calls = []
-    import featx.classify.training
 
     original = featx.classify.training.train
 
