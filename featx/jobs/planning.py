@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""A job's tasks in dependency order (extractions, classifier cells, fine-tunes) and where each keeps its files."""
 
 from __future__ import annotations
 

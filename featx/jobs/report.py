@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from featx._runtime.io import atomic_write
+from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
+
 __all__ = ["COLUMNS", "Row", "collect", "format_table", "write_report"]
 
 log = logging.getLogger(__name__)
@@ -43,45 +46,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _row(results: dict[str, Any], path: Path) -> Row:
+def _row(results: Results, path: Path) -> Row:
     test = results.get("test") or {}
     cell = results.get("cell") or {}
-    if results.get("kind") == "finetune":
-        ft = results["finetune"]
-        curves = results.get("curves") or []
-        speeds = [c["images_per_second"] for c in curves if c.get("images_per_second")]
-        chosen = f"best epoch {results.get('best_epoch')}"
-        train_s = sum(c["seconds"] for c in curves)
-        extract_s, ips = None, (float(np.mean(speeds)) if speeds else None)
-        phases = ", ".join(f"{p['freeze']} {p['epochs']} ep @ {p['lr']:g}" for p in ft["phases"])
-        how = (
-            f"fine-tuned {results['backbone']}: phases {phases}; optimizer {ft['optimizer']}, weight decay "
-            f"{ft['weight_decay']:g}, backbone lr ×{ft['backbone_lr_mult']:g}, warm-up {ft['warmup']:g}, "
-            f"label smoothing {ft['label_smoothing']:g}, batch {ft['batch_size']}, BatchNorm statistics "
-            f"{'updated' if ft.get('update_bn_stats') else 'fixed'}, head "
-            f"{'MLP ' + str(ft['hidden']) if ft['hidden'] else 'linear'}"
-            f"{', initialised from ' + ft['init_head'] if ft.get('init_head') else ''}; "
-            f"validation {results.get('val_policy')}; training seed {ft['seed']}; "
-            f"{ft.get('device')}, amp {ft.get('amp')}"
-        )
+    if results["kind"] == "finetune":
+        chosen, train_s, extract_s, ips, how = _finetune_numbers(results)
         dataset = cell.get("dataset") or results.get("source")
     else:
-        clf = results["classifier"]
-        search = results.get("search") or {}
-        chosen = f"{clf['param']}={clf['chosen']:g}" if clf.get("param") and clf.get("chosen") is not None else "—"
-        train_s = (search.get("seconds") or 0.0) + results["train"]["fit_seconds"]
-        stats = (results.get("store") or {}).get("stats") or {}
-        extract_s, ips = stats.get("seconds"), stats.get("images_per_second")
-        spec = results["store"]["spec"]
-        steps = ", ".join(clf["preprocess"]) or "none"
-        how = (
-            f"{clf['preset']} on frozen {spec['backbone']} ({spec['weights']}) layer {clf['layer']}, "
-            f"pool {spec['pool']}, {spec['dtype']}, tta {spec['tta']}"
-            f"{', fast decode' if spec.get('decode') == 'fast' else ''}; preprocessing {steps}; "
-            f"{clf['param'] or 'no hyper-parameter'} chosen by {search.get('scheme', 'fixed value')} "
-            f"over {len(search.get('curve') or [])} values; class weight {clf['class_weight'] or 'none'}; "
-            f"seed {clf['seed']}"
-        )
+        chosen, train_s, extract_s, ips, how = _classifier_numbers(results)
         dataset = cell.get("dataset") or (results.get("store") or {}).get("path")
     versions = results.get("versions") or {}
     return Row(
@@ -107,20 +79,65 @@ def _row(results: dict[str, Any], path: Path) -> Row:
     )
 
 
+def _finetune_numbers(results: FinetuneResults) -> tuple[str, float, None, float | None, str]:
+    """A fine-tune's chosen epoch, training seconds, images/s and how it was made."""
+    ft = results["finetune"]
+    curves = results.get("curves") or []
+    speeds = [c["images_per_second"] for c in curves if c.get("images_per_second")]
+    phases = ", ".join(f"{p['freeze']} {p['epochs']} ep @ {p['lr']:g}" for p in ft["phases"])
+    how = (
+        f"fine-tuned {results['backbone']}: phases {phases}; optimizer {ft['optimizer']}, weight decay "
+        f"{ft['weight_decay']:g}, backbone lr ×{ft['backbone_lr_mult']:g}, warm-up {ft['warmup']:g}, "
+        f"label smoothing {ft['label_smoothing']:g}, batch {ft['batch_size']}, BatchNorm statistics "
+        f"{'updated' if ft.get('update_bn_stats') else 'fixed'}, head "
+        f"{'MLP ' + str(ft['hidden']) if ft['hidden'] else 'linear'}"
+        f"{', initialised from ' + ft['init_head'] if ft.get('init_head') else ''}; "
+        f"validation {results.get('val_policy')}; training seed {ft['seed']}; "
+        f"{ft.get('device')}, amp {ft.get('amp')}"
+    )
+    train_s = sum(c["seconds"] for c in curves)
+    return f"best epoch {results.get('best_epoch')}", train_s, None, float(np.mean(speeds)) if speeds else None, how
+
+
+def _classifier_numbers(results: ClassifierResults) -> tuple[str, float, float | None, float | None, str]:
+    """A classifier's chosen value, search + fit seconds, the extraction's seconds and images/s, and how."""
+    clf = results["classifier"]
+    search = results.get("search") or {}
+    chosen = f"{clf['param']}={clf['chosen']:g}" if clf.get("param") and clf.get("chosen") is not None else "—"
+    train_s = (search.get("seconds") or 0.0) + results["train"]["fit_seconds"]
+    stats = (results.get("store") or {}).get("stats") or {}
+    spec = results["store"]["spec"]
+    steps = ", ".join(clf["preprocess"]) or "none"
+    how = (
+        f"{clf['preset']} on frozen {spec['backbone']} ({spec['weights']}) layer {clf['layer']}, "
+        f"pool {spec['pool']}, {spec['dtype']}, tta {spec['tta']}"
+        f"{', fast decode' if spec.get('decode') == 'fast' else ''}; preprocessing {steps}; "
+        f"{clf['param'] or 'no hyper-parameter'} chosen by {search.get('scheme', 'fixed value')} "
+        f"over {len(search.get('curve') or [])} values; class weight {clf['class_weight'] or 'none'}; "
+        f"seed {clf['seed']}"
+    )
+    return chosen, train_s, stats.get("seconds"), stats.get("images_per_second"), how
+
+
 def collect(out_dir: str | Path) -> list[Row]:
-    """Every results JSON under ``out_dir`` (a run folder, or any folder of ``results.json`` files)."""
+    """Every results JSON under ``out_dir`` (a run folder, or any folder of ``results.json`` files).
+
+    Files that are not featx results (another tool's ``results.json``) are passed over; featx results that
+    cannot be read (cut short, a newer schema) are passed over with a warning that says why.
+    """
     out = Path(out_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"{out} is not a folder of results")
     rows = []
     for path in sorted(out.rglob("results.json")):
         try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("skipping unreadable %s", path)
+            results = read_results(path)
+        except NotResultsError:
             continue
-        if results.get("schema") == "featx.results/1":
-            rows.append(_row(results, path))
+        except ResultsError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        rows.append(_row(results, path))
     if not rows:
         raise FileNotFoundError(
             f"no featx results.json under {out}; run `featx run`, `featx train` or `featx finetune` first"
@@ -172,108 +189,117 @@ def format_table(rows: list[Row]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- plots
-def _plots(rows: list[Row], folder: Path) -> list[tuple[str, Path]]:
-    import matplotlib
+class _Figures:
+    """Saves each figure as PNG and SVG into one folder and remembers its title and PNG path, in order."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, folder: Path) -> None:
+        import matplotlib
 
-    folder.mkdir(parents=True, exist_ok=True)
-    made: list[tuple[str, Path]] = []
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-    def save(fig, name: str, title: str) -> None:
+        self.plt, self.folder = plt, folder
+        self.made: list[tuple[str, Path]] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, fig, name: str, title: str) -> None:
         fig.tight_layout()
         for suffix in ("png", "svg"):
-            fig.savefig(folder / f"{name}.{suffix}", dpi=110)
-        plt.close(fig)
-        made.append((title, folder / f"{name}.png"))
+            fig.savefig(self.folder / f"{name}.{suffix}", dpi=110)
+        self.plt.close(fig)
+        self.made.append((title, self.folder / f"{name}.png"))
 
+
+def _plots(rows: list[Row], folder: Path) -> list[tuple[str, Path]]:
+    """Per dataset: accuracy by method, a confusion matrix per method, learning curves, fine-tuning curves."""
+    figures = _Figures(folder)
     for i, (dataset, group) in enumerate(_by_dataset(rows).items()):
         scored = [r for r in group if r["accuracy"] is not None]
         if scored:
-            fig, ax = plt.subplots(figsize=(8, 0.45 * len(scored) + 1.2))
-            acc = np.array([r["accuracy"] for r in scored])
-            lo = np.array([r["ci"][0] if r["ci"] else a for r, a in zip(scored, acc, strict=True)])
-            hi = np.array([r["ci"][1] if r["ci"] else a for r, a in zip(scored, acc, strict=True)])
-            y = np.arange(len(scored))[::-1]
-            colors = ["#c44e52" if r["kind"] == "finetune" else "#4c72b0" for r in scored]
-            ax.barh(y, acc, xerr=[acc - lo, hi - acc], color=colors, capsize=3)
-            ax.set_yticks(y, [r["method"] for r in scored])
-            ax.set_xlabel("test accuracy (95% bootstrap CI)")
-            ax.set_xlim(max(0.0, float(lo.min()) - 0.05), 1.0)
-            ax.set_title(f"{dataset}: accuracy by method")
-            save(fig, f"accuracy-{i}", f"{dataset}: accuracy by method")
+            _accuracy_plot(figures, scored, dataset, f"accuracy-{i}")
         for j, r in enumerate(scored):
-            if not r["confusion"]:
-                continue
-            cm = np.array(r["confusion"])
-            n = len(cm)
-            fig, ax = plt.subplots(figsize=(min(8, 1.5 + 0.45 * n), min(7, 1.2 + 0.4 * n)))
-            ax.imshow(cm, cmap="Blues")
-            if n <= 20:
-                ax.set_xticks(range(n), r["class_names"] or range(n), rotation=90)
-                ax.set_yticks(range(n), r["class_names"] or range(n))
-                for a in range(n):
-                    for b in range(n):
-                        ax.text(
-                            b,
-                            a,
-                            int(cm[a, b]),
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white" if cm[a, b] > cm.max() / 2 else "black",
-                        )
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
-            ax.set_title(r["method"], fontsize=9)
-            save(fig, f"confusion-{i}-{j}", f"{dataset}: confusion matrix, {r['method']}")
-        curves = [r for r in group if r["few_shot"]]
-        if curves:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            all_n = []
-            for r in curves:
-                pts = [p for p in r["few_shot"] if p["shots"] != "all"]
-                xs = [p["shots"] for p in pts]
-                all_n += xs
-                ax.errorbar(
-                    xs,
-                    [p["mean"] for p in pts],
-                    yerr=[p["std"] for p in pts],
-                    marker="o",
-                    capsize=3,
-                    label=f"frozen: {r['method']}",
-                )
-            for r in group:
-                if r["kind"] == "finetune" and r["accuracy"] is not None:
-                    ax.axhline(
-                        r["accuracy"], linestyle="--", color="#c44e52", label=f"fine-tuned (all data): {r['method']}"
-                    )
-            ax.set_xscale("log")
-            ax.set_xlabel("training images per class")
-            ax.set_ylabel("test accuracy")
-            ax.set_title(f"{dataset}: learning curves")
-            ax.legend(fontsize=7)
-            save(fig, f"learning-{i}", f"{dataset}: learning curves, frozen vs fine-tuned")
-        tuned = [r for r in group if r["curves"]]
-        if tuned:
-            fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-            for r in tuned:
-                epochs = [c["epoch"] for c in r["curves"]]
-                axes[0].plot(epochs, [c["train_loss"] for c in r["curves"]], marker="o", label=f"{r['method']} train")
-                axes[0].plot(
-                    epochs, [c["val_loss"] for c in r["curves"]], marker="x", linestyle="--", label=f"{r['method']} val"
-                )
-                axes[1].plot(epochs, [c["val_accuracy"] for c in r["curves"]], marker="o", label=r["method"])
-            axes[0].set_xlabel("epoch")
-            axes[0].set_ylabel("loss")
-            axes[1].set_xlabel("epoch")
-            axes[1].set_ylabel("val accuracy")
-            axes[0].legend(fontsize=7)
-            axes[1].legend(fontsize=7)
-            fig.suptitle(f"{dataset}: fine-tuning curves")
-            save(fig, f"finetune-{i}", f"{dataset}: fine-tuning curves")
-    return made
+            if r["confusion"]:
+                _confusion_plot(figures, r, dataset, f"confusion-{i}-{j}")
+        if any(r["few_shot"] for r in group):
+            _learning_plot(figures, group, dataset, f"learning-{i}")
+        if any(r["curves"] for r in group):
+            _finetune_plot(figures, [r for r in group if r["curves"]], dataset, f"finetune-{i}")
+    return figures.made
+
+
+def _accuracy_plot(figures: _Figures, scored: list[Row], dataset: str, name: str) -> None:
+    fig, ax = figures.plt.subplots(figsize=(8, 0.45 * len(scored) + 1.2))
+    acc = np.array([r["accuracy"] for r in scored])
+    lo = np.array([r["ci"][0] if r["ci"] else a for r, a in zip(scored, acc, strict=True)])
+    hi = np.array([r["ci"][1] if r["ci"] else a for r, a in zip(scored, acc, strict=True)])
+    y = np.arange(len(scored))[::-1]
+    colors = ["#c44e52" if r["kind"] == "finetune" else "#4c72b0" for r in scored]
+    ax.barh(y, acc, xerr=[acc - lo, hi - acc], color=colors, capsize=3)
+    ax.set_yticks(y, [r["method"] for r in scored])
+    ax.set_xlabel("test accuracy (95% bootstrap CI)")
+    ax.set_xlim(max(0.0, float(lo.min()) - 0.05), 1.0)
+    ax.set_title(f"{dataset}: accuracy by method")
+    figures.save(fig, name, f"{dataset}: accuracy by method")
+
+
+def _confusion_plot(figures: _Figures, r: Row, dataset: str, name: str) -> None:
+    cm = np.array(r["confusion"])
+    n = len(cm)
+    fig, ax = figures.plt.subplots(figsize=(min(8, 1.5 + 0.45 * n), min(7, 1.2 + 0.4 * n)))
+    ax.imshow(cm, cmap="Blues")
+    if n <= 20:  # beyond that the labels and counts would not be legible
+        ax.set_xticks(range(n), r["class_names"] or range(n), rotation=90)
+        ax.set_yticks(range(n), r["class_names"] or range(n))
+        for a in range(n):
+            for b in range(n):
+                color = "white" if cm[a, b] > cm.max() / 2 else "black"
+                ax.text(b, a, int(cm[a, b]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(r["method"], fontsize=9)
+    figures.save(fig, name, f"{dataset}: confusion matrix, {r['method']}")
+
+
+def _learning_plot(figures: _Figures, group: list[Row], dataset: str, name: str) -> None:
+    """Frozen-feature accuracy by training images per class, with each fine-tune (on all data) as a line."""
+    fig, ax = figures.plt.subplots(figsize=(7, 4))
+    for r in group:
+        if not r["few_shot"]:
+            continue
+        pts = [p for p in r["few_shot"] if p["shots"] != "all"]
+        ax.errorbar(
+            [p["shots"] for p in pts],
+            [p["mean"] for p in pts],
+            yerr=[p["std"] for p in pts],
+            marker="o",
+            capsize=3,
+            label=f"frozen: {r['method']}",
+        )
+    for r in group:
+        if r["kind"] == "finetune" and r["accuracy"] is not None:
+            ax.axhline(r["accuracy"], linestyle="--", color="#c44e52", label=f"fine-tuned (all data): {r['method']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images per class")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{dataset}: learning curves")
+    ax.legend(fontsize=7)
+    figures.save(fig, name, f"{dataset}: learning curves, frozen vs fine-tuned")
+
+
+def _finetune_plot(figures: _Figures, tuned: list[Row], dataset: str, name: str) -> None:
+    """Train and val loss, and val accuracy, by epoch."""
+    fig, (loss, accuracy) = figures.plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in tuned:
+        epochs = [c["epoch"] for c in r["curves"]]
+        loss.plot(epochs, [c["train_loss"] for c in r["curves"]], marker="o", label=f"{r['method']} train")
+        loss.plot(epochs, [c["val_loss"] for c in r["curves"]], marker="x", linestyle="--", label=f"{r['method']} val")
+        accuracy.plot(epochs, [c["val_accuracy"] for c in r["curves"]], marker="o", label=r["method"])
+    for ax, ylabel in ((loss, "loss"), (accuracy, "val accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{dataset}: fine-tuning curves")
+    figures.save(fig, name, f"{dataset}: fine-tuning curves")
 
 
 # ------------------------------------------------------------------------------------------- documents
@@ -332,8 +358,6 @@ def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Pat
     dict
         Paths of ``markdown``, ``html`` and ``plots``.
     """
-    from featx._runtime.io import atomic_write
-
     out = Path(out_dir)
     rows = collect(out)
     title = title or f"featx comparison: {out.name}"
@@ -341,5 +365,6 @@ def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Pat
     md, page = _markdown(rows, plots, out, title), _html(rows, plots, title)
     atomic_write(out / "report.md", lambda fh: fh.write(md.encode("utf-8")))
     atomic_write(out / "report.html", lambda fh: fh.write(page.encode("utf-8")))
-    (out / "report.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=2, default=str))
+    listing = json.dumps([{k: v for k, v in r.items()} for r in rows], indent=2, default=str)
+    atomic_write(out / "report.json", lambda fh: fh.write(listing.encode("utf-8")))
     return {"markdown": out / "report.md", "html": out / "report.html", "plots": out / "plots"}

@@ -1,22 +1,34 @@
-"""TODO docstring"""
+"""Running a planned job: each cell cached under the hash of what it depends on, failures kept to their cell.
+
+A cell whose marker (``cell.json``) holds the hash of its identity and whose ``results.json`` exists is skipped;
+the marker is written last, so a half-finished cell never reads as done.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from featx._runtime.io import atomic_write
 from featx.jobs.planning import Task, _backbone_of, _hash, cell_dir, plan
-from featx.jobs.schema import Job, JobError, _classifier_config, _finetune_config
+from featx.jobs.schema import FinetuneSpec, Job, JobError, _classifier_config, _finetune_config
+from featx.results import CellInfo, read_results, write_results
 
 __all__ = ["RunSummary", "run"]
 
 log = logging.getLogger(__name__)
+
+#: A cell's marker: the hash of its identity, written last, so a cell without it is redone.
+CELL_MARKER = "cell.json"
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -70,15 +82,7 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
     from tqdm.auto import tqdm
 
     job.out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(job.out / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    featx_logger = logging.getLogger("featx")
-    previous_level = featx_logger.level
-    featx_logger.addHandler(handler)
-    if featx_logger.getEffectiveLevel() > logging.INFO:  # the log file always gets the INFO story
-        featx_logger.setLevel(logging.INFO)
-    try:
+    with _run_log(job.out / "run.log"):
         tasks = plan(job)
         selected = _select(tasks, only)
         by_id = {t.id: t for t in tasks}
@@ -87,45 +91,72 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
         )
         bar = tqdm(total=len(selected), unit="task", desc=job.name, disable=not progress or dry_run, position=0)
         for task in tasks:
-            if task.id not in selected:
-                continue
-            blocked = [d for d in task.depends if by_id[d].status in ("failed", "skipped")]
-            if blocked:
-                task.status, task.message = "skipped", f"depends on {', '.join(blocked)}, which did not finish"
-            else:
-                start = time.perf_counter()
-                try:
-                    _execute(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
-                except KeyboardInterrupt:
-                    task.status, task.message = "failed", "interrupted"
-                    raise
-                except Exception as exc:  # one failing cell must not lose the others
-                    task.status, task.message = "failed", f"{type(exc).__name__}: {exc}"
-                    log.error("%s failed: %s\n%s", task.id, task.message, traceback.format_exc())
-                task.seconds = time.perf_counter() - start
-            log.info("%s: %s%s", task.id, task.status, f" ({task.message})" if task.message else "")
-            bar.update(1)
+            if task.id in selected:
+                _run_task(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
+                bar.update(1)
         bar.close()
         summary = RunSummary([t for t in tasks if t.id in selected], time.perf_counter() - t0)
-        (job.out / "run.json").write_text(
-            json.dumps(
-                {
-                    "job": job.name,
-                    "seconds": round(summary.seconds, 2),
-                    "dry_run": dry_run,
-                    "tasks": [
-                        {"id": t.id, "status": t.status, "message": t.message, "seconds": round(t.seconds, 2)}
-                        for t in summary.tasks
-                    ],
-                },
-                indent=2,
-            )
-        )
+        _write_json(job.out / "run.json", _run_record(job, summary, dry_run))
         return summary
+
+
+@contextlib.contextmanager
+def _run_log(path: Path) -> Iterator[None]:
+    """Copy featx's log records to ``path`` for the duration; the ``featx`` logger's level is restored after.
+
+    The file always gets the INFO story, so the logger is lowered to INFO while the run lasts if it was set higher.
+    """
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    featx_logger = logging.getLogger("featx")
+    previous_level = featx_logger.level
+    featx_logger.addHandler(handler)
+    if featx_logger.getEffectiveLevel() > logging.INFO:
+        featx_logger.setLevel(logging.INFO)
+    try:
+        yield
     finally:
         featx_logger.removeHandler(handler)
         featx_logger.setLevel(previous_level)
         handler.close()
+
+
+def _run_task(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_run: bool, progress: bool) -> None:
+    """Run one task unless a dependency did not finish; a failure is recorded on the task, not raised."""
+    blocked = [d for d in task.depends if by_id[d].status in ("failed", "skipped")]
+    if blocked:
+        task.status, task.message = "skipped", f"depends on {', '.join(blocked)}, which did not finish"
+    else:
+        start = time.perf_counter()
+        try:
+            _execute(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
+        except KeyboardInterrupt:
+            task.status, task.message = "failed", "interrupted"
+            raise
+        except Exception as exc:  # one failing cell must not lose the others
+            task.status, task.message = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("%s failed: %s\n%s", task.id, task.message, traceback.format_exc())
+        task.seconds = time.perf_counter() - start
+    log.info("%s: %s%s", task.id, task.status, f" ({task.message})" if task.message else "")
+
+
+def _run_record(job: Job, summary: RunSummary, dry_run: bool) -> dict[str, Any]:
+    """The content of ``run.json``: each selected task's status, message and time."""
+    return {
+        "job": job.name,
+        "seconds": round(summary.seconds, 2),
+        "dry_run": dry_run,
+        "tasks": [
+            {"id": t.id, "status": t.status, "message": t.message, "seconds": round(t.seconds, 2)}
+            for t in summary.tasks
+        ],
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2)
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _select(tasks: list[Task], only: Sequence[str]) -> set[str]:
@@ -158,74 +189,18 @@ def _select(tasks: list[Task], only: Sequence[str]) -> set[str]:
 
 
 def _execute(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_run: bool, progress: bool) -> None:
-    from featx.extract.api import extract
-
-    ds = task.dataset
+    """Run one task, or mark it ``cached`` (its results are there for the same identity) or ``planned``."""
     if task.kind == "extract":
-        bb = task.backbone
-        result = extract(
-            ds.source,
-            bb.backbone,
-            layers=bb.layers,
-            pool=bb.pool,
-            dtype=bb.dtype,
-            tta=bb.tta,
-            decode=bb.decode,
-            batch_size=bb.batch_size,
-            device=job.device,
-            workers=job.workers,
-            seed=job.seed,
-            test_fraction=ds.test_fraction,
-            store_dir=job.out / "stores",
-            max_failures="inf",
-            progress=progress,
-            dry_run=dry_run,
-        )
-        task.store = result.path
-        task.status = "cached" if result.cached else ("planned" if dry_run else "done")
-        if result.n_failed and not dry_run:
-            task.message = f"{result.n_failed} images could not be read (see `featx info {result.path} --failures`)"
+        _extract(job, task, dry_run=dry_run, progress=progress)
+        return
+    identity = _cell_identity(job, task, by_id)
+    if identity is None:  # dry run with a store still to extract
+        task.status = "planned"
         return
     out = cell_dir(job, task)
-    marker = out / "cell.json"
-    if task.kind == "classify":
-        store_task = by_id[task.depends[0]]
-        from featx.store.format import read_key
-
-        key = read_key(store_task.store) if store_task.store else None
-        if key is None:  # dry run with a store still to extract
-            task.status = "planned"
-            return
-        config = _classifier_config(task.classifier, job.seed, task.layer)
-        identity = {
-            "kind": "classify",
-            "store_key": key,
-            "config": config.to_dict(),
-            "shots": list(task.classifier.shots) if task.classifier.shots else None,
-            "draws": task.classifier.draws,
-        }
-    else:
-        ft = task.finetune
-        bb = _backbone_of(job, ft)
-        backbone = bb.backbone if bb is not None else ft.backbone
-        init_dir = cell_dir(job, by_id[task.depends[0]]) if task.depends else None
-        identity = {
-            "kind": "finetune",
-            "dataset": dataclasses.asdict(ds),
-            "backbone": backbone,
-            "config": _finetune_config(ft, job.seed).to_dict(),
-            "init_head": json.loads((init_dir / "cell.json").read_text())["hash"]
-            if init_dir is not None and (init_dir / "cell.json").exists()
-            else None,
-        }
+    marker = out / CELL_MARKER
     digest = _hash(identity)
-    cached = (
-        not force
-        and marker.exists()
-        and (out / "results.json").exists()
-        and json.loads(marker.read_text()).get("hash") == digest
-    )
-    if cached:
+    if not force and _cached(out, digest):
         task.status = "cached"
         return
     if dry_run:
@@ -234,36 +209,122 @@ def _execute(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_r
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)  # a half-finished cell never reads as done
     if task.kind == "classify":
-        from featx.classify.training import train
-
-        shots = list(task.classifier.shots) if task.classifier.shots else None
-        train(store_task.store, config, out_dir=out, shots=shots, draws=task.classifier.draws)
+        _train_cell(job, task, by_id, out)
     else:
-        from featx.finetune.trainer import finetune
-
-        init_head = (init_dir / "model.skops") if init_dir is not None else None
-        finetune(
-            ds.source,
-            backbone,
-            _finetune_config(ft, job.seed),
-            out,
-            init_head=init_head,
-            device=job.device,
-            workers=job.workers,
-            overwrite=True,
-            progress=progress,
-            test_fraction=ds.test_fraction,
-        )
-    results = json.loads((out / "results.json").read_text())
-    results["cell"] = {
-        "id": task.id,
-        "dataset": ds.name,
-        "name": (task.classifier or task.finetune).name,
-        "backbone": task.backbone.name if task.backbone else ft.backbone,
-        "layer": task.layer,
-    }
-    from featx.results import write_results
-
-    write_results(out / "results.json", results)
-    marker.write_text(json.dumps({"hash": digest, "identity": identity}, indent=2))
+        _finetune_cell(job, task, by_id, out, progress=progress)
+    _stamp_results(out / "results.json", task)
+    _write_json(marker, {"hash": digest, "identity": identity})  # last: the cell now reads as done
     task.status = "done"
+
+
+def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
+    from featx.extract.api import extract
+
+    bb, ds = task.backbone, task.dataset
+    options = {k: v for k, v in dataclasses.asdict(bb).items() if k not in ("name", "backbone")}
+    result = extract(
+        ds.source,
+        bb.backbone,
+        **options,  # layers, pool, dtype, tta, decode, batch_size
+        device=job.device,
+        workers=job.workers,
+        seed=job.seed,
+        test_fraction=ds.test_fraction,
+        store_dir=job.out / "stores",
+        max_failures="inf",
+        progress=progress,
+        dry_run=dry_run,
+    )
+    task.store = result.path
+    task.status = "cached" if result.cached else ("planned" if dry_run else "done")
+    if result.n_failed and not dry_run:
+        task.message = f"{result.n_failed} images could not be read (see `featx info {result.path} --failures`)"
+
+
+def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, Any] | None:
+    """What a cell's results depend on (hashed into its cache key); None while its store is still to extract."""
+    if task.kind == "classify":
+        from featx.store.format import read_key
+
+        store = by_id[task.depends[0]].store
+        key = read_key(store) if store else None
+        if key is None:
+            return None
+        return {
+            "kind": "classify",
+            "store_key": key,
+            "config": _classifier_config(task.classifier, job.seed, task.layer).to_dict(),
+            "shots": _shots(task),
+            "draws": task.classifier.draws,
+        }
+    ft = task.finetune
+    init_marker = _init_dir(job, task, by_id) / CELL_MARKER if task.depends else None
+    return {
+        "kind": "finetune",
+        "dataset": dataclasses.asdict(task.dataset),
+        "backbone": _finetune_backbone(job, ft),
+        "config": _finetune_config(ft, job.seed).to_dict(),
+        "init_head": _read_json(init_marker)["hash"] if init_marker is not None and init_marker.exists() else None,
+    }
+
+
+def _cached(out: Path, digest: str) -> bool:
+    marker = out / CELL_MARKER
+    return marker.exists() and (out / "results.json").exists() and _read_json(marker).get("hash") == digest
+
+
+def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None:
+    from featx.classify.training import train
+
+    config = _classifier_config(task.classifier, job.seed, task.layer)
+    train(by_id[task.depends[0]].store, config, out_dir=out, shots=_shots(task), draws=task.classifier.draws)
+
+
+def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, progress: bool) -> None:
+    from featx.finetune.trainer import finetune
+
+    ft = task.finetune
+    finetune(
+        task.dataset.source,
+        _finetune_backbone(job, ft),
+        _finetune_config(ft, job.seed),
+        out,
+        init_head=_init_dir(job, task, by_id) / "model.skops" if task.depends else None,
+        device=job.device,
+        workers=job.workers,
+        overwrite=True,
+        progress=progress,
+        test_fraction=task.dataset.test_fraction,
+    )
+
+
+def _stamp_results(path: Path, task: Task) -> None:
+    """Record in a cell's results which cell of the job made them (the report groups rows by its dataset)."""
+    results = read_results(path)
+    results["cell"] = CellInfo(
+        id=task.id,
+        dataset=task.dataset.name,
+        name=(task.classifier or task.finetune).name,
+        backbone=task.backbone.name if task.backbone else task.finetune.backbone,
+        layer=task.layer,
+    )
+    write_results(path, results)
+
+
+def _shots(task: Task) -> list[Any] | None:
+    return list(task.classifier.shots) if task.classifier.shots else None
+
+
+def _finetune_backbone(job: Job, ft: FinetuneSpec) -> str:
+    """A fine-tune's backbone: that of the [[backbones]] table it names, else the name itself."""
+    bb = _backbone_of(job, ft)
+    return bb.backbone if bb is not None else ft.backbone
+
+
+def _init_dir(job: Job, task: Task, by_id: dict[str, Task]) -> Path:
+    """The folder of the logreg cell an LP-FT fine-tune takes its head from."""
+    return cell_dir(job, by_id[task.depends[0]])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
