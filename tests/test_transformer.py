@@ -7,11 +7,14 @@ import pytest
 from conftest import TINY, make_image
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_checks
 
 import featx
+import featx.store
+from featx.extract import extract
 from featx.sklearn import ConvNetFeatures
 
 
@@ -54,11 +57,18 @@ def test_unfitted_transform_raises_not_fitted(labelled_paths, tmp_path):
         _features(tmp_path).transform(labelled_paths[0])
 
 
-def test_transform_matches_extract_and_is_cached(labelled_paths, tmp_path, monkeypatch):
+def test_transform_matches_extract_and_is_cached(labelled_paths, image_folder, tmp_path, monkeypatch):
     paths, _ = labelled_paths
     t = _features(tmp_path).fit(paths)
     X = t.transform(paths)
     assert X.shape == (18, 256) and X.dtype == np.float32
+    # Bit for bit the features featx.extract.extract stores for the same images with the same spec.
+    reference = extract(image_folder, TINY, out=tmp_path / "reference.h5", workers=0, progress=False)
+    with featx.store.open(reference.path) as store:
+        assert store.spec.to_dict() == t.spec_
+        by_path = dict(zip(store.paths(), store.features(), strict=True))
+    assert sorted(by_path) == paths
+    np.testing.assert_array_equal(X, np.stack([by_path[p] for p in paths]))
     # Duplicates and order follow the input.
     np.testing.assert_array_equal(t.transform([paths[3], paths[0], paths[3]]), X[[3, 0, 3]])
 
@@ -73,14 +83,51 @@ def test_transform_matches_extract_and_is_cached(labelled_paths, tmp_path, monke
         t.transform(paths[:1])
 
 
-def test_pipeline_cross_val_and_grid_search(labelled_paths, tmp_path):
-    paths, labels = labelled_paths
-    pipe = make_pipeline(_features(tmp_path), LogisticRegression(max_iter=500))
-    scores = cross_val_score(pipe, paths, labels, cv=3)
-    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
-    search = GridSearchCV(pipe, {"logisticregression__C": [0.1, 1.0]}, cv=3).fit(paths, labels)
-    assert search.best_params_["logisticregression__C"] in (0.1, 1.0)
-    assert search.predict(paths[:2]).shape == (2,)
+def test_feature_count_is_known_after_fit_and_transform_changes_no_state(labelled_paths, tmp_path):
+    # scikit-learn's conventions: fit sets the trailing-underscore attributes, transform leaves them alone.
+    paths, _ = labelled_paths
+    t = _features(tmp_path).fit(paths)
+    assert t.n_features_out_ == 256
+    names = t.get_feature_names_out()
+    assert list(names[:2]) == ["penultimate_0", "penultimate_1"] and len(names) == 256
+    state = dict(vars(t))
+    assert t.transform(paths[:4]).shape == (4, t.n_features_out_)
+    assert vars(t) == state
+
+
+@pytest.fixture
+def colour_paths(colour_folder):
+    paths = sorted(str(p) for p in colour_folder.rglob("*.png"))
+    return paths, np.array([p.split("/")[-2] for p in paths])
+
+
+def test_pipeline_cross_val_and_grid_search(colour_paths, tmp_path):
+    # The colour images are separable, so the pipeline must beat chance (1/3) clearly; and every number
+    # cross_val_score and GridSearchCV report must equal a manual fit on the same folds' features.
+    paths, labels = colour_paths
+    folds = list(StratifiedKFold(3).split(paths, labels))
+    X = _features(tmp_path).fit_transform(paths)
+
+    def classifier(C: float = 1.0):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=500))
+
+    def manual_score(C: float, train: np.ndarray, test: np.ndarray) -> float:
+        return classifier(C).fit(X[train], labels[train]).score(X[test], labels[test])
+
+    pipe = make_pipeline(_features(tmp_path), StandardScaler(), LogisticRegression(max_iter=500))
+    scores = cross_val_score(pipe, paths, labels, cv=StratifiedKFold(3))
+    np.testing.assert_array_equal(scores, [manual_score(1.0, train, test) for train, test in folds])
+    assert scores.min() >= 0.9, scores
+
+    grid = [1e-4, 1.0]  # the tiny C underfits these features (mean fold accuracy about 0.77): the search must see it
+    search = GridSearchCV(pipe, {"logisticregression__C": grid}, cv=StratifiedKFold(3)).fit(paths, labels)
+    manual = [np.mean([manual_score(C, train, test) for train, test in folds]) for C in grid]
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], manual, rtol=0, atol=1e-12)
+    best = grid[int(np.argmax(manual))]  # argmax keeps the first of ties, as GridSearchCV does
+    assert search.best_params_ == {"logisticregression__C": best} == {"logisticregression__C": 1.0}
+    refit = classifier(best).fit(X, labels)
+    np.testing.assert_array_equal(search.predict(paths), refit.predict(X))
+    assert search.score(paths, labels) == refit.score(X, labels) >= 0.9
 
 
 def test_bad_inputs_have_clear_errors(labelled_paths, tmp_path):
