@@ -83,12 +83,12 @@ def _write(tmp_path, text: str) -> Path:
         (
             '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\npool = "median"\n',
             6,
-            "pool 'median'",
+            "unknown pool 'median'. Choose one of avg, max, avgmax, gem, none.",
         ),
         (
             '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\ndecode = "quick"\n',
             6,
-            "decode 'quick' is not one of exact, fast",
+            "unknown decode 'quick'. Choose one of exact, fast.",  # featx.spec.check_option's wording
         ),
         ('[[datasets]]\nname = "d"\nsource = "digits"\n[[datasets]]\nname = "d"\nsource = "digits"\n', 5, "used twice"),
         (
@@ -107,6 +107,17 @@ def _write(tmp_path, text: str) -> Path:
             '[[datasets]]\nname = "d"\nsource = "digits"\n[[finetune]]\nname = "f"\nphases = "head:1"\n',
             6,
             "FREEZE:EPOCHS:LR",
+        ),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\ntest_fraction = 1.5\n',
+            4,
+            "test_fraction must be between 0 and 1, got 1.5",
+        ),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\n[[classifiers]]\n'
+            'name = "c"\nshots = [2, 0]\n',
+            8,
+            "shots [2, 0]: use positive integers or 'all'",
         ),
         ('[job]\nname = "x"\n[dataset]\nname = "d"\n', 3, "did you mean [datasets]"),
         ('[[datasets]]\nname = "d"\nsource = "${nowhere}"\n', 1, "unknown variable ${nowhere}"),
@@ -241,6 +252,25 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
     titles = " ".join(referenced)
     for kind in ("accuracy", "confusion", "learning", "finetune"):
         assert kind in titles
+
+
+def test_run_restores_the_featx_logger(job_file):
+    import logging
+
+    featx_logger = logging.getLogger("featx")
+    before = (featx_logger.level, list(featx_logger.handlers))
+    featx_logger.setLevel(logging.WARNING)
+    try:
+        summary = run(load_job(job_file), dry_run=True, progress=False)
+        assert featx_logger.level == logging.WARNING and featx_logger.handlers == before[1]
+    finally:
+        featx_logger.setLevel(before[0])
+    assert {t.status for t in summary.tasks} == {"planned"}
+    out = load_job(job_file).out
+    assert "job tiny" in (out / "run.log").read_text()  # the log file still got the INFO story
+    record = json.loads((out / "run.json").read_text())
+    assert record["dry_run"] is True and [t["id"] for t in record["tasks"]] == [t.id for t in summary.tasks]
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # written atomically, no temporary left
 
 
 def test_compare_explains_an_empty_folder(tmp_path):

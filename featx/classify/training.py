@@ -38,7 +38,7 @@ from featx.results import (
 )
 from featx.store.reader import FeatureStore
 
-__all__ = ["Fitted", "evaluate_model", "few_shot_curve", "train"]
+__all__ = ["Fitted", "check_shots", "evaluate_model", "few_shot_curve", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,10 @@ def train(
     preset = config.validate()
     if scheduler is not None and config.out_of_core:
         raise ValueError("out-of-core training streams the store on this machine; drop --scheduler or out-of-core")
-    if shots and config.out_of_core:
-        raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
+    if shots:
+        check_shots(shots)
+        if config.out_of_core:
+            raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
     from featx.classify.cluster import scheduler as dask_scheduler
 
     with dask_scheduler(scheduler):  # connect first: a bad address fails before the store is read
@@ -355,6 +357,20 @@ def evaluate_model(
     metrics["predict_seconds"] = round(predict_seconds, 4)
     metrics["split"] = split
     return metrics
+
+
+def check_shots(shots: Sequence[int | str]) -> Sequence[int | str]:
+    """The one check of a learning curve's points: positive integers (images per class) or ``"all"``; returns them.
+
+    Raises
+    ------
+    ValueError
+        For any other point.
+    """
+    for k in shots:
+        if not (k == "all" or (isinstance(k, int) and k > 0)):
+            raise ValueError(f"shots {list(shots)}: use positive integers or 'all', e.g. 1,2,5,10,all")
+    return shots
 
 
 def few_shot_curve(

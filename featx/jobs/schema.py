@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featx.spec import DEFAULT_BACKBONE
+from featx.data.splits import DEFAULT_TEST_FRACTION, check_test_fraction
+from featx.spec import DEFAULT_BACKBONE, DEFAULT_DECODE, DEFAULT_DTYPE, DEFAULT_POOL, DEFAULT_TTA, check_option
 
 __all__ = ["BackboneSpec", "ClassifierSpec", "DatasetSpec", "FinetuneSpec", "Job", "JobError", "load_job"]
 
@@ -63,7 +64,7 @@ class JobError(ValueError):
 class DatasetSpec:
     name: str
     source: str
-    test_fraction: float = 0.2
+    test_fraction: float = DEFAULT_TEST_FRACTION
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,10 @@ class BackboneSpec:
     name: str
     backbone: str = DEFAULT_BACKBONE
     layers: tuple[str, ...] = ("penultimate",)
-    pool: str = "avg"
-    dtype: str = "float32"
-    tta: str = "none"
-    decode: str = "exact"
+    pool: str = DEFAULT_POOL
+    dtype: str = DEFAULT_DTYPE
+    tta: str = DEFAULT_TTA
+    decode: str = DEFAULT_DECODE
     batch_size: int = 64
 
 
@@ -204,81 +205,111 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
     JobError
         Unknown keys, bad values, missing sources, names that repeat or do not resolve.
     """
+    path = Path(path)
+    text, data = _read_toml(path)
+    err = _Errors(path, text)
+    _check_sections(data, err)
+    variables = {k: str(v) for k, v in (data.get("vars") or {}).items()}
+    variables.update(overrides or {})
+    tables = {table: _build_table(data, table, cls, variables, err) for table, cls in _TABLES.items()}
+    _check_references(tables, err)
+    return _job(path, data.get("job", {}), tables, variables, err)
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pipeline file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
-        data = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobError(f"{path}: not valid TOML: {exc}") from None
 
-    def err(message: str, table: str | None = None, index: int | None = None, key: str | None = None) -> JobError:
-        line = _locate(text, table, index, key)
-        where = f"{path}:{line}" if line else str(path)
-        return JobError(f"{where}: {message}")
 
+class _Errors:
+    """Builds a :class:`JobError` that starts with ``FILE:LINE`` of the table or key it is about."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.text = path, text
+
+    def where(self, table: str | None = None, index: int | None = None, key: str | None = None) -> str:
+        line = _locate(self.text, table, index, key)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+    def __call__(self, message: str, table: str | None = None, index: int | None = None, key: str | None = None):
+        return JobError(f"{self.where(table, index, key)}: {message}")
+
+
+def _check_sections(data: dict[str, Any], err: _Errors) -> None:
+    """Only known sections, and only known keys in ``[job]``."""
     allowed_top = {"job", "vars", *_TABLES}
     for key in data:
         if key not in allowed_top:
             raise err(_unknown(f"section [{key}]", key, sorted(allowed_top), "Sections", "[{}]".format), key)
-    variables = {k: str(v) for k, v in (data.get("vars") or {}).items()}
-    for k, v in (overrides or {}).items():
-        variables[k] = v
-    job_table = data.get("job", {})
-    for key in job_table:
+    for key in data.get("job", {}):
         if key not in _JOB_KEYS:
             raise err(f"unknown key {key!r} in [job]; keys are {', '.join(sorted(_JOB_KEYS))}", "job", None, key)
 
-    def build(table: str, cls) -> tuple:
-        rows = data.get(table, [])
-        if isinstance(rows, dict):
-            raise err(f"[{table}] must be an array of tables: write [[{table}]]", table)
-        own = {f.name for f in dataclasses.fields(cls)} - {"settings"}
-        config_keys = _config_keys(table)
-        fields = sorted(own | config_keys, key=lambda k: (k != "name", k))
-        out, names = [], set()
-        for i, row in enumerate(rows):
-            row = _substitute(row, variables, f"{path}:{_locate(text, table, i, None)}")
-            for key in row:
-                if key not in fields:
-                    raise err(_unknown(f"key {key!r} in [[{table}]]", key, fields, "Keys"), table, i, key)
-            if "name" not in row:
-                raise err(f"[[{table}]] number {i + 1} needs a name", table, i)
-            name = row["name"]
-            if not isinstance(name, str) or not _NAME.match(name):
-                raise err(f"name {name!r}: use letters, digits, '_', '-' and '.'", table, i, "name")
-            if name in names:
-                raise err(f"name {name!r} is used twice in [[{table}]]", table, i, "name")
-            names.add(name)
-            kwargs: dict[str, Any] = {}
-            settings: dict[str, Any] = {}
-            for key, value in row.items():
-                if isinstance(value, list):
-                    value = tuple(value)
-                if key == "params":
-                    value = tuple(sorted(value.items())) if isinstance(value, dict) else value
-                (kwargs if key in own else settings)[key] = value
-            if config_keys:
-                kwargs["settings"] = tuple(sorted(settings.items()))
-            try:
-                spec = cls(**kwargs)
-                _check_spec(spec)
-            except (TypeError, ValueError) as exc:
-                bad_key = _key_in_message(row, str(exc))
-                raise err(str(exc), table, i, bad_key) from None
-            out.append(spec)
-        return tuple(out)
 
-    datasets = build("datasets", DatasetSpec)
-    backbones = build("backbones", BackboneSpec)
-    classifiers = build("classifiers", ClassifierSpec)
-    finetunes = build("finetune", FinetuneSpec)
+def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[str, str], err: _Errors) -> tuple:
+    """The ``[[table]]`` rows as ``cls`` specs, each checked; names unique within the table."""
+    rows = data.get(table, [])
+    if isinstance(rows, dict):
+        raise err(f"[{table}] must be an array of tables: write [[{table}]]", table)
+    own = {f.name for f in dataclasses.fields(cls)} - {"settings"}
+    config_keys = _config_keys(table)
+    fields = sorted(own | config_keys, key=lambda k: (k != "name", k))
+    specs, names = [], set()
+    for i, row in enumerate(rows):
+        row = _substitute(row, variables, err.where(table, i))
+        for key in row:
+            if key not in fields:
+                raise err(_unknown(f"key {key!r} in [[{table}]]", key, fields, "Keys"), table, i, key)
+        name = _check_name(row, names, table, i, err)
+        names.add(name)
+        try:
+            spec = cls(**_spec_kwargs(row, own, bool(config_keys)))
+            _check_spec(spec)
+        except (TypeError, ValueError) as exc:
+            raise err(str(exc), table, i, _key_in_message(row, str(exc))) from None
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _check_name(row: dict[str, Any], taken: set[str], table: str, index: int, err: _Errors) -> str:
+    if "name" not in row:
+        raise err(f"[[{table}]] number {index + 1} needs a name", table, index)
+    name = row["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise err(f"name {name!r}: use letters, digits, '_', '-' and '.'", table, index, "name")
+    if name in taken:
+        raise err(f"name {name!r} is used twice in [[{table}]]", table, index, "name")
+    return name
+
+
+def _spec_kwargs(row: dict[str, Any], own: set[str], has_settings: bool) -> dict[str, Any]:
+    """A row as hashable keyword arguments: the spec's own fields, the rest gathered as ``settings``."""
+    kwargs: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if key == "params":
+            value = tuple(sorted(value.items())) if isinstance(value, dict) else value
+        (kwargs if key in own else settings)[key] = value
+    if has_settings:
+        kwargs["settings"] = tuple(sorted(settings.items()))
+    return kwargs
+
+
+def _check_references(tables: dict[str, tuple], err: _Errors) -> None:
+    """Tables that must be there, and names that must resolve to another table's rows."""
+    datasets, backbones, classifiers, finetunes = (tables[t] for t in _TABLES)
     if not datasets:
         raise err("a job needs at least one [[datasets]] table (name, source)")
     if classifiers and not backbones:
@@ -288,30 +319,24 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
     for i, c in enumerate(classifiers):
         for b in c.backbones or ():
             if b not in backbone_names:
-                raise err(
-                    f"classifier {c.name!r} names backbone {b!r}, which is not a [[backbones]] name",
-                    "classifiers",
-                    i,
-                    "backbones",
-                )
+                message = f"classifier {c.name!r} names backbone {b!r}, which is not a [[backbones]] name"
+                raise err(message, "classifiers", i, "backbones")
     for i, f in enumerate(finetunes):
-        if f.init_head is not None and f.backbone not in backbone_names:
-            raise err(
+        if f.init_head is None:
+            continue
+        if f.backbone not in backbone_names:
+            message = (
                 f"init_head needs backbone to name a [[backbones]] table (its logreg is trained on that "
-                f"table's features), not {f.backbone!r}",
-                "finetune",
-                i,
-                "backbone",
+                f"table's features), not {f.backbone!r}"
             )
-        if f.init_head is not None:
-            target = classifier_names.get(f.init_head)
-            if target is None or target.classifier != "logreg":
-                raise err(
-                    f'init_head {f.init_head!r} must name a [[classifiers]] table with classifier = "logreg"',
-                    "finetune",
-                    i,
-                    "init_head",
-                )
+            raise err(message, "finetune", i, "backbone")
+        target = classifier_names.get(f.init_head)
+        if target is None or target.classifier != "logreg":
+            message = f'init_head {f.init_head!r} must name a [[classifiers]] table with classifier = "logreg"'
+            raise err(message, "finetune", i, "init_head")
+
+
+def _job(path: Path, job_table: dict[str, Any], tables: dict[str, tuple], variables: dict[str, str], err) -> Job:
     name = job_table.get("name", path.stem)
     # Relative paths (out, sources) are relative to the working directory, like every featx command.
     out = Path(_substitute(job_table.get("out", f"runs/{name}"), variables, str(path))).expanduser()
@@ -322,10 +347,10 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
         name=name,
         out=out,
         seed=seed,
-        datasets=datasets,
-        backbones=backbones,
-        classifiers=classifiers,
-        finetune=finetunes,
+        datasets=tables["datasets"],
+        backbones=tables["backbones"],
+        classifiers=tables["classifiers"],
+        finetune=tables["finetune"],
         device=job_table.get("device", "auto"),
         workers=job_table.get("workers"),
         source_file=path,
@@ -341,26 +366,19 @@ def _key_in_message(row: dict[str, Any], message: str) -> str | None:
 
 
 def _check_spec(spec: Any) -> None:
-    """Validate one table's values without loading any model (names, choices, paths)."""
+    """Validate one table's values without loading any model, by the checks of the options' own modules."""
     from featx.backbones.names import parse_backbone_name
-    from featx.spec import DECODE_MODES, DTYPES, POOLS, TTA_MODES
+    from featx.classify.training import check_shots
 
     if isinstance(spec, DatasetSpec):
         s = spec.source
         if not (s == "digits" or s.startswith("torchvision:") or Path(s).expanduser().exists()):
             raise ValueError(f"source {s!r} does not exist (sources: a folder, archive, CSV, digits, torchvision:NAME)")
-        if not 0 < spec.test_fraction < 1:
-            raise ValueError(f"test_fraction must be between 0 and 1, got {spec.test_fraction}")
+        check_test_fraction(spec.test_fraction)
     elif isinstance(spec, BackboneSpec):
         parse_backbone_name(spec.backbone)
-        for key, value, choices in (
-            ("pool", spec.pool, POOLS),
-            ("dtype", spec.dtype, DTYPES),
-            ("tta", spec.tta, TTA_MODES),
-            ("decode", spec.decode, DECODE_MODES),
-        ):
-            if value not in choices:
-                raise ValueError(f"{key} {value!r} is not one of {', '.join(choices)}")
+        for option in ("pool", "dtype", "tta", "decode"):
+            check_option(option, getattr(spec, option))
         if not spec.layers:
             raise ValueError("layers must name at least one layer")
         if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
@@ -368,9 +386,7 @@ def _check_spec(spec: Any) -> None:
     elif isinstance(spec, ClassifierSpec):
         _classifier_config(spec, seed=0, layer=None).validate()
         if spec.shots is not None:
-            for k in spec.shots:
-                if not (k == "all" or (isinstance(k, int) and k > 0)):
-                    raise ValueError(f"shots {list(spec.shots)}: use positive integers or 'all'")
+            check_shots(spec.shots)
     elif isinstance(spec, FinetuneSpec):
         _finetune_config(spec, seed=0)
 
