@@ -1,0 +1,318 @@
+"""Commands of the extraction stage: ``extract``, ``join``, ``info`` and ``backbones``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from featx.cli._shared import (
+    batch_size_option,
+    choice_option,
+    device_option,
+    max_failures_option,
+    no_progress_option,
+    print_failures,
+    refuse_too_many_failures,
+    reported,
+)
+from featx.data.splits import DEFAULT_TEST_FRACTION
+from featx.spec import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
+
+__all__ = ["backbones", "extract", "info", "join"]
+
+
+def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    from featx.extract.sharded import Shard
+
+    try:
+        return Shard.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command()
+@click.argument("source")
+@click.option(
+    "--backbone",
+    "-b",
+    default=DEFAULT_BACKBONE,
+    show_default=True,
+    help="SOURCE:NAME[.TAG], e.g. torchvision:resnet50.IMAGENET1K_V2, timm:convnext_tiny, file:resnet50=ckpt.pt.",
+)
+@click.option(
+    "--layer",
+    "-l",
+    "layers",
+    multiple=True,
+    default=["penultimate"],
+    show_default=True,
+    help="Layer to extract; repeat for several in one pass. `featx backbones --layers NAME` lists them.",
+)
+@choice_option("pool", help="Pooling of spatial feature maps.")
+@batch_size_option()
+@device_option(help="auto, cpu, cuda, cuda:N or mps.")
+@choice_option("dtype", help="Storage dtype of the features.")
+@choice_option("amp", help="Autocast precision (auto: bf16/fp16 on CUDA, none on CPU).")
+@choice_option("tta", help="Test-time augmentation: flip averages the features of each image and its mirror.")
+@choice_option(
+    "decode",
+    help="fast: decode big JPEGs at a reduced scale and resize only the crop region (slightly different pixels).",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU cores, max 8]."
+)
+@max_failures_option("Failed images tolerated before the exit code is 3: a count, a percentage like 1%, or inf.")
+@choice_option("fingerprint", help="How images enter the cache key: path/size/mtime, or content hashes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the carved test split, if one is needed.")
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_TEST_FRACTION,
+    show_default=True,
+    help="Share of each class carved off as the test split when the source has none.",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Images with more pixels are recorded as failures (decompression-bomb guard).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a store (or interrupted job) made with another spec.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Store path (.h5) [default: in the featx cache, named by the cache key].",
+)
+@choice_option(
+    "compile",
+    "--compile",
+    "compile_mode",
+    help="torch.compile the network (features within float tolerance of eager); auto: CPU jobs of 20,000+ images.",
+)
+@no_progress_option()
+@click.option(
+    "--shard",
+    default=None,
+    callback=_parse_shard,
+    metavar="INDEX/COUNT",
+    help="Extract only this shard of the images (INDEX from 0) into OUT.shards/, e.g. to re-run one dead "
+    "torchrun rank alone; then `featx join OUT`.",
+)
+@click.option(
+    "--distributed/--no-distributed",
+    default=None,
+    help="Run as one rank of a torchrun job: each rank extracts its shard, rank 0 joins them into OUT "
+    "[default: on when launched by torchrun with more than one process].",
+)
+def extract(source, backbone, layers, max_failures, no_progress, shard, distributed, **options) -> None:
+    """Embed the images of SOURCE into an HDF5 feature store.
+
+    SOURCE is an image folder (root/<class>/<img> or root/<split>/<class>/<img>), a CSV/TSV manifest
+    (path,label[,split]), a .txt list of images, `digits`, or `torchvision:NAME`.
+
+    \b
+    On several GPUs or machines (see docs/distributed.md):
+    torchrun --nproc-per-node 4 -m featx extract SOURCE --out STORE.h5
+    """
+    from featx._runtime.dist import TorchrunEnv
+    from featx.extract.api import extract as run_extract
+
+    with reported("the batches written so far are kept"):
+        if distributed is None:  # on by default under torchrun with several processes, unless one shard is asked for
+            env = TorchrunEnv.detect()
+            distributed = shard is None and env is not None and env.world_size > 1
+        result = run_extract(
+            source,
+            backbone,
+            layers=layers,
+            max_failures=str(max_failures),
+            progress=not no_progress,
+            shard=shard,
+            distributed=distributed,
+            **options,  # every other option under the name extract() gives it
+        )
+    if result.shard is not None:
+        _print_shard_summary(result)
+        return
+    if result.rank not in (None, 0):
+        return  # rank 0 reports the whole job
+    _print_summary(result)
+    if result.too_many_failures:
+        refuse_too_many_failures(result.n_failed, result.max_failures)
+
+
+def _print_shard_summary(result) -> None:
+    who = f"rank {result.rank}: " if result.rank is not None else ""
+    if result.cached:
+        line = f"{who}shard {result.shard} is already done ({result.n_done} images, {result.n_failed} failed)"
+    else:
+        line = f"{who}shard {result.shard}: extracted {result.n_done} of {result.n_images} images, {result.n_failed} "
+        line += f"failed, in {result.seconds:.1f} s"
+        if result.resumed_rows:
+            line += f"; resumed after {result.resumed_rows} already done"
+    click.echo(line)
+    print_failures(result.failures)
+    if result.rank is None:
+        click.echo(f"shard store: {result.path}")
+        store = result.path.parent.with_name(result.path.parent.name.removesuffix(".shards"))
+        click.echo(f"when every shard is done: featx join {store}")
+
+
+def _print_summary(result) -> None:
+    if result.cached:
+        click.echo(
+            f"cache hit: {result.path} already holds these features (key {result.key[:12]}): "
+            f"{result.n_done} images, {result.n_failed} failed; nothing to do ({result.seconds:.1f} s)"
+        )
+    else:
+        line = (
+            f"extracted {result.n_done} of {result.n_images} images, {result.n_failed} failed, "
+            f"in {result.seconds:.1f} s"
+        )
+        if result.images_this_run:
+            line += f" ({result.images_per_second:.1f} images/s on {result.device})"
+        if result.resumed_rows:
+            line += f"; resumed after {result.resumed_rows} already done"
+        click.echo(line)
+        click.echo(f"store: {result.path}")
+    print_failures(result.failures)
+    if len(result.failures) > 10:
+        click.echo(f"  ... and {len(result.failures) - 10} more (`featx info STORE --failures`)", err=True)
+
+
+@click.command()
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option(
+    "--shards",
+    "count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of shards of the run to join [default: from the shard file names].",
+)
+@click.option("--keep-shards", is_flag=True, help="Keep STORE.shards/ after a successful join.")
+@click.option("--overwrite", is_flag=True, help="Replace a STORE made with another spec.")
+@max_failures_option("Failed images tolerated (over all shards) before the exit code is 3.")
+def join(store, count, keep_shards, overwrite, max_failures) -> None:
+    """Join the shards in STORE.shards/ (from torchrun or --shard runs) into STORE.
+
+    Refuses, naming the fix, when a shard is missing, unfinished, or from another job or shard count;
+    nothing is deleted then.
+    """
+    from featx.extract.sharded import join_shards
+
+    with reported("the shards are kept"):
+        result = join_shards(store, count=count, overwrite=overwrite, keep_shards=keep_shards)
+    if result.cached:
+        click.echo(f"{result.path} is already joined (key {result.key[:12]}); nothing to do")
+    else:
+        click.echo(
+            f"joined {result.n_shards} shards into {result.path}: {result.n_done} of {result.n_images} images, "
+            f"{result.n_failed} failed ({result.seconds:.1f} s)"
+        )
+    print_failures(result.failures)
+    if max_failures.exceeded(result.n_failed, result.n_images):
+        refuse_too_many_failures(result.n_failed, max_failures)
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the provenance as JSON.")
+@click.option("--failures", "show_failures", is_flag=True, help="List every failed image with its reason.")
+def info(store, as_json, show_failures) -> None:
+    """Show how STORE was made: backbone, weights, layers, preprocessing, images, versions."""
+    from featx.store.reader import FeatureStore
+
+    with reported(), FeatureStore(store) as fs:
+        data = fs.info()
+        failures = fs.failures
+    if as_json:
+        data["failure_list"] = [{"id": f.id, "reason": f.reason} for f in failures] if show_failures else None
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo("\n".join(_info_lines(data)))
+    if show_failures:
+        for f in failures:
+            click.echo(f"failed      {f.id}: {f.reason}")
+
+
+def _info_lines(data: dict[str, Any]) -> list[str]:
+    spec = data["spec"]
+    pre = spec["preprocessing"]
+    lines = [
+        f"store       {data['path']}  ({data['format']}, created {data['created_at']})",
+        f"key         {data['key']}",
+        f"backbone    {spec['backbone']}  weights {spec['weights']}  sha256 {spec['weights_sha256'][:16]}",
+        *(f"layer       {layer}: {shape}" for layer, shape in data["features"].items()),
+        f"pooling     {spec['pool']}   amp {spec['amp']}   tta {spec['tta']}   decode {spec.get('decode', 'exact')}   "
+        f"extractor v{spec['extractor_version']}",
+        f"preprocess  resize {pre['resize_size']} ({pre['interpolation']}), "
+        f"crop {pre['input_size'][0]}x{pre['input_size'][1]}, "
+        f"mean {pre['mean']}, std {pre['std']}",
+        f"images      {data['rows']} rows; {', '.join(f'{k} {v}' for k, v in data['splits'].items())}; "
+        f"{data['classes']} classes; {data['failures']} failed",
+        f"source      {data['manifest']['source']}",
+        f"splits      {data['manifest']['split_policy']}",
+        f"fingerprint {data['manifest']['fingerprint']}",
+    ]
+    stats = data["stats"]
+    if stats:
+        lines.append(
+            f"extraction  {stats.get('images_this_run')} images in {stats.get('seconds')} s on "
+            f"{stats.get('device')} ({stats.get('images_per_second')} images/s)"
+        )
+    lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
+    return lines
+
+
+@click.command()
+@click.option(
+    "--source",
+    type=click.Choice(["featx", "torchvision", "timm"]),
+    default=None,
+    help="Only this source (timm lists ~1,800 weights: combine with --filter).",
+)
+@click.option("--filter", "pattern", default=None, help="Shell pattern on the model name, e.g. 'resnet*'.")
+@click.option(
+    "--layers",
+    "layers_of",
+    default=None,
+    metavar="BACKBONE",
+    help="List the layers of one backbone instead (loads it).",
+)
+def backbones(source, pattern, layers_of) -> None:
+    """List backbones (and their weight tags; * marks weights usable offline), or one backbone's layers."""
+    from featx.backbones.loading import load_backbone
+    from featx.backbones.names import list_backbones
+
+    with reported():
+        if layers_of:
+            net = load_backbone(layers_of)
+            click.echo(f"{net.name}: stage outputs (good starting points): {', '.join(net.suggested_layers())}")
+            click.echo(f"penultimate = {net.penultimate_node()}")
+            click.echo("all layers (FX node names):")
+            for name in net.layer_names():
+                click.echo(f"  {name}")
+            return
+        rows = list_backbones(source, pattern)
+    timm_rows = [r for r in rows if r.name.startswith("timm:")]
+    for row in rows:
+        if row.name.startswith("timm:") and source != "timm" and pattern is None:
+            continue
+        tags = ", ".join(f"{t}*" if t in row.cached_tags else t for t in row.tags)
+        text = f"{row.name:42s} {tags}"
+        if row.description:
+            text += f"  — {row.description}"
+        click.echo(text)
+    if timm_rows and source != "timm" and pattern is None:
+        click.echo(
+            f"... and {len(timm_rows)} timm models with pretrained weights: "
+            "`featx backbones --source timm --filter 'convnext*'`"
+        )
+    click.echo("* = weights usable offline here (built in or already cached). Write SOURCE:NAME[.TAG].")

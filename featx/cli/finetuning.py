@@ -1,0 +1,162 @@
+"""The fine-tuning command: ``finetune``."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from featx.cli._shared import (
+    batch_size_option,
+    choice_option,
+    device_option,
+    no_progress_option,
+    print_metrics,
+    reported,
+)
+from featx.finetune.config import DEFAULT_PHASES
+from featx.spec import DEFAULT_BACKBONE
+
+__all__ = ["finetune"]
+
+
+def _hidden_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(h) for h in text.split(",") if h.strip())
+    except ValueError:
+        raise ValueError(f"--hidden {text!r}: give comma-separated layer sizes, e.g. 512,256") from None
+
+
+def _crop_scale(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--crop-scale {text!r}: give MIN,MAX, e.g. 0.25,1.0") from None
+    return low, high
+
+
+@click.command()
+@click.argument("source")
+@click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True)
+@click.option(
+    "--phases",
+    default=DEFAULT_PHASES,
+    show_default=True,
+    help="FREEZE:EPOCHS:LR,… with FREEZE = head, topK or all; or a .toml file of [[phase]] tables.",
+)
+@click.option(
+    "--init-head",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="LP-FT: start the head from a `featx train -c logreg` model.skops on this backbone's features.",
+)
+@click.option("--trust", is_flag=True, help="Trust --init-head files holding types that could run code.")
+@batch_size_option(default=32)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option(
+    "--clip-grad", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Max grad norm (0: off)."
+)
+@click.option(
+    "--backbone-lr-mult",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="The backbone's learning rate relative to the head's.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Share of each phase's steps spent warming up.",
+)
+@click.option("--hidden", default="", help="Hidden sizes of an MLP head, e.g. 512,256 [default: linear head].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=None, help="End a phase after N epochs without gain.")
+@click.option("--metric", type=click.Choice(["val_accuracy", "val_loss"]), default="val_accuracy", show_default=True)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Share of train used for validation when the source has no val split.",
+)
+@click.option(
+    "--crop-scale",
+    default="0.25,1.0",
+    show_default=True,
+    help="Area range MIN,MAX of the training random resized crop.",
+)
+@click.option(
+    "--update-bn-stats",
+    is_flag=True,
+    help="Let unfrozen BatchNorm layers update their running statistics (kept fixed by default).",
+)
+@device_option()
+@choice_option("amp")
+@click.option("--workers", type=click.IntRange(min=0), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Start afresh if --out holds a run with other settings.")
+@no_progress_option(help=None)
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True)
+def finetune(
+    source,
+    backbone,
+    phases,
+    init_head,
+    trust,
+    hidden,
+    crop_scale,
+    device,
+    amp,
+    workers,
+    overwrite,
+    no_progress,
+    out_dir,
+    **settings,
+) -> None:
+    """Fine-tune a backbone on SOURCE in phases; resumable; tested on the same split as `featx train`.
+
+    \b
+    On several GPUs or nodes, launch it with torchrun (DistributedDataParallel; --batch-size is global):
+    torchrun --nproc-per-node 4 -m featx finetune SOURCE --out DIR …
+    """
+    from featx._runtime.dist import env_rank
+    from featx.finetune.config import FinetuneConfig, parse_phases
+    from featx.finetune.trainer import finetune as run_finetune
+
+    if env_rank() != 0:  # under torchrun, rank 0 tells the story
+        logging.getLogger("featx").setLevel(logging.WARNING)
+    with reported("the last epoch's checkpoint is kept"):
+        config = FinetuneConfig(
+            phases=tuple(parse_phases(phases)),
+            hidden=_hidden_sizes(hidden),
+            crop_scale=_crop_scale(crop_scale),
+            **settings,  # every other setting under FinetuneConfig's own name
+        )
+        results = run_finetune(
+            source,
+            backbone,
+            config,
+            out_dir,
+            init_head=init_head,
+            trust=trust,
+            device=device,
+            amp=amp,
+            workers=workers,
+            overwrite=overwrite,
+            progress=not no_progress,
+        )
+    if env_rank() != 0:
+        return
+    for c in results["curves"]:
+        click.echo(
+            f"  epoch {c['epoch']:>3} {c['freeze']:>5}: train loss {c['train_loss']:.4f}, val accuracy "
+            f"{c['val_accuracy']:.4f}, {c['images_per_second']:.1f} images/s"
+        )
+    click.echo(f"best epoch {results['best_epoch']}")
+    if results["test"]:
+        print_metrics(results["test"])
+    click.echo(f"wrote {out_dir}/model.safetensors, finetune.json and results.json")
