@@ -23,6 +23,7 @@ from featx.cli import main
 from featx.exceptions import SpecMismatchError, UnknownNameError
 from featx.finetune import FinetuneConfig, Phase, block_names, finetune, head_from_logreg, parse_phases
 from featx.finetune.heads import _set_trainable, _train_mode
+from featx.finetune.state import RunState
 from featx.spec import Preprocessing
 
 TESTS = Path(__file__).resolve().parent
@@ -133,7 +134,7 @@ def test_phase_transitions_change_rates_and_curves(folder, tmp_path):
 
 
 def test_schedule_warms_up_then_decays():
-    from featx.finetune.trainer import _lr_lambda
+    from featx.finetune.epochs import _lr_lambda
 
     f = _lr_lambda(total_steps=100, warmup_steps=10)
     values = [f(s) for s in range(100)]
@@ -272,6 +273,75 @@ def test_resume_after_kill_gives_the_same_weights(folder, tmp_path):
     ra = json.loads((out / "results.json").read_text())
     rb = json.loads((tmp_path / "reference" / "results.json").read_text())
     assert [c["val_loss"] for c in ra["curves"]] == [c["val_loss"] for c in rb["curves"]]
+
+
+#: The keys of checkpoint.pt as featx has written them since resuming exists (before RunState): the format.
+_CHECKPOINT_KEYS = {
+    "run_hash",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "curves",
+    "best",
+    "phase",
+    "epoch_in_phase",
+    "stale",
+}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_in_the_old_dict_layout_resumes_to_the_same_weights(folder, tmp_path, monkeypatch):
+    """checkpoint.pt keeps the plain-dict layout featx wrote before the run state had a type: one written
+    that way (a dict built key by key, saved with torch.save) resumes to an uninterrupted run's weights."""
+    from featx.finetune import epochs
+
+    config = _config("head:1:1e-2,all:2:1e-3")
+    finetune(folder, TINY, config, tmp_path / "reference", workers=0, progress=False)
+
+    save = epochs.save_checkpoint
+    writes = []
+
+    def save_then_stop(path, state):  # the run dies right after its second checkpoint (mid-phase "all")
+        save(path, state)
+        writes.append(path)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(epochs, "save_checkpoint", save_then_stop)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(folder, TINY, config, out, workers=0, progress=False)
+    monkeypatch.undo()
+    new = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(new) == _CHECKPOINT_KEYS  # today's writer keeps the format
+    assert (new["phase"], new["epoch_in_phase"], len(new["curves"])) == (1, 1, 2)
+    old = {  # exactly what the old writer built
+        "run_hash": new["run_hash"],
+        "model": new["model"],
+        "optimizer": new["optimizer"],
+        "scheduler": new["scheduler"],
+        "scaler": new["scaler"],
+        "curves": new["curves"],
+        "best": {"metric": new["best"]["metric"], "epoch": new["best"]["epoch"]},
+        "phase": 1,
+        "epoch_in_phase": 1,
+        "stale": new["stale"],
+    }
+    torch.save(old, out / "checkpoint.pt")
+
+    resumed = finetune(folder, TINY, config, out, workers=0, progress=False)
+    reference = json.loads((tmp_path / "reference" / "results.json").read_text())
+    a = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [c["val_loss"] for c in resumed["curves"]] == [c["val_loss"] for c in reference["curves"]]
+    assert resumed["best_epoch"] == reference["best_epoch"]
+    assert {**resumed["test"], "predict_seconds": 0} == {**reference["test"], "predict_seconds": 0}
+    with pytest.raises(ValueError, match="lacks best"):  # a dict that is not a featx checkpoint is named as such
+        RunState.from_checkpoint({k: v for k, v in old.items() if k != "best"})
 
 
 # ------------------------------------------------------------------------------------------------ CLI

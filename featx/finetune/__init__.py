@@ -3,7 +3,10 @@
 - :mod:`~featx.finetune.config`: phases and :class:`FinetuneConfig`;
 - :mod:`~featx.finetune.heads`: the new head, LP-FT's head from a probe, the blocks to unfreeze;
 - :mod:`~featx.finetune.data`: training and evaluation images (augmentation, global batches);
-- :mod:`~featx.finetune.trainer`: the run (its state, epochs, checkpoints, the test);
+- :mod:`~featx.finetune.prepare`: a run's inputs (rows by split, the network with its new head, the setup);
+- :mod:`~featx.finetune.state`: a run's state between epochs, and its checkpoint;
+- :mod:`~featx.finetune.epochs`: the training loop (phase, epoch, step) and prediction over the ranks;
+- :mod:`~featx.finetune.trainer`: the run, :func:`finetune`, as its steps (restore, train, test, write);
 - :mod:`~featx.finetune.artifacts`: what a run leaves on disk, and loading it back.
 """
 

@@ -1,16 +1,21 @@
-"""TODO docstring"""
+"""What a fine-tuning run leaves in its folder, written atomically, and loading it back.
+
+``checkpoint.pt`` (the run state after every epoch, see :mod:`featx.finetune.state`), ``model.safetensors``
+(the best epoch's weights), ``finetune.json`` (how to rebuild the network: :func:`load_finetuned`) and
+``results.json`` (:class:`featx.results.FinetuneResults`). Every one goes through
+:func:`featx._runtime.io.atomic_write`, so a run killed at any moment leaves the previous file or the new one.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from featx._runtime.io import atomic_write
 from featx.backbones.features import Backbone
 from featx.backbones.loading import load_backbone
 from featx.finetune.config import FinetuneConfig
@@ -43,16 +48,40 @@ def _config_hash(config: FinetuneConfig, backbone: Backbone, manifest_fp: str, i
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _save_weights(path: Path, model: nn.Module) -> None:
+    """The network's state dict as safetensors (loadable as ``file:ARCH=PATH`` for a linear head)."""
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def _save_json(path: Path, obj: dict[str, Any]) -> None:
+    text = json.dumps(obj, indent=2)
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a fine-tuned network (eval mode, CPU) and its metadata from a ``featx finetune`` folder."""
+    """Rebuild a fine-tuned network and its metadata from a ``featx finetune`` folder.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The ``--out`` folder of ``featx finetune`` (it holds ``finetune.json`` and ``model.safetensors``).
+
+    Returns
+    -------
+    model : torch.nn.Module
+        The network with its new head, in eval mode on the CPU; it takes uint8 pixels (``[N, 3, H, W]``,
+        preprocessed as ``model.preprocessing`` says) and returns logits.
+    meta : dict
+        ``finetune.json``: backbone, class names, preprocessing, head, config, best epoch.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``out_dir`` holds no ``finetune.json``.
+    """
     from safetensors.torch import load_file
 
     out = Path(out_dir)

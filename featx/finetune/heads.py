@@ -1,4 +1,9 @@
-"""TODO docstring"""
+"""The network fine-tuning trains: its new head (optionally from a probe, for LP-FT), blocks and freezing.
+
+- :func:`block_names` splits a backbone into blocks, input to output, for ``topK`` phases;
+- :func:`head_from_logreg` turns a ``featx train -c logreg`` model into an exactly equal linear head;
+- the private helpers build the head, swap it in, freeze per phase and keep frozen statistics frozen.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from torch import nn
 
 from featx.backbones.features import Backbone
+from featx.backbones.names import BackboneName
 from featx.exceptions import SpecMismatchError, UnknownNameError
 from featx.finetune.config import Phase
 from featx.spec import Preprocessing
@@ -155,6 +161,7 @@ class _Classifier(nn.Module):
     def __init__(self, model: nn.Module, pre: Preprocessing) -> None:
         super().__init__()
         self.net = model
+        self.preprocessing = pre  # what the input pixels must be resized and cropped to
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
@@ -191,12 +198,22 @@ def _train_mode(model: nn.Module, update_bn_stats: bool = False) -> None:
                 module.eval()
 
 
-def _family(net: Backbone) -> str:
-    """``timm:ARCH`` or ``torchvision:ARCH`` of a loaded backbone, to re-load its weights with ``file:``."""
+def _family(net: Backbone, name: BackboneName) -> str:
+    """``timm:ARCH`` or ``torchvision:ARCH`` of a loaded backbone, to re-load its weights with ``file:``.
+
+    ``name`` is the backbone's resolved name (:func:`~featx.backbones.names.resolve_backbone`), whose
+    ``file:`` architecture already reads ``FAMILY:ARCH``.
+    """
     cfg = getattr(net.model, "pretrained_cfg", None) or {}
     if cfg.get("architecture"):
         return f"timm:{cfg['architecture']}"
-    if net.name.startswith("file:"):
-        return net.name[len("file:") :].split("=", 1)[0]
-    source, _, rest = net.name.partition(":")
-    return f"{source}:{rest.split('.', 1)[0]}"
+    if name.source == "file":
+        return name.arch
+    return f"{name.source}:{name.arch}"
+
+
+def _model_label(name: BackboneName) -> str:
+    """The backbone's name without its source (``resnet50.IMAGENET1K_V2``), as a results row shows it."""
+    if name.source == "file":
+        return f"{name.arch}={name.path}"
+    return name.arch + (f".{name.tag}" if name.tag else "")

@@ -1,0 +1,290 @@
+"""The training loop of a fine-tuning run: one phase, one epoch, one step, and predicting on every rank.
+
+Internal to :mod:`featx.finetune`: the middle steps of :func:`featx.finetune.trainer.finetune`. Each phase
+builds its own optimiser (discriminative rates: the backbone's at ``backbone_lr_mult`` times the head's) and a
+linear warm-up then cosine schedule; each epoch draws its global batches and augmentation from a seed of its
+own, so a resumed run trains on exactly the batches an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from featx._runtime import dist as _ddp
+from featx._runtime.device import autocast, channels_last_pays
+from featx.finetune.artifacts import CHECKPOINT, WEIGHTS, _save_weights
+from featx.finetune.config import FinetuneConfig, Phase
+from featx.finetune.data import _EvalImages, _GlobalBatches
+from featx.finetune.heads import _set_trainable, _train_mode
+from featx.finetune.prepare import _Run
+from featx.finetune.state import RunState, save_checkpoint
+from featx.results import EpochRecord
+
+__all__ = ["predict", "train_epoch", "train_phase", "validate"]
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _optimizer(model: nn.Module, head: str, config: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = name == head or name.startswith(head + ".")
+        no_decay = p.ndim <= 1  # biases and normalisation parameters
+        groups.setdefault((is_head, no_decay), []).append(p)
+    param_groups = [
+        {
+            "params": params,
+            "lr": lr if is_head else lr * config.backbone_lr_mult,
+            "weight_decay": 0.0 if no_decay else config.weight_decay,
+            "featx_group": f"{'head' if is_head else 'backbone'}",
+        }
+        for (is_head, no_decay), params in sorted(groups.items())
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(param_groups, lr=lr)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**31)
+
+
+@torch.inference_mode()
+def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: str, n_classes: int) -> tuple:
+    """Scores, labels and the summed cross-entropy of everything in ``loader``."""
+    model.eval()
+    logits, labels, loss_sum = [], [], 0.0
+    for images, y in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last_pays(device):
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out = model(images).float()
+        loss_sum += float(nn.functional.cross_entropy(out, y.to(device), reduction="sum").item())
+        logits.append(out.cpu())
+        labels.append(y)
+    if not logits:  # this rank's shard is empty
+        return np.zeros((0, n_classes), dtype=np.float32), np.zeros(0, dtype=np.int64), 0.0
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy(), loss_sum
+
+
+def _predict_rows(
+    model: nn.Module,
+    images: _EvalImages,
+    world: _ddp.World,
+    *,
+    batch_size: int,
+    loader_kw: dict[str, Any],
+    device: torch.device,
+    amp: str,
+    n_classes: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scores and labels of every image, in order, on every rank, and the mean loss.
+
+    Each rank predicts every ``world.size``-th image (no padding, so no image counts twice); the parts
+    are gathered and put back in order, so the metrics equal a single process's.
+    """
+    mine = np.arange(len(images))[world.rank :: world.size]
+    loader = DataLoader(Subset(images, mine.tolist()), batch_size=batch_size, shuffle=False, **loader_kw)
+    scores, y, loss_sum = _predict(model, loader, device, amp, n_classes)
+    parts = _ddp.gather_objects(world, (mine, scores, y, loss_sum))
+    if len(parts) == 1:
+        return scores, y, loss_sum / max(1, len(y))
+    order = np.concatenate([p[0] for p in parts])
+    all_scores = np.zeros((len(images), n_classes), dtype=np.float32)
+    all_y = np.zeros(len(images), dtype=np.int64)
+    all_scores[order] = np.concatenate([p[1] for p in parts])
+    all_y[order] = np.concatenate([p[2] for p in parts])
+    return all_scores, all_y, sum(p[3] for p in parts) / max(1, len(images))
+
+
+def predict(run: _Run, images: _EvalImages) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scores and labels of every image, on every rank, and the mean loss (:func:`_predict_rows`)."""
+    return _predict_rows(
+        run.model,
+        images,
+        run.world,
+        batch_size=run.config.batch_size,
+        loader_kw=run.loader_kw,
+        device=run.dev,
+        amp=run.amp,
+        n_classes=len(run.rows.manifest.class_names),
+    )
+
+
+def train_phase(run: _Run, state: RunState, phase_index: int, bar: Any) -> None:
+    """Train one phase from ``state``'s epoch on: freeze what the phase does not train, then per epoch
+    train, validate, keep the best weights and write the checkpoint; end early after ``patience``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    config, world = run.config, run.world
+    phase = config.phases[phase_index]
+    trainable = _set_trainable(run.model.net, run.built.blocks, run.built.head_name, phase)
+    optimizer = _optimizer(run.model.net, run.built.head_name, config, phase.lr)
+    # DDP is rebuilt per phase: it registers gradient hooks only on the parameters that train now.
+    step_model: nn.Module = (
+        DistributedDataParallel(run.model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
+        if world.distributed
+        else run.model
+    )
+    total_steps = phase.epochs * run.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, round(config.warmup * total_steps))
+    )
+    if state.resumes_mid_phase:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        run.scaler.load_state_dict(state.scaler)
+    state.release()
+    n_phases = len(config.phases)
+    run.info(
+        "phase %d/%d %s: %d trainable tensors, lr %g", phase_index + 1, n_phases, phase.freeze, len(trainable), phase.lr
+    )
+    epochs_before = sum(p.epochs for p in config.phases[:phase_index])
+    for epoch in range(state.epoch_in_phase, phase.epochs):
+        global_epoch = epochs_before + epoch
+        stats = train_epoch(run, step_model, optimizer, scheduler, global_epoch)
+        val_loss, val_acc = validate(run)
+        state.curves.append(_epoch_record(global_epoch, phase_index, phase, stats, val_loss, val_acc))
+        metric = val_acc if config.metric == "val_accuracy" else -val_loss
+        if state.record(metric, global_epoch + 1) and world.is_main:
+            _save_weights(run.out / WEIGHTS, run.model.net)
+        stale = state.stale
+        stop = config.patience is not None and stale >= config.patience
+        state.advance(phase_index, epoch, phase_done=stop or epoch + 1 == phase.epochs)
+        if world.is_main:  # the ranks hold the same weights: one writer
+            save_checkpoint(run.out / CHECKPOINT, state.with_live(run.model.net, optimizer, scheduler, run.scaler))
+        _ddp.barrier(world)
+        bar.update(1)
+        bar.set_postfix(val_acc=f"{val_acc:.3f}", refresh=False)
+        if stop:
+            run.info("no improvement for %d epochs: ending phase %d early", stale, phase_index + 1)
+            bar.update(phase.epochs - epoch - 1)
+            break
+
+
+@dataclass(frozen=True)
+class _EpochStats:
+    """One epoch's training loss and accuracy over the real images of every rank, and its learning rates."""
+
+    loss: float
+    accuracy: float
+    images: float
+    seconds: float
+    lrs: dict[str, float]  # mean over the epoch's steps, per parameter group ("head", "backbone")
+
+
+def train_epoch(
+    run: _Run,
+    step_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    global_epoch: int,
+) -> _EpochStats:
+    """One pass over the training images in the epoch's seeded global batches (each rank its part)."""
+    config, world = run.config, run.world
+    seed = _epoch_seed(config.seed, global_epoch)
+    torch.manual_seed((seed + 7919 * world.rank) % 2**31)  # dropout masks differ between ranks
+    loader = DataLoader(
+        run.train_set,
+        batch_sampler=_GlobalBatches(len(run.train_set), config.batch_size, seed, world.rank, world.size),
+        **run.loader_kw,
+    )
+    _train_mode(run.model.net, config.update_bn_stats)
+    t0 = time.perf_counter()
+    totals = [0.0, 0.0, 0.0]  # loss, correct, images (weight-0 padding images excluded)
+    lr_sums: dict[str, float] = {}
+    steps = 0
+    for images, y, weight in loader:
+        sums = _train_step(run, step_model, optimizer, images, y, weight)
+        for group in {g["featx_group"]: g for g in optimizer.param_groups}.values():
+            lr_sums[group["featx_group"]] = lr_sums.get(group["featx_group"], 0.0) + group["lr"]
+        steps += 1
+        scheduler.step()
+        totals = [a + b for a, b in zip(totals, sums, strict=True)]
+    seconds = time.perf_counter() - t0
+    loss_sum, correct, seen = _ddp.sum_floats(world, totals, run.dev)
+    return _EpochStats(
+        loss=loss_sum / max(1, seen),
+        accuracy=correct / max(1, seen),
+        images=seen,
+        seconds=seconds,
+        lrs={name: total / max(1, steps) for name, total in lr_sums.items()},
+    )
+
+
+def _train_step(
+    run: _Run,
+    step_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[float, float, float]:
+    """One optimiser step on this rank's part of a global batch; its summed loss, correct and images."""
+    dev = run.dev
+    images, y = images.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+    weight = weight.to(dev, dtype=torch.float32, non_blocking=True)
+    if run.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(dev, run.amp):
+        logits = step_model(images)
+        per_image = run.criterion(logits.float(), y)
+        # world/len(global batch) per image: DDP's mean over ranks makes this the global batch mean.
+        loss = (per_image * weight).sum()
+    optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.config.clip_grad:
+        run.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.config.clip_grad)
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    real = (weight > 0).float()
+    return (
+        float((per_image.detach() * real).sum().item()),
+        float(((logits.argmax(1) == y).float() * real).sum().item()),
+        float(real.sum().item()),
+    )
+
+
+def validate(run: _Run) -> tuple[float, float]:
+    """The mean loss and the accuracy on the val images (NaN accuracy when there are none)."""
+    scores, y, loss = predict(run, run.val_images)
+    accuracy = float((scores.argmax(1) == y).mean()) if len(y) else float("nan")
+    return loss, accuracy
+
+
+def _epoch_record(
+    global_epoch: int, phase_index: int, phase: Phase, stats: _EpochStats, val_loss: float, val_acc: float
+) -> EpochRecord:
+    return {
+        "epoch": global_epoch + 1,
+        "phase": phase_index + 1,
+        "freeze": phase.freeze,
+        "train_loss": stats.loss,
+        "train_accuracy": stats.accuracy,
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        "lr_head": stats.lrs.get("head"),
+        "lr_backbone": stats.lrs.get("backbone"),
+        "images_per_second": stats.images / stats.seconds if stats.seconds > 0 else None,
+        "seconds": stats.seconds,
+    }

@@ -1,0 +1,169 @@
+"""A fine-tuning run's state between epochs, and its ``checkpoint.pt`` form.
+
+The state records where the run stands (the next phase and epoch to train), the best epoch so far and the
+curves; the checkpoint adds the weights and the optimiser, scheduler and gradient scaler states taken at
+that point. The checkpoint is a plain dict of tensors and Python values (read with
+``torch.load(weights_only=True)``); its keys are the ones featx has always written, so a run killed under
+an older featx resumes under this one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from featx._runtime.io import atomic_write
+
+__all__ = ["CHECKPOINT_KEYS", "RunState", "read_checkpoint", "save_checkpoint"]
+
+
+#: The keys of a ``checkpoint.pt``: the on-disk format, unchanged since resuming was introduced.
+CHECKPOINT_KEYS = (
+    "run_hash",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "curves",
+    "best",
+    "phase",
+    "epoch_in_phase",
+    "stale",
+)
+
+
+@dataclass
+class RunState:
+    """Where a fine-tuning run stands after an epoch, and what it needs to go on from there.
+
+    Attributes
+    ----------
+    run_hash : str
+        Hash of the data, backbone and configuration; a checkpoint of another run is never resumed.
+    phase : int
+        Index of the phase to train next (``len(config.phases)`` once every phase is done).
+    epoch_in_phase : int
+        The next epoch within that phase (0 at a phase's start).
+    stale : int
+        Epochs in a row without improving the monitored metric, within the current phase.
+    best_metric : float, optional
+        The best value of the monitored metric so far (higher is better: ``-val_loss`` for ``val_loss``).
+    best_epoch : int, optional
+        The (1-based, global) epoch that reached it; its weights are ``model.safetensors``.
+    curves : list of dict
+        One record per finished epoch (losses, accuracies, learning rates, throughput).
+    model, optimizer, scheduler, scaler : dict, optional
+        State dicts taken when the checkpoint was written; ``None`` for a run that starts afresh, and
+        dropped (:meth:`release`) once they have been loaded into the live objects.
+    """
+
+    run_hash: str
+    phase: int = 0
+    epoch_in_phase: int = 0
+    stale: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    model: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+
+    @property
+    def resumes_mid_phase(self) -> bool:
+        """Whether the optimiser, scheduler and scaler states must be restored (a phase was cut short)."""
+        return self.epoch_in_phase > 0 and self.optimizer is not None
+
+    def record(self, metric: float, epoch: int) -> bool:
+        """Count one finished epoch's monitored ``metric``; returns whether it is the new best."""
+        if self.best_metric is None or metric > self.best_metric:
+            self.best_metric, self.best_epoch, self.stale = metric, epoch, 0
+            return True
+        self.stale += 1
+        return False
+
+    def advance(self, phase: int, epoch: int, *, phase_done: bool) -> None:
+        """Move past ``epoch`` of ``phase``: to the phase's next epoch, or to the next phase's start."""
+        if phase_done:
+            self.phase, self.epoch_in_phase, self.stale = phase + 1, 0, 0
+        else:
+            self.phase, self.epoch_in_phase = phase, epoch + 1
+
+    def release(self) -> None:
+        """Drop the loaded state dicts (they live on in the model and optimiser now)."""
+        self.model = self.optimizer = self.scheduler = self.scaler = None
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The dict ``checkpoint.pt`` holds (keys :data:`CHECKPOINT_KEYS`)."""
+        return {
+            "run_hash": self.run_hash,
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "curves": self.curves,
+            "best": {"metric": self.best_metric, "epoch": self.best_epoch},
+            "phase": self.phase,
+            "epoch_in_phase": self.epoch_in_phase,
+            "stale": self.stale,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any]) -> RunState:
+        """Inverse of :meth:`to_checkpoint`; reads every checkpoint featx has written.
+
+        Raises
+        ------
+        ValueError
+            ``data`` lacks one of :data:`CHECKPOINT_KEYS` (it is not a featx fine-tuning checkpoint).
+        """
+        missing = [k for k in CHECKPOINT_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"not a featx fine-tuning checkpoint: it lacks {', '.join(missing)}")
+        best = data["best"]
+        return cls(
+            run_hash=data["run_hash"],
+            phase=int(data["phase"]),
+            epoch_in_phase=int(data["epoch_in_phase"]),
+            stale=int(data["stale"]),
+            best_metric=best["metric"],
+            best_epoch=best["epoch"],
+            curves=list(data["curves"]),
+            model=data["model"],
+            optimizer=data["optimizer"],
+            scheduler=data["scheduler"],
+            scaler=data["scaler"],
+        )
+
+    def with_live(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+    ) -> RunState:
+        """A copy holding the live objects' state dicts, ready to be written."""
+        return dataclasses.replace(
+            self,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+        )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint saved at ``path`` as written (see :meth:`RunState.from_checkpoint`), or ``None``."""
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(path: Path, state: RunState) -> None:
+    """Write ``state`` atomically: a reader (or a resumed run) sees the old checkpoint or the new one."""
+    checkpoint = state.to_checkpoint()
+    atomic_write(path, lambda fh: torch.save(checkpoint, fh))
