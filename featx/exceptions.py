@@ -1,7 +1,8 @@
-"""Exceptions and error-message helpers shared by every featx module.
+"""Every public featx error, and the helpers that word them.
 
-Every exception subclasses a built-in so callers can catch the familiar type; the message names
-the bad value, the valid choices and the fix.
+Every exception subclasses a built-in so callers can catch the familiar type (``except ValueError`` still
+works); the message names the bad value, the valid choices and the fix. The modules that raise them import
+them from here, so ``featx.exceptions.X`` is the class they raise (``featx._errors`` is an alias of this module).
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "ArchiveError",
     "ImageDecodeError",
     "IncompleteStoreError",
+    "JobError",
+    "NotResultsError",
+    "ResultsError",
     "SpecMismatchError",
     "StoreLockedError",
     "UnknownNameError",
@@ -40,8 +45,44 @@ class ImageDecodeError(ValueError):
     """One image could not be turned into pixels; the message is the reason recorded in the store."""
 
 
+class ArchiveError(ValueError):
+    """An archive that is broken, unsafe, or over a limit; the message names the file and the fix."""
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read: not JSON, a newer schema, or a missing section (the message says which)."""
+
+
+class NotResultsError(ResultsError):
+    """A JSON file that is not a featx results document at all (no featx ``schema`` field)."""
+
+
+class JobError(ValueError):
+    """A pipeline file that does not validate; the message names the file, line and fix."""
+
+
 def close_matches(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
-    """Return up to ``n`` choices that look like ``name``: closest spellings, then prefixes, then substrings."""
+    """Return up to ``n`` choices that look like ``name``: closest spellings, then prefixes, then substrings.
+
+    Parameters
+    ----------
+    name : str
+        What was typed.
+    choices : iterable of str
+        The valid names.
+    n : int, default=5
+        At most this many matches.
+
+    Returns
+    -------
+    list of str
+        Matches, best first, each once, in the spelling of ``choices``.
+
+    Examples
+    --------
+    >>> close_matches("resnet5", ["resnet18", "resnet50", "vgg16"])
+    ['resnet50', 'resnet18']
+    """
     choices = list(choices)
     lowered: dict[str, str] = {}
     for c in choices:
@@ -59,7 +100,24 @@ def close_matches(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
 
 
 def unknown(kind: str, name: str, choices: Iterable[str], hint: str) -> UnknownNameError:
-    """Build an :class:`UnknownNameError` listing close matches and how to see every choice."""
+    """Build an :class:`UnknownNameError` listing close matches and how to see every choice.
+
+    Parameters
+    ----------
+    kind : str
+        What ``name`` names (``pool``, ``backbone``, ``layer``, ...).
+    name : str
+        The unknown value.
+    choices : iterable of str
+        The valid values, searched for close matches.
+    hint : str
+        The last sentence: the choices themselves, or how to list them.
+
+    Returns
+    -------
+    UnknownNameError
+        ``unknown KIND 'NAME'. Did you mean: A, B? HINT`` (no "Did you mean" when nothing is close); raise it.
+    """
     matches = close_matches(name, choices)
     msg = f"unknown {kind} {name!r}."
     if matches:
