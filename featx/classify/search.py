@@ -6,12 +6,12 @@ value in grid order), and a best value at the edge of the grid is logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 from featx.classify.presets import Preset
+from featx.results import SearchPoint, SearchSummary
 
 __all__ = ["SearchResult", "search"]
 
@@ -35,17 +36,12 @@ class SearchResult:
     param: str
     scheme: str
     best: float | None
-    curve: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[SearchPoint] = field(default_factory=list)
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "param": self.param,
-            "scheme": self.scheme,
-            "best": self.best,
-            "curve": self.curve,
-            "seconds": round(self.seconds, 3),
-        }
+    def to_dict(self) -> SearchSummary:
+        """The ``"search"`` section of the results."""
+        return SearchSummary(**{**dataclasses.asdict(self), "seconds": round(self.seconds, 3)})
 
 
 def _fit_quietly(est, X, y):
