@@ -1,4 +1,8 @@
-"""TODO docstring"""
+"""What defines a fine-tuning run: its phases (what trains, how long, at which rate) and :class:`FinetuneConfig`.
+
+Every option is checked here, once, when the config is built; the CLI, the job files and the Python API
+all build one.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ class Phase:
 
     @property
     def label(self) -> str:
+        """The phase's name in a results row (its freezing: ``head``, ``top2``, ``all``)."""
         return self.freeze
 
 
@@ -166,10 +171,12 @@ class FinetuneConfig:
                 raise ValueError(message)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data (phases as dicts, tuples as lists), as results and hashes record it."""
         d = dataclasses.asdict(self)
         d["phases"] = [dataclasses.asdict(p) for p in self.phases]
         return json.loads(canonical_json(d))
 
     @property
     def label(self) -> str:
+        """The phases' names joined by arrows (``head→top2→all``), as a results row shows them."""
         return "→".join(p.label for p in self.phases)

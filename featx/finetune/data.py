@@ -1,4 +1,9 @@
-"""TODO docstring"""
+"""The images fine-tuning reads: augmented training images, evaluation images, global batches, readability.
+
+Internal to :mod:`featx.finetune`. Augmentation (random resized crop and flip) is drawn per image from a seed
+of its own, and the global batches from a seed per epoch, so a run on N ranks, or one resumed after a kill,
+sees exactly the images an uninterrupted single-process run sees.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from featx._runtime import dist as _ddp
 from featx.data.imageio import load_for_model, load_rgb
 from featx.data.manifest import Manifest
 from featx.spec import Preprocessing
+
+__all__: list[str] = []  # the datasets and samplers are the trainer's own
 
 
 class _TrainImages(Dataset):
