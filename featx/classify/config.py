@@ -51,6 +51,7 @@ class ClassifierConfig:
     out_of_core: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (the cache identity of a pipeline cell, and part of the results)."""
         return {
             "classifier": self.classifier,
             "value": self.value,

@@ -45,10 +45,12 @@ class TrainedModel:
 
     @property
     def class_names(self) -> list[str]:
+        """The class names, in the order of the class indices the model predicts."""
         return self.meta["class_names"]
 
     @property
     def layer(self) -> str:
+        """The store layer the model was trained on."""
         return self.meta["layer"]
 
     def scores(self, X: np.ndarray) -> np.ndarray | None:
@@ -66,6 +68,7 @@ class TrainedModel:
         return None
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        """Class indices (into :attr:`class_names`) of feature rows ``X``."""
         return self.pipeline.predict(X)
 
     def save(self, path: str | Path) -> Path:

@@ -203,6 +203,7 @@ class _Figures:
         folder.mkdir(parents=True, exist_ok=True)
 
     def save(self, fig, name: str, title: str) -> None:
+        """Write ``fig`` as ``name.png`` and ``name.svg``, close it, and list it under ``title``."""
         fig.tight_layout()
         for suffix in ("png", "svg"):
             fig.savefig(self.folder / f"{name}.{suffix}", dpi=110)

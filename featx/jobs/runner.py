@@ -40,10 +40,12 @@ class RunSummary:
     seconds: float
 
     def count(self, status: str) -> int:
+        """How many tasks ended with ``status`` (``done``, ``cached``, ``failed``, ``skipped``, ``planned``)."""
         return sum(t.status == status for t in self.tasks)
 
     @property
     def failed(self) -> list[Task]:
+        """The tasks that failed."""
         return [t for t in self.tasks if t.status == "failed"]
 
 

@@ -62,6 +62,8 @@ class JobError(ValueError):
 # ---------------------------------------------------------------------------------------------- schema
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A ``[[datasets]]`` table: an image source (see :func:`featx.data.load_source`) and its test split."""
+
     name: str
     source: str
     test_fraction: float = DEFAULT_TEST_FRACTION
@@ -69,6 +71,8 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """A ``[[backbones]]`` table: a backbone and the extraction options its stores are made with."""
+
     name: str
     backbone: str = DEFAULT_BACKBONE
     layers: tuple[str, ...] = ("penultimate",)
@@ -92,6 +96,7 @@ class ClassifierSpec:
 
     @property
     def classifier(self) -> str:
+        """The preset or import path of this table (the config's default when the table does not set it)."""
         from featx.classify.config import ClassifierConfig
 
         return dict(self.settings).get("classifier", ClassifierConfig.classifier)
@@ -238,10 +243,13 @@ class _Errors:
         self.path, self.text = path, text
 
     def where(self, table: str | None = None, index: int | None = None, key: str | None = None) -> str:
+        """``FILE:LINE`` of the key (or the table) an error is about; ``FILE`` alone when it cannot be found."""
         line = _locate(self.text, table, index, key)
         return f"{self.path}:{line}" if line else str(self.path)
 
-    def __call__(self, message: str, table: str | None = None, index: int | None = None, key: str | None = None):
+    def __call__(
+        self, message: str, table: str | None = None, index: int | None = None, key: str | None = None
+    ) -> JobError:
         return JobError(f"{self.where(table, index, key)}: {message}")
 
 
@@ -336,7 +344,9 @@ def _check_references(tables: dict[str, tuple], err: _Errors) -> None:
             raise err(message, "finetune", i, "init_head")
 
 
-def _job(path: Path, job_table: dict[str, Any], tables: dict[str, tuple], variables: dict[str, str], err) -> Job:
+def _job(
+    path: Path, job_table: dict[str, Any], tables: dict[str, tuple], variables: dict[str, str], err: _Errors
+) -> Job:
     name = job_table.get("name", path.stem)
     # Relative paths (out, sources) are relative to the working directory, like every featx command.
     out = Path(_substitute(job_table.get("out", f"runs/{name}"), variables, str(path))).expanduser()
