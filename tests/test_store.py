@@ -17,6 +17,7 @@ import pytest
 from conftest import TINY, make_image
 
 import featx.store
+from featx._runtime.io import atomic_path
 from featx.data import from_folder
 from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.extract import extract
@@ -233,6 +234,33 @@ def test_open_refuses_non_stores_and_newer_formats(tmp_path):
         f.attrs["featx_format_version"] = 99
     with pytest.raises(ValueError, match="Upgrade featx"):
         featx.store.open(tmp_path / "future.h5")
+
+
+def test_open_store_is_the_documented_name_and_open_stays_for_users(image_folder, tmp_path):
+    made = extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False)
+    assert featx.store.open is featx.store.open_store  # users call featx.store.open
+    with featx.store.open_store(made.path) as a, featx.store.open(made.path) as b:
+        assert a.key == b.key == made.key
+    names: dict = {}
+    exec("from featx.store import *", names)
+    assert "open_store" in names and "open" not in names  # a star import leaves the builtin open alone
+
+
+def test_atomic_path_replaces_the_target_only_when_the_block_succeeds(tmp_path):
+    target = tmp_path / "out.h5"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="died"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("died while writing")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+    with atomic_path(target, tmp_path / "assembling.h5") as tmp:
+        assert tmp == tmp_path / "assembling.h5"
+        with h5py.File(tmp, "w") as f:
+            f["x"] = [1, 2, 3]
+        assert target.read_bytes() == b"old"  # nothing replaced before the block ends
+    with h5py.File(target, "r") as f:
+        assert list(f["x"][:]) == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
 
 
 # ------------------------------------------------------------------------------------------ locking

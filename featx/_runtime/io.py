@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["atomic_path", "atomic_write", "fsync_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,21 +21,47 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(target: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Call ``write(fh)`` on a temporary file beside ``target``, fsync it, then rename it into place.
+@contextlib.contextmanager
+def atomic_path(target: str | Path, temp: str | Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write ``target`` at; after the block it is fsynced and renamed into place.
 
-    The temporary name carries the process id, so two processes writing the same target never collide.
+    For writers that want a path, not a file object (HDF5). On leaving the block normally, the temporary
+    file is flushed to disk, renamed over ``target`` (atomically: a reader sees the old file or the new one)
+    and the folder entry flushed too; on an error (Ctrl-C included) it is removed and ``target`` is untouched.
+
+    Parameters
+    ----------
+    target : str or Path
+        The file to produce.
+    temp : str or Path, optional
+        The temporary path, on the same filesystem as ``target``; by default ``.NAME.tmp-PID`` beside it,
+        so two processes writing the same target never collide.
+
+    Examples
+    --------
+    >>> with atomic_path("store.h5") as tmp:  # doctest: +SKIP
+    ...     with h5py.File(tmp, "w") as f:
+    ...         f["x"] = data
     """
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = Path(temp) if temp is not None else target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("wb") as fh:
-            write(fh)
-            fh.flush()
+        yield tmp
+        with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def atomic_write(target: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``target``, fsync it, then rename it into place.
+
+    The temporary name carries the process id, so two processes writing the same target never collide.
+    """
+    target = Path(target)
+    with atomic_path(target) as tmp, tmp.open("wb") as fh:
+        write(fh)
     return target

@@ -1,4 +1,9 @@
-"""TODO docstring"""
+"""Joining stores: complete stores of consecutive row blocks of one manifest concatenated into one store.
+
+The joined file has exactly the layout of a store written in one process (it is written with the same
+layout helpers as :class:`~featx.store.writer.StoreWriter`), copied in bounded blocks and renamed into
+place only when complete. Sharded extraction (:mod:`featx.extract.sharded`) joins its shards with it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featx._runtime.io import fsync_dir
+from featx._runtime.io import atomic_path
 from featx.exceptions import SpecMismatchError
 from featx.spec import canonical_json
 from featx.store.format import _create_layout, _finish_attrs, _text, _write_columns
@@ -83,16 +88,8 @@ def concatenate(
         versions = [store.attrs.get("versions", "{}") for store in stores]
         if len(set(versions)) > 1:
             log.warning("the joined stores were made with different library versions; recording the first's")
-        tmp = target.with_name(f".{target.name}.joining-{os.getpid()}")
-        try:
+        with atomic_path(target, target.with_name(f".{target.name}.joining-{os.getpid()}")) as tmp:
             _join_into(tmp, stores, key, stats or {}, {"versions": versions[0], **(attrs or {})})
-            with tmp.open("rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     finally:
         for store in stores:
             store.close()

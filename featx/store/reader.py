@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""Reading a complete feature store: :class:`FeatureStore` selects rows by split and reads them in bounded
+blocks; :func:`open_store` (``featx.store.open``) opens one, or says why it cannot (unfinished, in shards).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ from featx.exceptions import IncompleteStoreError, unknown
 from featx.spec import ExtractionSpec, canonical_json
 from featx.store.format import FORMAT_NAME, FORMAT_VERSION, SPLIT_CODES, Failure, _text, partial_progress, shards_path
 
-__all__ = ["FeatureStore", "open"]
+__all__ = ["FeatureStore", "open_store"]
 
 
 class FeatureStore:
-    """A complete feature store opened for reading (see :func:`open`).
+    """A complete feature store opened for reading (see :func:`open_store`).
 
     Row selections (``split``) default to all rows that hold features; failed rows are left out
     everywhere unless ``include_failed=True`` (their features are zeros).
@@ -218,8 +220,8 @@ def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(pieces)
 
 
-def open(path: str | Path) -> FeatureStore:
-    """Open a complete feature store for reading.
+def open_store(path: str | Path) -> FeatureStore:
+    """Open a complete feature store for reading (also importable as ``featx.store.open``).
 
     Raises
     ------
@@ -230,8 +232,13 @@ def open(path: str | Path) -> FeatureStore:
 
     Examples
     --------
-    >>> import featx.store
-    >>> with featx.store.open("digits.h5") as store:  # doctest: +SKIP
+    >>> from featx.store import open_store
+    >>> with open_store("digits.h5") as store:  # doctest: +SKIP
     ...     X, y = store.features(split="train"), store.labels(split="train")
     """
     return FeatureStore(path)
+
+
+#: :func:`open_store` under the name users call it by (``featx.store.open``). Left out of ``__all__``, so that
+#: ``from featx.store import *`` does not shadow the builtin ``open``.
+open = open_store

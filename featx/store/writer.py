@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""Writing a store crash-safely and resumably, one writer at a time.
+
+:class:`StoreWriter` persists each batch as an atomic ``.npz`` part in ``STORE.h5.partial/`` (so a killed job
+resumes from its last batch), holds a lock there that dies with the writing process, and at the end assembles
+the parts into the HDF5 file, renamed into place only when complete. :func:`check_replaceable` decides whether
+a store already at the path is this job's (a cache hit), or another's (refused unless ``overwrite``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import h5py
 import numpy as np
 
 from featx._runtime.env import library_versions
-from featx._runtime.io import atomic_write, fsync_dir
+from featx._runtime.io import atomic_path, atomic_write
 from featx.data.manifest import Manifest
 from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.spec import ExtractionSpec, canonical_json, spec_differences
@@ -296,16 +302,8 @@ class StoreWriter:
         if len(missing):
             raise IncompleteStoreError(f"cannot finalise {self.path}: {len(missing)} rows were never extracted")
         # Assembled inside the partial folder, so a kill during assembly leaves nothing beside the store.
-        tmp = self.workdir / f"assembling-{os.getpid()}.h5"
-        try:
+        with atomic_path(self.path, self.workdir / f"assembling-{os.getpid()}.h5") as tmp:
             self._assemble(tmp, stats or {})
-            with tmp.open("rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         shutil.rmtree(self.workdir, ignore_errors=True)  # the lock goes with it; we still hold its flock
         return self.path
 
