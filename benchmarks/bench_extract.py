@@ -103,7 +103,7 @@ def child_model(args) -> dict:
     """Forward passes only, over tensors decoded, normalised and put on the device before the clock starts."""
     import torch
 
-    from featx._runtime.device import _resolve_amp
+    from featx._runtime.device import autocast_dtype, resolve_amp
     from featx._runtime.malloc import reuse_freed_memory
     from featx.backbones import load_backbone
     from featx.data.imageio import load_rgb, preprocess_uint8
@@ -111,8 +111,8 @@ def child_model(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     mode = MODEL_MODES[device.type][args.mode]
-    amp = _resolve_amp(mode.amp, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    amp = resolve_amp(mode.amp, device)
+    dtype = autocast_dtype(amp)
     if device.type == "cuda" and dtype is None:  # as featx --amp none: float32 without TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     net = load_backbone(args.backbone)

@@ -173,6 +173,35 @@ def test_resolve_fills_in_default_tags():
         assert str(B.resolve_backbone(name)) == name
 
 
+def test_a_resolved_name_is_resolved_once_and_its_fields_say_what_it_is(tmp_path):
+    resolved = B.resolve_backbone("torchvision:resnet50")
+    assert resolved.resolved and not B.parse_backbone_name("torchvision:resnet50").resolved
+    assert B.resolve_backbone(resolved) is resolved  # nothing checked twice
+    assert resolved == B.BackboneName("torchvision", "resnet50", "IMAGENET1K_V2")  # `resolved` is not compared
+    assert (resolved.family, resolved.model) == ("torchvision", "resnet50")
+    parsed = B.parse_backbone_name("torchvision:resnet50")
+    assert str(B.resolve_backbone(parsed)) == str(resolved)  # a parsed name is resolved from its fields
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"")
+    bare = B.parse_backbone_name(f"file:resnet18={ckpt}")
+    assert (bare.family, bare.model) == ("", "resnet18")  # the zoo is known once resolved
+    full = B.resolve_backbone(bare)
+    assert (full.family, full.model, full.path) == ("torchvision", "resnet18", str(ckpt.resolve()))
+
+
+def test_extract_parses_the_backbone_name_once(image_folder, tmp_path, monkeypatch):
+    from featx.extract import extract
+
+    calls = []
+    parse = names.parse_backbone_name
+    monkeypatch.setattr(names, "parse_backbone_name", lambda name: calls.append(name) or parse(name))
+    result = extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False)
+    assert calls == [TINY]
+    assert result.spec.backbone == TINY  # the spec keeps the canonical string: keys do not change
+    net = B.load_backbone(B.resolve_backbone(TINY))
+    assert net.parsed == B.BackboneName("featx", "tiny_test") and net.parsed.resolved and net.name == TINY
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [

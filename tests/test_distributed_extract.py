@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
+import socket
 import textwrap
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch.distributed as dist
 from click.testing import CliRunner
 from conftest import TINY, torchrun
 
 import featx.store
-from featx._runtime.dist import TorchrunEnv
+from featx._runtime.dist import TorchrunEnv, World, close, gather_objects, init, process_group
 from featx._runtime.env import default_workers
 from featx.cli import main
 from featx.data import Manifest
@@ -118,6 +121,54 @@ def test_torchrun_environment_detection(monkeypatch):
     # Ranks on one node share its cores between their DataLoader workers.
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert default_workers({"LOCAL_WORLD_SIZE": "4"}) == 4 and default_workers({}) == 8
+
+
+@pytest.fixture
+def one_rank(monkeypatch) -> TorchrunEnv:
+    """A torchrun environment of one rank on a free local port (rank 0 hosts the rendezvous store)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    return TorchrunEnv.detect()
+
+
+def test_a_process_group_lives_as_long_as_its_block_and_can_be_started_again(one_rank):
+    assert not dist.is_initialized()
+    for _ in range(2):  # a script may extract twice under one torchrun: the second group starts afresh
+        with process_group(one_rank, "cpu", timeout=datetime.timedelta(seconds=30)) as world:
+            assert dist.is_initialized() and world.owns_group and (world.rank, world.size) == (0, 1)
+            assert gather_objects(world, "mine") == ["mine"]
+        assert not dist.is_initialized()  # exit really destroys the group it started
+
+
+def test_a_process_group_the_caller_made_is_joined_and_left_alone(one_rank):
+    dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=30))
+    try:
+        with process_group(one_rank, "cpu") as world:
+            assert not world.owns_group
+        assert dist.is_initialized()
+        with pytest.raises(RuntimeError, match="WORLD_SIZE is 2"), process_group(TorchrunEnv(0, 2, 0)):
+            pass
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fine_tuning_and_extraction_read_the_environment_alike(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"RANK, LOCAL_RANK not set.*-m featx finetune"):
+        init("cpu")
+    with pytest.raises(ValueError, match=r"RANK, LOCAL_RANK not set.*-m featx extract.*--no-distributed"):
+        TorchrunEnv.detect()
+    monkeypatch.delenv("WORLD_SIZE")
+    world, dev = init("cpu")  # plain python: a world of one and no process group
+    assert world == World() and dev.type == "cpu" and not dist.is_initialized()
+    close(world)
 
 
 def test_ranks_that_built_another_job_are_refused_by_name():

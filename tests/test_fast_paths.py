@@ -4,6 +4,7 @@ within float rounding); fast decoding, which changes pixels, stays close and get
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import resource
 
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
-from PIL import Image
+from PIL import Image, ImageFile
 
+import featx.data.imageio
 import featx.store
 from featx._runtime import malloc as _malloc
+from featx._runtime.device import exact_float32
+from featx._runtime.env import cache_dir, temporary_environ
 from featx.backbones import FeatureModel
 from featx.extract import extract
 from featx.extract.engine import _compile_wanted
@@ -194,5 +198,88 @@ def test_fast_decode_is_a_different_store_and_says_so(tmp_path):
     with featx.store.open(exact.path) as a, featx.store.open(fast.path) as b:
         assert b.spec.decode == "fast"
         np.testing.assert_allclose(b.features(), a.features(), rtol=0, atol=0.1 * np.abs(a.features()).max())
-    with pytest.raises(ValueError, match=r"decode mode 'quick'.*exact, fast"):
+    with pytest.raises(ValueError, match=r"unknown decode 'quick'.*exact, fast"):
         extract(tmp_path / "photos", TINY, out=tmp_path / "bad.h5", decode="quick", progress=False)
+
+
+# ---------------------------------------------------------------------------------- process-wide state
+def _global_state() -> dict:
+    """What extraction could change for the whole process: the environment, TF32, Pillow's flags."""
+    return {
+        "environ": dict(os.environ),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "load_truncated": ImageFile.LOAD_TRUNCATED_IMAGES,
+        "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+    }
+
+
+@pytest.mark.parametrize("user_cache", [None, "mine"])
+def test_extract_leaves_the_process_as_it_found_it(image_folder, tmp_path, monkeypatch, user_cache):
+    """The inductor cache folder and Pillow's truncated-image switch hold only while extract() runs."""
+    import torch._dynamo  # its first import sets TORCHINDUCTOR_CACHE_DIR: PyTorch's doing, not featx's
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # a caller's own choice
+    if user_cache is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / user_cache))
+    seen: dict = {}
+
+    def fake_compile(model, **kwargs):  # compiling for real takes a minute; the environment is what counts
+        seen["inductor_cache"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        return model
+
+    def decode(*args, **kwargs):  # inside load_rgb: truncated files must be reported, not padded
+        seen.setdefault("load_truncated", ImageFile.LOAD_TRUNCATED_IMAGES)
+        return decode_file(*args, **kwargs)
+
+    decode_file = featx.data.imageio._load_rgb
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(featx.data.imageio, "_load_rgb", decode)
+    before = _global_state()
+    result = extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, compile_mode="on", progress=False)
+    assert _global_state() == before
+    expected = str(tmp_path / user_cache) if user_cache else str(cache_dir() / "inductor")
+    assert seen == {"inductor_cache": expected, "load_truncated": False}
+    with featx.store.open(result.path) as store:
+        assert store.info()["stats"]["compiled"] is True  # the compiled path did run
+
+
+def test_float32_on_cuda_turns_tf32_off_only_inside_the_block():
+    cuda = torch.device("cuda")  # a device object needs no GPU: the settings are what is tested
+    precision, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")  # a caller's choice a boolean restore would lose
+        torch.backends.cudnn.allow_tf32 = True
+        with exact_float32(cuda):
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+            with exact_float32(cuda):  # nested (or a second thread): the outermost exit restores
+                pass
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
+        for device, amp in ((cuda, "bf16"), (torch.device("cpu"), "none")):  # no float32 asked for, or no TF32
+            with exact_float32(device, amp):
+                assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def test_temporary_settings_count_their_users_and_restore_at_the_last_exit(monkeypatch):
+    monkeypatch.delenv("FEATX_TEST_VAR", raising=False)
+    outer, inner = temporary_environ("FEATX_TEST_VAR", "a"), temporary_environ("FEATX_TEST_VAR", "a")
+    with outer:
+        inner.__enter__()
+        assert os.environ["FEATX_TEST_VAR"] == "a"
+    assert os.environ["FEATX_TEST_VAR"] == "a"  # the inner user is still inside (another thread, say)
+    inner.__exit__(None, None, None)
+    assert "FEATX_TEST_VAR" not in os.environ
+    monkeypatch.setenv("FEATX_TEST_VAR", "user")
+    with temporary_environ("FEATX_TEST_VAR", "a", keep_existing=True):
+        assert os.environ["FEATX_TEST_VAR"] == "user"
+    with temporary_environ("FEATX_TEST_VAR", "a"):
+        assert os.environ["FEATX_TEST_VAR"] == "a"
+    assert os.environ["FEATX_TEST_VAR"] == "user"

@@ -178,6 +178,7 @@ def test_truncated_jpeg_refused_even_if_pillow_was_told_to_pad(tmp_path, monkeyp
     """A library user's LOAD_TRUNCATED_IMAGES=True must not turn a cut file into a grey-padded one."""
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     assert "truncated" in _refused(write_truncated_jpeg(tmp_path / "cut.jpg"))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # featx switches it off only while it decodes
 
 
 @pytest.mark.parametrize(

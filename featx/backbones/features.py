@@ -1,4 +1,8 @@
-"""TODO docstring"""
+"""A loaded backbone and the features taken from it: layers picked out of its FX graph, then pooled.
+
+:class:`Backbone` is the frozen network with its preprocessing; :meth:`Backbone.feature_model` truncates it
+to the asked layers (a :class:`FeatureModel`, images in, one ``[N, D]`` tensor per layer out).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ import torch
 from torch import nn
 
 from featx.backbones.folding import _fold_batchnorm
-from featx.backbones.names import PENULTIMATE
+from featx.backbones.names import PENULTIMATE, BackboneName, parse_backbone_name
 from featx.exceptions import unknown
-from featx.spec import POOLS, Preprocessing
+from featx.spec import Preprocessing, check_option
 
 __all__ = ["Backbone", "FeatureModel", "bytes_per_image", "feature_dims", "human_bytes", "pool_features"]
 
@@ -37,6 +41,9 @@ class Backbone:
         The weights tag (or checkpoint file name).
     weights_sha256 : str
         Checksum of every parameter and buffer.
+    parsed : BackboneName
+        ``name`` parsed (resolved when :func:`~featx.backbones.loading.load_backbone` made it), for code that
+        needs its source, architecture or tag.
     """
 
     name: str
@@ -44,6 +51,11 @@ class Backbone:
     preprocessing: Preprocessing
     weights: str
     weights_sha256: str
+    parsed: BackboneName = None  # type: ignore[assignment]  # filled in from ``name`` when not given
+
+    def __post_init__(self) -> None:
+        if self.parsed is None:
+            self.parsed = parse_backbone_name(self.name)
 
     def layer_names(self) -> list[str]:
         """The FX graph node names usable as layers (eval mode), in execution order."""
@@ -135,8 +147,7 @@ class Backbone:
         """
         from timm.models import create_feature_extractor
 
-        if pool not in POOLS:
-            raise unknown("pooling", pool, POOLS, f"Choose one of {', '.join(POOLS)}.")
+        check_option("pool", pool)
         node_of = self._layer_nodes(layers)
         return_nodes: dict[str, str] = {}  # node -> output key (the first layer asking for it)
         for layer in layers:
@@ -199,8 +210,7 @@ class FeatureModel(nn.Module):
         channels_last: Sequence[str] | Callable[[], Sequence[str]] = (),
     ) -> None:
         super().__init__()
-        if pool not in POOLS:
-            raise unknown("pooling", pool, POOLS, f"Choose one of {', '.join(POOLS)}.")
+        check_option("pool", pool)
         self.extractor = extractor
         self.layers = tuple(layers)
         self.pool = pool
@@ -266,8 +276,7 @@ def pool_features(t: torch.Tensor, pool: str, gem_p: float = 3.0) -> torch.Tenso
     2-D outputs are already vectors. ``avgmax`` concatenates average and max (``2C`` values); ``gem``
     is generalised-mean pooling (p = 3, activations clamped at 1e-6); ``none`` flattens.
     """
-    if pool not in POOLS:
-        raise unknown("pooling", pool, POOLS, f"Choose one of {', '.join(POOLS)}.")
+    check_option("pool", pool)
     t = t.float()
     if t.ndim == 2:
         return t

@@ -1,4 +1,8 @@
-"""TODO docstring"""
+"""Batch norms folded into the convolutions before them, for inference: one pass over each activation map less.
+
+Used by :meth:`featx.backbones.features.FeatureModel.with_batchnorm_folded`; the features agree with the
+unfolded network to float32 rounding. Only plain pairs of exact classes are folded, in a copy of the graph.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import functools
 
 import torch
 from torch import nn
+
+__all__: list[str] = []  # private machinery: FeatureModel.with_batchnorm_folded is the public way in
 
 
 @functools.cache

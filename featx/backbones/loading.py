@@ -1,4 +1,8 @@
-"""TODO docstring"""
+"""Loading a backbone by name: the network, its weights (never by running pickled code), their preprocessing.
+
+Every source ends in one :class:`~featx.backbones.features.Backbone`: the full network in eval mode on the
+CPU, the preprocessing from the weights' own metadata, and a checksum of every tensor for the cache key.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featx._runtime.env import temporary_environ
 from featx.backbones.features import Backbone
-from featx.backbones.names import _BUILTINS, _hf_hub_cache, resolve_backbone
+from featx.backbones.names import _BUILTINS, BackboneName, _hf_hub_cache, resolve_backbone
 from featx.spec import DEFAULT_BACKBONE, Preprocessing
 
 __all__ = ["load_backbone", "weights_checksum"]
@@ -152,31 +157,23 @@ def _build_checkpoint(family: str, arch: str, path: Path) -> tuple[nn.Module, Pr
     return model, pre
 
 
-@contextlib.contextmanager
-def _weights_only_loads():
+def _weights_only_loads() -> contextlib.AbstractContextManager[None]:
     """Make every ``torch.load`` inside (torch.hub's cache included) refuse pickled code.
 
     torchvision's builders load cached weights with ``weights_only=False``; a file planted in the cache
     could otherwise run code. PyTorch reads this switch at each call.
     """
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+    return temporary_environ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 
-def load_backbone(name: str) -> Backbone:
+def load_backbone(name: str | BackboneName) -> Backbone:
     """Load a backbone by name, with its weights and their preprocessing, in eval mode on the CPU.
 
     Parameters
     ----------
-    name : str
-        ``SOURCE:NAME[.TAG]`` or ``file:ARCH=PATH``; see the module docstring.
+    name : str or BackboneName
+        ``SOURCE:NAME[.TAG]`` or ``file:ARCH=PATH`` (see :mod:`featx.backbones.names`), or a name parsed
+        or resolved before (a resolved one is not checked again).
 
     Raises
     ------
@@ -223,10 +220,9 @@ def load_backbone(name: str) -> Backbone:
             raise RuntimeError(_offline_hint(str(resolved), where)) from exc
         pre, weights = _timm_preprocessing(model, str(resolved)), resolved.tag
     else:
-        family, arch = resolved.arch.split(":", 1)
-        model, pre = _build_checkpoint(family, arch, Path(resolved.path))
+        model, pre = _build_checkpoint(resolved.family, resolved.model, Path(resolved.path))
         weights = Path(resolved.path).name
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Backbone(str(resolved), model, pre, weights, weights_checksum(model))
+    return Backbone(str(resolved), model, pre, weights, weights_checksum(model), parsed=resolved)

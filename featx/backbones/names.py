@@ -23,7 +23,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,12 +68,49 @@ _LITE0_PREPROCESSING = Preprocessing.from_crop_pct(
 # --------------------------------------------------------------------------------------------- names
 @dataclass(frozen=True)
 class BackboneName:
-    """A parsed backbone name. ``tag`` is ``None`` when the default weights are meant."""
+    """A parsed backbone name: :func:`parse_backbone_name` makes one, :func:`resolve_backbone` checks it.
+
+    Downstream code reads its fields and never splits the string again; ``str()`` gives the name back
+    (the canonical one, once resolved, as stores record it).
+
+    Attributes
+    ----------
+    source : str
+        ``torchvision``, ``timm``, ``featx`` or ``file``.
+    arch : str
+        The model; for ``file:``, the architecture as written (``resnet50``), or once resolved with its
+        family (``torchvision:resnet50``).
+    tag : str or None
+        The weights tag; ``None`` when the default weights are meant (filled in by resolution).
+    path : str or None
+        The checkpoint, only for ``file:`` (absolute once resolved).
+    resolved : bool
+        Made by :func:`resolve_backbone`: the backbone exists here and the default tag is filled in. Not part
+        of equality.
+    """
 
     source: str
     arch: str
     tag: str | None = None
-    path: str | None = None  # only for ``file:``
+    path: str | None = None
+    resolved: bool = field(default=False, compare=False, repr=False)
+
+    @property
+    def family(self) -> str:
+        """The model zoo that builds the network: the source, or for ``file:`` the architecture's zoo
+        (``torchvision`` or ``timm``; ``""`` while a bare architecture is not resolved yet)."""
+        if self.source != "file":
+            return self.source
+        family, sep, _ = self.arch.partition(":")
+        return family if sep else ""
+
+    @property
+    def model(self) -> str:
+        """The architecture without its zoo: ``resnet50`` for ``torchvision:resnet50`` and
+        ``file:torchvision:resnet50=…`` alike."""
+        if self.source == "file" and ":" in self.arch:
+            return self.arch.partition(":")[2]
+        return self.arch
 
     def __str__(self) -> str:
         if self.source == "file":
@@ -270,10 +307,16 @@ def list_backbones(source: str | None = None, pattern: str | None = None) -> lis
 
 
 # ------------------------------------------------------------------------------------- resolution
-def resolve_backbone(name: str) -> BackboneName:
+def resolve_backbone(name: str | BackboneName) -> BackboneName:
     """Check that a backbone name exists here, without loading any weights.
 
-    Returns the parsed name with the default tag filled in, so equal backbones get equal names.
+    Returns the parsed name with the default tag filled in (and ``resolved`` set), so equal backbones get
+    equal names. A name that is already resolved is returned as it is.
+
+    Parameters
+    ----------
+    name : str or BackboneName
+        ``SOURCE:NAME[.TAG]`` or ``file:ARCH=PATH``, or a name parsed before.
 
     Raises
     ------
@@ -282,11 +325,13 @@ def resolve_backbone(name: str) -> BackboneName:
     FileNotFoundError
         A ``file:`` checkpoint that does not exist.
     """
-    parsed = parse_backbone_name(name)
+    if isinstance(name, BackboneName) and name.resolved:
+        return name
+    parsed = name if isinstance(name, BackboneName) else parse_backbone_name(name)
     if parsed.source == "featx":
         if parsed.arch not in _BUILTINS or parsed.tag:
             raise unknown("backbone", str(parsed), [f"featx:{n}" for n in _BUILTINS], _LIST_HINT)
-        return parsed
+        return dataclasses.replace(parsed, resolved=True)
     if parsed.source == "torchvision":
         from torchvision.models import get_model_weights
 
@@ -300,7 +345,7 @@ def resolve_backbone(name: str) -> BackboneName:
         tag = parsed.tag or "DEFAULT"
         if tag not in tags:
             raise unknown(f"weights tag for torchvision:{parsed.arch}", tag, tags, f"Its tags are: {', '.join(tags)}.")
-        return dataclasses.replace(parsed, tag=enum[tag].name)
+        return dataclasses.replace(parsed, tag=enum[tag].name, resolved=True)
     if parsed.source == "timm":
         import timm
         from timm.models import get_pretrained_cfg
@@ -318,18 +363,18 @@ def resolve_backbone(name: str) -> BackboneName:
         tag = parsed.tag or get_pretrained_cfg(parsed.arch).tag
         if tag not in tags:
             raise unknown(f"weights tag for timm:{parsed.arch}", tag, tags, f"Its tags are: {', '.join(tags)}.")
-        return dataclasses.replace(parsed, tag=tag)
+        return dataclasses.replace(parsed, tag=tag, resolved=True)
     # file: the architecture is a name like any other, checked before the file system
     family, arch = _checkpoint_family(parsed.arch)
     path = Path(parsed.path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} for backbone {name!r} does not exist")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} for backbone {str(parsed)!r} does not exist")
     if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise ValueError(
             f"checkpoint {str(path)!r} has suffix {path.suffix!r}; featx reads state dicts from "
             f"{', '.join(CHECKPOINT_SUFFIXES)} files"
         )
-    return dataclasses.replace(parsed, arch=f"{family}:{arch}", path=str(path.resolve()))
+    return dataclasses.replace(parsed, arch=f"{family}:{arch}", path=str(path.resolve()), resolved=True)
 
 
 def _checkpoint_family(arch: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
+from featx._runtime.env import temporary_attr
 from featx.exceptions import ImageDecodeError
 from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing
 
@@ -52,9 +53,13 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size:
     ImageDecodeError
         With a one-line reason: missing, empty, not an image, truncated, too large, unreadable.
     """
-    path = Path(path)
-    # Pillow's global switch would silently pad truncated files with grey; we want them reported.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Pillow's global switch would silently pad truncated files with grey; we want them reported. It is
+    # switched off only while featx decodes, so a caller that turned it on finds it on again afterwards.
+    with temporary_attr(ImageFile, "LOAD_TRUNCATED_IMAGES", False):
+        return _load_rgb(Path(path), max_pixels, draft_size)
+
+
+def _load_rgb(path: Path, max_pixels: int, draft_size: int | None) -> Image.Image:
     try:
         st = path.stat()
     except FileNotFoundError:

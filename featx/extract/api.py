@@ -1,4 +1,7 @@
-"""TODO docstring"""
+"""The entry point of extraction: :func:`extract` checks every option, resolves the backbone, the source and
+the spec into one job (before any image is read), then hands it to the engine (or to a torchrun rank, or one
+shard), unless the store is already there.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +9,31 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from featx._runtime.device import _resolve_amp, resolve_device
+from featx._runtime.device import resolve_amp, resolve_device
 from featx._runtime.dist import TorchrunEnv
 from featx._runtime.env import cache_dir
-from featx.backbones.features import Backbone
+from featx.backbones.features import Backbone, FeatureModel
 from featx.backbones.loading import load_backbone
-from featx.backbones.names import PENULTIMATE, resolve_backbone
-from featx.data.manifest import FINGERPRINT_MODES, Manifest
+from featx.backbones.names import PENULTIMATE, BackboneName, resolve_backbone
+from featx.data.manifest import Manifest
 from featx.data.sources import load_source
-from featx.data.splits import DEFAULT_TEST_FRACTION
-from featx.exceptions import SpecMismatchError, unknown
-from featx.extract.engine import COMPILE_MODES, ExtractionResult, MaxFailures, _cached_result, _extract_store, _Job
-from featx.extract.sharded import (
-    Shard,
-    _extract_distributed,
-    _extract_shard,
-)
+from featx.data.splits import DEFAULT_TEST_FRACTION, check_test_fraction
+from featx.exceptions import SpecMismatchError
+from featx.extract.engine import ExtractionResult, MaxFailures, _cached_result, _extract_store, _Job, _result
+from featx.extract.sharded import Shard, _extract_distributed, _extract_shard
 from featx.spec import (
-    DECODE_MODES,
+    DEFAULT_AMP,
     DEFAULT_BACKBONE,
+    DEFAULT_COMPILE,
+    DEFAULT_DECODE,
+    DEFAULT_DTYPE,
+    DEFAULT_FINGERPRINT,
     DEFAULT_MAX_PIXELS,
-    DTYPES,
-    POOLS,
-    TTA_MODES,
+    DEFAULT_POOL,
+    DEFAULT_TTA,
     ExtractionSpec,
     cache_key,
+    check_option,
 )
 from featx.store.format import read_key
 from featx.store.writer import check_replaceable
@@ -48,14 +51,32 @@ def build_spec(
     backbone: Backbone,
     layers: Sequence[str],
     *,
-    pool: str = "avg",
-    dtype: str = "float32",
+    pool: str = DEFAULT_POOL,
+    dtype: str = DEFAULT_DTYPE,
     amp: str = "none",
-    tta: str = "none",
+    tta: str = DEFAULT_TTA,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    decode: str = "exact",
+    decode: str = DEFAULT_DECODE,
 ) -> ExtractionSpec:
-    """The spec for extracting ``layers`` of a loaded backbone."""
+    """The spec for extracting ``layers`` of a loaded backbone: what :func:`extract` would record.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        A loaded backbone (:func:`~featx.backbones.load_backbone`); its canonical name, weights tag and
+        checksum and preprocessing enter the spec.
+    layers : sequence of str
+        The layers extracted.
+    pool, dtype, tta, max_pixels, decode :
+        As for :func:`extract`.
+    amp : {"none", "bf16", "fp16"}, default="none"
+        The resolved autocast mode (:func:`~featx._runtime.device.resolve_amp` turns ``auto`` into one).
+
+    Returns
+    -------
+    ExtractionSpec
+        Validated by its own constructor.
+    """
     return ExtractionSpec(
         backbone=backbone.name,
         weights=backbone.weights,
@@ -72,57 +93,109 @@ def build_spec(
 
 
 def _check_options(
+    *,
     batch_size: int,
     pool: str,
     dtype: str,
+    amp: str,
     tta: str,
+    decode: str,
     fingerprint: str,
+    compile_mode: str,
     workers: int | None,
     max_pixels: int,
-    decode: str = "exact",
+    test_fraction: float,
 ) -> None:
+    """Every option of :func:`extract` checked before any weight is loaded or image read."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    for kind, value, choices in (
-        ("pooling", pool, POOLS),
-        ("dtype", dtype, DTYPES),
-        ("tta mode", tta, TTA_MODES),
-        ("decode mode", decode, DECODE_MODES),
-        ("fingerprint mode", fingerprint, FINGERPRINT_MODES),
+    check_test_fraction(test_fraction)
+    for name, value in (
+        ("pool", pool),
+        ("dtype", dtype),
+        ("amp", amp),
+        ("tta", tta),
+        ("decode", decode),
+        ("fingerprint", fingerprint),
+        ("compile", compile_mode),
     ):
-        if value not in choices:
-            raise unknown(kind, value, choices, f"Choose one of {', '.join(choices)}.")
+        check_option(name, value)
     if not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if workers is not None and workers < 0:
         raise ValueError(f"workers must be 0 (decode in the main process) or more, got {workers}")
 
 
+def _torchrun_env(distributed: bool, shard: str | Shard | None) -> TorchrunEnv | None:
+    """This rank's place in a torchrun job of several processes, or ``None`` for an ordinary extraction."""
+    if not distributed:
+        return None
+    if shard is not None:
+        raise ValueError(
+            "--shard and --distributed exclude each other: under torchrun each rank extracts shard RANK of "
+            "WORLD_SIZE; --shard INDEX/COUNT is for running one shard without torchrun"
+        )
+    env = TorchrunEnv.detect()
+    if env is None:
+        raise ValueError(
+            "distributed extraction needs torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): launch with "
+            "`torchrun --nproc-per-node N -m featx extract ...`, or run one shard with --shard INDEX/COUNT"
+        )
+    return env if env.world_size > 1 else None  # one process: an ordinary extraction, no shards
+
+
+def _load_network(
+    backbone: str | BackboneName, layers: tuple[str, ...], pool: str, expect_weights_sha256: str | None
+) -> tuple[Backbone, FeatureModel]:
+    """The backbone (its name checked before any weights are loaded) and its feature model (layers checked)."""
+    net = load_backbone(resolve_backbone(backbone))
+    if expect_weights_sha256 is not None and net.weights_sha256 != expect_weights_sha256:
+        raise SpecMismatchError(
+            f"the weights of {net.name} have checksum {net.weights_sha256[:16]}…, not the expected "
+            f"{expect_weights_sha256[:16]}…: they changed since the features were made"
+        )
+    return net, net.feature_model(list(layers), pool)
+
+
+def _run_job(job: _Job, env: TorchrunEnv | None, shard: Shard | None, dry_run: bool) -> ExtractionResult:
+    """Do what the resolved job asks: a torchrun rank, a cache hit, the plan only, one shard, or the store."""
+    if env is not None and not dry_run:
+        return _extract_distributed(job, env)
+    if read_key(job.path) == job.key:
+        return _cached_result(job, job.path, job.key, job.manifest)
+    if dry_run:  # the plan only: which store, and that it is not there yet
+        return _result(job, job.path, job.key, len(job.manifest), cached=False, n_done=0, n_failed=0, dry_run=True)
+    if shard is not None:
+        check_replaceable(job.path, job.key, job.spec, job.fingerprint, job.overwrite)  # refuse before the work
+        return _extract_shard(job, shard)
+    return _extract_store(job, job.path, job.key, job.manifest)
+
+
 def extract(
     source: str | Path | Manifest,
-    backbone: str = DEFAULT_BACKBONE,
+    backbone: str | BackboneName = DEFAULT_BACKBONE,
     *,
     layers: Sequence[str] = (PENULTIMATE,),
-    pool: str = "avg",
+    pool: str = DEFAULT_POOL,
     out: str | Path | None = None,
     batch_size: int = 64,
     device: str = "auto",
-    dtype: str = "float32",
-    amp: str = "auto",
-    tta: str = "none",
+    dtype: str = DEFAULT_DTYPE,
+    amp: str = DEFAULT_AMP,
+    tta: str = DEFAULT_TTA,
     workers: int | None = None,
     max_failures: str | int | None = None,
     overwrite: bool = False,
-    fingerprint: str = "stat",
+    fingerprint: str = DEFAULT_FINGERPRINT,
     seed: int = 0,
     test_fraction: float = DEFAULT_TEST_FRACTION,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    decode: str = "exact",
+    decode: str = DEFAULT_DECODE,
     progress: bool = True,
     expect_weights_sha256: str | None = None,
     store_dir: str | Path | None = None,
     dry_run: bool = False,
-    compile_mode: str = "auto",
+    compile_mode: str = DEFAULT_COMPILE,
     shard: str | Shard | None = None,
     distributed: bool = False,
 ) -> ExtractionResult:
@@ -135,8 +208,8 @@ def extract(
     ----------
     source : str, Path or Manifest
         An image folder, CSV/TSV manifest, ``.txt`` file list, ``digits`` or ``torchvision:NAME``.
-    backbone : str, default="featx:efficientnet_lite0"
-        ``SOURCE:NAME[.TAG]``; see :mod:`featx.backbones`.
+    backbone : str or BackboneName, default="featx:efficientnet_lite0"
+        ``SOURCE:NAME[.TAG]`` (see :mod:`featx.backbones`), or a name parsed or resolved before.
     layers : sequence of str, default=("penultimate",)
         Layers extracted in one pass.
     pool : {"avg", "max", "avgmax", "gem", "none"}, default="avg"
@@ -183,7 +256,8 @@ def extract(
     compile_mode : {"auto", "on", "off"}, default="auto"
         Run the network through ``torch.compile``. Its features match eager float32 within float
         tolerance (tested at 1e-4), not bit for bit, and compiling takes a while, so ``auto`` compiles only
-        on a CPU with at least 20,000 images to go. Compiled code is cached in ``<cache>/inductor``.
+        on a CPU with at least 20,000 images to go. Compiled code is cached where ``TORCHINDUCTOR_CACHE_DIR``
+        says (PyTorch sets it to its own default once timm is imported), else in ``<cache>/inductor``.
     shard : str or Shard, optional
         Extract only shard ``"INDEX/COUNT"`` (INDEX from 0) of the manifest's rows into
         ``<out>.shards/``, e.g. to re-run one dead rank alone; join the shards with
@@ -200,55 +274,36 @@ def extract(
     ExtractionResult
     """
     t0 = time.perf_counter()
-    if isinstance(layers, str):
-        layers = (layers,)
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
-    _check_options(batch_size, pool, dtype, tta, fingerprint, workers, max_pixels, decode)
-    if compile_mode not in COMPILE_MODES:
-        raise unknown("compile mode", compile_mode, COMPILE_MODES, f"Choose one of {', '.join(COMPILE_MODES)}.")
+    layers = (layers,) if isinstance(layers, str) else tuple(layers)
+    options = {"pool": pool, "dtype": dtype, "tta": tta, "decode": decode, "max_pixels": max_pixels}
+    _check_options(
+        batch_size=batch_size,
+        amp=amp,
+        fingerprint=fingerprint,
+        compile_mode=compile_mode,
+        workers=workers,
+        test_fraction=test_fraction,
+        **options,
+    )
     limit = MaxFailures.parse(max_failures)
-    env = None
-    if distributed:
-        if shard is not None:
-            raise ValueError(
-                "--shard and --distributed exclude each other: under torchrun each rank extracts shard RANK of "
-                "WORLD_SIZE; --shard INDEX/COUNT is for running one shard without torchrun"
-            )
-        env = TorchrunEnv.detect()
-        if env is None:
-            raise ValueError(
-                "distributed extraction needs torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): launch with "
-                "`torchrun --nproc-per-node N -m featx extract ...`, or run one shard with --shard INDEX/COUNT"
-            )
-        if env.world_size == 1:
-            env = None  # one process: an ordinary extraction, no shards
-        else:
-            device = env.device(device)
-            progress = progress and env.rank == 0
+    env = _torchrun_env(distributed, shard)
+    if env is not None:
+        device, progress = env.device(device), progress and env.rank == 0  # only rank 0 shows progress
     one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
-    amp = _resolve_amp(amp, dev)
-    resolve_backbone(backbone)  # cheap name check before loading weights
-    net = load_backbone(backbone)
-    if expect_weights_sha256 is not None and net.weights_sha256 != expect_weights_sha256:
-        raise SpecMismatchError(
-            f"the weights of {net.name} have checksum {net.weights_sha256[:16]}…, not the expected "
-            f"{expect_weights_sha256[:16]}…: they changed since the features were made"
-        )
-    feature_model = net.feature_model(list(layers), pool)  # checks the layers
+    amp = resolve_amp(amp, dev)
+    net, feature_model = _load_network(backbone, layers, pool, expect_weights_sha256)
     # Only now read the source: it may download a dataset or write thousands of PNG files.
     manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
-    spec = build_spec(net, layers, pool=pool, dtype=dtype, amp=amp, tta=tta, max_pixels=max_pixels, decode=decode)
+    spec = build_spec(net, layers, amp=amp, **options)
     fp = manifest.fingerprint(fingerprint)
     key = cache_key(spec, fp)
-    path = Path(out).expanduser() if out is not None else default_store_path(key, store_dir)
     job = _Job(
         manifest=manifest,
         spec=spec,
         fingerprint=fp,
         key=key,
-        path=path,
+        path=Path(out).expanduser() if out is not None else default_store_path(key, store_dir),
         net=net,
         feature_model=feature_model,
         device=dev,
@@ -260,24 +315,4 @@ def extract(
         t0=t0,
         compile_mode=compile_mode,
     )
-    if env is not None and not dry_run:
-        return _extract_distributed(job, env)
-    if read_key(path) == key:
-        return _cached_result(path, key, spec, manifest, t0, limit)
-    if dry_run:  # the plan only: which store, and that it is not there yet
-        return ExtractionResult(
-            path=path,
-            key=key,
-            spec=spec,
-            cached=False,
-            n_images=len(manifest),
-            n_done=0,
-            n_failed=0,
-            seconds=time.perf_counter() - t0,
-            max_failures=limit,
-            dry_run=True,
-        )
-    if one_shard is not None:
-        check_replaceable(path, key, spec, fp, overwrite)  # refuse before the work, not at the join
-        return _extract_shard(job, one_shard)
-    return _extract_store(job, path, key, manifest)
+    return _run_job(job, env, one_shard, dry_run)

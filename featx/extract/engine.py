@@ -10,9 +10,9 @@ images; an interrupted job resumes from the last written batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import re
 import time
 from collections import deque
@@ -20,22 +20,20 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featx._runtime.device import channels_last_pays
-from featx._runtime.env import cache_dir, default_workers, library_versions
+from featx._runtime.device import autocast, channels_last_pays, exact_float32
+from featx._runtime.env import cache_dir, default_workers, library_versions, temporary_environ
 from featx._runtime.malloc import reuse_freed_memory
 from featx.backbones.features import Backbone, FeatureModel, bytes_per_image, feature_dims, human_bytes
 from featx.data.imageio import load_for_model
 from featx.data.manifest import Manifest
 from featx.exceptions import ImageDecodeError
-from featx.spec import (
-    ExtractionSpec,
-    Preprocessing,
-)
+from featx.spec import COMPILE_MODES, ExtractionSpec, Preprocessing
 from featx.store.format import Failure, read_key
 from featx.store.writer import StoreWriter
 
@@ -45,9 +43,6 @@ log = logging.getLogger(__name__)
 
 
 _NONE_POOL_WARN_BYTES = 64 * 1024  # warn when `--pool none` stores more than this per image
-
-
-COMPILE_MODES = ("auto", "on", "off")
 
 
 # With `compile_mode="auto"`, torch.compile is used on these devices from this many images to extract on.
@@ -123,17 +118,15 @@ class ExtractionResult:
 
 
 # ------------------------------------------------------------------------------------------- loading
+@dataclass(eq=False)
 class _ImageRows(Dataset):
     """Decodes manifest rows to uint8 tensors; a bad image yields its reason instead of a tensor."""
 
-    def __init__(
-        self, paths: Sequence[str], rows: np.ndarray, pre: Preprocessing, max_pixels: int, decode: str = "exact"
-    ) -> None:
-        self.paths = paths
-        self.rows = rows
-        self.pre = pre
-        self.max_pixels = max_pixels
-        self.decode = decode
+    paths: Sequence[str]
+    rows: np.ndarray
+    pre: Preprocessing
+    max_pixels: int
+    decode: str = "exact"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -175,10 +168,6 @@ class _Embedder:
         self.amp = amp
         self.tta = tta
         self.channels_last = channels_last_pays(device)
-        if device.type == "cuda" and amp == "none":
-            # float32 means float32: no TF32 matmuls, so a GPU store matches the CPU's numbers.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
         model = model.with_batchnorm_folded()  # exact to float32 rounding, and 10-15 % faster on the CPU
         self.folded_batchnorms = model.folded_batchnorms
         self.model = model.to(device)
@@ -190,7 +179,6 @@ class _Embedder:
         self.forward = self.model
         self.compiled = compiled
         if compiled:  # the layout probe already ran eagerly, when the copy was folded
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))  # reused across runs
             self.forward = torch.compile(self.model, dynamic=False)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -213,8 +201,7 @@ class _Embedder:
         return {k: v[:n].float().cpu() for k, v in out.items()}
 
     def _embed(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(self.device, self.amp):
             out = self.forward(x)
             if self.tta == "flip":
                 flipped = self.forward(x.flip(3))
@@ -247,9 +234,9 @@ def _extract_store(
     job: _Job, path: Path, key: str, manifest: Manifest, attrs: dict[str, str] | None = None
 ) -> ExtractionResult:
     """Extract ``manifest`` into the store at ``path`` (resuming, or a cache hit when it is already there)."""
-    spec, net, t0, limit = job.spec, job.net, job.t0, job.limit
+    spec, net = job.spec, job.net
     if read_key(path) == key:
-        return _cached_result(path, key, spec, manifest, t0, limit)
+        return _cached_result(job, path, key, manifest)
     dims = feature_dims(job.feature_model, net.preprocessing)
     _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)
     if spec.pool == "none" and bytes_per_image(dims, spec.dtype) > _NONE_POOL_WARN_BYTES:
@@ -261,7 +248,7 @@ def _extract_store(
         )
     with StoreWriter(path, spec, key, manifest, job.fingerprint, dims, overwrite=job.overwrite, attrs=attrs) as writer:
         if writer.cached:
-            return _cached_result(path, key, spec, manifest, t0, limit)
+            return _cached_result(job, path, key, manifest)
         resumed = writer.n_done + writer.n_failed
         pending = writer.pending_rows()
         run_start = time.perf_counter()
@@ -277,21 +264,18 @@ def _extract_store(
             **engine,
         }
         writer.finalize(stats)
-        failures = [Failure(r, manifest.ids[r], reason) for r, reason in sorted(writer.failed.items())]
-        return ExtractionResult(
-            path=path,
-            key=key,
-            spec=spec,
+        return _result(
+            job,
+            path,
+            key,
+            len(manifest),
             cached=False,
-            n_images=len(manifest),
             n_done=writer.n_done,
             n_failed=writer.n_failed,
-            seconds=time.perf_counter() - t0,
             images_this_run=len(pending),
             resumed_rows=resumed,
             device=str(job.device),
-            failures=failures,
-            max_failures=limit,
+            failures=[Failure(r, manifest.ids[r], reason) for r, reason in sorted(writer.failed.items())],
         )
 
 
@@ -310,9 +294,21 @@ def _warn_pool_without_effect(model: FeatureModel, pre: Preprocessing, pool: str
         )
 
 
-def _cached_result(
-    path: Path, key: str, spec: ExtractionSpec, manifest: Manifest, t0: float, limit: MaxFailures
-) -> ExtractionResult:
+def _result(job: _Job, path: Path, key: str, n_images: int, **fields: Any) -> ExtractionResult:
+    """The result of ``job`` for the store at ``path`` (the job's own, or a shard's), timed from the job's start."""
+    return ExtractionResult(
+        path=path,
+        key=key,
+        spec=job.spec,
+        n_images=n_images,
+        seconds=time.perf_counter() - job.t0,
+        max_failures=job.limit,
+        **fields,
+    )
+
+
+def _cached_result(job: _Job, path: Path, key: str, manifest: Manifest) -> ExtractionResult:
+    """The result of finding the complete store ``path`` there already (warning if other libraries made it)."""
     from featx.store.reader import FeatureStore
 
     with FeatureStore(path) as store:
@@ -327,18 +323,7 @@ def _cached_result(
             path,
             ", ".join(changed),
         )
-    return ExtractionResult(
-        path=path,
-        key=key,
-        spec=spec,
-        cached=True,
-        n_images=len(manifest),
-        n_done=n_done,
-        n_failed=len(failures),
-        seconds=time.perf_counter() - t0,
-        failures=failures,
-        max_failures=limit,
-    )
+    return _result(job, path, key, len(manifest), cached=True, n_done=n_done, n_failed=len(failures), failures=failures)
 
 
 def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray, resumed: int) -> dict:
@@ -362,7 +347,6 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
         prefetch_factor=4 if workers else None,
     )
     compile_model = _compile_wanted(job.compile_mode, dev, len(pending))
-    embed = _Embedder(job.feature_model, pre, dev, spec.amp, spec.tta, compile_model, job.batch_size)
     bar = tqdm(
         total=len(manifest),
         initial=resumed,
@@ -375,9 +359,12 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
     # One writer thread: the next batch computes while the last one is saved (at most two in flight).
     in_flight: deque[Future] = deque()
     with (
+        exact_float32(dev, spec.amp),
+        _inductor_cache(compile_model),
         reuse_freed_memory(dev.type == "cpu"),
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer") as pool,
     ):
+        embed = _Embedder(job.feature_model, pre, dev, spec.amp, spec.tta, compile_model, job.batch_size)
         try:
             for rows, images, failed in loader:
                 feats = embed(images) if len(rows) else {layer: torch.empty(0, d) for layer, d in writer.dims.items()}
@@ -394,6 +381,18 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
                 fut.result()
             bar.close()
     return {"compiled": embed.compiled, "batchnorms_folded": embed.folded_batchnorms}
+
+
+def _inductor_cache(compiled: bool) -> contextlib.AbstractContextManager[None]:
+    """Compiled code goes where ``TORCHINDUCTOR_CACHE_DIR`` says, else to ``<cache>/inductor`` (reused across
+    runs): set only for the length of the run, so the process's environment is left as it was.
+
+    PyTorch itself sets the variable (to its own default) when ``torch._dynamo`` is first imported, as timm
+    does; a variable already set is kept.
+    """
+    if not compiled:
+        return contextlib.nullcontext()
+    return temporary_environ("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"), keep_existing=True)
 
 
 def _compile_wanted(mode: str, dev: torch.device, n_images: int) -> bool:

@@ -26,17 +26,16 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featx._runtime.dist import ProcessGroup, TorchrunEnv
+from featx._runtime.dist import BARRIER_TIMEOUT, TorchrunEnv, World, gather_objects, process_group
 from featx.data.manifest import Manifest
 from featx.exceptions import IncompleteStoreError, SpecMismatchError
-from featx.extract.engine import ExtractionResult, _cached_result, _extract_store, _Job
-from featx.spec import (
-    canonical_json,
-)
+from featx.extract.engine import ExtractionResult, _cached_result, _extract_store, _Job, _result
+from featx.spec import ExtractionSpec, canonical_json
 from featx.store.format import Failure, partial_progress, read_key, shards_path
 from featx.store.join import concatenate
 from featx.store.reader import FeatureStore
@@ -274,27 +273,51 @@ def join_shards(
     """
     t0 = time.perf_counter()
     path = Path(path)
-    folder = shards_path(path)
-    layouts = _scan(folder)
+    layouts = _scan(shards_path(path))
     if not layouts:
         done = read_key(path)
         if done is not None and (key is None or done == key):  # joined before: nothing to do
             return _joined_result(path, t0, cached=True)
         raise FileNotFoundError(
-            f"no shards to join for {path} (looked in {folder}); extract them first, under torchrun or with "
-            "`featx extract ... --shard INDEX/COUNT --out` this store"
+            f"no shards to join for {path} (looked in {shards_path(path)}); extract them first, under torchrun or "
+            "with `featx extract ... --shard INDEX/COUNT --out` this store"
         )
+    count = _layout_to_join(path, layouts, count)
+    _check_complete(path, layouts, count)
+    paths = [shard_path(path, Shard(i, count)) for i in range(count)]
+    infos, stats = _read_shards(paths)
+    _check_shards(path, infos, count, key)
+    job_key, first = infos[0]["job_key"], infos[0]
+    spec = ExtractionSpec.from_dict(json.loads(first["spec"]))
+    cached = check_replaceable(path, job_key, spec, first["manifest_fingerprint"], overwrite)
+    if cached:
+        log.info("%s already holds the joined store; nothing to do", path)
+    else:
+        concatenate(paths, path, key=job_key, stats=_merged_stats(stats))
+    result = _joined_result(path, t0, cached=cached)
+    if not keep_shards:
+        _remove_shards(path, count, sorted(n for n in layouts if n != count))
+    return result
+
+
+def _layout_to_join(path: Path, layouts: dict[int, dict[int, str]], count: int | None) -> int:
+    """The shard count to join: as given, or the only one present."""
     if count is None:
         if len(layouts) > 1:
             found = ", ".join(f"{n} shards ({len(idx)} present)" for n, idx in sorted(layouts.items()))
             raise SpecMismatchError(
-                f"{folder} holds shards of several layouts: {found}. Pass the shard count of the run to join "
-                "(`featx join STORE --shards N`); the others come from an earlier run with another number of "
+                f"{shards_path(path)} holds shards of several layouts: {found}. Pass the shard count of the run to "
+                "join (`featx join STORE --shards N`); the others come from an earlier run with another number of "
                 "processes and can be deleted"
             )
         count = next(iter(layouts))
     if count < 1:
         raise ValueError(f"shard count must be at least 1, got {count}")
+    return count
+
+
+def _check_complete(path: Path, layouts: dict[int, dict[int, str]], count: int) -> None:
+    """Refuse to join while a shard of the layout is missing or unfinished, naming each and how to redo it."""
     present = layouts.get(count, {})
     problems = []
     for index in range(count):
@@ -308,26 +331,29 @@ def join_shards(
             problems.append(f"shard {index} of {count} is incomplete{done}; {rerun_hint(path, shard)}")
         else:
             problems.append(f"shard {index} of {count} is missing; {rerun_hint(path, shard)}")
+    if not problems:
+        return
     others = sorted(n for n in layouts if n != count)
-    if problems:
-        note = (
-            f" ({folder} also holds shards of a {', '.join(map(str, others))}-shard run: other shards do not "
-            "count towards this one.)"
-            if others
-            else ""
-        )
-        if len(present) == 0:
-            note += " If the ranks ran on several machines, is --out on a filesystem they all share?"
-        raise IncompleteStoreError(
-            f"cannot join {path}: "
-            + "; ".join(problems[:8])
-            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-            + "."
-            + note
-        )
+    note = (
+        f" ({shards_path(path)} also holds shards of a {', '.join(map(str, others))}-shard run: other shards do "
+        "not count towards this one.)"
+        if others
+        else ""
+    )
+    if len(present) == 0:
+        note += " If the ranks ran on several machines, is --out on a filesystem they all share?"
+    raise IncompleteStoreError(
+        f"cannot join {path}: "
+        + "; ".join(problems[:8])
+        + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        + "."
+        + note
+    )
 
-    paths = [shard_path(path, Shard(i, count)) for i in range(count)]
-    infos, stats, first_spec, first_fingerprint = [], [], None, None
+
+def _read_shards(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each shard's place in its job (its ``shard`` attribute, rows held, keys) and its timing stats."""
+    infos, stats = [], []
     for p in paths:
         with FeatureStore(p) as store:
             raw = store.attrs.get("shard")
@@ -337,22 +363,10 @@ def join_shards(
             info["rows_held"] = len(store)
             info["spec"] = store.attrs["spec"]
             info["store_key"] = store.key
+            info["manifest_fingerprint"] = store.attrs["manifest_fingerprint"]
             infos.append(info)
             stats.append(json.loads(store.attrs.get("stats", "{}")))
-            first_spec = first_spec or store.spec
-            first_fingerprint = first_fingerprint or store.attrs["manifest_fingerprint"]
-    _check_shards(path, infos, count, key)
-    job_key = infos[0]["job_key"]
-
-    cached = check_replaceable(path, job_key, first_spec, first_fingerprint, overwrite)
-    if cached:
-        log.info("%s already holds the joined store; nothing to do", path)
-    else:
-        concatenate(paths, path, key=job_key, stats=_merged_stats(stats))
-    result = _joined_result(path, t0, cached=cached)
-    if not keep_shards:
-        _remove_shards(path, count, others)
-    return result
+    return infos, stats
 
 
 def _check_shards(path: Path, infos: list[dict[str, Any]], count: int, key: str | None) -> None:
@@ -438,19 +452,19 @@ def _extract_shard(job: _Job, shard: Shard) -> ExtractionResult:
     return result
 
 
-def _on_every_rank(group: ProcessGroup, step: str, path: Path, work):
+def _on_every_rank(world: World, step: str, path: Path, work: Callable[[], Any]) -> list[Any]:
     """Run ``work()`` on every rank and gather ``(error, value)``, so no rank waits for a rank that failed."""
     own = None
     try:
         value, error = work(), None
     except Exception as exc:
         value, error, own = None, f"{type(exc).__name__}: {exc}", exc
-    reports = group.all_gather((error, value))
+    reports = gather_objects(world, (error, value))
     if own is not None:
         raise own
     failed = [rank for rank, (err, _) in enumerate(reports) if err is not None]
     if failed:
-        shards = ", ".join(f"--shard {Shard(rank, group.env.world_size)}" for rank in failed)
+        shards = ", ".join(f"--shard {Shard(rank, world.size)}" for rank in failed)
         raise RuntimeError(
             f"{step} failed on "
             + "; ".join(f"rank {rank}: {reports[rank][0]}" for rank in failed)
@@ -464,22 +478,22 @@ def _on_every_rank(group: ProcessGroup, step: str, path: Path, work):
 def _extract_distributed(job: _Job, env: TorchrunEnv) -> ExtractionResult:
     """One rank of a torchrun job: agree on the key, extract shard RANK, and (rank 0) join after a barrier."""
     shard = Shard(env.rank, env.world_size)
-    with ProcessGroup(env, job.device.type) as group:
+    with process_group(env, job.device.type, timeout=BARRIER_TIMEOUT) as world:
         mine = {
             "key": job.key,
             "rows": len(job.manifest),
             "path": str(job.path.resolve()),
             "host": socket.gethostname(),
         }
-        check_agreement(group.all_gather(mine))
+        check_agreement(gather_objects(world, mine))
         cached = _on_every_rank(
-            group,
+            world,
             "checking the store",
             job.path,
             lambda: check_replaceable(job.path, job.key, job.spec, job.fingerprint, job.overwrite),
         )
         if all(cached):
-            result = _cached_result(job.path, job.key, job.spec, job.manifest, job.t0, job.limit)
+            result = _cached_result(job, job.path, job.key, job.manifest)
             result.rank = env.rank
             return result
         if any(cached):
@@ -488,25 +502,23 @@ def _extract_distributed(job: _Job, env: TorchrunEnv) -> ExtractionResult:
                 f"only ranks {seen} see the finished store {job.path}: --out must be on a filesystem that every "
                 "node shares"
             )
-        runs = _on_every_rank(group, "extraction", job.path, lambda: _extract_shard(job, shard))
+        runs = _on_every_rank(world, "extraction", job.path, lambda: _extract_shard(job, shard))
     mine_run = runs[env.rank]
     mine_run.rank = env.rank
     if env.rank != 0:
         return mine_run
     joined = join_shards(job.path, count=env.world_size, key=job.key, overwrite=job.overwrite)
-    return ExtractionResult(
-        path=job.path,
-        key=job.key,
-        spec=job.spec,
+    return _result(
+        job,
+        job.path,
+        job.key,
+        joined.n_images,
         cached=False,
-        n_images=joined.n_images,
         n_done=joined.n_done,
         n_failed=joined.n_failed,
-        seconds=time.perf_counter() - job.t0,
         images_this_run=sum(r.images_this_run for r in runs),
         resumed_rows=sum(r.resumed_rows for r in runs),
         device=f"{env.world_size} × {job.device.type}",
         failures=joined.failures,
-        max_failures=job.limit,
         rank=env.rank,
     )
