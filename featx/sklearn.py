@@ -17,12 +17,22 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from featx._runtime.env import cache_dir as default_cache_dir
-from featx.backbones.loading import load_backbone
-from featx.backbones.names import PENULTIMATE, resolve_backbone
-from featx.exceptions import unknown
-from featx.spec import DECODE_MODES, DEFAULT_BACKBONE, DTYPES, POOLS, TTA_MODES, ExtractionSpec
+from featx.backbones.names import PENULTIMATE
+from featx.spec import (
+    DEFAULT_AMP,
+    DEFAULT_BACKBONE,
+    DEFAULT_DECODE,
+    DEFAULT_DTYPE,
+    DEFAULT_POOL,
+    DEFAULT_TTA,
+    ExtractionSpec,
+    check_option,
+)
 
 __all__ = ["ConvNetFeatures"]
+
+# The parameters that are extraction options, under the names featx.spec.check_option and extract() use.
+_SPEC_OPTIONS = ("pool", "dtype", "tta", "decode")
 
 
 def _as_paths(X: Any) -> list[str]:
@@ -45,7 +55,8 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
     backbone : str, default="featx:efficientnet_lite0"
         ``SOURCE:NAME[.TAG]`` as for ``featx extract``.
     layer : str, default="penultimate"
-    pool : str, default="avg"
+        A layer of the backbone (``featx backbones --layers NAME`` lists them).
+    pool : {"avg", "max", "avgmax", "gem", "none"}, default="avg"
     dtype : {"float32", "float16"}, default="float32"
         Storage dtype in the cache; ``transform`` always returns float32.
     tta : {"none", "flip"}, default="none"
@@ -61,6 +72,8 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
     ----------
     spec_ : dict
         The extraction spec (backbone, weights checksum, preprocessing, ...) set by :meth:`fit`.
+    n_features_out_ : int
+        Features per image, set by :meth:`fit`.
 
     Examples
     --------
@@ -74,10 +87,10 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         self,
         backbone: str = DEFAULT_BACKBONE,
         layer: str = PENULTIMATE,
-        pool: str = "avg",
-        dtype: str = "float32",
-        tta: str = "none",
-        decode: str = "exact",
+        pool: str = DEFAULT_POOL,
+        dtype: str = DEFAULT_DTYPE,
+        tta: str = DEFAULT_TTA,
+        decode: str = DEFAULT_DECODE,
         device: str = "auto",
         batch_size: int = 64,
         cache_dir: str | Path | None = None,
@@ -98,26 +111,31 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         return Path(self.cache_dir).expanduser() if self.cache_dir is not None else default_cache_dir() / "stores"
 
     def fit(self, X: Sequence[str | Path], y: Any = None) -> ConvNetFeatures:
-        """Validate the parameters and resolve the backbone's spec (no image is read)."""
-        from featx._runtime.device import _resolve_amp, resolve_device
+        """Validate the parameters, load the backbone once and resolve its spec (no image is read).
+
+        Parameters
+        ----------
+        X : sequence of str or Path
+            Image paths (only checked to be paths here).
+        y : ignored
+
+        Returns
+        -------
+        ConvNetFeatures
+            ``self``, with :attr:`spec_` and :attr:`n_features_out_` set.
+        """
+        from featx._runtime.device import resolve_amp, resolve_device
+        from featx.backbones.features import feature_dims
+        from featx.backbones.loading import load_backbone
         from featx.extract.api import build_spec
 
         _as_paths(X)
-        for name, value, choices in (
-            ("pool", self.pool, POOLS),
-            ("dtype", self.dtype, DTYPES),
-            ("tta", self.tta, TTA_MODES),
-            ("decode", self.decode, DECODE_MODES),
-        ):
-            if value not in choices:
-                raise unknown(name, value, choices, f"Choose one of {', '.join(choices)}.")
-        resolve_backbone(self.backbone)
-        net = load_backbone(self.backbone)
-        net.check_layers([self.layer])
-        amp = _resolve_amp("auto", resolve_device(self.device))
-        options = {"pool": self.pool, "dtype": self.dtype, "amp": amp, "tta": self.tta, "decode": self.decode}
-        spec = build_spec(net, [self.layer], **options)
-        self.spec_ = spec.to_dict()
+        options = {name: check_option(name, getattr(self, name)) for name in _SPEC_OPTIONS}
+        options["amp"] = resolve_amp(DEFAULT_AMP, resolve_device(self.device))
+        net = load_backbone(self.backbone)  # parses the name first: an unknown one fails before any download
+        feature_model = net.feature_model([self.layer], self.pool)  # checks the layer
+        self.spec_ = build_spec(net, [self.layer], **options).to_dict()
+        self.n_features_out_ = feature_dims(feature_model, net.preprocessing)[self.layer]
         return self
 
     def transform(self, X: Sequence[str | Path]) -> np.ndarray:
@@ -137,16 +155,12 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         found = self._from_cached_stores(unique)
         missing = [p for p in unique if p not in found]
         if missing:
-            spec = ExtractionSpec.from_dict(self.spec_)
+            spec = ExtractionSpec.from_dict(self.spec_)  # the fitted options, whatever set_params did since
             result = extract(
                 from_files(missing),
                 self.backbone,
-                layers=[self.layer],
-                pool=self.pool,
-                dtype=self.dtype,
-                amp=spec.amp,
-                tta=self.tta,
-                decode=self.decode,
+                layers=list(spec.layers),
+                **{name: getattr(spec, name) for name in (*_SPEC_OPTIONS, "amp")},
                 device=self.device,
                 batch_size=self.batch_size,
                 progress=self.progress,
@@ -158,9 +172,7 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
                 listed = "; ".join(f"{f.id}: {f.reason}" for f in result.failures[:5])
                 raise ValueError(f"{len(result.failures)} images could not be read ({listed}); remove or fix them")
             found.update(self._from_cached_stores(missing, only=result.path))
-        out = np.stack([found[p] for p in paths]).astype(np.float32, copy=False)
-        self.n_features_out_ = out.shape[1]
-        return out
+        return np.stack([found[p] for p in paths]).astype(np.float32, copy=False)
 
     def _from_cached_stores(self, paths: list[str], only: Path | None = None) -> dict[str, np.ndarray]:
         """Features of ``paths`` from complete stores with this spec whose files are unchanged."""
@@ -205,9 +217,16 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         return found
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        """``<layer>_0 … <layer>_{D-1}`` (known after the first ``transform``)."""
-        check_is_fitted(self, "spec_")
-        dims = getattr(self, "n_features_out_", None)
-        if dims is None:
-            raise ValueError("the feature count is known after the first transform")
-        return np.array([f"{self.layer}_{i}" for i in range(dims)], dtype=object)
+        """``<layer>_0 … <layer>_{D-1}``, one name per output feature.
+
+        Parameters
+        ----------
+        input_features : ignored
+            The inputs are image paths, not named features.
+
+        Returns
+        -------
+        numpy.ndarray of str
+        """
+        check_is_fitted(self, "n_features_out_")
+        return np.array([f"{self.layer}_{i}" for i in range(self.n_features_out_)], dtype=object)
