@@ -198,18 +198,12 @@ def _train_mode(model: nn.Module, update_bn_stats: bool = False) -> None:
                 module.eval()
 
 
-def _family(net: Backbone, name: BackboneName) -> str:
-    """``timm:ARCH`` or ``torchvision:ARCH`` of a loaded backbone, to re-load its weights with ``file:``.
-
-    ``name`` is the backbone's resolved name (:func:`~featx.backbones.names.resolve_backbone`), whose
-    ``file:`` architecture already reads ``FAMILY:ARCH``.
-    """
+def _family(net: Backbone) -> str:
+    """``timm:ARCH`` or ``torchvision:ARCH`` of a loaded backbone, to re-load its weights with ``file:``."""
     cfg = getattr(net.model, "pretrained_cfg", None) or {}
     if cfg.get("architecture"):
         return f"timm:{cfg['architecture']}"
-    if name.source == "file":
-        return name.arch
-    return f"{name.source}:{name.arch}"
+    return f"{net.parsed.family}:{net.parsed.model}"
 
 
 def _model_label(name: BackboneName) -> str:

@@ -52,8 +52,7 @@ class _Rows:
 class _Built:
     """The backbone with its new head in place (on the CPU), and what was swapped in."""
 
-    name: BackboneName
-    net: Backbone
+    net: Backbone  # net.parsed: its resolved BackboneName
     blocks: list[list[str]]
     head_name: str
     init_ref: str | None  # the LP-FT model file, resolved
@@ -77,7 +76,7 @@ def build_model(
     """Load the backbone, check the phases fit it, and swap its classifier for a new head (every
     parameter trainable; the phases freeze them). The head's initial weights follow ``config.seed``, or
     an LP-FT probe's."""
-    net = load_backbone(str(name))
+    net = load_backbone(name)
     blocks = block_names(net)
     for phase in config.phases:
         if phase.freeze.startswith("top") and int(phase.freeze[3:]) > len(blocks):
@@ -107,7 +106,7 @@ def build_model(
     _set_module(net.model, head_name, head)
     for p in net.model.parameters():
         p.requires_grad_(True)
-    return _Built(name, net, blocks, head_name, init_ref)
+    return _Built(net, blocks, head_name, init_ref)
 
 
 def prepare_rows(world: _ddp.World, manifest: Manifest, config: FinetuneConfig, max_pixels: int) -> _Rows:

@@ -274,7 +274,7 @@ def write_artifacts(run: _Run, state: RunState, test: TestMetrics | None, *, sec
 def _finetune_meta(run: _Run, state: RunState) -> dict[str, Any]:
     """``finetune.json``: what :func:`~featx.finetune.load_finetuned` needs to rebuild the network."""
     built, config = run.built, run.config
-    family = _family(built.net, built.name)
+    family = _family(built.net)
     return {
         "format": "featx.finetuned",
         "format_version": 1,
@@ -298,7 +298,7 @@ def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: f
     return {
         "schema": SCHEMA,
         "kind": "finetune",
-        "method": f"{kind}[{config.label}] · {_model_label(built.name)}",
+        "method": f"{kind}[{config.label}] · {_model_label(built.net.parsed)}",
         "store": None,
         "source": rows.manifest.source,
         "split_policy": rows.manifest.split_policy,
