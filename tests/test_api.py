@@ -12,8 +12,10 @@ import featx
 import featx.exceptions
 
 
-def test_import_featx_loads_neither_torch_nor_sklearn():
-    code = "import sys, featx; print(sorted(m for m in ('torch', 'sklearn', 'h5py') if m in sys.modules))"
+@pytest.mark.parametrize("module", ["featx", "featx.cli"])
+def test_import_loads_neither_torch_nor_sklearn(module):
+    # `featx --help` and a mistyped option answer in a fraction of a second, not after torch's 2-3 s import.
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'sklearn', 'h5py') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -10,10 +10,17 @@
 - :mod:`~featx.finetune.artifacts`: what a run leaves on disk, and loading it back.
 """
 
-from featx.finetune.artifacts import load_finetuned
+import importlib
+
 from featx.finetune.config import DEFAULT_PHASES, FinetuneConfig, Phase, parse_phases
-from featx.finetune.heads import block_names, head_from_logreg
-from featx.finetune.trainer import finetune
+
+# The rest imports torch: loaded on first use, so `featx --help` and the CLI's defaults stay fast.
+_LAZY = {
+    "block_names": "featx.finetune.heads",
+    "finetune": "featx.finetune.trainer",
+    "head_from_logreg": "featx.finetune.heads",
+    "load_finetuned": "featx.finetune.artifacts",
+}
 
 __all__ = [
     "DEFAULT_PHASES",
@@ -25,3 +32,9 @@ __all__ = [
     "load_finetuned",
     "parse_phases",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'featx.finetune' has no attribute {name!r}")
