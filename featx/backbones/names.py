@@ -1,4 +1,6 @@
-"""Backbones: ``SOURCE:NAME[.TAG]`` names resolved into pretrained networks, their preprocessing and layers.
+"""Backbone names: ``SOURCE:NAME[.TAG]`` parsed once into a :class:`BackboneName`, checked, listed; no weights.
+
+This module also holds the registry of ``featx:`` built-ins. Loading a name is :mod:`featx.backbones.loading`.
 
 Sources
 -------
