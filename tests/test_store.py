@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -269,11 +270,14 @@ def test_second_writer_gets_a_clear_error(image_folder, tmp_path):
     m = from_folder(image_folder)
     spec = _spec()
     fp = m.fingerprint()
-    with (
-        StoreWriter(out, spec, cache_key(spec, fp), m, fp, {"penultimate": 4}),
-        pytest.raises(StoreLockedError, match="another featx process"),
-    ):
-        extract(image_folder, TINY, out=out, workers=0, progress=False)
+    with StoreWriter(out, spec, cache_key(spec, fp), m, fp, {"penultimate": 4}):
+        with pytest.raises(StoreLockedError, match=f"another featx process \\(pid {os.getpid()}"):
+            extract(image_folder, TINY, out=out, workers=0, progress=False)
+        # The refusal closed no descriptor of the lock file (that would drop a record lock): still held.
+        probe = "from featx._runtime.lock import FileLock; import sys; FileLock(sys.argv[1]).acquire()"
+        lock_file = str(partial_path(out) / "lock")
+        child = subprocess.run([sys.executable, "-c", probe, lock_file], capture_output=True, text=True)
+        assert child.returncode != 0 and f"pid {os.getpid()} on" in child.stderr
     # Once the first writer is gone the lock is free again.
     assert not extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False, overwrite=True).cached
 
@@ -370,7 +374,11 @@ def test_killed_job_leaves_no_complete_store_and_resumes_to_the_same_result(tmp_
 
     resumed = extract(many_images, TINY, out=out, batch_size=4, workers=0, progress=False)
     assert 0 < resumed.resumed_rows < 48 and resumed.images_this_run == 48 - resumed.resumed_rows
-    reference = extract(many_images, TINY, out=tmp_path / "ref.h5", batch_size=4, workers=0, progress=False)
+    _assert_same_as_an_uninterrupted_run(out, many_images, tmp_path)
+
+
+def _assert_same_as_an_uninterrupted_run(out: Path, source: Path, tmp_path: Path) -> None:
+    reference = extract(source, TINY, out=tmp_path / "ref.h5", batch_size=4, workers=0, progress=False)
     with featx.store.open(out) as a, featx.store.open(reference.path) as b:
         assert a.key == b.key
         assert a.ids() == b.ids()
@@ -389,3 +397,96 @@ def test_a_running_writer_locks_out_a_second_process(tmp_path, many_images):
     finally:
         proc.kill()
         proc.communicate()
+
+
+# A writer that stalls for good once it has written PARTS batches, its DataLoader workers alive: killed there it
+# is mid-run for certain, with no timing involved. It says "stalled" when it gets there.
+_STALLING_RUN = textwrap.dedent(
+    """
+    import sys, threading
+    sys.path.insert(0, {tests!r})
+    import conftest  # registers featx:tiny_test
+    from featx.store.writer import StoreWriter
+
+    written = []
+    write = StoreWriter.write_batch
+    def write_then_stall(self, *args, **kwargs):
+        write(self, *args, **kwargs)
+        written.append(1)
+        if len(written) == {parts}:
+            print("stalled", flush=True)
+            threading.Event().wait()
+    StoreWriter.write_batch = write_then_stall
+    from featx.cli import main
+    main(sys.argv[1:])
+    """
+)
+# The CLI, its slow imports done ahead ("ready"), run when a line arrives on stdin: a re-run that starts at once.
+_READY_RUN = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import conftest  # registers featx:tiny_test
+    import featx.extract.api, featx.extract.engine
+    from featx.cli import main
+    print("ready", flush=True)
+    sys.stdin.readline()
+    main(sys.argv[1:])
+    """
+)
+
+
+def _children_of(pid: int) -> list[int]:
+    """The pids of the live children of ``pid``, from Linux's /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # /proc/PID/stat: "PID (COMMAND) STATE PPID ...", COMMAND possibly holding spaces or ")"
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+    return children
+
+
+def _python_child(tmp_path: Path, name: str, code: str, *args: str, **popen) -> subprocess.Popen:
+    script = tmp_path / name
+    script.write_text(code.format(tests=str(TESTS), parts=2))
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the DataLoader workers through /proc")
+@pytest.mark.parametrize("rerun", ["in-process", "cli"])
+def test_a_killed_writer_with_workers_resumes_at_once(tmp_path, many_images, rerun):
+    """kill -9 of a writer leaves its forked DataLoader workers alive a while (they check on their parent every
+    ~5 s): they hold the lock file open, but the lock died with the writer. No sleep anywhere."""
+    out = tmp_path / "killed.h5"
+    options = ["--backbone", TINY, "--batch-size", "4", "--no-progress", "--out", str(out)]
+    args = ["extract", str(many_images), *options]
+    writer = _python_child(tmp_path, "stalling_run.py", _STALLING_RUN, *args, "--workers", "2")
+    cli = None
+    if rerun == "cli":  # started now, so that it re-runs the moment the writer is dead
+        cli = _python_child(tmp_path, "ready_run.py", _READY_RUN, *args, "--workers", "0", stdin=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        assert writer.stdout.readline() == "stalled\n", "the writer ended before writing 2 batches"
+        workers = _children_of(writer.pid)
+        assert len(workers) >= 2, workers  # the DataLoader workers, sharing the writer's open lock file
+        assert cli is None or cli.stdout.readline() == "ready\n"
+        writer.kill()
+        writer.wait()
+        if cli is None:
+            resumed = extract(many_images, TINY, out=out, batch_size=4, workers=0, progress=False)
+            assert resumed.resumed_rows == 8 and resumed.images_this_run == 40
+        else:
+            stdout, _ = cli.communicate("go\n", timeout=120)
+            assert cli.returncode == 0
+            assert "extracted 48 of 48 images" in stdout and "resumed after 8 already done" in stdout
+        _assert_same_as_an_uninterrupted_run(out, many_images, tmp_path)
+    finally:
+        for pid in [*workers, writer.pid, *([cli.pid] if cli else [])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        writer.wait()
+        if cli is not None:
+            cli.wait()

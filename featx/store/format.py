@@ -17,7 +17,8 @@ Crash safety: while a job runs, each finished batch is written as one small ``.n
 ``STORE.h5.partial/`` (temporary file, fsync, atomic rename). The HDF5 file is assembled from the parts
 only at the end, written under a temporary name and renamed into place, so a store that exists is
 complete; a job killed at any moment leaves parts that the next run with the same key resumes from.
-One writer at a time: the ``.partial`` folder holds an advisory lock.
+One writer at a time: the ``.partial`` folder holds a lock that dies with its writer
+(:class:`featx._runtime.lock.FileLock`).
 
 A store extracted in shards (:mod:`featx.distributed`) keeps them in ``STORE.h5.shards/`` until they are
 joined with :func:`concatenate` into an ordinary store like the one above.

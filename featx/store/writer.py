@@ -21,6 +21,7 @@ import numpy as np
 
 from featx._runtime.env import library_versions
 from featx._runtime.io import atomic_path, atomic_write
+from featx._runtime.lock import FileLock, LockHeld
 from featx.data.manifest import Manifest
 from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.spec import ExtractionSpec, canonical_json, spec_differences
@@ -41,44 +42,26 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- locking
-class _Lock:
-    """An exclusive advisory lock on a file; released by the OS if the process dies (even ``kill -9``)."""
+def _take_lock(path: Path) -> FileLock:
+    """Lock ``path`` (see :class:`FileLock`: the lock dies with this process, its forked workers never hold it).
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh = None
-
-    def acquire(self) -> None:
-        import fcntl  # POSIX only; featx's writers run on Linux and macOS
-
-        fh = self.path.open("a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            raise StoreLockedError(
-                f"another featx process ({holder}) is writing {self.path.parent.name.removesuffix('.partial')}; "
-                "wait for it to finish (re-running afterwards is a cache hit) or write to another --out"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        fh.flush()
-        self._fh = fh
-
-    def still_ours(self) -> bool:
-        """False if the lock file was removed (and maybe recreated) after we opened it."""
-        try:
-            return os.stat(self.path).st_ino == os.fstat(self._fh.fileno()).st_ino
-        except FileNotFoundError:
-            return False
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing drops the flock
-            self._fh = None
+    Raises
+    ------
+    StoreLockedError
+        Another live process, or another writer in this one, holds it; the message names the holder's pid.
+    """
+    lock = FileLock(path)
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        holder = exc.holder  # "pid N on HOST", as the holder wrote it
+        if holder.startswith("this process"):
+            holder = f"pid {os.getpid()}: this very process, through another StoreWriter"
+        raise StoreLockedError(
+            f"another featx process ({holder}) is writing {path.parent.name.removesuffix('.partial')}; "
+            "wait for it to finish (re-running afterwards is a cache hit) or write to another --out"
+        ) from None
+    return lock
 
 
 def check_replaceable(
@@ -152,7 +135,7 @@ class StoreWriter:
         self.overwrite = overwrite
         self.attrs = dict(attrs or {})
         self.workdir = partial_path(self.path)
-        self._lock: _Lock | None = None
+        self._lock: FileLock | None = None
         self._next_part = 0
         self._done = np.zeros(len(manifest), dtype=bool)
         self._failed: dict[int, str] = {}
@@ -162,9 +145,8 @@ class StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             self.workdir.mkdir(exist_ok=True)
-            lock = _Lock(self.workdir / "lock")
             try:
-                lock.acquire()
+                lock = _take_lock(self.workdir / "lock")
             except FileNotFoundError:  # the previous writer removed the folder under us; try again
                 continue
             if lock.still_ours():
@@ -304,7 +286,7 @@ class StoreWriter:
         # Assembled inside the partial folder, so a kill during assembly leaves nothing beside the store.
         with atomic_path(self.path, self.workdir / f"assembling-{os.getpid()}.h5") as tmp:
             self._assemble(tmp, stats or {})
-        shutil.rmtree(self.workdir, ignore_errors=True)  # the lock goes with it; we still hold its flock
+        shutil.rmtree(self.workdir, ignore_errors=True)  # unlinks the lock file, held until _release
         return self.path
 
     def _assemble(self, target: Path, stats: dict[str, Any]) -> None:
