@@ -294,6 +294,38 @@ def test_partial_job_of_another_spec_is_not_mixed_in(image_folder, tmp_path):
     assert not extract(image_folder, TINY, out=out, workers=0, progress=False, overwrite=True).cached
 
 
+def test_the_work_folder_of_an_unfinished_store_says_resume_never_delete(image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    out = tmp_path / "s.h5"
+    m = from_folder(image_folder)
+    spec = _spec()
+    fp = m.fingerprint()
+    with StoreWriter(out, spec, cache_key(spec, fp), m, fp, {"penultimate": 4}) as w:
+        w.write_batch(np.array([0, 1, 2]), {"penultimate": np.ones((3, 4))})
+    work = partial_path(out)
+    kept = sorted(p.name for p in work.iterdir())
+    for asked in (work, out):  # `featx info s.h5.partial` as `featx info s.h5`
+        with pytest.raises(IncompleteStoreError) as err:
+            featx.store.open(asked)
+        message = str(err.value)
+        assert "3 of 18 images processed" in message and "re-run the same `featx extract` command to resume" in message
+        assert f"deleting {work} would discard the rows already extracted" in message
+        result = CliRunner().invoke(main, ["info", str(asked)])
+        assert result.exit_code == 1 and "re-run the same `featx extract` command to resume" in result.output
+        assert "delete it" not in result.output and "HDF5" not in result.output
+    assert sorted(p.name for p in work.iterdir()) == kept  # nothing touched
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder, not a feature store"):
+        featx.store.open(tmp_path / "folder")
+    made = extract(image_folder, TINY, out=tmp_path / "done.h5", workers=0, progress=False)
+    partial_path(made.path).mkdir()  # as left by a later run with --overwrite, say
+    with pytest.raises(IsADirectoryError, match=f"work folder of {made.path}, not a feature store: open"):
+        featx.store.open(partial_path(made.path))
+
+
 # ------------------------------------------------------------------------------------ crash safety
 _SLOW_RUN = textwrap.dedent(
     """

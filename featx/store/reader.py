@@ -14,7 +14,16 @@ import numpy as np
 
 from featx.exceptions import IncompleteStoreError, unknown
 from featx.spec import ExtractionSpec, canonical_json
-from featx.store.format import FORMAT_NAME, FORMAT_VERSION, SPLIT_CODES, Failure, _text, partial_progress, shards_path
+from featx.store.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SPLIT_CODES,
+    Failure,
+    _text,
+    partial_path,
+    partial_progress,
+    shards_path,
+)
 
 __all__ = ["FeatureStore", "open_store"]
 
@@ -28,21 +37,8 @@ class FeatureStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            progress = partial_progress(self.path)
-            if progress is not None:
-                done, failed, total = progress
-                raise IncompleteStoreError(
-                    f"{self.path} is not finished: {done + failed} of {total} images processed so far. The "
-                    "extraction was interrupted or is still running; re-run the same `featx extract` command "
-                    "to resume it"
-                )
-            if shards_path(self.path).is_dir():
-                raise IncompleteStoreError(
-                    f"{self.path} is being extracted in shards that are not joined yet (see "
-                    f"{shards_path(self.path)}); when every shard is done, `featx join {self.path}` joins them"
-                )
-            raise FileNotFoundError(f"feature store {str(self.path)!r} does not exist")
+        if not self.path.is_file():
+            raise _why_not_a_store(self.path)
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
@@ -220,6 +216,33 @@ def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(pieces)
 
 
+def _why_not_a_store(path: Path) -> Exception:
+    """The error for a ``path`` that is no store file: an unfinished store, or its work folder (both say how to
+    resume), one in shards not joined yet, some other folder, or nothing."""
+    for suffix in (".partial", ".shards"):  # the work folder of STORE.h5 rather than STORE.h5 itself
+        if path.name.endswith(suffix) and path.name != suffix and path.is_dir():
+            store = path.with_name(path.name.removesuffix(suffix))
+            if store.is_file():
+                return IsADirectoryError(f"{path} is a work folder of {store}, not a feature store: open {store}")
+            path = store
+    progress = partial_progress(path)
+    if progress is not None or partial_path(path).is_dir():
+        done, failed, total = progress or (0, 0, "its")
+        return IncompleteStoreError(
+            f"{path} is not finished: {done + failed} of {total} images processed so far. The extraction was "
+            "interrupted or is still running; re-run the same `featx extract` command to resume it (deleting "
+            f"{partial_path(path)} would discard the rows already extracted)"
+        )
+    if shards_path(path).is_dir():
+        return IncompleteStoreError(
+            f"{path} is being extracted in shards that are not joined yet (see {shards_path(path)}); when every "
+            f"shard is done, `featx join {path}` joins them"
+        )
+    if path.is_dir():
+        return IsADirectoryError(f"{path} is a folder, not a feature store (a featx store is one .h5 file)")
+    return FileNotFoundError(f"feature store {str(path)!r} does not exist")
+
+
 def open_store(path: str | Path) -> FeatureStore:
     """Open a complete feature store for reading (also importable as ``featx.store.open``).
 
@@ -229,6 +252,8 @@ def open_store(path: str | Path) -> FeatureStore:
         The store's extraction was interrupted (or is still running); the message says how to resume.
     FileNotFoundError
         No store and no partial job at ``path``.
+    IsADirectoryError
+        ``path`` is a folder (the work folder of a complete store, say), not a store.
 
     Examples
     --------
