@@ -18,6 +18,8 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from featx.exceptions import ArchiveError
+
 __all__ = ["ARCHIVE_LIMIT_ENV", "ArchiveError", "ArchiveLimits", "unpack"]
 
 ARCHIVE_LIMIT_ENV = {
@@ -27,10 +29,6 @@ ARCHIVE_LIMIT_ENV = {
 }
 _FREE_SPACE_MARGIN = 256 << 20  # leave this much free beyond the unpacked bytes
 _COPY_CHUNK = 1 << 20
-
-
-class ArchiveError(ValueError):
-    """An archive that is broken, unsafe, or over a limit; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)

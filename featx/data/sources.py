@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from featx._runtime.env import cache_dir
+from featx.data.archives import ArchiveLimits, unpack
 from featx.data.manifest import _SOURCE_HINT, _SPLIT_ALIASES, IMAGE_EXTENSIONS, Manifest, _natural_key
 from featx.data.splits import DEFAULT_TEST_FRACTION, ensure_test_split
 from featx.exceptions import UnknownNameError, unknown
@@ -193,8 +194,12 @@ def _materialise(target: Path, write) -> None:
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    (tmp / ".complete").write_text("ok\n")
+    try:
+        write(tmp)
+        (tmp / ".complete").write_text("ok\n")
+    except BaseException:  # a failed or interrupted write leaves no half copy in the cache (Ctrl-C included)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if (target / ".complete").exists():  # another process finished first: never delete a complete copy
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -323,41 +328,24 @@ def from_torchvision(
 def from_archive(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
     """A ``.tar``/``.tar.gz``/``.tgz``/``.zip`` of an image folder, unpacked once into the cache.
 
-    The unpacked copy is keyed by the archive's name, size and modification time; members that would land
-    outside it (absolute paths, ``..``, links) are refused. An archive holding a single top folder is read
-    from inside that folder.
-    """
-    import tarfile
-    import zipfile
+    The unpacked copy is keyed by the archive's name, size and modification time. Unpacking is bounded and
+    safe (:func:`featx.data.archives.unpack`): members that would land outside the copy (absolute paths, ``..``,
+    links) are refused, and so are archives over the size, member-count or expansion-ratio limits of
+    :class:`~featx.data.archives.ArchiveLimits`. An archive holding a single top folder is read from inside
+    that folder.
 
+    Raises
+    ------
+    ArchiveError
+        The archive is broken, truncated, unsafe or over a limit; the message names the file and the fix.
+        Nothing is left in the cache then.
+    """
     path = Path(path).expanduser().resolve()
     st = path.stat()
     digest = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "sources" / f"archive-{path.name.split('.')[0]}-{digest}"
-
-    def write(folder: Path) -> None:
-        if path.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(path) as zf:
-                for member in zf.namelist():
-                    dest = (folder / member).resolve()
-                    if not dest.is_relative_to(folder.resolve()):
-                        raise ValueError(f"{path}: member {member!r} would be written outside the unpack folder")
-                zf.extractall(folder)
-        else:
-            with tarfile.open(path) as tf:
-                if hasattr(tarfile, "data_filter"):  # refuses absolute paths, '..' and links leading outside
-                    try:
-                        tf.extractall(folder, filter="data")
-                    except tarfile.TarError as exc:
-                        raise ValueError(f"{path}: unsafe or broken archive member ({exc}); not unpacked") from None
-                    return
-                for member in tf.getmembers():  # Pythons without extraction filters
-                    dest = (folder / member.name).resolve()
-                    if not dest.is_relative_to(folder.resolve()) or member.issym() or member.islnk():
-                        raise ValueError(f"{path}: member {member.name!r} is not a plain file inside the archive")
-                tf.extractall(folder)
-
-    _materialise(target, write)
+    limits = ArchiveLimits.from_env()  # a bad variable is refused before anything is created
+    _materialise(target, lambda folder: unpack(path, folder, limits))
     entries = [p for p in target.iterdir() if not p.name.startswith(".")]
     root = (
         entries[0]
