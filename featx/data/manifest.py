@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import stat
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from featx.exceptions import UnknownNameError
 from featx.spec import DEFAULT_FINGERPRINT, FINGERPRINT_MODES, canonical_json, check_option
 
 __all__ = ["FINGERPRINT_MODES", "IMAGE_EXTENSIONS", "SPLITS", "Manifest"]
+
+log = logging.getLogger(__name__)
 
 
 #: Split names a manifest may hold; ``unlabeled`` rows are for prediction only.
@@ -104,14 +107,36 @@ class Manifest:
         ----------
         mode : {"stat", "content"}, default="stat"
             ``stat`` hashes each file's path, size and modification time (fast); ``content`` hashes the
-            bytes (slow, but survives copies and ``touch``).
+            bytes (slow, but survives copies and ``touch``), and logs a warning naming byte-identical files
+            that sit in more than one split.
         """
         check_option("fingerprint", mode)
         digest = hashlib.sha256()
         digest.update(canonical_json({"classes": self.class_names, "mode": mode}).encode())
-        for row_id, path, label, split in zip(self.ids, self.paths, self.labels.tolist(), self.splits, strict=True):
-            digest.update(canonical_json([row_id, label, split, _file_signature(path, mode)]).encode())
+        by_content: dict[str, list[int]] = defaultdict(list)
+        rows = zip(self.ids, self.paths, self.labels.tolist(), self.splits, strict=True)
+        for i, (row_id, path, label, split) in enumerate(rows):
+            signature = _file_signature(path, mode)
+            digest.update(canonical_json([row_id, label, split, signature]).encode())
+            if mode == "content" and split != "unlabeled" and len(signature) == 1 and len(signature[0]) == 64:
+                by_content[signature[0]].append(i)
+        self._warn_of_copies_across_splits(by_content)
         return f"{mode}:{digest.hexdigest()}"
+
+    def _warn_of_copies_across_splits(self, by_content: dict[str, list[int]]) -> None:
+        """Log the byte-identical files that sit in more than one of train, val and test: the test set leaks."""
+        leaks = [group for group in by_content.values() if len({self.splits[i] for i in group}) > 1]
+        if leaks:
+            shown = "; ".join(" = ".join(f"{self.ids[i]} ({self.splits[i]})" for i in group) for group in leaks[:5])
+            more = f"; and {len(leaks) - 5} more" if len(leaks) > 5 else ""
+            log.warning(
+                "%s: %d byte-identical files sit in more than one split, so the test set leaks into training: "
+                "%s%s. Remove the copies, or keep each in one split",
+                self.source,
+                len(leaks),
+                shown,
+                more,
+            )
 
 
 def _file_signature(path: str, mode: str) -> list:

@@ -16,6 +16,7 @@ carved off. What was done is recorded in :attr:`Manifest.split_policy`.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import inspect
@@ -86,6 +87,37 @@ def _finish(
     )
 
 
+def _refuse_repeated_files(
+    where: str,
+    ids: Sequence[str],
+    keys: Sequence[str],
+    labels: Sequence[str | None],
+    splits: Sequence[str],
+    rows: Sequence[str] | None = None,
+) -> None:
+    """Refuse one file under several ids: it would count twice, and in train and test it leaks the test set.
+
+    ``keys`` are the files' resolved paths; ``rows`` says where each row is written (``line 4``), if anywhere.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    repeated = [(key, rows_of) for key, rows_of in groups.items() if len(rows_of) > 1]
+    if not repeated:
+        return
+
+    def row(i: int) -> str:
+        label = f", {labels[i]}" if labels[i] is not None else ""
+        return f"{rows[i] + ' ' if rows else ''}{ids[i]!r} ({splits[i]}{label})"
+
+    shown = "; ".join(f"{key} as {', '.join(row(i) for i in rows_of)}" for key, rows_of in repeated[:5])
+    more = f"; and {len(repeated) - 5} more files" if len(repeated) > 5 else ""
+    raise ValueError(
+        f"{where}: {len(repeated)} file(s) appear under several ids, so their features would count twice and a "
+        f"file in two splits leaks the test set: {shown}{more}. List each image once (one path per file)"
+    )
+
+
 # ------------------------------------------------------------------------------------------- sources
 def from_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
     """An image folder: ``root/<class>/<image>`` or ``root/<split>/<class>/<image>``.
@@ -106,7 +138,8 @@ def from_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
             "use either root/<class>/<image> or root/{train,val,test}/<class>/<image>, or a CSV manifest"
         )
     groups = [(p, _SPLIT_ALIASES[p.name.lower()]) for p in top] if split_layout else [(root, "train")]
-    ids, paths, labels, splits = [], [], [], []
+    ids, paths, keys, labels, splits = [], [], [], [], []
+    real_dirs: dict[Path, str] = {}  # one realpath per folder, not per file: lists of a million images stay fast
     skipped = 0
     for group_dir, split in groups:
         class_dirs = sorted(p for p in group_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -119,6 +152,11 @@ def from_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
                     continue
                 ids.append(file.relative_to(root).as_posix())
                 paths.append(str(file))
+                if file.is_symlink():
+                    keys.append(os.path.realpath(file))
+                else:
+                    parent = real_dirs.setdefault(file.parent, os.path.realpath(file.parent))
+                    keys.append(os.path.join(parent, file.name))
                 labels.append(class_dir.name)
                 splits.append(split)
     if skipped:
@@ -133,6 +171,7 @@ def from_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
         unseen = sorted({lab for lab in labels} - train_classes)
         if train_classes and unseen:
             log.warning("classes with no training images in %s: %s", root, ", ".join(unseen))
+    _refuse_repeated_files(f"image folder {root}", ids, keys, labels, splits)
     return _finish(ids, paths, labels, splits, f"folder:{root}", seed, test_fraction)
 
 
@@ -145,6 +184,16 @@ def from_csv(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
+    try:
+        ids, paths, labels, splits, lines = _read_csv(path)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+    _refuse_repeated_files(f"manifest {path}", ids, paths, labels, splits, [f"line {n}" for n in lines])
+    return _finish(ids, paths, labels, splits, f"csv:{path}", seed, test_fraction)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[str], list[str | None], list[str], list[int]]:
+    """The ids (as written), resolved paths, label names, splits and line numbers of a CSV/TSV manifest."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
@@ -155,7 +204,7 @@ def from_csv(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_
                 f"'split'); found columns {fields}"
             )
         reader.fieldnames = fields
-        ids, paths, labels, splits = [], [], [], []
+        ids, paths, labels, splits, lines = [], [], [], [], []
         for line, row in enumerate(reader, start=2):
             rel = (row.get("path") or "").strip()
             if not rel:
@@ -169,7 +218,25 @@ def from_csv(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_
             paths.append(str(file.resolve()))
             labels.append(label)
             splits.append(_SPLIT_ALIASES[raw_split])
-    return _finish(ids, paths, labels, splits, f"csv:{path}", seed, test_fraction)
+            lines.append(line)
+    return ids, paths, labels, splits, lines
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
+    """Name the file, the line and the first byte that is not UTF-8, and how to fix it."""
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        data[bom:].decode("utf-8")
+        offset, reason = exc.start, exc.reason  # not reached: the whole file fails where the stream did
+    except UnicodeDecodeError as whole:
+        offset, reason = bom + whole.start, whole.reason
+    line = data.count(b"\n", 0, offset) + 1
+    return ValueError(
+        f"{path}:{line}: not UTF-8 text (byte 0x{data[offset : offset + 1].hex()} at offset {offset}: {reason}); "
+        "it is probably Latin-1 or Windows-1252. featx reads manifests as UTF-8: save the file as UTF-8 (a "
+        f"spreadsheet's 'CSV UTF-8', or `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`)"
+    )
 
 
 def from_files(files: Sequence[str | Path], source: str = "files") -> Manifest:
@@ -182,7 +249,10 @@ def from_files(files: Sequence[str | Path], source: str = "files") -> Manifest:
 
 
 def _from_list_file(path: Path) -> Manifest:
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
     files = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")]
     return from_files(files, source=f"list:{path.resolve()}")
 
