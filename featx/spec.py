@@ -68,7 +68,8 @@ AMP_MODES = ("none", "bf16", "fp16")
 #: What a caller may ask for: ``auto`` is bf16 (else fp16) on CUDA and none elsewhere.
 AMP_CHOICES = ("auto", *AMP_MODES)
 TTA_MODES = ("none", "flip")
-DECODE_MODES = ("exact", "fast")
+#: ``device`` (JPEGs decoded on the extraction device) came after ``fast``; each has a key of its own.
+DECODE_MODES = ("exact", "fast", "device")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 #: How images enter the cache key: path, size and mtime (``stat``) or content hashes.
 FINGERPRINT_MODES = ("stat", "content")
@@ -232,7 +233,9 @@ class ExtractionSpec:
         reduced DCT scale (1/2, 1/4 or 1/8, while the shorter side stays at least the resize size) and
         resizes only the region the centre crop keeps: several times less decoding work for large photos.
         Reduced-scale decoding changes the pixels a little; the crop-region resize alone moves a few
-        pixels by one level.
+        pixels by one level. ``device`` has DataLoader workers read only the bytes of JPEGs, which are decoded,
+        resized and cropped in batches on the extraction device (nvJPEG on CUDA,
+        :mod:`featx.extract.device_decode`); other files, and JPEGs it cannot vouch for, take the exact path.
     """
 
     backbone: str

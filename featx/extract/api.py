@@ -238,11 +238,14 @@ def extract(
         For carving a test split when the source has none.
     max_pixels : int
         Images with more pixels are recorded as failures (decompression-bomb guard).
-    decode : {"exact", "fast"}, default="exact"
+    decode : {"exact", "fast", "device"}, default="exact"
         ``exact`` decodes and resizes as the weights' own transforms do. ``fast`` decodes JPEGs at a
         reduced DCT scale while the shorter side stays at least the resize size, and resizes only the
         centre-crop region: several times less decoding for photos of a few megapixels, slightly different
-        pixels, and so a different store (it is part of the key).
+        pixels, and so a different store (it is part of the key). ``device`` leaves the workers only reading
+        files: JPEGs are decoded (nvJPEG on CUDA), resized and cropped in batches on ``device``; other files,
+        and JPEGs it cannot vouch for (CMYK, greyscale, EXIF-rotated, truncated), are decoded exactly on the
+        CPU, so a bad image fails as it does with ``exact``. Also a store of its own.
     progress : bool, default=True
         Show a progress bar with images/s and ETA.
     expect_weights_sha256 : str, optional

@@ -27,12 +27,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featx._runtime.device import autocast, channels_last_pays, exact_float32
-from featx._runtime.env import cache_dir, default_workers, library_versions, temporary_environ
+from featx._runtime.env import cache_dir, default_workers, library_versions, temporary_attr, temporary_environ
 from featx._runtime.malloc import reuse_freed_memory
 from featx.backbones.features import Backbone, FeatureModel, bytes_per_image, feature_dims, human_bytes
 from featx.data.imageio import load_for_model
 from featx.data.manifest import Manifest
 from featx.exceptions import ImageDecodeError
+from featx.extract.device_decode import DeviceDecoder, read_for_device
 from featx.spec import COMPILE_MODES, ExtractionSpec, Preprocessing
 from featx.store.format import Failure, read_key
 from featx.store.writer import StoreWriter
@@ -134,6 +135,8 @@ class _ImageRows(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         row = int(self.rows[i])
         try:
+            if self.decode == "device":  # a JPEG's bytes, for the device; any other file decoded here, exactly
+                return row, read_for_device(self.paths[row], self.pre, self.max_pixels), ""
             return row, load_for_model(self.paths[row], self.pre, self.max_pixels, self.decode), ""
         except ImageDecodeError as exc:
             return row, None, str(exc)
@@ -142,11 +145,29 @@ class _ImageRows(Dataset):
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str]]):
-    ok = [(row, t) for row, t, _ in items if t is not None]
+    """``(rows, images, failed, encoded rows, encoded)``: decoded ``[3, H, W]`` crops are stacked, the bytes of
+    JPEGs left to the device (1-D, ``decode="device"``) are kept apart."""
+    ok = [(row, t) for row, t, _ in items if t is not None and t.ndim == 3]
+    encoded = [(row, t) for row, t, _ in items if t is not None and t.ndim == 1]
     failed = [(row, reason) for row, t, reason in items if t is None]
     rows = torch.tensor([r for r, _ in ok], dtype=torch.long)
     images = torch.stack([t for _, t in ok]) if ok else torch.empty(0, dtype=torch.uint8)
-    return rows, images, failed
+    return rows, images, failed, [r for r, _ in encoded], [t for _, t in encoded]
+
+
+def _on_device(
+    decoder: DeviceDecoder, batch: tuple, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """A collated batch with its JPEG bytes decoded on ``device``: ``(rows, images, failed)``, images there."""
+    rows, images, failed, encoded_rows, encoded = batch
+    if not encoded:
+        return rows, images, failed
+    done, crops, refused = decoder(encoded_rows, encoded)
+    if not done:
+        return rows, images, failed + refused
+    parts = [images.to(device, non_blocking=True)] if len(rows) else []
+    rows = torch.cat([rows, torch.tensor(done, dtype=torch.long)])
+    return rows, torch.cat([*parts, torch.stack(crops)]), failed + refused
 
 
 # -------------------------------------------------------------------------------------------- engine
@@ -362,11 +383,14 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
         exact_float32(dev, spec.amp),
         _inductor_cache(compile_model),
         reuse_freed_memory(dev.type == "cpu"),
+        _cudnn_benchmark(dev),
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer") as pool,
     ):
         embed = _Embedder(job.feature_model, pre, dev, spec.amp, spec.tta, compile_model, job.batch_size)
+        decoder = DeviceDecoder(manifest.paths, pre, dev, spec.max_pixels)
         try:
-            for rows, images, failed in loader:
+            for batch in loader:
+                rows, images, failed = _on_device(decoder, batch, dev)
                 feats = embed(images) if len(rows) else {layer: torch.empty(0, d) for layer, d in writer.dims.items()}
                 arrays = {k: v.numpy() for k, v in feats.items()}
                 in_flight.append(pool.submit(writer.write_batch, rows.numpy(), arrays, failed))
@@ -381,6 +405,13 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
                 fut.result()
             bar.close()
     return {"compiled": embed.compiled, "batchnorms_folded": embed.folded_batchnorms}
+
+
+def _cudnn_benchmark(dev: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """On CUDA, let cuDNN pick its fastest kernels: every batch but the last has the same shape. Restored after."""
+    if dev.type != "cuda":
+        return contextlib.nullcontext()
+    return temporary_attr(torch.backends.cudnn, "benchmark", True)
 
 
 def _inductor_cache(compiled: bool) -> contextlib.AbstractContextManager[None]:
