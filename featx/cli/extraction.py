@@ -60,7 +60,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @choice_option("tta", help="Test-time augmentation: flip averages the features of each image and its mirror.")
 @choice_option(
     "decode",
-    help="fast: decode big JPEGs at a reduced scale and resize only the crop region (slightly different pixels).",
+    help="fast: big JPEGs at reduced scale, crop region resized; device: JPEGs decoded on --device. Pixels differ.",
 )
 @click.option(
     "--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU cores, max 8]."
