@@ -11,20 +11,47 @@ and :mod:`~featx.cli.jobs` (``run``, ``compare``); :mod:`~featx.cli._shared` hol
 from __future__ import annotations
 
 import logging
+import sys
+from typing import Any
 
-import click
+try:
+    import click
 
-from featx import __version__
-from featx.cli._shared import EXIT_INTERRUPTED, EXIT_TOO_MANY_FAILURES
-from featx.cli.classify import evaluate, predict, train
-from featx.cli.extraction import backbones, extract, info, join
-from featx.cli.finetuning import finetune
-from featx.cli.jobs import compare, run
+    from featx import __version__
+    from featx.cli._shared import EXIT_INTERRUPTED, EXIT_TOO_MANY_FAILURES, interrupted
+    from featx.cli.classify import evaluate, predict, train
+    from featx.cli.extraction import backbones, extract, info, join
+    from featx.cli.finetuning import finetune
+    from featx.cli.jobs import compare, run
+except KeyboardInterrupt:  # Ctrl-C while the command line loads: exit 130 as at any other moment, not a traceback
+    sys.stderr.write("interrupted; run the same command again.\n")  # the words of _shared.interrupted()
+    raise SystemExit(130) from None  # EXIT_INTERRUPTED, which may not be imported yet
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_TOO_MANY_FAILURES", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Featx(click.Group):
+    """The ``featx`` group: Ctrl-C at any moment exits 130 with featx's message.
+
+    click itself turns a ``KeyboardInterrupt`` into ``Aborted!`` and exit code 1; a command's own handler
+    (:func:`~featx.cli._shared.reported`) covers only its library call, not the imports before it (torch
+    takes seconds), the argument parsing or the summary after it.
+    """
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            interrupted()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            interrupted()
+
+
+@click.group(cls=_Featx, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="featx")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:

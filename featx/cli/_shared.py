@@ -18,6 +18,7 @@ __all__ = [
     "choice_option",
     "device_option",
     "fail",
+    "interrupted",
     "max_failures_option",
     "name_values",
     "no_progress_option",
@@ -31,8 +32,9 @@ __all__ = [
 EXIT_TOO_MANY_FAILURES = 3
 EXIT_INTERRUPTED = 130
 
-#: What a library call raises for bad input or a failed job: shown as ``error: ...`` with exit code 1.
-LIBRARY_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, OSError)
+#: What a library call raises for bad input or a failed job: shown as ``error: ...`` with exit code 1. An
+#: ``EOFError`` is a truncated file; left to click, it would print ``Aborted!`` as if Ctrl-C had been pressed.
+LIBRARY_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, OSError, EOFError)
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -43,19 +45,25 @@ def fail(exc: BaseException) -> NoReturn:
     sys.exit(1)
 
 
+def interrupted(kept: str | None = None) -> NoReturn:
+    """Say that Ctrl-C stopped the command (and what work was ``kept``), and exit 130."""
+    if kept is None:
+        click.secho("interrupted; run the same command again.", fg="yellow", err=True)
+    else:
+        click.secho(f"interrupted: {kept}; run the same command again to resume.", fg="yellow", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 @contextmanager
 def reported(kept: str | None = None, also: Sequence[type[BaseException]] = ()) -> Iterator[None]:
     """Run a library call: its errors exit 1 with their message; Ctrl-C exits 130 saying what was ``kept``.
 
-    Without ``kept``, Ctrl-C is not caught (the command has no partial work to keep).
+    Without ``kept`` (a command with no partial work to keep), Ctrl-C exits 130 with the plain message.
     """
     try:
         yield
     except KeyboardInterrupt:
-        if kept is None:
-            raise
-        click.secho(f"interrupted: {kept}; run the same command again to resume.", fg="yellow", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        interrupted(kept)
     except (*LIBRARY_ERRORS, *also) as exc:
         fail(exc)
 
