@@ -3,13 +3,12 @@ file, manifests that are not UTF-8, and Ctrl-C at any moment."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
-import tarfile
 import textwrap
 import zipfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import TINY, make_image
+from test_reliability import _tar_gz, _zip  # the archive builders of the unpacker's own tests
 
 import featx.data.archives
 import featx.exceptions
@@ -26,22 +26,6 @@ from featx.data.sources import _materialise
 from featx.exceptions import ArchiveError
 
 # ---------------------------------------------------------------------------------------------- archives
-
-
-def _zip(path: Path, members: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return path
-
-
-def _tar_gz(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _bomb(tmp_path: Path) -> Path:
@@ -103,7 +87,7 @@ def test_extract_of_a_broken_archive_says_which_file_and_exits_1(tmp_path, isola
     assert result.exit_code == 1, result.output
     assert "Aborted!" not in result.output and "Traceback" not in result.output
     assert result.output.startswith("error: ")
-    assert __import__("re").search(message, result.output), result.output
+    assert re.search(message, result.output), result.output
     assert _leftovers(isolated_caches) == []
     assert not (tmp_path / "s.h5").exists()
 

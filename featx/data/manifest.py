@@ -130,10 +130,11 @@ class Manifest:
             shown = "; ".join(" = ".join(f"{self.ids[i]} ({self.splits[i]})" for i in group) for group in leaks[:5])
             more = f"; and {len(leaks) - 5} more" if len(leaks) > 5 else ""
             log.warning(
-                "%s: %d byte-identical files sit in more than one split, so the test set leaks into training: "
-                "%s%s. Remove the copies, or keep each in one split",
+                "%s: the same image sits in more than one split (byte-identical files, %d case%s), so the test "
+                "set leaks into training: %s%s. Remove the copies, or keep each in one split",
                 self.source,
                 len(leaks),
+                "" if len(leaks) == 1 else "s",
                 shown,
                 more,
             )

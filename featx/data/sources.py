@@ -110,11 +110,12 @@ def _refuse_repeated_files(
         label = f", {labels[i]}" if labels[i] is not None else ""
         return f"{rows[i] + ' ' if rows else ''}{ids[i]!r} ({splits[i]}{label})"
 
+    count = "1 file appears" if len(repeated) == 1 else f"{len(repeated)} files appear"
     shown = "; ".join(f"{key} as {', '.join(row(i) for i in rows_of)}" for key, rows_of in repeated[:5])
     more = f"; and {len(repeated) - 5} more files" if len(repeated) > 5 else ""
     raise ValueError(
-        f"{where}: {len(repeated)} file(s) appear under several ids, so their features would count twice and a "
-        f"file in two splits leaks the test set: {shown}{more}. List each image once (one path per file)"
+        f"{where}: {count} under several ids, so their features would count twice and a file in "
+        f"two splits leaks the test set: {shown}{more}. List each image once (one path per file)"
     )
 
 
