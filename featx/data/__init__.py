@@ -2,6 +2,7 @@
 
 - :mod:`~featx.data.manifest`: the manifest and its fingerprint;
 - :mod:`~featx.data.sources`: folders, CSV files, archives, torchvision datasets, scikit-learn's digits;
+- :mod:`~featx.data.archives`: unpacking archives safely, within size, count and ratio limits;
 - :mod:`~featx.data.splits`: the test split carved when a source has none;
 - :mod:`~featx.data.imageio`: decoding hostile images safely into model input.
 """
