@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from featx.results import TestMetrics
+from featx.results import Predictions, TestMetrics
 
-__all__ = ["bootstrap_accuracy_ci", "evaluate"]
+__all__ = ["bootstrap_accuracy_ci", "evaluate", "predictions"]
 
 
 def bootstrap_accuracy_ci(
@@ -79,3 +79,35 @@ def evaluate(
     result["per_class"] = {name: report[name] for name in class_names}
     result["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return result
+
+
+def predictions(
+    ids: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, k: int = 5
+) -> Predictions:
+    """Every image's prediction as parallel arrays, so two methods can be compared image by image.
+
+    Parameters
+    ----------
+    ids : sequence of str
+        The images' store ids, in row order.
+    y_true, y_pred : array of int
+    scores : array of shape (n, n_classes), optional
+        Without scores the top classes are the prediction alone, with no scores.
+    k : int, default=5
+        How many of the best classes to keep per image (at most the number of classes).
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if scores is None:
+        top = y_pred[:, None]
+        top_scores: list[list[float]] = [[] for _ in range(len(y_pred))]
+    else:
+        scores = np.asarray(scores, dtype=np.float64)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])]
+        top_scores = [[float(f"{v:.6g}") for v in row] for row in np.take_along_axis(scores, top, axis=1)]
+    return Predictions(
+        ids=[str(i) for i in ids],
+        true=[int(v) for v in y_true],
+        predicted=[int(v) for v in y_pred],
+        top_classes=top.astype(int).tolist(),
+        top_scores=top_scores,
+    )

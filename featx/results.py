@@ -41,6 +41,7 @@ __all__ = [
     "FinetuneResults",
     "FinetuneSettings",
     "NotResultsError",
+    "Predictions",
     "Results",
     "ResultsError",
     "SearchPoint",
@@ -90,6 +91,7 @@ class TestMetrics(_TestMetricsBase, total=False):
 
     predict_seconds: float
     split: str
+    predictions: Predictions  # classifiers: every image's prediction (written since issue 13)
 
 
 class StoreInfo(TypedDict):
@@ -121,23 +123,37 @@ class ClassifierSettings(TypedDict):
     chosen: float | None
 
 
-class SearchPoint(TypedDict):
-    """One grid value's score: mean and std over the folds, and each fold's score."""
-
+class _SearchPointBase(TypedDict):
     value: float
     mean: float
     std: float
     folds: list[float]
 
 
-class SearchSummary(TypedDict):
-    """The hyper-parameter search (:class:`featx.classify.search.SearchResult`)."""
+class SearchPoint(_SearchPointBase, total=False):
+    """One grid value's score: mean and std over the folds, each fold's score, and whether its fits converged."""
 
+    converged: bool  # every fold's fit stopped before max_iter (absent for estimators that do not iterate)
+    n_iter: int  # the most iterations one fold's fit took
+
+
+class _SearchSummaryBase(TypedDict):
     param: str
     scheme: str  # e.g. "5-fold stratified CV", "validation split"
     best: float | None
     curve: list[SearchPoint]
     seconds: float
+
+
+class SearchSummary(_SearchSummaryBase, total=False):
+    """The hyper-parameter search (:class:`featx.classify.search.SearchResult`)."""
+
+    refined: list[SearchPoint]  # the values scored inside ±1 decade of the coarse best
+    at_edge: bool  # the best is at an edge of the scored values even after widening
+    widened: list[float]  # values added because the coarse best was at an edge
+    stopped_early: float | None  # climbing C stopped after this value (the mean fell twice in a row)
+    skipped: list[float]  # grid values not scored because of that stop
+    converged: bool  # every fit of the search converged
 
 
 class _TrainSummaryBase(TypedDict):
@@ -146,9 +162,22 @@ class _TrainSummaryBase(TypedDict):
 
 
 class TrainSummary(_TrainSummaryBase, total=False):
-    """How many images the final model was trained on, and how long it took."""
+    """How many images the final model was trained on, how long it took, and whether its fit converged."""
 
     val_n: int  # fine-tuning: the images it chose its epoch on
+    converged: bool | None  # classifiers: the final fit stopped before max_iter (None: not iterative)
+    n_iter: int | None  # classifiers: the iterations the final fit took
+    max_iter: int | None  # classifiers: the limit it ran under (raised when the first try did not converge)
+
+
+class Predictions(TypedDict):
+    """Per-image predictions of one split, as parallel arrays (row i of each is image ``ids[i]``)."""
+
+    ids: list[str]
+    true: list[int]  # class indices into the model's class names
+    predicted: list[int]
+    top_classes: list[list[int]]  # per image, the k best classes, best first
+    top_scores: list[list[float]]  # their scores (probabilities or decision values), rounded to 6 digits
 
 
 class FewShotPoint(TypedDict):

@@ -1,7 +1,17 @@
-"""The hyper-parameter search on the training rows: the val split, else stratified k-fold, in parallel.
+"""The hyper-parameter search on the training rows: the val split, else stratified k-fold, folds in parallel.
 
-Warm-started presets fit each fold once along the whole grid; the best mean score wins (ties: the first
-value in grid order), and a best value at the edge of the grid is logged.
+The search is converged and dense where it matters:
+
+1. the coarse grid (decades for the presets) is scored in ascending order, each value on every fold in
+   parallel; warm-started presets carry each fold's estimator along the grid. Climbing ``C`` stops once the
+   mean score has fallen at two consecutive values (the large-``C`` fits are the slow ones, and past a
+   peak they only fall further); the values not paid for are recorded as ``skipped``;
+2. a best value at an edge of the grid widens it by two decades on that side before it is accepted;
+3. four more values (thirds of a decade) are scored inside ±1 decade of the best.
+
+Every fit records whether it converged (``n_iter_`` below ``max_iter``); a :class:`ConvergenceWarning` is
+not shown during the search because the fact is in each point's ``converged`` instead. The best mean over
+all scored values wins (ties: the smaller value).
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -23,58 +34,162 @@ from sklearn.pipeline import Pipeline
 from featx.classify.presets import Preset
 from featx.results import SearchPoint, SearchSummary
 
-__all__ = ["SearchResult", "search"]
+__all__ = ["SearchResult", "fit_converged", "search"]
 
 log = logging.getLogger(__name__)
+
+#: Searched parameters on a continuous log scale: widened at an edge and refined around the best.
+_LOG_PARAMS = ("C", "alpha")
+#: Offsets (in decades) of the refined values around the best.
+_REFINE = (-2 / 3, -1 / 3, 1 / 3, 2 / 3)
+#: How far a best value at an edge widens the grid, in decades.
+_WIDEN = (1, 2)
 
 
 # -------------------------------------------------------------------------------------------- search
 @dataclass
 class SearchResult:
-    """The outcome of a hyper-parameter search."""
+    """The outcome of a hyper-parameter search.
+
+    Attributes
+    ----------
+    param, scheme : str
+        The searched hyper-parameter, and how it was validated (e.g. ``"5-fold stratified CV"``).
+    best : float or None
+        The value with the best mean score over :attr:`curve` and :attr:`refined`.
+    curve : list of SearchPoint
+        The coarse grid and any widening, ascending: mean ± std over the folds, each fold's score, whether
+        every fold's fit converged and the most iterations one took.
+    seconds : float
+    refined : list of SearchPoint
+        The values scored inside ±1 decade of the coarse best.
+    at_edge : bool
+        The best is still at an edge of the scored range after widening.
+    widened : list of float
+        Values added because the coarse best sat at an edge.
+    stopped_early : float or None
+        The value after which climbing stopped (the mean fell twice in a row); None if the grid was climbed.
+    skipped : list of float
+        The grid values not scored because of that stop.
+    """
 
     param: str
     scheme: str
     best: float | None
     curve: list[SearchPoint] = field(default_factory=list)
     seconds: float = 0.0
+    refined: list[SearchPoint] = field(default_factory=list)
+    at_edge: bool = False
+    widened: list[float] = field(default_factory=list)
+    stopped_early: float | None = None
+    skipped: list[float] = field(default_factory=list)
+
+    @property
+    def converged(self) -> bool:
+        """Every fit of the search converged (fits without an iteration count count as converged)."""
+        return all(p.get("converged") is not False for p in self.curve + self.refined)
 
     def to_dict(self) -> SearchSummary:
         """The ``"search"`` section of the results."""
-        return SearchSummary(**{**dataclasses.asdict(self), "seconds": round(self.seconds, 3)})
+        out = dataclasses.asdict(self)
+        return SearchSummary(**{**out, "seconds": round(self.seconds, 3), "converged": self.converged})
+
+
+def fit_converged(estimator: Any) -> tuple[bool | None, int | None]:
+    """Whether a fitted estimator (or a pipeline's last step) converged, and the iterations it took.
+
+    An iterative scikit-learn solver converged when ``n_iter_`` (for liblinear and lbfgs the most over the
+    classes) stayed below ``max_iter``; this is the test behind their :class:`ConvergenceWarning`.
+    ``(None, None)`` for estimators that do not iterate (ridge, k-NN).
+    """
+    if isinstance(estimator, Pipeline):
+        estimator = estimator.steps[-1][1]
+    n_iter, max_iter = getattr(estimator, "n_iter_", None), getattr(estimator, "max_iter", None)
+    if n_iter is None or max_iter is None:
+        return None, None
+    n = int(np.max(n_iter))
+    return n < int(max_iter), n
 
 
 def _fit_quietly(est, X, y):
+    """Fit with :class:`ConvergenceWarning` hidden: only where the caller records :func:`fit_converged`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return est.fit(X, y)
 
 
-def _score_fold(
-    pipeline: Pipeline, param: str, values: Sequence[float], warm: bool, X, y, train_idx, val_idx, scoring: str
-) -> list[float]:
-    """Scores of one fold for each value; preprocessing fit once, the estimator warm-started along the values."""
+def _prepare_fold(pipeline: Pipeline, X, y, train_idx, val_idx) -> tuple[np.ndarray, ...]:
+    """One fold's rows with the preprocessing fitted on its training part."""
+    Xtr, Xva = X[train_idx], X[val_idx]
+    if len(pipeline.steps) > 1:
+        pre = clone(Pipeline(pipeline.steps[:-1])).fit(Xtr, y[train_idx])
+        Xtr, Xva = pre.transform(Xtr), pre.transform(Xva)
+    return Xtr, y[train_idx], Xva, y[val_idx]
+
+
+def _fit_point(est, param: str, value: float, warm: bool, fold: tuple[np.ndarray, ...], scoring: str):
+    """Fit one fold at one value (continuing ``est`` when warm); its score, convergence and the estimator."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
+    Xtr, ytr, Xva, yva = fold
+    est = est if warm else clone(est)
+    if param == "n_neighbors":  # a fold may hold fewer images than the largest k
+        value = min(int(value), len(ytr))
+    est.set_params(**{param: value})
+    est.fit(Xtr, ytr)  # ConvergenceWarning: hidden by search(), recorded from n_iter_
     score_fn = balanced_accuracy_score if scoring == "balanced_accuracy" else accuracy_score
-    pre = Pipeline(pipeline.steps[:-1]) if len(pipeline.steps) > 1 else None
-    Xtr, Xva = X[train_idx], X[val_idx]
-    if pre is not None:
-        pre = clone(pre).fit(Xtr, y[train_idx])
-        Xtr, Xva = pre.transform(Xtr), pre.transform(Xva)
-    est = clone(pipeline.steps[-1][1])
-    if warm:
-        est.set_params(warm_start=True)
-    scores = []
-    for value in values:
-        if not warm:
-            est = clone(est)
-        if param == "n_neighbors":  # a fold may hold fewer images than the largest k
-            value = min(int(value), len(train_idx))
-        est.set_params(**{param: value})
-        _fit_quietly(est, Xtr, y[train_idx])
-        scores.append(float(score_fn(y[val_idx], est.predict(Xva))))
-    return scores
+    converged, n_iter = fit_converged(est)
+    return float(score_fn(yva, est.predict(Xva))), converged, n_iter, est
+
+
+@dataclass
+class _Scorer:
+    """Scores values on prepared folds; ``score_path`` goes along ascending values (warm when the preset can)."""
+
+    parallel: Parallel
+    estimator: Any
+    preset: Preset
+    folds: list[tuple[np.ndarray, ...]]
+    scoring: str
+
+    def score_path(self, values: Sequence[float], early_stop: bool) -> tuple[list[SearchPoint], list[float]]:
+        """The points of ``values`` (ascending); with ``early_stop``, stop once the mean fell twice in a row."""
+        template = clone(self.estimator)
+        if self.preset.warm_start:
+            template.set_params(warm_start=True)
+        ests = [clone(template) for _ in self.folds]
+        points: list[SearchPoint] = []
+        for i, value in enumerate(values):
+            out = self.parallel(
+                delayed(_fit_point)(est, self.preset.param, value, self.preset.warm_start, fold, self.scoring)
+                for est, fold in zip(ests, self.folds, strict=True)
+            )
+            ests = [o[3] for o in out]
+            points.append(_point(value, [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]))
+            means = [p["mean"] for p in points[-3:]]
+            if early_stop and len(means) == 3 and means[2] < means[1] < means[0]:
+                return points, [float(v) for v in values[i + 1 :]]
+        return points, []
+
+
+def _point(value: float, scores: list[float], converged: list[bool | None], n_iter: list[int | None]) -> SearchPoint:
+    point = SearchPoint(value=float(value), mean=float(np.mean(scores)), std=float(np.std(scores)), folds=scores)
+    if any(c is not None for c in converged):
+        point["converged"] = all(c is not False for c in converged)
+        point["n_iter"] = max(n for n in n_iter if n is not None)
+    return point
+
+
+def _best(points: Sequence[SearchPoint]) -> SearchPoint:
+    """The best mean; ties: the smaller value."""
+    ordered = sorted(points, key=lambda p: p["value"])
+    return ordered[int(np.argmax([p["mean"] for p in ordered]))]
+
+
+def _new(values: Sequence[float], scored: Sequence[SearchPoint]) -> list[float]:
+    """``values`` not scored yet (to a relative 1e-9), ascending."""
+    done = [p["value"] for p in scored]
+    return sorted(v for v in values if v > 0 and not any(abs(v - d) <= 1e-9 * d for d in done))
 
 
 def search(
@@ -87,48 +202,97 @@ def search(
     scheme: str,
     n_jobs: int = -1,
     scoring: str = "accuracy",
+    refine: bool = True,
 ) -> SearchResult:
-    """Score every grid value on every fold in parallel; the best mean wins (ties: the first in grid order).
+    """Score the grid on every fold (ascending, folds in parallel), widen at an edge, refine around the best.
 
-    Warm-started presets run one task per fold along the whole grid; the others one task per (fold, value).
+    Parameters
+    ----------
+    pipeline : Pipeline
+        Preprocessing steps (fitted inside each fold) and the estimator.
+    preset : Preset
+    grid : sequence of float
+        The coarse values; searched in ascending order.
+    X, y : arrays
+    folds : list of (train_idx, val_idx)
+    scheme : str
+        How the folds were made, for the record.
+    n_jobs : int, default=-1
+        Threads scoring the folds of one value at once (the solvers release the GIL); under a joblib
+        backend such as Dask's, its workers.
+    scoring : {"accuracy", "balanced_accuracy"}
+    refine : bool, default=True
+        Widen at an edge and refine around the best (for ``C`` and ``alpha``); also stops climbing ``C``
+        early. ``False`` scores exactly ``grid``.
+
+    Returns
+    -------
+    SearchResult
     """
     t0 = time.perf_counter()
-    grid = [float(v) for v in grid]
-    if preset.warm_start:
-        tasks = [(fold, list(range(len(grid)))) for fold in range(len(folds))]
-    else:
-        tasks = [(fold, [i]) for fold in range(len(folds)) for i in range(len(grid))]
-    results = Parallel(n_jobs=n_jobs)(
-        delayed(_score_fold)(
-            pipeline,
-            preset.param,
-            [grid[i] for i in idx],
-            preset.warm_start,
-            X,
-            y,
-            folds[fold][0],
-            folds[fold][1],
-            scoring,
-        )
-        for fold, idx in tasks
-    )
-    table = np.full((len(folds), len(grid)), np.nan)
-    for (fold, idx), scores in zip(tasks, results, strict=True):
-        table[fold, idx] = scores
-    means, stds = table.mean(axis=0), table.std(axis=0)
-    best_i = int(np.argmax(means))
-    curve = [
-        {"value": v, "mean": float(m), "std": float(s), "folds": [float(x) for x in table[:, i]]}
-        for i, (v, m, s) in enumerate(zip(grid, means, stds, strict=True))
-    ]
-    if len(grid) > 1 and best_i in (0, len(grid) - 1):
+    grid = sorted({float(v) for v in grid})
+    dense = refine and preset.param in _LOG_PARAMS and len(grid) >= 2
+    with warnings.catch_warnings(), Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
+        warnings.simplefilter("ignore", ConvergenceWarning)  # each point records whether its fits converged
+        prepared = parallel(delayed(_prepare_fold)(pipeline, X, y, tr, va) for tr, va in folds)
+        scorer = _Scorer(parallel, pipeline.steps[-1][1], preset, prepared, scoring)
+        curve, skipped = scorer.score_path(grid, early_stop=dense and preset.param == "C")
+        result = SearchResult(preset.param, scheme, None, curve, skipped=skipped)
+        if skipped:
+            result.stopped_early = curve[-1]["value"]
+        if dense:
+            _widen_and_refine(result, scorer, _log_step(grid))
+    result.best = _best(result.curve + result.refined)["value"]
+    lo, hi = min(p["value"] for p in result.curve), max(p["value"] for p in result.curve)
+    result.at_edge = _edge(result.curve) != 0 and result.best in (lo, hi)
+    result.seconds = time.perf_counter() - t0
+    if result.at_edge:
         log.warning(
-            "best %s=%g is at the edge of the grid %s; consider widening it with --grid",
+            "best %s=%g is at the edge of the searched values %g … %g even after widening; consider --grid",
             preset.param,
-            grid[best_i],
-            grid,
+            result.best,
+            lo,
+            hi,
         )
-    return SearchResult(preset.param, scheme, grid[best_i], curve, time.perf_counter() - t0)
+    if not result.converged:
+        log.warning("some %s search fits did not converge (see 'converged' in the search curve)", preset.name)
+    return result
+
+
+def _log_step(grid: Sequence[float]) -> float:
+    """The grid's spacing as a factor (a decade for the presets' grids), at least a decade."""
+    ratios = np.diff(np.log10(grid))
+    return float(10 ** max(1.0, float(np.median(ratios)))) if len(ratios) else 10.0
+
+
+def _edge(curve: Sequence[SearchPoint]) -> int:
+    """-1 or +1 when the best mean is reached only at the lowest or highest value (a plateau reaching inside
+    the grid is no edge optimum), else 0."""
+    means = [p["mean"] for p in curve]
+    top = max(means)
+    if len(means) < 2 or all(m == top for m in means):
+        return 0
+    if means[0] == top and means[1] < top:
+        return -1
+    return 1 if means[-1] == top and means[-2] < top else 0
+
+
+def _widen_and_refine(result: SearchResult, scorer: _Scorer, step: float) -> None:
+    """Widen by two steps at an edge optimum, then score four values inside ±1 decade of the best (inside
+    the scored range, so a best accepted at an edge is refined inwards)."""
+    side = _edge(result.curve)
+    if side and not (side > 0 and result.skipped):
+        best = _best(result.curve)["value"]
+        extra = _new([best * step ** (side * k) for k in _WIDEN], result.curve)
+        points, skipped = scorer.score_path(extra, early_stop=result.param == "C")
+        result.widened = [p["value"] for p in points]
+        result.skipped += skipped
+        result.curve = sorted(result.curve + points, key=lambda p: p["value"])
+    best = _best(result.curve)["value"]
+    lo, hi = result.curve[0]["value"], result.curve[-1]["value"]
+    offsets = _REFINE if lo < best < hi else [d / 5 * (1 if best == lo else -1) for d in (1, 2, 3, 4)]
+    refined = _new([best * 10**d for d in offsets], result.curve)
+    result.refined, _ = scorer.score_path(refined, early_stop=False)
 
 
 def _folds(y: np.ndarray, splits: np.ndarray, cv: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:

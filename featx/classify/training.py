@@ -13,7 +13,7 @@ import datetime as _dt
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,9 @@ from featx._runtime.env import library_versions
 from featx.classify.config import ClassifierConfig
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
-from featx.classify.search import SearchResult, _fit_quietly, _folds, search
+from featx.classify.search import SearchResult, _fit_quietly, _folds, fit_converged, search
 from featx.exceptions import SpecMismatchError, unknown
-from featx.metrics import evaluate
+from featx.metrics import evaluate, predictions
 from featx.results import (
     SCHEMA,
     ClassifierResults,
@@ -38,15 +38,9 @@ from featx.results import (
 )
 from featx.store.reader import FeatureStore
 
-__all__ = ["Fitted", "check_shots", "evaluate_model", "few_shot_curve", "train"]
+__all__ = ["Fitted", "check_shots", "evaluate_model", "few_shot_curve", "fit_in_memory", "train"]
 
 log = logging.getLogger(__name__)
-
-
-def _fit_timed(pipeline: Pipeline, X, y) -> float:
-    t0 = time.perf_counter()
-    _fit_quietly(pipeline, X, y)
-    return time.perf_counter() - t0
 
 
 def _labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,7 +53,34 @@ def _labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndar
             splits += [split] * len(ys[-1])
     if not Xs:
         raise ValueError(f"{store.path} has no labelled training images")
-    return np.concatenate(Xs), np.concatenate(ys), np.array(splits)
+    y, split_of = np.concatenate(ys), np.array(splits)
+    keep = _labelled_mask(store, y, split_of)
+    return np.concatenate(Xs)[keep], y[keep], split_of[keep]
+
+
+def _labelled_store_rows(store: FeatureStore) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``(rows, labels)`` of the labelled train rows and of the labelled val rows (for streaming the store)."""
+    rows = {split: store.rows(split) for split in ("train", "val")}
+    labels = {split: store.labels(split) for split in rows}
+    _labelled_mask(store, np.concatenate(list(labels.values())), np.repeat(list(rows), [len(r) for r in rows.values()]))
+    train, val = ((rows[s][labels[s] >= 0], labels[s][labels[s] >= 0]) for s in rows)
+    return train, val
+
+
+def _labelled_mask(store: FeatureStore, y: np.ndarray, splits: np.ndarray) -> np.ndarray:
+    """Which training rows have a label (not -1); refuses training rows of which none has one."""
+    labelled = y >= 0
+    if not len(y):
+        raise ValueError(f"{store.path} has no labelled training images")
+    if not labelled.any():
+        raise ValueError(
+            f"{store.path}: its {len(y)} training rows ({', '.join(dict.fromkeys(splits.tolist()))}) have no labels "
+            "(every label is -1); a classifier learns from labelled train images: give the source its labels "
+            "(class folders or a label column)"
+        )
+    if not labelled.all():
+        log.warning("%s: %d training rows without a label are left out", store.path, int((~labelled).sum()))
+    return labelled
 
 
 def train(
@@ -137,6 +158,7 @@ class Fitted:
     search: SearchResult | None  # None when the value was fixed
     fit_seconds: float  # the final refit only
     trained_on: dict[str, Any]  # {"splits", "n"} (+ "epochs", "out_of_core" out of core)
+    refit: dict[str, Any] = field(default_factory=dict)  # {"converged", "n_iter", "max_iter"} of the final fit
 
 
 def _check_layer(fs: FeatureStore, layer: str | None) -> str:
@@ -154,6 +176,40 @@ def _train_in_memory(
     X, y, splits = _labelled_rows(fs, layer)
     if len(np.unique(y)) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
+    return fit_in_memory(X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess)
+
+
+def fit_in_memory(
+    X: np.ndarray,
+    y: np.ndarray,
+    splits: np.ndarray,
+    preset: Preset,
+    config: ClassifierConfig,
+    *,
+    n_jobs: int = -1,
+    preprocess: Sequence[str] | None = None,
+) -> Fitted:
+    """Search the hyper-parameter (unless ``config`` fixes it) on the train/val rows, then refit, converged.
+
+    Parameters
+    ----------
+    X, y : arrays
+        Features and class indices of the labelled rows.
+    splits : array of str
+        ``"train"`` or ``"val"`` per row; a val split is the search's validation set, else k-fold CV.
+    preset : Preset
+        ``config.validate()``.
+    config : ClassifierConfig
+    n_jobs : int, default=-1
+    preprocess : sequence of str, optional
+        By default ``config.steps(preset)``.
+
+    Returns
+    -------
+    Fitted
+        The refit pipeline (``trained_on`` records whether its fit converged).
+    """
+    preprocess = config.steps(preset) if preprocess is None else preprocess
     params = dict(config.params)
     value = None if config.value == "auto" else float(config.value)
     search_result = None
@@ -165,9 +221,42 @@ def _train_in_memory(
         value = search_result.best
         log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
     pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
-    fit_seconds = _fit_timed(pipeline, X, y)
+    t0 = time.perf_counter()
+    convergence = _refit_converged(pipeline, X, y, preset)
+    fit_seconds = time.perf_counter() - t0
     trained_on = {"splits": sorted(set(splits.tolist())), "n": len(y)}
-    return Fitted(pipeline, value, search_result, fit_seconds, trained_on)
+    return Fitted(pipeline, value, search_result, fit_seconds, trained_on, convergence)
+
+
+#: The refit's ``max_iter`` is raised this many times (×10 each) until its fit converges.
+_REFIT_RETRIES = 2
+
+
+def _refit_converged(pipeline: Pipeline, X, y, preset: Preset) -> dict[str, Any]:
+    """Fit, raising ``max_iter`` tenfold (warm-starting where the solver can) until the fit converges.
+
+    Returns ``{"converged", "n_iter", "max_iter"}``; a fit that still has not converged is logged, and the
+    fact goes into the results (``train.converged``).
+    """
+    est = pipeline.steps[-1][1]
+    _fit_quietly(pipeline, X, y)
+    converged, n_iter = fit_converged(est)
+    for _ in range(_REFIT_RETRIES):
+        if converged is not False:
+            break
+        more = {"max_iter": int(est.max_iter) * 10}
+        if preset.warm_start and "warm_start" in est.get_params():
+            more["warm_start"] = True
+        est.set_params(**more)
+        _fit_quietly(pipeline, X, y)
+        converged, n_iter = fit_converged(est)
+    if converged is False:
+        log.warning(
+            "%s's final fit did not converge in %d iterations; the results record it (train.converged)",
+            preset.name,
+            n_iter,
+        )
+    return {"converged": converged, "n_iter": n_iter, "max_iter": getattr(est, "max_iter", None)}
 
 
 def _wrap_model(fs: FeatureStore, config: ClassifierConfig, preset: Preset, layer: str, fitted: Fitted) -> TrainedModel:
@@ -213,7 +302,7 @@ def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted, n
         ),
         classifier=settings,
         search=fitted.search.to_dict() if fitted.search else None,
-        train=TrainSummary(n=fitted.trained_on["n"], fit_seconds=round(fitted.fit_seconds, 4)),
+        train=TrainSummary(n=fitted.trained_on["n"], fit_seconds=round(fitted.fit_seconds, 4), **fitted.refit),
         test=test,
         versions=meta["versions"],
         created_at=meta["created_at"],
@@ -255,10 +344,11 @@ def _train_out_of_core(
 
     params = dict(config.params)
     epochs = int(params.pop("epochs", 10))
-    train_rows, val_rows = fs.rows("train"), fs.rows("val")
+    (train_rows, y_train), (val_rows, y_val) = _labelled_store_rows(fs)
     all_rows = np.sort(np.concatenate([train_rows, val_rows]))
-    y_train = fs.labels("train")
-    classes = np.unique(np.concatenate([y_train, fs.labels("val")]))
+    classes = np.unique(np.concatenate([y_train, y_val]))
+    if len(classes) < 2:
+        raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
     dims = fs.feature_dims()[layer]
     rng = np.random.default_rng(config.seed)
     if len(val_rows):
@@ -353,9 +443,11 @@ def evaluate_model(
     t0 = time.perf_counter()
     y_pred = model.predict(X)
     predict_seconds = time.perf_counter() - t0
-    metrics = evaluate(y, y_pred, model.class_names, scores=model.scores(X), n_bootstrap=n_bootstrap, seed=seed)
+    scores = model.scores(X)
+    metrics = evaluate(y, y_pred, model.class_names, scores=scores, n_bootstrap=n_bootstrap, seed=seed)
     metrics["predict_seconds"] = round(predict_seconds, 4)
     metrics["split"] = split
+    metrics["predictions"] = predictions(store.ids(split), y, y_pred, scores)
     return metrics
 
 
@@ -368,7 +460,7 @@ def check_shots(shots: Sequence[int | str]) -> Sequence[int | str]:
         For any other point.
     """
     for k in shots:
-        if not (k == "all" or (isinstance(k, int) and k > 0)):
+        if not (k == "all" or (isinstance(k, int) and not isinstance(k, bool) and k > 0)):
             raise ValueError(f"shots {list(shots)}: use positive integers or 'all', e.g. 1,2,5,10,all")
     return shots
 

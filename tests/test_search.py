@@ -1,0 +1,171 @@
+"""The classical search: converged and says so, widened at an edge, refined, stopped early; per-image predictions."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import synthetic_store
+
+import featx.store
+from featx.classify import PRESETS, ClassifierConfig, build_pipeline, load_model, train
+from featx.classify.search import _folds, search
+from featx.cli import main
+
+# featx.classify re-exports the functions, which shadow these module names as attributes.
+search_mod = importlib.import_module("featx.classify.search")
+training_mod = importlib.import_module("featx.classify.training")
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    return synthetic_store(tmp_path / "blobs.h5")
+
+
+def _train(store, **config):
+    return train(store, ClassifierConfig(**config), n_jobs=1, n_bootstrap=50)
+
+
+# ----------------------------------------------------------------------------------------- convergence
+def test_a_fit_that_does_not_converge_is_flagged_in_the_results(tmp_path, monkeypatch):
+    hard = synthetic_store(tmp_path / "hard.h5", spread=4.0)
+    monkeypatch.setattr(training_mod, "_REFIT_RETRIES", 0)  # the refit keeps max_iter=1 too
+    _, results = _train(hard, classifier="svm", params=(("max_iter", 1),))
+    points = results["search"]["curve"] + results["search"]["refined"]
+    assert all(p["converged"] is False and p["n_iter"] >= 1 for p in points)
+    assert results["search"]["converged"] is False
+    assert results["train"]["converged"] is False and results["train"]["max_iter"] == 1
+
+
+def test_the_refit_raises_max_iter_until_it_converges(tmp_path):
+    hard = synthetic_store(tmp_path / "hard.h5", spread=4.0)
+    _, results = _train(hard, classifier="logreg", value=10.0, params=(("max_iter", 2),))
+    assert results["train"]["converged"] is True
+    assert results["train"]["max_iter"] > 2 and results["train"]["n_iter"] < results["train"]["max_iter"]
+
+
+def test_converged_fits_say_so(blobs):
+    _, results = _train(blobs, classifier="logreg")
+    assert results["search"]["converged"] is True and results["train"]["converged"] is True
+    assert all(p["converged"] for p in results["search"]["curve"])
+    _, ridge = _train(blobs, classifier="ridge")  # not iterative: nothing to report, and nothing claimed
+    assert "converged" not in ridge["search"]["curve"][0] and ridge["train"]["converged"] is None
+
+
+# ---------------------------------------------------------------------------- a synthetic score curve
+def _scripted(monkeypatch, score_of):
+    """Replace each fold's fit by ``score_of(value)``; returns the values fitted, in order."""
+    fitted, lock = [], threading.Lock()
+
+    def fake_fit_point(est, param, value, warm, fold, scoring):
+        with lock:
+            fitted.append(value)
+        return float(score_of(value)), True, 1, est
+
+    monkeypatch.setattr(search_mod, "_fit_point", fake_fit_point)
+    return fitted
+
+
+def _search(grid=PRESETS["svm"].grid, preset=PRESETS["svm"]):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 4)).astype(np.float32), np.repeat([0, 1, 2], 20)
+    folds, scheme = _folds(y, np.array(["train"] * 60), 5, 0)
+    return search(build_pipeline(preset, 1.0, ["standard"]), preset, grid, X, y, folds, scheme, n_jobs=1)
+
+
+def _distinct(values):
+    return sorted({round(float(np.log10(v)), 9) for v in values})
+
+
+def test_an_edge_optimum_widens_the_grid_by_two_decades(monkeypatch):
+    _scripted(monkeypatch, lambda c: -abs(np.log10(c) + 5.3))  # peak at C=10**-5.3, below the grid (1e-4)
+    result = _search()
+    assert _distinct(result.widened) == [-6.0, -5.0]
+    assert result.best == pytest.approx(10 ** (-5 - 1 / 3))  # refined around the widened best
+    assert not result.at_edge and len(result.refined) >= 4
+    assert all(abs(np.log10(p["value"]) + 5) <= 1 for p in result.refined)
+
+
+def test_an_optimum_still_at_the_edge_after_widening_is_accepted_and_marked(monkeypatch):
+    _scripted(monkeypatch, lambda c: np.log10(c))  # always rising: the best is at the top, even widened
+    result = _search(grid=(1e-2, 1e-1, 1.0))
+    assert _distinct(result.widened) == [1.0, 2.0]
+    assert result.at_edge and result.best == 100.0
+    assert all(p["value"] < 100.0 for p in result.refined) and len(result.refined) == 4  # refined inwards
+
+
+def test_a_plateau_reaching_inside_the_grid_is_no_edge_optimum(monkeypatch):
+    _scripted(monkeypatch, lambda c: 1.0 if c <= 1e-2 else 0.5)
+    result = _search()
+    assert result.widened == [] and not result.at_edge and result.best == 1e-4  # ties: the smaller value
+
+
+@pytest.mark.parametrize("peak", [-4.0, -3.4, -2.0, -0.5, 0.0, 1.7, 3.0, 4.0])
+def test_early_stop_never_skips_the_best_point_of_a_unimodal_curve(monkeypatch, peak):
+    fitted = _scripted(monkeypatch, lambda c: -((np.log10(c) - peak) ** 2))
+    result = _search()
+    grid = PRESETS["svm"].grid
+    full_best = max(grid, key=lambda c: -((np.log10(c) - peak) ** 2))
+    coarse = {p["value"]: p["mean"] for p in result.curve}
+    assert full_best in coarse and max(coarse, key=coarse.get) == full_best
+    if result.skipped:  # stopped two values past the peak: nothing above was paid for
+        scores = [-((np.log10(c) - peak) ** 2) for c in grid]
+        last_best = max(i for i, v in enumerate(scores) if v == max(scores))  # a tie is no fall
+        assert result.stopped_early == grid[last_best + 2]
+        assert not set(result.skipped) & set(fitted)
+        assert result.skipped == [c for c in grid if c > result.stopped_early]
+    assert abs(np.log10(result.best) - peak) <= abs(np.log10(full_best) - peak) + 1e-9
+
+
+def test_early_stop_saves_the_large_c_fits(monkeypatch):
+    fitted = _scripted(monkeypatch, lambda c: -abs(np.log10(c) + 2))
+    result = _search()
+    assert result.stopped_early == 1.0 and result.skipped == [10.0, 100.0, 1000.0, 10000.0]
+    assert max(fitted) <= 1.0
+
+
+def test_a_search_without_refinement_scores_exactly_the_grid(monkeypatch):
+    _scripted(monkeypatch, lambda c: -abs(np.log10(c) + 9))
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 4)).astype(np.float32), np.repeat([0, 1, 2], 10)
+    folds, scheme = _folds(y, np.array(["train"] * 30), 3, 0)
+    preset = PRESETS["svm"]
+    grid = (1e-2, 1.0, 1e-1)
+    result = search(build_pipeline(preset, 1.0, []), preset, grid, X, y, folds, scheme, n_jobs=1, refine=False)
+    assert [p["value"] for p in result.curve] == [1e-2, 1e-1, 1.0] and result.refined == []
+    assert result.best == 1e-2 and result.at_edge
+
+
+# ----------------------------------------------------------------------------------- per-image predictions
+@pytest.mark.parametrize("name", ["svm", "logreg", "knn"])
+def test_per_image_predictions_match_predict_on_the_test_rows(blobs, tmp_path, name):
+    model, results = train(blobs, ClassifierConfig(classifier=name), n_jobs=1, n_bootstrap=50, out_dir=tmp_path)
+    on_disk = json.loads((tmp_path / "results.json").read_text())["test"]["predictions"]
+    assert on_disk == results["test"]["predictions"]
+    with featx.store.open(blobs) as fs:
+        X, y, ids = fs.features(split="test"), fs.labels("test"), fs.ids("test")
+    predicted = model.predict(X)
+    assert on_disk["ids"] == ids and on_disk["true"] == y.tolist() and on_disk["predicted"] == predicted.tolist()
+    top = np.array(on_disk["top_classes"])
+    assert top.shape == (len(y), 3) and np.array_equal(top[:, 0], predicted)
+    scores = model.scores(X)
+    np.testing.assert_allclose(on_disk["top_scores"], np.take_along_axis(scores, top, axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_featx_evaluate_writes_the_predictions(blobs, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", str(blobs), "-c", "logreg", "--jobs", "1", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "eval.json"
+    args = ["evaluate", str(blobs), "--model", str(tmp_path / "m" / "model.skops"), "--out", str(out)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(out.read_text())["predictions"]
+    model = load_model(tmp_path / "m" / "model.skops")
+    with featx.store.open(blobs) as fs:
+        assert predictions["predicted"] == model.predict(fs.features(split="test")).tolist()
+        assert predictions["ids"] == fs.ids("test")
