@@ -34,9 +34,19 @@ def test_every_preset_searches_refits_and_evaluates(blobs, name):
     preset = PRESETS[name]
     search = results["search"]
     assert search["param"] == preset.param and search["scheme"] == "5-fold stratified CV"
-    assert [p["value"] for p in search["curve"]] == list(preset.grid)
-    assert all(len(p["folds"]) == 5 for p in search["curve"])
-    assert search["best"] in preset.grid
+    # The coarse grid, in order, plus any widening at an edge; the refined values lie within a decade of the best.
+    coarse = [p["value"] for p in search["curve"] if p["value"] not in search["widened"]]
+    assert coarse == list(preset.grid)[: len(coarse)] and len(coarse) + len(search["skipped"]) == len(preset.grid)
+    points = search["curve"] + search["refined"]
+    assert all(len(p["folds"]) == 5 for p in points)
+    best = max(sorted(points, key=lambda p: p["value"]), key=lambda p: p["mean"])
+    assert search["best"] == best["value"]
+    if preset.param in ("C", "alpha"):
+        assert len(search["refined"]) >= 4 and search["converged"] in (True, False)
+        coarse_best = max(search["curve"], key=lambda p: p["mean"])["value"]
+        assert all(abs(np.log10(p["value"] / coarse_best)) <= 1 for p in search["refined"])
+    else:
+        assert search["refined"] == [] and search["best"] in preset.grid
     assert results["classifier"]["chosen"] == search["best"]
     test = results["test"]
     assert test["n"] == 48 and test["accuracy"] > 0.9

@@ -55,7 +55,7 @@ def test_local_cluster_sweep_equals_the_local_one(blobs, cluster, classifier):
     with distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
         remote_model, remote = train(blobs, config, n_bootstrap=100, scheduler=cluster)
     assert stream.data, "no task ran on the cluster"
-    assert len({m for m in (local["search"]["curve"][i]["mean"] for i in range(5))}) > 1  # the grid matters
+    assert len({p["mean"] for p in local["search"]["curve"]}) > 1  # the grid matters (svm stops climbing C early)
     assert remote["search"]["best"] == local["search"]["best"]
     assert remote["search"]["curve"] == local["search"]["curve"]  # every fold's score, exactly
     assert remote["test"]["accuracy"] == local["test"]["accuracy"]

@@ -175,7 +175,7 @@ def _print_results(results) -> None:
     clf = results["classifier"]
     if search:
         click.echo(f"{clf['preset']}: {search['param']} chosen by {search['scheme']} in {search['seconds']:.1f} s")
-        for point in search["curve"]:
+        for point in sorted(search["curve"] + search.get("refined", []), key=lambda p: p["value"]):
             mark = "  <- chosen" if point["value"] == search["best"] else ""
             click.echo(f"  {search['param']}={point['value']:<10g} {point['mean']:.4f} ± {point['std']:.4f}{mark}")
     elif clf.get("param"):
