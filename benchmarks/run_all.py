@@ -36,6 +36,7 @@ def main() -> None:
     runs = [
         ["bench_extract.py", *quick, *work],
         ["bench_decode.py", *quick, *work],
+        ["bench_machinery.py", *quick, *work],
         ["bench_store.py", *quick, *work],
         ["bench_memory.py", *quick, *work],
         ["bench_finetune.py", *quick, *work],
