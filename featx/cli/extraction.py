@@ -53,7 +53,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     help="Layer to extract; repeat for several in one pass. `featx backbones --layers NAME` lists them.",
 )
 @choice_option("pool", help="Pooling of spatial feature maps.")
-@batch_size_option()
+@batch_size_option(default=None, help="Images per forward pass [default: 256 on CUDA, else 64].")
 @device_option(help="auto, cpu, cuda, cuda:N or mps.")
 @choice_option("dtype", help="Storage dtype of the features.")
 @choice_option("amp", help="Autocast precision (auto: bf16/fp16 on CUDA, none on CPU).")

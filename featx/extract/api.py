@@ -19,7 +19,15 @@ from featx.data.manifest import Manifest
 from featx.data.sources import load_source
 from featx.data.splits import DEFAULT_TEST_FRACTION, check_test_fraction
 from featx.exceptions import SpecMismatchError
-from featx.extract.engine import ExtractionResult, MaxFailures, _cached_result, _extract_store, _Job, _result
+from featx.extract.engine import (
+    ExtractionResult,
+    MaxFailures,
+    _cached_result,
+    _extract_store,
+    _Job,
+    _result,
+    default_batch_size,
+)
 from featx.extract.sharded import Shard, _extract_distributed, _extract_shard
 from featx.spec import (
     DEFAULT_AMP,
@@ -94,7 +102,7 @@ def build_spec(
 
 def _check_options(
     *,
-    batch_size: int,
+    batch_size: int | None,
     pool: str,
     dtype: str,
     amp: str,
@@ -107,7 +115,7 @@ def _check_options(
     test_fraction: float,
 ) -> None:
     """Every option of :func:`extract` checked before any weight is loaded or image read."""
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     check_test_fraction(test_fraction)
     for name, value in (
@@ -178,7 +186,7 @@ def extract(
     layers: Sequence[str] = (PENULTIMATE,),
     pool: str = DEFAULT_POOL,
     out: str | Path | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str = "auto",
     dtype: str = DEFAULT_DTYPE,
     amp: str = DEFAULT_AMP,
@@ -216,7 +224,8 @@ def extract(
         Pooling of spatial maps (and token sequences).
     out : str or Path, optional
         Store path; by default ``<store_dir>/<key>.h5``.
-    batch_size : int, default=64
+    batch_size : int, optional
+        Images per forward pass; by default 256 on CUDA (a GPU needs big batches to stay busy), else 64.
     device : str, default="auto"
         ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
     dtype : {"float32", "float16"}, default="float32"
@@ -310,7 +319,7 @@ def extract(
         net=net,
         feature_model=feature_model,
         device=dev,
-        batch_size=batch_size,
+        batch_size=batch_size or default_batch_size(dev),
         workers=workers,
         progress=progress,
         overwrite=overwrite,

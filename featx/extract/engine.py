@@ -38,7 +38,7 @@ from featx.spec import COMPILE_MODES, ExtractionSpec, Preprocessing
 from featx.store.format import Failure, read_key
 from featx.store.writer import StoreWriter
 
-__all__ = ["COMPILE_MODES", "ExtractionResult", "MaxFailures"]
+__all__ = ["COMPILE_MODES", "ExtractionResult", "MaxFailures", "default_batch_size"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ _NONE_POOL_WARN_BYTES = 64 * 1024  # warn when `--pool none` stores more than th
 # takes from seconds (warm inductor cache) to over a minute (cold) (benchmarks/RESULTS.md): 20,000 images
 # save ~50 s. No GPU has been measured yet.
 _COMPILE_AUTO_MIN_IMAGES = {"cpu": 20_000}
+
+# Images per forward pass when none is asked for: a GPU idles between small batches (each costs launches, a
+# copy and a sync), a CPU gains nothing from big ones and holds more memory.
+_DEFAULT_BATCH_SIZE = {"cuda": 256}
+
+
+def default_batch_size(device: torch.device) -> int:
+    """The batch size :func:`~featx.extract.extract` uses on ``device`` when none is given: 256 on CUDA, else 64."""
+    return _DEFAULT_BATCH_SIZE.get(device.type, 64)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -219,7 +228,10 @@ class _Embedder:
             log.warning("torch.compile failed (%s: %s); extracting eagerly instead", type(exc).__name__, exc)
             self.forward, self.compiled = self.model, False
             out = self._embed(x)
-        return {k: v[:n].float().cpu() for k, v in out.items()}
+        # On CUDA the copy back is asynchronous (into pinned memory): the next batch is decoded and queued while
+        # this one computes, and the writer thread waits for the copy (_write), never the device loop.
+        cuda = self.device.type == "cuda"
+        return {k: v[:n].float().to("cpu", non_blocking=cuda) for k, v in out.items()}
 
     def _embed(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode(), autocast(self.device, self.amp):
@@ -364,7 +376,7 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=dev.type == "cuda",
+        pin_memory=dev.type == "cuda" and spec.decode != "device",  # JPEG bytes go to nvJPEG, not to a copy
         prefetch_factor=4 if workers else None,
     )
     compile_model = _compile_wanted(job.compile_mode, dev, len(pending))
@@ -393,7 +405,8 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
                 rows, images, failed = _on_device(decoder, batch, dev)
                 feats = embed(images) if len(rows) else {layer: torch.empty(0, d) for layer, d in writer.dims.items()}
                 arrays = {k: v.numpy() for k, v in feats.items()}
-                in_flight.append(pool.submit(writer.write_batch, rows.numpy(), arrays, failed))
+                copied = torch.cuda.current_stream(dev).record_event() if dev.type == "cuda" else None
+                in_flight.append(pool.submit(_write, writer, copied, rows.numpy(), arrays, failed))
                 while len(in_flight) > 2:
                     in_flight.popleft().result()
                 bar.update(len(rows) + len(failed))
@@ -405,6 +418,13 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
                 fut.result()
             bar.close()
     return {"compiled": embed.compiled, "batchnorms_folded": embed.folded_batchnorms}
+
+
+def _write(writer: StoreWriter, copied: Any, rows: np.ndarray, arrays: dict, failed: list) -> None:
+    """The writer thread's task: once the features' copy from the device is done (``copied``), persist the batch."""
+    if copied is not None:
+        copied.synchronize()
+    writer.write_batch(rows, arrays, failed)
 
 
 def _cudnn_benchmark(dev: torch.device) -> contextlib.AbstractContextManager[Any]:
