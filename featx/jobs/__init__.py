@@ -1,6 +1,7 @@
 """Batch jobs: ``pipelines/*.toml`` checked, planned into cached cells, run, and reported.
 
 - :mod:`~featx.jobs.schema`: the TOML file read and checked, every problem with its line;
+- :mod:`~featx.jobs.values`: the checks of each table's values, and the configs they become;
 - :mod:`~featx.jobs.planning`: the cells (extraction, classifiers, fine-tunes) and their cache hashes;
 - :mod:`~featx.jobs.runner`: running them, resumably;
 - :mod:`~featx.jobs.report`: the side-by-side report.

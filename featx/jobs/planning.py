@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featx.jobs.schema import BackboneSpec, ClassifierSpec, DatasetSpec, FinetuneSpec, Job
+from featx.jobs.schema import BackboneSpec, ClassifierSpec, DatasetSpec, FinetuneSpec, Job, job_error
+from featx.jobs.values import CELL_SEPARATOR
 from featx.spec import canonical_json
 
-__all__ = ["Task", "cell_dir", "plan"]
+__all__ = ["Task", "cell_dir", "cell_name", "plan"]
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -38,7 +39,19 @@ def _slug(text: str) -> str:
 
 
 def plan(job: Job) -> list[Task]:
-    """The tasks of a job in dependency order: extractions, then classifier cells, then fine-tuning."""
+    """The tasks of a job in dependency order: extractions, then classifier cells, then fine-tuning.
+
+    Raises
+    ------
+    JobError
+        Two cells would share a folder (see :func:`cell_name`); nothing has been written then.
+    """
+    tasks = _tasks(job)
+    _check_folders(job, tasks)
+    return tasks
+
+
+def _tasks(job: Job) -> list[Task]:
     tasks: list[Task] = []
     for ds in job.datasets:
         for bb in job.backbones:
@@ -88,6 +101,39 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
+def cell_name(task: Task) -> str:
+    """The folder name of a classifier or fine-tuning cell: ``dataset__backbone__layer__classifier`` or
+    ``dataset__finetune``.
+
+    Names in a job file never contain the separator (:func:`~featx.jobs.schema.load_job` refuses them), so the
+    name is unique per cell; :func:`plan` refuses whatever collision remains (layers that read alike once
+    made safe for a file name, names that differ only in case).
+    """
+    return _slug(task.id.split("/", 1)[1].replace("/", CELL_SEPARATOR))
+
+
 def cell_dir(job: Job, task: Task) -> Path:
     """Where a classifier or fine-tuning cell keeps its results."""
-    return job.out / "cells" / _slug(task.id.split("/", 1)[1].replace("/", "__"))
+    return job.out / "cells" / cell_name(task)
+
+
+def _check_folders(job: Job, tasks: list[Task]) -> None:
+    """No two cells share a folder, compared ignoring case (as macOS and Windows file systems do)."""
+    seen: dict[str, Task] = {}
+    for task in tasks:
+        if task.kind == "extract":
+            continue
+        folder = cell_name(task)
+        other = seen.setdefault(folder.casefold(), task)
+        if other is not task:
+            spec, table = (task.classifier, "classifiers") if task.classifier else (task.finetune, "finetune")
+            index = next((i for i, s in enumerate(getattr(job, table)) if s is spec), None)
+            raise job_error(
+                job,
+                f"cells {other.id!r} and {task.id!r} would share the folder {job.out / 'cells' / folder} (one "
+                "result would overwrite the other); rename a dataset, backbone, layer or classifier so that "
+                "their folder names differ (letters, digits, '_', '-', '.'; compared ignoring case)",
+                table,
+                index,
+                "name",
+            )

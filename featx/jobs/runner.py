@@ -20,7 +20,8 @@ from typing import Any
 
 from featx._runtime.io import atomic_write
 from featx.jobs.planning import Task, _backbone_of, _hash, cell_dir, plan
-from featx.jobs.schema import FinetuneSpec, Job, JobError, _classifier_config, _finetune_config
+from featx.jobs.schema import FinetuneSpec, Job, JobError, job_error
+from featx.jobs.values import classifier_config, finetune_config
 from featx.results import CellInfo, read_results, write_results
 
 __all__ = ["RunSummary", "run"]
@@ -83,14 +84,20 @@ def run(
 def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress: bool, t0: float) -> RunSummary:
     from tqdm.auto import tqdm
 
-    job.out.mkdir(parents=True, exist_ok=True)
+    tasks = plan(job)  # refuses cells that would share a folder, before anything is written
+    selected = _select(tasks, only)
+    by_id = {t.id: t for t in tasks}
+    try:
+        job.out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # load_job refuses it; a Job made in Python may not have been
+        raise job_error(
+            job, f"out {str(job.out)!r} is a file, or inside one: out must be a folder", "job", None, "out"
+        ) from None
     with _run_log(job.out / "run.log"):
-        tasks = plan(job)
-        selected = _select(tasks, only)
-        by_id = {t.id: t for t in tasks}
         log.info(
             "job %s: %d tasks (%d selected)%s", job.name, len(tasks), len(selected), " [dry run]" if dry_run else ""
         )
+        _check_layers(job, [t for t in tasks if t.id in selected])
         bar = tqdm(total=len(selected), unit="task", desc=job.name, disable=not progress or dry_run, position=0)
         for task in tasks:
             if task.id in selected:
@@ -100,6 +107,37 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
         summary = RunSummary([t for t in tasks if t.id in selected], time.perf_counter() - t0)
         _write_json(job.out / "run.json", _run_record(job, summary, dry_run))
         return summary
+
+
+def _check_layers(job: Job, tasks: list[Task]) -> None:
+    """Every layer of every [[backbones]] table to extract exists in its network, before any extraction starts.
+
+    Layer names are the network's own graph nodes, so checking them needs the network: each one that some
+    table asks for a layer other than ``penultimate`` is loaded once here (and again by its extraction). A
+    network that cannot be loaded is left to its extraction, which fails as its own cells.
+    """
+    from featx.backbones.loading import load_backbone
+    from featx.backbones.names import PENULTIMATE, resolve_backbone
+    from featx.exceptions import UnknownNameError
+
+    extracted = {t.backbone.name for t in tasks if t.kind == "extract"}
+    tables: dict[str, list[int]] = {}  # backbone -> the indices of its tables in the job
+    for index, bb in enumerate(job.backbones):
+        if bb.name in extracted and set(bb.layers) - {PENULTIMATE}:
+            tables.setdefault(bb.backbone, []).append(index)
+    for backbone, indices in tables.items():
+        try:
+            net = load_backbone(resolve_backbone(backbone))
+        except Exception as exc:  # the extraction reports it, as the failure of its cells
+            log.warning("could not load %s to check its layers (%s); its extraction will say why", backbone, exc)
+            continue
+        for index in indices:
+            try:
+                net.check_layers(job.backbones[index].layers)
+            except UnknownNameError as exc:
+                raise job_error(job, str(exc), "backbones", index, "layers") from None
+        log.info("layers of %s checked", backbone)
+        del net
 
 
 @contextlib.contextmanager
@@ -255,7 +293,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         return {
             "kind": "classify",
             "store_key": key,
-            "config": _classifier_config(task.classifier, job.seed, task.layer).to_dict(),
+            "config": classifier_config(task.classifier, job.seed, task.layer).to_dict(),
             "shots": _shots(task),
             "draws": task.classifier.draws,
         }
@@ -265,7 +303,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         "kind": "finetune",
         "dataset": dataclasses.asdict(task.dataset),
         "backbone": _finetune_backbone(job, ft),
-        "config": _finetune_config(ft, job.seed).to_dict(),
+        "config": finetune_config(ft, job.seed).to_dict(),
         "init_head": _read_json(init_marker)["hash"] if init_marker is not None and init_marker.exists() else None,
     }
 
@@ -278,7 +316,7 @@ def _cached(out: Path, digest: str) -> bool:
 def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None:
     from featx.classify.training import train
 
-    config = _classifier_config(task.classifier, job.seed, task.layer)
+    config = classifier_config(task.classifier, job.seed, task.layer)
     train(by_id[task.depends[0]].store, config, out_dir=out, shots=_shots(task), draws=task.classifier.draws)
 
 
@@ -289,7 +327,7 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
     finetune(
         task.dataset.source,
         _finetune_backbone(job, ft),
-        _finetune_config(ft, job.seed),
+        finetune_config(ft, job.seed),
         out,
         init_head=_init_dir(job, task, by_id) / "model.skops" if task.depends else None,
         device=job.device,

@@ -43,20 +43,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featx.data.splits import DEFAULT_TEST_FRACTION, check_test_fraction
-from featx.spec import DEFAULT_BACKBONE, DEFAULT_DECODE, DEFAULT_DTYPE, DEFAULT_POOL, DEFAULT_TTA, check_option
+from featx.data.splits import DEFAULT_TEST_FRACTION
+from featx.exceptions import JobError
+from featx.jobs.values import (
+    CELL_SEPARATOR,
+    BadValue,
+    check_classifier_references,
+    check_finetune_references,
+    check_row,
+)
+from featx.spec import DEFAULT_BACKBONE, DEFAULT_DECODE, DEFAULT_DTYPE, DEFAULT_POOL, DEFAULT_TTA
 
-__all__ = ["BackboneSpec", "ClassifierSpec", "DatasetSpec", "FinetuneSpec", "Job", "JobError", "load_job"]
+__all__ = [
+    "BackboneSpec",
+    "ClassifierSpec",
+    "DatasetSpec",
+    "FinetuneSpec",
+    "Job",
+    "JobError",
+    "job_error",
+    "load_job",
+]
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class JobError(ValueError):
-    """A pipeline file that does not validate; the message names the file, line and fix."""
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -199,6 +212,10 @@ def _substitute(value: Any, variables: dict[str, str], where: str) -> Any:
 def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
     """Read and validate a pipeline file; every problem is reported with its line and a fix.
 
+    Nothing is loaded: types, option values, sources, names and backbone names (resolved without their
+    weights) are checked here. A layer name needs the network itself, so :func:`~featx.jobs.runner.run` checks
+    layers at its start, before any extraction, still naming the line.
+
     Parameters
     ----------
     path : str or Path
@@ -208,14 +225,14 @@ def load_job(path: str | Path, overrides: dict[str, str] | None = None) -> Job:
     Raises
     ------
     JobError
-        Unknown keys, bad values, missing sources, names that repeat or do not resolve.
+        Unknown keys, values of the wrong type or out of range, missing sources, unknown backbones, names that
+        repeat, do not resolve or contain ``__`` (the separator of a cell's folder name).
     """
     path = Path(path)
     text, data = _read_toml(path)
     err = _Errors(path, text)
     _check_sections(data, err)
-    variables = {k: str(v) for k, v in (data.get("vars") or {}).items()}
-    variables.update(overrides or {})
+    variables = _variables(data.get("vars", {}), overrides or {}, err)
     tables = {table: _build_table(data, table, cls, variables, err) for table, cls in _TABLES.items()}
     _check_references(tables, err)
     return _job(path, data.get("job", {}), tables, variables, err)
@@ -253,15 +270,81 @@ class _Errors:
         return JobError(f"{self.where(table, index, key)}: {message}")
 
 
+def job_error(
+    job: Job, message: str, table: str | None = None, index: int | None = None, key: str | None = None
+) -> JobError:
+    """A :class:`JobError` about a loaded job, starting with ``FILE:LINE`` of the table or key it is about.
+
+    Parameters
+    ----------
+    job : Job
+    message : str
+        What is wrong and how to fix it.
+    table, index, key : optional
+        The ``index``-th ``[[table]]`` (or ``[table]``) and its ``key``; the line falls back to the table's, then
+        to the file alone (``job NAME`` when the job was not read from a file).
+
+    Returns
+    -------
+    JobError
+        Raise it.
+    """
+    path = job.source_file
+    if path is None or not path.is_file():
+        return JobError(f"job {job.name!r}: {message}")
+    return _Errors(path, path.read_text(encoding="utf-8"))(message, table, index, key)
+
+
 def _check_sections(data: dict[str, Any], err: _Errors) -> None:
-    """Only known sections, and only known keys in ``[job]``."""
+    """Only known sections, tables where tables belong, and only known keys in ``[job]``."""
     allowed_top = {"job", "vars", *_TABLES}
     for key in data:
         if key not in allowed_top:
             raise err(_unknown(f"section [{key}]", key, sorted(allowed_top), "Sections", "[{}]".format), key)
+    for key in ("job", "vars"):
+        if not isinstance(data.get(key, {}), dict):
+            message = f"[{key}] must be a table: write [{key}] and its keys on the lines below"
+            raise err(message, key) if _locate(err.text, key, None, None) else err(message, None, None, key)
     for key in data.get("job", {}):
         if key not in _JOB_KEYS:
             raise err(f"unknown key {key!r} in [job]; keys are {', '.join(sorted(_JOB_KEYS))}", "job", None, key)
+
+
+def _variables(table: dict[str, Any], overrides: dict[str, str], err: _Errors) -> dict[str, str]:
+    """``[vars]`` with ``--set`` applied, each value expanded (a value may use other variables, not itself)."""
+    raw: dict[str, str] = {}
+    for name, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise err(f"[vars] values are strings or numbers; {name} is {value!r}", "vars", None, name)
+        raw[name] = str(value)
+    raw.update(overrides)
+    return {name: _expand(name, raw, err, ()) for name in raw}
+
+
+def _expand(name: str, raw: dict[str, str], err: _Errors, chain: tuple[str, ...]) -> str:
+    """A variable's value with the ``${…}`` it uses replaced, refusing a chain that comes back to itself."""
+    if name in chain:
+        loop = " → ".join(f"${{{n}}}" for n in (*chain[chain.index(name) :], name))
+        raise err(
+            f"variable {name!r} refers to itself ({loop}); give it a value that does not use ${{{name}}}, or "
+            f"pass --set {name}=VALUE",
+            "vars",
+            None,
+            chain[0],
+        )
+
+    def repl(m: re.Match) -> str:
+        if m.group(1) not in raw:
+            raise err(
+                f"variable {name!r} uses unknown variable ${{{m.group(1)}}}; define it under [vars] or pass "
+                f"--set {m.group(1)}=VALUE",
+                "vars",
+                None,
+                name,
+            )
+        return _expand(m.group(1), raw, err, (*chain, name))
+
+    return _VAR.sub(repl, raw[name])
 
 
 def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[str, str], err: _Errors) -> tuple:
@@ -269,6 +352,8 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
     rows = data.get(table, [])
     if isinstance(rows, dict):
         raise err(f"[{table}] must be an array of tables: write [[{table}]]", table)
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise err(f"[[{table}]] must be tables: write [[{table}]] and its keys on the lines below", None, None, table)
     own = {f.name for f in dataclasses.fields(cls)} - {"settings"}
     config_keys = _config_keys(table)
     fields = sorted(own | config_keys, key=lambda k: (k != "name", k))
@@ -280,13 +365,21 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
                 raise err(_unknown(f"key {key!r} in [[{table}]]", key, fields, "Keys"), table, i, key)
         name = _check_name(row, names, table, i, err)
         names.add(name)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in row and _required(f)]
+        if missing:
+            raise err(f"[[{table}]] {name!r} needs {' and '.join(missing)}", table, i, "name")
         try:
             spec = cls(**_spec_kwargs(row, own, bool(config_keys)))
-            _check_spec(spec)
-        except (TypeError, ValueError) as exc:
-            raise err(str(exc), table, i, _key_in_message(row, str(exc))) from None
+            check_row(table, spec)
+        except (TypeError, ValueError, FileNotFoundError) as exc:
+            key = exc.key if isinstance(exc, BadValue) else _key_in_message(row, str(exc))
+            raise err(str(exc), table, i, key) from None
         specs.append(spec)
     return tuple(specs)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _check_name(row: dict[str, Any], taken: set[str], table: str, index: int, err: _Errors) -> str:
@@ -295,9 +388,18 @@ def _check_name(row: dict[str, Any], taken: set[str], table: str, index: int, er
     name = row["name"]
     if not isinstance(name, str) or not _NAME.match(name):
         raise err(f"name {name!r}: use letters, digits, '_', '-' and '.'", table, index, "name")
+    if CELL_SEPARATOR in name or name.endswith("_"):
+        fixed = re.sub(r"_{2,}", "-", name).rstrip("_")
+        raise err(f"name {name!r} {_SEPARATOR_RULE}; rename it, e.g. {fixed!r}", table, index, "name")
     if name in taken:
         raise err(f"name {name!r} is used twice in [[{table}]]", table, index, "name")
     return name
+
+
+_SEPARATOR_RULE = (
+    f"may not contain {CELL_SEPARATOR!r} or end with '_': a cell's folder joins its names with {CELL_SEPARATOR!r} "
+    "(dataset__backbone__layer__classifier), so such names could give two cells one folder"
+)
 
 
 def _spec_kwargs(row: dict[str, Any], own: set[str], has_settings: bool) -> dict[str, Any]:
@@ -322,94 +424,74 @@ def _check_references(tables: dict[str, tuple], err: _Errors) -> None:
         raise err("a job needs at least one [[datasets]] table (name, source)")
     if classifiers and not backbones:
         raise err("classifiers need at least one [[backbones]] table to extract features with")
-    backbone_names = {b.name for b in backbones}
-    classifier_names = {c.name: c for c in classifiers}
     for i, c in enumerate(classifiers):
-        for b in c.backbones or ():
-            if b not in backbone_names:
-                message = f"classifier {c.name!r} names backbone {b!r}, which is not a [[backbones]] name"
-                raise err(message, "classifiers", i, "backbones")
+        check_classifier_references(c, backbones, lambda message, key, i=i: err(message, "classifiers", i, key))
     for i, f in enumerate(finetunes):
-        if f.init_head is None:
-            continue
-        if f.backbone not in backbone_names:
-            message = (
-                f"init_head needs backbone to name a [[backbones]] table (its logreg is trained on that "
-                f"table's features), not {f.backbone!r}"
-            )
-            raise err(message, "finetune", i, "backbone")
-        target = classifier_names.get(f.init_head)
-        if target is None or target.classifier != "logreg":
-            message = f'init_head {f.init_head!r} must name a [[classifiers]] table with classifier = "logreg"'
-            raise err(message, "finetune", i, "init_head")
+        check_finetune_references(f, backbones, classifiers, lambda message, key, i=i: err(message, "finetune", i, key))
 
 
 def _job(
     path: Path, job_table: dict[str, Any], tables: dict[str, tuple], variables: dict[str, str], err: _Errors
 ) -> Job:
+    """The checked ``[job]`` settings with the tables: a :class:`Job`."""
     name = job_table.get("name", path.stem)
-    # Relative paths (out, sources) are relative to the working directory, like every featx command.
-    out = Path(_substitute(job_table.get("out", f"runs/{name}"), variables, str(path))).expanduser()
+    if not isinstance(name, str) or not name.strip():
+        raise err(f"name must be a non-empty string, got {name!r}", "job", None, "name")
     seed = job_table.get("seed", 0)
-    if not isinstance(seed, int):
-        raise err("seed must be an integer", "job", None, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise err(f"seed must be an integer, got {seed!r}", "job", None, "seed")
+    workers = job_table.get("workers")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise err(f"workers must be 0 (decode in the main process) or more, got {workers!r}", "job", None, "workers")
+    device = job_table.get("device", "auto")
+    try:
+        _check_device(device)
+    except ValueError as exc:
+        raise err(str(exc), "job", None, "device") from None
     return Job(
         name=name,
-        out=out,
+        out=_out_folder(job_table.get("out", f"runs/{name}"), variables, err),
         seed=seed,
         datasets=tables["datasets"],
         backbones=tables["backbones"],
         classifiers=tables["classifiers"],
         finetune=tables["finetune"],
-        device=job_table.get("device", "auto"),
-        workers=job_table.get("workers"),
+        device=device,
+        workers=workers,
         source_file=path,
     )
 
 
+def _check_device(device: Any) -> None:
+    from featx._runtime.device import resolve_device
+
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string (auto, cpu, cuda, cuda:N or mps), got {device!r}")
+    resolve_device(device)
+
+
+def _out_folder(value: Any, variables: dict[str, str], err: _Errors) -> Path:
+    """``out`` as a path (relative to the working directory, like every featx command), refused if it is a file."""
+    where = ("job", None, "out")
+    if not isinstance(value, str) or not value.strip():
+        raise err(f'out must be a folder path (a string), e.g. out = "runs/NAME"; got {value!r}', *where)
+    out = Path(_substitute(value, variables, err.where(*where))).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"is inside {str(existing)!r}, which is a file"
+        raise err(f"out {str(out)!r} {what}: out must be a folder (it holds the stores, cells and reports)", *where)
+    return out
+
+
 def _key_in_message(row: dict[str, Any], message: str) -> str | None:
-    """The key an error message is about: its value quoted in the message, else its name mentioned."""
+    """The key an error message is about: its value quoted in the message, else its name mentioned (as a word,
+    else as the start of one: ``preprocess`` in "preprocessing step")."""
     for key, value in row.items():
-        if key != "name" and isinstance(value, str | int | float) and len(str(value)) > 1 and repr(value) in message:
+        quoted = isinstance(value, str) or (isinstance(value, int | float) and len(str(value)) > 1)
+        if key != "name" and quoted and repr(value) in message:
             return key
-    return next((k for k in row if k != "name" and re.search(rf"\b{re.escape(k)}\b", message)), None)
-
-
-def _check_spec(spec: Any) -> None:
-    """Validate one table's values without loading any model, by the checks of the options' own modules."""
-    from featx.backbones.names import parse_backbone_name
-    from featx.classify.training import check_shots
-
-    if isinstance(spec, DatasetSpec):
-        s = spec.source
-        if not (s == "digits" or s.startswith("torchvision:") or Path(s).expanduser().exists()):
-            raise ValueError(f"source {s!r} does not exist (sources: a folder, archive, CSV, digits, torchvision:NAME)")
-        check_test_fraction(spec.test_fraction)
-    elif isinstance(spec, BackboneSpec):
-        parse_backbone_name(spec.backbone)
-        for option in ("pool", "dtype", "tta", "decode"):
-            check_option(option, getattr(spec, option))
-        if not spec.layers:
-            raise ValueError("layers must name at least one layer")
-        if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
-            raise ValueError("batch_size must be a positive integer")
-    elif isinstance(spec, ClassifierSpec):
-        _classifier_config(spec, seed=0, layer=None).validate()
-        if spec.shots is not None:
-            check_shots(spec.shots)
-    elif isinstance(spec, FinetuneSpec):
-        _finetune_config(spec, seed=0)
-
-
-def _classifier_config(spec: ClassifierSpec, seed: int, layer: str | None):
-    from featx.classify.config import ClassifierConfig
-
-    return ClassifierConfig(**dict(spec.settings), layer=layer, seed=seed)
-
-
-def _finetune_config(spec: FinetuneSpec, seed: int):
-    from featx.finetune.config import DEFAULT_PHASES, FinetuneConfig, parse_phases
-
-    settings = dict(spec.settings)
-    phases = tuple(parse_phases(settings.pop("phases", DEFAULT_PHASES)))
-    return FinetuneConfig(phases=phases, **settings, seed=seed)
+    for pattern in (r"\b{}\b", r"\b{}"):
+        key = next((k for k in row if k != "name" and re.search(pattern.format(re.escape(k)), message)), None)
+        if key is not None:
+            return key
+    return None
