@@ -208,7 +208,8 @@ def test_model_refuses_a_store_with_another_spec(blobs, tmp_path):
 
 
 class _Custom:
-    pass
+    def predict(self, X):
+        return np.zeros(len(X), dtype=int)
 
 
 def test_loading_never_runs_untrusted_code(blobs, tmp_path):
@@ -220,7 +221,8 @@ def test_loading_never_runs_untrusted_code(blobs, tmp_path):
     # A file whose contents need a non-sklearn type is refused unless trusted.
     from featx.classify.model import MODEL_FORMAT
 
-    sio.dump({"format": MODEL_FORMAT, "format_version": 1, "meta": "{}", "pipeline": _Custom()}, tmp_path / "u.skops")
+    meta = json.dumps(model.meta)
+    sio.dump({"format": MODEL_FORMAT, "format_version": 1, "meta": meta, "pipeline": _Custom()}, tmp_path / "u.skops")
     with pytest.raises(ValueError, match="--trust"):
         load_model(tmp_path / "u.skops")
     assert isinstance(load_model(tmp_path / "u.skops", trust=True).pipeline, _Custom)
@@ -233,6 +235,94 @@ def test_loading_never_runs_untrusted_code(blobs, tmp_path):
     sio.dump({"format": MODEL_FORMAT, "format_version": 99, "meta": "{}", "pipeline": 1}, tmp_path / "new.skops")
     with pytest.raises(ValueError, match="newer featx"):
         load_model(tmp_path / "new.skops")
+
+
+def _edited_model(source: Path, target: Path, edit) -> Path:
+    """A copy of a saved model whose skops ``schema.json`` went through ``edit`` (every other member kept)."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "schema.json":
+                schema = json.loads(data)
+                edit(schema["content"])
+                data = json.dumps(schema).encode()
+            zout.writestr(item, data)
+    return target
+
+
+def _json_node(value) -> dict:
+    return {
+        "__class__": "str",
+        "__module__": "builtins",
+        "__loader__": "JsonNode",
+        "content": json.dumps(value),
+        "is_json": True,
+    }
+
+
+def _edit_meta(change):
+    def edit(content):
+        meta = json.loads(json.loads(content["meta"]["content"]))
+        change(meta)
+        content["meta"] = _json_node(json.dumps(meta))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(pipeline=_json_node("not a pipeline")), "its pipeline is a str, not a fitted scikit-learn"),
+        (lambda c: c.update(meta=_json_node("{not json")), "its metadata is not JSON"),
+        (lambda c: c.update(meta=_json_node("[1, 2]")), "its metadata is not a JSON object"),
+        (lambda c: c.pop("meta"), "it has no metadata"),
+        (lambda c: c.pop("pipeline"), "it has no pipeline"),
+        (lambda c: c.update(format_version=_json_node("one")), "its format_version is 'one', not an integer"),
+        (_edit_meta(lambda m: m.pop("store_spec")), "its metadata has no store_spec"),
+        (_edit_meta(lambda m: m.update(store_spec="avg")), "its store_spec is not a feature-store spec"),
+        (_edit_meta(lambda m: m.update(store_spec={"pool": "avg"})), "its store_spec is not a feature-store spec"),
+        (_edit_meta(lambda m: m.update(class_names="ab")), "its class_names must be a list of strings"),
+        (_edit_meta(lambda m: m.pop("layer")), "its metadata has no layer"),
+    ],
+)
+def test_crafted_model_files_are_clear_errors(blobs, tmp_path, edit, message):
+    model, _ = _train(blobs, classifier="ridge")
+    saved = model.save(tmp_path / "m.skops")
+    assert load_model(_edited_model(saved, tmp_path / "same.skops", lambda c: None)).layer == "penultimate"
+    crafted = _edited_model(saved, tmp_path / "crafted.skops", edit)
+    with pytest.raises(ValueError) as err:
+        load_model(crafted)
+    assert str(err.value).startswith(f"{crafted}: ") and message in str(err.value), str(err.value)
+    result = CliRunner().invoke(main, ["evaluate", str(blobs), "--model", str(crafted)])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_training_rows_without_labels_are_named_as_such(tmp_path):
+    from featx.data import Manifest
+    from featx.spec import ExtractionSpec, Preprocessing, cache_key
+    from featx.store import StoreWriter
+
+    n = 20
+    ids = [f"img{i:02d}.png" for i in range(n)]
+    manifest = Manifest(ids, ids, np.full(n, -1), ["train"] * n, ["a", "b"], "synthetic", "from source")
+    spec = ExtractionSpec(
+        backbone=TINY,
+        weights="random-seed0",
+        weights_sha256="0" * 64,
+        layers=("penultimate",),
+        preprocessing=Preprocessing((64, 64), 72, "bilinear", (0.5,) * 3, (0.5,) * 3),
+    )
+    fp = manifest.fingerprint()
+    path = tmp_path / "unlabelled.h5"
+    with StoreWriter(path, spec, cache_key(spec, fp), manifest, fp, {"penultimate": 4}) as w:
+        w.write_batch(np.arange(n), {"penultimate": np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)})
+        w.finalize({})
+    for config in ({"classifier": "logreg"}, {"classifier": "sgd", "out_of_core": True}):
+        with pytest.raises(ValueError, match=r"its 20 training rows \(train\) have no labels") as err:
+            _train(path, **config)
+        assert "single class" not in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------- CLI

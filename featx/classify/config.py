@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +73,11 @@ class ClassifierConfig:
 
     def validate(self) -> Preset:
         """Check every field (before any data is read); returns the preset."""
+        self._check_types()
         preset = get_preset(self.classifier)
         self.steps(preset)
         if self.cv < 2:
-            raise ValueError(f"cv must be at least 2 folds, got {self.cv}")
+            raise ValueError(f"cv must be an integer of at least 2 folds, got {self.cv}")
         if self.class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight {self.class_weight!r}: use balanced or leave it out")
         if self.scoring not in ("accuracy", "balanced_accuracy"):
@@ -83,7 +85,7 @@ class ClassifierConfig:
         if self.value != "auto":
             if not preset.param:
                 raise ValueError(f"{preset.name} has no C or alpha to set")
-            if not isinstance(self.value, int | float) or self.value <= 0:
+            if not _is_number(self.value) or self.value <= 0:
                 raise ValueError(f"{preset.param} must be a positive number or 'auto', got {self.value!r}")
         elif not (self.grid or preset.grid):
             pass  # nothing to search: the estimator's defaults are used
@@ -99,3 +101,43 @@ class ClassifierConfig:
         if self.class_weight and not preset.supports_class_weight:
             raise ValueError(f"classifier {preset.name} has no class_weight; drop --class-weight")
         return preset
+
+    def _check_types(self) -> None:
+        """Each field of the type it must have (a pipeline file can hold anything), before its value is checked."""
+        if not isinstance(self.classifier, str) or not self.classifier:
+            raise ValueError(
+                f"classifier must be a preset name or an import path (e.g. svm, sklearn.svm.LinearSVC), "
+                f"got {self.classifier!r}"
+            )
+        if not _is_int(self.cv):
+            raise ValueError(f"cv must be an integer of at least 2 folds, got {self.cv!r}")
+        if self.grid is not None and not (isinstance(self.grid, tuple | list) and all(map(_is_number, self.grid))):
+            raise ValueError(f"grid must be a list of positive numbers, e.g. grid = [0.1, 1, 10], got {self.grid!r}")
+        steps = self.preprocess
+        if steps is not None and not (isinstance(steps, str) or all(isinstance(s, str) for s in _items(steps))):
+            raise ValueError(f"preprocess must be a list of steps (l2, standard, pca:K, none), got {steps!r}")
+        params = self.params
+        if not isinstance(params, dict) and not all(isinstance(p, tuple) and len(p) == 2 for p in _items(params)):
+            raise ValueError(
+                f"params must be a table of the estimator's keyword arguments, e.g. params = {{max_iter = 2000}}, "
+                f"got {params!r}"
+            )
+        if self.layer is not None and not isinstance(self.layer, str):
+            raise ValueError(f"layer must be a layer name, got {self.layer!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.out_of_core, bool):
+            raise ValueError(f"out_of_core must be true or false, got {self.out_of_core!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _items(value: Any) -> tuple:
+    """``value``'s items when it is a list or tuple; a non-item otherwise (so the check refuses it)."""
+    return tuple(value) if isinstance(value, tuple | list) else (None,)

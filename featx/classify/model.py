@@ -102,6 +102,14 @@ def load_model(path: str | Path, trust: bool = False) -> TrainedModel:
 
     Only types skops trusts (scikit-learn, numpy, scipy) plus k-NN's search trees are loaded; anything else
     needs ``trust=True`` (``--trust``), to be given only for files from people you trust.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a featx model file, a newer format, untrusted types without ``trust``, or a file whose pipeline or
+        metadata is not what featx writes; the message names the file and what is wrong.
     """
     import skops.io as sio
 
@@ -122,9 +130,57 @@ def load_model(path: str | Path, trust: bool = False) -> TrainedModel:
     obj = sio.load(path, trusted=list(_SAFE_EXTRA_TYPES) + untrusted)
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is a skops file but not a featx model")
-    if int(obj.get("format_version", 0)) > MODEL_FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer featx (model format {obj['format_version']}); upgrade featx")
-    return TrainedModel(obj["pipeline"], json.loads(obj["meta"]))
+    version = obj.get("format_version", 0)
+    if isinstance(version, str) and version.strip().isdigit():
+        version = int(version)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _damaged(path, f"its format_version is {version!r}, not an integer")
+    if version > MODEL_FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer featx (model format {version}); upgrade featx")
+    return TrainedModel(_pipeline_of(path, obj, trusted=bool(untrusted)), _meta_of(path, obj))
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(
+        f"{path}: {what}; the file is damaged or was not written by featx (write it again with `featx train`)"
+    )
+
+
+def _pipeline_of(path: Path, obj: dict[str, Any], trusted: bool) -> Any:
+    """The file's fitted pipeline: a scikit-learn Pipeline (any object with ``predict`` for a trusted file)."""
+    if "pipeline" not in obj:
+        raise _damaged(path, "it has no pipeline")
+    pipeline = obj["pipeline"]
+    if not isinstance(pipeline, Pipeline) and not (trusted and callable(getattr(pipeline, "predict", None))):
+        raise _damaged(path, f"its pipeline is a {type(pipeline).__name__}, not a fitted scikit-learn Pipeline")
+    return pipeline
+
+
+def _meta_of(path: Path, obj: dict[str, Any]) -> dict[str, Any]:
+    """The file's metadata, checked for what applying the model needs: the store spec, the layer, the classes."""
+    from featx.spec import ExtractionSpec
+
+    if not isinstance(obj.get("meta"), str):
+        raise _damaged(path, "it has no metadata" if "meta" not in obj else "its metadata is not a JSON string")
+    try:
+        meta = json.loads(obj["meta"])
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, f"its metadata is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, "its metadata is not a JSON object")
+    for key in ("store_spec", "layer", "class_names"):
+        if key not in meta:
+            raise _damaged(path, f"its metadata has no {key}")
+    try:
+        ExtractionSpec.from_dict(meta["store_spec"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _damaged(path, f"its store_spec is not a feature-store spec ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta["layer"], str):
+        raise _damaged(path, f"its layer must be a string, not {meta['layer']!r}")
+    names = meta["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _damaged(path, f"its class_names must be a list of strings, not {names!r}")
+    return meta
 
 
 def check_compatible(model: TrainedModel, store: FeatureStore) -> None:
