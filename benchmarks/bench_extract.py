@@ -89,11 +89,25 @@ FEATX_RUNS = {
         "featx extract --compile on": ({"compile_mode": "on"}, "torch.compile + the above (featx --compile on)"),
         # Not exact (other pixels, another store): how much of the decoding cost it takes off.
         "featx extract --decode fast": ({"decode": "fast"}, "channels_last + heap reuse + folded BN (featx default)"),
+        # JPEGs decoded in the main process, in batches (the GPU's way, here on the CPU: its cost, not a win).
+        "featx extract --decode device": (
+            {"decode": "device"},
+            "channels_last + heap reuse + folded BN (featx default)",
+        ),
     },
     "cuda": {
         "featx extract (default: AMP)": ({}, "AMP + channels_last + folded BN (featx default)"),
         "featx extract --amp none": ({"amp": "none"}, "fp32 channels_last + folded BN (featx --amp none)"),
         "featx extract --compile on": ({"compile_mode": "on"}, "torch.compile + the above (featx --compile on)"),
+        # JPEGs decoded by nvJPEG, resized and cropped on the GPU: the workers only read files.
+        "featx extract --decode device (AMP)": (
+            {"decode": "device"},
+            "AMP + channels_last + folded BN (featx default)",
+        ),
+        "featx extract --decode device --compile on": (
+            {"decode": "device", "compile_mode": "on"},
+            "torch.compile + the above (featx --compile on)",
+        ),
     },
 }
 

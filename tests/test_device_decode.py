@@ -106,6 +106,9 @@ def test_header_check_refuses_what_it_cannot_vouch_for(tmp_path):
     assert not jpeg_decodable(data[:2] + b"\x00" + data[3:], 10**8)  # a marker that is not one
     assert not jpeg_decodable(data[:2] + b"\xff\xe0\x00\x01" + data[2:], 10**8)  # a segment length under 2
     assert not jpeg_decodable(data, 640 * 480 - 1)
+    twelve_bit = bytearray(data)
+    twelve_bit[data.index(b"\xff\xc0") + 4] = 12  # the frame's sample precision
+    assert not jpeg_decodable(bytes(twelve_bit), 10**8)
 
 
 # ------------------------------------------------------------------------------------------------ pixels

@@ -76,8 +76,8 @@ def jpeg_decodable(data: bytes, max_pixels: int) -> bool:
 
 
 def _frame(segment: bytes) -> tuple[int, int, bytes] | None:
-    """``(height, width, component ids)`` of a start-of-frame segment."""
-    if len(segment) < 6:
+    """``(height, width, component ids)`` of a start-of-frame segment of 8-bit samples (``None``: another depth)."""
+    if len(segment) < 6 or segment[0] != 8:
         return None
     height, width, n = struct.unpack(">HHB", segment[1:6])
     if len(segment) < 6 + 3 * n:
