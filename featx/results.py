@@ -180,14 +180,20 @@ class Predictions(TypedDict):
     top_scores: list[list[float]]  # their scores (probabilities or decision values), rounded to 6 digits
 
 
-class FewShotPoint(TypedDict):
-    """Test accuracy with ``shots`` training images per class, over seeded draws."""
-
+class _FewShotPointBase(TypedDict):
     shots: int | str  # or "all"
     draws: int
     mean: float
     std: float
     accuracies: list[float]
+
+
+class FewShotPoint(_FewShotPointBase, total=False):
+    """Test accuracy with ``shots`` training images per class, over nested seeded draws."""
+
+    ci95: list[float]  # [low, high]: t interval of the mean over the draws
+    values: list[float | None]  # the hyper-parameter chosen inside each draw's k-shot set
+    selection: str  # how it was chosen, e.g. "2-fold stratified CV", "fixed C=1 (one image per class)"
 
 
 class CellInfo(TypedDict):

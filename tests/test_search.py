@@ -169,3 +169,30 @@ def test_featx_evaluate_writes_the_predictions(blobs, tmp_path):
     with featx.store.open(blobs) as fs:
         assert predictions["predicted"] == model.predict(fs.features(split="test")).tolist()
         assert predictions["ids"] == fs.ids("test")
+
+
+# ------------------------------------------------------------------------------------------ learning curves
+def test_few_shot_draws_are_nested_per_draw():
+    y = np.repeat([0, 1, 2], 30)
+    rows = training_mod.shot_rows(y, [1, 2, 5, 10, "all"], draws=4, seed=0)
+    for small, large in [(1, 2), (2, 5), (5, 10)]:
+        for d in range(4):
+            assert set(rows[small][d]) < set(rows[large][d])
+            assert np.array_equal(np.bincount(y[rows[large][d]]), [large] * 3)
+    assert len({tuple(r) for r in rows[5]}) == 4  # the draws differ
+    again = training_mod.shot_rows(y, [5], draws=4, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(again[5], rows[5], strict=True))  # seeded
+    assert np.array_equal(rows["all"][0], np.arange(len(y)))
+
+
+def test_few_shot_chooses_the_value_inside_each_k_shot_set(tmp_path):
+    hard = synthetic_store(tmp_path / "hard.h5", spread=3.0)
+    _, results = train(hard, ClassifierConfig(classifier="logreg"), n_jobs=1, shots=[1, 4, "all"], draws=3)
+    curve = {p["shots"]: p for p in results["few_shot"]}
+    assert curve[1]["values"] == [training_mod.ONE_SHOT_VALUE] * 3 and "fixed" in curve[1]["selection"]
+    assert curve[4]["selection"] == "4-fold stratified CV" and len(curve[4]["values"]) == 3
+    assert curve["all"]["values"] == [results["classifier"]["chosen"]]
+    for point in curve.values():
+        lo, hi = point["ci95"]
+        assert lo <= point["mean"] <= hi
+    assert curve[4]["ci95"][1] - curve[4]["ci95"][0] > 0
