@@ -88,7 +88,7 @@ def _write(tmp_path, text: str) -> Path:
         (
             '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\ndecode = "quick"\n',
             6,
-            "unknown decode 'quick'. Choose one of exact, fast.",  # featx.spec.check_option's wording
+            "unknown decode 'quick'. Choose one of exact, fast, device.",  # featx.spec.check_option's wording
         ),
         ('[[datasets]]\nname = "d"\nsource = "digits"\n[[datasets]]\nname = "d"\nsource = "digits"\n', 5, "used twice"),
         (
