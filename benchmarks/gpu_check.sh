@@ -116,6 +116,7 @@ mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py)
 step gpu_tests 100 python -m pytest -q -p no:cacheprovider -m gpu -W ignore::DeprecationWarning "${GPU_TESTS[@]}"
 BENCH=(python benchmarks/bench_extract.py --device "$DEVICE" --images "$IMAGES" --n "$N" --workdir "$WORK")
 BENCH+=(--workers "$(($(nproc) > 2 ? $(nproc) - 1 : 1))")  # as many decoding processes as the cores allow
+((DRY)) && BENCH+=(--batch-size 16 --threads 1)  # a CPU only checks that every step runs
 rm -f "$WORK"/bench_*.json  # a step cut short must not leave the last one's numbers for the next
 step resnet50 200 "${BENCH[@]}" --backbones resnet50 --no-compile
 mv "$WORK/bench_extract-$DEVICE.json" "$OUT/resnet50.json" 2>/dev/null
