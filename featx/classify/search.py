@@ -2,10 +2,10 @@
 
 The search is converged and dense where it matters:
 
-1. the coarse grid (decades for the presets) is scored in ascending order, each value on every fold in
-   parallel; warm-started presets carry each fold's estimator along the grid. Climbing ``C`` stops once the
-   mean score has fallen at two consecutive values (the large-``C`` fits are the slow ones, and past a
-   peak they only fall further); the values not paid for are recorded as ``skipped``;
+1. the coarse grid (decades for the presets) is scored in ascending order, folds in parallel;
+   warm-started presets walk each fold's estimator along the grid in one task. For the others (svm),
+   climbing ``C`` stops once the mean score has fallen at two consecutive values (their large-``C`` fits
+   are the slow ones, and past a peak they only fall further); the values not paid for are ``skipped``;
 2. a best value at an edge of the grid widens it by two decades on that side before it is accepted;
 3. four more values (thirds of a decade) are scored inside ±1 decade of the best.
 
@@ -136,39 +136,69 @@ def _fit_point(est, param: str, value: float, warm: bool, fold: tuple[np.ndarray
     if param == "n_neighbors":  # a fold may hold fewer images than the largest k
         value = min(int(value), len(ytr))
     est.set_params(**{param: value})
-    est.fit(Xtr, ytr)  # ConvergenceWarning: hidden by search(), recorded from n_iter_
+    est.fit(Xtr, ytr)  # ConvergenceWarning: hidden by _score_fold, recorded from n_iter_
     score_fn = balanced_accuracy_score if scoring == "balanced_accuracy" else accuracy_score
     converged, n_iter = fit_converged(est)
     return float(score_fn(yva, est.predict(Xva))), converged, n_iter, est
 
 
+def _score_fold(pipeline: Pipeline, preset: Preset, values, X, y, train_idx, val_idx, scoring: str) -> list[tuple]:
+    """One fold along ``values``: preprocessing fitted once, the estimator warm-started along them when it can;
+    ``(score, converged, n_iter)`` per value."""
+    fold = _prepare_fold(pipeline, X, y, train_idx, val_idx)
+    est = clone(pipeline.steps[-1][1])
+    if preset.warm_start:
+        est.set_params(warm_start=True)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # each point records whether its fit converged
+        for value in values:
+            score, converged, n_iter, est = _fit_point(est, preset.param, value, preset.warm_start, fold, scoring)
+            out.append((score, converged, n_iter))
+    return out
+
+
 @dataclass
 class _Scorer:
-    """Scores values on prepared folds; ``score_path`` goes along ascending values (warm when the preset can)."""
+    """Scores ascending values on the folds: warm-started presets one task per fold along all the values,
+    the others one task per (fold, value), a value at a time when climbing may stop early."""
 
     parallel: Parallel
-    estimator: Any
+    pipeline: Pipeline
     preset: Preset
-    folds: list[tuple[np.ndarray, ...]]
+    X: np.ndarray
+    y: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]
     scoring: str
+
+    def _run(self, values: Sequence[float]) -> list[list[tuple]]:
+        """``table[value][fold] = (score, converged, n_iter)``."""
+        if self.preset.warm_start:
+            tasks = [(f, list(values)) for f in range(len(self.folds))]
+        else:
+            tasks = [(f, [v]) for v in values for f in range(len(self.folds))]
+        results = self.parallel(
+            delayed(_score_fold)(self.pipeline, self.preset, vals, self.X, self.y, *self.folds[f], self.scoring)
+            for f, vals in tasks
+        )
+        table = [[None] * len(self.folds) for _ in values]
+        index = {v: i for i, v in enumerate(values)}
+        for (f, vals), out in zip(tasks, results, strict=True):
+            for v, cell in zip(vals, out, strict=True):
+                table[index[v]][f] = cell
+        return table
 
     def score_path(self, values: Sequence[float], early_stop: bool) -> tuple[list[SearchPoint], list[float]]:
         """The points of ``values`` (ascending); with ``early_stop``, stop once the mean fell twice in a row."""
-        template = clone(self.estimator)
-        if self.preset.warm_start:
-            template.set_params(warm_start=True)
-        ests = [clone(template) for _ in self.folds]
+        step = 1 if early_stop and not self.preset.warm_start else len(values)
         points: list[SearchPoint] = []
-        for i, value in enumerate(values):
-            out = self.parallel(
-                delayed(_fit_point)(est, self.preset.param, value, self.preset.warm_start, fold, self.scoring)
-                for est, fold in zip(ests, self.folds, strict=True)
-            )
-            ests = [o[3] for o in out]
-            points.append(_point(value, [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]))
-            means = [p["mean"] for p in points[-3:]]
-            if early_stop and len(means) == 3 and means[2] < means[1] < means[0]:
-                return points, [float(v) for v in values[i + 1 :]]
+        for start in range(0, len(values), step):
+            chunk = values[start : start + step]
+            for value, cells in zip(chunk, self._run(chunk), strict=True):
+                points.append(_point(value, *map(list, zip(*cells, strict=True))))
+                means = [p["mean"] for p in points[-3:]]
+                if early_stop and len(means) == 3 and means[2] < means[1] < means[0]:
+                    return points, [float(v) for v in values[len(points) :]]
         return points, []
 
 
@@ -218,8 +248,7 @@ def search(
     scheme : str
         How the folds were made, for the record.
     n_jobs : int, default=-1
-        Threads scoring the folds of one value at once (the solvers release the GIL); under a joblib
-        backend such as Dask's, its workers.
+        Parallel jobs (joblib: processes, or the workers of a backend such as Dask's).
     scoring : {"accuracy", "balanced_accuracy"}
     refine : bool, default=True
         Widen at an edge and refine around the best (for ``C`` and ``alpha``); also stops climbing ``C``
@@ -232,11 +261,9 @@ def search(
     t0 = time.perf_counter()
     grid = sorted({float(v) for v in grid})
     dense = refine and preset.param in _LOG_PARAMS and len(grid) >= 2
-    with warnings.catch_warnings(), Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
-        warnings.simplefilter("ignore", ConvergenceWarning)  # each point records whether its fits converged
-        prepared = parallel(delayed(_prepare_fold)(pipeline, X, y, tr, va) for tr, va in folds)
-        scorer = _Scorer(parallel, pipeline.steps[-1][1], preset, prepared, scoring)
-        curve, skipped = scorer.score_path(grid, early_stop=dense and preset.param == "C")
+    with Parallel(n_jobs=n_jobs) as parallel:
+        scorer = _Scorer(parallel, pipeline, preset, X, y, folds, scoring)
+        curve, skipped = scorer.score_path(grid, early_stop=dense and preset.param == "C" and not preset.warm_start)
         result = SearchResult(preset.param, scheme, None, curve, skipped=skipped)
         if skipped:
             result.stopped_early = curve[-1]["value"]
@@ -284,7 +311,7 @@ def _widen_and_refine(result: SearchResult, scorer: _Scorer, step: float) -> Non
     if side and not (side > 0 and result.skipped):
         best = _best(result.curve)["value"]
         extra = _new([best * step ** (side * k) for k in _WIDEN], result.curve)
-        points, skipped = scorer.score_path(extra, early_stop=result.param == "C")
+        points, skipped = scorer.score_path(extra, early_stop=result.param == "C" and not scorer.preset.warm_start)
         result.widened = [p["value"] for p in points]
         result.skipped += skipped
         result.curve = sorted(result.curve + points, key=lambda p: p["value"])
