@@ -34,7 +34,11 @@ from sklearn.pipeline import Pipeline
 from featx.classify.presets import Preset
 from featx.results import SearchPoint, SearchSummary
 
-__all__ = ["SearchResult", "fit_converged", "search"]
+__all__ = ["SEARCH_VERSION", "SearchResult", "fit_converged", "search"]
+
+#: Bumped whenever the search or the refit can choose differently, so cached pipeline cells are re-run.
+#: 2: converged, refined, widened search (issue 13).
+SEARCH_VERSION = 2
 
 log = logging.getLogger(__name__)
 

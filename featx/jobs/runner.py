@@ -290,10 +290,16 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         key = read_key(store) if store else None
         if key is None:
             return None
+        from featx.classify.search import SEARCH_VERSION
+
+        config = classifier_config(task.classifier, job.seed, task.layer)
         return {
             "kind": "classify",
             "store_key": key,
-            "config": classifier_config(task.classifier, job.seed, task.layer).to_dict(),
+            "config": config.to_dict(),
+            # The preset's default preprocessing is not in the config: a changed default must re-run the cell.
+            "preprocess_in_force": config.steps(config.validate()),
+            "search_version": SEARCH_VERSION,
             "shots": _shots(task),
             "draws": task.classifier.draws,
         }
