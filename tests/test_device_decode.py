@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from conftest import SHARED_DATA, TINY, make_image
 from PIL import Image
 from test_images import BAD, GOOD, LAST_GOOD, _build_zoo, write_cmyk_jpeg, write_exif_rotated, write_truncated_jpeg
+from test_store import _STALLING_RUN
 
 import featx.store
 from featx.data.imageio import load_for_model
@@ -207,36 +207,12 @@ def test_what_the_device_decoder_rejects_is_decoded_exactly(tmp_path, monkeypatc
     assert done == [] and failed == [(2, failed[0][1])] and "not an image" in failed[0][1]
 
 
-# A run with --decode device whose writer stalls for good after 2 batches (its DataLoader workers alive): killed
-# there it is mid-run for certain. It says "stalled" when it gets there.
-_STALLING_RUN = textwrap.dedent(
-    """
-    import sys, threading
-    sys.path.insert(0, {tests!r})
-    import conftest  # registers featx:tiny_test
-    from featx.store.writer import StoreWriter
-
-    written = []
-    write = StoreWriter.write_batch
-    def write_then_stall(self, *args, **kwargs):
-        write(self, *args, **kwargs)
-        written.append(1)
-        if len(written) == 2:
-            print("stalled", flush=True)
-            threading.Event().wait()
-    StoreWriter.write_batch = write_then_stall
-    from featx.cli import main
-    main(sys.argv[1:])
-    """
-)
-
-
 @pytest.mark.slow
 def test_killed_device_decode_run_resumes_to_the_same_store(tmp_path):
     source = _photos(tmp_path / "photos", n=15)
     out = tmp_path / "killed.h5"
     script = tmp_path / "stalling_run.py"
-    script.write_text(_STALLING_RUN.format(tests=str(TESTS)))
+    script.write_text(_STALLING_RUN.format(tests=str(TESTS), parts=2))  # the store tests' stalling writer
     args = ["extract", str(source), "--backbone", TINY, "--batch-size", "4", "--no-progress", "--out", str(out)]
     writer = subprocess.Popen(
         [sys.executable, str(script), *args, "--decode", "device", "--workers", "1"], stdout=subprocess.PIPE, text=True
