@@ -47,6 +47,7 @@ __all__ = [
     "SearchPoint",
     "SearchSummary",
     "SkippedImage",
+    "SplitInfo",
     "StoreInfo",
     "TestMetrics",
     "TrainSummary",
@@ -196,6 +197,16 @@ class FewShotPoint(_FewShotPointBase, total=False):
     selection: str  # how it was chosen, e.g. "2-fold stratified CV", "fixed C=1 (one image per class)"
 
 
+class SplitInfo(TypedDict):
+    """The split plan a row used (written since issue 14): rows agreeing on ``hashes`` used the same images."""
+
+    plan: dict[str, Any]  # SplitPlan.to_dict(): split_seed, val_fraction, test_fraction
+    policy: str  # how the splits came about, in words
+    hashes: dict[str, str]  # per split, "N:sha256-prefix" of its sorted ids (featx.data.splits.split_hashes)
+    sizes: dict[str, int]  # the images each split held for this row (unreadable ones left out)
+    rule: str  # the selection rule, e.g. "fit on train, hyper-parameters chosen on val, scored once on test"
+
+
 class CellInfo(TypedDict):
     """Which cell of a ``featx run`` job made the results (added by the job runner)."""
 
@@ -220,7 +231,6 @@ class _FinetuneSettingsBase(TypedDict):
     phases: list[dict[str, Any]]  # {"freeze", "epochs", "lr"}
     seed: int
     update_bn_stats: bool
-    val_fraction: float
     warmup: float
     weight_decay: float
     blocks: int
@@ -230,6 +240,7 @@ class _FinetuneSettingsBase(TypedDict):
 
 
 class FinetuneSettings(_FinetuneSettingsBase, total=False):
+    val_fraction: float  # before issue 14 (the split plan's now: ``split.plan``)
     """:meth:`FinetuneConfig.to_dict() <featx.finetune.FinetuneConfig.to_dict>` and how the run was set up."""
 
     world_size: int
@@ -278,6 +289,7 @@ class _ClassifierResultsBase(_ResultsBase):
 class ClassifierResults(_ClassifierResultsBase, total=False):
     """The results of a classifier trained on a feature store (:func:`featx.classify.train`)."""
 
+    split: SplitInfo
     few_shot: list[FewShotPoint]
     cell: CellInfo
 
@@ -299,6 +311,7 @@ class _FinetuneResultsBase(_ResultsBase):
 class FinetuneResults(_FinetuneResultsBase, total=False):
     """The results of a fine-tuned network (:func:`featx.finetune.finetune`)."""
 
+    split: SplitInfo
     split_policy: str
     cell: CellInfo
 

@@ -33,12 +33,13 @@ def test_every_preset_searches_refits_and_evaluates(blobs, name):
     model, results = _train(blobs, classifier=name)
     preset = PRESETS[name]
     search = results["search"]
-    assert search["param"] == preset.param and search["scheme"] == "5-fold stratified CV"
+    # The store's source gives train and test: the default split plan carves val (0.2 of each class) from train.
+    assert search["param"] == preset.param and search["scheme"] == "validation split"
     # The coarse grid, in order, plus any widening at an edge; the refined values lie within a decade of the best.
     coarse = [p["value"] for p in search["curve"] if p["value"] not in search["widened"]]
     assert coarse == list(preset.grid)[: len(coarse)] and len(coarse) + len(search["skipped"]) == len(preset.grid)
     points = search["curve"] + search["refined"]
-    assert all(len(p["folds"]) == 5 for p in points)
+    assert all(len(p["folds"]) == 1 for p in points)
     best = max(sorted(points, key=lambda p: p["value"]), key=lambda p: p["mean"])
     assert search["best"] == best["value"]
     if preset.param in ("C", "alpha"):
@@ -54,7 +55,8 @@ def test_every_preset_searches_refits_and_evaluates(blobs, name):
     assert lo <= test["accuracy"] <= hi
     assert set(test["per_class"]) == {"class0", "class1", "class2"}
     assert np.array(test["confusion_matrix"]).sum() == 48
-    assert results["train"]["n"] == 72 and results["train"]["fit_seconds"] >= 0
+    assert results["train"]["n"] == 72 - 15 and results["train"]["fit_seconds"] >= 0  # train only, never val
+    assert results["split"]["sizes"] == {"train": 57, "val": 15, "test": 48}
     assert model.class_names == ["class0", "class1", "class2"]
 
 
@@ -79,12 +81,12 @@ def test_fixed_value_skips_the_search(blobs):
     assert results["search"] is None and results["classifier"]["chosen"] == 0.5
 
 
-def test_validation_split_is_used_for_the_search_and_refit_uses_train_and_val(tmp_path):
+def test_validation_split_is_used_for_the_search_and_the_refit_uses_train_only(tmp_path):
     store = synthetic_store(tmp_path / "v.h5", splits=(0.5, 0.25))
     _, results = _train(store, classifier="svm")
     assert results["search"]["scheme"] == "validation split"
     assert all(len(p["folds"]) == 1 for p in results["search"]["curve"])
-    assert results["train"]["n"] == 90  # train + val
+    assert results["train"]["n"] == 60  # train alone: val chose C and is never fitted (SELECTION_RULE)
 
 
 @pytest.mark.parametrize("preprocess", [(), ("l2",), ("standard",), ("pca:4",), ("l2", "standard", "pca:8")])
@@ -110,7 +112,7 @@ def test_bad_configs_fail_before_training(blobs):
 def test_class_weight_balanced_helps_the_minority(tmp_path):
     store = synthetic_store(tmp_path / "imb.h5", n_classes=2, per_class=60, spread=3.0, seed=4)
     with featx.store.open(store) as s:
-        assert s.splits["train"] == 72
+        assert s.splits["train"] == 58
     _, plain = _train(store, classifier="logreg", class_weight=None)
     _, balanced = _train(store, classifier="logreg", class_weight="balanced")
     assert balanced["classifier"]["class_weight"] == "balanced"
@@ -152,10 +154,10 @@ def test_out_of_core_sgd_streams_bounded_blocks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(featx.store.FeatureStore, "read_rows", recording)
     _, results = _train(store, classifier="sgd", out_of_core=True, preprocess=("l2", "standard"))
-    assert results["classifier"]["out_of_core"] and "hold-out" in results["search"]["scheme"]
+    assert results["classifier"]["out_of_core"] and results["search"]["scheme"] == "validation split (out of core)"
     assert results["test"]["accuracy"] > 0.9
     assert seen and max(seen) <= 32 * 256  # never the whole training set at once (720 rows here fit one buffer)
-    assert results["train"]["n"] == 720
+    assert results["train"]["n"] == 576  # train alone (0.2 of it carved as val)
 
 
 def test_out_of_core_buffers_mix_classes():
@@ -331,7 +333,7 @@ def test_cli_train_and_evaluate(blobs, tmp_path):
     out = tmp_path / "svm"
     result = runner.invoke(main, ["train", str(blobs), "--classifier", "svm", "--jobs", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "chosen by 5-fold stratified CV" in result.output and "<- chosen" in result.output
+    assert "chosen by validation split" in result.output and "<- chosen" in result.output
     assert "accuracy" in result.output and "95% CI" in result.output
     results = json.loads((out / "results.json").read_text())
     assert results["test"]["accuracy"] > 0.9
@@ -340,6 +342,16 @@ def test_cli_train_and_evaluate(blobs, tmp_path):
     )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == results["test"]["accuracy"]
+    # Another split seed moves images between train and val (the source's test split stays), and the model
+    # remembers its plan: `evaluate` scores it on the test split of that plan.
+    other = tmp_path / "svm-seed1"
+    args = ["train", str(blobs), "-c", "svm", "--jobs", "1", "--split-seed", "1", "--out", str(other)]
+    assert runner.invoke(main, args).exit_code == 0
+    reseeded = json.loads((other / "results.json").read_text())
+    assert reseeded["split"]["plan"]["split_seed"] == 1
+    assert reseeded["split"]["hashes"]["test"] == results["split"]["hashes"]["test"]
+    assert reseeded["split"]["hashes"]["train"] != results["split"]["hashes"]["train"]
+    assert load_model(other / "model.skops").split_plan.split_seed == 1
 
 
 @pytest.mark.parametrize(

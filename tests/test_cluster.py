@@ -38,8 +38,9 @@ def cluster():
 
 @pytest.fixture
 def blobs(tmp_path):
-    # Overlapping classes and a 5-fold CV, so the grid's values score differently and the choice means something.
-    return synthetic_store(tmp_path / "blobs.h5", per_class=60, dims=24, spread=3.0)
+    # Overlapping classes and a val split of 45 images, so the grid's values score differently and the choice
+    # means something.
+    return synthetic_store(tmp_path / "blobs.h5", per_class=60, dims=24, spread=5.0, splits=(0.5, 0.25))
 
 
 def _free_port() -> int:

@@ -9,34 +9,34 @@ import pytest
 from conftest import SHARED_DATA, make_image
 
 from featx.data import Manifest, from_csv, from_digits, from_folder, from_torchvision, load_source
-from featx.data.splits import DEFAULT_TEST_FRACTION, check_test_fraction, ensure_test_split
+from featx.data.splits import DEFAULT_TEST_FRACTION, SplitPlan, check_test_fraction
 from featx.exceptions import UnknownNameError
 from featx.spec import OPTIONS, ExtractionSpec, Preprocessing, check_option
 
 
-def test_class_folder_gets_a_seeded_stratified_test_split(image_folder):
-    m = from_folder(image_folder, seed=3, test_fraction=0.34)
+def test_class_folder_keeps_its_images_in_train_until_a_plan_carves_them(image_folder):
+    m = from_folder(image_folder)
     assert m.class_names == ["cat", "dog", "emu"]
     assert m.ids[0] == "cat/00.png" and Path(m.paths[0]).is_absolute()
-    assert m.split_counts() == {"train": 12, "test": 6}
-    for c in range(3):  # stratified: two test images per class
-        assert sum(1 for lab, s in zip(m.labels, m.splits, strict=True) if lab == c and s == "test") == 2
-    assert "seed 3" in m.split_policy
-    again = from_folder(image_folder, seed=3, test_fraction=0.34)
-    assert again.splits == m.splits
-    other = from_folder(image_folder, seed=4, test_fraction=0.34)
-    assert other.splits != m.splits
+    assert m.split_counts() == {"train": 18}
+    planned = m.with_plan(SplitPlan(split_seed=3, val_fraction=0.25, test_fraction=0.34))
+    assert planned.split_counts() == {"train": 9, "val": 3, "test": 6}
+    for c in range(3):  # stratified: two test images and one val image per class
+        in_class = [s for lab, s in zip(planned.labels, planned.splits, strict=True) if lab == c]
+        assert in_class.count("test") == 2 and in_class.count("val") == 1
+    assert "split seed 3" in planned.split_policy
+    assert m.splits == ["train"] * 18  # the manifest itself is not changed
 
 
 def test_split_folders_and_val_as_test(split_folder, tmp_path):
-    m = from_folder(split_folder)
-    assert m.split_counts() == {"train": 10, "test": 4}
-    assert "val split is the test split" in m.split_policy
+    m = from_folder(split_folder).with_plan()
+    assert m.split_counts() == {"train": 8, "val": 2, "test": 4}
+    assert "val split is the test split" in m.split_policy and "val carved from train" in m.split_policy
     make_image(split_folder / "test" / "ants" / "t.jpg", seed=7)
     make_image(split_folder / "test" / "bees" / "t.jpg", seed=8)
-    m3 = from_folder(split_folder)
+    m3 = from_folder(split_folder).with_plan()
     assert m3.split_counts() == {"train": 10, "val": 4, "test": 2}
-    assert m3.split_policy == "from source"
+    assert m3.split_policy.startswith("test from the source; val from the source")
 
 
 def test_folder_skips_non_images_and_explains_empty(tmp_path):
@@ -56,17 +56,23 @@ def test_folder_skips_non_images_and_explains_empty(tmp_path):
 
 def test_a_class_with_one_image_stays_in_train():
     labels = np.array([0] * 10 + [1])
-    splits, _ = ensure_test_split(labels, ["train"] * 11, seed=0, test_fraction=0.2)
-    assert splits[-1] == "train" and splits.count("test") == 2
+    ids = [f"{i}.png" for i in range(11)]
+    splits, _ = SplitPlan(val_fraction=0.2, test_fraction=0.2).assign(ids, labels, ["train"] * 11)
+    assert splits[-1] == "train" and list(splits).count("test") == 2 and list(splits).count("val") == 2
 
 
-def test_test_fraction_is_checked_once_with_one_wording():
+def test_fractions_and_seed_are_checked_once_with_one_wording():
     assert check_test_fraction(DEFAULT_TEST_FRACTION) == 0.2
-    for bad in (0, 1, 1.5, -0.1):
-        with pytest.raises(ValueError, match=f"test_fraction must be between 0 and 1, got {bad}"):
+    for bad in (0, 1, 1.5, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match=f"test_fraction must be a number strictly between 0 and 1, got {bad!r}"):
             check_test_fraction(bad)
-        with pytest.raises(ValueError, match="test_fraction must be between 0 and 1"):
-            ensure_test_split(np.array([0, 0, 1, 1]), ["train"] * 4, test_fraction=bad)
+        with pytest.raises(ValueError, match="test_fraction must be a number strictly between 0 and 1"):
+            SplitPlan(test_fraction=bad)
+        with pytest.raises(ValueError, match="val_fraction must be a number strictly between 0 and 1"):
+            SplitPlan(val_fraction=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="split_seed must be"):
+            SplitPlan(split_seed=bad)
 
 
 def test_every_option_has_one_check_with_close_matches():
@@ -150,7 +156,8 @@ def test_manifest_validation():
 def test_digits_is_materialised_once(isolated_caches):
     m = from_digits()
     assert len(m) == 1797 and m.class_names == [str(i) for i in range(10)]
-    assert m.source == "digits" and "carved" in m.split_policy
+    assert m.source == "digits" and m.split_counts() == {"train": 1797}
+    assert m.with_plan().split_counts() == {"train": 1151, "val": 287, "test": 359}
     assert (isolated_caches / "featx" / "sources" / "digits-v1" / ".complete").exists()
     before = Path(m.paths[0]).stat().st_mtime_ns
     assert from_digits().fingerprint() == m.fingerprint()
@@ -193,7 +200,9 @@ def test_torchvision_source_offline(monkeypatch, isolated_caches):
 def test_hymenoptera_manifest():
     m = load_source(SHARED_DATA / "hymenoptera")
     assert m.class_names == ["ants", "bees"]
-    assert m.split_counts() == {"train": 245, "test": 153}
+    assert m.split_counts() == {"train": 245, "val": 153}
+    planned = m.with_plan()  # the folders' val is the test split; val is carved from train
+    assert planned.split_counts() == {"train": 196, "val": 49, "test": 153}
 
 
 def test_mixed_split_and_class_folders_are_refused(tmp_path):

@@ -181,7 +181,7 @@ def test_content_fingerprint_warns_of_byte_identical_files_across_splits(tmp_pat
     (record,) = caplog.records
     assert "img/0.png (train)" in record.getMessage() and "img/copy.png (test)" in record.getMessage()
     assert "byte-identical" in record.getMessage()
-    assert content_fp.startswith("content:") and stat_fp.startswith("stat:")
+    assert content_fp.startswith("images-content:") and stat_fp.startswith("images-stat:")
     caplog.clear()
     (tmp_path / "m2.csv").write_text("path,label,split\nimg/0.png,a,train\nimg/copy.png,a,train\nimg/1.png,b,test\n")
     with caplog.at_level(logging.WARNING, logger="featx"):

@@ -20,6 +20,7 @@ from conftest import TINY, make_image
 import featx.store
 from featx._runtime.io import atomic_path
 from featx.data import from_folder
+from featx.data.splits import SplitPlan
 from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.extract import extract
 from featx.spec import ExtractionSpec, Preprocessing, cache_key
@@ -88,22 +89,26 @@ def test_spec_round_trips_and_refuses_unknown_fields():
         ExtractionSpec.from_dict({**spec.to_dict(), "future_field": 1})
 
 
-def test_manifest_fingerprint_tracks_images_labels_and_splits(image_folder):
+def test_images_fingerprint_tracks_the_images_and_the_labels_fingerprint_the_rest(image_folder):
     m = from_folder(image_folder)
-    base = m.fingerprint("stat")
-    assert m.fingerprint("stat") == base
-    content = m.fingerprint("content")
+    base = m.images_fingerprint("stat")
+    assert m.images_fingerprint("stat") == base
+    content = m.images_fingerprint("content")
     # Same bytes, new mtime: the stat fingerprint changes, the content one does not.
     st = os.stat(m.paths[0])
     os.utime(m.paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert m.fingerprint("stat") != base
-    assert m.fingerprint("content") == content
+    assert m.images_fingerprint("stat") != base
+    assert m.images_fingerprint("content") == content
     make_image(Path(m.paths[0]), seed=999)
-    assert m.fingerprint("content") != content
+    assert m.images_fingerprint("content") != content
+    content = m.images_fingerprint("content")
+    # Labels and splits are not what the features depend on: they change the labels layer only.
     relabeled = dataclasses.replace(m, labels=m.labels[::-1].copy())
-    assert relabeled.fingerprint("content") != m.fingerprint("content")
-    resplit = dataclasses.replace(m, splits=["test" if s == "train" else "train" for s in m.splits])
-    assert resplit.fingerprint("content") != m.fingerprint("content")
+    resplit = m.with_plan(SplitPlan(split_seed=5))
+    for other in (relabeled, resplit):
+        assert other.images_fingerprint("content") == content
+        assert other.labels_fingerprint() != m.labels_fingerprint()
+        assert other.fingerprint("content") != m.fingerprint("content")
 
 
 # ----------------------------------------------------------------------------- reuse and refusal
@@ -163,7 +168,7 @@ def test_changed_images_never_reuse_the_store(image_folder, tmp_path):
     out = tmp_path / "s.h5"
     extract(image_folder, TINY, out=out, workers=0, progress=False)
     make_image(image_folder / "cat" / "00.png", seed=4242)
-    with pytest.raises(SpecMismatchError, match="manifest fingerprint"):
+    with pytest.raises(SpecMismatchError, match="the images"):
         extract(image_folder, TINY, out=out, workers=0, progress=False)
     make_image(image_folder / "cat" / "new.png", seed=4243)
     with pytest.raises(SpecMismatchError):
@@ -182,16 +187,17 @@ def test_reader_gives_aligned_splits_chunks_and_provenance(split_folder, tmp_pat
     extract(split_folder, TINY, out=out, layers=["penultimate", "blocks.1"], workers=0, progress=False)
     with featx.store.open(out) as store:
         assert store.class_names == ["ants", "bees"]
-        assert store.splits == {"train": 10, "test": 4}
-        assert store.attrs["split_policy"].startswith("source has no test split")
+        assert store.splits == {"train": 8, "val": 2, "test": 4}
+        assert store.source_splits == {"train": 10, "val": 4}
+        assert store.split_policy.startswith("the source's val split is the test split; val carved from train")
         X = store.features(split="train")
-        assert X.shape == (10, store.feature_dims()["penultimate"]) and X.dtype == np.float32
+        assert X.shape == (8, store.feature_dims()["penultimate"]) and X.dtype == np.float32
         assert store.features("blocks.1", split="test").shape[0] == 4
         ids = store.ids("test")
         assert all(i.startswith("val/") for i in ids)
         assert list(store.labels("test")) == [0, 0, 1, 1]
         chunks = list(store.iter_chunks(split="train", chunk_size=3))
-        assert [len(c[0]) for c in chunks] == [3, 3, 3, 1]
+        assert [len(c[0]) for c in chunks] == [3, 3, 2]
         np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), X)
         np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), store.labels("train"))
         info = store.info()

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx._runtime.io import atomic_write
+from featx.data.splits import SplitPlan
 from featx.exceptions import SpecMismatchError
 from featx.spec import canonical_json, spec_differences, with_defaults
 from featx.store.reader import FeatureStore
@@ -52,6 +53,17 @@ class TrainedModel:
     def layer(self) -> str:
         """The store layer the model was trained on."""
         return self.meta["layer"]
+
+    @property
+    def split_plan(self) -> SplitPlan | None:
+        """The split plan it was trained under; ``None`` for a model saved before featx recorded it."""
+        plan = self.meta.get("split_plan")
+        return SplitPlan.from_dict(plan) if plan is not None else None
+
+    @property
+    def split_hashes(self) -> dict[str, str] | None:
+        """One hash per split of the images it was trained (``train``), selected (``val``) and tested on."""
+        return self.meta.get("split_hashes")
 
     def scores(self, X: np.ndarray) -> np.ndarray | None:
         """Class scores: probabilities when the estimator has them, else decision values."""

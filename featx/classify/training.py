@@ -1,10 +1,12 @@
 """g on cached f(x): scikit-learn classifiers trained on a feature store, searched, evaluated and saved safely.
 
 The protocol follows the linear-evaluation literature (VISSL's LinearSVC sweep; Kornblith et al. 2019's
-logistic regression on fixed features): the regularisation strength is chosen on the training data only —
-on the store's validation split when it has one, else by stratified k-fold cross-validation — over a log
-grid, in parallel, with warm starts along the grid where the solver allows; the model is then refit on
-train (+ val) and scored once on the test split.
+logistic regression on fixed features) and featx's comparison protocol (:data:`SELECTION_RULE`): the store's
+split plan gives every row the same train, val and test images; the regularisation strength is chosen on val
+(by stratified k-fold cross-validation on train only when there is no val split) over a log grid, in parallel,
+with warm starts along the grid where the solver allows; the final model is fit on train with the chosen value
+and scored once on the test split. Fine-tuning follows the same rule, so every row of a comparison trains on
+the same images and selects on the same images.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from featx.classify.config import ClassifierConfig
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, _fit_quietly, _folds, fit_converged, search
+from featx.data.splits import SELECTION_RULE, SplitPlan
 from featx.exceptions import SpecMismatchError, unknown
 from featx.metrics import evaluate, predictions
 from featx.results import (
     SCHEMA,
     ClassifierResults,
     ClassifierSettings,
+    SplitInfo,
     StoreInfo,
     TestMetrics,
     TrainSummary,
@@ -40,12 +44,14 @@ from featx.store.reader import FeatureStore
 
 __all__ = [
     "ONE_SHOT_VALUE",
+    "SELECTION_RULE",
     "Fitted",
     "check_shots",
     "evaluate_model",
     "few_shot_curve",
     "fit_in_memory",
     "shot_rows",
+    "split_info",
     "train",
 ]
 
@@ -96,6 +102,7 @@ def train(
     store: FeatureStore | str | Path,
     config: ClassifierConfig = ClassifierConfig(),
     *,
+    plan: SplitPlan | None = None,
     n_jobs: int = -1,
     out_dir: str | Path | None = None,
     shots: Sequence[int | str] | None = None,
@@ -109,6 +116,9 @@ def train(
     ----------
     store : FeatureStore or path
     config : ClassifierConfig
+    plan : SplitPlan, optional
+        The split plan to open a store path with (the default plan when ``None``); an open
+        :class:`FeatureStore` brings its own, and a different ``plan`` beside it is refused.
     n_jobs : int, default=-1
         Parallel jobs for the search (-1: all cores).
     out_dir : str or Path, optional
@@ -138,7 +148,11 @@ def train(
 
     with dask_scheduler(scheduler):  # connect first: a bad address fails before the store is read
         owns = not isinstance(store, FeatureStore)
-        fs = FeatureStore(store) if owns else store
+        if not owns and plan is not None and plan != store.plan:
+            raise ValueError(
+                f"{store.path} is open under the split plan {store.plan}, not {plan}: open it with that plan"
+            )
+        fs = FeatureStore(store, plan) if owns else store
         try:
             layer = _check_layer(fs, config.layer)
             preprocess = config.steps(preset)
@@ -230,10 +244,11 @@ def fit_in_memory(
         value = search_result.best
         log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
     pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
+    fit = splits == "train"  # SELECTION_RULE: the val rows choose, they are never fitted
     t0 = time.perf_counter()
-    convergence = _refit_converged(pipeline, X, y, preset)
+    convergence = _refit_converged(pipeline, X[fit], y[fit], preset)
     fit_seconds = time.perf_counter() - t0
-    trained_on = {"splits": sorted(set(splits.tolist())), "n": len(y)}
+    trained_on = {"splits": ["train"], "n": int(fit.sum()), "selected_on": "val" if (~fit).any() else "cv"}
     return Fitted(pipeline, value, search_result, fit_seconds, trained_on, convergence)
 
 
@@ -276,6 +291,8 @@ def _wrap_model(fs: FeatureStore, config: ClassifierConfig, preset: Preset, laye
         "store_spec": fs.spec.to_dict(),
         "store_key": fs.key,
         "manifest_fingerprint": fs.attrs.get("manifest_fingerprint"),
+        "split_plan": fs.plan.to_dict(),
+        "split_hashes": fs.split_hashes,
         "layer": layer,
         "class_names": fs.class_names,
         "classifier": {
@@ -312,9 +329,21 @@ def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted, n
         classifier=settings,
         search=fitted.search.to_dict() if fitted.search else None,
         train=TrainSummary(n=fitted.trained_on["n"], fit_seconds=round(fitted.fit_seconds, 4), **fitted.refit),
+        split=split_info(fs),
         test=test,
         versions=meta["versions"],
         created_at=meta["created_at"],
+    )
+
+
+def split_info(fs: FeatureStore) -> SplitInfo:
+    """The ``split`` section of a result on ``fs``: its plan, how the splits came about, their hashes and sizes."""
+    return SplitInfo(
+        plan=fs.plan.to_dict(),
+        policy=fs.split_policy,
+        hashes=fs.split_hashes,
+        sizes={s: n for s, n in fs.splits.items() if s != "unlabeled"},
+        rule=SELECTION_RULE,
     )
 
 
@@ -354,7 +383,6 @@ def _train_out_of_core(
     params = dict(config.params)
     epochs = int(params.pop("epochs", 10))
     (train_rows, y_train), (val_rows, y_val) = _labelled_store_rows(fs)
-    all_rows = np.sort(np.concatenate([train_rows, val_rows]))
     classes = np.unique(np.concatenate([y_train, y_val]))
     if len(classes) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
@@ -415,12 +443,12 @@ def _train_out_of_core(
         value = grid[best]
         search_result = SearchResult(preset.param, scheme, value, curve, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    est, steps, _ = fit(value, all_rows)
+    est, steps, _ = fit(value, train_rows)  # SELECTION_RULE: the hold-out chose, it is never fitted
     fit_seconds = time.perf_counter() - t0
     pipeline = Pipeline([*zip(preprocess, steps, strict=True), ("clf", est)])
     trained_on = {
-        "splits": ["train", "val"] if len(val_rows) else ["train"],
-        "n": len(all_rows),
+        "splits": ["train"],
+        "n": len(train_rows),
         "epochs": epochs,
         "out_of_core": True,
     }
@@ -522,12 +550,13 @@ def few_shot_curve(
 
     At each k the hyper-parameter is chosen again inside the k-shot training set, by stratified CV with
     ``min(cv, k)`` folds; with one image per class it is the stated :data:`ONE_SHOT_VALUE` (k-NN: 1).
-    ``"all"`` is the full training set with ``value``, the model's own choice. Draws are nested: a draw's
+    ``"all"`` is the full train split with ``value``, the model's own choice. Draws are nested: a draw's
     k-shot rows contain its smaller k-shot rows (:func:`shot_rows`).
     """
     from scipy import stats
 
-    X, y, _ = _labelled_rows(store, layer)
+    X, y, splits = _labelled_rows(store, layer)
+    X, y = X[splits == "train"], y[splits == "train"]  # SELECTION_RULE: val images are never fitted
     Xt, yt = store.features(layer, split="test", dtype=np.float32), store.labels("test")
     curve = []
     for k, row_sets in shot_rows(y, shots, draws, config.seed).items():

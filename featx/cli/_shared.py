@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from typing import Any, NoReturn
 
 import click
 
+from featx.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SplitPlan
 from featx.spec import OPTIONS
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "print_metrics",
     "refuse_too_many_failures",
     "reported",
+    "split_plan_options",
     "trust_option",
 ]
 
@@ -155,3 +158,46 @@ def print_metrics(test: dict[str, Any]) -> None:
         f"[95% CI {lo:.4f}–{hi:.4f}], balanced {test['balanced_accuracy']:.4f}, "
         f"macro F1 {test['macro_f1']:.4f}{top5}"
     )
+
+
+def split_plan_options() -> Decorator:
+    """``--split-seed``, ``--val-fraction`` and ``--test-fraction``, handed to the command as one ``plan``
+    (a :class:`~featx.data.splits.SplitPlan`)."""
+    fraction = click.FloatRange(0, 1, min_open=True, max_open=True)
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def with_plan(*args: Any, split_seed: int, val_fraction: float, test_fraction: float, **kwargs: Any) -> Any:
+            plan = SplitPlan(split_seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
+            return command(*args, plan=plan, **kwargs)
+
+        for option in reversed(
+            (
+                click.option(
+                    "--split-seed",
+                    type=click.IntRange(min=0),
+                    default=DEFAULT_SPLIT_SEED,
+                    show_default=True,
+                    help="Seed of the carved splits (separate from the training seed): the same seed, the same images.",
+                ),
+                click.option(
+                    "--val-fraction",
+                    type=fraction,
+                    default=DEFAULT_VAL_FRACTION,
+                    show_default=True,
+                    help="Share of each class of train carved off as val (where hyper-parameters are chosen) when "
+                    "the source has no val split.",
+                ),
+                click.option(
+                    "--test-fraction",
+                    type=fraction,
+                    default=DEFAULT_TEST_FRACTION,
+                    show_default=True,
+                    help="Share of each class carved off as test when the source has neither test nor val.",
+                ),
+            )
+        ):
+            with_plan = option(with_plan)
+        return with_plan
+
+    return decorate

@@ -15,6 +15,7 @@ from featx.cli._shared import (
     name_values,
     print_metrics,
     reported,
+    split_plan_options,
     trust_option,
 )
 
@@ -135,6 +136,7 @@ def _hyper_value(preset: Any, given: dict[str, Any]) -> Any:
     metavar="ADDRESS",
     help="Run the search's folds on the Dask scheduler at ADDRESS (tcp://HOST:8786); needs featx[dask].",
 )
+@split_plan_options()
 @click.option("--shots", default=None, callback=_shots, help="Learning curve: images per class, e.g. 1,2,5,10,all.")
 @click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, help="Seeded draws per shot count.")
 @click.option(
@@ -146,9 +148,27 @@ def _hyper_value(preset: Any, given: dict[str, Any]) -> Any:
     help="Folder for model.skops and results.json.",
 )
 def train(
-    store, classifier, C, alpha, neighbors, grid, preprocess, params, jobs, scheduler, shots, draws, out_dir, **settings
+    store,
+    classifier,
+    C,
+    alpha,
+    neighbors,
+    grid,
+    preprocess,
+    params,
+    jobs,
+    scheduler,
+    shots,
+    draws,
+    out_dir,
+    plan,
+    **settings,
 ) -> None:
-    """Train a classifier on the features in STORE, choosing its hyper-parameter on the training data only."""
+    """Train a classifier on the features in STORE: fit on train, its hyper-parameter chosen on val.
+
+    The splits are STORE's split plan (--split-seed, --val-fraction, --test-fraction): the same plan gives a
+    fine-tune (`featx finetune`) the same train, val and test images.
+    """
     from featx.classify.config import ClassifierConfig
     from featx.classify.presets import get_preset, parse_preprocess
     from featx.classify.training import train as run_train
@@ -164,7 +184,7 @@ def train(
         )
         config.validate()
         _, results = run_train(
-            store, config, n_jobs=jobs, out_dir=out_dir, shots=shots, draws=draws, scheduler=scheduler
+            store, config, plan=plan, n_jobs=jobs, out_dir=out_dir, shots=shots, draws=draws, scheduler=scheduler
         )
     _print_results(results)
     click.echo(f"wrote {out_dir}/model.skops and {out_dir}/results.json")
@@ -196,7 +216,8 @@ def _print_results(results) -> None:
 @trust_option(_TRUST_HELP)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON.")
 def evaluate(store, model_path, split, trust, out) -> None:
-    """Score a trained model on STORE's test split (refused if STORE's features were made differently)."""
+    """Score a trained model on STORE's test split under the model's split plan (refused if STORE's features
+    were made differently)."""
     from featx.classify.model import load_model
     from featx.classify.training import evaluate_model
     from featx.results import write_results
@@ -204,7 +225,7 @@ def evaluate(store, model_path, split, trust, out) -> None:
 
     with reported():
         model = load_model(model_path, trust=trust)
-        with FeatureStore(store) as fs:
+        with FeatureStore(store, model.split_plan) as fs:  # the splits the model was trained under
             metrics = evaluate_model(model, fs, split=split)
         if out:
             write_results(out, metrics)

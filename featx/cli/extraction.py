@@ -16,11 +16,21 @@ from featx.cli._shared import (
     print_failures,
     refuse_too_many_failures,
     reported,
+    split_plan_options,
 )
-from featx.data.splits import DEFAULT_TEST_FRACTION
 from featx.spec import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
 
 __all__ = ["backbones", "extract", "info", "join"]
+
+
+def _moved_to_the_split_plan(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Refuse the options that carved splits at extraction: a store holds the images only now."""
+    if value is not None:
+        raise click.UsageError(
+            f"{param.opts[0]} no longer applies to extraction: a store is keyed by its images alone, and the "
+            "splits are a plan applied when it is read. Drop it here and pass --split-seed / --val-fraction / "
+            "--test-fraction to `featx train`, `featx finetune` or `featx info`."
+        )
 
 
 def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
@@ -67,14 +77,8 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 )
 @max_failures_option("Failed images tolerated before the exit code is 3: a count, a percentage like 1%, or inf.")
 @choice_option("fingerprint", help="How images enter the cache key: path/size/mtime, or content hashes.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the carved test split, if one is needed.")
-@click.option(
-    "--test-fraction",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=DEFAULT_TEST_FRACTION,
-    show_default=True,
-    help="Share of each class carved off as the test split when the source has none.",
-)
+@click.option("--seed", hidden=True, expose_value=False, callback=_moved_to_the_split_plan)
+@click.option("--test-fraction", hidden=True, expose_value=False, callback=_moved_to_the_split_plan)
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),
@@ -225,11 +229,13 @@ def join(store, count, keep_shards, overwrite, max_failures) -> None:
 @click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the provenance as JSON.")
 @click.option("--failures", "show_failures", is_flag=True, help="List every failed image with its reason.")
-def info(store, as_json, show_failures) -> None:
-    """Show how STORE was made: backbone, weights, layers, preprocessing, images, versions."""
+@split_plan_options()
+def info(store, as_json, show_failures, plan) -> None:
+    """Show how STORE was made: backbone, weights, layers, preprocessing, images, versions; and its splits
+    under a split plan."""
     from featx.store.reader import FeatureStore
 
-    with reported(), FeatureStore(store) as fs:
+    with reported(), FeatureStore(store, plan) as fs:
         data = fs.info()
         failures = fs.failures
     if as_json:
@@ -259,6 +265,7 @@ def _info_lines(data: dict[str, Any]) -> list[str]:
         f"{data['classes']} classes; {data['failures']} failed",
         f"source      {data['manifest']['source']}",
         f"splits      {data['manifest']['split_policy']}",
+        f"split ids   {', '.join(f'{k} {v}' for k, v in data['manifest']['split_hashes'].items())}",
         f"fingerprint {data['manifest']['fingerprint']}",
     ]
     stats = data["stats"]

@@ -13,6 +13,7 @@ from featx.cli._shared import (
     no_progress_option,
     print_metrics,
     reported,
+    split_plan_options,
 )
 from featx.finetune.config import DEFAULT_PHASES
 from featx.spec import DEFAULT_BACKBONE
@@ -77,13 +78,6 @@ def _crop_scale(text: str) -> tuple[float, float]:
 @click.option("--patience", type=click.IntRange(min=1), default=None, help="End a phase after N epochs without gain.")
 @click.option("--metric", type=click.Choice(["val_accuracy", "val_loss"]), default="val_accuracy", show_default=True)
 @click.option(
-    "--val-fraction",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.1,
-    show_default=True,
-    help="Share of train used for validation when the source has no val split.",
-)
-@click.option(
     "--crop-scale",
     default="0.25,1.0",
     show_default=True,
@@ -97,7 +91,10 @@ def _crop_scale(text: str) -> tuple[float, float]:
 @device_option()
 @choice_option("amp")
 @click.option("--workers", type=click.IntRange(min=0), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Training seed (head init, batches, augmentation)."
+)
+@split_plan_options()
 @click.option("--overwrite", is_flag=True, help="Start afresh if --out holds a run with other settings.")
 @no_progress_option(help=None)
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True)
@@ -115,9 +112,12 @@ def finetune(
     overwrite,
     no_progress,
     out_dir,
+    plan,
     **settings,
 ) -> None:
-    """Fine-tune a backbone on SOURCE in phases; resumable; tested on the same split as `featx train`.
+    """Fine-tune a backbone on SOURCE in phases; resumable. It trains on train, chooses its epoch on val and
+    is tested once on test, the splits of the split plan: the same plan as `featx train` gives both the same
+    images.
 
     \b
     On several GPUs or nodes, launch it with torchrun (DistributedDataParallel; --batch-size is global):
@@ -148,6 +148,7 @@ def finetune(
             workers=workers,
             overwrite=overwrite,
             progress=not no_progress,
+            plan=plan,
         )
     if env_rank() != 0:
         return

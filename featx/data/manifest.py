@@ -11,14 +11,16 @@ import os
 import re
 import stat
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from featx.data.splits import SplitPlan
 from featx.exceptions import UnknownNameError
 from featx.spec import DEFAULT_FINGERPRINT, FINGERPRINT_MODES, canonical_json, check_option
 
-__all__ = ["FINGERPRINT_MODES", "IMAGE_EXTENSIONS", "SPLITS", "Manifest"]
+__all__ = ["FINGERPRINT_MODES", "IMAGE_EXTENSIONS", "SPLITS", "Manifest", "labels_fingerprint", "stat_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class Manifest:
     source : str
         What the manifest was built from, e.g. ``folder:/data/hymenoptera``.
     split_policy : str
-        How the test split came about (from the source, its val split, or carved with a seed).
+        How the splits came about: as the source gives them, or carved by a split plan (:meth:`with_plan`).
     """
 
     ids: list[str]
@@ -74,7 +76,7 @@ class Manifest:
     splits: list[str]
     class_names: list[str]
     source: str
-    split_policy: str = "from source"
+    split_policy: str = "as the source gives them"
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -100,8 +102,20 @@ class Manifest:
         counts = Counter(self.splits)
         return {s: counts[s] for s in SPLITS if counts[s]}
 
-    def fingerprint(self, mode: str = DEFAULT_FINGERPRINT) -> str:
-        """A hash of what the features depend on: ids, labels, splits, class names and the files.
+    def with_plan(self, plan: SplitPlan | None = None) -> Manifest:
+        """This manifest with its splits carved by ``plan`` (the default plan for ``None``).
+
+        The source's splits are respected (see :mod:`featx.data.splits`); ``split_policy`` says what was done.
+        """
+        plan = plan or SplitPlan()
+        splits, policy = plan.assign(self.ids, self.labels, self.splits)
+        return replace(self, splits=splits.tolist(), split_policy=policy)
+
+    def images_fingerprint(self, mode: str = DEFAULT_FINGERPRINT) -> str:
+        """A hash of what the features depend on: the ids and the image files, nothing else.
+
+        Labels, class names and splits are left out, so relabelling a CSV or a new split plan keeps a feature
+        store's cache key.
 
         Parameters
         ----------
@@ -111,17 +125,23 @@ class Manifest:
             that sit in more than one split.
         """
         check_option("fingerprint", mode)
-        digest = hashlib.sha256()
-        digest.update(canonical_json({"classes": self.class_names, "mode": mode}).encode())
-        by_content: dict[str, list[int]] = defaultdict(list)
-        rows = zip(self.ids, self.paths, self.labels.tolist(), self.splits, strict=True)
-        for i, (row_id, path, label, split) in enumerate(rows):
-            signature = _file_signature(path, mode)
-            digest.update(canonical_json([row_id, label, split, signature]).encode())
-            if mode == "content" and split != "unlabeled" and len(signature) == 1 and len(signature[0]) == 64:
-                by_content[signature[0]].append(i)
-        self._warn_of_copies_across_splits(by_content)
-        return f"{mode}:{digest.hexdigest()}"
+        signatures = [_file_signature(path, mode) for path in self.paths]
+        if mode == "content":
+            by_content: dict[str, list[int]] = defaultdict(list)
+            for i, signature in enumerate(signatures):
+                if self.splits[i] != "unlabeled" and len(signature) == 1 and len(signature[0]) == 64:
+                    by_content[signature[0]].append(i)
+            self._warn_of_copies_across_splits(by_content)
+        return _images_digest(mode, self.ids, signatures)
+
+    def labels_fingerprint(self) -> str:
+        """A hash of the labels layer: ids, labels, splits and class names (the images themselves left out)."""
+        return labels_fingerprint(self.ids, self.labels, self.splits, self.class_names)
+
+    def fingerprint(self, mode: str = DEFAULT_FINGERPRINT) -> str:
+        """A hash of the images and of the labels layer together: two manifests that agree on it hold the
+        same images with the same labels and splits (fine-tuning's ranks check it)."""
+        return f"{self.images_fingerprint(mode)}+{self.labels_fingerprint()}"
 
     def _warn_of_copies_across_splits(self, by_content: dict[str, list[int]]) -> None:
         """Log the byte-identical files that sit in more than one of train, val and test: the test set leaks."""
@@ -138,6 +158,39 @@ class Manifest:
                 shown,
                 more,
             )
+
+
+def _images_digest(mode: str, ids: Sequence[str], signatures: Sequence[list]) -> str:
+    digest = hashlib.sha256()
+    digest.update(canonical_json({"images": len(ids), "mode": mode}).encode())
+    for row_id, signature in zip(ids, signatures, strict=True):
+        digest.update(canonical_json([row_id, signature]).encode())
+    return f"images-{mode}:{digest.hexdigest()}"
+
+
+def labels_fingerprint(
+    ids: Sequence[str], labels: Sequence[int] | np.ndarray, splits: Sequence[str], class_names: Sequence[str]
+) -> str:
+    """:meth:`Manifest.labels_fingerprint` from the columns themselves (a joined store computes its own)."""
+    payload = {
+        "classes": list(class_names),
+        "ids": list(ids),
+        "labels": [int(v) for v in labels],
+        "splits": list(splits),
+    }
+    return "labels:" + hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def stat_fingerprint(ids: Sequence[str], paths: Sequence[str], sizes: np.ndarray, mtimes_ns: np.ndarray) -> str:
+    """:meth:`Manifest.images_fingerprint` in ``stat`` mode, from recorded file sizes and times (-1: missing).
+
+    A feature store records these per row, so a store can be matched to a manifest without either's key.
+    """
+    signatures = [
+        [path, "missing"] if int(size) < 0 else [path, int(size), int(mtime)]
+        for path, size, mtime in zip(paths, sizes, mtimes_ns, strict=True)
+    ]
+    return _images_digest("stat", ids, signatures)
 
 
 def _file_signature(path: str, mode: str) -> list:

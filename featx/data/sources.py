@@ -9,9 +9,9 @@ Sources
 - ``torchvision:NAME``: a torchvision dataset (downloaded on machines with internet, then written as PNGs);
 - a ``.tar``/``.tar.gz``/``.zip`` archive of an image folder (unpacked once into the cache).
 
-Every labeled manifest has a test split. When the source brings none, its ``val`` split becomes the
-held-out test split; with no ``val`` either, a seeded, stratified share of the training images is
-carved off. What was done is recorded in :attr:`Manifest.split_policy`.
+A manifest keeps the splits its source gives (``train`` when it gives none). The test and val splits a source
+lacks are carved later, by a :class:`featx.data.splits.SplitPlan` (:meth:`Manifest.with_plan`), so that the
+features, which depend on the images only, never depend on how the images are split.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import numpy as np
 from featx._runtime.env import cache_dir
 from featx.data.archives import ArchiveLimits, unpack
 from featx.data.manifest import _SOURCE_HINT, _SPLIT_ALIASES, IMAGE_EXTENSIONS, Manifest, _natural_key
-from featx.data.splits import DEFAULT_TEST_FRACTION, ensure_test_split
 from featx.exceptions import UnknownNameError, unknown
 
 __all__ = [
@@ -61,11 +60,9 @@ def _finish(
     label_names: list[str | None],
     splits: list[str],
     source: str,
-    seed: int,
-    test_fraction: float,
     class_names: Sequence[str] | None = None,
 ) -> Manifest:
-    """Turn string labels into indices, give labeled rows a test split, and build the manifest."""
+    """Turn string labels into indices and build the manifest (its splits as the source gave them)."""
     names = (
         list(class_names)
         if class_names is not None
@@ -74,7 +71,6 @@ def _finish(
     index = {n: i for i, n in enumerate(names)}
     labels = np.array([index[n] if n is not None else -1 for n in label_names], dtype=np.int64)
     splits = ["unlabeled" if lab < 0 else s for lab, s in zip(labels, splits, strict=True)]
-    splits, policy = ensure_test_split(labels, splits, seed, test_fraction)
     order = sorted(range(len(ids)), key=lambda i: _natural_key(ids[i]))
     return Manifest(
         ids=[ids[i] for i in order],
@@ -83,7 +79,6 @@ def _finish(
         splits=[splits[i] for i in order],
         class_names=names,
         source=source,
-        split_policy=policy,
     )
 
 
@@ -120,7 +115,7 @@ def _refuse_repeated_files(
 
 
 # ------------------------------------------------------------------------------------------- sources
-def from_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+def from_folder(root: str | Path) -> Manifest:
     """An image folder: ``root/<class>/<image>`` or ``root/<split>/<class>/<image>``.
 
     Split folders are ``train``, ``val`` (or ``valid``/``validation``) and ``test``. Files whose
@@ -173,10 +168,10 @@ def from_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
         if train_classes and unseen:
             log.warning("classes with no training images in %s: %s", root, ", ".join(unseen))
     _refuse_repeated_files(f"image folder {root}", ids, keys, labels, splits)
-    return _finish(ids, paths, labels, splits, f"folder:{root}", seed, test_fraction)
+    return _finish(ids, paths, labels, splits, f"folder:{root}")
 
 
-def from_csv(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+def from_csv(path: str | Path) -> Manifest:
     """A CSV/TSV manifest with a header row naming ``path`` and ``label`` (and optionally ``split``).
 
     Paths are relative to the manifest's folder unless absolute; an empty label means unlabeled.
@@ -190,7 +185,7 @@ def from_csv(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from None
     _refuse_repeated_files(f"manifest {path}", ids, paths, labels, splits, [f"line {n}" for n in lines])
-    return _finish(ids, paths, labels, splits, f"csv:{path}", seed, test_fraction)
+    return _finish(ids, paths, labels, splits, f"csv:{path}")
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[str], list[str | None], list[str], list[int]]:
@@ -283,7 +278,7 @@ def _materialise(target: Path, write) -> None:
             raise
 
 
-def from_digits(*, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+def from_digits() -> Manifest:
     """scikit-learn's 1,797 8×8 handwritten digits, written once as greyscale PNGs into the cache.
 
     The 17 grey levels (0–16) are scaled to 0–255. The images ship with scikit-learn, so this source
@@ -303,7 +298,7 @@ def from_digits(*, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) 
             Image.fromarray(pixels, mode="L").save(out / f"{i:04d}.png")
 
     _materialise(target, write)
-    manifest = from_folder(target, seed=seed, test_fraction=test_fraction)
+    manifest = from_folder(target)
     manifest.source = "digits"
     return manifest
 
@@ -323,9 +318,7 @@ def _torchvision_split_kwargs(cls) -> list[tuple[str, dict]]:
     return [("train", {})]
 
 
-def from_torchvision(
-    name: str, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION, download: bool = True
-) -> Manifest:
+def from_torchvision(name: str, *, download: bool = True) -> Manifest:
     """A torchvision dataset by class name (``CIFAR10``, ``Flowers102``, ...), written once as PNGs.
 
     Downloads into ``<cache>/torchvision/NAME`` on machines with internet; the images are then
@@ -386,7 +379,7 @@ def from_torchvision(
         (folder / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
 
     _materialise(target, write)
-    manifest = from_csv(target / "manifest.csv", seed=seed, test_fraction=test_fraction)
+    manifest = from_csv(target / "manifest.csv")
     names = (target / "classes.txt").read_text(encoding="utf-8").splitlines()
     # Keep the dataset's own class order (labels = its targets), not the alphabetical one.
     remap = np.array([names.index(c) for c in manifest.class_names])
@@ -396,7 +389,7 @@ def from_torchvision(
     return manifest
 
 
-def from_archive(path: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+def from_archive(path: str | Path) -> Manifest:
     """A ``.tar``/``.tar.gz``/``.tgz``/``.zip`` of an image folder, unpacked once into the cache.
 
     The unpacked copy is keyed by the archive's name, size and modification time. Unpacking is bounded and
@@ -423,12 +416,12 @@ def from_archive(path: str | Path, *, seed: int = 0, test_fraction: float = DEFA
         if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in _SPLIT_ALIASES
         else target
     )
-    manifest = from_folder(root, seed=seed, test_fraction=test_fraction)
+    manifest = from_folder(root)
     manifest.source = f"archive:{path}"
     return manifest
 
 
-def load_source(source: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> Manifest:
+def load_source(source: str | Path) -> Manifest:
     """Build a manifest from any source featx understands (see the module docstring).
 
     Raises
@@ -440,18 +433,18 @@ def load_source(source: str | Path, *, seed: int = 0, test_fraction: float = DEF
     """
     text = str(source)
     if text == "digits":
-        return from_digits(seed=seed, test_fraction=test_fraction)
+        return from_digits()
     if text.startswith("torchvision:"):
-        return from_torchvision(text.split(":", 1)[1], seed=seed, test_fraction=test_fraction)
+        return from_torchvision(text.split(":", 1)[1])
     path = Path(text).expanduser()
     if path.is_dir():
-        return from_folder(path, seed=seed, test_fraction=test_fraction)
+        return from_folder(path)
     if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
-        return from_archive(path, seed=seed, test_fraction=test_fraction)
+        return from_archive(path)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv"):
-            return from_csv(path, seed=seed, test_fraction=test_fraction)
+            return from_csv(path)
         if suffix in (".txt", ".lst"):
             return _from_list_file(path)
         if suffix in IMAGE_EXTENSIONS:

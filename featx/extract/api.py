@@ -17,7 +17,6 @@ from featx.backbones.loading import load_backbone
 from featx.backbones.names import PENULTIMATE, BackboneName, resolve_backbone
 from featx.data.manifest import Manifest
 from featx.data.sources import load_source
-from featx.data.splits import DEFAULT_TEST_FRACTION, check_test_fraction
 from featx.exceptions import SpecMismatchError
 from featx.extract.engine import (
     ExtractionResult,
@@ -44,7 +43,7 @@ from featx.spec import (
     check_option,
 )
 from featx.store.format import read_key
-from featx.store.writer import check_replaceable
+from featx.store.writer import adopt_legacy_store, check_replaceable, update_labels
 
 __all__ = ["build_spec", "default_store_path", "extract"]
 
@@ -112,12 +111,10 @@ def _check_options(
     compile_mode: str,
     workers: int | None,
     max_pixels: int,
-    test_fraction: float,
 ) -> None:
     """Every option of :func:`extract` checked before any weight is loaded or image read."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    check_test_fraction(test_fraction)
     for name, value in (
         ("pool", pool),
         ("dtype", dtype),
@@ -169,7 +166,11 @@ def _run_job(job: _Job, env: TorchrunEnv | None, shard: Shard | None, dry_run: b
     """Do what the resolved job asks: a torchrun rank, a cache hit, the plan only, one shard, or the store."""
     if env is not None and not dry_run:
         return _extract_distributed(job, env)
+    if job.path.is_file() and read_key(job.path) not in (None, job.key):
+        adopt_legacy_store(job.path, job.key, job.spec, job.fingerprint)
     if read_key(job.path) == job.key:
+        if not dry_run:
+            update_labels(job.path, job.manifest)  # same images, perhaps new labels: a cheap rewrite, no extraction
         return _cached_result(job, job.path, job.key, job.manifest)
     if dry_run:  # the plan only: which store, and that it is not there yet
         return _result(job, job.path, job.key, len(job.manifest), cached=False, n_done=0, n_failed=0, dry_run=True)
@@ -195,8 +196,6 @@ def extract(
     max_failures: str | int | None = None,
     overwrite: bool = False,
     fingerprint: str = DEFAULT_FINGERPRINT,
-    seed: int = 0,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode: str = DEFAULT_DECODE,
     progress: bool = True,
@@ -210,7 +209,9 @@ def extract(
     """Embed every image of a source with a frozen backbone into an HDF5 feature store.
 
     Re-running with the same inputs is a cache hit that does no model work; an interrupted run
-    resumes from the batches already written. Every option is validated before any image is read.
+    resumes from the batches already written. Every option is validated before any image is read. The store
+    is keyed by the images and the spec only: the same images with new labels (a relabelled CSV) are a cache
+    hit whose labels are rewritten, and train / val / test are carved when the store is read (a split plan).
 
     Parameters
     ----------
@@ -243,8 +244,6 @@ def extract(
         Replace a store (or discard an interrupted job) made with another spec.
     fingerprint : {"stat", "content"}, default="stat"
         How the images enter the cache key: path/size/mtime, or content hashes.
-    seed, test_fraction :
-        For carving a test split when the source has none.
     max_pixels : int
         Images with more pixels are recorded as failures (decompression-bomb guard).
     decode : {"exact", "fast", "device"}, default="exact"
@@ -294,7 +293,6 @@ def extract(
         fingerprint=fingerprint,
         compile_mode=compile_mode,
         workers=workers,
-        test_fraction=test_fraction,
         **options,
     )
     limit = MaxFailures.parse(max_failures)
@@ -306,9 +304,9 @@ def extract(
     amp = resolve_amp(amp, dev)
     net, feature_model = _load_network(backbone, layers, pool, expect_weights_sha256)
     # Only now read the source: it may download a dataset or write thousands of PNG files.
-    manifest = source if isinstance(source, Manifest) else load_source(source, seed=seed, test_fraction=test_fraction)
+    manifest = source if isinstance(source, Manifest) else load_source(source)
     spec = build_spec(net, layers, amp=amp, **options)
-    fp = manifest.fingerprint(fingerprint)
+    fp = manifest.images_fingerprint(fingerprint)  # the images only: labels and splits are not in the key
     key = cache_key(spec, fp)
     job = _Job(
         manifest=manifest,

@@ -122,8 +122,6 @@ class FinetuneConfig:
     patience : int, optional
         End a phase after this many epochs without improving the monitored metric.
     metric : {"val_accuracy", "val_loss"}, default="val_accuracy"
-    val_fraction : float, default=0.1
-        Share of train carved off (seeded, stratified) for validation when the source has no val split.
     seed : int, default=0
     update_bn_stats : bool, default=False
         Let unfrozen BatchNorm layers update their running statistics. Off by default, as the Keras
@@ -144,7 +142,6 @@ class FinetuneConfig:
     crop_scale: tuple[float, float] = (0.25, 1.0)
     patience: int | None = None
     metric: str = "val_accuracy"
-    val_fraction: float = 0.1
     seed: int = 0
     update_bn_stats: bool = False
 
@@ -164,7 +161,6 @@ class FinetuneConfig:
             (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop scale must satisfy 0 < min <= max <= 1"),
             (self.patience is None or self.patience >= 1, "patience must be at least 1 epoch"),
             (self.metric in ("val_accuracy", "val_loss"), f"metric {self.metric!r}: use val_accuracy or val_loss"),
-            (0 < self.val_fraction < 1, "val fraction must be in (0, 1)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -112,17 +112,6 @@ def _readable(manifest: Manifest, rows: np.ndarray, max_pixels: int) -> tuple[np
     return np.array(ok, dtype=np.int64), bad
 
 
-def _carve_val(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels[rows]):
-        members = rows[labels[rows] == c]
-        if len(members) >= 2:
-            val += list(rng.permutation(members)[: max(1, round(fraction * len(members)))])
-    val_rows = np.array(sorted(val), dtype=np.int64)
-    return np.setdiff1d(rows, val_rows), val_rows
-
-
 def _readable_sharded(
     manifest: Manifest, rows: np.ndarray, max_pixels: int, world: _ddp.World
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:

@@ -99,18 +99,47 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _check_same_split(model_file: str | Path, probe: dict[str, str] | None, finetune: dict[str, str]) -> None:
+    """Refuse an LP-FT probe trained on other images than the fine-tune's train split (a leak, or another plan)."""
+    fix = (
+        "train the probe on a store of these images under the fine-tune's split plan (the same --split-seed, "
+        "--val-fraction and --test-fraction for `featx train` and `featx finetune`)"
+    )
+    if probe is None:
+        raise SpecMismatchError(
+            f"--init-head {model_file} records no split plan (it was trained by a featx before 0.x split plans), so "
+            f"it may have seen this fine-tune's val or test images; {fix}"
+        )
+    differ = [s for s in ("train", "val", "test") if probe.get(s) != finetune.get(s)]
+    if differ:
+        detail = "; ".join(f"{s}: probe {probe.get(s)}, fine-tune {finetune.get(s)}" for s in differ)
+        raise SpecMismatchError(
+            f"--init-head {model_file} was trained under another split plan: its {', '.join(differ)} image(s) differ "
+            f"from this fine-tune's ({detail}), so its head may already have fitted the fine-tune's val or test "
+            f"images; {fix}"
+        )
+
+
 def head_from_logreg(
-    model_file: str | Path, backbone: Backbone, class_names: Sequence[str], trust: bool = False
+    model_file: str | Path,
+    backbone: Backbone,
+    class_names: Sequence[str],
+    trust: bool = False,
+    split_hashes: dict[str, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights and bias of a linear head equal to a stage-2 logistic regression (LP-FT, Kumar et al. 2022).
 
     The logistic regression must be trained on this backbone's ``penultimate`` features with ``standard``
     or no preprocessing: standardisation is folded into the weights, so ``head(x)`` equals the regression's
-    decision function on the raw features exactly (up to float rounding).
+    decision function on the raw features exactly (up to float rounding). Given the fine-tune's
+    ``split_hashes``, the probe must have been trained under the same split plan: a probe that saw the
+    fine-tune's val or test images would leak them into its starting point.
     """
     from featx.classify.model import load_model
 
     trained = load_model(model_file, trust=trust)
+    if split_hashes is not None:
+        _check_same_split(model_file, trained.split_hashes, split_hashes)
     spec = trained.meta["store_spec"]
     if spec["backbone"] != backbone.name or spec["weights_sha256"] != backbone.weights_sha256:
         raise SpecMismatchError(

@@ -25,9 +25,10 @@ from featx.backbones.loading import load_backbone
 from featx.backbones.names import BackboneName
 from featx.data.manifest import Manifest
 from featx.data.sources import load_source
+from featx.data.splits import SplitPlan, split_hashes
 from featx.exceptions import UnknownNameError
 from featx.finetune.config import FinetuneConfig
-from featx.finetune.data import _carve_val, _EvalImages, _readable_sharded, _TrainImages
+from featx.finetune.data import _EvalImages, _readable_sharded, _TrainImages
 from featx.finetune.heads import _build_head, _Classifier, _set_module, block_names, head_from_logreg
 
 __all__ = ["build_model", "load_manifest", "prepare_rows"]
@@ -46,6 +47,8 @@ class _Rows:
     test: np.ndarray
     val_policy: str
     skipped: list[tuple[str, str]]
+    plan: SplitPlan
+    split_hashes: dict[str, str]
 
 
 @dataclass
@@ -58,12 +61,10 @@ class _Built:
     init_ref: str | None  # the LP-FT model file, resolved
 
 
-def load_manifest(source: str | Path | Manifest, config: FinetuneConfig, test_fraction: float) -> Manifest:
-    """The source's manifest (its test split carved with ``config.seed`` if it has none), refused when its
-    training split has fewer than two classes."""
-    manifest = (
-        source if isinstance(source, Manifest) else load_source(source, seed=config.seed, test_fraction=test_fraction)
-    )
+def load_manifest(source: str | Path | Manifest, plan: SplitPlan | None) -> Manifest:
+    """The source's manifest with the splits of ``plan`` (what the source lacks carved; a manifest that has
+    train, val and test keeps them), refused when its training split has fewer than two classes."""
+    manifest = (source if isinstance(source, Manifest) else load_source(source)).with_plan(plan)
     labelled_train = np.flatnonzero(np.array([s == "train" for s in manifest.splits]))
     if len(np.unique(manifest.labels[labelled_train])) < 2:
         raise ValueError(f"{manifest.source} has fewer than two classes in its training split; nothing to fine-tune")
@@ -97,7 +98,8 @@ def build_model(
     if init_head is not None:
         if config.hidden:
             raise ValueError("--init-head sets a linear head; it cannot be combined with an MLP head (--hidden)")
-        W, b = head_from_logreg(init_head, net, manifest.class_names, trust=trust)
+        hashes = split_hashes(manifest.ids, manifest.splits)
+        W, b = head_from_logreg(init_head, net, manifest.class_names, trust=trust, split_hashes=hashes)
         linear = head if isinstance(head, nn.Linear) else head[-1]
         with torch.no_grad():
             linear.weight.copy_(W)
@@ -109,9 +111,9 @@ def build_model(
     return _Built(net, blocks, head_name, init_ref)
 
 
-def prepare_rows(world: _ddp.World, manifest: Manifest, config: FinetuneConfig, max_pixels: int) -> _Rows:
-    """Train, val and test rows, each image decoded once (shared out over the ranks); unreadable ones are
-    skipped with a warning. Val is carved from train (seeded, stratified) when the source has none."""
+def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pixels: int) -> _Rows:
+    """Train, val and test rows of a planned manifest (:func:`load_manifest`), each image decoded once (shared
+    out over the ranks); unreadable ones are skipped with a warning."""
     fp = manifest.fingerprint()
     if len(set(_ddp.gather_objects(world, fp))) > 1:
         raise RuntimeError(
@@ -120,10 +122,12 @@ def prepare_rows(world: _ddp.World, manifest: Manifest, config: FinetuneConfig, 
         )
     splits = np.array(manifest.splits)
     train_rows, val_rows = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
-    val_policy = "from source"
     if not len(val_rows):
-        train_rows, val_rows = _carve_val(manifest.labels, train_rows, config.val_fraction, config.seed)
-        val_policy = f"carved from train: {config.val_fraction:g} per class, seed {config.seed}"
+        raise ValueError(
+            f"{manifest.source} has no val images to choose the epoch on (every class has a single training "
+            "image); add images"
+        )
+    val_policy = manifest.split_policy
     test_rows = np.flatnonzero(splits == "test")
     train_rows, bad_train = _readable_sharded(manifest, train_rows, max_pixels, world)
     val_rows, bad_val = _readable_sharded(manifest, val_rows, max_pixels, world)
@@ -132,7 +136,9 @@ def prepare_rows(world: _ddp.World, manifest: Manifest, config: FinetuneConfig, 
     if world.is_main:
         for image_id, reason in skipped:
             log.warning("skipping unreadable image %s: %s", image_id, reason)
-    return _Rows(manifest, fp, train_rows, val_rows, test_rows, val_policy, skipped)
+    return _Rows(
+        manifest, fp, train_rows, val_rows, test_rows, val_policy, skipped, plan, split_hashes(manifest.ids, splits)
+    )
 
 
 @dataclass

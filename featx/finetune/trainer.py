@@ -31,7 +31,7 @@ from featx._runtime.env import library_versions
 from featx._runtime.malloc import reuse_freed_memory
 from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
-from featx.data.splits import DEFAULT_TEST_FRACTION
+from featx.data.splits import SELECTION_RULE, SplitPlan
 from featx.exceptions import SpecMismatchError
 from featx.finetune.artifacts import CHECKPOINT, FINETUNE_META, WEIGHTS, _config_hash, _save_json
 from featx.finetune.config import FinetuneConfig
@@ -40,7 +40,7 @@ from featx.finetune.epochs import predict, train_phase
 from featx.finetune.heads import _family, _model_label
 from featx.finetune.prepare import _Run, build_model, load_manifest, prepare_rows
 from featx.finetune.state import RunState, read_checkpoint
-from featx.metrics import evaluate
+from featx.metrics import evaluate, predictions
 from featx.results import SCHEMA, FinetuneResults, TestMetrics, write_results
 from featx.spec import DEFAULT_MAX_PIXELS
 
@@ -63,7 +63,7 @@ def finetune(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
+    plan: SplitPlan | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FinetuneResults:
     """Fine-tune a backbone on a source's train split, validate each epoch, test the best epoch once.
@@ -85,8 +85,8 @@ def finetune(
     source : str, Path or Manifest
         An image folder, CSV/TSV manifest, ``.txt`` file list, ``digits`` or ``torchvision:NAME`` (see
         :func:`featx.data.sources.load_source`), or a manifest. Training uses its ``train`` rows, epochs are
-        chosen on its ``val`` rows (carved from train, per ``config.val_fraction``, when it has none) and
-        the best epoch is tested once on its ``test`` rows.
+        chosen on its ``val`` rows and the best epoch is tested once on its ``test`` rows (the splits of
+        ``plan``, which carves what the source lacks).
     backbone : str
         ``SOURCE:NAME[.TAG]`` or ``file:ARCH=PATH`` (see :mod:`featx.backbones`); the network must end in
         a linear classifier, which a new head replaces.
@@ -112,9 +112,9 @@ def finetune(
         Start afresh when ``out_dir`` holds a checkpoint of a run with other settings.
     progress : bool, default=True
         Show a progress bar (rank 0 only).
-    test_fraction : float, default=DEFAULT_TEST_FRACTION
-        Share of each class held out for testing when the source has no test split (seeded by
-        ``config.seed``); ignored for a manifest.
+    plan : SplitPlan, optional
+        How train / val / test are carved (the default plan when ``None``): the same plan as the classifiers'
+        (``featx train``) gives the same images.
     max_pixels : int, default=DEFAULT_MAX_PIXELS
         Images with more pixels are refused as unreadable (decompression-bomb guard) and skipped.
 
@@ -164,7 +164,7 @@ def finetune(
                 workers=workers,
                 overwrite=overwrite,
                 progress=progress,
-                test_fraction=test_fraction,
+                plan=plan,
                 max_pixels=max_pixels,
             )
     finally:
@@ -185,7 +185,7 @@ def _finetune(
     workers: int | None,
     overwrite: bool,
     progress: bool,
-    test_fraction: float,
+    plan: SplitPlan | None,
     max_pixels: int,
 ) -> FinetuneResults:
     """Check, prepare, restore, train every phase, test the best epoch, write the artifacts."""
@@ -194,9 +194,9 @@ def _finetune(
     t_start = time.perf_counter()
     amp = resolve_amp(amp, dev)
     name = resolve_backbone(backbone)
-    manifest = load_manifest(source, config, test_fraction)
+    manifest = load_manifest(source, plan)
     built = build_model(name, manifest, config, init_head=init_head, trust=trust)
-    rows = prepare_rows(world, manifest, config, max_pixels)
+    rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels)
     run_hash = _config_hash(config, built.net, rows.fingerprint, built.init_ref)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
     run = _Run.start(world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels)
@@ -254,9 +254,11 @@ def test_best(run: _Run) -> TestMetrics | None:
     t0 = time.perf_counter()
     scores, y_test, _ = predict(run, images)
     predict_seconds = time.perf_counter() - t0
-    metrics = evaluate(y_test, scores.argmax(1), manifest.class_names, scores=scores, seed=run.config.seed)
+    y_pred = scores.argmax(1)
+    metrics = evaluate(y_test, y_pred, manifest.class_names, scores=scores, seed=run.config.seed)
     metrics["predict_seconds"] = round(predict_seconds, 4)
     metrics["split"] = "test"
+    metrics["predictions"] = predictions([manifest.ids[r] for r in rows], y_test, y_pred, scores)
     return metrics
 
 
@@ -303,6 +305,13 @@ def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: f
         "source": rows.manifest.source,
         "split_policy": rows.manifest.split_policy,
         "val_policy": rows.val_policy,
+        "split": {
+            "plan": rows.plan.to_dict(),
+            "policy": rows.manifest.split_policy,
+            "hashes": rows.split_hashes,
+            "sizes": {"train": len(rows.train), "val": len(rows.val), "test": len(rows.test)},
+            "rule": SELECTION_RULE,
+        },
         "manifest_fingerprint": rows.fingerprint,
         "backbone": built.net.name,
         "finetune": {

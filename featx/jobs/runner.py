@@ -268,8 +268,6 @@ def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
         **options,  # layers, pool, dtype, tta, decode, batch_size
         device=job.device,
         workers=job.workers,
-        seed=job.seed,
-        test_fraction=ds.test_fraction,
         store_dir=job.out / "stores",
         max_failures="inf",
         progress=progress,
@@ -284,7 +282,7 @@ def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
 def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, Any] | None:
     """What a cell's results depend on (hashed into its cache key); None while its store is still to extract."""
     if task.kind == "classify":
-        from featx.store.format import read_key
+        from featx.store.format import read_key, read_labels_fingerprint
 
         store = by_id[task.depends[0]].store
         key = read_key(store) if store else None
@@ -296,6 +294,9 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         return {
             "kind": "classify",
             "store_key": key,
+            # The key covers the images only: the labels layer and the split plan are the cell's too.
+            "labels": read_labels_fingerprint(store),
+            "split_plan": task.dataset.plan.to_dict(),
             "config": config.to_dict(),
             # The preset's default preprocessing is not in the config: a changed default must re-run the cell.
             "preprocess_in_force": config.steps(config.validate()),
@@ -323,7 +324,14 @@ def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None
     from featx.classify.training import train
 
     config = classifier_config(task.classifier, job.seed, task.layer)
-    train(by_id[task.depends[0]].store, config, out_dir=out, shots=_shots(task), draws=task.classifier.draws)
+    train(
+        by_id[task.depends[0]].store,
+        config,
+        plan=task.dataset.plan,
+        out_dir=out,
+        shots=_shots(task),
+        draws=task.classifier.draws,
+    )
 
 
 def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, progress: bool) -> None:
@@ -340,7 +348,7 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
         workers=job.workers,
         overwrite=True,
         progress=progress,
-        test_fraction=task.dataset.test_fraction,
+        plan=task.dataset.plan,
     )
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featx.data.splits import DEFAULT_TEST_FRACTION
+from featx.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SplitPlan
 from featx.exceptions import JobError
 from featx.jobs.values import (
     CELL_SEPARATOR,
@@ -75,11 +75,22 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # ---------------------------------------------------------------------------------------------- schema
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A ``[[datasets]]`` table: an image source (see :func:`featx.data.load_source`) and its test split."""
+    """A ``[[datasets]]`` table: an image source (see :func:`featx.data.load_source`) and its split plan.
+
+    Every row of the dataset (each classifier cell, each fine-tune) uses the one plan: the same train, val and
+    test images. ``split_seed`` is the dataset's own, separate from the job's training ``seed``.
+    """
 
     name: str
     source: str
+    split_seed: int = DEFAULT_SPLIT_SEED
+    val_fraction: float = DEFAULT_VAL_FRACTION
     test_fraction: float = DEFAULT_TEST_FRACTION
+
+    @property
+    def plan(self) -> SplitPlan:
+        """The dataset's :class:`~featx.data.splits.SplitPlan`."""
+        return SplitPlan(split_seed=self.split_seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ Layout of a finished ``STORE.h5``::
     /done               [N] bool: the row holds features (False = the image failed)
     /failures/{rows,ids,reasons}
     attributes: featx_format, featx_format_version, complete, key, spec (canonical JSON),
-                manifest_fingerprint, manifest_source, split_policy, versions, created_at, stats
+                manifest_fingerprint (the images), labels_fingerprint, manifest_source, split_policy,
+                versions, created_at, stats
 
 Crash safety: while a job runs, each finished batch is written as one small ``.npz`` part into
 ``STORE.h5.partial/`` (temporary file, fsync, atomic rename). The HDF5 file is assembled from the parts
@@ -49,6 +50,7 @@ __all__ = [
     "partial_path",
     "partial_progress",
     "read_key",
+    "read_labels_fingerprint",
     "shards_path",
 ]
 
@@ -56,7 +58,9 @@ __all__ = [
 FORMAT_NAME = "featx.feature-store"
 
 
-FORMAT_VERSION = 1
+#: 2: the images fingerprint alone keys a store (labels and splits are a layer, `labels_fingerprint`), and
+#: the split column holds the source's splits, carved on reading by a split plan.
+FORMAT_VERSION = 2
 
 
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
@@ -86,6 +90,19 @@ def read_key(path: str | Path) -> str | None:
                 return None
             return str(f.attrs["key"])
     except (OSError, KeyError):
+        return None
+
+
+def read_labels_fingerprint(path: str | Path) -> str | None:
+    """The hash of a complete store's labels layer (ids, labels, source splits, class names), or ``None`` (no
+    complete store, or one written before featx recorded it)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("featx_format") != FORMAT_NAME or not f.attrs.get("complete", False):
+                return None
+            value = f.attrs.get("labels_fingerprint")
+            return None if value is None else str(value)
+    except OSError:
         return None
 
 

@@ -7,6 +7,7 @@ place only when complete. Sharded extraction (:mod:`featx.extract.sharded`) join
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -17,12 +18,17 @@ import h5py
 import numpy as np
 
 from featx._runtime.io import atomic_path
+from featx.data.manifest import labels_fingerprint
 from featx.exceptions import SpecMismatchError
 from featx.spec import canonical_json
-from featx.store.format import _create_layout, _finish_attrs, _text, _write_columns
+from featx.store.format import SPLIT_CODES, _create_layout, _finish_attrs, _text, _write_columns
 from featx.store.reader import FeatureStore
 
 __all__ = ["concatenate"]
+
+#: Attributes every shard of one store shares, and the joined store keeps (each shard's labels fingerprint
+#: covers its own rows: the joined store's is computed from the joined columns).
+_SAME_IN_EVERY_SHARD = ("spec", "manifest_fingerprint", "manifest_source", "split_policy")
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +78,12 @@ def concatenate(
         for part in parts:
             stores.append(FeatureStore(part))
         first = stores[0]
-        same = ("spec", "manifest_fingerprint", "manifest_source", "split_policy")
+        same = _SAME_IN_EVERY_SHARD
         for store in stores[1:]:
             diffs = [name for name in same if store.attrs.get(name) != first.attrs.get(name)]
             if store.class_names != first.class_names:
                 diffs.append("class_names")
-            if store._codes != first._codes:
+            if _file_codes(store) != _file_codes(first):
                 diffs.append("split codes")
             if store.feature_dims() != first.feature_dims():
                 diffs.append("feature sizes")
@@ -94,6 +100,11 @@ def concatenate(
         for store in stores:
             store.close()
     return target
+
+
+def _file_codes(store: FeatureStore) -> dict[str, int]:
+    """The split codes as written in the store's file (the source's splits, before any plan)."""
+    return json.loads(store._file["split"].attrs.get("codes", canonical_json(SPLIT_CODES)))
 
 
 def _join_into(
@@ -118,15 +129,17 @@ def _join_into(
                 for start in range(0, len(store), step):
                     stop = min(len(store), start + step)
                     out[offset + start : offset + stop] = src[start:stop]
+        ids, labels, codes = [_text(s) for s in column("ids")], column("labels"), column("split")
+        names = {code: name for name, code in _file_codes(first).items()}
         _write_columns(
             f,
-            ids=[_text(s) for s in column("ids")],
+            ids=ids,
             paths=[_text(s) for s in column("paths")],
-            labels=column("labels"),
+            labels=labels,
             file_size=column("file_size"),
             file_mtime_ns=column("file_mtime_ns"),
-            split=column("split"),
-            split_codes=first._codes,
+            split=codes,
+            split_codes=_file_codes(first),
             class_names=first.class_names,
             done=column("done"),
             fail_rows=np.concatenate(
@@ -139,10 +152,10 @@ def _join_into(
             f,
             {
                 "key": key,
-                **{
-                    name: first.attrs[name]
-                    for name in ("spec", "manifest_fingerprint", "manifest_source", "split_policy")
-                },
+                **{name: first.attrs[name] for name in _SAME_IN_EVERY_SHARD if name in first.attrs},
+                "labels_fingerprint": labels_fingerprint(
+                    ids, labels, [names[int(c)] for c in codes], first.class_names
+                ),
                 "stats": canonical_json(stats),
                 **attrs,
             },

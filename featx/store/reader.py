@@ -12,6 +12,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featx.data.splits import SplitPlan, split_hashes
 from featx.exceptions import IncompleteStoreError, unknown
 from featx.spec import ExtractionSpec, canonical_json
 from featx.store.format import (
@@ -31,12 +32,24 @@ __all__ = ["FeatureStore", "open_store"]
 class FeatureStore:
     """A complete feature store opened for reading (see :func:`open_store`).
 
-    Row selections (``split``) default to all rows that hold features; failed rows are left out
-    everywhere unless ``include_failed=True`` (their features are zeros).
+    The store holds the splits its source gave; the train / val / test splits every selection uses are those of
+    a :class:`~featx.data.splits.SplitPlan` applied on opening (``plan``; the default plan when ``None``), so a
+    new split seed or fraction never needs new features. Row selections (``split``) default to all rows that
+    hold features; failed rows are left out everywhere unless ``include_failed=True`` (their features are zeros).
+
+    Attributes
+    ----------
+    plan : SplitPlan
+        The split plan in force.
+    split_policy : str
+        How the splits came about, in words.
+    split_hashes : dict of str to str
+        One hash of the ids per split (:func:`featx.data.splits.split_hashes`).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, plan: SplitPlan | None = None) -> None:
         self.path = Path(path)
+        self.plan = plan or SplitPlan()
         if not self.path.is_file():
             raise _why_not_a_store(self.path)
         try:
@@ -70,11 +83,22 @@ class FeatureStore:
         self.layers: tuple[str, ...] = self.spec.layers
         self.class_names: list[str] = [s.decode() if isinstance(s, bytes) else s for s in self._file["class_names"][:]]
         self._labels = self._file["labels"][:]
-        self._split = self._file["split"][:]
         # Codes as written in the file, so a future reordering of SPLITS cannot misread old stores.
         codes = json.loads(self._file["split"].attrs.get("codes", canonical_json(SPLIT_CODES)))
-        self._codes: dict[str, int] = dict(sorted(codes.items(), key=lambda item: item[1]))
+        names = {code: name for name, code in codes.items()}
+        source_splits = [names[int(c)] for c in self._file["split"][:]]
+        self.source_splits: dict[str, int] = {s: source_splits.count(s) for s in SPLIT_CODES if s in source_splits}
+        ids = [_text(s) for s in self._file["ids"][:]]
+        assigned, self.split_policy = self.plan.assign(ids, self._labels, source_splits)
+        self.split_hashes: dict[str, str] = split_hashes(ids, assigned)
+        self._codes: dict[str, int] = dict(SPLIT_CODES)
+        self._split = np.array([SPLIT_CODES[s] for s in assigned], dtype=np.int8)
         self._done = self._file["done"][:]
+        if self.attrs.get("labels_fingerprint") == "":
+            raise IncompleteStoreError(
+                f"{self.path}: an update of its labels was interrupted; re-run the `featx extract` that made it "
+                "(its features are kept: only the labels are written again)"
+            )
 
     # -- context management
     def __enter__(self) -> FeatureStore:
@@ -104,7 +128,7 @@ class FeatureStore:
         }
 
     def rows(self, split: str | None = None, include_failed: bool = False) -> np.ndarray:
-        """Row indices of a split (all splits when ``None``)."""
+        """Row indices of a split under the plan (all splits when ``None``)."""
         mask = np.ones(len(self), dtype=bool) if include_failed else self._done.copy()
         if split is not None:
             if split not in self._codes:
@@ -190,7 +214,11 @@ class FeatureStore:
             "manifest": {
                 "source": self.attrs.get("manifest_source"),
                 "fingerprint": self.attrs.get("manifest_fingerprint"),
-                "split_policy": self.attrs.get("split_policy"),
+                "labels_fingerprint": self.attrs.get("labels_fingerprint"),
+                "source_splits": self.source_splits,
+                "split_plan": self.plan.to_dict(),
+                "split_policy": self.split_policy,
+                "split_hashes": self.split_hashes,
             },
             "failures": len(self.failures),
             "stats": json.loads(self.attrs.get("stats", "{}")),
@@ -243,8 +271,14 @@ def _why_not_a_store(path: Path) -> Exception:
     return FileNotFoundError(f"feature store {str(path)!r} does not exist")
 
 
-def open_store(path: str | Path) -> FeatureStore:
+def open_store(path: str | Path, plan: SplitPlan | None = None) -> FeatureStore:
     """Open a complete feature store for reading (also importable as ``featx.store.open``).
+
+    Parameters
+    ----------
+    path : str or Path
+    plan : SplitPlan, optional
+        The split plan its selections use (the default plan when ``None``).
 
     Raises
     ------
@@ -261,7 +295,7 @@ def open_store(path: str | Path) -> FeatureStore:
     >>> with open_store("digits.h5") as store:  # doctest: +SKIP
     ...     X, y = store.features(split="train"), store.labels(split="train")
     """
-    return FeatureStore(path)
+    return FeatureStore(path, plan)
 
 
 #: :func:`open_store` under the name users call it by (``featx.store.open``). Left out of ``__all__``, so that

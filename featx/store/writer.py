@@ -22,7 +22,7 @@ import numpy as np
 from featx._runtime.env import library_versions
 from featx._runtime.io import atomic_path, atomic_write
 from featx._runtime.lock import FileLock, LockHeld
-from featx.data.manifest import Manifest
+from featx.data.manifest import Manifest, stat_fingerprint
 from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.spec import ExtractionSpec, canonical_json, spec_differences
 from featx.store.format import (
@@ -30,13 +30,14 @@ from featx.store.format import (
     _create_layout,
     _file_stats,
     _finish_attrs,
+    _text,
     _write_columns,
     partial_path,
     read_key,
 )
 from featx.store.reader import FeatureStore
 
-__all__ = ["StoreWriter", "check_replaceable"]
+__all__ = ["StoreWriter", "adopt_legacy_store", "check_replaceable", "update_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,7 @@ class StoreWriter:
                     "key": self.key,
                     "spec": canonical_json(self.spec.to_dict()),
                     "manifest_fingerprint": self.manifest_fingerprint,
+                    "labels_fingerprint": m.labels_fingerprint(),
                     "manifest_source": m.source,
                     "split_policy": m.split_policy,
                     "versions": canonical_json(library_versions()),
@@ -344,7 +346,7 @@ def _mismatch_message(path: Path, spec: ExtractionSpec, fingerprint: str) -> str
         with FeatureStore(path) as old:
             diffs = spec_differences(old.spec.to_dict(), spec.to_dict())
             if old.attrs["manifest_fingerprint"] != fingerprint:
-                diffs.append("the images or their labels/splits (manifest fingerprint)")
+                diffs.append("the images (their ids, paths, sizes or modification times)")
         what = "; ".join(diffs) or "the extractor version"
         return (
             f"{path} already holds features made differently (differs in: {what}). featx never reuses a store "
@@ -354,3 +356,89 @@ def _mismatch_message(path: Path, spec: ExtractionSpec, fingerprint: str) -> str
         return (
             f"{path} exists and is not a complete featx store; pass --overwrite to replace it, or choose another --out"
         )
+
+
+# ------------------------------------------------------------------------------------- labels layer
+def update_labels(path: str | Path, manifest: Manifest) -> bool:
+    """Give a complete store the labels, source splits and class names of ``manifest`` (same images, same order).
+
+    The features depend on the images only, so a relabelled CSV (or a source whose class names changed)
+    rewrites these small columns in place instead of extracting again. The store's ``labels_fingerprint`` is
+    blanked first and set last, so an update cut short is detected on opening and redone by the next run.
+
+    Returns
+    -------
+    bool
+        Whether anything changed.
+
+    Raises
+    ------
+    SpecMismatchError
+        The store's ids differ from the manifest's (it holds other images).
+    """
+    path = Path(path)
+    wanted = manifest.labels_fingerprint()
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("labels_fingerprint") == wanted:
+            return False
+        ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][:]]
+    if ids != list(manifest.ids):
+        raise SpecMismatchError(f"{path} holds other images than {manifest.source}: its ids differ")
+    workdir = partial_path(path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(workdir / "lock")
+    try:
+        with h5py.File(path, "r+") as f:
+            f.attrs["labels_fingerprint"] = ""
+            f.flush()
+            for name in ("labels", "split", "class_names"):
+                del f[name]
+            strings = h5py.string_dtype(encoding="utf-8")
+            f.create_dataset("labels", data=manifest.labels.astype(np.int64))
+            split = f.create_dataset("split", data=np.array([SPLIT_CODES[s] for s in manifest.splits], dtype=np.int8))
+            split.attrs["codes"] = canonical_json(SPLIT_CODES)
+            f.create_dataset("class_names", data=np.array(list(manifest.class_names), dtype=object), dtype=strings)
+            f.attrs["split_policy"] = manifest.split_policy
+            f.attrs["manifest_source"] = manifest.source
+            f.flush()
+            f.attrs["labels_fingerprint"] = wanted
+    finally:
+        lock.release()
+        shutil.rmtree(workdir, ignore_errors=True)
+    log.info("%s: labels and splits updated from %s (features kept)", path, manifest.source)
+    return True
+
+
+def adopt_legacy_store(path: str | Path, key: str, spec: ExtractionSpec, images_fingerprint: str) -> bool:
+    """Re-key a store written before format 2 (its key also hashed labels and splits) when it holds these images.
+
+    Only ``stat`` fingerprints can be checked from the store's own columns (ids, paths, sizes and modification
+    times); a ``content``-fingerprinted old store is not adopted (its extraction must run again).
+
+    Returns
+    -------
+    bool
+        Whether the store was adopted under ``key``.
+    """
+    path = Path(path)
+    if not images_fingerprint.startswith("images-stat:"):
+        return False
+    try:
+        with FeatureStore(path) as old:
+            if int(old.attrs.get("featx_format_version", 0)) >= 2 or old.spec.to_dict() != spec.to_dict():
+                return False
+            if not str(old.attrs.get("manifest_fingerprint", "")).startswith("stat:"):
+                return False
+            columns = old._file
+            ids, paths = [_text(s) for s in columns["ids"][:]], [_text(s) for s in columns["paths"][:]]
+            recorded = stat_fingerprint(ids, paths, columns["file_size"][:], columns["file_mtime_ns"][:])
+    except Exception:
+        return False
+    if recorded != images_fingerprint:
+        return False
+    with h5py.File(path, "r+") as f:
+        f.attrs["manifest_fingerprint"] = images_fingerprint
+        f.attrs["featx_format_version"] = 2
+        f.attrs["key"] = key
+    log.info("%s: a store of an earlier featx, same spec and images: re-keyed, no extraction needed", path)
+    return True
