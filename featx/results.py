@@ -247,13 +247,14 @@ class FinetuneSettings(_FinetuneSettingsBase, total=False):
 
 
 class EpochRecord(TypedDict):
-    """One epoch of fine-tuning."""
+    """One epoch of fine-tuning; epoch 0 (phase 0, freeze ``"start"``) is the model before any update, on val
+    only (no training loss or rate). A diverged loss (NaN) is ``None``."""
 
     epoch: int
     phase: int
     freeze: str
-    train_loss: float
-    train_accuracy: float
+    train_loss: float | None
+    train_accuracy: float | None
     val_loss: float | None
     val_accuracy: float | None
     lr_head: float | None

@@ -122,7 +122,8 @@ def test_phase_transitions_change_rates_and_curves(folder, tmp_path):
         workers=0,
         progress=False,
     )
-    curves = results["curves"]
+    start, *curves = results["curves"]
+    assert (start["epoch"], start["freeze"], start["train_loss"]) == (0, "start", None)
     assert [c["freeze"] for c in curves] == ["head", "top2", "all"]
     assert curves[0]["lr_backbone"] is None
     for c, peak in zip(curves[1:], (1e-3, 1e-4), strict=True):
@@ -131,6 +132,26 @@ def test_phase_transitions_change_rates_and_curves(folder, tmp_path):
     assert results["test"]["n"] == 6 and set(results["test"]) >= {"accuracy", "accuracy_ci95", "macro_f1"}
     assert results["kind"] == "finetune" and results["method"].startswith("finetune[head→top2→all]")
     assert "carved from train" in results["val_policy"]
+
+
+def test_epoch_0_wins_when_training_only_hurts(folder, tmp_path):
+    """A rate that destroys the network: no epoch beats the start on val, so the start is what is kept."""
+    from featx.backbones.names import resolve_backbone
+    from featx.finetune.prepare import build_model, load_manifest
+
+    config = _config("head:1:1e3,all:1:1e3", metric="val_loss")
+    results = finetune(folder, TINY, config, tmp_path / "ft", workers=0, progress=False)
+    start, *trained = results["curves"]
+    assert start["epoch"] == 0 and [c["epoch"] for c in trained] == [1, 2]
+    assert all(c["val_loss"] is None or c["val_loss"] > start["val_loss"] for c in trained)  # worse, or diverged
+    assert results["best_epoch"] == 0
+    built = build_model(resolve_backbone(TINY), load_manifest(folder, None), config, init_head=None, trust=False)
+    saved = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    before = built.net.model.state_dict()
+    assert saved.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(saved[key], value), key
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["best_epoch"] == 0
 
 
 def test_schedule_warms_up_then_decays():
@@ -258,7 +279,7 @@ def test_resume_after_kill_gives_the_same_weights(folder, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert 2 <= len(state["curves"]) < 4
+    assert 2 <= len(state["curves"]) < 5  # epoch 0 and at least epoch 1, not all four
 
     runner = CliRunner()
     resumed = runner.invoke(main, [*args, "--out", str(out)], catch_exceptions=False)
@@ -315,7 +336,7 @@ def test_a_checkpoint_in_the_old_dict_layout_resumes_to_the_same_weights(folder,
     monkeypatch.undo()
     new = torch.load(out / "checkpoint.pt", weights_only=True)
     assert set(new) == _CHECKPOINT_KEYS  # today's writer keeps the format
-    assert (new["phase"], new["epoch_in_phase"], len(new["curves"])) == (1, 1, 2)
+    assert (new["phase"], new["epoch_in_phase"], len(new["curves"])) == (1, 1, 3)  # epochs 0, 1, 2
     old = {  # exactly what the old writer built
         "run_hash": new["run_hash"],
         "model": new["model"],

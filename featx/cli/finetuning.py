@@ -153,10 +153,9 @@ def finetune(
     if env_rank() != 0:
         return
     for c in results["curves"]:
-        click.echo(
-            f"  epoch {c['epoch']:>3} {c['freeze']:>5}: train loss {c['train_loss']:.4f}, val accuracy "
-            f"{c['val_accuracy']:.4f}, {c['images_per_second']:.1f} images/s"
-        )
+        trained = f"train loss {c['train_loss']:.4f}, " if c["train_loss"] is not None else "before any update, "
+        speed = f", {c['images_per_second']:.1f} images/s" if c["images_per_second"] else ""
+        click.echo(f"  epoch {c['epoch']:>3} {c['freeze']:>5}: {trained}val accuracy {c['val_accuracy']:.4f}{speed}")
     click.echo(f"best epoch {results['best_epoch']}")
     if results["test"]:
         print_metrics(results["test"])

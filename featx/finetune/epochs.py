@@ -28,7 +28,7 @@ from featx.finetune.prepare import _Run
 from featx.finetune.state import RunState, save_checkpoint
 from featx.results import EpochRecord
 
-__all__ = ["predict", "train_epoch", "train_phase", "validate"]
+__all__ = ["evaluate_start", "predict", "train_epoch", "train_phase", "validate"]
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -130,6 +130,44 @@ def predict(run: _Run, images: _EvalImages) -> tuple[np.ndarray, np.ndarray, flo
     )
 
 
+def evaluate_start(run: _Run, state: RunState) -> None:
+    """Epoch 0: the model before any update (for LP-FT, the probe's head on the frozen backbone) on val.
+
+    It is the first candidate for the best epoch, so a run whose training only hurts on val ends with its
+    starting weights (LP-FT never ends below its probe on val).
+    """
+    t0 = time.perf_counter()
+    val_loss, val_acc = validate(run)
+    record: EpochRecord = {
+        "epoch": 0,
+        "phase": 0,
+        "freeze": "start",
+        "train_loss": None,
+        "train_accuracy": None,
+        "val_loss": _finite(val_loss),
+        "val_accuracy": val_acc,
+        "lr_head": None,
+        "lr_backbone": None,
+        "images_per_second": None,
+        "seconds": time.perf_counter() - t0,
+    }
+    state.curves.append(record)
+    _keep_if_best(run, state, _monitored(run.config, val_loss, val_acc), 0)
+    run.info("epoch 0 (before any update): val loss %.4f, val accuracy %.4f", val_loss, val_acc)
+
+
+def _monitored(config: FinetuneConfig, val_loss: float, val_acc: float) -> float:
+    """The monitored metric, higher is better; a diverged epoch (NaN) is the worst there is."""
+    metric = val_acc if config.metric == "val_accuracy" else -val_loss
+    return metric if math.isfinite(metric) else -math.inf
+
+
+def _keep_if_best(run: _Run, state: RunState, metric: float, epoch: int) -> None:
+    """Count ``epoch``'s metric; when it is the best so far (ties keep the earlier epoch), save its weights."""
+    if state.record(metric, epoch) and run.world.is_main:
+        _save_weights(run.out / WEIGHTS, run.model.net)
+
+
 def train_phase(run: _Run, state: RunState, phase_index: int, bar: Any) -> None:
     """Train one phase from ``state``'s epoch on: freeze what the phase does not train, then per epoch
     train, validate, keep the best weights and write the checkpoint; end early after ``patience``."""
@@ -164,9 +202,7 @@ def train_phase(run: _Run, state: RunState, phase_index: int, bar: Any) -> None:
         stats = train_epoch(run, step_model, optimizer, scheduler, global_epoch)
         val_loss, val_acc = validate(run)
         state.curves.append(_epoch_record(global_epoch, phase_index, phase, stats, val_loss, val_acc))
-        metric = val_acc if config.metric == "val_accuracy" else -val_loss
-        if state.record(metric, global_epoch + 1) and world.is_main:
-            _save_weights(run.out / WEIGHTS, run.model.net)
+        _keep_if_best(run, state, _monitored(config, val_loss, val_acc), global_epoch + 1)
         stale = state.stale
         stop = config.patience is not None and stale >= config.patience
         state.advance(phase_index, epoch, phase_done=stop or epoch + 1 == phase.epochs)
@@ -279,12 +315,17 @@ def _epoch_record(
         "epoch": global_epoch + 1,
         "phase": phase_index + 1,
         "freeze": phase.freeze,
-        "train_loss": stats.loss,
+        "train_loss": _finite(stats.loss),
         "train_accuracy": stats.accuracy,
-        "val_loss": val_loss,
+        "val_loss": _finite(val_loss),
         "val_accuracy": val_acc,
         "lr_head": stats.lrs.get("head"),
         "lr_backbone": stats.lrs.get("backbone"),
         "images_per_second": stats.images / stats.seconds if stats.seconds > 0 else None,
         "seconds": stats.seconds,
     }
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or ``None`` for a diverged one (NaN, infinite): results are strict JSON."""
+    return value if math.isfinite(value) else None

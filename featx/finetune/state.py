@@ -53,9 +53,10 @@ class RunState:
     best_metric : float, optional
         The best value of the monitored metric so far (higher is better: ``-val_loss`` for ``val_loss``).
     best_epoch : int, optional
-        The (1-based, global) epoch that reached it; its weights are ``model.safetensors``.
+        The (1-based, global) epoch that reached it, 0 for the weights before any update; its weights are
+        ``model.safetensors``.
     curves : list of dict
-        One record per finished epoch (losses, accuracies, learning rates, throughput).
+        One record per finished epoch (losses, accuracies, learning rates, throughput), after epoch 0's.
     model, optimizer, scheduler, scaler : dict, optional
         State dicts taken when the checkpoint was written; ``None`` for a run that starts afresh, and
         dropped (:meth:`release`) once they have been loaded into the live objects.

@@ -10,7 +10,8 @@ A run is a sequence of steps, and :func:`_finetune` reads as them:
 :func:`~featx.finetune.prepare.build_model` (the backbone with its new head),
 :func:`~featx.finetune.prepare.prepare_rows` (the splits, unreadable images dropped), :func:`restore_or_start`
 (the :class:`~featx.finetune.state.RunState` in ``checkpoint.pt``, or a fresh one),
-:func:`~featx.finetune.epochs.train_phase` per phase (each epoch: train, validate, keep the best weights,
+:func:`~featx.finetune.epochs.evaluate_start` (epoch 0: the weights before any update, a candidate like every
+epoch), :func:`~featx.finetune.epochs.train_phase` per phase (each epoch: train, validate, keep the best weights,
 write the checkpoint), :func:`test_best` and :func:`write_artifacts`.
 """
 
@@ -36,7 +37,7 @@ from featx.exceptions import SpecMismatchError
 from featx.finetune.artifacts import CHECKPOINT, FINETUNE_META, WEIGHTS, _config_hash, _save_json
 from featx.finetune.config import FinetuneConfig
 from featx.finetune.data import _EvalImages
-from featx.finetune.epochs import predict, train_phase
+from featx.finetune.epochs import evaluate_start, predict, train_phase
 from featx.finetune.heads import _family, _model_label
 from featx.finetune.prepare import _Run, build_model, load_manifest, prepare_rows
 from featx.finetune.state import RunState, read_checkpoint
@@ -208,6 +209,8 @@ def _finetune(
     with tqdm(
         total=total, initial=done, unit="epoch", desc="finetune", disable=not (progress and world.is_main)
     ) as bar:
+        if not state.curves:  # a fresh run (a resumed one has recorded its epoch 0, or predates it)
+            evaluate_start(run, state)
         for phase_index in range(state.phase, len(config.phases)):
             train_phase(run, state, phase_index, bar)
     test = test_best(run)
