@@ -235,17 +235,22 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
     run(load_job(job_file), progress=False)
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    for column in ("test accuracy ± 95% CI", "balanced acc.", "macro F1", "chosen", "train s", "extract s"):
+    for column in ("test accuracy [95% CI]", "balanced acc.", "macro F1", "chosen", "train s", "extract s"):
         assert column in result.output
+    assert "verdict (each row against the best, paired on the same 6 test images)" in result.output
+    assert "rule: fit on train, hyper-parameters chosen on val" in result.output
     out = tmp_path / "out"
     page = (out / "report.html").read_text()
     parser = _Structure()
     parser.feed(page)
-    assert parser.tags.count("table") == 1 and parser.tags.count("tr") == 5  # header + 4 methods
+    # The verdict's table and the results table: a header and 4 methods each.
+    assert parser.tags.count("table") == 2 and parser.tags.count("tr") == 10
     assert parser.images and all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert "http://" not in page and "https://" not in page  # opens offline
     assert "How each row was made" in page and "seed 0" in page
     md = (out / "report.md").read_text()
+    assert str(tmp_path) not in md  # paths relative to the report, so it moves with its folder
+    assert "(`cells/colours__lpft/results.json`)" in md and "initialised from cells/" in md
     referenced = re.findall(r"\]\((plots/[^)]+)\)", md)
     assert referenced
     for rel in referenced:

@@ -66,6 +66,10 @@ def main(verbose: int) -> None:
         level=logging.DEBUG if verbose > 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("featx").setLevel(logging.DEBUG if verbose else logging.INFO)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # While the command runs, log lines go through tqdm.write, so they never break a progress bar.
+    click.get_current_context().with_resource(logging_redirect_tqdm())
 
 
 # Registered in the order of the flow.

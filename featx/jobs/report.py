@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from featx._runtime.io import atomic_write
+from featx.jobs.verdict import DatasetVerdict, verdict
 from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
 
 __all__ = ["COLUMNS", "Row", "collect", "format_table", "write_report"]
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = (
     "method",
-    "test accuracy ± 95% CI",
+    "test accuracy [95% CI]",
     "balanced acc.",
     "macro F1",
     "chosen",
@@ -46,20 +47,25 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _row(results: Results, path: Path) -> Row:
+def _row(results: Results, path: Path, root: Path) -> Row:
     test = results.get("test") or {}
     cell = results.get("cell") or {}
     if results["kind"] == "finetune":
-        chosen, train_s, extract_s, ips, how = _finetune_numbers(results)
+        chosen, train_s, extract_s, ips, how = _finetune_numbers(results, root)
         dataset = cell.get("dataset") or results.get("source")
+        compute_s, device = results.get("seconds"), results["finetune"].get("device")
     else:
         chosen, train_s, extract_s, ips, how = _classifier_numbers(results)
         dataset = cell.get("dataset") or (results.get("store") or {}).get("path")
+        compute_s = (train_s or 0.0) + (extract_s or 0.0)
+        device = ((results.get("store") or {}).get("stats") or {}).get("device")
     versions = results.get("versions") or {}
+    shown = ("featx", "torch", "torchvision", "timm", "scikit-learn", "numpy", "pillow")
     return Row(
         method=results.get("method", path.parent.name),
         dataset=dataset,
         kind=results.get("kind"),
+        baseline=_is_baseline(results),
         accuracy=test.get("accuracy"),
         ci=test.get("accuracy_ci95"),
         balanced=test.get("balanced_accuracy"),
@@ -67,21 +73,56 @@ def _row(results: Results, path: Path) -> Row:
         chosen=chosen,
         train_s=train_s,
         extract_s=extract_s,
+        compute_s=compute_s,
+        device=device,
         images_per_s=ips,
-        how=how
-        + "; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("featx", "torch", "timm", "scikit-learn")),
+        how=how + "; " + ", ".join(f"{k} {versions[k]}" for k in shown if k in versions),
+        split=results.get("split") or {},
         confusion=test.get("confusion_matrix"),
         class_names=list((test.get("per_class") or {}).keys()),
+        per_class=test.get("per_class"),
+        predictions=test.get("predictions"),
         few_shot=results.get("few_shot"),
         curves=results.get("curves"),
-        path=str(path),
+        path=_relative(path, root),
     )
 
 
-def _finetune_numbers(results: FinetuneResults) -> tuple[str, float, None, float | None, str]:
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the report's folder (a report moves with its folder), else as given."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _is_baseline(results: Results) -> bool:
+    """A row that uses no transfer: chance, or a classifier on raw pixels (``featx:pixels…``)."""
+    if results["kind"] != "classifier":
+        return False
+    backbone = str(((results.get("store") or {}).get("spec") or {}).get("backbone", ""))
+    return results["classifier"].get("preset") == "chance" or backbone.startswith("featx:pixels")
+
+
+def _split_words(split: dict[str, Any]) -> str:
+    """``train 196, val 49, test 153 (…policy…)`` for a row's provenance."""
+    if not split:
+        return "not recorded (an older featx)"
+    sizes = ", ".join(f"{k} {v}" for k, v in (split.get("sizes") or {}).items())
+    return f"{sizes} ({split.get('policy')})"
+
+
+def _best_epoch_words(results: FinetuneResults) -> str:
+    """`` (phase 2, top2)`` for the best epoch, from its curve record."""
+    best = results.get("best_epoch")
+    record = next((c for c in results.get("curves") or [] if c.get("epoch") == best), None)
+    return f" (phase {record['phase']}, {record['freeze']})" if record else ""
+
+
+def _finetune_numbers(results: FinetuneResults, root: Path) -> tuple[str, float, None, float | None, str]:
     """A fine-tune's chosen epoch, training seconds, images/s and how it was made."""
     ft = results["finetune"]
+    init = _relative(Path(ft["init_head"]), root) if ft.get("init_head") else None
     curves = results.get("curves") or []
     speeds = [c["images_per_second"] for c in curves if c.get("images_per_second")]
     phases = ", ".join(f"{p['freeze']} {p['epochs']} ep @ {p['lr']:g}" for p in ft["phases"])
@@ -91,9 +132,11 @@ def _finetune_numbers(results: FinetuneResults) -> tuple[str, float, None, float
         f"label smoothing {ft['label_smoothing']:g}, batch {ft['batch_size']}, BatchNorm statistics "
         f"{'updated' if ft.get('update_bn_stats') else 'fixed'}, head "
         f"{'MLP ' + str(ft['hidden']) if ft['hidden'] else 'linear'}"
-        f"{', initialised from ' + ft['init_head'] if ft.get('init_head') else ''}; "
-        f"validation {results.get('val_policy')}; training seed {ft['seed']}; "
-        f"{ft.get('device')}, amp {ft.get('amp')}"
+        f"{', initialised from ' + init if init else ''}; crop scale "
+        f"{list(ft.get('crop_scale') or [])}, flip {'no' if ft.get('flip') is False else 'yes'}, patience "
+        f"{ft.get('patience') or 'none'}; epoch chosen by {ft.get('metric', 'val_accuracy')} on val: best epoch "
+        f"{results.get('best_epoch')}{_best_epoch_words(results)}; splits {_split_words(results.get('split') or {})}; "
+        f"training seed {ft['seed']}; {ft.get('device')}, amp {ft.get('amp')}"
     )
     train_s = sum(c["seconds"] for c in curves)
     return f"best epoch {results.get('best_epoch')}", train_s, None, float(np.mean(speeds)) if speeds else None, how
@@ -111,12 +154,31 @@ def _classifier_numbers(results: ClassifierResults) -> tuple[str, float, float |
     how = (
         f"{clf['preset']} on frozen {spec['backbone']} ({spec['weights']}) layer {clf['layer']}, "
         f"pool {spec['pool']}, {spec['dtype']}, tta {spec['tta']}"
-        f"{', fast decode' if spec.get('decode') == 'fast' else ''}; preprocessing {steps}; "
-        f"{clf['param'] or 'no hyper-parameter'} chosen by {search.get('scheme', 'fixed value')} "
-        f"over {len(search.get('curve') or [])} values; class weight {clf['class_weight'] or 'none'}; "
-        f"seed {clf['seed']}"
+        f"{', decode ' + spec['decode'] if spec.get('decode') not in (None, 'exact') else ''}; "
+        f"preprocessing {steps}; {_search_words(clf, search, results)}; class weight "
+        f"{clf['class_weight'] or 'none'}; splits {_split_words(results.get('split') or {})}; seed {clf['seed']}"
     )
     return chosen, train_s, stats.get("seconds"), stats.get("images_per_second"), how
+
+
+def _search_words(clf: dict[str, Any], search: dict[str, Any], results: ClassifierResults) -> str:
+    """How the hyper-parameter was chosen: grid, scheme (folds and their seed), score at the choice, convergence."""
+    if not clf.get("param"):
+        return "no hyper-parameter"
+    if not search:
+        return f"{clf['param']} fixed at {clf.get('chosen')}"
+    points = sorted(search.get("curve", []) + search.get("refined", []), key=lambda p: p["value"])
+    at = next((p for p in points if p["value"] == search.get("best")), None)
+    grid = ", ".join(f"{p['value']:.3g}" for p in points)
+    folds = "" if search.get("scheme") == "validation split" else f" (fold seed {clf['seed']})"
+    score = f"; {clf.get('scoring', 'accuracy')} {at['mean']:.4f} ± {at['std']:.4f} at the choice" if at else ""
+    refit = results["train"].get("converged")
+    return (
+        f"{clf['param']} chosen by {search.get('scheme')}{folds} over {len(points)} values ({grid}){score}"
+        f"{'; search fits converged' if search.get('converged') else ''}"
+        f"{'; the final fit did NOT converge' if refit is False else ''}"
+        f"{'; the best is at the edge of the grid' if search.get('at_edge') else ''}"
+    )
 
 
 def collect(out_dir: str | Path) -> list[Row]:
@@ -137,7 +199,7 @@ def collect(out_dir: str | Path) -> list[Row]:
         except ResultsError as exc:
             log.warning("skipping %s", exc)
             continue
-        rows.append(_row(results, path))
+        rows.append(_row(results, path, out))
     if not rows:
         raise FileNotFoundError(
             f"no featx results.json under {out}; run `featx run`, `featx train` or `featx finetune` first"
@@ -148,8 +210,7 @@ def collect(out_dir: str | Path) -> list[Row]:
 def _cells(row: Row) -> list[str]:
     acc = _fmt(row["accuracy"])
     if row["ci"] and row["accuracy"] is not None:
-        half = (row["ci"][1] - row["ci"][0]) / 2
-        acc = f"{row['accuracy']:.4f} ± {half:.4f}"
+        acc = f"{row['accuracy']:.4f} [{row['ci'][0]:.4f}, {row['ci'][1]:.4f}]"
     return [
         row["method"],
         acc,
@@ -171,21 +232,75 @@ def _by_dataset(rows: list[Row]) -> dict[str, list[Row]]:
     return groups
 
 
+def _text_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> list[str]:
+    cells = [list(header), *body]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = []
+    for j, c in enumerate(cells):
+        lines.append(
+            "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths, strict=True)))
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_table(rows: list[Row]) -> str:
-    """A plain-text table per dataset, best method first."""
+    """A plain-text table per dataset, best method first, then its paired verdict."""
     parts = []
-    for dataset, group in _by_dataset(rows).items():
-        cells = [list(COLUMNS)] + [_cells(r) for r in group]
-        widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-        lines = [f"dataset: {dataset}"]
-        for j, c in enumerate(cells):
-            lines.append(
-                "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths, strict=True)))
-            )
-            if j == 0:
-                lines.append("  ".join("-" * w for w in widths))
+    for dataset, group, found in _sections(rows):
+        lines = [f"dataset: {dataset}", *_split_lines(group), *_text_table(COLUMNS, [_cells(r) for r in group])]
+        if found is not None:
+            lines += ["", f"verdict (each row against the best, paired on the same {found.n_test} test images):"]
+            lines += _text_table(VERDICT_COLUMNS, _verdict_cells(found))
+            lines += [f"- {why}: {method}" for method, why in found.refused]
+            lines += [f"=> {sentence}" for sentence in found.sentences]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _split_lines(group: list[Row]) -> list[str]:
+    """The splits and the selection rule the rows share (or a warning that they do not)."""
+    splits = {json.dumps(r["split"].get("hashes"), sort_keys=True) for r in group if r["split"]}
+    recorded = [r["split"] for r in group if r["split"]]
+    if not recorded:
+        return ["splits: not recorded (results of an older featx)"]
+    first = recorded[0]
+    sizes = ", ".join(f"{k} {v}" for k, v in (first.get("sizes") or {}).items())
+    lines = [f"splits: {sizes} ({first.get('policy')}); rule: {first.get('rule')}"]
+    if len(splits) > 1:
+        lines.append("WARNING: the rows were not all made under one split plan (their split hashes differ)")
+    return lines
+
+
+#: The columns of a dataset's verdict table.
+VERDICT_COLUMNS = (
+    "method",
+    "accuracy",
+    "Δ vs best, pt [paired 95% CI]",
+    "only best / only row right",
+    "McNemar p (Holm)",
+    "compute s",
+    "× best's compute",
+)
+
+
+def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
+    out = []
+    for c in found.rows:
+        is_reference = c.method == found.reference
+        out.append(
+            [
+                c.method + (" (best)" if is_reference else ""),
+                f"{c.accuracy:.4f}",
+                "—" if is_reference else f"{100 * c.difference:+.1f} [{100 * c.ci95[0]:.1f}, {100 * c.ci95[1]:.1f}]",
+                "—" if is_reference else f"{c.only_reference_right} / {c.only_row_right}",
+                "—" if is_reference else f"{c.p_value:.3g} ({c.p_holm:.3g})",
+                _fmt(c.compute_seconds, 1),
+                _fmt(c.cost_ratio, 2),
+            ]
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -237,8 +352,8 @@ def _accuracy_plot(figures: _Figures, scored: list[Row], dataset: str, name: str
     colors = ["#c44e52" if r["kind"] == "finetune" else "#4c72b0" for r in scored]
     ax.barh(y, acc, xerr=[acc - lo, hi - acc], color=colors, capsize=3)
     ax.set_yticks(y, [r["method"] for r in scored])
-    ax.set_xlabel("test accuracy (95% bootstrap CI)")
-    ax.set_xlim(max(0.0, float(lo.min()) - 0.05), 1.0)
+    ax.set_xlabel("test accuracy (95% bootstrap CI; the axis starts at 0)")
+    ax.set_xlim(0.0, 1.0)
     ax.set_title(f"{dataset}: accuracy by method")
     figures.save(fig, name, f"{dataset}: accuracy by method")
 
@@ -304,13 +419,26 @@ def _finetune_plot(figures: _Figures, tuned: list[Row], dataset: str, name: str)
 
 
 # ------------------------------------------------------------------------------------------- documents
-def _markdown(rows: list[Row], plots: list[tuple[str, Path]], out: Path, title: str) -> str:
+def _md_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *("| " + " | ".join(r) + " |" for r in body),
+    ]
+
+
+def _markdown(sections: list[_Section], plots: list[tuple[str, Path]], out: Path, title: str) -> str:
     lines = [f"# {title}", ""]
-    for dataset, group in _by_dataset(rows).items():
-        lines += [f"## {dataset}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-        lines += ["| " + " | ".join(_cells(r)) + " |" for r in group]
+    for dataset, group, found in sections:
+        lines += [f"## {dataset}", "", *(f"{line}  " for line in _split_lines(group)), ""]
+        if found is not None:
+            lines += [f"**Verdict** (paired on the same {found.n_test} test images):", ""]
+            lines += [f"- {sentence}" for sentence in found.sentences] + [""]
+            lines += [*_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""]
+            lines += [f"- not compared: **{method}**, {why}" for method, why in found.refused]
+        lines += _md_table(COLUMNS, [_cells(r) for r in group])
         lines += ["", "How each row was made:", ""]
-        lines += [f"- **{r['method']}**: {r['how']}" for r in group]
+        lines += [f"- **{r['method']}** (`{r['path']}`): {r['how']}" for r in group]
         lines.append("")
     if plots:
         lines += ["## Plots", ""]
@@ -318,7 +446,14 @@ def _markdown(rows: list[Row], plots: list[tuple[str, Path]], out: Path, title: 
     return "\n".join(lines) + "\n"
 
 
-def _html(rows: list[Row], plots: list[tuple[str, Path]], title: str) -> str:
+def _html_table(header: tuple[str, ...] | list[str], body: list[list[str]], css: str) -> list[str]:
+    esc = html.escape
+    parts = [f"<table class='{css}'><thead><tr>", *(f"<th>{esc(c)}</th>" for c in header), "</tr></thead><tbody>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body]
+    return [*parts, "</tbody></table>"]
+
+
+def _html(sections: list[_Section], plots: list[tuple[str, Path]], title: str) -> str:
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -330,14 +465,18 @@ def _html(rows: list[Row], plots: list[tuple[str, Path]], title: str) -> str:
         "li{margin:.3em 0}figure{margin:1.5em 0}img{max-width:100%}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
     ]
-    for dataset, group in _by_dataset(rows).items():
-        parts.append(f"<h2>{esc(dataset)}</h2><table class='results'><thead><tr>")
-        parts += [f"<th>{esc(c)}</th>" for c in COLUMNS]
-        parts.append("</tr></thead><tbody>")
-        for r in group:
-            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _cells(r)) + "</tr>")
-        parts.append("</tbody></table><h3>How each row was made</h3><ul class='provenance'>")
-        parts += [f"<li><b>{esc(r['method'])}</b>: {esc(r['how'])}</li>" for r in group]
+    for dataset, group, found in sections:
+        parts.append(f"<h2>{esc(dataset)}</h2>")
+        parts += [f"<p class='splits'>{esc(line)}</p>" for line in _split_lines(group)]
+        if found is not None:
+            parts.append(f"<h3>Verdict (paired on the same {found.n_test} test images)</h3><ul class='verdict'>")
+            parts += [f"<li>{esc(sentence)}</li>" for sentence in found.sentences]
+            parts.append("</ul>")
+            parts += _html_table(VERDICT_COLUMNS, _verdict_cells(found), "verdict")
+            parts += [f"<p>not compared: <b>{esc(m)}</b>, {esc(why)}</p>" for m, why in found.refused]
+        parts += _html_table(COLUMNS, [_cells(r) for r in group], "results")
+        parts.append("<h3>How each row was made</h3><ul class='provenance'>")
+        parts += [f"<li><b>{esc(r['method'])}</b> (<code>{esc(r['path'])}</code>): {esc(r['how'])}</li>" for r in group]
         parts.append("</ul>")
     if plots:
         parts.append("<h2>Plots</h2>")
@@ -349,6 +488,14 @@ def _html(rows: list[Row], plots: list[tuple[str, Path]], title: str) -> str:
             )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+_Section = tuple[str, list[Row], DatasetVerdict | None]
+
+
+def _sections(rows: list[Row]) -> list[_Section]:
+    """Per dataset: its rows, best first, and their paired verdict (computed once for every document)."""
+    return [(dataset, group, verdict(group)) for dataset, group in _by_dataset(rows).items()]
 
 
 def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
@@ -363,9 +510,14 @@ def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Pat
     rows = collect(out)
     title = title or f"featx comparison: {out.name}"
     plots = _plots(rows, out / "plots")
-    md, page = _markdown(rows, plots, out, title), _html(rows, plots, title)
+    sections = _sections(rows)
+    md, page = _markdown(sections, plots, out, title), _html(sections, plots, title)
     atomic_write(out / "report.md", lambda fh: fh.write(md.encode("utf-8")))
     atomic_write(out / "report.html", lambda fh: fh.write(page.encode("utf-8")))
-    listing = json.dumps([{k: v for k, v in r.items()} for r in rows], indent=2, default=str)
+    document = {
+        "rows": [{k: v for k, v in r.items() if k != "predictions"} for r in rows],  # results.json keep those
+        "verdicts": [found.to_dict() for _, _, found in sections if found is not None],
+    }
+    listing = json.dumps(document, indent=2, default=str)
     atomic_write(out / "report.json", lambda fh: fh.write(listing.encode("utf-8")))
     return {"markdown": out / "report.md", "html": out / "report.html", "plots": out / "plots"}
