@@ -207,14 +207,18 @@ class SplitInfo(TypedDict):
     rule: str  # the selection rule, e.g. "fit on train, hyper-parameters chosen on val, scored once on test"
 
 
-class CellInfo(TypedDict):
-    """Which cell of a ``featx run`` job made the results (added by the job runner)."""
-
+class _CellInfoBase(TypedDict):
     id: str
     dataset: str
     name: str
     backbone: str | None
     layer: str | None
+
+
+class CellInfo(_CellInfoBase, total=False):
+    """Which cell of a ``featx run`` job made the results (added by the job runner)."""
+
+    seed: int  # the training seed of the cell (a row with ``seeds = [...]`` has one cell per seed)
 
 
 class _FinetuneSettingsBase(TypedDict):
@@ -240,10 +244,11 @@ class _FinetuneSettingsBase(TypedDict):
 
 
 class FinetuneSettings(_FinetuneSettingsBase, total=False):
-    val_fraction: float  # before issue 14 (the split plan's now: ``split.plan``)
     """:meth:`FinetuneConfig.to_dict() <featx.finetune.FinetuneConfig.to_dict>` and how the run was set up."""
 
+    val_fraction: float  # before issue 14 (the split plan's now: ``split.plan``)
     world_size: int
+    flip: bool  # before issue 15, training always flipped
 
 
 class EpochRecord(TypedDict):

@@ -154,6 +154,63 @@ def test_epoch_0_wins_when_training_only_hurts(folder, tmp_path):
     assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["best_epoch"] == 0
 
 
+@pytest.mark.parametrize("flip", [True, False])
+def test_no_flip_never_mirrors_a_training_image(tmp_path, flip):
+    """An image dark on the left, bright on the right, cropped whole: only a flip can swap the halves."""
+    from PIL import Image
+
+    from featx.finetune.data import _TrainImages
+
+    arr = np.zeros((32, 32, 3), dtype=np.uint8)
+    arr[:, 16:] = 255
+    Image.fromarray(arr).save(tmp_path / "half.png")
+    pre = Preprocessing((16, 16), 16, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    images = _TrainImages([str(tmp_path / "half.png")], np.array([0]), pre, (1.0, 1.0), 10**8, flip=flip)
+    mirrored = []
+    for epoch_seed in range(40):
+        pixels, _, _ = images[(0, epoch_seed, 1.0)]
+        left, right = pixels[:, :, :8].float().mean(), pixels[:, :, 8:].float().mean()
+        mirrored.append(bool(left > right))
+    assert any(mirrored) is flip  # with flips some draws are mirrored; without, none is
+    assert FinetuneConfig(phases=(Phase("head", 1, 1e-3),), flip=False).to_dict()["flip"] is False
+    with pytest.raises(ValueError, match="flip must be true or false"):
+        FinetuneConfig(phases=(Phase("head", 1, 1e-3),), flip="no")
+
+
+def test_run_hash_of_settings_featx_had_before_is_unchanged():
+    """Settings added later, at the value that trains as before, leave the run hash as an older featx wrote it
+    (the hash below is featx 3fc3475's), so a run it left killed resumes; another value is another run."""
+    from types import SimpleNamespace
+
+    from featx.finetune.artifacts import _config_hash
+
+    net = SimpleNamespace(name="featx:tiny_test", weights_sha256="w" * 64)
+    config = _config("head:1:1e-2,all:2:1e-3")
+    assert _config_hash(config, net, "m", None) == "611a8df21fdac049ed58bad4c21b417495b5f7be4897855f7124e85d5d06103c"
+    assert _config_hash(_config("head:1:1e-2,all:2:1e-3", flip=False), net, "m", None) != _config_hash(
+        config, net, "m", None
+    )
+
+
+def test_cli_no_flip_reaches_the_run(folder, tmp_path, monkeypatch):
+    from featx.finetune import data
+
+    seen = []
+    original = data._TrainImages.__init__
+
+    def spy(self, *args, **kw):
+        seen.append(kw.get("flip"))
+        original(self, *args, **kw)
+
+    monkeypatch.setattr(data._TrainImages, "__init__", spy)
+    args = ["finetune", str(folder), "--backbone", TINY, "--phases", "head:1:1e-2", "--batch-size", "8"]
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(main, [*args, "--workers", "0", "--no-progress", "--no-flip", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert seen == [False] and "flip off" in result.output
+    assert json.loads((out / "results.json").read_text())["finetune"]["flip"] is False
+
+
 def test_schedule_warms_up_then_decays():
     from featx.finetune.epochs import _lr_lambda
 

@@ -84,6 +84,12 @@ def _crop_scale(text: str) -> tuple[float, float]:
     help="Area range MIN,MAX of the training random resized crop.",
 )
 @click.option(
+    "--flip/--no-flip",
+    default=True,
+    show_default=True,
+    help="Flip training images horizontally at random; --no-flip where a mirror image changes the label (digits).",
+)
+@click.option(
     "--update-bn-stats",
     is_flag=True,
     help="Let unfrozen BatchNorm layers update their running statistics (kept fixed by default).",
@@ -156,7 +162,15 @@ def finetune(
         trained = f"train loss {c['train_loss']:.4f}, " if c["train_loss"] is not None else "before any update, "
         speed = f", {c['images_per_second']:.1f} images/s" if c["images_per_second"] else ""
         click.echo(f"  epoch {c['epoch']:>3} {c['freeze']:>5}: {trained}val accuracy {c['val_accuracy']:.4f}{speed}")
-    click.echo(f"best epoch {results['best_epoch']}")
+    ft = results["finetune"]
+    low, high = ft["crop_scale"]
+    click.echo(
+        f"augmentation: random resized crop of {low:g}–{high:g} of the area, flip {'on' if ft['flip'] else 'off'}"
+    )
+    click.echo(
+        f"best epoch {results['best_epoch']}"
+        + (" (the weights before any update)" if not results["best_epoch"] else "")
+    )
     if results["test"]:
         print_metrics(results["test"])
     click.echo(f"wrote {out_dir}/model.safetensors, finetune.json and results.json")

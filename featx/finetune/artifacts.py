@@ -35,10 +35,16 @@ WEIGHTS = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------- run
+#: Config fields added after resuming was introduced, each with the value that trains as featx did before it:
+#: at that value a field stays out of the run hash, so a run killed under an older featx resumes under this one.
+_ADDED_LATER: dict[str, Any] = {"flip": True}
+
+
 def _config_hash(config: FinetuneConfig, backbone: Backbone, manifest_fp: str, init_head: str | None) -> str:
+    settings = {k: v for k, v in config.to_dict().items() if not (k in _ADDED_LATER and _ADDED_LATER[k] == v)}
     payload = canonical_json(
         {
-            "config": config.to_dict(),
+            "config": settings,
             "backbone": backbone.name,
             "weights": backbone.weights_sha256,
             "manifest": manifest_fp,

@@ -119,6 +119,9 @@ class FinetuneConfig:
     dropout : float, default=0.0
     crop_scale : tuple of float, default=(0.25, 1.0)
         Area range of the random resized crop.
+    flip : bool, default=True
+        Flip training images horizontally at random; turn it off where a mirror image changes the label
+        (digits, text, left/right classes).
     patience : int, optional
         End a phase after this many epochs without improving the monitored metric.
     metric : {"val_accuracy", "val_loss"}, default="val_accuracy"
@@ -140,6 +143,7 @@ class FinetuneConfig:
     hidden: tuple[int, ...] = ()
     dropout: float = 0.0
     crop_scale: tuple[float, float] = (0.25, 1.0)
+    flip: bool = True
     patience: int | None = None
     metric: str = "val_accuracy"
     seed: int = 0
@@ -159,6 +163,7 @@ class FinetuneConfig:
             (all(h >= 1 for h in self.hidden), "hidden sizes must be positive"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop scale must satisfy 0 < min <= max <= 1"),
+            (isinstance(self.flip, bool), f"flip must be true or false, got {self.flip!r}"),
             (self.patience is None or self.patience >= 1, "patience must be at least 1 epoch"),
             (self.metric in ("val_accuracy", "val_loss"), f"metric {self.metric!r}: use val_accuracy or val_loss"),
         ]

@@ -1,8 +1,8 @@
 """The images fine-tuning reads: augmented training images, evaluation images, global batches, readability.
 
-Internal to :mod:`featx.finetune`. Augmentation (random resized crop and flip) is drawn per image from a seed
-of its own, and the global batches from a seed per epoch, so a run on N ranks, or one resumed after a kill,
-sees exactly the images an uninterrupted single-process run sees.
+Internal to :mod:`featx.finetune`. Augmentation (random resized crop, and flip unless turned off) is drawn per
+image from a seed of its own, and the global batches from a seed per epoch, so a run on N ranks, or one resumed
+after a kill, sees exactly the images an uninterrupted single-process run sees.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ __all__: list[str] = []  # the datasets and samplers are the trainer's own
 
 
 class _TrainImages(Dataset):
-    """Training images with augmentation derived from the backbone's preprocessing (random resized crop, flip).
+    """Training images with augmentation derived from the backbone's preprocessing: a random resized crop of
+    ``scale`` (share of the area), then a random horizontal flip unless ``flip`` is off.
 
     Items are keyed ``(index, epoch_seed, weight)`` by :class:`_GlobalBatches`. Each image's augmentation is
     drawn from its own generator seeded by ``(epoch_seed, index)``, so it is the same whichever process,
@@ -31,13 +32,20 @@ class _TrainImages(Dataset):
     """
 
     def __init__(
-        self, paths: Sequence[str], labels: np.ndarray, pre: Preprocessing, scale: tuple[float, float], max_pixels: int
+        self,
+        paths: Sequence[str],
+        labels: np.ndarray,
+        pre: Preprocessing,
+        scale: tuple[float, float],
+        max_pixels: int,
+        *,
+        flip: bool = True,
     ) -> None:
         from torchvision.transforms import InterpolationMode, RandomHorizontalFlip, RandomResizedCrop
 
         self.paths, self.labels, self.max_pixels = list(paths), labels, max_pixels
         self.crop = RandomResizedCrop(pre.input_size, scale=scale, interpolation=InterpolationMode(pre.interpolation))
-        self.flip = RandomHorizontalFlip()
+        self.flip = RandomHorizontalFlip() if flip else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,7 +56,9 @@ class _TrainImages(Dataset):
         # torchvision's transforms draw from the global generator; fork it so the image's own seed rules.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sample_seed(epoch_seed, i))
-            img = self.flip(self.crop(image))
+            img = self.crop(image)
+            if self.flip is not None:  # drawn after the crop: with or without it, the crops are the same
+                img = self.flip(img)
         pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         return pixels, int(self.labels[i]), float(weight)
 

@@ -208,7 +208,7 @@ class _Run:
             loader_kw={"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": False},
             max_pixels=max_pixels,
             train_set=_TrainImages(
-                [paths[r] for r in rows.train], labels[rows.train], pre, config.crop_scale, max_pixels
+                [paths[r] for r in rows.train], labels[rows.train], pre, config.crop_scale, max_pixels, flip=config.flip
             ),
             val_images=_EvalImages([paths[r] for r in rows.val], labels[rows.val], pre, max_pixels),
             criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="none"),
