@@ -294,3 +294,25 @@ def test_shipped_pipelines_validate(monkeypatch):
             continue
         job = load_job(path, {"data": str(shared)} if "${data}" in text else None)
         assert job.datasets and plan(job)
+
+
+def test_a_row_with_several_seeds_runs_one_cell_per_seed_and_reports_their_spread(tmp_path, colours):
+    text = JOB.format(out=tmp_path / "out", data=colours).replace(
+        'name = "knn"\nclassifier = "knn"', 'name = "sgd"\nclassifier = "sgd"\nseeds = [0, 1, 2]'
+    )
+    job = load_job(_write(tmp_path, text))
+    ids = [t.id for t in plan(job) if "sgd" in t.id]
+    assert ids == [f"classify/colours/tiny/penultimate/sgd/seed{s}" for s in (0, 1, 2)]
+    run(job, only=["sgd"], progress=False)
+    cells = sorted((tmp_path / "out" / "cells").glob("*sgd*"))
+    assert [c.name for c in cells] == [f"colours__tiny__penultimate__sgd__seed{s}" for s in (0, 1, 2)]
+    seeds = [json.loads((c / "results.json").read_text())["classifier"]["seed"] for c in cells]
+    assert seeds == [0, 1, 2]
+    from featx.jobs.report import collect, format_table
+
+    table = format_table(collect(tmp_path / "out"))
+    rows = [line for line in table.splitlines() if line.startswith("sgd · tiny_test")]
+    assert table.count("(3 seeds)") == 1 and len(rows) == 2  # one row in each table, not three
+    for bad, message in (("[]", "non-empty list"), ("[1, 1]", "listed twice"), ("[-1]", "0 or more")):
+        with pytest.raises(JobError, match=message):
+            load_job(_write(tmp_path, text.replace("seeds = [0, 1, 2]", f"seeds = {bad}")))

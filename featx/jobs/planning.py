@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class Task:
     classifier: ClassifierSpec | None = None
     finetune: FinetuneSpec | None = None
     layer: str | None = None
+    seed: int = 0  # the training seed (the job's, or one of the row's ``seeds``)
     depends: list[str] = field(default_factory=list)
     status: str = "pending"  # pending | cached | done | failed | skipped
     message: str = ""
@@ -63,21 +65,24 @@ def _tasks(job: Job) -> list[Task]:
                 for layer in clf.layers or bb.layers:
                     if layer not in bb.layers:
                         continue
-                    tasks.append(
-                        Task(
-                            f"classify/{ds.name}/{bb.name}/{_slug(layer)}/{clf.name}",
-                            "classify",
-                            ds,
-                            backbone=bb,
-                            classifier=clf,
-                            layer=layer,
-                            depends=[ext.id],
+                    for seed, suffix in _seeds(job, clf.seeds):
+                        tasks.append(
+                            Task(
+                                f"classify/{ds.name}/{bb.name}/{_slug(layer)}/{clf.name}{suffix}",
+                                "classify",
+                                ds,
+                                backbone=bb,
+                                classifier=clf,
+                                layer=layer,
+                                seed=seed,
+                                depends=[ext.id],
+                            )
                         )
-                    )
         for ft in job.finetune:
             depends = []
             if ft.init_head:
                 bb = _backbone_of(job, ft)
+                # The probe's first seed: a logistic regression's seed does not change its fit.
                 depends = [
                     t.id
                     for t in tasks
@@ -88,9 +93,19 @@ def _tasks(job: Job) -> list[Task]:
                     and t.layer == "penultimate"
                     and bb is not None
                     and t.backbone == bb
-                ]
-            tasks.append(Task(f"finetune/{ds.name}/{ft.name}", "finetune", ds, finetune=ft, depends=depends))
+                ][:1]
+            for seed, suffix in _seeds(job, ft.seeds):
+                task = Task(f"finetune/{ds.name}/{ft.name}{suffix}", "finetune", ds, finetune=ft, seed=seed)
+                tasks.append(dataclasses.replace(task, depends=list(depends)))
     return tasks
+
+
+def _seeds(job: Job, seeds: tuple[int, ...] | None) -> list[tuple[int, str]]:
+    """A row's training seeds and the suffix of each cell's id: none for a single seed, so the cells (and the
+    caches) of a row without ``seeds`` keep their names."""
+    if not seeds:
+        return [(job.seed, "")]
+    return [(s, f"/seed{s}" if len(seeds) > 1 else "") for s in seeds]
 
 
 def _backbone_of(job: Job, ft: FinetuneSpec) -> BackboneSpec | None:

@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 COLUMNS = (
     "method",
     "test accuracy [95% CI]",
+    "mean ± std over seeds",
     "balanced acc.",
     "macro F1",
     "chosen",
@@ -60,6 +62,8 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         compute_s = (train_s or 0.0) + (extract_s or 0.0)
         device = ((results.get("store") or {}).get("stats") or {}).get("device")
     versions = results.get("versions") or {}
+    settings = results.get("finetune") if results["kind"] == "finetune" else results.get("classifier")
+    seed = cell.get("seed", (settings or {}).get("seed"))
     shown = ("featx", "torch", "torchvision", "timm", "scikit-learn", "numpy", "pillow")
     return Row(
         method=results.get("method", path.parent.name),
@@ -85,6 +89,10 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         few_shot=results.get("few_shot"),
         curves=results.get("curves"),
         path=_relative(path, root),
+        seed=seed,
+        # The same row under another training seed shares this (a `seeds = [...]` row has one cell per seed).
+        row_key=re.sub(r"/seed\d+$", "", cell["id"]) if cell.get("id") else _relative(path, root),
+        seed_accuracies=None,
     )
 
 
@@ -211,9 +219,15 @@ def _cells(row: Row) -> list[str]:
     acc = _fmt(row["accuracy"])
     if row["ci"] and row["accuracy"] is not None:
         acc = f"{row['accuracy']:.4f} [{row['ci'][0]:.4f}, {row['ci'][1]:.4f}]"
+    seeds = row.get("seed_accuracies")
+    spread = "—"
+    if seeds and all(v is not None for v in seeds.values()):
+        values = list(seeds.values())
+        spread = f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} ({len(values)} seeds)"
     return [
         row["method"],
         acc,
+        spread,
         _fmt(row["balanced"]),
         _fmt(row["macro_f1"]),
         row["chosen"],
@@ -224,12 +238,45 @@ def _cells(row: Row) -> list[str]:
 
 
 def _by_dataset(rows: list[Row]) -> dict[str, list[Row]]:
+    """Rows per dataset, best first; a row run under several training seeds is one row (:func:`_merge_seeds`)."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
         groups.setdefault(str(row["dataset"]), []).append(row)
-    for group in groups.values():
+    for name, group in groups.items():
+        group = _merge_seeds(group)
+        _unique_methods(group)
         group.sort(key=lambda r: -(r["accuracy"] or 0))
+        groups[name] = group
     return groups
+
+
+def _merge_seeds(group: list[Row]) -> list[Row]:
+    """One row per cell across its training seeds: the lowest seed's run stands for it (its predictions go into
+    the verdict), and ``seed_accuracies`` holds every seed's test accuracy for the mean ± std column."""
+    by_key: dict[str, list[Row]] = {}
+    for row in group:
+        by_key.setdefault(row["row_key"], []).append(row)
+    merged = []
+    for runs in by_key.values():
+        runs.sort(key=lambda r: (r["seed"] is None, r["seed"]))
+        first = Row(runs[0])
+        if len(runs) > 1:
+            first["seed_accuracies"] = {r["seed"]: r["accuracy"] for r in runs}
+            first["how"] += (
+                f"; seeds {', '.join(str(r['seed']) for r in runs)} (the table's row is seed {runs[0]['seed']})"
+            )
+        merged.append(first)
+    return merged
+
+
+def _unique_methods(group: list[Row]) -> None:
+    """Rows that read alike (two tables of one preset, say) get their result's path, so each is named once."""
+    counts: dict[str, int] = {}
+    for row in group:
+        counts[row["method"]] = counts.get(row["method"], 0) + 1
+    for row in group:
+        if counts[row["method"]] > 1:
+            row["method"] = f"{row['method']} [{row['row_key']}]"
 
 
 def _text_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> list[str]:

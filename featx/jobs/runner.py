@@ -290,7 +290,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
             return None
         from featx.classify.search import SEARCH_VERSION
 
-        config = classifier_config(task.classifier, job.seed, task.layer)
+        config = classifier_config(task.classifier, task.seed, task.layer)
         return {
             "kind": "classify",
             "store_key": key,
@@ -310,7 +310,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         "kind": "finetune",
         "dataset": dataclasses.asdict(task.dataset),
         "backbone": _finetune_backbone(job, ft),
-        "config": finetune_config(ft, job.seed).to_dict(),
+        "config": finetune_config(ft, task.seed).to_dict(),
         "init_head": _read_json(init_marker)["hash"] if init_marker is not None and init_marker.exists() else None,
     }
 
@@ -323,7 +323,7 @@ def _cached(out: Path, digest: str) -> bool:
 def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None:
     from featx.classify.training import train
 
-    config = classifier_config(task.classifier, job.seed, task.layer)
+    config = classifier_config(task.classifier, task.seed, task.layer)
     train(
         by_id[task.depends[0]].store,
         config,
@@ -341,7 +341,7 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
     finetune(
         task.dataset.source,
         _finetune_backbone(job, ft),
-        finetune_config(ft, job.seed),
+        finetune_config(ft, task.seed),
         out,
         init_head=_init_dir(job, task, by_id) / "model.skops" if task.depends else None,
         device=job.device,
@@ -361,6 +361,7 @@ def _stamp_results(path: Path, task: Task) -> None:
         name=(task.classifier or task.finetune).name,
         backbone=task.backbone.name if task.backbone else task.finetune.backbone,
         layer=task.layer,
+        seed=task.seed,
     )
     write_results(path, results)
 

@@ -116,6 +116,7 @@ class ClassifierSpec:
     shots: tuple[Any, ...] | None = None
     draws: int = 5
     backbones: tuple[str, ...] | None = None  # None: every backbone
+    seeds: tuple[int, ...] | None = None  # training seeds, one cell each (None: the job's seed)
     settings: tuple[tuple[str, Any], ...] = ()
 
     @property
@@ -133,6 +134,7 @@ class FinetuneSpec:
     name: str
     backbone: str = DEFAULT_BACKBONE
     init_head: str | None = None  # a [[classifiers]] name (a logreg) for LP-FT
+    seeds: tuple[int, ...] | None = None  # training seeds, one cell each (None: the job's seed)
     settings: tuple[tuple[str, Any], ...] = ()
 
 

@@ -196,6 +196,7 @@ def _check_classifier(spec: ClassifierSpec) -> None:
             raise BadValue("shots", str(exc)) from None
     if not _is_int(spec.draws) or spec.draws < 1:
         raise BadValue("draws", f"draws must be a positive integer, got {spec.draws!r}")
+    _check_seeds(spec.seeds)
     classifier_config(spec, seed=0, layer=None).validate()
 
 
@@ -206,8 +207,22 @@ def _check_finetune(spec: FinetuneSpec) -> None:
         )
     if spec.init_head is not None and not isinstance(spec.init_head, str):
         raise BadValue("init_head", f"init_head must be a [[classifiers]] name, got {spec.init_head!r}")
+    _check_seeds(spec.seeds)
     _check_setting_types(spec.settings, "featx.finetune.config", "FinetuneConfig")
     finetune_config(spec, seed=0)
+
+
+def _check_seeds(seeds: Any) -> None:
+    """``seeds``: a non-empty list of distinct integers of 0 or more (one cell per training seed)."""
+    if seeds is None:
+        return
+    if not isinstance(seeds, tuple) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        raise BadValue(
+            "seeds", f"seeds must be a non-empty list of integers of 0 or more, e.g. [0, 1, 2]; got {seeds!r}"
+        )
+    twice = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if twice is not None:
+        raise BadValue("seeds", f"seeds: {twice} is listed twice")
 
 
 def _check_setting_types(settings: tuple[tuple[str, Any], ...], module: str, name: str) -> None:
