@@ -3,10 +3,12 @@
 - :mod:`~featx.backbones.names` parses and lists names and holds the ``featx:`` registry (no weights loaded);
 - :mod:`~featx.backbones.loading` builds the network and its preprocessing, safely, from any source;
 - :mod:`~featx.backbones.features` picks layers out of it (FX) and pools them;
-- :mod:`~featx.backbones.folding` folds batch norms into convolutions for extraction.
+- :mod:`~featx.backbones.folding` folds batch norms into convolutions for extraction;
+- :mod:`~featx.backbones.pixels` registers the no-transfer baselines ``featx:pixels`` and ``featx:pixels32``.
 """
 
-from featx.backbones.features import Backbone, FeatureModel
+from featx.backbones import pixels as _pixels  # noqa: F401  # registers featx:pixels and featx:pixels32
+from featx.backbones.features import Backbone, FeatureModel, Headless
 from featx.backbones.loading import load_backbone
 from featx.backbones.names import (
     PENULTIMATE,
@@ -26,6 +28,7 @@ __all__ = [
     "BackboneInfo",
     "BackboneName",
     "FeatureModel",
+    "Headless",
     "list_backbones",
     "load_backbone",
     "parse_backbone_name",

@@ -19,12 +19,40 @@ from featx.backbones.names import PENULTIMATE, BackboneName, parse_backbone_name
 from featx.exceptions import unknown
 from featx.spec import Preprocessing, check_option
 
-__all__ = ["Backbone", "FeatureModel", "bytes_per_image", "feature_dims", "human_bytes", "pool_features"]
+__all__ = [
+    "Backbone",
+    "FeatureModel",
+    "Headless",
+    "bytes_per_image",
+    "feature_dims",
+    "human_bytes",
+    "pool_features",
+]
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ loading
+class Headless(nn.Module):
+    """Base class of a network without a classifier, whose ``penultimate`` layer it names itself.
+
+    :meth:`Backbone.penultimate_node` finds a network's penultimate layer as the input of its classifier;
+    a network with none (``featx:pixels``) names that FX node in :attr:`penultimate` instead, and says in
+    :attr:`no_classifier` why it has none, which is why it cannot be fine-tuned
+    (:meth:`Backbone.classifier_name` raises it).
+
+    Attributes
+    ----------
+    penultimate : str
+        The FX node whose output is the ``penultimate`` layer.
+    no_classifier : str
+        Why the network has no classifier, as the end of a sentence ("... cannot be fine-tuned: <reason>").
+    """
+
+    penultimate: str
+    no_classifier: str = "it has no classifier to replace"
+
+
 @dataclass
 class Backbone:
     """A loaded, frozen network with the preprocessing its weights expect.
@@ -73,11 +101,28 @@ class Backbone:
         return [PENULTIMATE] + [name for name, _ in self.model.named_children()]
 
     def penultimate_node(self) -> str:
-        """The FX node whose output the classifier consumes (the last Linear's input; Conv2d if none)."""
+        """The FX node whose output the classifier consumes (the last Linear's input; Conv2d if none), or
+        the node a :class:`Headless` network names."""
+        if isinstance(self.model, Headless):
+            return self.model.penultimate
         return self._classifier_call()[1]
 
     def classifier_name(self) -> str:
-        """The module name of the final classifier (the last Linear in execution order; Conv2d if none)."""
+        """The module name of the final classifier (the last Linear in execution order; Conv2d if none).
+
+        Raises
+        ------
+        ValueError
+            For a :class:`Headless` network (``featx:pixels``), which has none and so cannot be fine-tuned;
+            the message says why and what to do instead.
+        """
+        if isinstance(self.model, Headless):
+            raise ValueError(
+                f"{self.name} cannot be fine-tuned: {self.model.no_classifier}. Fine-tune a pretrained backbone "
+                "instead (e.g. --backbone featx:efficientnet_lite0); to use it as the no-transfer baseline, extract "
+                f"its features and train a classifier on them (featx extract SOURCE --backbone {self.name}, then "
+                "featx train STORE -c logreg)"
+            )
         return self._classifier_call()[0]
 
     def _classifier_call(self) -> tuple[str, str]:

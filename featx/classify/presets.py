@@ -1,9 +1,13 @@
-"""The named classifiers (``svm``, ``logreg``, ``sgd``, ``ridge``, ``knn``) and their preprocessing pipelines.
+"""The named classifiers (``svm``, ``logreg``, ``sgd``, ``ridge``, ``knn``, ``chance``) and their preprocessing.
 
 A :class:`Preset` says how to build the estimator for one value of its hyper-parameter, which grid to search
 and whether it can warm-start along that grid; :func:`build_pipeline` puts the preprocessing steps (``l2``,
 ``standard``, ``pca``) in front of it so they are fitted inside each fold. Any scikit-learn classifier can
 be named by import path, or registered with :func:`register_classifier`.
+
+``chance`` is the floor of every comparison: it predicts the most frequent class of the training split for
+every image (its accuracy is that class's share of the test split), with no hyper-parameter and no
+preprocessing; with the no-transfer backbone ``featx:pixels`` it shows what a row's features buy.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ class Preset:
     ----------
     name : str
     param : str
-        The searched hyper-parameter (``C``, ``alpha``, ``n_neighbors``).
+        The searched hyper-parameter (``C``, ``alpha``, ``n_neighbors``); ``""`` for a classifier without one
+        (``chance``), which is fitted once and never searched.
     grid : tuple of float
-        Default search grid, in the order searched (warm starts go along it).
+        Default search grid, in the order searched (warm starts go along it); empty without a ``param``.
     build : callable
         ``build(value, seed, class_weight, **extra) -> estimator``.
     warm_start : bool, default=False
@@ -115,6 +120,14 @@ def _knn(n_neighbors, seed, class_weight, **extra):
     return KNeighborsClassifier(n_neighbors=int(n_neighbors), weights=extra.pop("weights", "distance"), **extra)
 
 
+def _chance(value, seed, class_weight, **extra):
+    """The majority class of train for every image; ties go to the first class (``DummyClassifier``'s argmax).
+    Its ``predict_proba`` is 1 for that class and 0 for the others, so its results carry scores like any row's."""
+    from sklearn.dummy import DummyClassifier
+
+    return DummyClassifier(strategy="most_frequent", **extra)
+
+
 _LOG_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
 
 
@@ -169,6 +182,19 @@ register_classifier(
         supports_class_weight=False,
         description="k-nearest neighbours (distance-weighted), a no-training baseline",
         preprocess=("l2",),
+    )
+)
+
+
+register_classifier(
+    Preset(
+        "chance",
+        "",
+        (),
+        _chance,
+        supports_class_weight=False,
+        description="the majority class of train for every image (DummyClassifier), the chance baseline",
+        preprocess=(),
     )
 )
 
