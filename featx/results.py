@@ -40,6 +40,8 @@ __all__ = [
     "FewShotPoint",
     "FinetuneResults",
     "FinetuneSettings",
+    "LrSweepRun",
+    "LrSweepSummary",
     "NotResultsError",
     "Predictions",
     "Results",
@@ -249,6 +251,10 @@ class FinetuneSettings(_FinetuneSettingsBase, total=False):
     val_fraction: float  # before issue 14 (the split plan's now: ``split.plan``)
     world_size: int
     flip: bool  # before issue 15, training always flipped
+    lr: str  # "phases" or "auto" (issue 15)
+    lr_candidates: list[float]
+    max_minutes: float | None
+    lr_chosen: float | None  # the base rate chosen on val; None when the phases fix every rate
 
 
 class EpochRecord(TypedDict):
@@ -265,6 +271,32 @@ class EpochRecord(TypedDict):
     lr_head: float | None
     lr_backbone: float | None
     images_per_second: float | None
+    seconds: float
+
+
+class LrSweepRun(TypedDict):
+    """One candidate base rate of a fine-tune's learning-rate choice, and how it did on val."""
+
+    lr: float
+    val_loss: float | None
+    val_accuracy: float
+    train_loss: float | None
+    seconds: float
+    curve: list[EpochRecord]
+
+
+class LrSweepSummary(TypedDict):
+    """The choice of a fine-tune's base learning rate on val (``results["lr_sweep"]``)."""
+
+    phase: int  # 1-based: the phase whose first epoch each candidate trained
+    freeze: str
+    budget: str
+    selected_by: str  # "val_loss" (a small val split) or "val_accuracy" (ties: val loss)
+    candidates: list[float]
+    runs: list[LrSweepRun]
+    cut: list[float]  # candidates not tried: they would have ended past max_minutes
+    max_minutes: float | None
+    chosen: float
     seconds: float
 
 
@@ -320,6 +352,7 @@ class FinetuneResults(_FinetuneResultsBase, total=False):
     split: SplitInfo
     split_policy: str
     cell: CellInfo
+    lr_sweep: LrSweepSummary  # when the learning rate was chosen on val (issue 15)
 
 
 Results = ClassifierResults | FinetuneResults

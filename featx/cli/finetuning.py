@@ -28,6 +28,13 @@ def _hidden_sizes(text: str) -> tuple[int, ...]:
         raise ValueError(f"--hidden {text!r}: give comma-separated layer sizes, e.g. 512,256") from None
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--lr-candidates {text!r}: give comma-separated rates, e.g. 1e-3,3e-3,1e-2") from None
+
+
 def _crop_scale(text: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(","))
@@ -44,6 +51,25 @@ def _crop_scale(text: str) -> tuple[float, float]:
     default=DEFAULT_PHASES,
     show_default=True,
     help="FREEZE:EPOCHS:LR,… with FREEZE = head, topK or all; or a .toml file of [[phase]] tables.",
+)
+@click.option(
+    "--lr",
+    type=click.Choice(["phases", "auto"]),
+    default="phases",
+    show_default=True,
+    help="auto: choose the base rate on val (the phases' rates become ratios to the first's); phases: as written. "
+    "A phase's LR may also be auto, auto/10, auto*3.",
+)
+@click.option(
+    "--lr-candidates",
+    default="",
+    help="Base rates to choose from, e.g. 1e-3,3e-3,1e-2 [default: sgd 1e-3,3e-3,1e-2; adamw 1e-4,3e-4,1e-3].",
+)
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Cap on the rate choice: candidates that would end past it are not tried (the results say which).",
 )
 @click.option(
     "--init-head",
@@ -112,6 +138,7 @@ def finetune(
     trust,
     hidden,
     crop_scale,
+    lr_candidates,
     device,
     amp,
     workers,
@@ -121,9 +148,9 @@ def finetune(
     plan,
     **settings,
 ) -> None:
-    """Fine-tune a backbone on SOURCE in phases; resumable. It trains on train, chooses its epoch on val and
-    is tested once on test, the splits of the split plan: the same plan as `featx train` gives both the same
-    images.
+    """Fine-tune a backbone on SOURCE in phases; resumable. It trains on train, chooses its epoch (epoch 0,
+    the weights before any update, included) and, with --lr auto, its learning rate on val, and is tested
+    once on test, the splits of the split plan: the same plan as `featx train` gives both the same images.
 
     \b
     On several GPUs or nodes, launch it with torchrun (DistributedDataParallel; --batch-size is global):
@@ -140,6 +167,7 @@ def finetune(
             phases=tuple(parse_phases(phases)),
             hidden=_hidden_sizes(hidden),
             crop_scale=_crop_scale(crop_scale),
+            lr_candidates=_rates(lr_candidates),
             **settings,  # every other setting under FinetuneConfig's own name
         )
         results = run_finetune(
@@ -162,6 +190,15 @@ def finetune(
         trained = f"train loss {c['train_loss']:.4f}, " if c["train_loss"] is not None else "before any update, "
         speed = f", {c['images_per_second']:.1f} images/s" if c["images_per_second"] else ""
         click.echo(f"  epoch {c['epoch']:>3} {c['freeze']:>5}: {trained}val accuracy {c['val_accuracy']:.4f}{speed}")
+    sweep = results.get("lr_sweep")
+    if sweep:
+        tried = ", ".join(
+            f"{r['lr']:g} → val loss {r['val_loss'] if r['val_loss'] is None else round(r['val_loss'], 4)}, "
+            f"accuracy {r['val_accuracy']:.4f}"
+            for r in sweep["runs"]
+        )
+        cut = f"; not tried (--max-minutes): {', '.join(f'{lr:g}' for lr in sweep['cut'])}" if sweep["cut"] else ""
+        click.echo(f"learning rate chosen by {sweep['selected_by']}: {sweep['chosen']:g} ({tried}{cut})")
     ft = results["finetune"]
     low, high = ft["crop_scale"]
     click.echo(

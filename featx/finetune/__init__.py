@@ -5,14 +5,15 @@
 - :mod:`~featx.finetune.data`: training and evaluation images (augmentation, global batches);
 - :mod:`~featx.finetune.prepare`: a run's inputs (rows by split, the network with its new head, the setup);
 - :mod:`~featx.finetune.state`: a run's state between epochs, and its checkpoint;
-- :mod:`~featx.finetune.epochs`: the training loop (phase, epoch, step) and prediction over the ranks;
+- :mod:`~featx.finetune.epochs`: the training loop (epoch 0, phase, epoch, step) and prediction over the ranks;
+- :mod:`~featx.finetune.sweep`: the base learning rate chosen on val (a short run per candidate rate);
 - :mod:`~featx.finetune.trainer`: the run, :func:`finetune`, as its steps (restore, train, test, write);
 - :mod:`~featx.finetune.artifacts`: what a run leaves on disk, and loading it back.
 """
 
 import importlib
 
-from featx.finetune.config import DEFAULT_PHASES, FinetuneConfig, Phase, parse_phases
+from featx.finetune.config import DEFAULT_LR_CANDIDATES, DEFAULT_PHASES, FinetuneConfig, Phase, parse_phases
 
 # The rest imports torch: loaded on first use, so `featx --help` and the CLI's defaults stay fast.
 _LAZY = {
@@ -23,6 +24,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "DEFAULT_LR_CANDIDATES",
     "DEFAULT_PHASES",
     "FinetuneConfig",
     "Phase",

@@ -16,14 +16,21 @@ from typing import Any
 
 from featx.spec import canonical_json
 
-__all__ = ["DEFAULT_PHASES", "FinetuneConfig", "Phase", "parse_phases"]
+__all__ = ["DEFAULT_LR_CANDIDATES", "DEFAULT_PHASES", "FinetuneConfig", "Phase", "parse_phases"]
 
 
 #: The classic recipe: the head alone, then the top two blocks, then everything, each at a tenth of the rate.
 DEFAULT_PHASES = "head:3:1e-3,top2:5:1e-4,all:5:1e-5"
 
 
-_PHASE_RE = re.compile(r"^(head|all|top(\d+)):(\d+):([0-9.eE+-]+)$")
+#: The base rates an ``auto`` learning rate is chosen from on val, per optimiser: three log-spaced rates around
+#: those issue 15 measured working (SGD: head 1e-2 then all 3e-3 reached 0.961 on digits; the hymenoptera
+#: pipeline needed ten times the default 1e-3), AdamW's ten times lower as its steps are larger.
+DEFAULT_LR_CANDIDATES = {"sgd": (1e-3, 3e-3, 1e-2), "adamw": (1e-4, 3e-4, 1e-3)}
+
+
+_PHASE_RE = re.compile(r"^(head|all|top(\d+)):(\d+):(\S+)$")
+_AUTO_RE = re.compile(r"^auto(?:([*/])([0-9.eE+-]+))?$")
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -32,12 +39,14 @@ class Phase:
     """One training phase: what is trainable, for how many epochs, at which peak learning rate.
 
     ``freeze`` is ``head`` (only the new head trains), ``topK`` (the last K backbone blocks and the head)
-    or ``all`` (everything trains).
+    or ``all`` (everything trains). With ``auto``, ``lr`` is a factor of the base rate chosen on val (the
+    phase string's ``auto``, ``auto/10``, ``auto*3``), not a rate.
     """
 
     freeze: str
     epochs: int
     lr: float
+    auto: bool = False
 
     def __post_init__(self) -> None:
         if not (self.freeze in ("head", "all") or re.fullmatch(r"top[1-9]\d*", self.freeze)):
@@ -52,11 +61,46 @@ class Phase:
         """The phase's name in a results row (its freezing: ``head``, ``top2``, ``all``)."""
         return self.freeze
 
+    def rate(self, base: float | None) -> float:
+        """The phase's peak learning rate, given the base rate chosen on val (``None`` before the choice)."""
+        if not self.auto:
+            return self.lr
+        if base is None:
+            raise RuntimeError(f"phase {self.freeze}'s learning rate is chosen on val, and it has not been chosen yet")
+        return self.lr * base
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"freeze", "epochs", "lr"}``, plus ``"auto": true`` for a rate relative to the chosen one (left out
+        otherwise, as featx wrote phases before rates were chosen)."""
+        d: dict[str, Any] = {"freeze": self.freeze, "epochs": self.epochs, "lr": self.lr}
+        return {**d, "auto": True} if self.auto else d
+
+
+def _phase_lr(text: str, where: str) -> tuple[float, bool]:
+    """A phase's LR field: a rate, or ``auto`` optionally times (``*F``) or over (``/F``) a factor."""
+    m = _AUTO_RE.match(text)
+    try:
+        if m is None:
+            return float(text), False
+        if m.group(1) is None:
+            return 1.0, True
+        factor = float(m.group(2))
+    except ValueError:
+        raise ValueError(
+            f"{where}: {text!r} is not a learning rate (a number, or auto, auto/10, auto*3: a factor of the rate "
+            "chosen on val)"
+        ) from None
+    if not factor > 0:
+        raise ValueError(f"{where}: {text!r} needs a positive factor")
+    return (factor if m.group(1) == "*" else 1.0 / factor), True
+
 
 def parse_phases(spec: str | Path) -> list[Phase]:
     """``"head:3:1e-3,top2:5:1e-4,all:5:1e-5"`` (FREEZE:EPOCHS:LR, comma-separated) or a TOML file.
 
-    A TOML file holds ``[[phase]]`` tables with ``freeze``, ``epochs`` and ``lr``.
+    LR is a rate, or ``auto`` (the base rate chosen on val, see :class:`FinetuneConfig`), ``auto/10`` or
+    ``auto*3`` (that rate over or times a factor): ``"head:1:auto,all:3:auto/3"``. A TOML file holds
+    ``[[phase]]`` tables with ``freeze``, ``epochs`` and ``lr`` (a number or such a string).
     """
     text = str(spec)
     path = Path(text)
@@ -76,7 +120,8 @@ def parse_phases(spec: str | Path) -> list[Phase]:
             extra = set(table) - {"freeze", "epochs", "lr"}
             if extra or not {"freeze", "epochs", "lr"} <= set(table):
                 raise ValueError(f"{text}: phase {i} must have exactly freeze, epochs and lr (got {sorted(table)})")
-            phases.append(Phase(str(table["freeze"]), int(table["epochs"]), float(table["lr"])))
+            lr, auto = _phase_lr(str(table["lr"]), f"{text}: phase {i}")
+            phases.append(Phase(str(table["freeze"]), int(table["epochs"]), lr, auto))
         return phases
     phases = []
     for part in (p.strip() for p in text.split(",")):
@@ -86,11 +131,8 @@ def parse_phases(spec: str | Path) -> list[Phase]:
                 f"phase {part!r} is not FREEZE:EPOCHS:LR (FREEZE = head, topK or all), "
                 'e.g. "head:3:1e-3,top2:5:1e-4,all:5:1e-5"'
             )
-        try:
-            lr = float(m.group(4))
-        except ValueError:
-            raise ValueError(f"phase {part!r}: {m.group(4)!r} is not a learning rate") from None
-        phases.append(Phase(m.group(1), int(m.group(3)), lr))
+        lr, auto = _phase_lr(m.group(4), f"phase {part!r}")
+        phases.append(Phase(m.group(1), int(m.group(3)), lr, auto))
     return phases
 
 
@@ -125,6 +167,19 @@ class FinetuneConfig:
     patience : int, optional
         End a phase after this many epochs without improving the monitored metric.
     metric : {"val_accuracy", "val_loss"}, default="val_accuracy"
+    lr : {"phases", "auto"}, default="phases"
+        ``phases``: the rates the phases give (a phase written ``auto`` has its rate chosen on val all the
+        same). ``auto``: the base rate is chosen on val and every phase's rate is its written rate times
+        (chosen / the first phase's written rate): the phases give the ratios.
+    lr_candidates : tuple of float, default=()
+        The base rates to choose from; empty for the optimiser's :data:`DEFAULT_LR_CANDIDATES`. Each trains
+        the first epoch of the first ``auto`` phase from the same weights on the same batches; the best on val
+        (val loss for a val split under 200 images, val accuracy then loss otherwise) goes on to the full
+        schedule from that epoch, so the choice costs one epoch per other candidate.
+    max_minutes : float, optional
+        Cap on the rate choice's minutes: a candidate that would end past it is not tried (the results list
+        it as cut); the first always is. It is not part of the run's hash: a resumed run keeps the choices
+        its checkpoint recorded.
     seed : int, default=0
     update_bn_stats : bool, default=False
         Let unfrozen BatchNorm layers update their running statistics. Off by default, as the Keras
@@ -146,12 +201,16 @@ class FinetuneConfig:
     flip: bool = True
     patience: int | None = None
     metric: str = "val_accuracy"
+    lr: str = "phases"
+    lr_candidates: tuple[float, ...] = ()
+    max_minutes: float | None = None
     seed: int = 0
     update_bn_stats: bool = False
 
     def __post_init__(self) -> None:
         if not self.phases:
             raise ValueError("fine-tuning needs at least one phase")
+        self._check_lr()
         checks = [
             (self.batch_size >= 1, f"batch size must be positive, got {self.batch_size}"),
             (self.optimizer in ("sgd", "adamw"), f"optimizer {self.optimizer!r}: use sgd or adamw"),
@@ -171,10 +230,53 @@ class FinetuneConfig:
             if not ok:
                 raise ValueError(message)
 
+    def _check_lr(self) -> None:
+        """Check the rate options; under ``lr="auto"`` make the phases' rates factors of the first's."""
+        if self.lr not in ("phases", "auto"):
+            raise ValueError(f"lr {self.lr!r}: use phases (the rates --phases gives) or auto (chosen on val)")
+        autos = {p.auto for p in self.phases}
+        if self.lr == "auto" and autos == {False}:
+            first = self.phases[0].lr
+            relative = tuple(Phase(p.freeze, p.epochs, p.lr / first, auto=True) for p in self.phases)
+            object.__setattr__(self, "phases", relative)  # frozen: the one place the phases are rewritten
+        elif self.lr == "auto" and autos == {True, False}:
+            raise ValueError(
+                "lr auto makes every phase's rate a factor of the first's; --phases already writes auto for some "
+                "phases, so give the others as auto too (auto/10, …) or leave lr at phases"
+            )
+        candidates = self.lr_candidates
+        if candidates and not (
+            len(candidates) >= 2
+            and len(set(candidates)) == len(candidates)
+            and all(isinstance(c, int | float) and c > 0 and math.isfinite(c) for c in candidates)
+        ):
+            raise ValueError(f"lr candidates must be two or more distinct positive rates, got {list(candidates)}")
+        if self.max_minutes is not None and not (
+            isinstance(self.max_minutes, int | float)
+            and not isinstance(self.max_minutes, bool)
+            and self.max_minutes > 0
+        ):
+            raise ValueError(f"max minutes must be a positive number, got {self.max_minutes!r}")
+        if (candidates or self.max_minutes is not None) and not self.sweeps:
+            raise ValueError(
+                "lr candidates and max minutes shape the choice of the learning rate on val, and no rate is chosen: "
+                "pass lr auto, or write auto as a phase's rate (head:1:auto,all:3:auto/3)"
+            )
+
+    @property
+    def sweeps(self) -> bool:
+        """Whether the base learning rate is chosen on val (a phase's rate is ``auto``)."""
+        return any(p.auto for p in self.phases)
+
+    @property
+    def candidates(self) -> tuple[float, ...]:
+        """The base rates the choice tries, ascending."""
+        return tuple(sorted(self.lr_candidates or DEFAULT_LR_CANDIDATES[self.optimizer]))
+
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data (phases as dicts, tuples as lists), as results and hashes record it."""
         d = dataclasses.asdict(self)
-        d["phases"] = [dataclasses.asdict(p) for p in self.phases]
+        d["phases"] = [p.to_dict() for p in self.phases]
         return json.loads(canonical_json(d))
 
     @property

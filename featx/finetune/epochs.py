@@ -28,7 +28,17 @@ from featx.finetune.prepare import _Run
 from featx.finetune.state import RunState, save_checkpoint
 from featx.results import EpochRecord
 
-__all__ = ["evaluate_start", "predict", "train_epoch", "train_phase", "validate"]
+__all__ = [
+    "LivePhase",
+    "epochs_before",
+    "evaluate_start",
+    "finish_epoch",
+    "predict",
+    "setup_phase",
+    "train_epoch",
+    "train_phase",
+    "validate",
+]
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -168,53 +178,110 @@ def _keep_if_best(run: _Run, state: RunState, metric: float, epoch: int) -> None
         _save_weights(run.out / WEIGHTS, run.model.net)
 
 
-def train_phase(run: _Run, state: RunState, phase_index: int, bar: Any) -> None:
-    """Train one phase from ``state``'s epoch on: freeze what the phase does not train, then per epoch
-    train, validate, keep the best weights and write the checkpoint; end early after ``patience``."""
+@dataclass
+class LivePhase:
+    """A phase's live training objects: the model to step (DDP-wrapped on several ranks), its optimiser and
+    schedule, for the phase's peak rate ``lr``."""
+
+    step_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr: float
+    trainable: set[str]
+
+    def restore(self, run: _Run, saved: dict[str, Any]) -> None:
+        """Load the ``optimizer``, ``scheduler`` and ``scaler`` state dicts of ``saved`` (a phase cut short)."""
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        run.scaler.load_state_dict(saved["scaler"])
+
+
+def setup_phase(run: _Run, phase_index: int, lr: float) -> LivePhase:
+    """Freeze what the phase does not train; a fresh optimiser at peak rate ``lr`` and the phase's schedule."""
     from torch.nn.parallel import DistributedDataParallel
 
-    config, world = run.config, run.world
+    config = run.config
     phase = config.phases[phase_index]
     trainable = _set_trainable(run.model.net, run.built.blocks, run.built.head_name, phase)
-    optimizer = _optimizer(run.model.net, run.built.head_name, config, phase.lr)
+    optimizer = _optimizer(run.model.net, run.built.head_name, config, lr)
     # DDP is rebuilt per phase: it registers gradient hooks only on the parameters that train now.
     step_model: nn.Module = (
         DistributedDataParallel(run.model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
-        if world.distributed
+        if run.world.distributed
         else run.model
     )
     total_steps = phase.epochs * run.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, round(config.warmup * total_steps))
     )
-    if state.resumes_mid_phase:
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        run.scaler.load_state_dict(state.scaler)
+    return LivePhase(step_model, optimizer, scheduler, lr, trainable)
+
+
+def epochs_before(config: FinetuneConfig, phase_index: int) -> int:
+    """How many epochs the phases before ``phase_index`` train (its first epoch's 0-based global index)."""
+    return sum(p.epochs for p in config.phases[:phase_index])
+
+
+def train_phase(run: _Run, state: RunState, phase_index: int, bar: Any, live: LivePhase | None = None) -> None:
+    """Train one phase from ``state``'s epoch on: freeze what the phase does not train, then per epoch
+    train, validate, keep the best weights and write the checkpoint; end early after ``patience``.
+
+    ``live`` goes on with objects already set up (the chosen candidate of a learning-rate choice)."""
+    config = run.config
+    phase = config.phases[phase_index]
+    if live is None:
+        live = setup_phase(run, phase_index, phase.rate(state.lr_base))
+        if state.resumes_mid_phase:
+            live.restore(run, {"optimizer": state.optimizer, "scheduler": state.scheduler, "scaler": state.scaler})
     state.release()
     n_phases = len(config.phases)
     run.info(
-        "phase %d/%d %s: %d trainable tensors, lr %g", phase_index + 1, n_phases, phase.freeze, len(trainable), phase.lr
+        "phase %d/%d %s: %d trainable tensors, lr %g",
+        phase_index + 1,
+        n_phases,
+        phase.freeze,
+        len(live.trainable),
+        live.lr,
     )
-    epochs_before = sum(p.epochs for p in config.phases[:phase_index])
+    first = epochs_before(config, phase_index)
     for epoch in range(state.epoch_in_phase, phase.epochs):
-        global_epoch = epochs_before + epoch
-        stats = train_epoch(run, step_model, optimizer, scheduler, global_epoch)
+        stats = train_epoch(run, live.step_model, live.optimizer, live.scheduler, first + epoch)
         val_loss, val_acc = validate(run)
-        state.curves.append(_epoch_record(global_epoch, phase_index, phase, stats, val_loss, val_acc))
-        _keep_if_best(run, state, _monitored(config, val_loss, val_acc), global_epoch + 1)
-        stale = state.stale
-        stop = config.patience is not None and stale >= config.patience
-        state.advance(phase_index, epoch, phase_done=stop or epoch + 1 == phase.epochs)
-        if world.is_main:  # the ranks hold the same weights: one writer
-            save_checkpoint(run.out / CHECKPOINT, state.with_live(run.model.net, optimizer, scheduler, run.scaler))
-        _ddp.barrier(world)
-        bar.update(1)
-        bar.set_postfix(val_acc=f"{val_acc:.3f}", refresh=False)
-        if stop:
-            run.info("no improvement for %d epochs: ending phase %d early", stale, phase_index + 1)
-            bar.update(phase.epochs - epoch - 1)
+        record = _epoch_record(first + epoch, phase_index, phase, stats, val_loss, val_acc)
+        if finish_epoch(run, state, phase_index, epoch, record, (val_loss, val_acc), live, bar):
             break
+
+
+def finish_epoch(
+    run: _Run,
+    state: RunState,
+    phase_index: int,
+    epoch: int,
+    record: EpochRecord,
+    val: tuple[float, float],
+    live: LivePhase,
+    bar: Any,
+) -> bool:
+    """After an epoch of a phase: record it, keep its weights if best, move on, write the checkpoint (rank 0).
+    Returns whether the phase ends early (``patience`` epochs without gain)."""
+    config, world = run.config, run.world
+    phase = config.phases[phase_index]
+    state.curves.append(record)
+    _keep_if_best(run, state, _monitored(config, *val), record["epoch"])
+    stale = state.stale
+    stop = config.patience is not None and stale >= config.patience
+    state.advance(phase_index, epoch, phase_done=stop or epoch + 1 == phase.epochs)
+    if world.is_main:  # the ranks hold the same weights: one writer
+        save_checkpoint(
+            run.out / CHECKPOINT, state.with_live(run.model.net, live.optimizer, live.scheduler, run.scaler)
+        )
+    _ddp.barrier(world)
+    bar.update(1)
+    bar.set_postfix(val_acc=f"{val[1]:.3f}", refresh=False)
+    if stop:
+        run.info("no improvement for %d epochs: ending phase %d early", stale, phase_index + 1)
+        bar.update(phase.epochs - epoch - 1)
+    return stop
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ The state records where the run stands (the next phase and epoch to train), the 
 curves; the checkpoint adds the weights and the optimiser, scheduler and gradient scaler states taken at
 that point. The checkpoint is a plain dict of tensors and Python values (read with
 ``torch.load(weights_only=True)``); its keys are the ones featx has always written, so a run killed under
-an older featx resumes under this one.
+an older featx resumes under this one, plus ``lr_sweep`` (:class:`LrSweep`) in a run whose learning rate is
+chosen on val.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from featx._runtime.io import atomic_write
 
-__all__ = ["CHECKPOINT_KEYS", "RunState", "read_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "LrSweep", "RunState", "read_checkpoint", "save_checkpoint"]
 
 
 #: The keys of a ``checkpoint.pt``: the on-disk format, unchanged since resuming was introduced.
@@ -34,6 +35,57 @@ CHECKPOINT_KEYS = (
     "epoch_in_phase",
     "stale",
 )
+
+
+@dataclass
+class LrSweep:
+    """The choice of the base learning rate on val, as far as it has gone (see :mod:`featx.finetune.sweep`).
+
+    Attributes
+    ----------
+    phase : int
+        Index of the phase whose first epoch each candidate trains.
+    order : list of float
+        The candidate base rates, in the order they are tried.
+    selected_by : str
+        ``val_loss`` or ``val_accuracy`` (ties: the lower val loss).
+    runs : list of dict
+        One per candidate tried: its ``lr``, ``val_loss``, ``val_accuracy``, ``train_loss``, ``seconds`` and
+        ``curve`` (its epoch records).
+    cut : list of float
+        Candidates not tried, as they would have ended past ``max_minutes``.
+    chosen : float, optional
+        The chosen base rate, once every candidate is tried or cut.
+    start : dict, optional
+        The weights every candidate starts from; dropped once the rate is chosen.
+    best : dict, optional
+        The best candidate so far: its ``lr`` and its ``model``, ``optimizer``, ``scheduler`` and ``scaler``
+        state dicts, which the run goes on from; dropped once the rate is chosen.
+    """
+
+    phase: int
+    order: list[float]
+    selected_by: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    cut: list[float] = field(default_factory=list)
+    chosen: float | None = None
+    start: dict[str, torch.Tensor] | None = None
+    best: dict[str, Any] | None = None
+
+    @property
+    def pending(self) -> list[float]:
+        """The candidates neither tried nor cut, in order."""
+        done = {r["lr"] for r in self.runs} | set(self.cut)
+        return [lr for lr in self.order if lr not in done]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``checkpoint.pt`` (tensors and Python values)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # asdict would copy the tensors
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LrSweep:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 @dataclass
@@ -60,6 +112,8 @@ class RunState:
     model, optimizer, scheduler, scaler : dict, optional
         State dicts taken when the checkpoint was written; ``None`` for a run that starts afresh, and
         dropped (:meth:`release`) once they have been loaded into the live objects.
+    lr_sweep : LrSweep, optional
+        The choice of the learning rate on val, in a run that makes one, once it has begun.
     """
 
     run_hash: str
@@ -73,6 +127,12 @@ class RunState:
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
+    lr_sweep: LrSweep | None = None
+
+    @property
+    def lr_base(self) -> float | None:
+        """The base learning rate chosen on val (``None`` before the choice, or in a run without one)."""
+        return self.lr_sweep.chosen if self.lr_sweep is not None else None
 
     @property
     def resumes_mid_phase(self) -> bool:
@@ -99,8 +159,9 @@ class RunState:
         self.model = self.optimizer = self.scheduler = self.scaler = None
 
     def to_checkpoint(self) -> dict[str, Any]:
-        """The dict ``checkpoint.pt`` holds (keys :data:`CHECKPOINT_KEYS`)."""
-        return {
+        """The dict ``checkpoint.pt`` holds (keys :data:`CHECKPOINT_KEYS`, and ``lr_sweep`` once there is one)."""
+        sweep = {} if self.lr_sweep is None else {"lr_sweep": self.lr_sweep.to_dict()}
+        return sweep | {
             "run_hash": self.run_hash,
             "model": self.model,
             "optimizer": self.optimizer,
@@ -138,6 +199,7 @@ class RunState:
             optimizer=data["optimizer"],
             scheduler=data["scheduler"],
             scaler=data["scaler"],
+            lr_sweep=LrSweep.from_dict(data["lr_sweep"]) if data.get("lr_sweep") is not None else None,
         )
 
     def with_live(

@@ -11,7 +11,8 @@ A run is a sequence of steps, and :func:`_finetune` reads as them:
 :func:`~featx.finetune.prepare.prepare_rows` (the splits, unreadable images dropped), :func:`restore_or_start`
 (the :class:`~featx.finetune.state.RunState` in ``checkpoint.pt``, or a fresh one),
 :func:`~featx.finetune.epochs.evaluate_start` (epoch 0: the weights before any update, a candidate like every
-epoch), :func:`~featx.finetune.epochs.train_phase` per phase (each epoch: train, validate, keep the best weights,
+epoch), then per phase :func:`~featx.finetune.sweep.choose_rate` (at the first phase whose rate is chosen on
+val) and :func:`~featx.finetune.epochs.train_phase` (each epoch: train, validate, keep the best weights,
 write the checkpoint), :func:`test_best` and :func:`write_artifacts`.
 """
 
@@ -41,6 +42,7 @@ from featx.finetune.epochs import evaluate_start, predict, train_phase
 from featx.finetune.heads import _family, _model_label
 from featx.finetune.prepare import _Run, build_model, load_manifest, prepare_rows
 from featx.finetune.state import RunState, read_checkpoint
+from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
 from featx.results import SCHEMA, FinetuneResults, TestMetrics, write_results
 from featx.spec import DEFAULT_MAX_PIXELS
@@ -68,6 +70,10 @@ def finetune(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FinetuneResults:
     """Fine-tune a backbone on a source's train split, validate each epoch, test the best epoch once.
+
+    The weights before any update are epoch 0, a candidate like every epoch (LP-FT never ends below its
+    probe on val). A phase whose rate is ``auto`` (or every phase, under ``config.lr="auto"``) has its base
+    rate chosen on val first (:mod:`featx.finetune.sweep`).
 
     Writes into ``out_dir``: ``checkpoint.pt`` (every epoch; resumes a killed run), ``model.safetensors``
     (the best weights, loadable as ``file:ARCH=PATH`` for extraction when the head is linear),
@@ -123,7 +129,8 @@ def finetune(
     -------
     FinetuneResults
         The results written to ``results.json``: test metrics under ``"test"`` (``None`` without a test
-        split), per-epoch curves under ``"curves"``, the chosen epoch under ``"best_epoch"``.
+        split), per-epoch curves under ``"curves"`` (from epoch 0), the chosen epoch under ``"best_epoch"``,
+        the choice of the learning rate under ``"lr_sweep"`` (when there is one).
 
     Raises
     ------
@@ -212,7 +219,9 @@ def _finetune(
         if not state.curves:  # a fresh run (a resumed one has recorded its epoch 0, or predates it)
             evaluate_start(run, state)
         for phase_index in range(state.phase, len(config.phases)):
-            train_phase(run, state, phase_index, bar)
+            live = choose_rate(run, state, phase_index, bar) if needs_choice(config, state, phase_index) else None
+            if state.phase == phase_index:  # the chosen candidate's epoch may have ended the phase
+                train_phase(run, state, phase_index, bar, live)
     test = test_best(run)
     return write_artifacts(run, state, test, seconds=time.perf_counter() - t_start)
 
@@ -292,15 +301,32 @@ def _finetune_meta(run: _Run, state: RunState) -> dict[str, Any]:
         "config": config.to_dict(),
         "init_head": built.init_ref,
         "best_epoch": state.best_epoch,
+        "lr_chosen": state.lr_base,
         "extract_with": f"file:{family}={(run.out / WEIGHTS).resolve()}" if not config.hidden else None,
     }
+
+
+def _phases_run(config: FinetuneConfig, base: float | None) -> list[dict[str, Any]]:
+    """The phases with the peak rates they trained at; a rate chosen on val keeps its factor as ``lr_auto``."""
+    return [
+        {"freeze": p.freeze, "epochs": p.epochs, "lr": p.rate(base)} | ({"lr_auto": p.lr} if p.auto else {})
+        for p in config.phases
+    ]
+
+
+def _fit_seconds(state: RunState) -> float:
+    """Training seconds: every recorded epoch, and the candidates the rate choice did not keep."""
+    sweep = state.lr_sweep
+    others = sum(r["seconds"] for r in sweep.runs if r["lr"] != sweep.chosen) if sweep else 0.0
+    return round(sum(c["seconds"] for c in state.curves) + others, 3)
 
 
 def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
     """The run's results document (:class:`featx.results.FinetuneResults`)."""
     built, config, rows = run.built, run.config, run.rows
     kind = "lp-ft" if built.init_ref else "finetune"
-    return {
+    sweep = {} if state.lr_sweep is None else {"lr_sweep": sweep_summary(config, state.lr_sweep)}
+    return sweep | {
         "schema": SCHEMA,
         "kind": "finetune",
         "method": f"{kind}[{config.label}] · {_model_label(built.net.parsed)}",
@@ -319,6 +345,8 @@ def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: f
         "backbone": built.net.name,
         "finetune": {
             **config.to_dict(),
+            "phases": _phases_run(config, state.lr_base),
+            "lr_chosen": state.lr_base,
             "blocks": len(built.blocks),
             "init_head": built.init_ref,
             "amp": run.amp,
@@ -331,7 +359,7 @@ def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: f
         "train": {
             "n": len(rows.train),
             "val_n": len(rows.val),
-            "fit_seconds": round(sum(c["seconds"] for c in state.curves), 3),
+            "fit_seconds": _fit_seconds(state),
         },
         "test": test,
         "versions": library_versions(),
