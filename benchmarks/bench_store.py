@@ -59,7 +59,7 @@ def featx_writer(X: np.ndarray, dtype: str, work: Path) -> dict:
         preprocessing=Preprocessing((224, 224), 256, "bicubic", (0.5,) * 3, (0.5,) * 3),
         dtype=dtype,
     )
-    fp = manifest.fingerprint()
+    fp = manifest.images_fingerprint()  # what extract() keys a store by
     path = work / f"featx-{dtype}.h5"
     path.unlink(missing_ok=True)
     with StoreWriter(path, spec, cache_key(spec, fp), manifest, fp, {"penultimate": dims}) as writer:

@@ -91,7 +91,7 @@ def _hyper_value(preset: Any, given: dict[str, Any]) -> Any:
     "-c",
     default="svm",
     show_default=True,
-    help="svm, logreg, sgd, ridge, knn, or an import path such as sklearn.svm.SVC.",
+    help="svm, logreg, sgd, ridge, knn, chance, or an import path such as sklearn.svm.SVC.",
 )
 @click.option("--C", "C", default=None, callback=_positive_or_auto, help="C for svm/logreg: auto (search) or a value.")
 @click.option("--alpha", default=None, callback=_positive_or_auto, help="alpha for sgd/ridge: auto or a value.")

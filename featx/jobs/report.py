@@ -65,8 +65,11 @@ def _row(results: Results, path: Path, root: Path) -> Row:
     settings = results.get("finetune") if results["kind"] == "finetune" else results.get("classifier")
     seed = cell.get("seed", (settings or {}).get("seed"))
     shown = ("featx", "torch", "torchvision", "timm", "scikit-learn", "numpy", "pillow")
+    method = results.get("method", path.parent.name)
+    if results["kind"] == "classifier" and results["classifier"].get("preset") == "chance":
+        method = "chance (majority class of train)"  # it reads no features: the store's name would mislead
     return Row(
-        method=results.get("method", path.parent.name),
+        method=method,
         dataset=dataset,
         kind=results.get("kind"),
         baseline=_is_baseline(results),
