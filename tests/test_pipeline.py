@@ -316,3 +316,14 @@ def test_a_row_with_several_seeds_runs_one_cell_per_seed_and_reports_their_sprea
     for bad, message in (("[]", "non-empty list"), ("[1, 1]", "listed twice"), ("[-1]", "0 or more")):
         with pytest.raises(JobError, match=message):
             load_job(_write(tmp_path, text.replace("seeds = [0, 1, 2]", f"seeds = {bad}")))
+
+
+def test_the_report_states_a_learning_rate_chosen_on_val(tmp_path, colours):
+    text = JOB.format(out=tmp_path / "out", data=colours).replace('phases = "head:1:1e-2"', 'phases = "head:1:auto"')
+    run(load_job(_write(tmp_path, text)), only=["lpft"], progress=False)
+    from featx.jobs.report import collect, write_report
+
+    (row,) = [r for r in collect(tmp_path / "out") if r["kind"] == "finetune"]
+    assert "base learning rate chosen on val by val_loss after phase 1's first epoch (0.001 → " in row["how"]
+    write_report(tmp_path / "out")
+    assert "base learning rate chosen on val" in (tmp_path / "out" / "report.md").read_text()

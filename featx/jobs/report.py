@@ -123,6 +123,20 @@ def _split_words(split: dict[str, Any]) -> str:
     return f"{sizes} ({split.get('policy')})"
 
 
+def _sweep_words(results: FinetuneResults) -> str:
+    """The learning-rate choice on val (``--lr auto``): each candidate's val score, the choice, what was cut."""
+    sweep = results.get("lr_sweep")
+    if not sweep:
+        return ""
+    key = sweep["selected_by"]
+    tried = ", ".join(f"{r['lr']:g} → {_fmt(r.get(key))}" for r in sweep["runs"])
+    cut = f"; not tried (--max-minutes): {', '.join(f'{v:g}' for v in sweep['cut'])}" if sweep.get("cut") else ""
+    return (
+        f"base learning rate chosen on val by {key} after phase {sweep['phase']}'s first epoch ({tried}): "
+        f"{sweep['chosen']:g}{cut}; "
+    )
+
+
 def _best_epoch_words(results: FinetuneResults) -> str:
     """`` (phase 2, top2)`` for the best epoch, from its curve record."""
     best = results.get("best_epoch")
@@ -147,7 +161,7 @@ def _finetune_numbers(results: FinetuneResults, root: Path) -> tuple[str, float,
         f"{list(ft.get('crop_scale') or [])}, flip {'no' if ft.get('flip') is False else 'yes'}, patience "
         f"{ft.get('patience') or 'none'}; epoch chosen by {ft.get('metric', 'val_accuracy')} on val: best epoch "
         f"{results.get('best_epoch')}{_best_epoch_words(results)}; splits {_split_words(results.get('split') or {})}; "
-        f"training seed {ft['seed']}; {ft.get('device')}, amp {ft.get('amp')}"
+        f"{_sweep_words(results)}training seed {ft['seed']}; {ft.get('device')}, amp {ft.get('amp')}"
     )
     train_s = sum(c["seconds"] for c in curves)
     return f"best epoch {results.get('best_epoch')}", train_s, None, float(np.mean(speeds)) if speeds else None, how
