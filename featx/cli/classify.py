@@ -193,6 +193,10 @@ def train(
 def _print_results(results) -> None:
     search = results.get("search")
     clf = results["classifier"]
+    split = results.get("split")
+    if split:
+        sizes = ", ".join(f"{name} {n}" for name, n in split["sizes"].items())
+        click.echo(f"splits: {sizes} ({split['policy']}); fit on train, chosen on val")
     if search:
         click.echo(f"{clf['preset']}: {search['param']} chosen by {search['scheme']} in {search['seconds']:.1f} s")
         for point in sorted(search["curve"] + search.get("refined", []), key=lambda p: p["value"]):
