@@ -99,7 +99,7 @@ def test_verdict_says_fine_tuning_wins_when_it_does_and_refuses_other_test_image
     sentences = " ".join(found.sentences)
     assert "fine-tuning (finetune) beats the best frozen row (svm) by +11.1 pt" in sentences
     assert "at 40× the compute" in sentences
-    assert "no-transfer baseline (pixels · logreg)" in sentences and "(significant)" in sentences
+    assert "transfer pays: finetune beats the best no-transfer row (pixels · logreg) by +" in sentences
 
 
 def test_verdict_says_when_the_test_set_cannot_separate_the_rows():

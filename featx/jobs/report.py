@@ -56,8 +56,11 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         chosen, train_s, extract_s, ips, how = _finetune_numbers(results, root)
         dataset = cell.get("dataset") or results.get("source")
         compute_s, device = results.get("seconds"), results["finetune"].get("device")
+        init = results["finetune"].get("init_head")
+        init_results = _relative(Path(init).parent / "results.json", root) if init else None
     else:
         chosen, train_s, extract_s, ips, how = _classifier_numbers(results)
+        init_results = None
         dataset = cell.get("dataset") or (results.get("store") or {}).get("path")
         compute_s = (train_s or 0.0) + (extract_s or 0.0)
         device = ((results.get("store") or {}).get("stats") or {}).get("device")
@@ -93,6 +96,7 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         curves=results.get("curves"),
         path=_relative(path, root),
         seed=seed,
+        init_results=init_results,
         # The same row under another training seed shares this (a `seeds = [...]` row has one cell per seed).
         row_key=re.sub(r"/seed\d+$", "", cell["id"]) if cell.get("id") else _relative(path, root),
         seed_accuracies=None,
@@ -559,7 +563,21 @@ _Section = tuple[str, list[Row], DatasetVerdict | None]
 
 def _sections(rows: list[Row]) -> list[_Section]:
     """Per dataset: its rows, best first, and their paired verdict (computed once for every document)."""
-    return [(dataset, group, verdict(group)) for dataset, group in _by_dataset(rows).items()]
+    groups = _by_dataset(rows)
+    for group in groups.values():
+        _charge_probes(group)
+    return [(dataset, group, verdict(group)) for dataset, group in groups.items()]
+
+
+def _charge_probes(group: list[Row]) -> None:
+    """An LP-FT row's compute includes its probe's (the extraction and the logistic regression its head came
+    from): without them it could not have started."""
+    by_path = {r["path"]: r for r in group}
+    for row in group:
+        probe = by_path.get(row.get("init_results") or "")
+        if probe is not None and row["compute_s"] is not None and probe["compute_s"] is not None:
+            row["compute_s"] += probe["compute_s"]
+            row["how"] += f"; its compute includes its probe's ({probe['compute_s']:.1f} s, extraction included)"
 
 
 def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Path]:

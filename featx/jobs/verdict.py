@@ -344,9 +344,19 @@ def _question(tuned, frozen, correct, n_resamples: int, seed: int) -> str:
 
 
 def _over_baseline(transfer, baseline, correct, n_resamples: int, seed: int) -> str:
+    """What transfer buys: the best row with a pretrained network against the best row without one."""
     diff, ci, p, cost = _paired(transfer, baseline, correct, n_resamples, seed)
-    verdict_words = "significant" if p < ALPHA else "not significant"
+    t, b = transfer["method"], baseline["method"]
+    if p >= ALPHA:
+        return (
+            f"transfer ({t}) against no transfer ({b}): {_pt(diff)} {_ci_pt(ci)}, {_p(p)} — no significant "
+            f"difference at n = {len(correct[t])} test images (transfer{_cost(cost)})."
+        )
+    if diff > 0:
+        gap = f"{_pt(diff)} {_ci_pt(ci)}"
+        return f"transfer pays: {t} beats the best no-transfer row ({b}) by {gap}, {_p(p)}{_cost(cost)}."
+    gap, cheaper = f"{_pt(-diff)} {_ci_pt((-ci[1], -ci[0]))}", _cost(1 / cost if cost else None)
     return (
-        f"transfer: the best row ({transfer['method']}) against the best no-transfer baseline ({baseline['method']}): "
-        f"{_pt(diff)} {_ci_pt(ci)}, {_p(p)} ({verdict_words}){_cost(cost)}."
+        f"transfer does not pay here: the no-transfer row {b} beats the best transfer row ({t}) by {gap}, "
+        f"{_p(p)}{cheaper}."
     )
