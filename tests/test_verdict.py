@@ -109,4 +109,6 @@ def test_verdict_says_when_the_test_set_cannot_separate_the_rows():
     assert sentence.startswith("no row differs significantly from the best (svm) at this test size (n = 153")
     assert f"~{100 * resolvable(found.rows, 153):.1f} pt" in sentence
     assert resolvable(found.rows, 153) == pytest.approx(6 / 153)  # 5 discordant images: the exact floor rules
-    assert verdict([{**_row("x", a), "predictions": None}]) is None
+    old = verdict([{**_row("x", a), "predictions": None}])
+    assert old.rows == [] and old.refused[0][0] == "x" and "no paired verdict" in old.sentences[0]
+    assert verdict([{**_row("x", a), "predictions": None, "accuracy": None}]) is None

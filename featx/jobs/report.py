@@ -144,6 +144,8 @@ def _sweep_words(results: FinetuneResults) -> str:
 def _best_epoch_words(results: FinetuneResults) -> str:
     """`` (phase 2, top2)`` for the best epoch, from its curve record."""
     best = results.get("best_epoch")
+    if best == 0:
+        return " (the weights before any update: no epoch beat them on val)"
     record = next((c for c in results.get("curves") or [] if c.get("epoch") == best), None)
     return f" (phase {record['phase']}, {record['freeze']})" if record else ""
 
@@ -167,7 +169,8 @@ def _finetune_numbers(results: FinetuneResults, root: Path) -> tuple[str, float,
         f"{results.get('best_epoch')}{_best_epoch_words(results)}; splits {_split_words(results.get('split') or {})}; "
         f"{_sweep_words(results)}training seed {ft['seed']}; {ft.get('device')}, amp {ft.get('amp')}"
     )
-    train_s = sum(c["seconds"] for c in curves)
+    # fit_seconds counts the learning-rate candidates that lost too; older results have the curves alone.
+    train_s = results["train"].get("fit_seconds") or sum(c["seconds"] for c in curves)
     return f"best epoch {results.get('best_epoch')}", train_s, None, float(np.mean(speeds)) if speeds else None, how
 
 
@@ -320,7 +323,7 @@ def format_table(rows: list[Row]) -> str:
         lines = [f"dataset: {dataset}", *_split_lines(group), *_text_table(COLUMNS, [_cells(r) for r in group])]
         if found is not None:
             lines += ["", f"verdict (each row against the best, paired on the same {found.n_test} test images):"]
-            lines += _text_table(VERDICT_COLUMNS, _verdict_cells(found))
+            lines += _text_table(VERDICT_COLUMNS, _verdict_cells(found)) if found.rows else []
             lines += [f"- {why}: {method}" for method, why in found.refused]
             lines += [f"=> {sentence}" for sentence in found.sentences]
         parts.append("\n".join(lines))
@@ -502,7 +505,7 @@ def _markdown(sections: list[_Section], plots: list[tuple[str, Path]], out: Path
         if found is not None:
             lines += [f"**Verdict** (paired on the same {found.n_test} test images):", ""]
             lines += [f"- {sentence}" for sentence in found.sentences] + [""]
-            lines += [*_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""]
+            lines += [*_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else []
             lines += [f"- not compared: **{method}**, {why}" for method, why in found.refused]
         lines += _md_table(COLUMNS, [_cells(r) for r in group])
         lines += ["", "How each row was made:", ""]
@@ -540,7 +543,7 @@ def _html(sections: list[_Section], plots: list[tuple[str, Path]], title: str) -
             parts.append(f"<h3>Verdict (paired on the same {found.n_test} test images)</h3><ul class='verdict'>")
             parts += [f"<li>{esc(sentence)}</li>" for sentence in found.sentences]
             parts.append("</ul>")
-            parts += _html_table(VERDICT_COLUMNS, _verdict_cells(found), "verdict")
+            parts += _html_table(VERDICT_COLUMNS, _verdict_cells(found), "verdict") if found.rows else []
             parts += [f"<p>not compared: <b>{esc(m)}</b>, {esc(why)}</p>" for m, why in found.refused]
         parts += _html_table(COLUMNS, [_cells(r) for r in group], "results")
         parts.append("<h3>How each row was made</h3><ul class='provenance'>")

@@ -161,11 +161,17 @@ def verdict(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 10_000, see
     Returns
     -------
     DatasetVerdict or None
-        ``None`` when no row has per-image test predictions.
+        ``None`` when no row was scored on a test split; without per-image predictions, a verdict that
+        names the rows and says so.
     """
     usable, refused = _comparable(rows)
     if not usable:
-        return None
+        if not refused:
+            return None
+        dataset = str(rows[0].get("dataset"))
+        return DatasetVerdict(
+            dataset, "", 0, [], refused, ["no paired verdict: no row has per-image test predictions."]
+        )
     reference = max(usable, key=lambda r: (r["accuracy"], -(r.get("compute_s") or 0.0)))
     ids = sorted(reference["predictions"]["ids"])
     correct = {r["method"]: _correct_by_id(r, ids) for r in usable}
