@@ -87,7 +87,7 @@ def _assert_same_run(ddp_out: Path, single_out: Path) -> None:
     rb = json.loads((single_out / "results.json").read_text())
     assert ra["finetune"]["world_size"] == 2 and rb["finetune"]["world_size"] == 1
     assert ra["train"] == {**rb["train"], "fit_seconds": ra["train"]["fit_seconds"]}
-    assert len(ra["curves"]) == len(rb["curves"]) == 3
+    assert len(ra["curves"]) == len(rb["curves"]) == 4  # epoch 0 (before any update), then 3 epochs
     for ca, cb in zip(ra["curves"], rb["curves"], strict=True):
         assert ca["val_accuracy"] == cb["val_accuracy"] and ca["train_accuracy"] == cb["train_accuracy"]
         for key in ("train_loss", "val_loss", "lr_head", "lr_backbone"):
@@ -138,7 +138,8 @@ def test_two_process_gloo_finetune_killed_and_resumed_equals_single_process(colo
     out = tmp_path / "killed"
     child = _CHILD.format(tests=str(TESTS))
     with torchrun(tmp_path, child, _args(colour_folder, out), FEATX_TEST_SLOW_STEP="0.3") as proc:
-        wait_for_checkpoint(out, proc, epochs=2, timeout=240)  # epoch 2 is mid-phase: kill during epoch 3
+        # The curves hold epoch 0 (before any update), then one per epoch: 3 records = epoch 2 done, mid-phase.
+        wait_for_checkpoint(out, proc, epochs=3, timeout=240)
         # As when the node dies: torchrun and both ranks (each in a session of its own) at once.
         ranks = rank_pids(tmp_path)
         assert len(ranks) == 2
@@ -146,7 +147,7 @@ def test_two_process_gloo_finetune_killed_and_resumed_equals_single_process(colo
             os.kill(pid, signal.SIGKILL)
         proc.communicate()
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert len(state["curves"]) == 2 and state["epoch_in_phase"] == 1  # resumes inside phase top2
+    assert len(state["curves"]) == 3 and state["epoch_in_phase"] == 1  # resumes inside phase top2
     assert not (out / "results.json").exists()
 
     with torchrun(tmp_path, child, _args(colour_folder, out)) as resumed:
