@@ -13,27 +13,36 @@ from sklearn import metrics as skm
 
 from featx.results import Predictions, TestMetrics
 
-__all__ = ["bootstrap_accuracy_ci", "evaluate", "predictions"]
+__all__ = ["bootstrap_accuracy_ci", "bootstrap_mean_ci", "evaluate", "predictions"]
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of per-image values (images resampled with
+    replacement): of a 0/1 correctness, the accuracy; of two rows' correctness differences, the paired gap."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    # Resample in blocks so memory stays small for large test sets.
+    means = np.empty(n_resamples)
+    block = max(1, 2_000_000 // values.size)
+    for start in range(0, n_resamples, block):
+        stop = min(n_resamples, start + block)
+        idx = rng.integers(0, values.size, size=(stop - start, values.size))
+        means[start:stop] = values[idx].mean(axis=1)
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(lo), float(hi)
 
 
 def bootstrap_accuracy_ci(
     y_true: np.ndarray, y_pred: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the accuracy (resampling test images with replacement)."""
-    correct = (np.asarray(y_true) == np.asarray(y_pred)).astype(np.float64)
-    if correct.size == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    # Resample in blocks so memory stays small for large test sets.
-    means = np.empty(n_resamples)
-    block = max(1, 2_000_000 // correct.size)
-    for start in range(0, n_resamples, block):
-        stop = min(n_resamples, start + block)
-        idx = rng.integers(0, correct.size, size=(stop - start, correct.size))
-        means[start:stop] = correct[idx].mean(axis=1)
-    tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail])
-    return float(lo), float(hi)
+    correct = np.asarray(y_true) == np.asarray(y_pred)
+    return bootstrap_mean_ci(correct, n_resamples, level, seed)
 
 
 def evaluate(

@@ -81,18 +81,10 @@ def paired_bootstrap_ci(
     level : float, default=0.95
     seed : int, default=0
     """
+    from featx.metrics import bootstrap_mean_ci
+
     diff = np.asarray(a_correct, dtype=np.float64) - np.asarray(b_correct, dtype=np.float64)
-    if diff.size == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples)
-    block = max(1, 2_000_000 // diff.size)  # bounded memory for large test sets
-    for start in range(0, n_resamples, block):
-        stop = min(n_resamples, start + block)
-        means[start:stop] = diff[rng.integers(0, diff.size, size=(stop - start, diff.size))].mean(axis=1)
-    tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail])
-    return float(lo), float(hi)
+    return bootstrap_mean_ci(diff, n_resamples, level, seed)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
