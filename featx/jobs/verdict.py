@@ -329,6 +329,8 @@ def _question(tuned, frozen, correct, n_resamples: int, seed: int) -> str:
     """Is the best frozen row enough, or must one fine-tune? One planned comparison, so its p is unadjusted."""
     diff, ci, p, cost = _paired(tuned, frozen, correct, n_resamples, seed)
     t, f = tuned["method"], frozen["method"]
+    if tuned.get("chosen") == "best epoch 0":  # no update beat its start on val: the row is its starting point
+        t += ", kept at epoch 0"
     if p < ALPHA and diff > 0:
         return f"fine-tuning ({t}) beats the best frozen row ({f}) by {_pt(diff)} {_ci_pt(ci)}, {_p(p)}{_cost(cost)}."
     if p < ALPHA:
