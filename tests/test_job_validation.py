@@ -157,6 +157,9 @@ SHIPPED_CELLS = {  # cached results live in these folders: they must keep their 
         "cifar10__lite0__penultimate__logreg",
         "cifar10__lite0__penultimate__sgd",
         "cifar10__lite0__penultimate__knn",
+        "cifar10__pixels__penultimate__sgd",
+        "cifar10__pixels__penultimate__knn",
+        "cifar10__pixels__penultimate__chance",
     ],
     "hymenoptera": [
         "hymenoptera__lite0__penultimate__svm",
@@ -189,6 +192,11 @@ SHIPPED_CELLS = {  # cached results live in these folders: they must keep their 
         )
         for clf in ("logreg", "svm")
         for layer in layers
+    ]
+    + [
+        "images__pixels__penultimate__logreg",
+        "images__pixels__penultimate__svm",
+        "images__pixels__penultimate__chance",
     ],
 }
 

@@ -352,7 +352,7 @@ VERDICT_COLUMNS = (
     "Δ vs best, pt [paired 95% CI]",
     "only best / only row right",
     "McNemar p (Holm)",
-    "compute s",
+    "compute s (device)",
     "× best's compute",
 )
 
@@ -368,7 +368,7 @@ def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
                 "—" if is_reference else f"{100 * c.difference:+.1f} [{100 * c.ci95[0]:.1f}, {100 * c.ci95[1]:.1f}]",
                 "—" if is_reference else f"{c.only_reference_right} / {c.only_row_right}",
                 "—" if is_reference else f"{c.p_value:.3g} ({c.p_holm:.3g})",
-                _fmt(c.compute_seconds, 1),
+                _fmt(c.compute_seconds, 1) + (f" ({c.device})" if c.device else ""),
                 _fmt(c.cost_ratio, 2),
             ]
         )

@@ -113,6 +113,7 @@ class PairedComparison:
     p_holm: float | None  # Holm-adjusted over the rows of the dataset (None for the reference itself)
     compute_seconds: float | None  # extraction + training
     cost_ratio: float | None  # compute_seconds / the reference's
+    device: str | None = None  # where the row computed (cpu, cuda:0, …): a ratio across devices says so
 
 
 @dataclass
@@ -236,6 +237,7 @@ def _compare(
         p_holm=None,
         compute_seconds=cost,
         cost_ratio=cost / ref_cost if cost and ref_cost else None,
+        device=row.get("device"),
     )
 
 
