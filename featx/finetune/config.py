@@ -20,8 +20,8 @@ __all__ = ["DEFAULT_LR_CANDIDATES", "DEFAULT_PHASES", "FinetuneConfig", "Phase",
 
 
 #: The classic recipe: the head alone, then the top two blocks, then everything, each at a tenth of the rate; the
-#: base rate chosen on val like C (issue 15). On hymenoptera the fixed 1e-3 scored 0.9216 and the rate chosen on val
-#: (1e-2) 0.9477, the best frozen row 0.9542 (benchmarks/RESULTS.md, "The comparison protocol").
+#: base rate chosen on val like C (issue 15). On hymenoptera the fixed 1e-3 scored 0.9216 ("Stage 3") and the rate
+#: chosen on val (1e-2) 0.9477, the best frozen row 0.9542 (benchmarks/RESULTS.md, "The comparison protocol").
 DEFAULT_PHASES = "head:3:auto,top2:5:auto/10,all:5:auto/100"
 
 
