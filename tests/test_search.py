@@ -112,10 +112,10 @@ def test_early_stop_never_skips_the_best_point_of_a_unimodal_curve(monkeypatch, 
     full_best = max(grid, key=lambda c: -((np.log10(c) - peak) ** 2))
     coarse = {p["value"]: p["mean"] for p in result.curve}
     assert full_best in coarse and max(coarse, key=coarse.get) == full_best
-    if result.skipped:  # stopped two values past the peak: nothing above was paid for
+    if result.skipped:  # stopped at the first clear fall past the peak: nothing above was paid for
         scores = [-((np.log10(c) - peak) ** 2) for c in grid]
         last_best = max(i for i, v in enumerate(scores) if v == max(scores))  # a tie is no fall
-        assert result.stopped_early == grid[last_best + 2]
+        assert result.stopped_early == grid[last_best + 1]  # these scores fall by far more than a standard error
         assert not set(result.skipped) & set(fitted)
         assert result.skipped == [c for c in grid if c > result.stopped_early]
     assert abs(np.log10(result.best) - peak) <= abs(np.log10(full_best) - peak) + 1e-9
@@ -124,8 +124,25 @@ def test_early_stop_never_skips_the_best_point_of_a_unimodal_curve(monkeypatch, 
 def test_early_stop_saves_the_large_c_fits(monkeypatch):
     fitted = _scripted(monkeypatch, lambda c: -abs(np.log10(c) + 2))
     result = _search()
-    assert result.stopped_early == 1.0 and result.skipped == [10.0, 100.0, 1000.0, 10000.0]
-    assert max(fitted) <= 1.0
+    assert result.stopped_early == 0.1 and result.skipped == [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    assert max(fitted) <= 0.1
+
+
+@pytest.mark.parametrize(
+    ("scores", "stop"),
+    [
+        # 60 validated images: one standard error at 0.80 is 0.052. A fall within it waits for a second fall.
+        ({1e-4: 0.70, 1e-3: 0.75, 1e-2: 0.80, 0.1: 0.79, 1.0: 0.78, 10.0: 0.9}, 1.0),
+        # a fall of 0.2 is clear: climbing stops at once
+        ({1e-4: 0.70, 1e-3: 0.75, 1e-2: 0.80, 0.1: 0.60, 1.0: 0.95}, 0.1),
+        # a noisy dip that comes back: not a stop
+        ({1e-4: 0.70, 1e-3: 0.75, 1e-2: 0.80, 0.1: 0.78, 1.0: 0.85, 10.0: 0.84, 100.0: 0.83}, 100.0),
+    ],
+)
+def test_climbing_stops_at_a_clear_fall_or_at_a_second_one(monkeypatch, scores, stop):
+    _scripted(monkeypatch, lambda c: scores.get(min(scores, key=lambda k: abs(np.log10(k) - np.log10(c)))))
+    result = _search(grid=tuple(sorted(scores)) + (1e3, 1e4))
+    assert result.stopped_early == stop
 
 
 def test_a_search_without_refinement_scores_exactly_the_grid(monkeypatch):
@@ -196,3 +213,34 @@ def test_few_shot_chooses_the_value_inside_each_k_shot_set(tmp_path):
         lo, hi = point["ci95"]
         assert lo <= point["mean"] <= hi
     assert curve[4]["ci95"][1] - curve[4]["ci95"][0] > 0
+
+
+@pytest.mark.parametrize("peak", [-4.0, -3.0, 0.0, 3.0])
+def test_a_climb_on_one_val_split_scores_values_side_by_side_and_chooses_as_one_at_a_time(monkeypatch, peak):
+    from joblib import parallel_config
+
+    fitted = _scripted(monkeypatch, lambda c: -((np.log10(c) - peak) ** 2))
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 4)).astype(np.float32), np.repeat([0, 1, 2], 20)
+    folds, scheme = _folds(y, np.array(["train"] * 45 + ["val"] * 15), 5, 0)
+    assert scheme == "validation split" and len(folds) == 1
+    preset = PRESETS["svm"]
+
+    def climb(n_jobs):
+        fitted.clear()
+        with parallel_config(backend="threading"):  # the scripted fit lives in this process
+            result = search(build_pipeline(preset, 1.0, ["l2"]), preset, preset.grid, X, y, folds, scheme, n_jobs)
+        return result, sorted(fitted)
+
+    one, one_fitted = climb(1)
+    two, two_fitted = climb(2)
+    assert (two.curve, two.refined, two.skipped, two.stopped_early, two.best) == (
+        one.curve,
+        one.refined,
+        one.skipped,
+        one.stopped_early,
+        one.best,
+    )
+    assert len(two_fitted) - len(one_fitted) <= 1  # at most one value scored past the stop, then dropped
+    if peak == -3.0:  # the stop falls on the first value of a pair: its neighbour was scored beside it
+        assert len(two_fitted) == len(one_fitted) + 1 and one.skipped
