@@ -199,3 +199,19 @@ def test_every_row_shares_the_plan_and_a_new_split_seed_extracts_nothing(colour_
     assert len({json.dumps(r["split"]["hashes"], sort_keys=True) for r in again.values()}) == 1
     assert next(iter(again.values()))["split"]["hashes"] != next(iter(first.values()))["split"]["hashes"]
     assert {r["split"]["plan"]["split_seed"] for r in again.values()} == {3}
+
+
+def test_a_relabelled_csv_re_runs_every_row_of_a_pipeline_but_extracts_nothing(colour_folder, tmp_path, monkeypatch):
+    rows = [f"{p},{p.parent.name}" for p in sorted(colour_folder.rglob("*.png"))]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n" + "\n".join(rows) + "\n")
+    job_file, out = tmp_path / "job.toml", tmp_path / "out"
+    # A fine-tune without a probe: only the labels themselves can tell it to re-run.
+    job_file.write_text(JOB.format(out=out, data=csv, split_seed=0).replace('init_head = "logreg"\n', ""))
+    assert [t.status for t in run(load_job(job_file), progress=False).tasks] == ["done"] * 4
+    assert [t.status for t in run(load_job(job_file), progress=False).tasks] == ["cached"] * 4
+    relabelled = [r.rsplit(",", 1)[0] + ",crimson" if i == 0 else r for i, r in enumerate(rows)]  # one image
+    csv.write_text("path,label\n" + "\n".join(relabelled) + "\n")
+    monkeypatch.setattr(featx.store.writer.StoreWriter, "__init__", _no_extraction)
+    again = run(load_job(job_file), progress=False)
+    assert [t.status for t in again.tasks] == ["cached", "done", "done", "done"], [t.message for t in again.tasks]

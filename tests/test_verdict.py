@@ -99,16 +99,33 @@ def test_verdict_says_fine_tuning_wins_when_it_does_and_refuses_other_test_image
     sentences = " ".join(found.sentences)
     assert "fine-tuning (finetune) beats the best frozen row (svm) by +11.1 pt" in sentences
     assert "at 40× the compute" in sentences
-    assert "transfer pays: finetune beats the best no-transfer row (pixels · logreg) by +" in sentences
+    assert "transfer (finetune) beats no transfer (pixels · logreg) by +" in sentences
+    assert "picked on these same test images, so their leads are slightly optimistic" in sentences
+
+
+def test_a_stale_row_never_pushes_the_comparable_rows_out_and_other_labels_are_refused():
+    tuned, frozen = _pair(120, 20, 3, 10)
+    stale = _row("stale, other split", np.ones(100, dtype=bool), ids=[f"x{i}" for i in range(100)])  # scores 1.0
+    relabelled = _row("relabelled", frozen)
+    relabelled["predictions"] = {**relabelled["predictions"], "true": [0] * 153}  # same images, other labels
+    found = verdict([stale, _row("svm", frozen), _row("finetune", tuned, kind="finetune"), relabelled])
+    assert found.reference == "finetune" and [c.method for c in found.rows] == ["finetune", "svm"]
+    refused = dict(found.refused)
+    assert "tested on other images than finetune" in refused["stale, other split"]
+    assert "other labels" in refused["relabelled"]
 
 
 def test_verdict_says_when_the_test_set_cannot_separate_the_rows():
     a, b = _pair(140, 3, 2, 8)
     found = verdict([_row("svm", a), _row("logreg", b)])
-    (sentence,) = found.sentences
+    sentence = found.sentences[0]
     assert sentence.startswith("no row differs significantly from the best (svm) at this test size (n = 153")
-    assert f"~{100 * resolvable(found.rows, 153):.1f} pt" in sentence
-    assert resolvable(found.rows, 153) == pytest.approx(6 / 153)  # 5 discordant images: the exact floor rules
+    others = [c for c in found.rows if c.method != found.reference]
+    assert f"~{100 * resolvable(others, 153):.1f} pt" in sentence
+    assert resolvable(others, 153) == pytest.approx(6 / 153)  # 5 discordant images: the exact floor rules
+    # With more rows, Holm's first step tests at α/m: both the floor and the normal quantile grow.
+    many = [found.rows[1]] * 8
+    assert resolvable(many, 153) == pytest.approx(max(2.7344 * np.sqrt(5) / 153, 9 / 153), rel=1e-3)
     old = verdict([{**_row("x", a), "predictions": None}])
     assert old.rows == [] and old.refused[0][0] == "x" and "no paired verdict" in old.sentences[0]
     assert verdict([{**_row("x", a), "predictions": None, "accuracy": None}]) is None

@@ -44,7 +44,6 @@ from featx.store.reader import FeatureStore
 
 __all__ = [
     "ONE_SHOT_VALUE",
-    "SELECTION_RULE",
     "Fitted",
     "check_shots",
     "evaluate_model",
@@ -248,7 +247,8 @@ def fit_in_memory(
     t0 = time.perf_counter()
     convergence = _refit_converged(pipeline, X[fit], y[fit], preset)
     fit_seconds = time.perf_counter() - t0
-    trained_on = {"splits": ["train"], "n": int(fit.sum()), "selected_on": "val" if (~fit).any() else "cv"}
+    selected_on = "none (fixed)" if search_result is None else ("val" if (~fit).any() else "cv on train")
+    trained_on = {"splits": ["train"], "n": int(fit.sum()), "selected_on": selected_on}
     return Fitted(pipeline, value, search_result, fit_seconds, trained_on, convergence)
 
 
@@ -337,7 +337,18 @@ def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted, n
 
 
 def split_info(fs: FeatureStore) -> SplitInfo:
-    """The ``split`` section of a result on ``fs``: its plan, how the splits came about, their hashes and sizes."""
+    """The ``split`` section of a result on ``fs``.
+
+    Parameters
+    ----------
+    fs : FeatureStore
+        Open under the split plan the row used.
+
+    Returns
+    -------
+    SplitInfo
+        The plan, how the splits came about, one hash of the ids per split, their sizes and the selection rule.
+    """
     return SplitInfo(
         plan=fs.plan.to_dict(),
         policy=fs.split_policy,

@@ -176,6 +176,17 @@ def split_hashes(ids: Sequence[str], splits: Sequence[str]) -> dict[str, str]:
     """One short hash of the sorted ids in each split (``train``, ``val``, ``test``) that has rows.
 
     Two results whose hashes agree were trained, selected and tested on the same images.
+
+    Parameters
+    ----------
+    ids : sequence of str
+    splits : sequence of str
+        The split of each id (``unlabeled`` rows are left out).
+
+    Returns
+    -------
+    dict of str to str
+        ``"N:sha256-prefix"`` per split that has rows.
     """
     by_split: dict[str, list[str]] = {}
     for row_id, split in zip(ids, splits, strict=True):

@@ -166,7 +166,7 @@ def _run_job(job: _Job, env: TorchrunEnv | None, shard: Shard | None, dry_run: b
     """Do what the resolved job asks: a torchrun rank, a cache hit, the plan only, one shard, or the store."""
     if env is not None and not dry_run:
         return _extract_distributed(job, env)
-    if job.path.is_file() and read_key(job.path) not in (None, job.key):
+    if not dry_run and job.path.is_file() and read_key(job.path) not in (None, job.key):
         adopt_legacy_store(job.path, job.key, job.spec, job.fingerprint)
     if read_key(job.path) == job.key:
         if not dry_run:

@@ -309,10 +309,22 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
     return {
         "kind": "finetune",
         "dataset": dataclasses.asdict(task.dataset),
+        "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": _finetune_backbone(job, ft),
         "config": finetune_config(ft, task.seed).to_dict(),
         "init_head": _read_json(init_marker)["hash"] if init_marker is not None and init_marker.exists() else None,
     }
+
+
+def _source_fingerprint(source: str) -> str | None:
+    """What a fine-tune reads of its source: the images (paths, sizes, times) and the labels layer (ids, labels,
+    source splits, classes). ``None`` when the source cannot be read now (the fine-tune then fails, saying why)."""
+    from featx.data.sources import load_source
+
+    try:
+        return load_source(source).fingerprint("stat")
+    except Exception:
+        return None
 
 
 def _cached(out: Path, digest: str) -> bool:

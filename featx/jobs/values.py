@@ -144,15 +144,11 @@ def _check_dataset(spec: DatasetSpec) -> None:
         )
     if not (s == "digits" or s.startswith("torchvision:") or Path(s).expanduser().exists()):
         raise ValueError(f"source {s!r} does not exist (sources: a folder, archive, CSV, digits, torchvision:NAME)")
-    for key in ("val_fraction", "test_fraction"):
-        if not _is_number(getattr(spec, key)):
-            raise BadValue(key, f"{key} must be a number strictly between 0 and 1, got {getattr(spec, key)!r}")
-    if isinstance(spec.split_seed, bool) or not isinstance(spec.split_seed, int):
-        raise BadValue("split_seed", f"split_seed must be an integer, got {spec.split_seed!r}")
-    try:
-        SplitPlan(split_seed=spec.split_seed, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction)
-    except ValueError as exc:  # the plan's own check names the key first
-        raise BadValue(str(exc).split(" ", 1)[0], str(exc)) from None
+    for key in ("split_seed", "val_fraction", "test_fraction"):
+        try:
+            SplitPlan(**{key: getattr(spec, key)})  # the plan's own check of each setting, one at a time
+        except ValueError as exc:
+            raise BadValue(key, str(exc)) from None
 
 
 def _check_backbone(spec: BackboneSpec) -> None:

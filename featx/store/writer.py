@@ -436,9 +436,16 @@ def adopt_legacy_store(path: str | Path, key: str, spec: ExtractionSpec, images_
         return False
     if recorded != images_fingerprint:
         return False
-    with h5py.File(path, "r+") as f:
-        f.attrs["manifest_fingerprint"] = images_fingerprint
-        f.attrs["featx_format_version"] = 2
-        f.attrs["key"] = key
+    workdir = partial_path(path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(workdir / "lock")  # one writer at a time, as for an extraction
+    try:
+        with h5py.File(path, "r+") as f:
+            f.attrs["manifest_fingerprint"] = images_fingerprint
+            f.attrs["featx_format_version"] = 2
+            f.attrs["key"] = key
+    finally:
+        lock.release()
+        shutil.rmtree(workdir, ignore_errors=True)
     log.info("%s: a store of an earlier featx, same spec and images: re-keyed, no extraction needed", path)
     return True
