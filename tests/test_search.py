@@ -141,7 +141,7 @@ def test_early_stop_saves_the_large_c_fits(monkeypatch):
 )
 def test_climbing_stops_at_a_clear_fall_or_at_a_second_one(monkeypatch, scores, stop):
     _scripted(monkeypatch, lambda c: scores.get(min(scores, key=lambda k: abs(np.log10(k) - np.log10(c)))))
-    result = _search(grid=tuple(sorted(scores)) + (1e3, 1e4))
+    result = _search(grid=(*sorted(scores), 1e3, 1e4))
     assert result.stopped_early == stop
 
 
