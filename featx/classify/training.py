@@ -23,7 +23,9 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx._runtime.env import library_versions
+from featx.classify._rows import _labelled_rows, _labelled_store_rows
 from featx.classify.config import ClassifierConfig
+from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, _fit_quietly, _folds, fit_converged, search
@@ -55,46 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, labels and split names of the labelled train/val rows."""
-    Xs, ys, splits = [], [], []
-    for split in ("train", "val"):
-        if store.splits.get(split):
-            Xs.append(store.features(layer, split=split, dtype=np.float32))
-            ys.append(store.labels(split))
-            splits += [split] * len(ys[-1])
-    if not Xs:
-        raise ValueError(f"{store.path} has no labelled training images")
-    y, split_of = np.concatenate(ys), np.array(splits)
-    keep = _labelled_mask(store, y, split_of)
-    return np.concatenate(Xs)[keep], y[keep], split_of[keep]
-
-
-def _labelled_store_rows(store: FeatureStore) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """``(rows, labels)`` of the labelled train rows and of the labelled val rows (for streaming the store)."""
-    rows = {split: store.rows(split) for split in ("train", "val")}
-    labels = {split: store.labels(split) for split in rows}
-    _labelled_mask(store, np.concatenate(list(labels.values())), np.repeat(list(rows), [len(r) for r in rows.values()]))
-    train, val = ((rows[s][labels[s] >= 0], labels[s][labels[s] >= 0]) for s in rows)
-    return train, val
-
-
-def _labelled_mask(store: FeatureStore, y: np.ndarray, splits: np.ndarray) -> np.ndarray:
-    """Which training rows have a label (not -1); refuses training rows of which none has one."""
-    labelled = y >= 0
-    if not len(y):
-        raise ValueError(f"{store.path} has no labelled training images")
-    if not labelled.any():
-        raise ValueError(
-            f"{store.path}: its {len(y)} training rows ({', '.join(dict.fromkeys(splits.tolist()))}) have no labels "
-            "(every label is -1); a classifier learns from labelled train images: give the source its labels "
-            "(class folders or a label column)"
-        )
-    if not labelled.all():
-        log.warning("%s: %d training rows without a label are left out", store.path, int((~labelled).sum()))
-    return labelled
 
 
 def train(
@@ -497,112 +459,3 @@ def evaluate_model(
     metrics["split"] = split
     metrics["predictions"] = predictions(store.ids(split), y, y_pred, scores)
     return metrics
-
-
-def check_shots(shots: Sequence[int | str]) -> Sequence[int | str]:
-    """The one check of a learning curve's points: positive integers (images per class) or ``"all"``; returns them.
-
-    Raises
-    ------
-    ValueError
-        For any other point.
-    """
-    for k in shots:
-        if not (k == "all" or (isinstance(k, int) and not isinstance(k, bool) and k > 0)):
-            raise ValueError(f"shots {list(shots)}: use positive integers or 'all', e.g. 1,2,5,10,all")
-    return shots
-
-
-#: The hyper-parameter of a 1-shot training set, where no cross-validation is possible (a stated fixed value).
-ONE_SHOT_VALUE = 1.0
-
-
-def shot_rows(y: np.ndarray, shots: Sequence[int | str], draws: int, seed: int) -> dict[int | str, list[np.ndarray]]:
-    """The training rows of each learning-curve point, per draw: nested, so a draw's k-shot rows hold its
-    smaller draws' rows (one seeded permutation per class and draw, cut at k)."""
-    classes = np.unique(y)
-    orders = [
-        [np.random.default_rng([seed, d]).permutation(np.flatnonzero(y == c)) for c in classes] for d in range(draws)
-    ]
-    out: dict[int | str, list[np.ndarray]] = {}
-    for k in shots:
-        if k == "all":
-            out[k] = [np.arange(len(y))]
-        else:
-            out[k] = [np.sort(np.concatenate([order[: int(k)] for order in per_class])) for per_class in orders]
-    return out
-
-
-def _shot_value(X, y, k, preset: Preset, preprocess, config: ClassifierConfig) -> tuple[float | None, str]:
-    """The hyper-parameter of one k-shot training set, chosen inside it (k-fold CV), or fixed for k = 1."""
-    if not preset.param:
-        return None, "none"
-    if int(np.bincount(y)[np.unique(y)].min()) < 2:
-        fixed = min(ONE_SHOT_VALUE, len(y)) if preset.param == "n_neighbors" else ONE_SHOT_VALUE
-        return fixed, f"fixed {preset.param}={fixed:g} (one image per class)"
-    folds, scheme = _folds(y, np.array(["train"] * len(y)), min(config.cv, int(k)), config.seed)
-    params = dict(config.params)
-    grid = config.grid or preset.grid
-    base = build_pipeline(preset, grid[0], preprocess, config.seed, config.class_weight, params)
-    return search(base, preset, grid, X, y, folds, scheme, 1, config.scoring).best, scheme
-
-
-def few_shot_curve(
-    store: FeatureStore,
-    preset: Preset,
-    value: float | None,
-    preprocess: Sequence[str],
-    config: ClassifierConfig,
-    shots: Sequence[int | str],
-    draws: int,
-    layer: str,
-) -> list[dict]:
-    """Test accuracy with k training images per class: mean and 95 % CI over nested, seeded draws.
-
-    At each k the hyper-parameter is chosen again inside the k-shot training set, by stratified CV with
-    ``min(cv, k)`` folds; with one image per class it is the stated :data:`ONE_SHOT_VALUE` (k-NN: 1).
-    ``"all"`` is the full train split with ``value``, the model's own choice. Draws are nested: a draw's
-    k-shot rows contain its smaller k-shot rows (:func:`shot_rows`).
-    """
-    from scipy import stats
-
-    X, y, splits = _labelled_rows(store, layer)
-    X, y = X[splits == "train"], y[splits == "train"]  # SELECTION_RULE: val images are never fitted
-    Xt, yt = store.features(layer, split="test", dtype=np.float32), store.labels("test")
-    curve = []
-    for k, row_sets in shot_rows(y, shots, draws, config.seed).items():
-        accs, values, selection = [], [], ""
-        for idx in row_sets:
-            if len(np.unique(y[idx])) < 2:
-                continue
-            v, selection = (
-                (value, "the model's choice")
-                if k == "all"
-                else _shot_value(X[idx], y[idx], k, preset, preprocess, config)
-            )
-            pipe = build_pipeline(preset, v, preprocess, config.seed, config.class_weight, dict(config.params))
-            if preset.param == "n_neighbors":
-                pipe.set_params(clf__n_neighbors=min(int(v or 5), len(idx)))
-            _fit_quietly(pipe, X[idx], y[idx])
-            accs.append(float((pipe.predict(Xt) == yt).mean()))
-            values.append(v)
-        if accs:
-            mean = float(np.mean(accs))
-            half = (
-                float(stats.t.ppf(0.975, len(accs) - 1) * np.std(accs, ddof=1) / np.sqrt(len(accs)))
-                if len(accs) > 1
-                else 0.0
-            )
-            curve.append(
-                {
-                    "shots": k,
-                    "draws": len(accs),
-                    "mean": mean,
-                    "std": float(np.std(accs)),
-                    "accuracies": accs,
-                    "ci95": [mean - half, mean + half],
-                    "values": values,
-                    "selection": selection,
-                }
-            )
-    return curve

@@ -1,0 +1,51 @@
+"""A store's labelled training rows as arrays (in memory) or row indices (streamed), for the classifiers."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from featx.store.reader import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+def _labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, labels and split names of the labelled train/val rows."""
+    Xs, ys, splits = [], [], []
+    for split in ("train", "val"):
+        if store.splits.get(split):
+            Xs.append(store.features(layer, split=split, dtype=np.float32))
+            ys.append(store.labels(split))
+            splits += [split] * len(ys[-1])
+    if not Xs:
+        raise ValueError(f"{store.path} has no labelled training images")
+    y, split_of = np.concatenate(ys), np.array(splits)
+    keep = _labelled_mask(store, y, split_of)
+    return np.concatenate(Xs)[keep], y[keep], split_of[keep]
+
+
+def _labelled_store_rows(store: FeatureStore) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``(rows, labels)`` of the labelled train rows and of the labelled val rows (for streaming the store)."""
+    rows = {split: store.rows(split) for split in ("train", "val")}
+    labels = {split: store.labels(split) for split in rows}
+    _labelled_mask(store, np.concatenate(list(labels.values())), np.repeat(list(rows), [len(r) for r in rows.values()]))
+    train, val = ((rows[s][labels[s] >= 0], labels[s][labels[s] >= 0]) for s in rows)
+    return train, val
+
+
+def _labelled_mask(store: FeatureStore, y: np.ndarray, splits: np.ndarray) -> np.ndarray:
+    """Which training rows have a label (not -1); refuses training rows of which none has one."""
+    labelled = y >= 0
+    if not len(y):
+        raise ValueError(f"{store.path} has no labelled training images")
+    if not labelled.any():
+        raise ValueError(
+            f"{store.path}: its {len(y)} training rows ({', '.join(dict.fromkeys(splits.tolist()))}) have no labels "
+            "(every label is -1); a classifier learns from labelled train images: give the source its labels "
+            "(class folders or a label column)"
+        )
+    if not labelled.all():
+        log.warning("%s: %d training rows without a label are left out", store.path, int((~labelled).sum()))
+    return labelled
