@@ -176,6 +176,34 @@ def colour_folder(tmp_path) -> Path:
     return root
 
 
+_SLOW_FINETUNE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import conftest  # registers featx:tiny_test
+import torch
+original = torch.optim.SGD.step
+def slow_step(self, *a, **k):
+    time.sleep({step_seconds!r})
+    return original(self, *a, **k)
+torch.optim.SGD.step = slow_step
+from featx.cli import main
+main(sys.argv[1:])
+"""
+
+
+def start_slow_finetune(tmp_path: Path, args: list[str], out: Path, step_seconds: float) -> subprocess.Popen:
+    """``featx`` ``args --out out`` in a child process whose every SGD step sleeps ``step_seconds``, so a test can
+    kill it at a chosen moment."""
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_FINETUNE.format(tests=str(Path(__file__).parent), step_seconds=step_seconds))
+    return subprocess.Popen(
+        [sys.executable, str(script), *args, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+
+
 def wait_for_checkpoint(out: Path, proc: subprocess.Popen, epochs: int, timeout: float) -> None:
     """Block until ``out/checkpoint.pt`` holds ``epochs`` finished epochs (then the run is mid-training)."""
     ckpt = out / "checkpoint.pt"

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, make_image, wait_for_checkpoint
+from conftest import TINY, make_image, start_slow_finetune, wait_for_checkpoint
 from safetensors.torch import load_file
 
 import featx.backbones as B
@@ -25,8 +21,6 @@ from featx.finetune import FinetuneConfig, Phase, block_names, finetune, head_fr
 from featx.finetune.heads import _set_trainable, _train_mode
 from featx.finetune.state import RunState
 from featx.spec import Preprocessing
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -291,23 +285,6 @@ def test_lp_ft_refuses_unfoldable_or_foreign_models(folder, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- resume
-_SLOW_FINETUNE = textwrap.dedent(
-    """
-    import sys, time
-    sys.path.insert(0, {tests!r})
-    import conftest  # registers featx:tiny_test
-    import torch
-    original = torch.optim.SGD.step
-    def slow_step(self, *a, **k):
-        time.sleep(0.05)
-        return original(self, *a, **k)
-    torch.optim.SGD.step = slow_step
-    from featx.cli import main
-    main(sys.argv[1:])
-    """
-)
-
-
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_weights(folder, tmp_path):
     args = [
@@ -323,15 +300,8 @@ def test_resume_after_kill_gives_the_same_weights(folder, tmp_path):
         "0",
         "--no-progress",
     ]
-    script = tmp_path / "slow.py"
-    script.write_text(_SLOW_FINETUNE.format(tests=str(TESTS)))
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=os.environ.copy(),
-    )
+    proc = start_slow_finetune(tmp_path, args, out, step_seconds=0.05)
     wait_for_checkpoint(out, proc, epochs=2, timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY
+from conftest import TINY, start_slow_finetune
 from safetensors.torch import load_file
 
 from featx.cli import main
 from featx.finetune import FinetuneConfig, Phase, finetune, parse_phases
 from featx.finetune.sweep import sweep_order
-
-TESTS = Path(__file__).resolve().parent
 
 #: On the colour folder the tiny network's val loss falls fastest at 1e-1; 1e3 diverges, 1e-5 and 1e-3 barely
 #: move. Tried in the order 1e-3, 1e-5, 1e-1, 1e3: the best is neither the first nor the last tried.
@@ -161,34 +156,12 @@ def test_cli_lr_auto(colour_folder, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- kill -9
-_SLOW_FINETUNE = """
-import sys, time
-sys.path.insert(0, {tests!r})
-import conftest  # registers featx:tiny_test
-import torch
-original = torch.optim.SGD.step
-def slow_step(self, *a, **k):
-    time.sleep(0.1)
-    return original(self, *a, **k)
-torch.optim.SGD.step = slow_step
-from featx.cli import main
-main(sys.argv[1:])
-"""
-
-
 @pytest.mark.slow
 def test_kill_mid_choice_then_resume_gives_the_same_weights(colour_folder, tmp_path):
     args = ["finetune", str(colour_folder), "--backbone", TINY, "--phases", "head:1:1e-2,all:2:auto"]
     args += ["--lr-candidates", "1e-3,1e-2,1e-1", "--batch-size", "8", "--workers", "0", "--no-progress"]
-    script = tmp_path / "slow.py"
-    script.write_text(_SLOW_FINETUNE.format(tests=str(TESTS)))
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=os.environ.copy(),
-    )
+    proc = start_slow_finetune(tmp_path, args, out, step_seconds=0.1)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until a candidate is tried and the choice is not made
         try:
