@@ -82,28 +82,27 @@ def shards_path(path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def read_key(path: str | Path) -> str | None:
-    """The cache key of a complete store, or ``None`` if ``path`` is no complete featx store."""
+def _complete_attr(path: str | Path, name: str) -> str | None:
+    """Attribute ``name`` of a complete featx store, or ``None`` (no complete store, or no such attribute)."""
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("featx_format") != FORMAT_NAME or not f.attrs.get("complete", False):
                 return None
-            return str(f.attrs["key"])
-    except (OSError, KeyError):
+            value = f.attrs.get(name)
+            return None if value is None else str(value)
+    except OSError:
         return None
+
+
+def read_key(path: str | Path) -> str | None:
+    """The cache key of a complete store, or ``None`` if ``path`` is no complete featx store."""
+    return _complete_attr(path, "key")
 
 
 def read_labels_fingerprint(path: str | Path) -> str | None:
     """The hash of a complete store's labels layer (ids, labels, source splits, class names), or ``None`` (no
     complete store, or one written before featx recorded it)."""
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("featx_format") != FORMAT_NAME or not f.attrs.get("complete", False):
-                return None
-            value = f.attrs.get("labels_fingerprint")
-            return None if value is None else str(value)
-    except OSError:
-        return None
+    return _complete_attr(path, "labels_fingerprint")
 
 
 # ------------------------------------------------------------------------------------ file layout

@@ -7,7 +7,6 @@ place only when complete. Sharded extraction (:mod:`featx.extract.sharded`) join
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from featx._runtime.io import atomic_path
 from featx.data.manifest import labels_fingerprint
 from featx.exceptions import SpecMismatchError
 from featx.spec import canonical_json
-from featx.store.format import SPLIT_CODES, _create_layout, _finish_attrs, _text, _write_columns
+from featx.store.format import _create_layout, _finish_attrs, _text, _write_columns
 from featx.store.reader import FeatureStore
 
 __all__ = ["concatenate"]
@@ -83,7 +82,7 @@ def concatenate(
             diffs = [name for name in same if store.attrs.get(name) != first.attrs.get(name)]
             if store.class_names != first.class_names:
                 diffs.append("class_names")
-            if _file_codes(store) != _file_codes(first):
+            if store.source_split_codes != first.source_split_codes:
                 diffs.append("split codes")
             if store.feature_dims() != first.feature_dims():
                 diffs.append("feature sizes")
@@ -100,11 +99,6 @@ def concatenate(
         for store in stores:
             store.close()
     return target
-
-
-def _file_codes(store: FeatureStore) -> dict[str, int]:
-    """The split codes as written in the store's file (the source's splits, before any plan)."""
-    return json.loads(store._file["split"].attrs.get("codes", canonical_json(SPLIT_CODES)))
 
 
 def _join_into(
@@ -130,7 +124,7 @@ def _join_into(
                     stop = min(len(store), start + step)
                     out[offset + start : offset + stop] = src[start:stop]
         ids, labels, codes = [_text(s) for s in column("ids")], column("labels"), column("split")
-        names = {code: name for name, code in _file_codes(first).items()}
+        names = {code: name for name, code in first.source_split_codes.items()}
         _write_columns(
             f,
             ids=ids,
@@ -139,7 +133,7 @@ def _join_into(
             file_size=column("file_size"),
             file_mtime_ns=column("file_mtime_ns"),
             split=codes,
-            split_codes=_file_codes(first),
+            split_codes=first.source_split_codes,
             class_names=first.class_names,
             done=column("done"),
             fail_rows=np.concatenate(

@@ -78,6 +78,11 @@ class FeatureStore:
         if not attrs.get("complete", False):
             raise IncompleteStoreError(f"{self.path} was never completed; re-run the extraction that made it")
         self.attrs: dict[str, Any] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        if self.attrs.get("labels_fingerprint") == "":  # before the labels: their rewrite may have been cut mid-way
+            raise IncompleteStoreError(
+                f"{self.path}: an update of its labels was interrupted; re-run the `featx extract` that made it "
+                "(its features are kept: only the labels are written again)"
+            )
         self.spec = ExtractionSpec.from_dict(json.loads(self.attrs["spec"]))
         self.key: str = self.attrs["key"]
         self.layers: tuple[str, ...] = self.spec.layers
@@ -85,20 +90,15 @@ class FeatureStore:
         self._labels = self._file["labels"][:]
         # Codes as written in the file, so a future reordering of SPLITS cannot misread old stores.
         codes = json.loads(self._file["split"].attrs.get("codes", canonical_json(SPLIT_CODES)))
+        self.source_split_codes: dict[str, int] = codes  # the file's own, which a join of shards keeps
         names = {code: name for name, code in codes.items()}
         source_splits = [names[int(c)] for c in self._file["split"][:]]
         self.source_splits: dict[str, int] = {s: source_splits.count(s) for s in SPLIT_CODES if s in source_splits}
         ids = [_text(s) for s in self._file["ids"][:]]
         assigned, self.split_policy = self.plan.assign(ids, self._labels, source_splits)
         self.split_hashes: dict[str, str] = split_hashes(ids, assigned)
-        self._codes: dict[str, int] = dict(SPLIT_CODES)
         self._split = np.array([SPLIT_CODES[s] for s in assigned], dtype=np.int8)
         self._done = self._file["done"][:]
-        if self.attrs.get("labels_fingerprint") == "":
-            raise IncompleteStoreError(
-                f"{self.path}: an update of its labels was interrupted; re-run the `featx extract` that made it "
-                "(its features are kept: only the labels are written again)"
-            )
 
     # -- context management
     def __enter__(self) -> FeatureStore:
@@ -124,16 +124,16 @@ class FeatureStore:
     def splits(self) -> dict[str, int]:
         """Rows holding features per split."""
         return {
-            s: int(((self._split == c) & self._done).sum()) for s, c in self._codes.items() if (self._split == c).any()
+            s: int(((self._split == c) & self._done).sum()) for s, c in SPLIT_CODES.items() if (self._split == c).any()
         }
 
     def rows(self, split: str | None = None, include_failed: bool = False) -> np.ndarray:
         """Row indices of a split under the plan (all splits when ``None``)."""
         mask = np.ones(len(self), dtype=bool) if include_failed else self._done.copy()
         if split is not None:
-            if split not in self._codes:
-                raise unknown("split", split, self._codes, f"Splits are {', '.join(self._codes)}.")
-            mask &= self._split == self._codes[split]
+            if split not in SPLIT_CODES:
+                raise unknown("split", split, SPLIT_CODES, f"Splits are {', '.join(SPLIT_CODES)}.")
+            mask &= self._split == SPLIT_CODES[split]
         return np.flatnonzero(mask)
 
     def _layer(self, layer: str | None) -> str:

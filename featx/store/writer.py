@@ -392,7 +392,8 @@ def update_labels(path: str | Path, manifest: Manifest) -> bool:
             f.attrs["labels_fingerprint"] = ""
             f.flush()
             for name in ("labels", "split", "class_names"):
-                del f[name]
+                if name in f:  # an update cut short may have removed some already
+                    del f[name]
             strings = h5py.string_dtype(encoding="utf-8")
             f.create_dataset("labels", data=manifest.labels.astype(np.int64))
             split = f.create_dataset("split", data=np.array([SPLIT_CODES[s] for s in manifest.splits], dtype=np.int8))
