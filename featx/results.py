@@ -255,6 +255,8 @@ class FinetuneSettings(_FinetuneSettingsBase, total=False):
     lr_candidates: list[float]
     max_minutes: float | None
     lr_chosen: float | None  # the base rate chosen on val; None when the phases fix every rate
+    layer_decay: float  # before issue 15's recipe measurements, 1 (no decay)
+    schedule: str  # "phase" or "run"; before them, "phase"
 
 
 class EpochRecord(TypedDict):

@@ -215,6 +215,72 @@ def test_schedule_warms_up_then_decays():
     assert values[-1] < 0.01
 
 
+def test_run_schedule_is_one_curve_over_the_phases():
+    """schedule="run": each phase's stretch of one warm-up + cosine; "phase": each phase its own."""
+    from featx.finetune.epochs import _lr_lambda, _schedule
+
+    config = _config("head:2:1e-2,all:3:1e-3", schedule="run", warmup=0.2)
+    whole = _lr_lambda(total_steps=50, warmup_steps=10)
+    head, rest = _schedule(config, 0, 10), _schedule(config, 1, 10)
+    assert [head(s) for s in range(20)] + [rest(s) for s in range(30)] == [whole(s) for s in range(50)]
+    assert rest(0) < 1.0 and rest(29) < 0.01  # the second phase starts part-way down and ends near 0
+    per_phase = _schedule(_config("head:2:1e-2,all:3:1e-3", warmup=0.2), 1, 10)
+    assert per_phase(0) == pytest.approx(1 / 6) and per_phase(6) == pytest.approx(1.0)  # its own warm-up
+
+
+def test_layer_decay_lowers_each_block_below_the_top():
+    from featx.finetune.epochs import _optimizer
+
+    net = B.load_backbone(TINY)
+    blocks, head = block_names(net), net.classifier_name()
+    assert len(blocks) >= 3
+    for p in net.model.parameters():
+        p.requires_grad_(True)
+    rates = {}
+    optimizer = _optimizer(net.model, head, blocks, _config(layer_decay=0.5, backbone_lr_mult=0.1), lr=1.0)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            rates[id(p)] = (group["lr"], group["featx_group"])
+    named = dict(net.model.named_parameters())
+    for i, block in enumerate(blocks):
+        depth = len(blocks) - 1 - i
+        for name in block:
+            assert rates[id(named[name])] == (
+                pytest.approx(0.1 * 0.5**depth),
+                "backbone" if depth == 0 else f"backbone-{depth}",
+            )
+    assert {rates[id(p)] for n, p in named.items() if n.startswith(head + ".")} == {(1.0, "head")}
+    # Without decay the groups are the ones featx always made: a checkpoint's optimiser state still loads.
+    plain = _optimizer(net.model, head, blocks, _config(backbone_lr_mult=0.1), lr=1.0)
+    assert sorted((g["featx_group"], g["lr"], g["weight_decay"]) for g in plain.param_groups) == sorted(
+        [("backbone", 0.1, 0.0), ("backbone", 0.1, 1e-4), ("head", 1.0, 0.0), ("head", 1.0, 1e-4)]
+    )
+
+
+def test_layer_decay_and_run_schedule_train_and_are_recorded(folder, tmp_path):
+    results = finetune(
+        folder,
+        TINY,
+        _config("head:1:1e-2,all:2:1e-3", layer_decay=0.5, schedule="run", warmup=0.0),
+        tmp_path / "ft",
+        workers=0,
+        progress=False,
+    )
+    assert (results["finetune"]["layer_decay"], results["finetune"]["schedule"]) == (0.5, "run")
+    all_epochs = results["curves"][2:]  # after epoch 0 and the head's
+    assert all(c["lr_backbone"] == pytest.approx(c["lr_head"]) for c in all_epochs)  # the top block: no decay
+    assert all_epochs[0]["lr_head"] < 1e-3  # the run's cosine has come down before phase 2 starts
+    for bad, message in [
+        ({"layer_decay": 0.0}, "layer decay must be in"),
+        ({"layer_decay": 1.5}, "layer decay must be in"),
+        ({"schedule": "epoch"}, "use phase or run"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _config(**bad)
+    cli = CliRunner().invoke(main, ["finetune", str(folder), "--layer-decay", "2", "--out", str(tmp_path / "x")])
+    assert cli.exit_code != 0 and "--layer-decay" in cli.output
+
+
 def test_errors_before_training(folder, tmp_path):
     one = tmp_path / "one"
     make_image(one / "only" / "a.png", seed=1)

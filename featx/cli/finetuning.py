@@ -15,7 +15,7 @@ from featx.cli._shared import (
     reported,
     split_plan_options,
 )
-from featx.finetune.config import DEFAULT_PHASES
+from featx.finetune.config import DEFAULT_PHASES, SCHEDULES
 from featx.spec import DEFAULT_BACKBONE
 
 __all__ = ["finetune"]
@@ -93,11 +93,25 @@ def _crop_scale(text: str) -> tuple[float, float]:
     help="The backbone's learning rate relative to the head's.",
 )
 @click.option(
+    "--layer-decay",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Each backbone block below the top trains at this times the rate of the one above (1: no decay).",
+)
+@click.option(
     "--warmup",
     type=click.FloatRange(0, 1, max_open=True),
     default=0.1,
     show_default=True,
-    help="Share of each phase's steps spent warming up.",
+    help="Share of the schedule's steps spent warming up.",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(SCHEDULES),
+    default="phase",
+    show_default=True,
+    help="phase: a warm-up + cosine per phase; run: one over the whole run.",
 )
 @click.option("--hidden", default="", help="Hidden sizes of an MLP head, e.g. 512,256 [default: linear head].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)

@@ -38,7 +38,13 @@ WEIGHTS = "model.safetensors"
 #: Config fields added after resuming was introduced, each with the value that trains as featx did before it
 #: (as ``to_dict`` writes it): at that value a field stays out of the run hash, so a run killed under an older
 #: featx resumes under this one.
-_ADDED_LATER: dict[str, Any] = {"flip": True, "lr": "phases", "lr_candidates": []}
+_ADDED_LATER: dict[str, Any] = {
+    "flip": True,
+    "lr": "phases",
+    "lr_candidates": [],
+    "layer_decay": 1.0,
+    "schedule": "phase",
+}
 
 #: Config fields that never enter the run hash: ``max_minutes`` caps the rate choice, whose outcome the
 #: checkpoint records, so a run resumed under another cap goes on with the choices it made.

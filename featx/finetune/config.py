@@ -16,7 +16,7 @@ from typing import Any
 
 from featx.spec import canonical_json
 
-__all__ = ["DEFAULT_LR_CANDIDATES", "DEFAULT_PHASES", "FinetuneConfig", "Phase", "parse_phases"]
+__all__ = ["DEFAULT_LR_CANDIDATES", "DEFAULT_PHASES", "SCHEDULES", "FinetuneConfig", "Phase", "parse_phases"]
 
 
 #: The classic recipe: the head alone, then the top two blocks, then everything, each at a tenth of the rate; the
@@ -29,6 +29,10 @@ DEFAULT_PHASES = "head:3:auto,top2:5:auto/10,all:5:auto/100"
 #: those issue 15 measured working (SGD: head 1e-2 then all 3e-3 reached 0.961 on digits; the hymenoptera
 #: pipeline needed ten times the default 1e-3), AdamW's ten times lower as its steps are larger.
 DEFAULT_LR_CANDIDATES = {"sgd": (1e-3, 3e-3, 1e-2), "adamw": (1e-4, 3e-4, 1e-3)}
+
+
+#: How the rate moves: one warm-up + cosine per phase, or one over the whole run (see :class:`FinetuneConfig`).
+SCHEDULES = ("phase", "run")
 
 
 _PHASE_RE = re.compile(r"^(head|all|top(\d+)):(\d+):(\S+)$")
@@ -156,8 +160,15 @@ class FinetuneConfig:
         Max gradient norm; 0 disables clipping.
     backbone_lr_mult : float, default=1.0
         The backbone's learning rate relative to the head's.
+    layer_decay : float, default=1.0
+        Discriminative rates by depth: the top backbone block trains at the backbone's rate, each block below at
+        ``layer_decay`` times the one above (the stem, lowest, at ``layer_decay ** (blocks - 1)``), as timm's
+        layer-wise decay does; 1 gives every block the same rate.
     warmup : float, default=0.1
-        Share of each phase's steps spent warming up linearly.
+        Share of the schedule's steps spent warming up linearly (of each phase's, or of the run's).
+    schedule : {"phase", "run"}, default="phase"
+        ``phase``: each phase warms up and decays with its own cosine from its peak rate. ``run``: one warm-up and
+        one cosine over the whole run's steps, each phase's peak rate scaled by where the run is on it.
     hidden : tuple of int, default=()
         Hidden sizes of an MLP head; empty for a linear head.
     dropout : float, default=0.0
@@ -196,7 +207,9 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     clip_grad: float = 0.0
     backbone_lr_mult: float = 1.0
+    layer_decay: float = 1.0
     warmup: float = 0.1
+    schedule: str = "phase"
     hidden: tuple[int, ...] = ()
     dropout: float = 0.0
     crop_scale: tuple[float, float] = (0.25, 1.0)
@@ -220,7 +233,9 @@ class FinetuneConfig:
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
             (self.clip_grad >= 0, "gradient clipping must be >= 0 (0 = off)"),
             (self.backbone_lr_mult > 0, "the backbone learning-rate multiplier must be positive"),
-            (0 <= self.warmup < 1, "warm-up must be a share of each phase's steps, in [0, 1)"),
+            (0 < self.layer_decay <= 1, f"layer decay must be in (0, 1] (1: no decay), got {self.layer_decay}"),
+            (0 <= self.warmup < 1, "warm-up must be a share of the schedule's steps, in [0, 1)"),
+            (self.schedule in SCHEDULES, f"schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}"),
             (all(h >= 1 for h in self.hidden), "hidden sizes must be positive"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop scale must satisfy 0 < min <= max <= 1"),

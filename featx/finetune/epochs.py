@@ -1,8 +1,9 @@
 """The training loop of a fine-tuning run: one phase, one epoch, one step, and predicting on every rank.
 
 Internal to :mod:`featx.finetune`: the middle steps of :func:`featx.finetune.trainer.finetune`. Each phase
-builds its own optimiser (discriminative rates: the backbone's at ``backbone_lr_mult`` times the head's) and a
-linear warm-up then cosine schedule; each epoch draws its global batches and augmentation from a seed of its
+builds its own optimiser (discriminative rates: the backbone's at ``backbone_lr_mult`` times the head's, lower
+blocks ``layer_decay`` times lower per block) and its stretch of a linear warm-up then cosine schedule (its own,
+or the whole run's); each epoch draws its global batches and augmentation from a seed of its
 own, so a resumed run trains on exactly the batches an uninterrupted one does.
 """
 
@@ -41,8 +42,12 @@ __all__ = [
 ]
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
+def _lr_lambda(total_steps: int, warmup_steps: int, offset: int = 0):
+    """The factor of the peak rate at a phase's ``step``: linear warm-up, then a cosine to 0 at ``total_steps``;
+    ``offset`` steps of the same curve went before the phase (``schedule="run"``)."""
+
     def factor(step: int) -> float:
+        step += offset
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -51,26 +56,50 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _optimizer(model: nn.Module, head: str, config: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def _schedule(config: FinetuneConfig, phase_index: int, steps_per_epoch: int):
+    """Phase ``phase_index``'s rate factor per step: its own curve, or its stretch of the run's."""
+    if config.schedule == "phase":
+        total, offset = config.phases[phase_index].epochs * steps_per_epoch, 0
+    else:
+        total = sum(p.epochs for p in config.phases) * steps_per_epoch
+        offset = epochs_before(config, phase_index) * steps_per_epoch
+    return _lr_lambda(total, round(config.warmup * total), offset)
+
+
+def _optimizer(
+    model: nn.Module, head: str, blocks: list[list[str]], config: FinetuneConfig, lr: float
+) -> torch.optim.Optimizer:
+    """The phase's optimiser: the head at ``lr``, the backbone at ``backbone_lr_mult`` times it, each block below
+    the top one ``layer_decay`` times lower again; no weight decay on biases and normalisation parameters."""
+    depth = _depth_from_top(blocks, config.layer_decay)
+    groups: dict[tuple[bool, int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_head = name == head or name.startswith(head + ".")
         no_decay = p.ndim <= 1  # biases and normalisation parameters
-        groups.setdefault((is_head, no_decay), []).append(p)
+        groups.setdefault((is_head, 0 if is_head else depth.get(name, 0), no_decay), []).append(p)
     param_groups = [
         {
             "params": params,
-            "lr": lr if is_head else lr * config.backbone_lr_mult,
+            "lr": lr if is_head else lr * config.backbone_lr_mult * config.layer_decay**d,
             "weight_decay": 0.0 if no_decay else config.weight_decay,
-            "featx_group": f"{'head' if is_head else 'backbone'}",
+            # The top block's groups are "backbone" (the rate a results row records), the ones below "backbone-D".
+            "featx_group": "head" if is_head else ("backbone" if d == 0 else f"backbone-{d}"),
         }
-        for (is_head, no_decay), params in sorted(groups.items())
+        for (is_head, d, no_decay), params in sorted(groups.items())
     ]
     if config.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(param_groups, lr=lr)
+
+
+def _depth_from_top(blocks: list[list[str]], layer_decay: float) -> dict[str, int]:
+    """Each backbone parameter's block, counted from the top (0) down; all 0 without layer decay, so the groups
+    (and a checkpoint's optimiser state) are those of a run without it."""
+    if layer_decay == 1.0:
+        return {}
+    return {name: len(blocks) - 1 - i for i, block in enumerate(blocks) for name in block}
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -203,17 +232,14 @@ def setup_phase(run: _Run, phase_index: int, lr: float) -> LivePhase:
     config = run.config
     phase = config.phases[phase_index]
     trainable = _set_trainable(run.model.net, run.built.blocks, run.built.head_name, phase)
-    optimizer = _optimizer(run.model.net, run.built.head_name, config, lr)
+    optimizer = _optimizer(run.model.net, run.built.head_name, run.built.blocks, config, lr)
     # DDP is rebuilt per phase: it registers gradient hooks only on the parameters that train now.
     step_model: nn.Module = (
         DistributedDataParallel(run.model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
         if run.world.distributed
         else run.model
     )
-    total_steps = phase.epochs * run.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total_steps, round(config.warmup * total_steps))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, phase_index, run.steps_per_epoch))
     return LivePhase(step_model, optimizer, scheduler, lr, trainable)
 
 

@@ -128,6 +128,11 @@ def _split_words(split: dict[str, Any]) -> str:
     return f"{sizes} ({split.get('policy')})"
 
 
+def _layer_decay_words(ft: dict) -> str:
+    decay = ft.get("layer_decay", 1.0)
+    return f" (×{decay:g} per block below the top)" if decay != 1.0 else ""
+
+
 def _sweep_words(results: FinetuneResults) -> str:
     """The learning-rate choice on val (``--lr auto``): each candidate's val score, the choice, what was cut."""
     sweep = results.get("lr_sweep")
@@ -160,7 +165,8 @@ def _finetune_numbers(results: FinetuneResults, root: Path) -> tuple[str, float,
     phases = ", ".join(f"{p['freeze']} {p['epochs']} ep @ {p['lr']:g}" for p in ft["phases"])
     how = (
         f"fine-tuned {results['backbone']}: phases {phases}; optimizer {ft['optimizer']}, weight decay "
-        f"{ft['weight_decay']:g}, backbone lr ×{ft['backbone_lr_mult']:g}, warm-up {ft['warmup']:g}, "
+        f"{ft['weight_decay']:g}, backbone lr ×{ft['backbone_lr_mult']:g}{_layer_decay_words(ft)}, warm-up "
+        f"{ft['warmup']:g} then cosine per {ft.get('schedule', 'phase')}, "
         f"label smoothing {ft['label_smoothing']:g}, batch {ft['batch_size']}, BatchNorm statistics "
         f"{'updated' if ft.get('update_bn_stats') else 'fixed'}, head "
         f"{'MLP ' + str(ft['hidden']) if ft['hidden'] else 'linear'}"
