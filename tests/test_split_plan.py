@@ -214,5 +214,8 @@ def test_a_relabelled_csv_re_runs_every_row_of_a_pipeline_but_extracts_nothing(c
     relabelled = [r.rsplit(",", 1)[0] + ",crimson" if i == 0 else r for i, r in enumerate(rows)]  # one image
     csv.write_text("path,label\n" + "\n".join(relabelled) + "\n")
     monkeypatch.setattr(featx.store.writer.StoreWriter, "__init__", _no_extraction)
+    # A dry run writes nothing (the store keeps its old labels) and still plans every row that will re-run.
+    planned = run(load_job(job_file), progress=False, dry_run=True)
+    assert [t.status for t in planned.tasks] == ["cached", "planned", "planned", "planned"]
     again = run(load_job(job_file), progress=False)
     assert [t.status for t in again.tasks] == ["cached", "done", "done", "done"], [t.message for t in again.tasks]

@@ -116,6 +116,9 @@ class ExtractionResult:
     dry_run: bool = False
     shard: str | None = None
     rank: int | None = None
+    #: The fingerprint of the labels and source splits a found store holds once the call returns (the source's;
+    #: in a dry run, those a real run would write), so a plan can tell a relabelled source without writing.
+    labels_fingerprint: str | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -356,7 +359,17 @@ def _cached_result(job: _Job, path: Path, key: str, manifest: Manifest) -> Extra
             path,
             ", ".join(changed),
         )
-    return _result(job, path, key, len(manifest), cached=True, n_done=n_done, n_failed=len(failures), failures=failures)
+    return _result(
+        job,
+        path,
+        key,
+        len(manifest),
+        cached=True,
+        n_done=n_done,
+        n_failed=len(failures),
+        failures=failures,
+        labels_fingerprint=manifest.labels_fingerprint(),
+    )
 
 
 def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray, resumed: int) -> dict:

@@ -34,6 +34,7 @@ class Task:
     message: str = ""
     seconds: float = 0.0
     store: Path | None = None
+    labels: str | None = None  # an extraction's labels fingerprint, when its store was found (dry runs included)
 
 
 def _slug(text: str) -> str:

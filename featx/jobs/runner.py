@@ -273,7 +273,7 @@ def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
         progress=progress,
         dry_run=dry_run,
     )
-    task.store = result.path
+    task.store, task.labels = result.path, result.labels_fingerprint
     task.status = "cached" if result.cached else ("planned" if dry_run else "done")
     if result.n_failed and not dry_run:
         task.message = f"{result.n_failed} images could not be read (see `featx info {result.path} --failures`)"
@@ -284,7 +284,8 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
     if task.kind == "classify":
         from featx.store.format import read_key, read_labels_fingerprint
 
-        store = by_id[task.depends[0]].store
+        extraction = by_id[task.depends[0]]
+        store = extraction.store
         key = read_key(store) if store else None
         if key is None:
             return None
@@ -295,7 +296,8 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
             "kind": "classify",
             "store_key": key,
             # The key covers the images only: the labels layer and the split plan are the cell's too.
-            "labels": read_labels_fingerprint(store),
+            # A dry run leaves a relabelled store as it is: the labels it would hold come with the extraction.
+            "labels": extraction.labels or read_labels_fingerprint(store),
             "split_plan": task.dataset.plan.to_dict(),
             "config": config.to_dict(),
             # The preset's default preprocessing is not in the config: a changed default must re-run the cell.
