@@ -287,9 +287,7 @@ class LrSweepRun(TypedDict):
     curve: list[EpochRecord]
 
 
-class LrSweepSummary(TypedDict):
-    """The choice of a fine-tune's base learning rate on val (``results["lr_sweep"]``)."""
-
+class _LrSweepSummaryBase(TypedDict):
     phase: int  # 1-based: the phase whose first epoch each candidate trained
     freeze: str
     budget: str
@@ -300,6 +298,12 @@ class LrSweepSummary(TypedDict):
     max_minutes: float | None
     chosen: float
     seconds: float
+
+
+class LrSweepSummary(_LrSweepSummaryBase, total=False):
+    """The choice of a fine-tune's base learning rate on val (``results["lr_sweep"]``)."""
+
+    at_edge: str | None  # "upper" / "lower": the chosen rate is the highest / lowest tried (absent before it)
 
 
 class SkippedImage(TypedDict):

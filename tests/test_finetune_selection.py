@@ -80,6 +80,7 @@ def test_the_best_val_rate_is_chosen_and_goes_on(colour_folder, tmp_path):
     losses = {r["lr"]: r["val_loss"] for r in sweep["runs"]}
     assert losses[1e3] is None  # diverged: the worst there is
     assert sweep["chosen"] == 1e-1 == min((v, k) for k, v in losses.items() if v is not None)[1]
+    assert sweep["at_edge"] is None  # 1e3 was tried above it (and diverged)
     assert results["finetune"]["lr_chosen"] == 1e-1
     assert results["finetune"]["phases"] == [{"freeze": "all", "epochs": 2, "lr": 1e-1, "lr_auto": 1.0}]
     chosen = next(r for r in sweep["runs"] if r["lr"] == 1e-1)
@@ -102,6 +103,19 @@ def test_max_minutes_cuts_the_choice_and_says_so(colour_folder, tmp_path):
     sweep = results["lr_sweep"]
     assert [r["lr"] for r in sweep["runs"]] == [1e-2] and sweep["cut"] == [1e-3, 1e-1]
     assert sweep["chosen"] == 1e-2 and sweep["max_minutes"] == 1e-6
+    assert sweep["at_edge"] is None  # one rate tried: no edge to speak of
+
+
+def test_a_rate_chosen_at_the_edge_of_the_candidates_is_flagged():
+    from featx.finetune.state import LrSweep
+    from featx.finetune.sweep import at_edge
+
+    def sweep(chosen, tried):
+        return LrSweep(0, list(tried), "val_loss", runs=[{"lr": lr} for lr in tried], chosen=chosen)
+
+    assert at_edge(sweep(1e-2, (3e-3, 1e-3, 1e-2))) == "upper"
+    assert at_edge(sweep(1e-3, (3e-3, 1e-3, 1e-2))) == "lower"
+    assert at_edge(sweep(3e-3, (3e-3, 1e-3, 1e-2))) is None
 
 
 # checkpoint writes: 1 the head epoch, 2-4 the candidates, 5 the chosen epoch (the choice made), 6-7 the rest
@@ -147,6 +161,7 @@ def test_cli_lr_auto(colour_folder, tmp_path):
     result = CliRunner().invoke(main, [*args, *options, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "learning rate chosen by val_loss" in result.output
+    assert "edge of the candidates" in result.output  # of two candidates, either is an edge
     results = json.loads((out / "results.json").read_text())
     chosen = results["lr_sweep"]["chosen"]
     assert [p["lr"] for p in results["finetune"]["phases"]] == pytest.approx([chosen, chosen / 10])

@@ -15,7 +15,7 @@ from featx.cli._shared import (
     reported,
     split_plan_options,
 )
-from featx.finetune.config import DEFAULT_PHASES, SCHEDULES
+from featx.finetune.config import DEFAULT_PHASES, SCHEDULES, edge_words
 from featx.spec import DEFAULT_BACKBONE
 
 __all__ = ["finetune"]
@@ -212,7 +212,8 @@ def finetune(
             for r in sweep["runs"]
         )
         cut = f"; not tried (--max-minutes): {', '.join(f'{lr:g}' for lr in sweep['cut'])}" if sweep["cut"] else ""
-        click.echo(f"learning rate chosen by {sweep['selected_by']}: {sweep['chosen']:g} ({tried}{cut})")
+        edge = edge_words(sweep.get("at_edge"))
+        click.echo(f"learning rate chosen by {sweep['selected_by']}: {sweep['chosen']:g}{edge} ({tried}{cut})")
     ft = results["finetune"]
     low, high = ft["crop_scale"]
     click.echo(

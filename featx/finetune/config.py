@@ -16,7 +16,15 @@ from typing import Any
 
 from featx.spec import canonical_json
 
-__all__ = ["DEFAULT_LR_CANDIDATES", "DEFAULT_PHASES", "SCHEDULES", "FinetuneConfig", "Phase", "parse_phases"]
+__all__ = [
+    "DEFAULT_LR_CANDIDATES",
+    "DEFAULT_PHASES",
+    "SCHEDULES",
+    "FinetuneConfig",
+    "Phase",
+    "edge_words",
+    "parse_phases",
+]
 
 
 #: The classic recipe: the head alone, then the top two blocks, then everything, each at a tenth of the rate; the
@@ -33,6 +41,14 @@ DEFAULT_LR_CANDIDATES = {"sgd": (1e-3, 3e-3, 1e-2), "adamw": (1e-4, 3e-4, 1e-3)}
 
 #: How the rate moves: one warm-up + cosine per phase, or one over the whole run (see :class:`FinetuneConfig`).
 SCHEDULES = ("phase", "run")
+
+
+def edge_words(at_edge: str | None) -> str:
+    """How a results row or the CLI says the chosen base rate is at an edge of the candidates (``""`` if not)."""
+    if at_edge is None:
+        return ""
+    beyond = "higher" if at_edge == "upper" else "lower"
+    return f" (the {at_edge} edge of the candidates: a {beyond} rate may do better; widen --lr-candidates)"
 
 
 _PHASE_RE = re.compile(r"^(head|all|top(\d+)):(\d+):(\S+)$")

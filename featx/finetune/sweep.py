@@ -38,7 +38,7 @@ from featx.finetune.prepare import _Run
 from featx.finetune.state import LrSweep, RunState, save_checkpoint
 from featx.results import LrSweepSummary
 
-__all__ = ["SMALL_VAL", "choose_rate", "needs_choice", "sweep_order", "sweep_summary"]
+__all__ = ["SMALL_VAL", "at_edge", "choose_rate", "needs_choice", "sweep_order", "sweep_summary"]
 
 
 #: Below this many val images the candidates are ranked by val loss: one image is then over half a point of
@@ -155,6 +155,15 @@ def _copy_weights(run: _Run) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in run.model.net.state_dict().items()}
 
 
+def at_edge(sweep: LrSweep) -> str | None:
+    """``"upper"`` or ``"lower"`` when the chosen rate is the highest or lowest of two or more tried (the best may
+    lie beyond the candidates, as a classifier's C at the edge of its grid), else ``None``."""
+    tried = sorted(r["lr"] for r in sweep.runs)
+    if sweep.chosen is None or len(tried) < 2:
+        return None
+    return "upper" if sweep.chosen == tried[-1] else "lower" if sweep.chosen == tried[0] else None
+
+
 def sweep_summary(config: FinetuneConfig, sweep: LrSweep) -> LrSweepSummary:
     """The choice as ``results.json`` records it."""
     phase = config.phases[sweep.phase]
@@ -168,5 +177,6 @@ def sweep_summary(config: FinetuneConfig, sweep: LrSweep) -> LrSweepSummary:
         "cut": sorted(sweep.cut),
         "max_minutes": config.max_minutes,
         "chosen": sweep.chosen,
+        "at_edge": at_edge(sweep),
         "seconds": round(sum(r["seconds"] for r in sweep.runs), 3),
     }

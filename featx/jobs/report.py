@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from featx._runtime.io import atomic_write
+from featx.finetune.config import edge_words
 from featx.jobs.plots import plot_datasets
 from featx.jobs.verdict import DatasetVerdict, verdict
 from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
@@ -143,7 +144,7 @@ def _sweep_words(results: FinetuneResults) -> str:
     cut = f"; not tried (--max-minutes): {', '.join(f'{v:g}' for v in sweep['cut'])}" if sweep.get("cut") else ""
     return (
         f"base learning rate chosen on val by {key} after phase {sweep['phase']}'s first epoch ({tried}): "
-        f"{sweep['chosen']:g}{cut}; "
+        f"{sweep['chosen']:g}{edge_words(sweep.get('at_edge'))}{cut}; "
     )
 
 
