@@ -179,11 +179,12 @@ def test_run_hash_of_settings_featx_had_before_is_unchanged():
     from featx.finetune.artifacts import _config_hash
 
     net = SimpleNamespace(name="featx:tiny_test", weights_sha256="w" * 64)
-    config = _config("head:1:1e-2,all:2:1e-3")
+    config = _config("head:1:1e-2,all:2:1e-3", layer_decay=1.0)  # the one rate for every block featx had then
     assert _config_hash(config, net, "m", None) == "611a8df21fdac049ed58bad4c21b417495b5f7be4897855f7124e85d5d06103c"
-    assert _config_hash(_config("head:1:1e-2,all:2:1e-3", flip=False), net, "m", None) != _config_hash(
-        config, net, "m", None
-    )
+    for other in ({"flip": False}, {}):  # no flip; today's default layer decay (0.5)
+        assert _config_hash(_config("head:1:1e-2,all:2:1e-3", **other), net, "m", None) != _config_hash(
+            config, net, "m", None
+        )
 
 
 def test_cli_no_flip_reaches_the_run(folder, tmp_path, monkeypatch):
@@ -251,7 +252,7 @@ def test_layer_decay_lowers_each_block_below_the_top():
             )
     assert {rates[id(p)] for n, p in named.items() if n.startswith(head + ".")} == {(1.0, "head")}
     # Without decay the groups are the ones featx always made: a checkpoint's optimiser state still loads.
-    plain = _optimizer(net.model, head, blocks, _config(backbone_lr_mult=0.1), lr=1.0)
+    plain = _optimizer(net.model, head, blocks, _config(backbone_lr_mult=0.1, layer_decay=1.0), lr=1.0)
     assert sorted((g["featx_group"], g["lr"], g["weight_decay"]) for g in plain.param_groups) == sorted(
         [("backbone", 0.1, 0.0), ("backbone", 0.1, 1e-4), ("head", 1.0, 0.0), ("head", 1.0, 1e-4)]
     )

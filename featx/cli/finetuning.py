@@ -15,7 +15,7 @@ from featx.cli._shared import (
     reported,
     split_plan_options,
 )
-from featx.finetune.config import DEFAULT_PHASES, SCHEDULES, edge_words
+from featx.finetune.config import DEFAULT_LAYER_DECAY, DEFAULT_PHASES, SCHEDULES, edge_words
 from featx.spec import DEFAULT_BACKBONE
 
 __all__ = ["finetune"]
@@ -95,7 +95,7 @@ def _crop_scale(text: str) -> tuple[float, float]:
 @click.option(
     "--layer-decay",
     type=click.FloatRange(0, 1, min_open=True),
-    default=1.0,
+    default=DEFAULT_LAYER_DECAY,
     show_default=True,
     help="Each backbone block below the top trains at this times the rate of the one above (1: no decay).",
 )

@@ -13,7 +13,14 @@
 
 import importlib
 
-from featx.finetune.config import DEFAULT_LR_CANDIDATES, DEFAULT_PHASES, FinetuneConfig, Phase, parse_phases
+from featx.finetune.config import (
+    DEFAULT_LAYER_DECAY,
+    DEFAULT_LR_CANDIDATES,
+    DEFAULT_PHASES,
+    FinetuneConfig,
+    Phase,
+    parse_phases,
+)
 
 # The rest imports torch: loaded on first use, so `featx --help` and the CLI's defaults stay fast.
 _LAZY = {
@@ -24,6 +31,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "DEFAULT_LAYER_DECAY",
     "DEFAULT_LR_CANDIDATES",
     "DEFAULT_PHASES",
     "FinetuneConfig",

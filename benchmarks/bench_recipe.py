@@ -1,0 +1,309 @@
+"""Which fine-tuning recipe should be the default: candidate recipes on hymenoptera, digits and a CIFAR-10 subset.
+
+Usage::
+
+    python benchmarks/bench_recipe.py run [--work DIR] [--sets hymenoptera,digits,cifar] [--recipes phased,...]
+    python benchmarks/bench_recipe.py report [--work DIR]
+
+Every run is ``featx.finetune.finetune`` on the built-in EfficientNet-Lite0 under the default split plan (split
+seed 0), with the rate chosen on val (``auto``), the same seed, batch and augmentation (no flips on digits); only
+what the recipe names differs. ``phased`` was featx's default recipe before these runs; ``all-discriminative`` is
+its default since (benchmarks/RESULTS.md, "Choosing the default fine-tuning recipe"). Beside them, the frozen rows
+a reviewer compares against: logreg and svm on the same backbone's cached features, the same train / val / test
+images. Each run is its own process and its own folder under ``--work``; a finished run is read back and a killed
+one resumes (featx's checkpoint), so ``run`` can be stopped and started again.
+
+``report`` pairs every recipe with the phased one (an ablation with the recipe it ablates, ``BASE``) on the same
+test images (exact McNemar, paired bootstrap 95 % CI) and with the best frozen row, and writes ``recipes.json``
+and ``recipes.md`` under ``--work``.
+
+The sets:
+
+- ``hymenoptera``: its train folder (val carved from it) and its val folder as test: 196 / 49 / 153.
+- ``digits``: scikit-learn's 1,797 8×8 digits, carved 1,151 / 287 / 359; no flips (a mirrored digit is another).
+- ``cifar``: CIFAR-10, 80 images per class from its train folder (val carved from them) and 30 per class from
+  its test folder: 640 / 160 / 300.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HYMENOPTERA, SHARED_DATA, child_env, cores, machine, machine_line, run_child, table
+
+BACKBONE = "featx:efficientnet_lite0"
+SETS = ("hymenoptera", "digits", "cifar")
+NO_FLIP = {"digits"}
+FROZEN = ("logreg", "svm")
+
+#: The phased recipe featx had as its default until these runs: the head, then the top two blocks, then all.
+PHASED = "head:3:auto,top2:5:auto/10,all:5:auto/100"
+#: fastai's fine_tune in featx's terms: a short head phase, then everything at half the chosen rate.
+ALL = "head:2:auto,all:6:auto/2"
+
+#: Each recipe: FinetuneConfig settings beside the shared ones, every one that decides the comparison written out
+#: (so a change of featx's defaults cannot change a recipe).
+RECIPES: dict[str, dict] = {
+    "phased": {"phases": PHASED, "layer_decay": 1.0},
+    # The phased recipe with discriminative rates, or with one schedule over the run (issue 15's questions).
+    "phased-layer-decay-0.7": {"phases": PHASED, "layer_decay": 0.7},
+    "phased-run-cosine": {"phases": PHASED, "layer_decay": 1.0, "schedule": "run"},
+    # ALL with lower blocks lower (×0.5 per block: Lite0's stem at 1/128 of the top block; fastai's slice spans
+    # 1/100), and without.
+    "all-discriminative": {"phases": ALL, "layer_decay": 0.5},
+    "all-no-decay": {"phases": ALL, "layer_decay": 1.0},
+    # all-discriminative's ablations: one warm-up + cosine over the run; the rate grid one step higher (its top
+    # candidate, 1e-2, was chosen on all three sets); the epoch kept by val loss (the same training: only the epoch
+    # kept differs).
+    "all-run-cosine": {"phases": ALL, "layer_decay": 0.5, "schedule": "run"},
+    "all-3e-3-3e-2": {"phases": ALL, "layer_decay": 0.5, "lr_candidates": (3e-3, 1e-2, 3e-2)},
+    "all-by-val-loss": {"phases": ALL, "layer_decay": 0.5, "metric": "val_loss"},
+}
+
+#: What each recipe is paired with in the report (``phased`` when not named): an ablation with what it ablates.
+BASE = {"all-no-decay": "all-discriminative"} | {
+    r: "all-discriminative" for r in ("all-run-cosine", "all-3e-3-3e-2", "all-by-val-loss")
+}
+DEFAULT_BASE = "phased"
+
+
+# ------------------------------------------------------------------------------------------- sources
+def _cifar_manifest(work: Path, train_per_class: int = 80, test_per_class: int = 30) -> Path:
+    root = work / "cifar10-jpeg"
+    if not (root / "train").is_dir():
+        with tarfile.open(SHARED_DATA / "cifar10-jpeg.tar.gz") as tar:
+            tar.extractall(work, filter="data")
+    rows = []
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            rows += [f"{p},{cls.name},{split}" for p in sorted(cls.glob("*.jpg"))[:per_class]]
+    out = work / f"cifar-{train_per_class}-{test_per_class}.csv"
+    out.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return out
+
+
+def source(work: Path, name: str) -> str:
+    if name == "hymenoptera":
+        return str(HYMENOPTERA)
+    if name == "digits":
+        return "digits"
+    return str(_cifar_manifest(work))
+
+
+# ------------------------------------------------------------------------------------------ children
+def child_finetune(args) -> dict:
+    import torch
+
+    from featx.finetune import FinetuneConfig, finetune, parse_phases
+
+    torch.set_num_threads(args.threads)
+    settings = RECIPES[args.recipe]
+    phases = tuple(parse_phases(settings["phases"]))
+    config = FinetuneConfig(
+        phases=phases, flip=args.set not in NO_FLIP, **{k: v for k, v in settings.items() if k != "phases"}
+    )
+    out = Path(args.work) / "runs" / f"{args.set}__{args.recipe}"
+    results = finetune(source(Path(args.work), args.set), BACKBONE, config, out, progress=False, device="cpu")
+    return {"results": str(out / "results.json"), "seconds": results["seconds"]}
+
+
+def child_frozen(args) -> dict:
+    import torch
+
+    from featx.classify import ClassifierConfig, train
+    from featx.extract import extract
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    store = work / "stores" / f"{args.set}.lite0.h5"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    extract(source(work, args.set), out=store, backbone=BACKBONE, progress=False)
+    extract_seconds = time.perf_counter() - t0
+    paths = {}
+    for classifier in FROZEN:
+        out = work / "runs" / f"{args.set}__{classifier}"
+        train(store, ClassifierConfig(classifier=classifier), out_dir=out, n_jobs=args.threads)
+        paths[classifier] = str(out / "results.json")
+    return {"results": paths, "extract_seconds": extract_seconds}
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(args) -> None:
+    work = Path(args.work)
+    env = child_env(work, args.threads)
+    for name in args.sets:
+        if not all((work / "runs" / f"{name}__{c}" / "results.json").exists() for c in FROZEN):
+            t0 = time.perf_counter()
+            run_child([__file__, "child-frozen", "--set", name, *_common_args(args)], env=env, timeout=3 * 3600)
+            print(f"{name} frozen rows: {time.perf_counter() - t0:.0f} s", flush=True)
+    for recipe in args.recipes:
+        for name in args.sets:
+            if (work / "runs" / f"{name}__{recipe}" / "results.json").exists():
+                continue
+            t0 = time.perf_counter()
+            child = ["child-finetune", "--set", name, "--recipe", recipe, *_common_args(args)]
+            run_child([__file__, *child], env=env, timeout=6 * 3600)
+            print(f"{name} · {recipe}: {time.perf_counter() - t0:.0f} s", flush=True)
+    (work / "machine.json").write_text(json.dumps(machine(), indent=2))
+
+
+def _common_args(args) -> list[str]:
+    return ["--work", str(args.work), "--threads", str(args.threads)]
+
+
+# -------------------------------------------------------------------------------------------- report
+def _correct(results: dict) -> tuple[list[str], list[bool]]:
+    p = results["test"]["predictions"]
+    order = sorted(range(len(p["ids"])), key=lambda i: p["ids"][i])
+    return [p["ids"][i] for i in order], [p["true"][i] == p["predicted"][i] for i in order]
+
+
+def _paired(a: dict, b: dict) -> dict:
+    from featx.jobs.verdict import mcnemar_exact, paired_bootstrap_ci
+
+    ids_a, right_a = _correct(a)
+    ids_b, right_b = _correct(b)
+    if ids_a != ids_b:
+        raise SystemExit("two runs of one set were tested on different images: the split plan changed between them")
+    only_a, only_b, p = mcnemar_exact(right_a, right_b)
+    low, high = paired_bootstrap_ci(right_a, right_b)
+    return {"delta": a["test"]["accuracy"] - b["test"]["accuracy"], "ci": [low, high], "p": p, "only": [only_a, only_b]}
+
+
+def _finetune_row(results: dict) -> dict:
+    best = results["best_epoch"]
+    epoch = next(c for c in results["curves"] if c["epoch"] == best)
+    sweep = results.get("lr_sweep") or {}
+    return {
+        "test_accuracy": results["test"]["accuracy"],
+        "best_epoch": best,
+        "best_phase": epoch["freeze"],
+        "val_accuracy": epoch["val_accuracy"],
+        "val_loss": epoch["val_loss"],
+        "lr_chosen": results["finetune"].get("lr_chosen"),
+        "sweep_by": sweep.get("selected_by"),
+        "fit_minutes": results["train"]["fit_seconds"] / 60,
+        "minutes": results["seconds"] / 60,
+        "sweep": [
+            {"lr": r["lr"], "val_accuracy": r["val_accuracy"], "val_loss": r["val_loss"]} for r in sweep.get("runs", [])
+        ],
+        "rate_by_rule": _rate_by_rule(sweep.get("runs", []), results["train"]["val_n"]),
+        # Which epoch val loss would have chosen instead (its test accuracy is unknown: only the best is tested).
+        "best_epoch_by_val_loss": min(
+            (c for c in results["curves"] if c["val_loss"] is not None), key=lambda c: c["val_loss"]
+        )["epoch"],
+    }
+
+
+def _load(work: Path, name: str, label: str) -> dict | None:
+    path = work / "runs" / f"{name}__{label}" / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _rate_by_rule(runs: list[dict], n_val: int) -> dict:
+    """The rate each ranking of the candidates picks: val accuracy, val loss, and val accuracy with the candidates
+    within one binomial standard error of the best ranked by val loss (a one-image lead is noise)."""
+    finite = [r for r in runs if r["val_loss"] is not None]
+    if len(finite) < 2:
+        return {}
+    by_acc = max(finite, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    by_loss = min(finite, key=lambda r: r["val_loss"])
+    p = by_acc["val_accuracy"]
+    se = (p * (1 - p) / max(1, n_val)) ** 0.5
+    tied = [r for r in finite if by_acc["val_accuracy"] - r["val_accuracy"] <= se]
+    return {
+        "val_accuracy": by_acc["lr"],
+        "val_loss": by_loss["lr"],
+        "accuracy_then_loss_within_1se": min(tied, key=lambda r: r["val_loss"])["lr"],
+    }
+
+
+def report(args) -> None:
+    work = Path(args.work)
+    machine_file = work / "machine.json"
+    out: dict = {"machine": json.loads(machine_file.read_text()) if machine_file.exists() else None}
+    rows_md = []
+    for name in SETS:
+        frozen = {c: r for c in FROZEN if (r := _load(work, name, c)) is not None}
+        recipes = {r: res for r in RECIPES if (res := _load(work, name, r)) is not None}
+        if not recipes:
+            continue
+        best_frozen = max(frozen, key=lambda c: frozen[c]["test"]["accuracy"]) if frozen else None
+        entry: dict = {"frozen": {c: frozen[c]["test"]["accuracy"] for c in frozen}, "recipes": {}}
+        sizes = next(iter(recipes.values()))["split"]["sizes"]
+        entry["sizes"] = sizes
+        for recipe, res in recipes.items():
+            row = _finetune_row(res)
+            base = BASE.get(recipe, DEFAULT_BASE)
+            if recipe != base and base in recipes:
+                row["vs_base"] = {"row": base, **_paired(res, recipes[base])}
+            if best_frozen:
+                row["vs_best_frozen"] = {"row": best_frozen, **_paired(res, frozen[best_frozen])}
+            entry["recipes"][recipe] = row
+            rows_md.append(_md_row(name, sizes, recipe, row))
+        for c, res in frozen.items():
+            rows_md.append([name, "", f"{c} · Lite0 (frozen)", f"{res['test']['accuracy']:.4f}", "", "", "", "", ""])
+        out[name] = entry
+    header = ["set (train/val/test)", "", "row", "test acc", "vs its base, pt [CI], p", "vs best frozen, pt [CI], p",
+              "best epoch (phase) · by val loss", "lr chosen (by)", "fit min"]  # fmt: skip
+    md = table(header, rows_md)
+    if out["machine"]:
+        md = f"Machine: {machine_line(out['machine'])}\n\n{md}"
+    (work / "recipes.json").write_text(json.dumps(out, indent=2))
+    (work / "recipes.md").write_text(md + "\n")
+    print(md)
+
+
+def _pt(c: dict) -> str:
+    return f"{100 * c['delta']:+.1f} [{100 * c['ci'][0]:.1f}, {100 * c['ci'][1]:.1f}], p = {c['p']:.2g}"
+
+
+def _md_row(name: str, sizes: dict, recipe: str, row: dict) -> list:
+    return [
+        name,
+        f"{sizes['train']}/{sizes['val']}/{sizes['test']}",
+        recipe,
+        f"{row['test_accuracy']:.4f}",
+        _pt(row["vs_base"]) + f" ({row['vs_base']['row']})" if "vs_base" in row else "—",
+        _pt(row["vs_best_frozen"]) + f" ({row['vs_best_frozen']['row']})" if "vs_best_frozen" in row else "",
+        f"{row['best_epoch']} ({row['best_phase']}) · {row['best_epoch_by_val_loss']}",
+        f"{row['lr_chosen']:g} ({row['sweep_by']})" if row["lr_chosen"] else "—",
+        f"{row['fit_minutes']:.1f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in ("run", "report", "child-finetune", "child-frozen"):
+        p = sub.add_parser(command)
+        p.add_argument("--work", default="/tmp/featx-bench-recipe")
+        p.add_argument("--threads", type=int, default=cores())
+        if command == "run":
+            p.add_argument("--sets", type=lambda s: s.split(","), default=list(SETS))
+            p.add_argument("--recipes", type=lambda s: s.split(","), default=list(RECIPES))
+        if command.startswith("child"):
+            p.add_argument("--set", choices=SETS, required=True)
+            p.add_argument("--recipe", choices=list(RECIPES))
+    args = parser.parse_args()
+    if args.command.startswith("child"):
+        result = (child_finetune if args.command == "child-finetune" else child_frozen)(args)
+        print(json.dumps(result))
+    elif args.command == "run":
+        unknown = [r for r in args.recipes if r not in RECIPES] + [s for s in args.sets if s not in SETS]
+        if unknown:
+            sys.exit(f"unknown recipes or sets {unknown}: recipes {list(RECIPES)}, sets {list(SETS)}")
+        run(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
