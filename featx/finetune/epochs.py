@@ -96,7 +96,8 @@ def _optimizer(
 
 def _depth_from_top(blocks: list[list[str]], layer_decay: float) -> dict[str, int]:
     """Each backbone parameter's block, counted from the top (0) down; all 0 without layer decay, so the groups
-    (and a checkpoint's optimiser state) are those of a run without it."""
+    (and a checkpoint's optimiser state) are those of a run without it. A parameter in no block (rare: the blocks
+    cover the backbone) trains at the top block's rate."""
     if layer_decay == 1.0:
         return {}
     return {name: len(blocks) - 1 - i for i, block in enumerate(blocks) for name in block}
