@@ -156,8 +156,10 @@ def _copy_weights(run: _Run) -> dict[str, Any]:
 
 
 def at_edge(sweep: LrSweep) -> str | None:
-    """``"upper"`` or ``"lower"`` when the chosen rate is the highest or lowest of two or more tried (the best may
-    lie beyond the candidates, as a classifier's C at the edge of its grid), else ``None``."""
+    """``"upper"`` or ``"lower"`` when the chosen rate is the highest or lowest of two or more tried, else ``None``.
+
+    As a classifier's C at the edge of its grid, the best may lie beyond; but the one-epoch choice favours high rates
+    (:func:`featx.finetune.config.edge_words` says so), so only the lower edge asks for a wider grid."""
     tried = sorted(r["lr"] for r in sweep.runs)
     if sweep.chosen is None or len(tried) < 2:
         return None
