@@ -94,6 +94,30 @@ def sample_jpegs(out: Path, n: int, source: Path = HYMENOPTERA) -> Path:
     return out
 
 
+def cifar_folder(work: Path) -> Path:
+    """CIFAR-10's JPEGs (``train/<class>/*.jpg``, ``test/<class>/*.jpg``), unpacked once into ``work``."""
+    import tarfile
+
+    root = work / "cifar10-jpeg"
+    if not (root / "train").is_dir():
+        with tarfile.open(SHARED_DATA / "cifar10-jpeg.tar.gz") as tar:
+            tar.extractall(work, filter="data")
+    return root
+
+
+def cifar_manifest(work: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A CSV manifest of the first ``train_per_class`` / ``test_per_class`` images of each class of CIFAR-10's
+    train / test folders, with those splits (val is carved from train by the split plan)."""
+    root = cifar_folder(work)
+    rows = []
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            rows += [f"{p},{cls.name},{split}" for p in sorted(cls.glob("*.jpg"))[:per_class]]
+    out = work / f"cifar-{train_per_class}-{test_per_class}.csv"
+    out.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return out
+
+
 def random_torchvision_weights(arch: str, path: Path) -> Path:
     """A torchvision ``arch`` with seeded random weights (timing only), saved once as a checkpoint featx loads
     as ``file:ARCH=PATH``."""

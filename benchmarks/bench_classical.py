@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 import time
 import warnings
 from pathlib import Path
@@ -41,36 +40,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HYMENOPTERA, SHARED_DATA, machine_line, table
+from _common import HYMENOPTERA, cifar_folder, cifar_manifest, machine_line, table
 
 SETS = ("hymenoptera", "digits", "cifar5k", "cifar-rot40")
 REFERENCE_GRID = tuple(float(c) for c in np.logspace(-4, 4, 17))
 
 
 # ------------------------------------------------------------------------------------------- prepare
-def _cifar(work: Path) -> Path:
-    root = work / "cifar10-jpeg"
-    if not (root / "train").is_dir():
-        with tarfile.open(SHARED_DATA / "cifar10-jpeg.tar.gz") as tar:
-            tar.extractall(work, filter="data")
-    return root
-
-
-def _cifar_manifest(work: Path, train_per_class: int, test_per_class: int) -> Path:
-    root = _cifar(work)
-    rows = []
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            rows += [f"{p},{cls.name},{split}" for p in sorted(cls.glob("*.jpg"))[:per_class]]
-    out = work / f"cifar-{train_per_class}-{test_per_class}.csv"
-    out.write_text("path,label,split\n" + "\n".join(rows) + "\n")
-    return out
-
-
 def _rot40_manifest(work: Path, train_per_class: int = 40, test_per_class: int = 20) -> Path:
     from PIL import Image
 
-    root = _cifar(work)
+    root = cifar_folder(work)
     target = work / "cifar-rot40"
     rows = []
     for cls in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
@@ -102,7 +82,7 @@ def prepare(work: Path, sets: list[str]) -> None:
     sources = {
         "hymenoptera": lambda: HYMENOPTERA,
         "digits": lambda: "digits",
-        "cifar5k": lambda: _cifar_manifest(work, 500, 200),
+        "cifar5k": lambda: cifar_manifest(work, 500, 200),
         "cifar-rot40": lambda: _rot40_manifest(work),
     }
     for name in sets:

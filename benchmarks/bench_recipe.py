@@ -30,12 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HYMENOPTERA, SHARED_DATA, child_env, cores, machine, machine_line, run_child, table
+from _common import HYMENOPTERA, child_env, cifar_manifest, cores, machine, machine_line, run_child, table
 
 BACKBONE = "featx:efficientnet_lite0"
 SETS = ("hymenoptera", "digits", "cifar")
@@ -74,26 +73,12 @@ DEFAULT_BASE = "phased"
 
 
 # ------------------------------------------------------------------------------------------- sources
-def _cifar_manifest(work: Path, train_per_class: int = 80, test_per_class: int = 30) -> Path:
-    root = work / "cifar10-jpeg"
-    if not (root / "train").is_dir():
-        with tarfile.open(SHARED_DATA / "cifar10-jpeg.tar.gz") as tar:
-            tar.extractall(work, filter="data")
-    rows = []
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            rows += [f"{p},{cls.name},{split}" for p in sorted(cls.glob("*.jpg"))[:per_class]]
-    out = work / f"cifar-{train_per_class}-{test_per_class}.csv"
-    out.write_text("path,label,split\n" + "\n".join(rows) + "\n")
-    return out
-
-
 def source(work: Path, name: str) -> str:
     if name == "hymenoptera":
         return str(HYMENOPTERA)
     if name == "digits":
         return "digits"
-    return str(_cifar_manifest(work))
+    return str(cifar_manifest(work, 80, 30))
 
 
 # ------------------------------------------------------------------------------------------ children
