@@ -3,12 +3,14 @@ from the same weights, the best on val goes on.
 
 Internal to :mod:`featx.finetune`: a step of :func:`featx.finetune.trainer.finetune`, taken at the start of
 the first phase whose rate is ``auto``. Each candidate trains that phase's first epoch, with the phase's
-own schedule (warm-up, then cosine over the whole phase) and the batches and augmentation of that epoch's
-seed, so the candidates differ only by their rate. The best candidate's epoch *is* the run's epoch at that
-rate: the run goes on from it, so the choice costs one epoch per other candidate. One epoch is the budget
+schedule (warm-up, then cosine: the phase's own, or its stretch of the run's) and the batches and augmentation
+of that epoch's seed, so the candidates differ only by their rate. The best candidate's epoch *is* the run's
+epoch at that rate: the run goes on from it, so the choice costs one epoch per other candidate. One epoch is the budget
 because it is the shortest run that sees every training image once; fewer steps on a small dataset
 (hymenoptera: 7 steps an epoch at batch 32) leave the rates undistinguishable. Short runs favour larger
-rates (the schedule has not decayed yet), which the later phases' lower rates temper.
+rates (the schedule has not decayed yet), and the later phases inherit the choice: with 3e-2 among the
+candidates, the default recipe chose it on three datasets and its all-layer phase then lost 17-26 pt on two
+(benchmarks/RESULTS.md), so the default candidates stop at 1e-2.
 
 The choice is checkpointed after each candidate: a run killed mid-choice resumes with the candidates it
 tried, and reaches the weights an uninterrupted run does.

@@ -1,8 +1,9 @@
 """Fine-tuning f end to end: new head, freezing schedules, phased learning rates, LP-FT, resumable.
 
-The classic recipe, on the same manifest and test split as the frozen-feature classifiers: train only a
-new head, then unfreeze the top blocks with a smaller learning rate, then everything with a smaller one
-still. Each phase warms up linearly then decays with a cosine. Frozen blocks keep their BatchNorm layers
+Phases on the same manifest and test split as the frozen-feature classifiers: train only a new head, then
+unfreeze the top blocks or everything, each phase at its own rate (by default the head, then everything at half
+the rate, lower blocks lower: ``DEFAULT_PHASES``, ``DEFAULT_LAYER_DECAY``). Each phase warms up linearly then
+decays with a cosine (or takes its stretch of one curve over the run). Frozen blocks keep their BatchNorm layers
 in eval mode, so their running statistics never move. A checkpoint is written after every epoch; a job
 killed at any moment resumes from it and reaches the same weights as an uninterrupted run with the seed.
 
