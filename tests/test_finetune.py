@@ -107,6 +107,13 @@ def test_frozen_parameters_and_bn_statistics_do_not_move(folder, tmp_path):
     assert frozen_stats and all(torch.equal(before[k], after[k]) for k in frozen_stats)
 
 
+def test_a_finetune_leaves_the_global_rng_as_it_found_it(folder, tmp_path):
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    finetune(folder, TINY, _config("head:1:1e-2"), tmp_path / "ft", workers=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)  # a caller's own random draws are not reseeded
+
+
 def test_phase_transitions_change_rates_and_curves(folder, tmp_path):
     results = finetune(
         folder,

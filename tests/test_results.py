@@ -55,3 +55,16 @@ def test_unreadable_results_say_what_is_wrong(tmp_path, text, error, message):
 def test_missing_results_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_results(tmp_path / "nope.json")
+
+
+def test_the_results_error_is_the_one_featx_exports(tmp_path):
+    import featx
+    import featx.exceptions
+    import featx.results
+
+    assert featx.ResultsError is featx.results.ResultsError is featx.exceptions.ResultsError
+    assert featx.NotResultsError is featx.results.NotResultsError
+    path = tmp_path / "results.json"
+    path.write_text("{not json")
+    with pytest.raises(featx.ResultsError):  # `except featx.ResultsError` catches what read_results raises
+        read_results(path)

@@ -332,7 +332,19 @@ def train_epoch(
     """One pass over the training images in the epoch's seeded global batches (each rank its part)."""
     config, world = run.config, run.world
     seed = _epoch_seed(config.seed, global_epoch)
-    torch.manual_seed((seed + 7919 * world.rank) % 2**31)  # dropout masks differ between ranks
+    with torch.random.fork_rng(devices=[run.dev] if run.dev.type == "cuda" else []):
+        torch.manual_seed((seed + 7919 * world.rank) % 2**31)  # dropout masks differ between ranks
+        return _epoch_pass(run, step_model, optimizer, scheduler, seed)
+
+
+def _epoch_pass(
+    run: _Run,
+    step_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    seed: int,
+) -> _EpochStats:
+    config, world = run.config, run.world
     loader = DataLoader(
         run.train_set,
         batch_sampler=_GlobalBatches(len(run.train_set), config.batch_size, seed, world.rank, world.size),

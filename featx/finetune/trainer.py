@@ -159,7 +159,11 @@ def finetune(
     """
     world, dev = _ddp.init(device)
     try:
-        with reuse_freed_memory(dev.type == "cpu"):  # CPU training frees and re-faults big activations per step
+        # Training seeds torch's RNG (dropout masks, DataLoader seeds); the caller's stream is left as it was.
+        with (
+            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
+            reuse_freed_memory(dev.type == "cpu"),  # CPU training frees and re-faults big activations per step
+        ):
             return _finetune(
                 world,
                 dev,

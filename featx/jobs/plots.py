@@ -1,6 +1,7 @@
 """The report's plots: accuracy by method (the axis from 0), confusion matrices, learning and fine-tuning curves.
 
-Each figure is written as PNG (embedded in the HTML page) and SVG, with matplotlib's Agg backend (no display).
+Each figure is written as PNG (embedded in the HTML page) and SVG, drawn on figure objects
+(no pyplot, no display, the caller's backend untouched) and written atomically.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from featx._runtime.io import atomic_write
+
 __all__ = ["plot_datasets"]
 
 #: A report row (:class:`featx.jobs.report.Row`): a mapping of its numbers and provenance.
@@ -18,24 +21,30 @@ Row = Mapping[str, Any]
 
 
 class _Figures:
-    """Saves each figure as PNG and SVG into one folder and remembers its title and PNG path, in order."""
+    """Saves each figure as PNG and SVG into one folder and remembers its title and PNG path, in order.
+
+    Figures are :class:`matplotlib.figure.Figure` objects made without pyplot, so no backend is chosen or
+    switched (a notebook's stays as it was) and no figure lingers in pyplot's registry.
+    """
 
     def __init__(self, folder: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        self.plt, self.folder = plt, folder
+        self.folder = folder
         self.made: list[tuple[str, Path]] = []
         folder.mkdir(parents=True, exist_ok=True)
 
+    @staticmethod
+    def subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+        """A new figure and its axes, as ``pyplot.subplots`` returns them."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
     def save(self, fig, name: str, title: str) -> None:
-        """Write ``fig`` as ``name.png`` and ``name.svg``, close it, and list it under ``title``."""
+        """Write ``fig`` as ``name.png`` and ``name.svg`` (each atomically) and list it under ``title``."""
         fig.tight_layout()
         for suffix in ("png", "svg"):
-            fig.savefig(self.folder / f"{name}.{suffix}", dpi=110)
-        self.plt.close(fig)
+            atomic_write(self.folder / f"{name}.{suffix}", lambda fh, fmt=suffix: fig.savefig(fh, format=fmt, dpi=110))
         self.made.append((title, self.folder / f"{name}.png"))
 
 
@@ -58,7 +67,7 @@ def plot_datasets(groups: Mapping[str, list[Row]], folder: Path) -> list[tuple[s
 
 
 def _accuracy_plot(figures: _Figures, scored: list[Row], dataset: str, name: str) -> None:
-    fig, ax = figures.plt.subplots(figsize=(8, 0.45 * len(scored) + 1.2))
+    fig, ax = figures.subplots(figsize=(8, 0.45 * len(scored) + 1.2))
     acc = np.array([r["accuracy"] for r in scored])
     lo = np.array([r["ci"][0] if r["ci"] else a for r, a in zip(scored, acc, strict=True)])
     hi = np.array([r["ci"][1] if r["ci"] else a for r, a in zip(scored, acc, strict=True)])
@@ -75,7 +84,7 @@ def _accuracy_plot(figures: _Figures, scored: list[Row], dataset: str, name: str
 def _confusion_plot(figures: _Figures, r: Row, dataset: str, name: str) -> None:
     cm = np.array(r["confusion"])
     n = len(cm)
-    fig, ax = figures.plt.subplots(figsize=(min(8, 1.5 + 0.45 * n), min(7, 1.2 + 0.4 * n)))
+    fig, ax = figures.subplots(figsize=(min(8, 1.5 + 0.45 * n), min(7, 1.2 + 0.4 * n)))
     ax.imshow(cm, cmap="Blues")
     if n <= 20:  # beyond that the labels and counts would not be legible
         ax.set_xticks(range(n), r["class_names"] or range(n), rotation=90)
@@ -92,7 +101,7 @@ def _confusion_plot(figures: _Figures, r: Row, dataset: str, name: str) -> None:
 
 def _learning_plot(figures: _Figures, group: list[Row], dataset: str, name: str) -> None:
     """Frozen-feature accuracy by training images per class, with each fine-tune (on all data) as a line."""
-    fig, ax = figures.plt.subplots(figsize=(7, 4))
+    fig, ax = figures.subplots(figsize=(7, 4))
     for r in group:
         if not r["few_shot"]:
             continue
@@ -118,7 +127,7 @@ def _learning_plot(figures: _Figures, group: list[Row], dataset: str, name: str)
 
 def _finetune_plot(figures: _Figures, tuned: list[Row], dataset: str, name: str) -> None:
     """Train and val loss, and val accuracy, by epoch."""
-    fig, (loss, accuracy) = figures.plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (loss, accuracy) = figures.subplots(1, 2, figsize=(10, 3.8))
     for r in tuned:
         epochs = [c["epoch"] for c in r["curves"]]
         loss.plot(epochs, [c["train_loss"] for c in r["curves"]], marker="o", label=f"{r['method']} train")
