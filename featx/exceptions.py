@@ -2,7 +2,7 @@
 
 Every exception subclasses a built-in so callers can catch the familiar type (``except ValueError`` still
 works); the message names the bad value, the valid choices and the fix. The modules that raise them import
-them from here, so ``featx.exceptions.X`` is the class they raise (``featx._errors`` is an alias of this module).
+them from here, so ``featx.exceptions.X`` is the class they raise (and ``featx.X`` the same class).
 """
 
 from __future__ import annotations

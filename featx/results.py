@@ -30,7 +30,6 @@ from featx._runtime.io import atomic_write
 from featx.exceptions import NotResultsError, ResultsError
 
 __all__ = [
-    "RESULTS_SCHEMA",
     "SCHEMA",
     "SCHEMA_VERSION",
     "CellInfo",
@@ -62,8 +61,6 @@ SCHEMA_PREFIX = "featx.results/"
 SCHEMA_VERSION = 1
 #: The ``"schema"`` value of every results document this featx writes.
 SCHEMA = f"{SCHEMA_PREFIX}{SCHEMA_VERSION}"
-#: The same, under the name featx used before the schema had its own module.
-RESULTS_SCHEMA = SCHEMA
 
 
 # -------------------------------------------------------------------------------------------- sections
@@ -87,7 +84,7 @@ class TestMetrics(_TestMetricsBase, total=False):
 
     predict_seconds: float
     split: str
-    predictions: Predictions  # classifiers: every image's prediction (written since issue 13)
+    predictions: Predictions  # classifiers: every image's prediction (absent from the oldest files)
 
 
 class StoreInfo(TypedDict):
@@ -193,7 +190,7 @@ class FewShotPoint(_FewShotPointBase, total=False):
 
 
 class SplitInfo(TypedDict):
-    """The split plan a row used (written since issue 14): rows agreeing on ``hashes`` used the same images."""
+    """The split plan a row used (absent from the oldest files): rows agreeing on ``hashes`` used the same images."""
 
     plan: dict[str, Any]  # SplitPlan.to_dict(): split_seed, val_fraction, test_fraction
     policy: str  # how the splits came about, in words
@@ -241,15 +238,15 @@ class _FinetuneSettingsBase(TypedDict):
 class FinetuneSettings(_FinetuneSettingsBase, total=False):
     """:meth:`FinetuneConfig.to_dict() <featx.finetune.FinetuneConfig.to_dict>` and how the run was set up."""
 
-    val_fraction: float  # before issue 14 (the split plan's now: ``split.plan``)
+    val_fraction: float  # older files only; newer ones keep it in the split plan (``split.plan``)
     world_size: int
-    flip: bool  # before issue 15, training always flipped
-    lr: str  # "phases" or "auto" (issue 15)
+    flip: bool  # absent: training flipped
+    lr: str  # "phases" or "auto"
     lr_candidates: list[float]
     max_minutes: float | None
     lr_chosen: float | None  # the base rate chosen on val; None when the phases fix every rate
-    layer_decay: float  # before issue 15's recipe measurements, 1 (no decay)
-    schedule: str  # "phase" or "run"; before them, "phase"
+    layer_decay: float  # absent: 1 (no decay)
+    schedule: str  # "phase" or "run"; absent: "phase"
 
 
 class EpochRecord(TypedDict):
@@ -351,7 +348,7 @@ class FinetuneResults(_FinetuneResultsBase, total=False):
     split: SplitInfo
     split_policy: str
     cell: CellInfo
-    lr_sweep: LrSweepSummary  # when the learning rate was chosen on val (issue 15)
+    lr_sweep: LrSweepSummary  # when the learning rate was chosen on val
 
 
 Results = ClassifierResults | FinetuneResults

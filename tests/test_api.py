@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,26 +39,27 @@ def test_lazy_entry_points_are_the_library_objects(name, module):
     assert name in featx.__all__ and name in dir(featx)
 
 
-def test_sub_packages_and_old_paths_still_import():
+def test_sub_packages_import_and_no_alias_modules_remain():
     from featx.extract.api import extract
     from featx.finetune.trainer import finetune
     from featx.sklearn import ConvNetFeatures
-    from featx.transformer import ConvNetFeatures as OldPath
 
     assert featx.extract.extract is extract and featx.finetune.finetune is finetune
-    assert OldPath is ConvNetFeatures is featx.ConvNetFeatures
+    assert ConvNetFeatures is featx.ConvNetFeatures
+    # Import paths are not a promise (formats are): no module stays only to alias another.
+    package = Path(featx.__file__).parent
+    for old in ("pipeline", "transformer", "cluster", "distributed", "_errors"):
+        assert not (package / f"{old}.py").exists(), old
     assert featx.store.open_store is featx.open_store
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         featx.nonsense  # noqa: B018
 
 
 def test_every_public_error_is_in_featx_exceptions_and_subclasses_a_builtin():
-    import featx._errors
-
     errors = {n: getattr(featx.exceptions, n) for n in featx.exceptions.__all__ if n.endswith("Error")}
     assert {"UnknownNameError", "SpecMismatchError", "JobError", "ResultsError", "ArchiveError"} <= set(errors)
     for name, cls in errors.items():
-        assert getattr(featx, name) is cls and getattr(featx._errors, name) is cls and name in featx.__all__
+        assert getattr(featx, name) is cls and name in featx.__all__
         assert cls.__doc__, name
         assert any(base.__module__ == "builtins" for base in inspect.getmro(cls)[1:]), name
     assert issubclass(errors["UnknownNameError"], ValueError) and issubclass(errors["StoreLockedError"], RuntimeError)

@@ -1,8 +1,7 @@
 """Lower layers never import higher ones: every import in ``featx/``, lazy ones included, points down or sideways.
 
-The layers, low to high, follow the flow of ``docs/DESIGN.md`` ("Layout"). The alias modules kept for old
-import paths (and ``featx/__init__.py``'s lazy re-exports, ``featx/__main__.py``) sit outside the order: they
-are not checked as importers, and as import targets they count as the highest layer they import.
+The layers, low to high, follow the flow of ``docs/DESIGN.md`` ("Layout"). ``featx/__init__.py``'s lazy
+re-exports and ``featx/__main__.py`` sit outside the order: they are not checked as importers.
 """
 
 from __future__ import annotations
@@ -49,18 +48,8 @@ LAYER_NAMES = {
     9: "jobs",
     10: "cli",
 }
-# Outside the order: kept for old import paths, or re-exporting lazily from every layer.
-EXEMPT = frozenset(
-    {
-        "featx",  # featx/__init__.py
-        "featx.__main__",
-        "featx._errors",
-        "featx.transformer",
-        "featx.distributed",
-        "featx.pipeline",
-        "featx.cluster",
-    }
-)
+# Outside the order: re-exporting lazily from every layer, or the `python -m featx` entry.
+EXEMPT = frozenset({"featx", "featx.__main__"})
 
 # Upward imports the restructuring has not removed yet: (importing module, imported module).
 # This list must shrink to empty; test_allow_listed_upward_imports_still_exist fails once an entry is gone,
@@ -150,12 +139,8 @@ def imports_of(path: Path, root: Path) -> list[Import]:
     return found
 
 
-def layer_of(module: str, root: Path, _seen: frozenset[str] = frozenset()) -> int:
-    """The layer of ``module``; an exempt alias module counts as the highest layer it imports."""
-    if module in EXEMPT and module != "featx":
-        path = root / (Path(*module.split(".")[1:]).with_suffix(".py"))
-        targets = [i.target for i in imports_of(path, root) if i.target not in _seen | {module}]
-        return max((layer_of(t, root, _seen | {module}) for t in targets), default=0)
+def layer_of(module: str, root: Path) -> int:
+    """The layer of ``module``: that of the longest prefix in :data:`LAYERS` naming it or a package above it."""
     best = max((p for p, _ in LAYERS if module == p or module.startswith(p + ".")), key=len, default=None)
     if best is None:
         raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_layers.py")
@@ -232,8 +217,7 @@ def test_the_walker_catches_planted_upward_imports(tmp_path):
             "jobs/report.py": "",
             "sklearn.py": "",
             "backbones.py": "if True:\n    from featx import ConvNetFeatures\n",  # a lazy re-export of layer 8
-            "pipeline.py": "from featx.jobs import report\n",  # an alias module: exempt, but layer 9 as a target
-            "results.py": "from featx.pipeline import report\n",
+            "results.py": "from featx.jobs import report\n",
         },
     )
     found = {(imp.importer, imp.target, imp.line, low, high) for imp, low, high in upward_imports(root)}
@@ -242,7 +226,7 @@ def test_the_walker_catches_planted_upward_imports(tmp_path):
         ("featx.data", "featx.jobs.report", 4, 1, 9),
         ("featx.extract.api", "featx.classify", 1, 4, 6),
         ("featx.backbones", "featx.sklearn", 2, 2, 8),
-        ("featx.results", "featx.pipeline", 1, 5, 9),
+        ("featx.results", "featx.jobs.report", 1, 5, 9),
     }
     message = _describe(*next(b for b in upward_imports(root) if b[0].importer == "featx.store.format"), root)
     assert message == (

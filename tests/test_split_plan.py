@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import TINY, make_image
 
+import featx.extract.api
 import featx.store
 import featx.store.writer
 from featx.classify import ClassifierConfig, load_model, train
@@ -138,6 +139,18 @@ def test_a_store_of_the_previous_format_is_re_keyed_not_extracted(image_folder, 
     assert again.cached and again.key == result.key
     with featx.store.open(result.path) as fs:
         assert fs.key == result.key and fs.attrs["featx_format_version"] == 2
+
+
+def test_only_a_format_1_store_is_offered_the_migration(image_folder, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(featx.extract.api, "migrate_format_1", lambda *a: calls.append(a) or False)
+    store = extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False).path
+    extract(image_folder, TINY, out=store, pool="max", overwrite=True, workers=0, progress=False)  # another key
+    assert not calls  # a format-2 store of another spec is replaced, never tried as an old one
+    with h5py.File(store, "r+") as f:
+        f.attrs["featx_format_version"] = 1
+    extract(image_folder, TINY, out=store, pool="max", overwrite=True, workers=0, progress=False)
+    assert len(calls) == 1
 
 
 # --------------------------------------------------------------------------------------------- leakage

@@ -7,7 +7,7 @@ scores, the same chosen value. Needs the ``dask`` extra: ``pip install 'featx[da
 Example
 -------
 >>> from featx.classify import train
->>> from featx.cluster import scheduler
+>>> from featx.classify.cluster import scheduler
 >>> with scheduler("tcp://10.0.0.5:8786"):  # doctest: +SKIP
 ...     model, results = train("features.h5")
 """

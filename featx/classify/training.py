@@ -90,7 +90,7 @@ def train(
     n_bootstrap : int, default=1000
     scheduler : str, optional
         Address of a Dask scheduler (``tcp://HOST:8786``) to run the search's folds on, through joblib's
-        Dask backend (see :func:`featx.cluster.scheduler`); the results are the same as a local run's.
+        Dask backend (see :func:`featx.classify.cluster.scheduler`); the results are the same as a local run's.
         Needs ``pip install 'featx[dask]'``.
 
     Returns

@@ -23,16 +23,6 @@ from featx.spec import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
 __all__ = ["backbones", "extract", "info", "join"]
 
 
-def _moved_to_the_split_plan(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    """Refuse the options that carved splits at extraction: a store holds the images only now."""
-    if value is not None:
-        raise click.UsageError(
-            f"{param.opts[0]} no longer applies to extraction: a store is keyed by its images alone, and the "
-            "splits are a plan applied when it is read. Drop it here and pass --split-seed / --val-fraction / "
-            "--test-fraction to `featx train`, `featx finetune` or `featx info`."
-        )
-
-
 def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     if value is None:
         return None
@@ -77,8 +67,6 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 )
 @max_failures_option("Failed images tolerated before the exit code is 3: a count, a percentage like 1%, or inf.")
 @choice_option("fingerprint", help="How images enter the cache key: path/size/mtime, or content hashes.")
-@click.option("--seed", hidden=True, expose_value=False, callback=_moved_to_the_split_plan)
-@click.option("--test-fraction", hidden=True, expose_value=False, callback=_moved_to_the_split_plan)
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),

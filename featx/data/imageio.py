@@ -1,6 +1,6 @@
 """Decoding hostile real-world image files into RGB, and preprocessing them to uint8 tensors.
 
-Every failure becomes an :class:`~featx._errors.ImageDecodeError` whose message is the reason
+Every failure becomes an :class:`~featx.exceptions.ImageDecodeError` whose message is the reason
 recorded in the store's failure list, so one bad file never stops a job.
 """
 

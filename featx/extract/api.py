@@ -42,8 +42,8 @@ from featx.spec import (
     cache_key,
     check_option,
 )
-from featx.store.format import read_key
-from featx.store.writer import adopt_legacy_store, check_replaceable, update_labels
+from featx.store.format import read_format_version, read_key
+from featx.store.writer import check_replaceable, migrate_format_1, update_labels
 
 __all__ = ["build_spec", "default_store_path", "extract"]
 
@@ -166,8 +166,8 @@ def _run_job(job: _Job, env: TorchrunEnv | None, shard: Shard | None, dry_run: b
     """Do what the resolved job asks: a torchrun rank, a cache hit, the plan only, one shard, or the store."""
     if env is not None and not dry_run:
         return _extract_distributed(job, env)
-    if not dry_run and job.path.is_file() and read_key(job.path) not in (None, job.key):
-        adopt_legacy_store(job.path, job.key, job.spec, job.fingerprint)
+    if not dry_run and job.path.is_file() and read_format_version(job.path) == 1:
+        migrate_format_1(job.path, job.key, job.spec, job.fingerprint)
     if read_key(job.path) == job.key:
         if not dry_run:
             update_labels(job.path, job.manifest)  # same images, perhaps new labels: a cheap rewrite, no extraction
@@ -272,7 +272,7 @@ def extract(
     shard : str or Shard, optional
         Extract only shard ``"INDEX/COUNT"`` (INDEX from 0) of the manifest's rows into
         ``<out>.shards/``, e.g. to re-run one dead rank alone; join the shards with
-        :func:`featx.distributed.join_shards` (``featx join``). The result describes the shard.
+        :func:`featx.extract.sharded.join_shards` (``featx join``). The result describes the shard.
     distributed : bool, default=False
         Run as one rank of a ``torchrun`` job (read from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``): every rank
         checks that all computed the same key, extracts its shard (on ``cuda:LOCAL_RANK`` when the device is

@@ -267,7 +267,7 @@ def join_shards(
 
     Examples
     --------
-    >>> from featx.distributed import join_shards
+    >>> from featx.extract.sharded import join_shards
     >>> join_shards("features.h5").n_images  # doctest: +SKIP
     1000
     """

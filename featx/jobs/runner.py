@@ -71,7 +71,7 @@ def run(
         Print what is cached and what would run; nothing is computed (weights are loaded to compute keys).
     scheduler : str, optional
         Address of a Dask scheduler (``tcp://HOST:8786``): every classifier cell's search runs its folds on
-        that cluster (see :func:`featx.cluster.scheduler`). Cells still run one after another here, reading
+        that cluster (see :func:`featx.classify.cluster.scheduler`). Cells still run one after another here, reading
         their stores on this machine; the results, and so the cell cache, are the same as a local run's.
     """
     from featx.classify.cluster import scheduler as dask_scheduler

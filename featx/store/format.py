@@ -21,7 +21,7 @@ complete; a job killed at any moment leaves parts that the next run with the sam
 One writer at a time: the ``.partial`` folder holds a lock that dies with its writer
 (:class:`featx._runtime.lock.FileLock`).
 
-A store extracted in shards (:mod:`featx.distributed`) keeps them in ``STORE.h5.shards/`` until they are
+A store extracted in shards (:mod:`featx.extract.sharded`) keeps them in ``STORE.h5.shards/`` until they are
 joined with :func:`concatenate` into an ordinary store like the one above.
 """
 
@@ -49,6 +49,7 @@ __all__ = [
     "Failure",
     "partial_path",
     "partial_progress",
+    "read_format_version",
     "read_key",
     "read_labels_fingerprint",
     "shards_path",
@@ -97,6 +98,13 @@ def _complete_attr(path: str | Path, name: str) -> str | None:
 def read_key(path: str | Path) -> str | None:
     """The cache key of a complete store, or ``None`` if ``path`` is no complete featx store."""
     return _complete_attr(path, "key")
+
+
+def read_format_version(path: str | Path) -> int | None:
+    """The format version of a complete featx store, or ``None`` (no complete store)."""
+    if _complete_attr(path, "featx_format") is None:
+        return None
+    return int(_complete_attr(path, "featx_format_version") or 0)
 
 
 def read_labels_fingerprint(path: str | Path) -> str | None:

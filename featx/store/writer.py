@@ -37,7 +37,7 @@ from featx.store.format import (
 )
 from featx.store.reader import FeatureStore
 
-__all__ = ["StoreWriter", "adopt_legacy_store", "check_replaceable", "update_labels"]
+__all__ = ["StoreWriter", "check_replaceable", "migrate_format_1", "update_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -410,16 +410,18 @@ def update_labels(path: str | Path, manifest: Manifest) -> bool:
     return True
 
 
-def adopt_legacy_store(path: str | Path, key: str, spec: ExtractionSpec, images_fingerprint: str) -> bool:
-    """Re-key a store written before format 2 (its key also hashed labels and splits) when it holds these images.
+def migrate_format_1(path: str | Path, key: str, spec: ExtractionSpec, images_fingerprint: str) -> bool:
+    """Re-key a format-1 store (its key also hashed labels and splits) to format 2 when it holds these images.
 
-    Only ``stat`` fingerprints can be checked from the store's own columns (ids, paths, sizes and modification
-    times); a ``content``-fingerprinted old store is not adopted (its extraction must run again).
+    The one format migration: called only on a store whose format version is 1, and a migrated store is
+    format 2, so each store is migrated at most once. Only ``stat`` fingerprints can be checked from the
+    store's own columns (ids, paths, sizes and modification times); a ``content``-fingerprinted format-1
+    store is not migrated (its extraction runs again).
 
     Returns
     -------
     bool
-        Whether the store was adopted under ``key``.
+        Whether the store was migrated to format 2 under ``key``.
     """
     path = Path(path)
     if not images_fingerprint.startswith("images-stat:"):
@@ -448,5 +450,5 @@ def adopt_legacy_store(path: str | Path, key: str, spec: ExtractionSpec, images_
     finally:
         lock.release()
         shutil.rmtree(workdir, ignore_errors=True)
-    log.info("%s: a store of an earlier featx, same spec and images: re-keyed, no extraction needed", path)
+    log.info("%s: a format-1 store of the same spec and images: migrated to format 2, no extraction needed", path)
     return True
