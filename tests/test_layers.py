@@ -190,6 +190,60 @@ def test_allow_listed_upward_imports_still_exist():
     assert not gone, f"no longer imported: remove from KNOWN_UPWARD in tests/test_layers.py: {gone}"
 
 
+def import_circles(root: Path) -> list[list[str]]:
+    """Every set of modules that import each other round a circle (lazy and ``TYPE_CHECKING`` imports too),
+    each sorted, found as the strongly connected components of the import graph (Tarjan's algorithm)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        importer = module_name(path, root)
+        if importer not in EXEMPT:
+            graph[importer] = {i.target for i in imports_of(path, root) if i.target not in (importer, "featx")}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v) :]
+            del stack[stack.index(v) :]
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_no_import_circles():
+    circles = import_circles(PACKAGE)
+    assert not circles, "modules importing each other (move what both need below them):\n" + "\n".join(
+        " <-> ".join(c) for c in circles
+    )
+
+
+def test_the_circle_finder_catches_a_planted_circle(tmp_path):
+    root = _plant(
+        tmp_path,
+        {
+            "jobs/__init__.py": "",
+            "jobs/schema.py": "from featx.jobs.values import check\n",
+            "jobs/values.py": "import typing\nif typing.TYPE_CHECKING:\n    from featx.jobs import schema\n",
+            "jobs/runner.py": "from featx.jobs import schema, values\n",  # imports both, in no circle
+        },
+    )
+    assert import_circles(root) == [["featx.jobs.schema", "featx.jobs.values"]]
+
+
 def _plant(tmp_path: Path, files: dict[str, str]) -> Path:
     root = tmp_path / "featx"
     for rel, text in {"__init__.py": "", **files}.items():

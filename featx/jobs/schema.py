@@ -43,16 +43,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featx.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SplitPlan
 from featx.exceptions import JobError
 from featx.jobs.values import (
     CELL_SEPARATOR,
+    BackboneSpec,
     BadValue,
+    ClassifierSpec,
+    DatasetSpec,
+    FinetuneSpec,
     check_classifier_references,
     check_finetune_references,
     check_row,
+    config_keys,
 )
-from featx.spec import DEFAULT_BACKBONE, DEFAULT_DECODE, DEFAULT_DTYPE, DEFAULT_POOL, DEFAULT_TTA
 
 __all__ = [
     "BackboneSpec",
@@ -70,85 +73,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-# ---------------------------------------------------------------------------------------------- schema
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A ``[[datasets]]`` table: an image source (see :func:`featx.data.load_source`) and its split plan.
-
-    Every row of the dataset (each classifier cell, each fine-tune) uses the one plan: the same train, val and
-    test images. ``split_seed`` is the dataset's own, separate from the job's training ``seed``.
-    """
-
-    name: str
-    source: str
-    split_seed: int = DEFAULT_SPLIT_SEED
-    val_fraction: float = DEFAULT_VAL_FRACTION
-    test_fraction: float = DEFAULT_TEST_FRACTION
-
-    @property
-    def plan(self) -> SplitPlan:
-        """The dataset's :class:`~featx.data.splits.SplitPlan`."""
-        return SplitPlan(split_seed=self.split_seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A ``[[backbones]]`` table: a backbone and the extraction options its stores are made with."""
-
-    name: str
-    backbone: str = DEFAULT_BACKBONE
-    layers: tuple[str, ...] = ("penultimate",)
-    pool: str = DEFAULT_POOL
-    dtype: str = DEFAULT_DTYPE
-    tta: str = DEFAULT_TTA
-    decode: str = DEFAULT_DECODE
-    batch_size: int = 64
-
-
-@dataclass(frozen=True)
-class ClassifierSpec:
-    """A ``[[classifiers]]`` table: where it applies, plus any :class:`~featx.classify.ClassifierConfig` setting."""
-
-    name: str
-    layers: tuple[str, ...] | None = None  # None: every layer of each store
-    shots: tuple[Any, ...] | None = None
-    draws: int = 5
-    backbones: tuple[str, ...] | None = None  # None: every backbone
-    seeds: tuple[int, ...] | None = None  # training seeds, one cell each (None: the job's seed)
-    settings: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def classifier(self) -> str:
-        """The preset or import path of this table (the config's default when the table does not set it)."""
-        from featx.classify.config import ClassifierConfig
-
-        return dict(self.settings).get("classifier", ClassifierConfig.classifier)
-
-
-@dataclass(frozen=True)
-class FinetuneSpec:
-    """A ``[[finetune]]`` table: backbone, LP-FT source, plus any :class:`~featx.finetune.FinetuneConfig` setting."""
-
-    name: str
-    backbone: str = DEFAULT_BACKBONE
-    init_head: str | None = None  # a [[classifiers]] name (a logreg) for LP-FT
-    seeds: tuple[int, ...] | None = None  # training seeds, one cell each (None: the job's seed)
-    settings: tuple[tuple[str, Any], ...] = ()
-
-
-# Config fields a table may set; the pipeline sets the others (the layer from `layers`, the job's seed).
-def _config_keys(table: str) -> set[str]:
-    if table == "classifiers":
-        from featx.classify.config import ClassifierConfig
-
-        return {f.name for f in dataclasses.fields(ClassifierConfig)} - {"layer", "seed"}
-    if table == "finetune":
-        from featx.finetune.config import FinetuneConfig
-
-        return {f.name for f in dataclasses.fields(FinetuneConfig)} - {"seed"}
-    return set()
 
 
 @dataclass(frozen=True)
@@ -368,8 +292,8 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise err(f"[[{table}]] must be tables: write [[{table}]] and its keys on the lines below", None, None, table)
     own = {f.name for f in dataclasses.fields(cls)} - {"settings"}
-    config_keys = _config_keys(table)
-    fields = sorted(own | config_keys, key=lambda k: (k != "name", k))
+    settable = config_keys(table)
+    fields = sorted(own | settable, key=lambda k: (k != "name", k))
     specs, names = [], set()
     for i, row in enumerate(rows):
         row = _substitute(row, variables, err.where(table, i))
@@ -382,7 +306,7 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
         if missing:
             raise err(f"[[{table}]] {name!r} needs {' and '.join(missing)}", table, i, "name")
         try:
-            spec = cls(**_spec_kwargs(row, own, bool(config_keys)))
+            spec = cls(**_spec_kwargs(row, own, bool(settable)))
             check_row(table, spec)
         except (TypeError, ValueError, FileNotFoundError) as exc:
             key = exc.key if isinstance(exc, BadValue) else _key_in_message(row, str(exc))

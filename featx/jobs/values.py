@@ -8,25 +8,31 @@ without their weights.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featx.data.splits import SplitPlan
-from featx.spec import DEFAULT_BACKBONE, check_option
+from featx.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SplitPlan
+from featx.spec import DEFAULT_BACKBONE, DEFAULT_DECODE, DEFAULT_DTYPE, DEFAULT_POOL, DEFAULT_TTA, check_option
 
 if TYPE_CHECKING:
     from featx.classify.config import ClassifierConfig
     from featx.finetune.config import FinetuneConfig
-    from featx.jobs.schema import BackboneSpec, ClassifierSpec, DatasetSpec, FinetuneSpec
 
 __all__ = [
     "CELL_SEPARATOR",
+    "BackboneSpec",
     "BadValue",
+    "ClassifierSpec",
+    "DatasetSpec",
+    "FinetuneSpec",
     "check_classifier_references",
     "check_finetune_references",
     "check_row",
     "classifier_config",
+    "config_keys",
     "finetune_config",
 ]
 
@@ -36,6 +42,85 @@ Fail = Callable[[str, str], Exception]
 
 #: Joins the names in a cell's folder (``dataset__backbone__layer__classifier``), so no name may contain it.
 CELL_SEPARATOR = "__"
+
+
+# ------------------------------------------------------------------------------------------ the rows
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A ``[[datasets]]`` table: an image source (see :func:`featx.data.load_source`) and its split plan.
+
+    Every row of the dataset (each classifier cell, each fine-tune) uses the one plan: the same train, val and
+    test images. ``split_seed`` is the dataset's own, separate from the job's training ``seed``.
+    """
+
+    name: str
+    source: str
+    split_seed: int = DEFAULT_SPLIT_SEED
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    test_fraction: float = DEFAULT_TEST_FRACTION
+
+    @property
+    def plan(self) -> SplitPlan:
+        """The dataset's :class:`~featx.data.splits.SplitPlan`."""
+        return SplitPlan(split_seed=self.split_seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A ``[[backbones]]`` table: a backbone and the extraction options its stores are made with."""
+
+    name: str
+    backbone: str = DEFAULT_BACKBONE
+    layers: tuple[str, ...] = ("penultimate",)
+    pool: str = DEFAULT_POOL
+    dtype: str = DEFAULT_DTYPE
+    tta: str = DEFAULT_TTA
+    decode: str = DEFAULT_DECODE
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """A ``[[classifiers]]`` table: where it applies, plus any :class:`~featx.classify.ClassifierConfig` setting."""
+
+    name: str
+    layers: tuple[str, ...] | None = None  # None: every layer of each store
+    shots: tuple[Any, ...] | None = None
+    draws: int = 5
+    backbones: tuple[str, ...] | None = None  # None: every backbone
+    seeds: tuple[int, ...] | None = None  # training seeds, one cell each (None: the job's seed)
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def classifier(self) -> str:
+        """The preset or import path of this table (the config's default when the table does not set it)."""
+        from featx.classify.config import ClassifierConfig
+
+        return dict(self.settings).get("classifier", ClassifierConfig.classifier)
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """A ``[[finetune]]`` table: backbone, LP-FT source, plus any :class:`~featx.finetune.FinetuneConfig` setting."""
+
+    name: str
+    backbone: str = DEFAULT_BACKBONE
+    init_head: str | None = None  # a [[classifiers]] name (a logreg) for LP-FT
+    seeds: tuple[int, ...] | None = None  # training seeds, one cell each (None: the job's seed)
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+def config_keys(table: str) -> set[str]:
+    """The config fields a ``[[table]]`` row may set; the pipeline sets the others (the layer, the job's seed)."""
+    if table == "classifiers":
+        from featx.classify.config import ClassifierConfig
+
+        return {f.name for f in dataclasses.fields(ClassifierConfig)} - {"layer", "seed"}
+    if table == "finetune":
+        from featx.finetune.config import FinetuneConfig
+
+        return {f.name for f in dataclasses.fields(FinetuneConfig)} - {"seed"}
+    return set()
 
 
 class BadValue(ValueError):
