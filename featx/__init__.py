@@ -27,12 +27,14 @@ from featx.exceptions import (
     ArchiveError,
     ImageDecodeError,
     IncompleteStoreError,
+    InvalidOptionError,
     JobError,
     NotResultsError,
     ResultsError,
     SpecMismatchError,
     StoreLockedError,
     UnknownNameError,
+    UnknownOptionError,
 )
 from featx.spec import ExtractionSpec, Preprocessing
 
@@ -61,6 +63,7 @@ __all__ = [
     "ExtractionSpec",
     "ImageDecodeError",
     "IncompleteStoreError",
+    "InvalidOptionError",
     "JobError",
     "NotResultsError",
     "Preprocessing",
@@ -68,6 +71,7 @@ __all__ = [
     "SpecMismatchError",
     "StoreLockedError",
     "UnknownNameError",
+    "UnknownOptionError",
     "__version__",
     "load_model",
     "open_store",

@@ -14,12 +14,14 @@ __all__ = [
     "ArchiveError",
     "ImageDecodeError",
     "IncompleteStoreError",
+    "InvalidOptionError",
     "JobError",
     "NotResultsError",
     "ResultsError",
     "SpecMismatchError",
     "StoreLockedError",
     "UnknownNameError",
+    "UnknownOptionError",
     "close_matches",
     "unknown",
 ]
@@ -55,6 +57,24 @@ class ResultsError(ValueError):
 
 class NotResultsError(ResultsError):
     """A JSON file that is not a featx results document at all (no featx ``schema`` field)."""
+
+
+class InvalidOptionError(ValueError):
+    """An option of a config (extraction, classifier, fine-tuning, split plan) with a value it does not allow;
+    ``key`` is the option's name, the message says what it must be."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class UnknownOptionError(UnknownNameError, InvalidOptionError):
+    """An option's value that is not one of its choices (or a parameter name an estimator does not have); the
+    message lists the close matches."""
+
+    def __init__(self, key: str, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.key = key
 
 
 class JobError(ValueError):
@@ -99,7 +119,7 @@ def close_matches(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
     return hits[:n]
 
 
-def unknown(kind: str, name: str, choices: Iterable[str], hint: str) -> UnknownNameError:
+def unknown(kind: str, name: str, choices: Iterable[str], hint: str, key: str | None = None) -> UnknownNameError:
     """Build an :class:`UnknownNameError` listing close matches and how to see every choice.
 
     Parameters
@@ -112,6 +132,8 @@ def unknown(kind: str, name: str, choices: Iterable[str], hint: str) -> UnknownN
         The valid values, searched for close matches.
     hint : str
         The last sentence: the choices themselves, or how to list them.
+    key : str, optional
+        The option the value was given for: the error is then an :class:`UnknownOptionError` carrying it.
 
     Returns
     -------
@@ -122,4 +144,4 @@ def unknown(kind: str, name: str, choices: Iterable[str], hint: str) -> UnknownN
     msg = f"unknown {kind} {name!r}."
     if matches:
         msg += " Did you mean: " + ", ".join(matches) + "?"
-    return UnknownNameError(f"{msg} {hint}")
+    return UnknownNameError(f"{msg} {hint}") if key is None else UnknownOptionError(key, f"{msg} {hint}")

@@ -25,13 +25,13 @@ from featx.spec import (
     DEFAULT_DTYPE,
     DEFAULT_POOL,
     DEFAULT_TTA,
+    ExtractionOptions,
     ExtractionSpec,
-    check_option,
 )
 
 __all__ = ["ConvNetFeatures"]
 
-# The parameters that are extraction options, under the names featx.spec.check_option and extract() use.
+# The parameters that are extraction options, under the names featx.spec.ExtractionOptions and extract() use.
 _SPEC_OPTIONS = ("pool", "dtype", "tta", "decode")
 
 
@@ -130,7 +130,8 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         from featx.extract.api import build_spec
 
         _as_paths(X)
-        options = {name: check_option(name, getattr(self, name)) for name in _SPEC_OPTIONS}
+        checked = ExtractionOptions(**{name: getattr(self, name) for name in (*_SPEC_OPTIONS, "batch_size")})
+        options = {name: getattr(checked, name) for name in _SPEC_OPTIONS}  # checked by extraction's own table
         options["amp"] = resolve_amp(DEFAULT_AMP, resolve_device(self.device))
         net = load_backbone(self.backbone)  # parses the name first: an unknown one fails before any download
         feature_model = net.feature_model([self.layer], self.pool)  # checks the layer

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from featx._runtime.params import INT32_MAX, Choices, Interval, check_options, check_value, option, options_of
 from featx.exceptions import unknown
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "OPTIONS",
     "POOLS",
     "TTA_MODES",
+    "ExtractionOptions",
     "ExtractionSpec",
     "Option",
     "Preprocessing",
@@ -59,8 +61,7 @@ DEFAULT_BACKBONE = "featx:efficientnet_lite0"
 #: Images above this many pixels are refused before decoding (decompression-bomb guard; Pillow's own limit).
 DEFAULT_MAX_PIXELS = 89_478_485
 
-# The choices of every extraction option. The Python API, the CLI's click.Choice lists and the pipeline
-# schema all take theirs from here, and all validate through :func:`check_option`.
+# The choices of every extraction option; :class:`ExtractionOptions` is their table.
 POOLS = ("avg", "max", "avgmax", "gem", "none")
 DTYPES = ("float32", "float16")
 #: Autocast precisions a spec records (``auto`` is resolved against the device before a spec is built).
@@ -85,26 +86,105 @@ DEFAULT_FINGERPRINT = "stat"
 DEFAULT_COMPILE = "auto"
 
 
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """The options a user sets for an extraction: the user-facing half of :class:`ExtractionSpec` (pooling,
+    storage, precision, decoding, the pixel limit) and how the run goes (batch size, workers, fingerprint,
+    compilation). Each field is one row of the option table (allowed values, default, help): ``featx extract``'s
+    options, a pipeline's ``[[backbones]]`` keys and :func:`featx.extract.extract`'s checks all come from it, and
+    building one checks every option once.
+
+    Parameters
+    ----------
+    pool, dtype, amp, tta, decode, max_pixels, fingerprint, compile_mode, batch_size, workers :
+        As for :func:`featx.extract.extract`.
+    """
+
+    pool: str = option(DEFAULT_POOL, Choices(POOLS), help="Pooling of spatial feature maps (and token sequences).")
+    dtype: str = option(DEFAULT_DTYPE, Choices(DTYPES), help="Storage dtype of the features.")
+    amp: str = option(
+        DEFAULT_AMP,
+        Choices(AMP_CHOICES),
+        help="Autocast precision (auto: bf16/fp16 on CUDA, none on CPU).",
+        pipeline=False,  # a pipeline's device decides it
+    )
+    tta: str = option(
+        DEFAULT_TTA,
+        Choices(TTA_MODES),
+        help="Test-time augmentation: flip averages the features of each image and its mirror.",
+    )
+    decode: str = option(
+        DEFAULT_DECODE,
+        Choices(DECODE_MODES),
+        help="fast: big JPEGs at reduced scale, crop region resized; device: JPEGs decoded on --device. Pixels differ.",
+    )
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        Interval(True, 1),
+        help="Images with more pixels are recorded as failures (decompression-bomb guard).",
+        pipeline=False,
+    )
+    fingerprint: str = option(
+        DEFAULT_FINGERPRINT,
+        Choices(FINGERPRINT_MODES),
+        help="How images enter the cache key: path/size/mtime, or content hashes.",
+        label="fingerprint mode",
+        pipeline=False,
+    )
+    compile_mode: str = option(
+        DEFAULT_COMPILE,
+        Choices(COMPILE_MODES),
+        help="torch.compile the network (features within float tolerance of eager); auto: CPU jobs of 20,000+ images.",
+        flags=("--compile", "compile_mode"),
+        label="compile mode",
+        pipeline=False,
+    )
+    batch_size: int | None = option(
+        None,
+        None,
+        Interval(True, 1, INT32_MAX),
+        help="Images per forward pass [default: 256 on CUDA, else 64].",
+        show_default=False,
+    )
+    workers: int | None = option(
+        None,
+        None,
+        Interval(True, 0),
+        help="Decoding processes [default: CPU cores, max 8].",
+        show_default=False,
+        pipeline=False,  # the job's, for every table
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)  # every option against its table, once
+
+    def spec_options(self) -> dict[str, Any]:
+        """The options that enter the spec (and so the store's key), ``amp`` still unresolved."""
+        return {name: getattr(self, name) for name in ("pool", "dtype", "tta", "decode", "max_pixels")}
+
+
 class Option(NamedTuple):
-    """One extraction option: how messages name it, its choices and its default (``None``: none)."""
+    """One extraction option with fixed choices: how messages name it, its choices and its default."""
 
     label: str
     choices: tuple[str, ...]
     default: str | None
 
 
-#: Every extraction option with a fixed set of choices, by the name users type it under.
+def _choice_options() -> dict[str, Option]:
+    """The options of :class:`ExtractionOptions` with a fixed set of choices, under the names users type."""
+    out = {}
+    for name, (spec, default) in options_of(ExtractionOptions).items():
+        choices = [c for c in spec.allowed if isinstance(c, Choices)]
+        if choices:
+            out["compile" if name == "compile_mode" else name] = Option(spec.label or name, choices[0].values, default)
+    return out
+
+
+#: Every extraction option with a fixed set of choices (from :class:`ExtractionOptions`'s table), by the name
+#: users type it under, and the preprocessing's interpolation.
 OPTIONS: Mapping[str, Option] = MappingProxyType(
-    {
-        "pool": Option("pool", POOLS, DEFAULT_POOL),
-        "dtype": Option("dtype", DTYPES, DEFAULT_DTYPE),
-        "amp": Option("amp", AMP_CHOICES, DEFAULT_AMP),
-        "tta": Option("tta", TTA_MODES, DEFAULT_TTA),
-        "decode": Option("decode", DECODE_MODES, DEFAULT_DECODE),
-        "interpolation": Option("interpolation", INTERPOLATIONS, None),
-        "fingerprint": Option("fingerprint mode", FINGERPRINT_MODES, DEFAULT_FINGERPRINT),
-        "compile": Option("compile mode", COMPILE_MODES, DEFAULT_COMPILE),
-    }
+    {**_choice_options(), "interpolation": Option("interpolation", INTERPOLATIONS, None)}
 )
 
 # Fields added after stores existed, left out of the spec's dict (and so its key) at their default value:
@@ -252,11 +332,10 @@ class ExtractionSpec:
     extractor_version: int = field(default=EXTRACTOR_VERSION)
 
     def __post_init__(self) -> None:
-        for name in ("pool", "dtype", "tta", "decode"):
-            check_option(name, getattr(self, name))
-        check_option("amp", self.amp, AMP_MODES)
-        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
+        table = options_of(ExtractionOptions)
+        for name in ("pool", "dtype", "tta", "decode", "max_pixels"):  # the user's half: its options' own checks
+            check_value(name, getattr(self, name), table[name][0])
+        check_option("amp", self.amp, AMP_MODES)  # recorded resolved: never auto
         if not self.layers:
             raise ValueError("an extraction needs at least one layer (the default is 'penultimate')")
         if len(set(self.layers)) != len(self.layers):

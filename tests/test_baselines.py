@@ -100,7 +100,7 @@ def test_chance_predicts_the_train_majority_on_every_test_image(tmp_path):
     assert on_disk["test"]["predictions"]["predicted"] == test["predictions"]["predicted"]
     assert load_model(tmp_path / "chance" / "model.skops").meta["classifier"]["preset"] == "chance"
     with pytest.raises(ValueError, match="chance has no C or alpha"):
-        ClassifierConfig(classifier="chance", value=1.0).validate()
+        ClassifierConfig(classifier="chance", value=1.0)
 
 
 def test_finetuning_pixels_is_refused_naming_why_and_the_fix(tmp_path, image_folder):

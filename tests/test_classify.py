@@ -101,9 +101,9 @@ def test_bad_configs_fail_before_training(blobs):
         parse_preprocess("l2,zca")
     with pytest.raises(ValueError, match="class_weight"):
         _train(blobs, classifier="knn", class_weight="balanced")
-    with pytest.raises(ValueError, match="at least 2 folds"):
+    with pytest.raises(ValueError, match="cv must be an integer of at least 2; got 1"):
         _train(blobs, cv=1)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"a number greater than 0; got -1\.0"):
         _train(blobs, value=-1.0)
     with pytest.raises(ValueError, match="sgd"):
         _train(blobs, classifier="svm", out_of_core=True)
@@ -358,10 +358,10 @@ def test_cli_train_and_evaluate(blobs, tmp_path):
     ("args", "message"),
     [
         (["--classifier", "ridge", "--C", "1"], "use --alpha"),
-        (["--classifier", "svm", "--C", "-1"], "must be positive"),
-        (["--grid", "a,b"], "comma-separated numbers"),
+        (["--classifier", "svm", "--C", "-1"], "value must be auto or a number greater than 0; got '-1'"),
+        (["--grid", "a,b"], "grid must be a list of 1 or more items, each a number greater than 0, e.g. 0.01,0.1,1,10"),
         (["--preprocess", "zca"], "pca:K"),
-        (["--shots", "0"], "positive integers"),
+        (["--shots", "0"], "each a positive integer (images per class) or all"),
         (["--param", "oops"], "NAME=VALUE"),
         (["--classifier", "knn", "--class-weight", "balanced"], "class_weight"),
     ],

@@ -111,11 +111,19 @@ def _write(tmp_path, text: str) -> Path:
         (
             '[[datasets]]\nname = "d"\nsource = "digits"\ntest_fraction = 1.5\n',
             4,
-            "test_fraction must be a number strictly between 0 and 1, got 1.5",
+            "test_fraction must be a number in (0, 1); got 1.5",
         ),
         ('[[datasets]]\nname = "d"\nsource = "digits"\nval_fraction = 0\n', 4, "val_fraction must be a number"),
-        ('[[datasets]]\nname = "d"\nsource = "digits"\nsplit_seed = -1\n', 4, "split_seed must be 0 or more"),
-        ('[[datasets]]\nname = "d"\nsource = "digits"\nsplit_seed = 1.5\n', 4, "split_seed must be an integer"),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\nsplit_seed = -1\n',
+            4,
+            "split_seed must be an integer of at least 0",
+        ),
+        (
+            '[[datasets]]\nname = "d"\nsource = "digits"\nsplit_seed = 1.5\n',
+            4,
+            "split_seed must be an integer of at least 0",
+        ),
         (
             '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\n[[classifiers]]\n'
             'name = "c"\nshots = [2, 0]\n',

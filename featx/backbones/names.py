@@ -41,6 +41,7 @@ __all__ = [
     "BackboneInfo",
     "BackboneName",
     "BuiltinFactory",
+    "check_trainable",
     "list_backbones",
     "parse_backbone_name",
     "register_backbone",
@@ -158,12 +159,13 @@ BuiltinFactory = Callable[[], tuple[nn.Module, Preprocessing, str]]
 class _Builtin:
     factory: BuiltinFactory
     description: str
+    trainable: bool = True
 
 
 _BUILTINS: dict[str, _Builtin] = {}
 
 
-def register_backbone(name: str, factory: BuiltinFactory, description: str = "") -> None:
+def register_backbone(name: str, factory: BuiltinFactory, description: str = "", *, trainable: bool = True) -> None:
     """Register a ``featx:<name>`` backbone.
 
     Parameters
@@ -175,6 +177,8 @@ def register_backbone(name: str, factory: BuiltinFactory, description: str = "")
         weights), since its checksum enters every cache key.
     description : str, default=""
         One line shown by ``featx backbones``.
+    trainable : bool, default=True
+        Whether it can be fine-tuned (a baseline without parameters, such as ``featx:pixels``, cannot).
 
     Raises
     ------
@@ -185,7 +189,24 @@ def register_backbone(name: str, factory: BuiltinFactory, description: str = "")
         raise ValueError(f"backbone name {name!r} must use only letters, digits, '_' and '-'")
     if name in _BUILTINS:
         raise ValueError(f"backbone featx:{name} is already registered")
-    _BUILTINS[name] = _Builtin(factory, description)
+    _BUILTINS[name] = _Builtin(factory, description, trainable)
+
+
+def check_trainable(name: BackboneName) -> None:
+    """Refuse, before anything is loaded, a backbone that has nothing to fine-tune.
+
+    Raises
+    ------
+    ValueError
+        For a registered ``featx:`` baseline without parameters (``featx:pixels``).
+    """
+    builtin = _BUILTINS.get(name.arch) if name.source == "featx" else None
+    if builtin is not None and not builtin.trainable:
+        raise ValueError(
+            f"{name} cannot be fine-tuned: it is a no-transfer baseline with no learned weights. Fine-tune a "
+            "pretrained backbone instead (e.g. featx:efficientnet_lite0); to use it as the baseline, give it a "
+            "[[backbones]] table and a [[classifiers]] row"
+        )
 
 
 def _unregister_backbone(name: str) -> None:

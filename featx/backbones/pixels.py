@@ -87,9 +87,11 @@ register_backbone(
     "pixels",
     _pixels(16),
     "no-transfer baseline: the image resized and centre-cropped to 16x16 RGB, flattened; 768-d, no weights",
+    trainable=False,
 )
 register_backbone(
     "pixels32",
     _pixels(32),
     "no-transfer baseline: the image resized and centre-cropped to 32x32 RGB, flattened; 3072-d, no weights",
+    trainable=False,
 )

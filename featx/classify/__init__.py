@@ -8,19 +8,31 @@
 - :mod:`~featx.classify.cluster`: sweeps on a Dask cluster.
 """
 
-from featx.classify.cluster import scheduler
-from featx.classify.config import ClassifierConfig
-from featx.classify.model import MODEL_FORMAT, MODEL_FORMAT_VERSION, TrainedModel, check_compatible, load_model
-from featx.classify.presets import (
-    PRESETS,
-    Preset,
-    build_pipeline,
-    get_preset,
-    parse_preprocess,
-    register_classifier,
-)
-from featx.classify.search import SearchResult, search
-from featx.classify.training import Fitted, evaluate_model, few_shot_curve, train
+import importlib
+
+from featx.classify.config import ClassifierConfig, TrainRun
+
+# The rest imports scikit-learn: loaded on first use, so `featx --help` and the CLI's defaults stay fast.
+_LAZY = {
+    "MODEL_FORMAT": "featx.classify.model",
+    "MODEL_FORMAT_VERSION": "featx.classify.model",
+    "TrainedModel": "featx.classify.model",
+    "check_compatible": "featx.classify.model",
+    "load_model": "featx.classify.model",
+    "PRESETS": "featx.classify.presets",
+    "Preset": "featx.classify.presets",
+    "build_pipeline": "featx.classify.presets",
+    "get_preset": "featx.classify.presets",
+    "parse_preprocess": "featx.classify.presets",
+    "register_classifier": "featx.classify.presets",
+    "SearchResult": "featx.classify.search",
+    "search": "featx.classify.search",
+    "Fitted": "featx.classify.training",
+    "evaluate_model": "featx.classify.training",
+    "few_shot_curve": "featx.classify.training",
+    "train": "featx.classify.training",
+    "scheduler": "featx.classify.cluster",
+}
 
 __all__ = [
     "MODEL_FORMAT",
@@ -30,6 +42,7 @@ __all__ = [
     "Fitted",
     "Preset",
     "SearchResult",
+    "TrainRun",
     "TrainedModel",
     "build_pipeline",
     "check_compatible",
@@ -43,3 +56,13 @@ __all__ = [
     "search",
     "train",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'featx.classify' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,25 +1,55 @@
-"""Every setting of one classifier run, in one frozen dataclass checked once (:meth:`ClassifierConfig.validate`)."""
+"""Every setting of one classifier run, in one frozen dataclass whose fields are its option table, checked once
+when it is built."""
 
 from __future__ import annotations
 
-import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from featx.classify.presets import Preset, get_preset, parse_preprocess
+from featx._runtime.params import SEED_MAX, Choices, Constraint, Flag, Interval, Items, Text, check_options, option
 
-__all__ = ["ClassifierConfig"]
+if TYPE_CHECKING:
+    from featx.classify.presets import Preset
+from featx.exceptions import InvalidOptionError, unknown
+
+__all__ = ["ClassifierConfig", "TrainRun"]
+
+
+class _Params(Constraint):
+    """Keyword parameters of an estimator: ``(name, value)`` pairs with distinct string names."""
+
+    def allows(self, value: Any) -> bool:
+        return (
+            isinstance(value, tuple)
+            and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and p[0] for p in value)
+            and len({p[0] for p in value}) == len(value)
+        )
+
+    def words(self) -> str:
+        return "a table of the estimator's keyword arguments, e.g. params = {max_iter = 2000}"
+
+    def from_text(self, text: str) -> Any:
+        raise ValueError(text)  # the command line gives them as repeated --param NAME=VALUE
 
 
 # --------------------------------------------------------------------------------------------- train
+_POSITIVE = Interval(False, 0, None, "neither")
+
+
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Everything that defines one classifier cell (and its cache identity in pipelines).
+    """Everything that defines one classifier cell (and its cache identity in pipelines), checked when built.
+
+    Each option's allowed values, default and help are in its field (:func:`featx._runtime.params.option`): the
+    CLI's options and the pipelines' ``[[classifiers]]`` keys are generated from them. Building a config
+    checks every option, then what depends on the classifier (its hyper-parameter, its estimator's parameters,
+    class weights, out-of-core training); no caller checks them again.
 
     Parameters
     ----------
     classifier : str, default="svm"
-        A preset name or an import path.
+        A preset name or an import path of a scikit-learn classifier.
     value : float or "auto", default="auto"
         The searched hyper-parameter (C, alpha, k); ``auto`` searches ``grid``.
     grid : tuple of float, optional
@@ -29,8 +59,8 @@ class ClassifierConfig:
     cv : int, default=5
     class_weight : {None, "balanced"}
     scoring : {"accuracy", "balanced_accuracy"}
-    params : dict
-        Extra keyword parameters of the estimator.
+    params : tuple of (str, value) pairs
+        Extra keyword parameters of the estimator (a dict is accepted and stored sorted).
     layer : str, optional
         The store layer (its first by default).
     seed : int, default=0
@@ -39,17 +69,65 @@ class ClassifierConfig:
         hyper-parameter is chosen on the val split, or on a seeded 10 % hold-out of train.
     """
 
-    classifier: str = "svm"
-    value: float | str = "auto"
-    grid: tuple[float, ...] | None = None
-    preprocess: tuple[str, ...] | None = None
-    cv: int = 5
-    class_weight: str | None = None
-    scoring: str = "accuracy"
-    params: tuple[tuple[str, Any], ...] = ()
-    layer: str | None = None
-    seed: int = 0
-    out_of_core: bool = False
+    classifier: str = option(
+        "svm",
+        Text("svm, sklearn.svm.LinearSVC", "a preset name or an import path"),
+        help="svm, logreg, sgd, ridge, knn, chance, or an import path such as sklearn.svm.SVC.",
+        flags=("--classifier", "-c"),
+    )
+    value: float | str = option(
+        "auto",
+        Choices(("auto",)),
+        _POSITIVE,
+        help="The preset's hyper-parameter (C, alpha, k): auto (search it on val) or a value.",
+        flags=(),  # the command line names it after the preset's parameter: --C, --alpha, --neighbors
+    )
+    grid: tuple[float, ...] | None = option(
+        None,
+        None,
+        Items(_POSITIVE, low=1, example="0.01,0.1,1,10"),
+        help="Search grid, e.g. 0.01,0.1,1,10 [default: the preset's].",
+        show_default=False,
+    )
+    preprocess: tuple[str, ...] | None = option(
+        None,
+        None,
+        Items(Text("l2, standard, pca:256, none", "a step")),
+        help="Steps before the estimator: l2, standard, pca:K, none [default: standard; l2 for svm and knn].",
+        show_default=False,
+    )
+    cv: int = option(5, Interval(True, 2), help="Folds of the stratified CV (used when there is no val split).")
+    class_weight: str | None = option(
+        None, None, Choices(("balanced",)), help="Weight classes by inverse frequency.", show_default=False
+    )
+    scoring: str = option(
+        "accuracy", Choices(("accuracy", "balanced_accuracy")), help="What chooses the hyper-parameter on val."
+    )
+    params: tuple[tuple[str, Any], ...] = option(
+        (),
+        _Params(),
+        help="Extra estimator parameters NAME=VALUE (repeat the option for several).",
+        flags=(),  # the command line's --param NAME=VALUE, repeated
+    )
+    layer: str | None = option(
+        None,
+        None,
+        Text("penultimate", "a layer name"),
+        help="Store layer to train on [default: its first].",
+        pipeline=False,
+    )
+    seed: int = option(
+        0, Interval(True, 0, SEED_MAX), help="Training seed (the estimator's random_state).", pipeline=False
+    )
+    out_of_core: bool = option(
+        False, Flag(), help="sgd only: stream the store through partial_fit in shuffled blocks (bounded memory)."
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, Mapping):
+            object.__setattr__(self, "params", tuple(sorted(self.params.items())))
+        check_options(self)
+        self._check_with_preset()
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON values (the cache identity of a pipeline cell, and part of the results)."""
@@ -67,77 +145,105 @@ class ClassifierConfig:
             "out_of_core": self.out_of_core,
         }
 
-    def steps(self, preset: Preset) -> list[str]:
+    @property
+    def preset(self) -> Preset:
+        """The preset (or the import path's classifier) this config trains."""
+        from featx.classify.presets import get_preset  # scikit-learn, loaded when a config is built, not imported
+
+        return get_preset(self.classifier)
+
+    def steps(self, preset: Preset | None = None) -> list[str]:
         """The preprocessing steps in force: the configured ones, else the preset's default."""
+        from featx.classify.presets import parse_preprocess
+
+        preset = self.preset if preset is None else preset
         return parse_preprocess(self.preprocess if self.preprocess is not None else preset.preprocess)
 
-    def validate(self) -> Preset:
-        """Check every field (before any data is read); returns the preset."""
-        self._check_types()
-        preset = get_preset(self.classifier)
-        self.steps(preset)
-        if self.cv < 2:
-            raise ValueError(f"cv must be an integer of at least 2 folds, got {self.cv}")
-        if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight {self.class_weight!r}: use balanced or leave it out")
-        if self.scoring not in ("accuracy", "balanced_accuracy"):
-            raise ValueError(f"scoring {self.scoring!r}: use accuracy or balanced_accuracy")
-        if self.value != "auto":
-            if not preset.param:
-                raise ValueError(f"{preset.name} has no C or alpha to set")
-            if not _is_number(self.value) or self.value <= 0:
-                raise ValueError(f"{preset.param} must be a positive number or 'auto', got {self.value!r}")
-        elif not (self.grid or preset.grid):
-            pass  # nothing to search: the estimator's defaults are used
-        if self.grid is not None and (not self.grid or min(self.grid) <= 0):
-            raise ValueError("the grid must hold positive values")
+    def _check_with_preset(self) -> None:
+        """What an option allows that depends on the classifier (checked once, when the config is built)."""
+        preset = self.preset
+        try:
+            self.steps(preset)
+        except ValueError as exc:
+            raise InvalidOptionError("preprocess", str(exc)) from None
+        if self.value != "auto" and not preset.param:
+            raise InvalidOptionError("value", f"{preset.name} has no C or alpha to set")
+        if self.params:
+            known = preset.build(None, 0, None).get_params(deep=False)
+            for name, _ in self.params:
+                if name not in known:
+                    raise unknown(
+                        f"{preset.name} parameter",
+                        name,
+                        known,
+                        f"Its parameters: {', '.join(sorted(known))}.",
+                        "params",
+                    )
         if self.out_of_core:
             if preset.name != "sgd":
-                raise ValueError("out-of-core training streams store chunks through partial_fit: use --classifier sgd")
+                raise InvalidOptionError(
+                    "out_of_core", "out-of-core training streams store chunks through partial_fit: use --classifier sgd"
+                )
             if self.class_weight is not None:
-                raise ValueError("out-of-core training cannot weight classes (partial_fit has no class_weight)")
+                raise InvalidOptionError(
+                    "class_weight", "out-of-core training cannot weight classes (partial_fit has no class_weight)"
+                )
             if set(self.steps(preset)) - {"l2", "standard"}:
-                raise ValueError("out-of-core training supports the l2 and standard preprocessing steps only")
+                raise InvalidOptionError(
+                    "preprocess", "out-of-core training supports the l2 and standard preprocessing steps only"
+                )
         if self.class_weight and not preset.supports_class_weight:
-            raise ValueError(f"classifier {preset.name} has no class_weight; drop --class-weight")
-        return preset
-
-    def _check_types(self) -> None:
-        """Each field of the type it must have (a pipeline file can hold anything), before its value is checked."""
-        if not isinstance(self.classifier, str) or not self.classifier:
-            raise ValueError(
-                f"classifier must be a preset name or an import path (e.g. svm, sklearn.svm.LinearSVC), "
-                f"got {self.classifier!r}"
+            raise InvalidOptionError(
+                "class_weight", f"classifier {preset.name} has no class_weight; drop --class-weight"
             )
-        if not _is_int(self.cv):
-            raise ValueError(f"cv must be an integer of at least 2 folds, got {self.cv!r}")
-        if self.grid is not None and not (isinstance(self.grid, tuple | list) and all(map(_is_number, self.grid))):
-            raise ValueError(f"grid must be a list of positive numbers, e.g. grid = [0.1, 1, 10], got {self.grid!r}")
-        steps = self.preprocess
-        if steps is not None and not (isinstance(steps, str) or all(isinstance(s, str) for s in _items(steps))):
-            raise ValueError(f"preprocess must be a list of steps (l2, standard, pca:K, none), got {steps!r}")
-        params = self.params
-        if not isinstance(params, dict) and not all(isinstance(p, tuple) and len(p) == 2 for p in _items(params)):
-            raise ValueError(
-                f"params must be a table of the estimator's keyword arguments, e.g. params = {{max_iter = 2000}}, "
-                f"got {params!r}"
-            )
-        if self.layer is not None and not isinstance(self.layer, str):
-            raise ValueError(f"layer must be a layer name, got {self.layer!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.out_of_core, bool):
-            raise ValueError(f"out_of_core must be true or false, got {self.out_of_core!r}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+class _Shot(Constraint):
+    """A learning curve's point: a positive number of images per class, or ``all``."""
+
+    metavar = "K|all"
+
+    def allows(self, value: Any) -> bool:
+        return value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+    def words(self) -> str:
+        return "a positive integer (images per class) or all"
+
+    def from_text(self, text: str) -> Any:
+        return "all" if text == "all" else int(text)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class TrainRun:
+    """How :func:`~featx.classify.train` runs a config, beside what it trains: parallel jobs and the learning
+    curve's points and draws. Checked when built, like the config.
 
+    Parameters
+    ----------
+    n_jobs : int, default=-1
+        Parallel jobs of the search; -1 all cores (joblib's convention: -2 all but one, 0 is no count).
+    shots : tuple of int or "all", optional
+        Learning-curve points: images per class.
+    draws : int, default=5
+        Seeded draws per point.
+    """
 
-def _items(value: Any) -> tuple:
-    """``value``'s items when it is a list or tuple; a non-item otherwise (so the check refuses it)."""
-    return tuple(value) if isinstance(value, tuple | list) else (None,)
+    n_jobs: int = option(
+        -1,
+        Interval(True, None, -1),
+        Interval(True, 1),
+        help="Parallel jobs for the search (-1: all cores).",
+        flags=("--jobs", "-j"),
+        pipeline=False,
+    )
+    shots: tuple[int | str, ...] | None = option(
+        None,
+        None,
+        Items(_Shot(), low=1, example="1,2,5,10,all"),
+        help="Learning curve: images per class, e.g. 1,2,5,10,all.",
+        show_default=False,
+    )
+    draws: int = option(5, Interval(True, 1), help="Seeded draws per shot count.")
+
+    def __post_init__(self) -> None:
+        check_options(self)

@@ -12,21 +12,7 @@ from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import _fit_quietly, _folds, search
 from featx.store.reader import FeatureStore
 
-__all__ = ["ONE_SHOT_VALUE", "check_shots", "few_shot_curve", "shot_rows"]
-
-
-def check_shots(shots: Sequence[int | str]) -> Sequence[int | str]:
-    """The one check of a learning curve's points: positive integers (images per class) or ``"all"``; returns them.
-
-    Raises
-    ------
-    ValueError
-        For any other point.
-    """
-    for k in shots:
-        if not (k == "all" or (isinstance(k, int) and not isinstance(k, bool) and k > 0)):
-            raise ValueError(f"shots {list(shots)}: use positive integers or 'all', e.g. 1,2,5,10,all")
-    return shots
+__all__ = ["ONE_SHOT_VALUE", "few_shot_curve", "shot_rows"]
 
 
 #: The hyper-parameter of a 1-shot training set, where no cross-validation is possible (a stated fixed value).

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, is_classifier
 from sklearn.pipeline import Pipeline
 
-from featx.exceptions import UnknownNameError, unknown
+from featx.exceptions import InvalidOptionError, UnknownNameError, unknown
 
 __all__ = ["PRESETS", "Preset", "build_pipeline", "get_preset", "parse_preprocess", "register_classifier"]
 
@@ -209,7 +209,14 @@ def _import_path_preset(path: str) -> Preset:
         raise UnknownNameError(f"classifier {path!r} cannot be imported ({exc}); check the import path") from None
     if not (isinstance(cls, type) and issubclass(cls, BaseEstimator) and hasattr(cls, "predict")):
         raise ValueError(f"{path} is not a scikit-learn classifier class")
-    params = cls().get_params()
+    estimator = cls()
+    if not is_classifier(estimator):  # a regressor or clusterer would fit, then fail (or mislead) on the labels
+        raise InvalidOptionError(
+            "classifier",
+            f"{path} is not a classifier (scikit-learn tags it as a {_estimator_kind(estimator)}); give a "
+            f"classifier such as sklearn.svm.SVC, or a preset: {', '.join(PRESETS)}",
+        )
+    params = estimator.get_params()
     param = "C" if "C" in params else "alpha" if "alpha" in params else ""
 
     def build(value, seed, class_weight, **extra):
@@ -223,6 +230,12 @@ def _import_path_preset(path: str) -> Preset:
         return cls(**kwargs)
 
     return Preset(path, param, _LOG_GRID if param else (), build, supports_class_weight="class_weight" in params)
+
+
+def _estimator_kind(estimator: BaseEstimator) -> str:
+    from sklearn.base import is_regressor
+
+    return "regressor" if is_regressor(estimator) else "non-classifier estimator"
 
 
 def get_preset(name: str) -> Preset:

@@ -24,8 +24,8 @@ from sklearn.pipeline import Pipeline
 
 from featx._runtime.env import library_versions
 from featx.classify._rows import _labelled_rows, _labelled_store_rows
-from featx.classify.config import ClassifierConfig
-from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, few_shot_curve, shot_rows
+from featx.classify.config import ClassifierConfig, TrainRun
+from featx.classify.fewshot import ONE_SHOT_VALUE, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, _fit_quietly, _folds, fit_converged, search
@@ -47,7 +47,6 @@ from featx.store.reader import FeatureStore
 __all__ = [
     "ONE_SHOT_VALUE",
     "Fitted",
-    "check_shots",
     "evaluate_model",
     "few_shot_curve",
     "fit_in_memory",
@@ -98,13 +97,12 @@ def train(
     (TrainedModel, ClassifierResults)
         The model and the results (the ``results.json`` content; test metrics under ``"test"``).
     """
-    preset = config.validate()
+    preset = config.preset  # the config checked itself when it was built
+    TrainRun(n_jobs=n_jobs, shots=shots, draws=draws)  # so do these, by their table
     if scheduler is not None and config.out_of_core:
         raise ValueError("out-of-core training streams the store on this machine; drop --scheduler or out-of-core")
-    if shots:
-        check_shots(shots)
-        if config.out_of_core:
-            raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
+    if shots and config.out_of_core:
+        raise ValueError("learning curves (shots) need the features in memory; drop out-of-core or shots")
     from featx.classify.cluster import scheduler as dask_scheduler
 
     with dask_scheduler(scheduler):  # connect first: a bad address fails before the store is read
@@ -182,7 +180,7 @@ def fit_in_memory(
     splits : array of str
         ``"train"`` or ``"val"`` per row; a val split is the search's validation set, else k-fold CV.
     preset : Preset
-        ``config.validate()``.
+        ``config.preset``.
     config : ClassifierConfig
     n_jobs : int, default=-1
     preprocess : sequence of str, optional

@@ -10,14 +10,15 @@ from typing import Any, NoReturn
 
 import click
 
-from featx.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SplitPlan
-from featx.spec import OPTIONS
+from featx._runtime.params import Choices, Flag, Interval, Items, Option, Text, check_value, options_of, parse_text
+from featx.data.splits import SplitPlan
+from featx.exceptions import InvalidOptionError
 
 __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_TOO_MANY_FAILURES",
-    "batch_size_option",
-    "choice_option",
+    "TableValue",
+    "build",
     "device_option",
     "fail",
     "interrupted",
@@ -29,6 +30,8 @@ __all__ = [
     "refuse_too_many_failures",
     "reported",
     "split_plan_options",
+    "table_option",
+    "table_options",
     "trust_option",
 ]
 
@@ -67,30 +70,15 @@ def reported(kept: str | None = None, also: Sequence[type[BaseException]] = ()) 
         yield
     except KeyboardInterrupt:
         interrupted(kept)
+    except InvalidOptionError as exc:  # a malformed option found once it meets the others: a usage error, exit 2
+        raise click.BadParameter(str(exc), param_hint=_hint(exc.key)) from None
     except (*LIBRARY_ERRORS, *also) as exc:
         fail(exc)
 
 
-def choice_option(name: str, *flags: str, help: str | None = None) -> Decorator:
-    """``--NAME`` with the choices and default of the extraction option ``name`` (:data:`featx.spec.OPTIONS`)."""
-    option = OPTIONS[name]
-    return click.option(
-        *(flags or (f"--{name}",)),
-        type=click.Choice(option.choices),
-        default=option.default,
-        show_default=True,
-        help=help,
-    )
-
-
-def device_option(help: str | None = None) -> Decorator:
+def device_option(help: str | None = "Where to run: auto (CUDA when present), cpu, cuda, cuda:N or mps.") -> Decorator:
     """``--device``, ``auto`` by default."""
     return click.option("--device", default="auto", show_default=True, help=help)
-
-
-def batch_size_option(default: int = 64, help: str | None = None) -> Decorator:
-    """``--batch-size``, a positive integer."""
-    return click.option("--batch-size", type=click.IntRange(min=1), default=default, show_default=True, help=help)
 
 
 def trust_option(help: str) -> Decorator:
@@ -161,43 +149,100 @@ def print_metrics(test: dict[str, Any]) -> None:
 
 
 def split_plan_options() -> Decorator:
-    """``--split-seed``, ``--val-fraction`` and ``--test-fraction``, handed to the command as one ``plan``
-    (a :class:`~featx.data.splits.SplitPlan`)."""
-    fraction = click.FloatRange(0, 1, min_open=True, max_open=True)
+    """The options of :class:`~featx.data.splits.SplitPlan`'s table (``--split-seed``, ``--val-fraction``,
+    ``--test-fraction``), handed to the command as one ``plan``."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
-        def with_plan(*args: Any, split_seed: int, val_fraction: float, test_fraction: float, **kwargs: Any) -> Any:
-            plan = SplitPlan(split_seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
-            return command(*args, plan=plan, **kwargs)
+        def with_plan(*args: Any, **kwargs: Any) -> Any:
+            return command(*args, plan=build(SplitPlan, kwargs), **kwargs)
 
-        for option in reversed(
-            (
-                click.option(
-                    "--split-seed",
-                    type=click.IntRange(min=0),
-                    default=DEFAULT_SPLIT_SEED,
-                    show_default=True,
-                    help="Seed of the carved splits (separate from the training seed): the same seed, the same images.",
-                ),
-                click.option(
-                    "--val-fraction",
-                    type=fraction,
-                    default=DEFAULT_VAL_FRACTION,
-                    show_default=True,
-                    help="Share of each class of train carved off as val (where hyper-parameters are chosen) when "
-                    "the source has no val split.",
-                ),
-                click.option(
-                    "--test-fraction",
-                    type=fraction,
-                    default=DEFAULT_TEST_FRACTION,
-                    show_default=True,
-                    help="Share of each class carved off as test when the source has neither test nor val.",
-                ),
-            )
-        ):
-            with_plan = option(with_plan)
-        return with_plan
+        return table_options(SplitPlan)(with_plan)
 
     return decorate
+
+
+# ------------------------------------------------------------------------------- options from the tables
+class TableValue(click.ParamType):
+    """A click type that parses and checks a value by its option's row of a config table: the error is the
+    table's, and click exits 2 with it."""
+
+    def __init__(self, option: str, spec: Option) -> None:
+        self.option, self.spec = option, spec
+        self.name = "|".join(_metavar(c) for c in spec.allowed if c.words() != "unset")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            if isinstance(value, str):
+                return parse_text(self.option, value, self.spec)
+            return check_value(self.option, value, self.spec)
+        except InvalidOptionError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _metavar(form: Any) -> str:
+    if getattr(form, "metavar", None):
+        return form.metavar
+    if isinstance(form, Choices):
+        return "|".join(form.values)
+    if isinstance(form, Interval):
+        return "INTEGER" if form.integer else "FLOAT"
+    if isinstance(form, Items):
+        return f"{_metavar(form.item)},…"
+    return "TEXT" if isinstance(form, Text) else "VALUE"
+
+
+def table_option(config: type, name: str, *flags: str, **overrides: Any) -> Decorator:
+    """The click option of field ``name`` of a config's table: flags, type, choices, default and help from
+    the table (``flags`` and ``overrides`` replace what a command shows differently, e.g. another default)."""
+    spec, default = options_of(config)[name]
+    decls = [*(flags or spec.flags or (f"--{name.replace('_', '-')}",))]
+    if not any(d.isidentifier() for d in decls):
+        decls.append(name)  # the command receives it under the config's own name
+    kwargs: dict[str, Any] = {"default": default, "help": spec.help, "show_default": spec.show_default}
+    if isinstance(spec.show_default, str):  # the default as it is typed (a phase string, MIN,MAX)
+        kwargs.update(default=spec.show_default, show_default=True)
+    forms = [c for c in spec.allowed if c.words() != "unset"]
+    if [type(c) for c in forms] == [Flag]:
+        if default:
+            decls = [f"{decls[0]}/--no-{decls[0][2:]}", *decls[1:]]
+        else:
+            kwargs.update(is_flag=True, show_default=False)
+    elif [type(c) for c in forms] == [Choices]:
+        kwargs["type"] = click.Choice(forms[0].values)
+    else:
+        kwargs["type"] = TableValue(name, spec)
+    kwargs.update(overrides)
+    return click.option(*decls, **kwargs)
+
+
+def table_options(config: type, exclude: Sequence[str] = ()) -> Decorator:
+    """Every command-line option of a config's table (those whose flags the table leaves empty are the
+    command's own to write), in the table's order."""
+    rows = [n for n, (spec, _) in options_of(config).items() if spec.flags != () and n not in exclude]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for name in reversed(rows):
+            command = table_option(config, name)(command)
+        return command
+
+    return decorate
+
+
+def build(config: type, kwargs: dict[str, Any], **extra: Any) -> Any:
+    """``config`` built from the entries of ``kwargs`` that are its table's options (removed from ``kwargs``)
+    and ``extra``; what the config refuses as a whole (one option against another) exits 2 like a bad option."""
+    values = {name: kwargs.pop(name) for name in options_of(config) if name in kwargs}
+    try:
+        return config(**values, **extra)
+    except InvalidOptionError as exc:
+        raise click.BadParameter(str(exc), param_hint=_hint(exc.key)) from None
+
+
+def _hint(key: str) -> str | None:
+    """The flag an option's error names, where the command line has one under the option's name."""
+    ctx = click.get_current_context(silent=True)
+    for param in ctx.command.params if ctx is not None else ():
+        if param.name == key and isinstance(param, click.Option):
+            return f"'{param.opts[0]}'"
+    return None

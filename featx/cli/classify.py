@@ -8,61 +8,29 @@ from typing import Any
 
 import click
 
+from featx._runtime.params import options_of
+from featx.classify.config import ClassifierConfig, TrainRun
 from featx.cli._shared import (
     EXIT_TOO_MANY_FAILURES,
-    batch_size_option,
+    TableValue,
+    build,
     device_option,
     name_values,
     print_metrics,
     reported,
     split_plan_options,
+    table_option,
+    table_options,
     trust_option,
 )
+from featx.exceptions import InvalidOptionError
+from featx.spec import ExtractionOptions
 
 __all__ = ["evaluate", "predict", "train"]
 
 _TRUST_HELP = "Load model files containing types that could run code (only if you trust them)."
 # The command-line flag of each preset hyper-parameter.
 _HYPER_FLAGS = {"C": "--C", "alpha": "--alpha", "n_neighbors": "--neighbors"}
-
-
-def _positive_or_auto(ctx, param, value):
-    if value is None or value == "auto":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number") from None
-    if number <= 0:
-        raise click.BadParameter(f"{value!r} must be positive")
-    return number
-
-
-def _float_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        values = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 0.01,0.1,1,10") from None
-    if not values or min(values) <= 0:
-        raise click.BadParameter("give one or more positive numbers")
-    return values
-
-
-def _shots(ctx, param, value):
-    if value is None:
-        return None
-    out = []
-    for part in value.split(","):
-        part = part.strip()
-        if part == "all":
-            out.append("all")
-        elif part.isdigit() and int(part) > 0:
-            out.append(int(part))
-        else:
-            raise click.BadParameter(f"{part!r}: shots are positive integers or 'all', e.g. 1,2,5,10,all")
-    return out
 
 
 def _json_or_text(raw: str) -> Any:
@@ -77,59 +45,34 @@ def _hyper_value(preset: Any, given: dict[str, Any]) -> Any:
     for name, value in given.items():
         if value is not None and name != preset.param:
             hint = f"use {_HYPER_FLAGS[preset.param]}" if preset.param in _HYPER_FLAGS else "it has none to set"
-            raise ValueError(
+            raise InvalidOptionError(
+                "value",
                 f"{_HYPER_FLAGS[name]} does not apply to {preset.name}, whose hyper-parameter is "
-                f"{preset.param or 'none'}: {hint}"
+                f"{preset.param or 'none'}: {hint}",
             )
     return given.get(preset.param) or "auto"
 
 
+def _hyper_option(flag: str, name: str, help: str) -> Any:
+    """``--C``, ``--alpha``, ``--neighbors``: the config's ``value`` under the name of a preset's parameter."""
+    spec, _ = options_of(ClassifierConfig)["value"]
+    return click.option(flag, name, default=None, type=TableValue("value", spec), help=help)
+
+
 @click.command()
 @click.argument("store", type=click.Path())
-@click.option(
-    "--classifier",
-    "-c",
-    default="svm",
-    show_default=True,
-    help="svm, logreg, sgd, ridge, knn, chance, or an import path such as sklearn.svm.SVC.",
-)
-@click.option("--C", "C", default=None, callback=_positive_or_auto, help="C for svm/logreg: auto (search) or a value.")
-@click.option("--alpha", default=None, callback=_positive_or_auto, help="alpha for sgd/ridge: auto or a value.")
-@click.option("--neighbors", default=None, callback=_positive_or_auto, help="k for knn: auto or a value.")
-@click.option("--grid", default=None, callback=_float_list, help="Search grid, e.g. 0.01,0.1,1,10 [default: preset's].")
-@click.option(
-    "--preprocess",
-    default=None,
-    help="Comma-separated steps: l2, standard, pca:K, none [default: standard; l2 for knn].",
-)
-@click.option(
-    "--cv",
-    type=click.IntRange(min=2),
-    default=5,
-    show_default=True,
-    help="Folds of the stratified CV (used when the store has no val split).",
-)
-@click.option(
-    "--jobs", "-j", type=int, default=-1, show_default=True, help="Parallel jobs for the search (-1: all cores)."
-)
-@click.option(
-    "--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes by inverse frequency."
-)
-@click.option("--scoring", type=click.Choice(["accuracy", "balanced_accuracy"]), default="accuracy", show_default=True)
+@table_options(ClassifierConfig)
+@_hyper_option("--C", "C", "C for svm/logreg: auto (search it on val) or a value.")
+@_hyper_option("--alpha", "alpha", "alpha for sgd/ridge: auto or a value.")
+@_hyper_option("--neighbors", "neighbors", "k for knn: auto or a value.")
 @click.option(
     "--param",
     "params",
     multiple=True,
     callback=name_values("loss=log_loss", _json_or_text),
-    help="Extra estimator parameter NAME=VALUE.",
+    help=options_of(ClassifierConfig)["params"][0].help,
 )
-@click.option("--layer", default=None, help="Store layer to train on [default: its first].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--out-of-core",
-    is_flag=True,
-    help="sgd only: stream the store through partial_fit in shuffled blocks (bounded memory).",
-)
+@table_options(TrainRun)
 @click.option(
     "--scheduler",
     default=None,
@@ -137,8 +80,6 @@ def _hyper_value(preset: Any, given: dict[str, Any]) -> Any:
     help="Run the search's folds on the Dask scheduler at ADDRESS (tcp://HOST:8786); needs featx[dask].",
 )
 @split_plan_options()
-@click.option("--shots", default=None, callback=_shots, help="Learning curve: images per class, e.g. 1,2,5,10,all.")
-@click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, help="Seeded draws per shot count.")
 @click.option(
     "--out",
     "-o",
@@ -147,44 +88,28 @@ def _hyper_value(preset: Any, given: dict[str, Any]) -> Any:
     required=True,
     help="Folder for model.skops and results.json.",
 )
-def train(
-    store,
-    classifier,
-    C,
-    alpha,
-    neighbors,
-    grid,
-    preprocess,
-    params,
-    jobs,
-    scheduler,
-    shots,
-    draws,
-    out_dir,
-    plan,
-    **settings,
-) -> None:
+def train(store, C, alpha, neighbors, params, scheduler, out_dir, plan, **settings) -> None:
     """Train a classifier on the features in STORE: fit on train, its hyper-parameter chosen on val.
 
     The splits are STORE's split plan (--split-seed, --val-fraction, --test-fraction): the same plan gives a
     fine-tune (`featx finetune`) the same train, val and test images.
     """
-    from featx.classify.config import ClassifierConfig
-    from featx.classify.presets import get_preset, parse_preprocess
+    from featx.classify.presets import get_preset
     from featx.classify.training import train as run_train
 
     with reported(also=(ModuleNotFoundError,)):
-        config = ClassifierConfig(
-            classifier=classifier,
-            value=_hyper_value(get_preset(classifier), {"C": C, "alpha": alpha, "n_neighbors": neighbors}),
-            grid=grid,
-            preprocess=None if preprocess is None else tuple(parse_preprocess(preprocess)),
-            params=tuple(sorted(params.items())),
-            **settings,  # cv, class_weight, scoring, layer, seed, out_of_core: ClassifierConfig's own names
-        )
-        config.validate()
+        value = _hyper_value(get_preset(settings["classifier"]), {"C": C, "alpha": alpha, "n_neighbors": neighbors})
+        config = build(ClassifierConfig, settings, value=value, params=tuple(sorted(params.items())))
+        run = build(TrainRun, settings)
         _, results = run_train(
-            store, config, plan=plan, n_jobs=jobs, out_dir=out_dir, shots=shots, draws=draws, scheduler=scheduler
+            store,
+            config,
+            plan=plan,
+            n_jobs=run.n_jobs,
+            out_dir=out_dir,
+            shots=None if run.shots is None else list(run.shots),
+            draws=run.draws,
+            scheduler=scheduler,
         )
     _print_results(results)
     click.echo(f"wrote {out_dir}/model.skops and {out_dir}/results.json")
@@ -215,8 +140,21 @@ def _print_results(results) -> None:
 
 @click.command()
 @click.argument("store", type=click.Path())
-@click.option("--model", "-m", "model_path", type=click.Path(dir_okay=False), required=True)
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option(
+    "--model",
+    "-m",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="A model.skops from `featx train`.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "val", "train"]),
+    default="test",
+    show_default=True,
+    help="The split of the model's split plan to score.",
+)
 @trust_option(_TRUST_HELP)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON.")
 def evaluate(store, model_path, split, trust, out) -> None:
@@ -246,9 +184,11 @@ def evaluate(store, model_path, split, trust, out) -> None:
     required=True,
     help="A model.skops from `featx train`, or a `featx finetune --out` folder.",
 )
-@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="How many classes to list per image."
+)
 @device_option()
-@batch_size_option()
+@table_option(ExtractionOptions, "batch_size", default=64, show_default=True)
 @trust_option(_TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def predict(images, model_path, top_k, device, batch_size, trust, as_json) -> None:

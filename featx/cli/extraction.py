@@ -8,8 +8,6 @@ from typing import Any
 import click
 
 from featx.cli._shared import (
-    batch_size_option,
-    choice_option,
     device_option,
     max_failures_option,
     no_progress_option,
@@ -17,8 +15,9 @@ from featx.cli._shared import (
     refuse_too_many_failures,
     reported,
     split_plan_options,
+    table_options,
 )
-from featx.spec import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
+from featx.spec import DEFAULT_BACKBONE, ExtractionOptions
 
 __all__ = ["backbones", "extract", "info", "join"]
 
@@ -52,28 +51,9 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     show_default=True,
     help="Layer to extract; repeat for several in one pass. `featx backbones --layers NAME` lists them.",
 )
-@choice_option("pool", help="Pooling of spatial feature maps.")
-@batch_size_option(default=None, help="Images per forward pass [default: 256 on CUDA, else 64].")
+@table_options(ExtractionOptions)
 @device_option(help="auto, cpu, cuda, cuda:N or mps.")
-@choice_option("dtype", help="Storage dtype of the features.")
-@choice_option("amp", help="Autocast precision (auto: bf16/fp16 on CUDA, none on CPU).")
-@choice_option("tta", help="Test-time augmentation: flip averages the features of each image and its mirror.")
-@choice_option(
-    "decode",
-    help="fast: big JPEGs at reduced scale, crop region resized; device: JPEGs decoded on --device. Pixels differ.",
-)
-@click.option(
-    "--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU cores, max 8]."
-)
 @max_failures_option("Failed images tolerated before the exit code is 3: a count, a percentage like 1%, or inf.")
-@choice_option("fingerprint", help="How images enter the cache key: path/size/mtime, or content hashes.")
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_PIXELS,
-    show_default=True,
-    help="Images with more pixels are recorded as failures (decompression-bomb guard).",
-)
 @click.option("--overwrite", is_flag=True, help="Replace a store (or interrupted job) made with another spec.")
 @click.option(
     "--out",
@@ -81,12 +61,6 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.Path(dir_okay=False),
     default=None,
     help="Store path (.h5) [default: in the featx cache, named by the cache key].",
-)
-@choice_option(
-    "compile",
-    "--compile",
-    "compile_mode",
-    help="torch.compile the network (features within float tolerance of eager); auto: CPU jobs of 20,000+ images.",
 )
 @no_progress_option()
 @click.option(

@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from featx._runtime.params import Interval, check_options, option
+
 __all__ = [
     "DEFAULT_SPLIT_SEED",
     "DEFAULT_TEST_FRACTION",
     "DEFAULT_VAL_FRACTION",
     "SELECTION_RULE",
     "SplitPlan",
-    "check_test_fraction",
-    "check_val_fraction",
     "split_hashes",
 ]
 
@@ -53,34 +53,6 @@ SELECTION_RULE = "fit on train, hyper-parameters chosen on val, scored once on t
 DEFAULT_SPLIT_SEED = 0
 
 
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
-    return float(value)
-
-
-def check_test_fraction(test_fraction: float) -> float:
-    """The one check of a test fraction: strictly between 0 and 1; returns it.
-
-    Raises
-    ------
-    ValueError
-        If it is not.
-    """
-    return _check_fraction("test_fraction", test_fraction)
-
-
-def check_val_fraction(val_fraction: float) -> float:
-    """The one check of a val fraction: strictly between 0 and 1; returns it.
-
-    Raises
-    ------
-    ValueError
-        If it is not.
-    """
-    return _check_fraction("val_fraction", val_fraction)
-
-
 @dataclass(frozen=True)
 class SplitPlan:
     """How a dataset's train / val / test splits are carved (see the module docstring).
@@ -95,17 +67,25 @@ class SplitPlan:
         Share of each class that becomes test when the source has neither a test nor a val split.
     """
 
-    split_seed: int = DEFAULT_SPLIT_SEED
-    val_fraction: float = DEFAULT_VAL_FRACTION
-    test_fraction: float = DEFAULT_TEST_FRACTION
+    split_seed: int = option(
+        DEFAULT_SPLIT_SEED,
+        Interval(True, 0),
+        help="Seed of the carved splits (separate from the training seed): the same seed, the same images.",
+    )
+    val_fraction: float = option(
+        DEFAULT_VAL_FRACTION,
+        Interval(False, 0, 1, "neither"),
+        help="Share of each class of train carved off as val (where hyper-parameters are chosen) when the source "
+        "has no val split.",
+    )
+    test_fraction: float = option(
+        DEFAULT_TEST_FRACTION,
+        Interval(False, 0, 1, "neither"),
+        help="Share of each class carved off as test when the source has neither test nor val.",
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, (int, np.integer)):
-            raise ValueError(f"split_seed must be an integer, got {self.split_seed!r}")
-        if self.split_seed < 0:
-            raise ValueError(f"split_seed must be 0 or more, got {self.split_seed}")
-        check_val_fraction(self.val_fraction)
-        check_test_fraction(self.test_fraction)
+        check_options(self)  # every option against its table, once
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready settings."""

@@ -38,9 +38,9 @@ from featx.spec import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_POOL,
     DEFAULT_TTA,
+    ExtractionOptions,
     ExtractionSpec,
     cache_key,
-    check_option,
 )
 from featx.store.format import read_format_version, read_key
 from featx.store.writer import check_replaceable, migrate_format_1, update_labels
@@ -97,38 +97,6 @@ def build_spec(
         max_pixels=max_pixels,
         decode=decode,
     )
-
-
-def _check_options(
-    *,
-    batch_size: int | None,
-    pool: str,
-    dtype: str,
-    amp: str,
-    tta: str,
-    decode: str,
-    fingerprint: str,
-    compile_mode: str,
-    workers: int | None,
-    max_pixels: int,
-) -> None:
-    """Every option of :func:`extract` checked before any weight is loaded or image read."""
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    for name, value in (
-        ("pool", pool),
-        ("dtype", dtype),
-        ("amp", amp),
-        ("tta", tta),
-        ("decode", decode),
-        ("fingerprint", fingerprint),
-        ("compile", compile_mode),
-    ):
-        check_option(name, value)
-    if not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
-    if workers is not None and workers < 0:
-        raise ValueError(f"workers must be 0 (decode in the main process) or more, got {workers}")
 
 
 def _torchrun_env(distributed: bool, shard: str | Shard | None) -> TorchrunEnv | None:
@@ -286,15 +254,19 @@ def extract(
     """
     t0 = time.perf_counter()
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
-    options = {"pool": pool, "dtype": dtype, "tta": tta, "decode": decode, "max_pixels": max_pixels}
-    _check_options(
-        batch_size=batch_size,
+    checked = ExtractionOptions(  # every option checked by its table, before any weight is loaded or image read
+        pool=pool,
+        dtype=dtype,
         amp=amp,
+        tta=tta,
+        decode=decode,
+        max_pixels=max_pixels,
         fingerprint=fingerprint,
         compile_mode=compile_mode,
+        batch_size=batch_size,
         workers=workers,
-        **options,
     )
+    options = checked.spec_options()
     limit = MaxFailures.parse(max_failures)
     env = _torchrun_env(distributed, shard)
     if env is not None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from featx._runtime.params import INT32_MAX, SEED_MAX, Choices, Constraint, Flag, Interval, Items, check_options, option
+from featx.exceptions import InvalidOptionError
 from featx.spec import canonical_json
 
 __all__ = [
@@ -175,13 +177,33 @@ def parse_phases(spec: str | Path) -> list[Phase]:
 
 
 # ------------------------------------------------------------------------------------------- config
+class _Phases(Constraint):
+    """One or more :class:`Phase`; written as a phase string or a ``.toml`` file (:func:`parse_phases`)."""
+
+    metavar = "PHASES"
+
+    def allows(self, value: Any) -> bool:
+        return isinstance(value, tuple) and bool(value) and all(isinstance(p, Phase) for p in value)
+
+    def words(self) -> str:
+        return 'one or more phases FREEZE:EPOCHS:LR, e.g. "head:3:1e-3,all:5:1e-4"'
+
+    def from_text(self, text: str) -> Any:
+        return tuple(parse_phases(text))
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything that defines a fine-tuning run (its hash guards resuming).
 
+    Each option's allowed values, default and help are in its field (:func:`featx._runtime.params.option`):
+    the CLI's options and the pipelines' ``[[finetune]]`` keys are generated from them, and building a config
+    checks them all, once.
+
     Parameters
     ----------
-    phases : tuple of Phase
+    phases : tuple of Phase, default=parse_phases(DEFAULT_PHASES)
+        A pipeline or the command line may give the phase string (or ``.toml`` file) instead.
     batch_size : int, default=32
     optimizer : {"sgd", "adamw"}, default="sgd"
         SGD with momentum 0.9 (Nesterov), or AdamW.
@@ -234,84 +256,125 @@ class FinetuneConfig:
         pretrained features (LP-FT on digits fell from 0.96 to 0.28 with them on).
     """
 
-    phases: tuple[Phase, ...]
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    clip_grad: float = 0.0
-    backbone_lr_mult: float = 1.0
-    layer_decay: float = DEFAULT_LAYER_DECAY
-    warmup: float = 0.1
-    schedule: str = "phase"
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.0
-    crop_scale: tuple[float, float] = (0.25, 1.0)
-    flip: bool = True
-    patience: int | None = None
-    metric: str = "val_accuracy"
-    lr: str = "phases"
-    lr_candidates: tuple[float, ...] = ()
-    max_minutes: float | None = None
-    seed: int = 0
-    update_bn_stats: bool = False
+    phases: tuple[Phase, ...] = option(
+        tuple(parse_phases(DEFAULT_PHASES)),
+        _Phases(),
+        help="FREEZE:EPOCHS:LR,… with FREEZE = head, topK or all, LR a rate or auto (auto/10, auto*3: a factor of "
+        "the rate chosen on val); or a .toml file of [[phase]] tables.",
+        show_default=DEFAULT_PHASES,
+    )
+    batch_size: int = option(32, Interval(True, 1, INT32_MAX), help="Images per step (global under torchrun).")
+    optimizer: str = option("sgd", Choices(("sgd", "adamw")), help="SGD with Nesterov momentum 0.9, or AdamW.")
+    weight_decay: float = option(
+        1e-4, Interval(False, 0), help="Weight decay (not on biases and normalisation parameters)."
+    )
+    label_smoothing: float = option(0.0, Interval(False, 0, 1, "left"), help="Label smoothing of the loss.")
+    clip_grad: float = option(0.0, Interval(False, 0), help="Max gradient norm (0: off).")
+    backbone_lr_mult: float = option(
+        1.0, Interval(False, 0, None, "neither"), help="The backbone's learning rate relative to the head's."
+    )
+    layer_decay: float = option(
+        DEFAULT_LAYER_DECAY,
+        Interval(False, 0, 1, "right"),
+        help="Each backbone block below the top trains at this times the rate of the one above (1: no decay).",
+    )
+    warmup: float = option(0.1, Interval(False, 0, 1, "left"), help="Share of the schedule's steps spent warming up.")
+    schedule: str = option(
+        "phase", Choices(SCHEDULES), help="phase: a warm-up + cosine per phase; run: one over the whole run."
+    )
+    hidden: tuple[int, ...] = option(
+        (),
+        Items(Interval(True, 1), example="512,256"),
+        help="Hidden sizes of an MLP head, e.g. 512,256 [default: linear head].",
+        show_default=False,
+    )
+    dropout: float = option(0.0, Interval(False, 0, 1, "left"), help="Dropout before the head's last layer.")
+    crop_scale: tuple[float, float] = option(
+        (0.25, 1.0),
+        Items(Interval(False, 0, 1, "right"), low=2, high=2, example="0.25,1.0"),
+        help="Area range MIN,MAX of the training random resized crop.",
+        show_default="0.25,1.0",
+    )
+    flip: bool = option(
+        True,
+        Flag(),
+        help="Flip training images horizontally at random; --no-flip where a mirror image changes the label (digits).",
+    )
+    patience: int | None = option(
+        None,
+        None,
+        Interval(True, 1),
+        help="End a phase after N epochs without gain.",
+        show_default=False,
+    )
+    metric: str = option(
+        "val_accuracy", Choices(("val_accuracy", "val_loss")), help="What chooses the epoch kept, on val."
+    )
+    lr: str = option(
+        "phases",
+        Choices(("phases", "auto")),
+        help="auto: choose the base rate on val (the phases' rates become ratios to the first's); phases: as "
+        "written. A phase's LR may also be auto, auto/10, auto*3.",
+    )
+    lr_candidates: tuple[float, ...] = option(
+        (),
+        Items(Interval(False, 0, None, "neither"), distinct=True, example="1e-3,3e-3,1e-2"),
+        help="Base rates to choose from, e.g. 1e-3,3e-3,1e-2 [default: sgd 1e-3,3e-3,1e-2; adamw 1e-4,3e-4,1e-3].",
+        show_default=False,
+    )
+    max_minutes: float | None = option(
+        None,
+        None,
+        Interval(False, 0, None, "neither"),
+        help="Cap on the rate choice: candidates that would end past it are not tried (the results say which).",
+        show_default=False,
+    )
+    seed: int = option(
+        0,
+        Interval(True, 0, SEED_MAX),
+        help="Training seed (head init, batches, augmentation).",
+        pipeline=False,
+    )
+    update_bn_stats: bool = option(
+        False,
+        Flag(),
+        help="Let unfrozen BatchNorm layers update their running statistics (kept fixed by default).",
+    )
 
     def __post_init__(self) -> None:
-        if not self.phases:
-            raise ValueError("fine-tuning needs at least one phase")
+        if isinstance(self.phases, str | Path):  # a pipeline's or a command line's phase string (or .toml file)
+            object.__setattr__(self, "phases", tuple(parse_phases(self.phases)))
+        check_options(self)  # every option against its table, once
         self._check_lr()
-        checks = [
-            (self.batch_size >= 1, f"batch size must be positive, got {self.batch_size}"),
-            (self.optimizer in ("sgd", "adamw"), f"optimizer {self.optimizer!r}: use sgd or adamw"),
-            (self.weight_decay >= 0, "weight decay must be >= 0"),
-            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-            (self.clip_grad >= 0, "gradient clipping must be >= 0 (0 = off)"),
-            (self.backbone_lr_mult > 0, "the backbone learning-rate multiplier must be positive"),
-            (0 < self.layer_decay <= 1, f"layer decay must be in (0, 1] (1: no decay), got {self.layer_decay}"),
-            (0 <= self.warmup < 1, "warm-up must be a share of the schedule's steps, in [0, 1)"),
-            (self.schedule in SCHEDULES, f"schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}"),
-            (all(h >= 1 for h in self.hidden), "hidden sizes must be positive"),
-            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
-            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop scale must satisfy 0 < min <= max <= 1"),
-            (isinstance(self.flip, bool), f"flip must be true or false, got {self.flip!r}"),
-            (self.patience is None or self.patience >= 1, "patience must be at least 1 epoch"),
-            (self.metric in ("val_accuracy", "val_loss"), f"metric {self.metric!r}: use val_accuracy or val_loss"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise InvalidOptionError(
+                "crop_scale", f"crop_scale must be MIN,MAX with MIN <= MAX; got {list(self.crop_scale)}"
+            )
 
     def _check_lr(self) -> None:
         """Check the rate options; under ``lr="auto"`` make the phases' rates factors of the first's."""
-        if self.lr not in ("phases", "auto"):
-            raise ValueError(f"lr {self.lr!r}: use phases (the rates --phases gives) or auto (chosen on val)")
         autos = {p.auto for p in self.phases}
         if self.lr == "auto" and autos == {False}:
             first = self.phases[0].lr
             relative = tuple(Phase(p.freeze, p.epochs, p.lr / first, auto=True) for p in self.phases)
             object.__setattr__(self, "phases", relative)  # frozen: the one place the phases are rewritten
         elif self.lr == "auto" and autos == {True, False}:
-            raise ValueError(
+            raise InvalidOptionError(
+                "lr",
                 "lr auto makes every phase's rate a factor of the first's; --phases already writes auto for some "
-                "phases, so give the others as auto too (auto/10, …) or leave lr at phases"
+                "phases, so give the others as auto too (auto/10, …) or leave lr at phases",
             )
         candidates = self.lr_candidates
-        if candidates and not (
-            len(candidates) >= 2
-            and len(set(candidates)) == len(candidates)
-            and all(isinstance(c, int | float) and c > 0 and math.isfinite(c) for c in candidates)
-        ):
-            raise ValueError(f"lr candidates must be two or more distinct positive rates, got {list(candidates)}")
-        if self.max_minutes is not None and not (
-            isinstance(self.max_minutes, int | float)
-            and not isinstance(self.max_minutes, bool)
-            and self.max_minutes > 0
-        ):
-            raise ValueError(f"max minutes must be a positive number, got {self.max_minutes!r}")
+        if len(candidates) == 1:
+            raise InvalidOptionError(
+                "lr_candidates",
+                f"lr_candidates must be two or more rates to choose from (or none); got {list(candidates)}",
+            )
         if (candidates or self.max_minutes is not None) and not self.sweeps:
-            raise ValueError(
+            raise InvalidOptionError(
+                "lr_candidates" if candidates else "max_minutes",
                 "lr candidates and max minutes shape the choice of the learning rate on val, and no rate is chosen: "
-                "pass lr auto, or write auto as a phase's rate (head:1:auto,all:3:auto/3)"
+                "pass lr auto, or write auto as a phase's rate (head:1:auto,all:3:auto/3)",
             )
 
     @property

@@ -261,11 +261,14 @@ def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
     from featx.extract.api import extract
 
     bb, ds = task.backbone, task.dataset
-    options = {k: v for k, v in dataclasses.asdict(bb).items() if k not in ("name", "backbone")}
+    options = dataclasses.asdict(bb.options)  # every extraction option: the table's settings, else the defaults
+    for job_wide in ("workers", "amp"):  # the job's (its device decides the precision)
+        options.pop(job_wide)
     result = extract(
         ds.source,
         bb.backbone,
-        **options,  # layers, pool, dtype, tta, decode, batch_size
+        layers=bb.layers,
+        **options,
         device=job.device,
         workers=job.workers,
         store_dir=job.out / "stores",
@@ -310,7 +313,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
     init_marker = _init_dir(job, task, by_id) / CELL_MARKER if task.depends else None
     return {
         "kind": "finetune",
-        "dataset": dataclasses.asdict(task.dataset),
+        "dataset": task.dataset.identity(),
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": _finetune_backbone(job, ft),
         "config": finetune_config(ft, task.seed).to_dict(),

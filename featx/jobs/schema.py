@@ -43,11 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featx.exceptions import JobError
+from featx._runtime.params import check_value, options_of
+from featx.exceptions import InvalidOptionError, JobError
+from featx.finetune.config import FinetuneConfig
 from featx.jobs.values import (
     CELL_SEPARATOR,
     BackboneSpec,
-    BadValue,
     ClassifierSpec,
     DatasetSpec,
     FinetuneSpec,
@@ -56,6 +57,7 @@ from featx.jobs.values import (
     check_row,
     config_keys,
 )
+from featx.spec import ExtractionOptions
 
 __all__ = [
     "BackboneSpec",
@@ -254,6 +256,14 @@ def _variables(table: dict[str, Any], overrides: dict[str, str], err: _Errors) -
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise err(f"[vars] values are strings or numbers; {name} is {value!r}", "vars", None, name)
         raw[name] = str(value)
+    unknown_names = sorted(set(overrides) - set(raw))
+    if unknown_names:  # a mistyped --set would otherwise leave the file's value in force, silently
+        listed = ", ".join(raw) or "none"
+        raise err(
+            f"--set {unknown_names[0]}=…: the file's [vars] has no {unknown_names[0]!r} (its variables: {listed}); "
+            "--set overrides a variable the file declares",
+            "vars" if raw else None,
+        )
     raw.update(overrides)
     return {name: _expand(name, raw, err, ()) for name in raw}
 
@@ -306,10 +316,10 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
         if missing:
             raise err(f"[[{table}]] {name!r} needs {' and '.join(missing)}", table, i, "name")
         try:
-            spec = cls(**_spec_kwargs(row, own, bool(settable)))
+            spec = cls(**_spec_kwargs(row, own))
             check_row(table, spec)
         except (TypeError, ValueError, FileNotFoundError) as exc:
-            key = exc.key if isinstance(exc, BadValue) else _key_in_message(row, str(exc))
+            key = exc.key if isinstance(exc, InvalidOptionError) else _key_in_message(row, str(exc))
             raise err(str(exc), table, i, key) from None
         specs.append(spec)
     return tuple(specs)
@@ -339,7 +349,7 @@ _SEPARATOR_RULE = (
 )
 
 
-def _spec_kwargs(row: dict[str, Any], own: set[str], has_settings: bool) -> dict[str, Any]:
+def _spec_kwargs(row: dict[str, Any], own: set[str]) -> dict[str, Any]:
     """A row as hashable keyword arguments: the spec's own fields, the rest gathered as ``settings``."""
     kwargs: dict[str, Any] = {}
     settings: dict[str, Any] = {}
@@ -349,8 +359,7 @@ def _spec_kwargs(row: dict[str, Any], own: set[str], has_settings: bool) -> dict
         if key == "params":
             value = tuple(sorted(value.items())) if isinstance(value, dict) else value
         (kwargs if key in own else settings)[key] = value
-    if has_settings:
-        kwargs["settings"] = tuple(sorted(settings.items()))
+    kwargs["settings"] = tuple(sorted(settings.items()))
     return kwargs
 
 
@@ -374,12 +383,12 @@ def _job(
     name = job_table.get("name", path.stem)
     if not isinstance(name, str) or not name.strip():
         raise err(f"name must be a non-empty string, got {name!r}", "job", None, "name")
-    seed = job_table.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise err(f"seed must be an integer, got {seed!r}", "job", None, "seed")
-    workers = job_table.get("workers")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise err(f"workers must be 0 (decode in the main process) or more, got {workers!r}", "job", None, "workers")
+    seed, workers = job_table.get("seed", 0), job_table.get("workers")
+    try:  # the options' own checks: a training seed (FinetuneConfig's and ClassifierConfig's), decoding workers
+        check_value("seed", seed, options_of(FinetuneConfig)["seed"][0])
+        check_value("workers", workers, options_of(ExtractionOptions)["workers"][0])
+    except InvalidOptionError as exc:
+        raise err(str(exc), "job", None, exc.key) from None
     device = job_table.get("device", "auto")
     try:
         _check_device(device)

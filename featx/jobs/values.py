@@ -1,24 +1,29 @@
-"""The values of a pipeline's tables checked (types, ranges, names, references) and turned into configs.
+"""The rows of a pipeline's tables: one small class per table kind, each checked by the option tables of the
+configs it builds, with the pipeline's own keys (names, lists, references) checked here.
 
-:func:`~featx.jobs.schema.load_job` reads the file and calls these on each row; every check is the one of the
-option's own module (:func:`featx.spec.check_option`, :meth:`featx.classify.ClassifierConfig.validate`, ...),
-with the pipeline's own keys (types, lists, names) checked here. Nothing is loaded: backbones are resolved
-without their weights.
+A row's config keys are the options of its config's table (:func:`featx._runtime.params.options_of`) that a
+pipeline may set: :class:`~featx.data.splits.SplitPlan` for ``[[datasets]]``,
+:class:`~featx.spec.ExtractionOptions` for ``[[backbones]]``, :class:`~featx.classify.ClassifierConfig` and
+:class:`~featx.classify.TrainRun` for ``[[classifiers]]``, :class:`~featx.finetune.FinetuneConfig` for
+``[[finetune]]``. A row checks its values by building its configs, so every option has the one check of its
+table. :func:`~featx.jobs.schema.load_job` reads the file and locates each error at its line; this module never
+imports it. Nothing is loaded: backbones are resolved without their weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featx.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SplitPlan
-from featx.spec import DEFAULT_BACKBONE, DEFAULT_DECODE, DEFAULT_DTYPE, DEFAULT_POOL, DEFAULT_TTA, check_option
+from featx._runtime.params import check_value, options_of
+from featx.data.splits import SplitPlan
+from featx.exceptions import InvalidOptionError
+from featx.spec import DEFAULT_BACKBONE, ExtractionOptions
 
 if TYPE_CHECKING:
-    from featx.classify.config import ClassifierConfig
+    from featx.classify.config import ClassifierConfig, TrainRun
     from featx.finetune.config import FinetuneConfig
 
 __all__ = [
@@ -44,6 +49,37 @@ Fail = Callable[[str, str], Exception]
 CELL_SEPARATOR = "__"
 
 
+class BadValue(InvalidOptionError):
+    """A value of a table that does not validate, with the key it is about (for the line of the error)."""
+
+
+def _configs(table: str) -> tuple[type, ...]:
+    """The configs whose option tables give a ``[[table]]`` row its settings."""
+    if table == "datasets":
+        return (SplitPlan,)
+    if table == "backbones":
+        return (ExtractionOptions,)
+    if table == "classifiers":
+        from featx.classify.config import ClassifierConfig, TrainRun
+
+        return (ClassifierConfig, TrainRun)
+    from featx.finetune.config import FinetuneConfig
+
+    return (FinetuneConfig,)
+
+
+def config_keys(table: str) -> set[str]:
+    """The options a ``[[table]]`` row may set: those of its configs' tables open to pipelines (the pipeline
+    sets the others: a classifier's layer, the job's seed and workers)."""
+    return {name for config in _configs(table) for name, (spec, _) in options_of(config).items() if spec.pipeline}
+
+
+def _pick(settings: tuple[tuple[str, Any], ...], config: type) -> dict[str, Any]:
+    """The settings that are options of ``config``'s table."""
+    names = options_of(config)
+    return {key: value for key, value in settings if key in names}
+
+
 # ------------------------------------------------------------------------------------------ the rows
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -55,38 +91,40 @@ class DatasetSpec:
 
     name: str
     source: str
-    split_seed: int = DEFAULT_SPLIT_SEED
-    val_fraction: float = DEFAULT_VAL_FRACTION
-    test_fraction: float = DEFAULT_TEST_FRACTION
+    settings: tuple[tuple[str, Any], ...] = ()  # options of SplitPlan's table
 
     @property
     def plan(self) -> SplitPlan:
         """The dataset's :class:`~featx.data.splits.SplitPlan`."""
-        return SplitPlan(split_seed=self.split_seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction)
+        return SplitPlan(**_pick(self.settings, SplitPlan))
+
+    def identity(self) -> dict[str, Any]:
+        """What a cell depends on of its dataset: its name, source and split plan."""
+        return {"name": self.name, "source": self.source, **self.plan.to_dict()}
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A ``[[backbones]]`` table: a backbone and the extraction options its stores are made with."""
+    """A ``[[backbones]]`` table: a backbone, its layers and the extraction options its stores are made with."""
 
     name: str
     backbone: str = DEFAULT_BACKBONE
     layers: tuple[str, ...] = ("penultimate",)
-    pool: str = DEFAULT_POOL
-    dtype: str = DEFAULT_DTYPE
-    tta: str = DEFAULT_TTA
-    decode: str = DEFAULT_DECODE
-    batch_size: int = 64
+    settings: tuple[tuple[str, Any], ...] = ()  # options of ExtractionOptions' table
+
+    @property
+    def options(self) -> ExtractionOptions:
+        """The table's :class:`~featx.spec.ExtractionOptions`."""
+        return ExtractionOptions(**_pick(self.settings, ExtractionOptions))
 
 
 @dataclass(frozen=True)
 class ClassifierSpec:
-    """A ``[[classifiers]]`` table: where it applies, plus any :class:`~featx.classify.ClassifierConfig` setting."""
+    """A ``[[classifiers]]`` table: where it applies, plus any :class:`~featx.classify.ClassifierConfig` or
+    :class:`~featx.classify.TrainRun` (``shots``, ``draws``) setting."""
 
     name: str
     layers: tuple[str, ...] | None = None  # None: every layer of each store
-    shots: tuple[Any, ...] | None = None
-    draws: int = 5
     backbones: tuple[str, ...] | None = None  # None: every backbone
     seeds: tuple[int, ...] | None = None  # training seeds, one cell each (None: the job's seed)
     settings: tuple[tuple[str, Any], ...] = ()
@@ -97,6 +135,23 @@ class ClassifierSpec:
         from featx.classify.config import ClassifierConfig
 
         return dict(self.settings).get("classifier", ClassifierConfig.classifier)
+
+    @property
+    def run(self) -> TrainRun:
+        """The table's learning-curve settings (``shots``, ``draws``)."""
+        from featx.classify.config import TrainRun
+
+        return TrainRun(**_pick(self.settings, TrainRun))
+
+    @property
+    def shots(self) -> tuple[int | str, ...] | None:
+        """The learning curve's points, if any."""
+        return self.run.shots
+
+    @property
+    def draws(self) -> int:
+        """Seeded draws per learning-curve point."""
+        return self.run.draws
 
 
 @dataclass(frozen=True)
@@ -110,25 +165,133 @@ class FinetuneSpec:
     settings: tuple[tuple[str, Any], ...] = ()
 
 
-def config_keys(table: str) -> set[str]:
-    """The config fields a ``[[table]]`` row may set; the pipeline sets the others (the layer, the job's seed)."""
-    if table == "classifiers":
-        from featx.classify.config import ClassifierConfig
+def classifier_config(spec: ClassifierSpec, seed: int, layer: str | None) -> ClassifierConfig:
+    """The :class:`~featx.classify.ClassifierConfig` of a ``[[classifiers]]`` row on one layer, with the job's seed."""
+    from featx.classify.config import ClassifierConfig
 
-        return {f.name for f in dataclasses.fields(ClassifierConfig)} - {"layer", "seed"}
-    if table == "finetune":
-        from featx.finetune.config import FinetuneConfig
-
-        return {f.name for f in dataclasses.fields(FinetuneConfig)} - {"seed"}
-    return set()
+    return ClassifierConfig(**_pick(spec.settings, ClassifierConfig), layer=layer, seed=seed)
 
 
-class BadValue(ValueError):
-    """A value of a table that does not validate, with the key it is about (for the line of the error)."""
+def finetune_config(spec: FinetuneSpec, seed: int) -> FinetuneConfig:
+    """The :class:`~featx.finetune.FinetuneConfig` of a ``[[finetune]]`` row, with the job's seed."""
+    from featx.finetune.config import FinetuneConfig
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
+    return FinetuneConfig(**_pick(spec.settings, FinetuneConfig), seed=seed)
+
+
+# ---------------------------------------------------------------------------------------- the checks
+def check_row(table: str, spec: Any) -> None:
+    """Validate one ``[[table]]`` row's values without loading any model: its own keys here, its settings by
+    building its configs (each option's one check, in its table).
+
+    Raises
+    ------
+    InvalidOptionError
+        The message says what is wrong and how to write it; ``key`` is the key it is about.
+    ValueError, TypeError, FileNotFoundError
+        From a check that names no key (the caller finds the key in the message).
+    """
+    {
+        "datasets": _check_dataset,
+        "backbones": _check_backbone,
+        "classifiers": _check_classifier,
+        "finetune": _check_finetune,
+    }[table](spec)
+
+
+def _check_dataset(spec: DatasetSpec) -> None:
+    s = spec.source
+    if not isinstance(s, str) or not s:
+        raise BadValue(
+            "source", f"source must be a string (a folder, archive, CSV, digits, torchvision:NAME), got {s!r}"
+        )
+    if not (s == "digits" or s.startswith("torchvision:") or Path(s).expanduser().exists()):
+        raise ValueError(f"source {s!r} does not exist (sources: a folder, archive, CSV, digits, torchvision:NAME)")
+    spec.plan  # noqa: B018  # SplitPlan's table checks each setting
+
+
+def _check_backbone(spec: BackboneSpec) -> None:
+    from featx.backbones.names import resolve_backbone
+
+    if not isinstance(spec.backbone, str):
+        raise BadValue(
+            "backbone", f"backbone must be a string SOURCE:NAME (e.g. {DEFAULT_BACKBONE}), got {spec.backbone!r}"
+        )
+    try:
+        resolve_backbone(spec.backbone)  # the name and tag exist here; no weights are loaded
+    except (ValueError, FileNotFoundError) as exc:
+        raise BadValue("backbone", str(exc)) from None
+    _check_layer_list(spec.layers, "layers", required=True)
+    spec.options  # noqa: B018  # ExtractionOptions' table checks each setting
+
+
+def _check_classifier(spec: ClassifierSpec) -> None:
+    if spec.layers is not None:
+        _check_layer_list(spec.layers, "layers", required=False)  # [] like no key: every layer of each store
+    if spec.backbones is not None:
+        _check_names_list(spec.backbones, "backbones", "[[backbones]] names", '["lite0"]')
+        if not spec.backbones:
+            raise BadValue("backbones", "backbones = [] applies the classifier to no backbone; drop the key for all")
+    _check_seeds(spec.seeds)
+    spec.run  # noqa: B018  # TrainRun's table checks shots and draws
+    classifier_config(spec, seed=0, layer=None)  # ClassifierConfig's table checks the rest
+
+
+def _check_finetune(spec: FinetuneSpec) -> None:
+    if not isinstance(spec.backbone, str):
+        raise BadValue(
+            "backbone", f"backbone must be a [[backbones]] name or a backbone SOURCE:NAME, got {spec.backbone!r}"
+        )
+    if spec.init_head is not None and not isinstance(spec.init_head, str):
+        raise BadValue("init_head", f"init_head must be a [[classifiers]] name, got {spec.init_head!r}")
+    _check_seeds(spec.seeds)
+    finetune_config(spec, seed=0)  # FinetuneConfig's table checks every setting
+
+
+def _check_seeds(seeds: Any) -> None:
+    """``seeds``: a non-empty list of distinct training seeds (one cell per seed), each a valid seed."""
+    from featx.finetune.config import FinetuneConfig
+
+    if seeds is None:
+        return
+    if not isinstance(seeds, tuple) or not seeds:
+        raise BadValue("seeds", f"seeds must be a non-empty list of seeds, e.g. [0, 1, 2]; got {seeds!r}")
+    seed_option = options_of(FinetuneConfig)["seed"][0]  # the seed's own check (the classifiers' is the same)
+    for seed in seeds:
+        try:
+            check_value("seed", seed, seed_option)
+        except InvalidOptionError as exc:
+            raise BadValue("seeds", f"seeds: {exc}") from None
+    twice = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if twice is not None:
+        raise BadValue("seeds", f"seeds: {twice} is listed twice")
+
+
+def _check_names_list(value: Any, key: str, what: str, example: str) -> None:
+    """A list of non-empty strings, each once (TOML gives a list; a single string is refused, never split)."""
+    if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+        got = (
+            f"the string {value!r}"
+            if isinstance(value, str)
+            else repr(list(value) if isinstance(value, tuple) else value)
+        )
+        raise BadValue(key, f"{key} must be a list of {what}, e.g. {key} = {example}; got {got}")
+    twice = next((v for i, v in enumerate(value) if v in value[:i]), None)
+    if twice is not None:
+        raise BadValue(key, f"{key}: {twice!r} is listed twice")
+
+
+def _check_layer_list(layers: Any, key: str, required: bool) -> None:
+    _check_names_list(layers, key, "layer names", '["penultimate"]')
+    if required and not layers:
+        raise BadValue(key, "layers must name at least one layer")
+    for layer in layers:
+        if CELL_SEPARATOR in layer:
+            raise BadValue(
+                key,
+                f"layer {layer!r} contains {CELL_SEPARATOR!r}, which joins the names in a cell's folder "
+                "(dataset__backbone__layer__classifier); name its module instead (a module means its last node)",
+            )
 
 
 def check_classifier_references(c: ClassifierSpec, backbones: tuple[BackboneSpec, ...], fail: Fail) -> None:
@@ -170,17 +333,24 @@ def check_finetune_references(
     fail : callable
         ``fail(message, key)`` returns the error to raise (located at the key's line).
     """
-    from featx.backbones.names import PENULTIMATE, resolve_backbone
+    from featx.backbones.names import PENULTIMATE, check_trainable, resolve_backbone
 
     table = next((b for b in backbones if b.name == f.backbone), None)
     if table is None and f.init_head is None:
         try:
-            resolve_backbone(f.backbone)
+            name = resolve_backbone(f.backbone)
         except (ValueError, FileNotFoundError) as exc:
             tables = ", ".join(b.name for b in backbones) or "none"
             raise fail(
                 f"backbone {f.backbone!r} is neither a [[backbones]] name ({tables}) nor a backbone: {exc}", "backbone"
             ) from None
+    else:
+        name = resolve_backbone(table.backbone) if table is not None else None  # a table's, checked with its table
+    if name is not None:
+        try:
+            check_trainable(name)
+        except ValueError as exc:
+            raise fail(str(exc), "backbone") from None
     if f.init_head is None:
         return
     if table is None:
@@ -201,189 +371,3 @@ def check_finetune_references(
         )
     if target.backbones is not None and table.name not in target.backbones:
         raise fail(f"init_head {f.init_head!r}: that classifier does not apply to backbone {table.name!r}", "init_head")
-
-
-def check_row(table: str, spec: Any) -> None:
-    """Validate one ``[[table]]`` row's values without loading any model, by the checks of the options' own modules.
-
-    Raises
-    ------
-    BadValue
-        The message says what is wrong and how to write it; ``key`` is the key it is about.
-    ValueError, TypeError, FileNotFoundError
-        From the option's own check (the caller finds the key in the message).
-    """
-    {
-        "datasets": _check_dataset,
-        "backbones": _check_backbone,
-        "classifiers": _check_classifier,
-        "finetune": _check_finetune,
-    }[table](spec)
-
-
-def _check_dataset(spec: DatasetSpec) -> None:
-    s = spec.source
-    if not isinstance(s, str) or not s:
-        raise BadValue(
-            "source", f"source must be a string (a folder, archive, CSV, digits, torchvision:NAME), got {s!r}"
-        )
-    if not (s == "digits" or s.startswith("torchvision:") or Path(s).expanduser().exists()):
-        raise ValueError(f"source {s!r} does not exist (sources: a folder, archive, CSV, digits, torchvision:NAME)")
-    for key in ("split_seed", "val_fraction", "test_fraction"):
-        try:
-            SplitPlan(**{key: getattr(spec, key)})  # the plan's own check of each setting, one at a time
-        except ValueError as exc:
-            raise BadValue(key, str(exc)) from None
-
-
-def _check_backbone(spec: BackboneSpec) -> None:
-    from featx.backbones.names import resolve_backbone
-
-    if not isinstance(spec.backbone, str):
-        raise BadValue(
-            "backbone", f"backbone must be a string SOURCE:NAME (e.g. {DEFAULT_BACKBONE}), got {spec.backbone!r}"
-        )
-    try:
-        resolve_backbone(spec.backbone)  # the name and tag exist here; no weights are loaded
-    except (ValueError, FileNotFoundError) as exc:
-        raise BadValue("backbone", str(exc)) from None
-    _check_layer_list(spec.layers, "layers", required=True)
-    for option in ("pool", "dtype", "tta", "decode"):
-        try:
-            check_option(option, getattr(spec, option))
-        except ValueError as exc:
-            raise BadValue(option, str(exc)) from None
-    if not _is_int(spec.batch_size) or spec.batch_size < 1:
-        raise BadValue("batch_size", f"batch_size must be a positive integer, got {spec.batch_size!r}")
-
-
-def _check_classifier(spec: ClassifierSpec) -> None:
-    from featx.classify.training import check_shots
-
-    if spec.layers is not None:
-        _check_layer_list(spec.layers, "layers", required=False)  # [] like no key: every layer of each store
-    if spec.backbones is not None:
-        _check_names_list(spec.backbones, "backbones", "[[backbones]] names", '["lite0"]')
-        if not spec.backbones:
-            raise BadValue("backbones", "backbones = [] applies the classifier to no backbone; drop the key for all")
-    if spec.shots is not None:
-        if not isinstance(spec.shots, tuple):
-            raise BadValue(
-                "shots", f'shots must be a list, e.g. shots = [1, 5, "all"] (images per class); got {spec.shots!r}'
-            )
-        try:
-            check_shots(spec.shots)
-        except ValueError as exc:
-            raise BadValue("shots", str(exc)) from None
-    if not _is_int(spec.draws) or spec.draws < 1:
-        raise BadValue("draws", f"draws must be a positive integer, got {spec.draws!r}")
-    _check_seeds(spec.seeds)
-    classifier_config(spec, seed=0, layer=None).validate()
-
-
-def _check_finetune(spec: FinetuneSpec) -> None:
-    if not isinstance(spec.backbone, str):
-        raise BadValue(
-            "backbone", f"backbone must be a [[backbones]] name or a backbone SOURCE:NAME, got {spec.backbone!r}"
-        )
-    if spec.init_head is not None and not isinstance(spec.init_head, str):
-        raise BadValue("init_head", f"init_head must be a [[classifiers]] name, got {spec.init_head!r}")
-    _check_seeds(spec.seeds)
-    _check_setting_types(spec.settings, "featx.finetune.config", "FinetuneConfig")
-    finetune_config(spec, seed=0)
-
-
-def _check_seeds(seeds: Any) -> None:
-    """``seeds``: a non-empty list of distinct integers of 0 or more (one cell per training seed)."""
-    if seeds is None:
-        return
-    if not isinstance(seeds, tuple) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
-        raise BadValue(
-            "seeds", f"seeds must be a non-empty list of integers of 0 or more, e.g. [0, 1, 2]; got {seeds!r}"
-        )
-    twice = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
-    if twice is not None:
-        raise BadValue("seeds", f"seeds: {twice} is listed twice")
-
-
-def _check_setting_types(settings: tuple[tuple[str, Any], ...], module: str, name: str) -> None:
-    """Each setting of the type of its config field's default (a TOML file can hold anything), before the
-    config's own checks compare values."""
-    import dataclasses
-    import importlib
-
-    defaults = {f.name: f.default for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
-    for key, value in settings:
-        default = defaults.get(key, dataclasses.MISSING)
-        if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, kind = _is_int(value), "an integer"
-        elif isinstance(default, float):
-            ok, kind = _is_number(value), "a number"
-        elif isinstance(default, str):
-            ok, kind = isinstance(value, str), "a string"
-        elif isinstance(default, tuple):
-            ok, kind = isinstance(value, tuple) and all(map(_is_number, value)), "a list of numbers"
-        else:  # no default to compare with (None, or required): the config's own check
-            continue
-        if not ok:
-            raise BadValue(key, f"{key} must be {kind} (its default is {_toml(default)}), got {value!r}")
-
-
-def _toml(value: Any) -> str:
-    """A default as it is written in a pipeline file."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(list(value)) if isinstance(value, tuple) else repr(value)
-
-
-def _check_names_list(value: Any, key: str, what: str, example: str) -> None:
-    """A list of non-empty strings, each once (TOML gives a list; a single string is refused, never split)."""
-    if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
-        got = (
-            f"the string {value!r}"
-            if isinstance(value, str)
-            else repr(list(value) if isinstance(value, tuple) else value)
-        )
-        raise BadValue(key, f"{key} must be a list of {what}, e.g. {key} = {example}; got {got}")
-    twice = next((v for i, v in enumerate(value) if v in value[:i]), None)
-    if twice is not None:
-        raise BadValue(key, f"{key}: {twice!r} is listed twice")
-
-
-def _check_layer_list(layers: Any, key: str, required: bool) -> None:
-    _check_names_list(layers, key, "layer names", '["penultimate"]')
-    if required and not layers:
-        raise BadValue(key, "layers must name at least one layer")
-    for layer in layers:
-        if CELL_SEPARATOR in layer:
-            raise BadValue(
-                key,
-                f"layer {layer!r} contains {CELL_SEPARATOR!r}, which joins the names in a cell's folder "
-                "(dataset__backbone__layer__classifier); name its module instead (a module means its last node)",
-            )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def classifier_config(spec: ClassifierSpec, seed: int, layer: str | None) -> ClassifierConfig:
-    """The :class:`~featx.classify.ClassifierConfig` of a ``[[classifiers]]`` row on one layer, with the job's seed."""
-    from featx.classify.config import ClassifierConfig
-
-    return ClassifierConfig(**dict(spec.settings), layer=layer, seed=seed)
-
-
-def finetune_config(spec: FinetuneSpec, seed: int) -> FinetuneConfig:
-    """The :class:`~featx.finetune.FinetuneConfig` of a ``[[finetune]]`` row (phases parsed), with the job's seed."""
-    from featx.finetune.config import DEFAULT_PHASES, FinetuneConfig, parse_phases
-
-    settings = dict(spec.settings)
-    phases = tuple(parse_phases(settings.pop("phases", DEFAULT_PHASES)))
-    return FinetuneConfig(phases=phases, **settings, seed=seed)
