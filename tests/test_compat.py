@@ -215,3 +215,47 @@ def test_old_finetune_metadata_rebuilds_the_network(tiny):
     with torch.inference_mode():
         logits = model(torch.zeros(1, 3, *meta["preprocessing"]["input_size"]))
     assert logits.shape == (1, 2)
+
+
+# ------------------------------------------------------------------------------------------ cell identities
+# The cache key of every cell of pipelines/quickstart.toml (a store key, labels and source fingerprint fixed): a
+# change here re-runs cached cells, so it must be deliberate and said. The classifier cells' keys are those
+# featx b482b64 computed; the fine-tune cell's changed once, when the runner took the checkpoint's identity
+# (FinetuneConfig.identity: without max_minutes and the options added later at their old value).
+QUICKSTART_CELLS = {
+    "classify/digits/lite0/penultimate/svm": "1203328f7bdcc7a0080df6daba5335abfc48e6146eb9c5396a5c3d51f7134746",
+    "classify/digits/lite0/penultimate/logreg": "cc270c716da28760c61990088259c56aac1eac82f009cc181611f81a815f07ce",
+    "classify/digits/lite0/penultimate/knn": "42acfe85d94912c1df345ebdcf715a281108cd76da0186139f79d1b66a853426",
+    "classify/digits/pixels/penultimate/svm": "1203328f7bdcc7a0080df6daba5335abfc48e6146eb9c5396a5c3d51f7134746",
+    "classify/digits/pixels/penultimate/logreg-pixels": (
+        "ec0d2cf69801c7d482dd64e8ed7165e929dae1f658bc9979fe4b09a65dc3619f"
+    ),
+    "classify/digits/pixels/penultimate/knn": "42acfe85d94912c1df345ebdcf715a281108cd76da0186139f79d1b66a853426",
+    "classify/digits/pixels/penultimate/chance": "0f9636f25490bde4673a8f20a911653d4fe77e9a0437dcd3b043db94b5a6e215",
+    "finetune/digits/lp-ft": "6a267939c6e0fd480516bfc1db213e5f8bc5a7a33aa764d253b3ed8fa97df71c",
+}
+
+
+def test_cell_cache_keys_of_the_quickstart_are_unchanged(monkeypatch):
+    import featx.jobs.runner as runner
+    import featx.store.format
+    from featx.jobs import load_job
+    from featx.jobs.planning import _hash, plan
+    from featx.jobs.values import finetune_config
+
+    monkeypatch.setattr(featx.store.format, "read_key", lambda path: "k" * 64)
+    monkeypatch.setattr(featx.store.format, "read_labels_fingerprint", lambda path: "l" * 64)
+    monkeypatch.setattr(runner, "_source_fingerprint", lambda source: "source")
+    job = load_job(Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.toml")
+    tasks = plan(job)
+    by_id = {t.id: t for t in tasks}
+    keys = {}
+    for task in tasks:
+        if task.kind == "extract":
+            task.store, task.labels = "store.h5", None
+        else:
+            identity = runner._cell_identity(job, task, by_id)
+            keys[task.id] = _hash(identity)
+            if task.kind == "finetune":  # the runner combines the identity the checkpoint hashes, never its own
+                assert identity["config"] == finetune_config(task.finetune, task.seed).identity()
+    assert keys == QUICKSTART_CELLS

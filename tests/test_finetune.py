@@ -520,7 +520,10 @@ def test_cli_finetune_predict_and_extract_from_the_finetuned_network(folder, tmp
     ("args", "message"),
     [
         (["--phases", "head:1"], "FREEZE:EPOCHS:LR"),
-        (["--hidden", "a,b"], "comma-separated layer sizes"),
+        (["--hidden", "a,b"], "hidden must be a list of items, each an integer of at least 1, e.g. 512,256"),
+        (["--batch-size", "99999999999999999999"], "batch_size must be an integer in [1, 2147483647]"),
+        (["--crop-scale", "0.9,0.2"], "crop_scale must be MIN,MAX with MIN <= MAX"),
+        (["--lr-candidates", "1e-3"], "lr_candidates must be two or more rates"),
         (["--optimizer", "lion"], "lion"),
     ],
 )
@@ -528,7 +531,7 @@ def test_cli_finetune_validates_options(folder, tmp_path, args, message):
     result = CliRunner().invoke(
         main, ["finetune", str(folder), "--backbone", TINY, *args, "--out", str(tmp_path / "o")]
     )
-    assert result.exit_code != 0 and message in result.output
+    assert result.exit_code == 2 and message in result.output  # a malformed option is a usage error
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
 
 

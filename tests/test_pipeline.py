@@ -128,7 +128,8 @@ def _write(tmp_path, text: str) -> Path:
             '[[datasets]]\nname = "d"\nsource = "digits"\n[[backbones]]\nname = "b"\n[[classifiers]]\n'
             'name = "c"\nshots = [2, 0]\n',
             8,
-            "shots [2, 0]: use positive integers or 'all'",
+            "shots must be a list of 1 or more items, each a positive integer (images per class) or all, "
+            "e.g. 1,2,5,10,all (or unset); got [2, 0]",
         ),
         ('[job]\nname = "x"\n[dataset]\nname = "d"\n', 3, "did you mean [datasets]"),
         ('[[datasets]]\nname = "d"\nsource = "${nowhere}"\n', 1, "unknown variable ${nowhere}"),

@@ -271,7 +271,8 @@ def check_value(name: str, value: Any, spec: Option) -> Any:
     choices = [v for c in spec.allowed if isinstance(c, Choices) for v in c.values]
     if choices and isinstance(value, str) and all(isinstance(c, Choices | _NoneConstraint) for c in spec.allowed):
         raise unknown(spec.label or name, value, choices, f"Choose one of {', '.join(choices)}.", key=name)
-    raise InvalidOptionError(name, f"{name} must be {spec.words()}; got {value!r}")
+    shown = list(value) if isinstance(value, tuple) else value  # as a pipeline file or Python code wrote it
+    raise InvalidOptionError(name, f"{name} must be {spec.words()}; got {shown!r}")
 
 
 def check_options(config: Any) -> None:
@@ -290,11 +291,14 @@ def check_options(config: Any) -> None:
 def parse_text(name: str, text: str, spec: Option) -> Any:
     """A command-line string as the value of option ``name``: the first allowed form it parses into and
     that allows it; :class:`~featx.exceptions.InvalidOptionError` otherwise."""
+    reason = ""
     for form in spec.allowed:
         try:
             value = form.from_text(text)
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError) as exc:
+            if getattr(form, "explains", False):  # its parser says what is wrong better than the words can
+                reason = f" ({exc})"
             continue
         if form.allows(value):
             return value
-    raise InvalidOptionError(name, f"{name} must be {spec.words()}; got {text!r}")
+    raise InvalidOptionError(name, f"{name} must be {spec.words()}; got {text!r}{reason}")

@@ -145,6 +145,14 @@ class ClassifierConfig:
             "out_of_core": self.out_of_core,
         }
 
+    def identity(self) -> dict[str, Any]:
+        """What makes two classifier runs on the same features and split plan the same: the settings, the
+        preprocessing in force (a preset's default is not in the settings, and a changed default must count) and
+        the search's version (:data:`featx.classify.search.SEARCH_VERSION`)."""
+        from featx.classify.search import SEARCH_VERSION
+
+        return {"config": self.to_dict(), "preprocess_in_force": self.steps(), "search_version": SEARCH_VERSION}
+
     @property
     def preset(self) -> Preset:
         """The preset (or the import path's classifier) this config trains."""

@@ -91,6 +91,11 @@ class SplitPlan:
         """The plan as JSON-ready settings."""
         return asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """What makes two plans carve the same splits of the same rows: its settings (the carving has no
+        version of its own yet; a change to it would add one here)."""
+        return self.to_dict()
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> SplitPlan:
         """The plan a :meth:`to_dict` wrote (the default plan for ``None``)."""

@@ -35,31 +35,10 @@ WEIGHTS = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------- run
-#: Config fields added after resuming was introduced, each with the value that trains as featx did before it
-#: (as ``to_dict`` writes it): at that value a field stays out of the run hash, so a run killed under an older
-#: featx resumes under this one.
-_ADDED_LATER: dict[str, Any] = {
-    "flip": True,
-    "lr": "phases",
-    "lr_candidates": [],
-    "layer_decay": 1.0,
-    "schedule": "phase",
-}
-
-#: Config fields that never enter the run hash: ``max_minutes`` caps the rate choice, whose outcome the
-#: checkpoint records, so a run resumed under another cap goes on with the choices it made.
-_NOT_HASHED = ("max_minutes",)
-
-
 def _config_hash(config: FinetuneConfig, backbone: Backbone, manifest_fp: str, init_head: str | None) -> str:
-    settings = {
-        k: v
-        for k, v in config.to_dict().items()
-        if k not in _NOT_HASHED and not (k in _ADDED_LATER and _ADDED_LATER[k] == v)
-    }
     payload = canonical_json(
         {
-            "config": settings,
+            "config": config.identity(),
             "backbone": backbone.name,
             "weights": backbone.weights_sha256,
             "manifest": manifest_fp,

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_LAYER_DECAY",
     "DEFAULT_LR_CANDIDATES",
     "DEFAULT_PHASES",
+    "FINETUNE_VERSION",
     "SCHEDULES",
     "FinetuneConfig",
     "Phase",
@@ -67,6 +68,26 @@ def edge_words(at_edge: str | None) -> str:
     # One epoch favours high rates: a grid one step higher chose 3e-2 and lost 17 and 26 pt on CIFAR-10 and digits
     # (benchmarks/RESULTS.md, "Choosing the default fine-tuning recipe"), so the highest is not a call to go higher.
     return " (the highest candidate; the one-epoch choice favours high rates, so a higher one is not likely better)"
+
+
+#: Bumped when a code change alters what a fine-tuning run with the same settings trains to. Left out of
+#: :meth:`FinetuneConfig.identity` at 1, so checkpoints and cells written before it existed keep their hash.
+FINETUNE_VERSION = 1
+
+#: Options added after resuming was introduced, each with the value that trains as featx did before it (as
+#: ``to_dict`` writes it): at that value an option stays out of the identity, so a run killed under an older featx
+#: resumes under this one and its pipeline cell stays cached.
+_ADDED_LATER: dict[str, Any] = {
+    "flip": True,
+    "lr": "phases",
+    "lr_candidates": [],
+    "layer_decay": 1.0,
+    "schedule": "phase",
+}
+
+#: Options that never enter the identity: ``max_minutes`` caps the rate choice, whose outcome the checkpoint
+#: records, so a run resumed under another cap goes on with the choices it made.
+_NOT_IN_IDENTITY = ("max_minutes",)
 
 
 _PHASE_RE = re.compile(r"^(head|all|top(\d+)):(\d+):(\S+)$")
@@ -181,6 +202,7 @@ class _Phases(Constraint):
     """One or more :class:`Phase`; written as a phase string or a ``.toml`` file (:func:`parse_phases`)."""
 
     metavar = "PHASES"
+    explains = True
 
     def allows(self, value: Any) -> bool:
         return isinstance(value, tuple) and bool(value) and all(isinstance(p, Phase) for p in value)
@@ -392,6 +414,18 @@ class FinetuneConfig:
         d = dataclasses.asdict(self)
         d["phases"] = [p.to_dict() for p in self.phases]
         return json.loads(canonical_json(d))
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two fine-tuning runs the same (with the data, backbone and LP-FT head beside it): the
+        settings as :meth:`to_dict` writes them, less those that do not change what is trained (``max_minutes``)
+        and those added later at the value that trains as before, plus :data:`FINETUNE_VERSION` once bumped.
+        The checkpoint's run hash and a pipeline cell's cache key both hash it."""
+        settings = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in _NOT_IN_IDENTITY and not (k in _ADDED_LATER and _ADDED_LATER[k] == v)
+        }
+        return settings if FINETUNE_VERSION == 1 else {**settings, "finetune_version": FINETUNE_VERSION}
 
     @property
     def label(self) -> str:

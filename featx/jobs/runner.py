@@ -292,8 +292,6 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         key = read_key(store) if store else None
         if key is None:
             return None
-        from featx.classify.search import SEARCH_VERSION
-
         config = classifier_config(task.classifier, task.seed, task.layer)
         return {
             "kind": "classify",
@@ -301,11 +299,8 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
             # The key covers the images only: the labels layer and the split plan are the cell's too.
             # A dry run leaves a relabelled store as it is: the labels it would hold come with the extraction.
             "labels": extraction.labels or read_labels_fingerprint(store),
-            "split_plan": task.dataset.plan.to_dict(),
-            "config": config.to_dict(),
-            # The preset's default preprocessing is not in the config: a changed default must re-run the cell.
-            "preprocess_in_force": config.steps(config.validate()),
-            "search_version": SEARCH_VERSION,
+            "split_plan": task.dataset.plan.identity(),
+            **config.identity(),  # its settings, the preprocessing in force, the search's version
             "shots": _shots(task),
             "draws": task.classifier.draws,
         }
@@ -316,7 +311,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         "dataset": task.dataset.identity(),
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": _finetune_backbone(job, ft),
-        "config": finetune_config(ft, task.seed).to_dict(),
+        "config": finetune_config(ft, task.seed).identity(),  # what the fine-tune's checkpoint hashes too
         "init_head": _read_json(init_marker)["hash"] if init_marker is not None and init_marker.exists() else None,
     }
 
