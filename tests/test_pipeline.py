@@ -322,7 +322,11 @@ def test_a_row_with_several_seeds_runs_one_cell_per_seed_and_reports_their_sprea
     table = format_table(collect(tmp_path / "out"))
     rows = [line for line in table.splitlines() if line.startswith("sgd · tiny_test")]
     assert table.count("(3 seeds)") == 1 and len(rows) == 2  # one row in each table, not three
-    for bad, message in (("[]", "non-empty list"), ("[1, 1]", "listed twice"), ("[-1]", "0 or more")):
+    for bad, message in (
+        ("[]", "non-empty list"),
+        ("[1, 1]", "listed twice"),
+        ("[-1]", r"seed must be an integer in \[0, 4294967295\]"),
+    ):
         with pytest.raises(JobError, match=message):
             load_job(_write(tmp_path, text.replace("seeds = [0, 1, 2]", f"seeds = {bad}")))
 

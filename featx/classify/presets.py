@@ -286,7 +286,5 @@ def build_pipeline(
             steps.append(("standard", StandardScaler()))
         else:
             steps.append(("pca", PCA(n_components=int(step.split(":")[1]), random_state=seed)))
-    if class_weight is not None and not preset.supports_class_weight:
-        raise ValueError(f"classifier {preset.name} has no class_weight; drop --class-weight")
     steps.append(("clf", preset.build(value, seed, class_weight, **dict(params or {}))))
     return Pipeline(steps)
