@@ -279,9 +279,9 @@ def test_layer_decay_and_run_schedule_train_and_are_recorded(folder, tmp_path):
     assert all(c["lr_backbone"] == pytest.approx(c["lr_head"]) for c in all_epochs)  # the top block: no decay
     assert all_epochs[0]["lr_head"] < 1e-3  # the run's cosine has come down before phase 2 starts
     for bad, message in [
-        ({"layer_decay": 0.0}, "layer decay must be in"),
-        ({"layer_decay": 1.5}, "layer decay must be in"),
-        ({"schedule": "epoch"}, "use phase or run"),
+        ({"layer_decay": 0.0}, r"layer_decay must be a number in \(0, 1\]; got 0.0"),
+        ({"layer_decay": 1.5}, r"layer_decay must be a number in \(0, 1\]; got 1.5"),
+        ({"schedule": "epoch"}, "unknown schedule 'epoch'. Choose one of phase, run"),
     ]:
         with pytest.raises(ValueError, match=message):
             _config(**bad)

@@ -42,6 +42,7 @@ NOT_OPTION_CHECKS = {
 def _hand_checks(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
     """``if <comparison or isinstance of NAME>: raise ...`` and click range or choice types for ``--NAME``: the
     ways an option was checked by hand before the tables."""
+
     def named(node: ast.AST) -> str | None:
         if isinstance(node, ast.Attribute):
             return node.attr
