@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from featx.backbones import register_backbone
-from featx.backbones.names import _BUILTINS
+from featx.backbones.names import BUILTINS
 from featx.spec import Preprocessing
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -42,7 +42,7 @@ def tiny_factory():
 
 
 def register_tiny() -> None:
-    if "tiny_test" not in _BUILTINS:
+    if "tiny_test" not in BUILTINS:
         register_backbone("tiny_test", tiny_factory, "tests only: tiny random EfficientNet")
 
 

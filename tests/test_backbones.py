@@ -812,15 +812,15 @@ def test_folding_only_where_it_is_exact():
     net = _random_affine_batchnorms(_Unfoldable())
     graph = fx.GraphModule(net, KeepStdConv().trace(net))
     x = torch.randn(2, 3, 8, 8)
-    folded, n = folding._fold_batchnorm(graph)
+    folded, n = folding.fold_batchnorm(graph)
     assert n == 1
     assert {type(m).__name__ for m in folded.modules()} >= {"StdConv2d", "BatchNorm2d"}
     with torch.no_grad():
         torch.testing.assert_close(folded(x), graph(x), rtol=1e-5, atol=1e-5)
     graph.train()
-    assert folding._fold_batchnorm(graph)[1] == 0  # batch statistics, not running ones
+    assert folding.fold_batchnorm(graph)[1] == 0  # batch statistics, not running ones
     plain = _Unfoldable().eval()
-    assert folding._fold_batchnorm(plain) == (plain, 0)  # not an FX graph: nothing to follow, nothing folded
+    assert folding.fold_batchnorm(plain) == (plain, 0)  # not an FX graph: nothing to follow, nothing folded
 
 
 def test_folding_leaves_hooked_and_weight_normed_convolutions_alone():
@@ -829,11 +829,11 @@ def test_folding_leaves_hooked_and_weight_normed_convolutions_alone():
     net = _random_affine_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     calls = []
     net[1].register_forward_hook(lambda *args: calls.append(1))  # a user's hook must keep firing
-    folded, n = folding._fold_batchnorm(fx.symbolic_trace(net))
+    folded, n = folding.fold_batchnorm(fx.symbolic_trace(net))
     assert n == 0
     with torch.no_grad():
         folded(torch.randn(1, 3, 8, 8))
     assert calls == [1]
     weight_norm = nn.utils.parametrizations.weight_norm
     normed = _random_affine_batchnorms(nn.Sequential(weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
-    assert folding._fold_batchnorm(fx.symbolic_trace(normed))[1] == 0
+    assert folding.fold_batchnorm(fx.symbolic_trace(normed))[1] == 0

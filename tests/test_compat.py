@@ -240,7 +240,7 @@ def test_cell_cache_keys_of_the_quickstart_are_unchanged(monkeypatch):
     import featx.jobs.runner as runner
     import featx.store.format
     from featx.jobs import load_job
-    from featx.jobs.planning import _hash, plan
+    from featx.jobs.planning import identity_hash, plan
     from featx.jobs.values import finetune_config
 
     monkeypatch.setattr(featx.store.format, "read_key", lambda path: "k" * 64)
@@ -255,7 +255,7 @@ def test_cell_cache_keys_of_the_quickstart_are_unchanged(monkeypatch):
             task.store, task.labels = "store.h5", None
         else:
             identity = runner._cell_identity(job, task, by_id)
-            keys[task.id] = _hash(identity)
+            keys[task.id] = identity_hash(identity)
             if task.kind == "finetune":  # the runner combines the identity the checkpoint hashes, never its own
                 assert identity["config"] == finetune_config(task.finetune, task.seed).identity()
     assert keys == QUICKSTART_CELLS

@@ -21,7 +21,7 @@ from conftest import TINY, rank_pids, torchrun, wait_for_checkpoint
 from safetensors.torch import load_file
 
 from featx.finetune import FinetuneConfig, finetune, parse_phases
-from featx.finetune.data import _GlobalBatches
+from featx.finetune.data import GlobalBatches
 
 TESTS = Path(__file__).resolve().parent
 PHASES = "head:1:0.5,top2:2:0.1"  # large rates: the weights move far in three epochs
@@ -102,27 +102,27 @@ def _assert_same_run(ddp_out: Path, single_out: Path) -> None:
 def test_global_batches_shard_the_single_process_batches():
     """Every rank's parts, put side by side, are exactly the single-process batches; weights give the mean."""
     n, batch = 21, 8
-    single = [[i for i, _, _ in b] for b in _GlobalBatches(n, batch, epoch_seed=5)]
+    single = [[i for i, _, _ in b] for b in GlobalBatches(n, batch, epoch_seed=5)]
     assert sorted(i for b in single for i in b) == list(range(n)) and [len(b) for b in single] == [8, 8, 5]
-    assert single != [[i for i, _, _ in b] for b in _GlobalBatches(n, batch, epoch_seed=6)]  # seeded per epoch
+    assert single != [[i for i, _, _ in b] for b in GlobalBatches(n, batch, epoch_seed=6)]  # seeded per epoch
     for world in (2, 3):
-        ranks = [list(_GlobalBatches(n, batch, 5, rank, world)) for rank in range(world)]
+        ranks = [list(GlobalBatches(n, batch, 5, rank, world)) for rank in range(world)]
         assert len({len(r) for r in ranks}) == 1  # every rank takes every step
         for step, expected in enumerate(single):
             parts = [ranks[r][step] for r in range(world)]
             assert [i for p in parts for i, _, w in p if w > 0] == expected
             total = sum(w for p in parts for _, _, w in p)  # DDP divides by world: the weights average to 1/len
             assert total / world == pytest.approx(1.0)
-    tiny = [list(_GlobalBatches(1, batch, 0, rank, 2)) for rank in range(2)]
+    tiny = [list(GlobalBatches(1, batch, 0, rank, 2)) for rank in range(2)]
     assert tiny[0] == [[(0, 0, 2.0)]] and tiny[1] == [[(0, 0, 0.0)]]  # an empty part: one image, weight 0
 
 
 def test_augmentation_depends_on_the_image_not_the_process(colour_folder):
     from featx.backbones import load_backbone
-    from featx.finetune.data import _TrainImages
+    from featx.finetune.data import TrainImages
 
     paths = sorted(str(p) for p in colour_folder.rglob("*.png"))[:3]
-    images = _TrainImages(paths, np.zeros(3, dtype=np.int64), load_backbone(TINY).preprocessing, (0.25, 1.0), 10**8)
+    images = TrainImages(paths, np.zeros(3, dtype=np.int64), load_backbone(TINY).preprocessing, (0.25, 1.0), 10**8)
     first = images[(2, 11, 0.5)][0]
     torch.manual_seed(123)  # the global generator's state does not matter
     assert torch.equal(images[(0, 11, 0.5)][0], images[(0, 11, 0.5)][0])

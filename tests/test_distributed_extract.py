@@ -338,7 +338,7 @@ _LAUNCH = textwrap.dedent(
         import featx.extract.sharded
         def broken(job, shard):
             raise RuntimeError("disk full on this node")
-        featx.extract.sharded._extract_shard = broken
+        featx.extract.sharded.extract_shard = broken
     out = sys.argv[sys.argv.index("--out") + 1]
     for run in ("first", "second"):
         if run == "second" and os.environ["RANK"] == "0":

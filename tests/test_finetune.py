@@ -18,7 +18,7 @@ import featx.backbones as B
 from featx.cli import main
 from featx.exceptions import SpecMismatchError, UnknownNameError
 from featx.finetune import FinetuneConfig, Phase, block_names, finetune, head_from_logreg, parse_phases
-from featx.finetune.heads import _set_trainable, _train_mode
+from featx.finetune.heads import set_train_mode, set_trainable
 from featx.finetune.state import RunState
 from featx.spec import Preprocessing
 
@@ -76,20 +76,20 @@ def test_phase_freezing_and_frozen_batchnorm():
     blocks = block_names(net)
     head = net.classifier_name()
     model = net.model
-    trainable = _set_trainable(model, blocks, head, Phase("head", 1, 1e-3))
+    trainable = set_trainable(model, blocks, head, Phase("head", 1, 1e-3))
     assert trainable == {f"{head}.weight", f"{head}.bias"}
-    trainable = _set_trainable(model, blocks, head, Phase("top2", 1, 1e-3))
+    trainable = set_trainable(model, blocks, head, Phase("top2", 1, 1e-3))
     assert trainable == {*blocks[-1], *blocks[-2], f"{head}.weight", f"{head}.bias"}
     bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    _train_mode(model, update_bn_stats=True)
+    set_train_mode(model, update_bn_stats=True)
     for name, bn in bns.items():
         frozen = not any(p.requires_grad for p in bn.parameters())
         assert bn.training is not frozen, name
-    _train_mode(model)  # the default: no BatchNorm statistics move, trainable or not
+    set_train_mode(model)  # the default: no BatchNorm statistics move, trainable or not
     assert not any(bn.training for bn in bns.values())
     assert model.training
     with pytest.raises(UnknownNameError, match=f"only {len(blocks)} blocks"):
-        _set_trainable(model, blocks, head, Phase(f"top{len(blocks) + 1}", 1, 1e-3))
+        set_trainable(model, blocks, head, Phase(f"top{len(blocks) + 1}", 1, 1e-3))
 
 
 def test_frozen_parameters_and_bn_statistics_do_not_move(folder, tmp_path):
@@ -160,13 +160,13 @@ def test_no_flip_never_mirrors_a_training_image(tmp_path, flip):
     """An image dark on the left, bright on the right, cropped whole: only a flip can swap the halves."""
     from PIL import Image
 
-    from featx.finetune.data import _TrainImages
+    from featx.finetune.data import TrainImages
 
     arr = np.zeros((32, 32, 3), dtype=np.uint8)
     arr[:, 16:] = 255
     Image.fromarray(arr).save(tmp_path / "half.png")
     pre = Preprocessing((16, 16), 16, "bilinear", (0.5,) * 3, (0.5,) * 3)
-    images = _TrainImages([str(tmp_path / "half.png")], np.array([0]), pre, (1.0, 1.0), 10**8, flip=flip)
+    images = TrainImages([str(tmp_path / "half.png")], np.array([0]), pre, (1.0, 1.0), 10**8, flip=flip)
     mirrored = []
     for epoch_seed in range(40):
         pixels, _, _ = images[(0, epoch_seed, 1.0)]
@@ -183,13 +183,13 @@ def test_run_hash_of_settings_featx_had_before_is_unchanged():
     (the hash below is featx 3fc3475's), so a run it left killed resumes; another value is another run."""
     from types import SimpleNamespace
 
-    from featx.finetune.artifacts import _config_hash
+    from featx.finetune.artifacts import config_hash
 
     net = SimpleNamespace(name="featx:tiny_test", weights_sha256="w" * 64)
     config = _config("head:1:1e-2,all:2:1e-3", layer_decay=1.0)  # the one rate for every block featx had then
-    assert _config_hash(config, net, "m", None) == "611a8df21fdac049ed58bad4c21b417495b5f7be4897855f7124e85d5d06103c"
+    assert config_hash(config, net, "m", None) == "611a8df21fdac049ed58bad4c21b417495b5f7be4897855f7124e85d5d06103c"
     for other in ({"flip": False}, {}):  # no flip; today's default layer decay (0.5)
-        assert _config_hash(_config("head:1:1e-2,all:2:1e-3", **other), net, "m", None) != _config_hash(
+        assert config_hash(_config("head:1:1e-2,all:2:1e-3", **other), net, "m", None) != config_hash(
             config, net, "m", None
         )
 
@@ -198,13 +198,13 @@ def test_cli_no_flip_reaches_the_run(folder, tmp_path, monkeypatch):
     from featx.finetune import data
 
     seen = []
-    original = data._TrainImages.__init__
+    original = data.TrainImages.__init__
 
     def spy(self, *args, **kw):
         seen.append(kw.get("flip"))
         original(self, *args, **kw)
 
-    monkeypatch.setattr(data._TrainImages, "__init__", spy)
+    monkeypatch.setattr(data.TrainImages, "__init__", spy)
     args = ["finetune", str(folder), "--backbone", TINY, "--phases", "head:1:1e-2", "--batch-size", "8"]
     out = tmp_path / "ft"
     result = CliRunner().invoke(main, [*args, "--workers", "0", "--no-progress", "--no-flip", "--out", str(out)])

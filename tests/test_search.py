@@ -13,7 +13,7 @@ from conftest import synthetic_store
 
 import featx.store
 from featx.classify import PRESETS, ClassifierConfig, build_pipeline, load_model, train
-from featx.classify.search import _folds, search
+from featx.classify.search import cv_folds, search
 from featx.cli import main
 
 # featx.classify re-exports the functions, which shadow these module names as attributes.
@@ -73,7 +73,7 @@ def _scripted(monkeypatch, score_of):
 def _search(grid=PRESETS["svm"].grid, preset=PRESETS["svm"]):
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(60, 4)).astype(np.float32), np.repeat([0, 1, 2], 20)
-    folds, scheme = _folds(y, np.array(["train"] * 60), 5, 0)
+    folds, scheme = cv_folds(y, np.array(["train"] * 60), 5, 0)
     return search(build_pipeline(preset, 1.0, ["standard"]), preset, grid, X, y, folds, scheme, n_jobs=1)
 
 
@@ -149,7 +149,7 @@ def test_a_search_without_refinement_scores_exactly_the_grid(monkeypatch):
     _scripted(monkeypatch, lambda c: -abs(np.log10(c) + 9))
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(30, 4)).astype(np.float32), np.repeat([0, 1, 2], 10)
-    folds, scheme = _folds(y, np.array(["train"] * 30), 3, 0)
+    folds, scheme = cv_folds(y, np.array(["train"] * 30), 3, 0)
     preset = PRESETS["svm"]
     grid = (1e-2, 1.0, 1e-1)
     result = search(build_pipeline(preset, 1.0, []), preset, grid, X, y, folds, scheme, n_jobs=1, refine=False)
@@ -222,7 +222,7 @@ def test_a_climb_on_one_val_split_scores_values_side_by_side_and_chooses_as_one_
     fitted = _scripted(monkeypatch, lambda c: -((np.log10(c) - peak) ** 2))
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(60, 4)).astype(np.float32), np.repeat([0, 1, 2], 20)
-    folds, scheme = _folds(y, np.array(["train"] * 45 + ["val"] * 15), 5, 0)
+    folds, scheme = cv_folds(y, np.array(["train"] * 45 + ["val"] * 15), 5, 0)
     assert scheme == "validation split" and len(folds) == 1
     preset = PRESETS["svm"]
 

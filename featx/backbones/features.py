@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featx.backbones.folding import _fold_batchnorm
+from featx.backbones.folding import fold_batchnorm
 from featx.backbones.names import PENULTIMATE, BackboneName, parse_backbone_name
 from featx.exceptions import unknown
 from featx.spec import Preprocessing, check_option
@@ -294,7 +294,7 @@ class FeatureModel(nn.Module):
         """
         layout = sorted(self.channels_last)  # probed on this (unfolded) model, before the copy moves anywhere
         try:
-            extractor, n = _fold_batchnorm(self.extractor)
+            extractor, n = fold_batchnorm(self.extractor)
         except Exception as exc:  # an exotic module: the unfolded network is always right, only slower
             log.warning("could not fold batch norms (%s: %s); running the network as it is", type(exc).__name__, exc)
             return self

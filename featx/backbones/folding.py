@@ -79,7 +79,7 @@ def _fold_sequential(seq: nn.Sequential) -> tuple[nn.Sequential, int]:
     return (nn.Sequential(*out), n) if n else (seq, 0)
 
 
-def _fold_batchnorm(extractor: nn.Module) -> tuple[nn.Module, int]:
+def fold_batchnorm(extractor: nn.Module) -> tuple[nn.Module, int]:
     """A copy of the FX graph ``extractor`` with conv → batch norm pairs fused; new modules, shared rest.
 
     Two shapes are folded: a conv node whose only user is a batch norm node, and a leaf ``Sequential``

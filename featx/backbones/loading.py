@@ -19,7 +19,7 @@ from torch import nn
 
 from featx._runtime.env import temporary_environ
 from featx.backbones.features import Backbone
-from featx.backbones.names import _BUILTINS, BackboneName, _hf_hub_cache, resolve_backbone
+from featx.backbones.names import BUILTINS, BackboneName, hf_hub_cache, resolve_backbone
 from featx.spec import DEFAULT_BACKBONE, Preprocessing
 
 __all__ = ["load_backbone", "weights_checksum"]
@@ -184,7 +184,7 @@ def load_backbone(name: str | BackboneName) -> Backbone:
     """
     resolved = resolve_backbone(name)
     if resolved.source == "featx":
-        model, pre, weights = _BUILTINS[resolved.arch].factory()
+        model, pre, weights = BUILTINS[resolved.arch].factory()
     elif resolved.source == "torchvision":
         from torchvision.models import get_model, get_model_weights
 
@@ -213,7 +213,7 @@ def load_backbone(name: str | BackboneName) -> Backbone:
             cfg = timm.models.get_pretrained_cfg(f"{resolved.arch}.{resolved.tag}")
             hub_id = getattr(cfg, "hf_hub_id", None)
             where = (
-                f"Hugging Face repo {hub_id} in {_hf_hub_cache()}"
+                f"Hugging Face repo {hub_id} in {hf_hub_cache()}"
                 if hub_id
                 else f"{getattr(cfg, 'url', '') or 'its weights'} in {Path(torch.hub.get_dir()) / 'checkpoints'}"
             )

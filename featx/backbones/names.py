@@ -162,7 +162,7 @@ class _Builtin:
     trainable: bool = True
 
 
-_BUILTINS: dict[str, _Builtin] = {}
+BUILTINS: dict[str, _Builtin] = {}
 
 
 def register_backbone(name: str, factory: BuiltinFactory, description: str = "", *, trainable: bool = True) -> None:
@@ -187,9 +187,9 @@ def register_backbone(name: str, factory: BuiltinFactory, description: str = "",
     """
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise ValueError(f"backbone name {name!r} must use only letters, digits, '_' and '-'")
-    if name in _BUILTINS:
+    if name in BUILTINS:
         raise ValueError(f"backbone featx:{name} is already registered")
-    _BUILTINS[name] = _Builtin(factory, description, trainable)
+    BUILTINS[name] = _Builtin(factory, description, trainable)
 
 
 def check_trainable(name: BackboneName) -> None:
@@ -200,7 +200,7 @@ def check_trainable(name: BackboneName) -> None:
     ValueError
         For a registered ``featx:`` baseline without parameters (``featx:pixels``).
     """
-    builtin = _BUILTINS.get(name.arch) if name.source == "featx" else None
+    builtin = BUILTINS.get(name.arch) if name.source == "featx" else None
     if builtin is not None and not builtin.trainable:
         raise ValueError(
             f"{name} cannot be fine-tuned: it is a no-transfer baseline with no learned weights. Fine-tune a "
@@ -211,7 +211,7 @@ def check_trainable(name: BackboneName) -> None:
 
 def _unregister_backbone(name: str) -> None:
     """Remove a registered built-in (for tests)."""
-    _BUILTINS.pop(name, None)
+    BUILTINS.pop(name, None)
 
 
 def _efficientnet_lite0() -> tuple[nn.Module, Preprocessing, str]:
@@ -291,7 +291,7 @@ def list_backbones(source: str | None = None, pattern: str | None = None) -> lis
         return (source in (None, src)) and (pattern is None or fnmatch.fnmatch(arch, pattern))
 
     rows = []
-    for name, entry in sorted(_BUILTINS.items()):
+    for name, entry in sorted(BUILTINS.items()):
         if wanted("featx", name):
             rows.append(BackboneInfo(f"featx:{name}", ("builtin",), ("builtin",), entry.description))
     if source in (None, "torchvision"):
@@ -352,8 +352,8 @@ def resolve_backbone(name: str | BackboneName) -> BackboneName:
         return name
     parsed = name if isinstance(name, BackboneName) else parse_backbone_name(name)
     if parsed.source == "featx":
-        if parsed.arch not in _BUILTINS or parsed.tag:
-            raise unknown("backbone", str(parsed), [f"featx:{n}" for n in _BUILTINS], _LIST_HINT)
+        if parsed.arch not in BUILTINS or parsed.tag:
+            raise unknown("backbone", str(parsed), [f"featx:{n}" for n in BUILTINS], _LIST_HINT)
         return dataclasses.replace(parsed, resolved=True)
     if parsed.source == "torchvision":
         from torchvision.models import get_model_weights
@@ -419,7 +419,7 @@ def _checkpoint_family(arch: str) -> tuple[str, str]:
     raise unknown("checkpoint architecture", arch, _torchvision_models() + timm.list_models(), _LIST_HINT)
 
 
-def _hf_hub_cache() -> str:
+def hf_hub_cache() -> str:
     try:
         from huggingface_hub import constants
 

@@ -11,7 +11,7 @@ from featx.store.reader import FeatureStore
 log = logging.getLogger(__name__)
 
 
-def _labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, labels and split names of the labelled train/val rows."""
     Xs, ys, splits = [], [], []
     for split in ("train", "val"):
@@ -26,7 +26,7 @@ def _labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndar
     return np.concatenate(Xs)[keep], y[keep], split_of[keep]
 
 
-def _labelled_store_rows(store: FeatureStore) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def labelled_store_rows(store: FeatureStore) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``(rows, labels)`` of the labelled train rows and of the labelled val rows (for streaming the store)."""
     rows = {split: store.rows(split) for split in ("train", "val")}
     labels = {split: store.labels(split) for split in rows}

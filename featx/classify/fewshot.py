@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from featx.classify._rows import _labelled_rows
+from featx.classify._rows import labelled_rows
 from featx.classify.config import ClassifierConfig
 from featx.classify.presets import Preset, build_pipeline
-from featx.classify.search import _fit_quietly, _folds, search
+from featx.classify.search import cv_folds, fit_quietly, search
 from featx.store.reader import FeatureStore
 
 __all__ = ["ONE_SHOT_VALUE", "few_shot_curve", "shot_rows"]
@@ -42,7 +42,7 @@ def _shot_value(X, y, k, preset: Preset, preprocess, config: ClassifierConfig) -
     if int(np.bincount(y)[np.unique(y)].min()) < 2:
         fixed = min(ONE_SHOT_VALUE, len(y)) if preset.param == "n_neighbors" else ONE_SHOT_VALUE
         return fixed, f"fixed {preset.param}={fixed:g} (one image per class)"
-    folds, scheme = _folds(y, np.array(["train"] * len(y)), min(config.cv, int(k)), config.seed)
+    folds, scheme = cv_folds(y, np.array(["train"] * len(y)), min(config.cv, int(k)), config.seed)
     params = dict(config.params)
     grid = config.grid or preset.grid
     base = build_pipeline(preset, grid[0], preprocess, config.seed, config.class_weight, params)
@@ -68,7 +68,7 @@ def few_shot_curve(
     """
     from scipy import stats
 
-    X, y, splits = _labelled_rows(store, layer)
+    X, y, splits = labelled_rows(store, layer)
     X, y = X[splits == "train"], y[splits == "train"]  # SELECTION_RULE: val images are never fitted
     Xt, yt = store.features(layer, split="test", dtype=np.float32), store.labels("test")
     curve = []
@@ -85,7 +85,7 @@ def few_shot_curve(
             pipe = build_pipeline(preset, v, preprocess, config.seed, config.class_weight, dict(config.params))
             if preset.param == "n_neighbors":
                 pipe.set_params(clf__n_neighbors=min(int(v or 5), len(idx)))
-            _fit_quietly(pipe, X[idx], y[idx])
+            fit_quietly(pipe, X[idx], y[idx])
             accs.append(float((pipe.predict(Xt) == yt).mean()))
             values.append(v)
         if accs:

@@ -117,7 +117,7 @@ def fit_converged(estimator: Any) -> tuple[bool | None, int | None]:
     return n < int(max_iter), n
 
 
-def _fit_quietly(est, X, y):
+def fit_quietly(est, X, y):
     """Fit with :class:`ConvergenceWarning` hidden: only where the caller records :func:`fit_converged`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -356,7 +356,7 @@ def _widen_and_refine(result: SearchResult, scorer: _Scorer, step: float) -> Non
     result.refined, _ = scorer.score_path(refined, early_stop=False)
 
 
-def _folds(y: np.ndarray, splits: np.ndarray, cv: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+def cv_folds(y: np.ndarray, splits: np.ndarray, cv: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
     """The validation split when there is one, else stratified k-fold on train (k lowered for tiny classes)."""
     train_idx, val_idx = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
     if len(val_idx):

@@ -23,12 +23,12 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx._runtime.env import library_versions
-from featx.classify._rows import _labelled_rows, _labelled_store_rows
+from featx.classify._rows import labelled_rows, labelled_store_rows
 from featx.classify.config import ClassifierConfig, TrainRun
 from featx.classify.fewshot import ONE_SHOT_VALUE, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
-from featx.classify.search import SearchResult, _fit_quietly, _folds, fit_converged, search
+from featx.classify.search import SearchResult, cv_folds, fit_converged, fit_quietly, search
 from featx.data.splits import SELECTION_RULE, SplitPlan
 from featx.exceptions import SpecMismatchError, unknown
 from featx.metrics import evaluate, predictions
@@ -155,7 +155,7 @@ def _train_in_memory(
     fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str], n_jobs: int
 ) -> Fitted:
     """Search (unless the value is fixed) and refit on the features held in memory."""
-    X, y, splits = _labelled_rows(fs, layer)
+    X, y, splits = labelled_rows(fs, layer)
     if len(np.unique(y)) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
     return fit_in_memory(X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess)
@@ -197,7 +197,7 @@ def fit_in_memory(
     search_result = None
     if value is None and preset.param:
         grid = config.grid or preset.grid
-        folds, scheme = _folds(y, splits, config.cv, config.seed)
+        folds, scheme = cv_folds(y, splits, config.cv, config.seed)
         base = build_pipeline(preset, grid[0], preprocess, config.seed, config.class_weight, params)
         search_result = search(base, preset, grid, X, y, folds, scheme, n_jobs, config.scoring)
         value = search_result.best
@@ -223,7 +223,7 @@ def _refit_converged(pipeline: Pipeline, X, y, preset: Preset) -> dict[str, Any]
     fact goes into the results (``train.converged``).
     """
     est = pipeline.steps[-1][1]
-    _fit_quietly(pipeline, X, y)
+    fit_quietly(pipeline, X, y)
     converged, n_iter = fit_converged(est)
     for _ in range(_REFIT_RETRIES):
         if converged is not False:
@@ -232,7 +232,7 @@ def _refit_converged(pipeline: Pipeline, X, y, preset: Preset) -> dict[str, Any]
         if preset.warm_start and "warm_start" in est.get_params():
             more["warm_start"] = True
         est.set_params(**more)
-        _fit_quietly(pipeline, X, y)
+        fit_quietly(pipeline, X, y)
         converged, n_iter = fit_converged(est)
     if converged is False:
         log.warning(
@@ -353,7 +353,7 @@ def _train_out_of_core(
 
     params = dict(config.params)
     epochs = int(params.pop("epochs", 10))
-    (train_rows, y_train), (val_rows, y_val) = _labelled_store_rows(fs)
+    (train_rows, y_train), (val_rows, y_val) = labelled_store_rows(fs)
     classes = np.unique(np.concatenate([y_train, y_val]))
     if len(classes) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "unlabeled")
 
 
-_SPLIT_ALIASES = {
+SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
     "val": "val",
@@ -42,7 +42,7 @@ _SPLIT_ALIASES = {
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
 
 
-_SOURCE_HINT = (
+SOURCE_HINT = (
     "A SOURCE is an image folder, a .tar/.tar.gz/.zip of one, a .csv/.tsv manifest (path,label[,split]), "
     "a .txt list of image paths, 'digits', or 'torchvision:NAME'."
 )
@@ -84,7 +84,7 @@ class Manifest:
         if not (len(self.paths) == len(self.labels) == len(self.splits) == n):
             raise ValueError("manifest columns differ in length")
         if n == 0:
-            raise ValueError(f"no images found in {self.source}. {_SOURCE_HINT}")
+            raise ValueError(f"no images found in {self.source}. {SOURCE_HINT}")
         dupes = [i for i, c in Counter(self.ids).items() if c > 1]
         if dupes:
             raise ValueError(f"manifest ids must be unique; repeated: {dupes[:5]}")
@@ -212,5 +212,5 @@ def _file_signature(path: str, mode: str) -> list:
     return [h.hexdigest()]
 
 
-def _natural_key(text: str) -> list:
+def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

@@ -30,7 +30,7 @@ import numpy as np
 
 from featx._runtime.env import cache_dir
 from featx.data.archives import ArchiveLimits, unpack
-from featx.data.manifest import _SOURCE_HINT, _SPLIT_ALIASES, IMAGE_EXTENSIONS, Manifest, _natural_key
+from featx.data.manifest import IMAGE_EXTENSIONS, SOURCE_HINT, SPLIT_ALIASES, Manifest, natural_key
 from featx.exceptions import UnknownNameError, unknown
 
 __all__ = [
@@ -66,12 +66,12 @@ def _finish(
     names = (
         list(class_names)
         if class_names is not None
-        else sorted({n for n in label_names if n is not None}, key=_natural_key)
+        else sorted({n for n in label_names if n is not None}, key=natural_key)
     )
     index = {n: i for i, n in enumerate(names)}
     labels = np.array([index[n] if n is not None else -1 for n in label_names], dtype=np.int64)
     splits = ["unlabeled" if lab < 0 else s for lab, s in zip(labels, splits, strict=True)]
-    order = sorted(range(len(ids)), key=lambda i: _natural_key(ids[i]))
+    order = sorted(range(len(ids)), key=lambda i: natural_key(ids[i]))
     return Manifest(
         ids=[ids[i] for i in order],
         paths=[paths[i] for i in order],
@@ -125,15 +125,15 @@ def from_folder(root: str | Path) -> Manifest:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    split_named = [p.name for p in top if p.name.lower() in _SPLIT_ALIASES]
+    split_named = [p.name for p in top if p.name.lower() in SPLIT_ALIASES]
     split_layout = bool(top) and len(split_named) == len(top)
     if split_named and not split_layout:
-        others = [p.name for p in top if p.name.lower() not in _SPLIT_ALIASES]
+        others = [p.name for p in top if p.name.lower() not in SPLIT_ALIASES]
         raise ValueError(
             f"{root} mixes split folders ({', '.join(split_named)}) with other folders ({', '.join(others[:5])}): "
             "use either root/<class>/<image> or root/{train,val,test}/<class>/<image>, or a CSV manifest"
         )
-    groups = [(p, _SPLIT_ALIASES[p.name.lower()]) for p in top] if split_layout else [(root, "train")]
+    groups = [(p, SPLIT_ALIASES[p.name.lower()]) for p in top] if split_layout else [(root, "train")]
     ids, paths, keys, labels, splits = [], [], [], [], []
     real_dirs: dict[Path, str] = {}  # one realpath per folder, not per file: lists of a million images stay fast
     skipped = 0
@@ -207,13 +207,13 @@ def _read_csv(path: Path) -> tuple[list[str], list[str], list[str | None], list[
                 raise ValueError(f"{path}:{line}: empty path")
             label = (row.get("label") or "").strip() or None
             raw_split = (row.get("split") or "train").strip().lower() or "train"
-            if raw_split not in _SPLIT_ALIASES:
+            if raw_split not in SPLIT_ALIASES:
                 raise UnknownNameError(f"{path}:{line}: unknown split {raw_split!r}; use train, val or test")
             file = Path(rel) if Path(rel).is_absolute() else path.parent / rel
             ids.append(rel)
             paths.append(str(file.resolve()))
             labels.append(label)
-            splits.append(_SPLIT_ALIASES[raw_split])
+            splits.append(SPLIT_ALIASES[raw_split])
             lines.append(line)
     return ids, paths, labels, splits, lines
 
@@ -413,7 +413,7 @@ def from_archive(path: str | Path) -> Manifest:
     entries = [p for p in target.iterdir() if not p.name.startswith(".")]
     root = (
         entries[0]
-        if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in _SPLIT_ALIASES
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in SPLIT_ALIASES
         else target
     )
     manifest = from_folder(root)
@@ -449,5 +449,5 @@ def load_source(source: str | Path) -> Manifest:
             return _from_list_file(path)
         if suffix in IMAGE_EXTENSIONS:
             return from_files([path])
-        raise UnknownNameError(f"source file {text!r} has suffix {suffix!r}. {_SOURCE_HINT}")
-    raise FileNotFoundError(f"source {text!r} does not exist. {_SOURCE_HINT}")
+        raise UnknownNameError(f"source file {text!r} has suffix {suffix!r}. {SOURCE_HINT}")
+    raise FileNotFoundError(f"source {text!r} does not exist. {SOURCE_HINT}")

@@ -19,15 +19,15 @@ from featx.data.manifest import Manifest
 from featx.data.sources import load_source
 from featx.exceptions import SpecMismatchError
 from featx.extract.engine import (
+    ExtractionJob,
     ExtractionResult,
     MaxFailures,
-    _cached_result,
-    _extract_store,
-    _Job,
-    _result,
+    cached_result,
     default_batch_size,
+    extract_store,
+    job_result,
 )
-from featx.extract.sharded import Shard, _extract_distributed, _extract_shard
+from featx.extract.sharded import Shard, extract_distributed, extract_shard
 from featx.spec import (
     DEFAULT_AMP,
     DEFAULT_BACKBONE,
@@ -130,22 +130,22 @@ def _load_network(
     return net, net.feature_model(list(layers), pool)
 
 
-def _run_job(job: _Job, env: TorchrunEnv | None, shard: Shard | None, dry_run: bool) -> ExtractionResult:
+def _run_job(job: ExtractionJob, env: TorchrunEnv | None, shard: Shard | None, dry_run: bool) -> ExtractionResult:
     """Do what the resolved job asks: a torchrun rank, a cache hit, the plan only, one shard, or the store."""
     if env is not None and not dry_run:
-        return _extract_distributed(job, env)
+        return extract_distributed(job, env)
     if not dry_run and job.path.is_file() and read_format_version(job.path) == 1:
         migrate_format_1(job.path, job.key, job.spec, job.fingerprint)
     if read_key(job.path) == job.key:
         if not dry_run:
             update_labels(job.path, job.manifest)  # same images, perhaps new labels: a cheap rewrite, no extraction
-        return _cached_result(job, job.path, job.key, job.manifest)
+        return cached_result(job, job.path, job.key, job.manifest)
     if dry_run:  # the plan only: which store, and that it is not there yet
-        return _result(job, job.path, job.key, len(job.manifest), cached=False, n_done=0, n_failed=0, dry_run=True)
+        return job_result(job, job.path, job.key, len(job.manifest), cached=False, n_done=0, n_failed=0, dry_run=True)
     if shard is not None:
         check_replaceable(job.path, job.key, job.spec, job.fingerprint, job.overwrite)  # refuse before the work
-        return _extract_shard(job, shard)
-    return _extract_store(job, job.path, job.key, job.manifest)
+        return extract_shard(job, shard)
+    return extract_store(job, job.path, job.key, job.manifest)
 
 
 def extract(
@@ -280,7 +280,7 @@ def extract(
     spec = build_spec(net, layers, amp=amp, **options)
     fp = manifest.images_fingerprint(fingerprint)  # the images only: labels and splits are not in the key
     key = cache_key(spec, fp)
-    job = _Job(
+    job = ExtractionJob(
         manifest=manifest,
         spec=spec,
         fingerprint=fp,

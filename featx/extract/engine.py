@@ -246,7 +246,7 @@ class _Embedder:
 
 
 @dataclass
-class _Job:
+class ExtractionJob:
     """Everything resolved about one extraction, before any image is read."""
 
     manifest: Manifest
@@ -266,13 +266,13 @@ class _Job:
     compile_mode: str = "auto"
 
 
-def _extract_store(
-    job: _Job, path: Path, key: str, manifest: Manifest, attrs: dict[str, str] | None = None
+def extract_store(
+    job: ExtractionJob, path: Path, key: str, manifest: Manifest, attrs: dict[str, str] | None = None
 ) -> ExtractionResult:
     """Extract ``manifest`` into the store at ``path`` (resuming, or a cache hit when it is already there)."""
     spec, net = job.spec, job.net
     if read_key(path) == key:
-        return _cached_result(job, path, key, manifest)
+        return cached_result(job, path, key, manifest)
     dims = feature_dims(job.feature_model, net.preprocessing)
     _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)
     if spec.pool == "none" and bytes_per_image(dims, spec.dtype) > _NONE_POOL_WARN_BYTES:
@@ -284,7 +284,7 @@ def _extract_store(
         )
     with StoreWriter(path, spec, key, manifest, job.fingerprint, dims, overwrite=job.overwrite, attrs=attrs) as writer:
         if writer.cached:
-            return _cached_result(job, path, key, manifest)
+            return cached_result(job, path, key, manifest)
         resumed = writer.n_done + writer.n_failed
         pending = writer.pending_rows()
         run_start = time.perf_counter()
@@ -300,7 +300,7 @@ def _extract_store(
             **engine,
         }
         writer.finalize(stats)
-        return _result(
+        return job_result(
             job,
             path,
             key,
@@ -330,7 +330,7 @@ def _warn_pool_without_effect(model: FeatureModel, pre: Preprocessing, pool: str
         )
 
 
-def _result(job: _Job, path: Path, key: str, n_images: int, **fields: Any) -> ExtractionResult:
+def job_result(job: ExtractionJob, path: Path, key: str, n_images: int, **fields: Any) -> ExtractionResult:
     """The result of ``job`` for the store at ``path`` (the job's own, or a shard's), timed from the job's start."""
     return ExtractionResult(
         path=path,
@@ -343,7 +343,7 @@ def _result(job: _Job, path: Path, key: str, n_images: int, **fields: Any) -> Ex
     )
 
 
-def _cached_result(job: _Job, path: Path, key: str, manifest: Manifest) -> ExtractionResult:
+def cached_result(job: ExtractionJob, path: Path, key: str, manifest: Manifest) -> ExtractionResult:
     """The result of finding the complete store ``path`` there already (warning if other libraries made it)."""
     from featx.store.reader import FeatureStore
 
@@ -359,7 +359,7 @@ def _cached_result(job: _Job, path: Path, key: str, manifest: Manifest) -> Extra
             path,
             ", ".join(changed),
         )
-    return _result(
+    return job_result(
         job,
         path,
         key,
@@ -372,7 +372,7 @@ def _cached_result(job: _Job, path: Path, key: str, manifest: Manifest) -> Extra
     )
 
 
-def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray, resumed: int) -> dict:
+def _run(job: ExtractionJob, writer: StoreWriter, manifest: Manifest, pending: np.ndarray, resumed: int) -> dict:
     """Extract the pending rows of ``manifest`` into ``writer``.
 
     Returns how the network ran, for the store's stats: ``compiled`` and ``batchnorms_folded``.

@@ -34,7 +34,7 @@ from typing import Any
 from featx._runtime.dist import BARRIER_TIMEOUT, TorchrunEnv, World, gather_objects, process_group
 from featx.data.manifest import Manifest
 from featx.exceptions import IncompleteStoreError, SpecMismatchError
-from featx.extract.engine import ExtractionResult, _cached_result, _extract_store, _Job, _result
+from featx.extract.engine import ExtractionJob, ExtractionResult, cached_result, extract_store, job_result
 from featx.spec import ExtractionSpec, canonical_json
 from featx.store.format import Failure, partial_progress, read_key, shards_path
 from featx.store.join import concatenate
@@ -443,11 +443,11 @@ def _remove_shards(path: Path, count: int, others: list[int]) -> None:
         folder.rmdir()
 
 
-def _extract_shard(job: _Job, shard: Shard) -> ExtractionResult:
+def extract_shard(job: ExtractionJob, shard: Shard) -> ExtractionResult:
     """Extract one shard's rows into its own store under ``<out>.shards/``."""
     rows = shard_manifest(job.manifest, shard)
     attrs = shard_attrs(shard, job.key, len(job.manifest))
-    result = _extract_store(job, shard_path(job.path, shard), shard.key(job.key), rows, attrs)
+    result = extract_store(job, shard_path(job.path, shard), shard.key(job.key), rows, attrs)
     result.shard = str(shard)
     return result
 
@@ -475,7 +475,7 @@ def _on_every_rank(world: World, step: str, path: Path, work: Callable[[], Any])
     return [value for _, value in reports]
 
 
-def _extract_distributed(job: _Job, env: TorchrunEnv) -> ExtractionResult:
+def extract_distributed(job: ExtractionJob, env: TorchrunEnv) -> ExtractionResult:
     """One rank of a torchrun job: agree on the key, extract shard RANK, and (rank 0) join after a barrier."""
     shard = Shard(env.rank, env.world_size)
     with process_group(env, job.device.type, timeout=BARRIER_TIMEOUT) as world:
@@ -493,7 +493,7 @@ def _extract_distributed(job: _Job, env: TorchrunEnv) -> ExtractionResult:
             lambda: check_replaceable(job.path, job.key, job.spec, job.fingerprint, job.overwrite),
         )
         if all(cached):
-            result = _cached_result(job, job.path, job.key, job.manifest)
+            result = cached_result(job, job.path, job.key, job.manifest)
             result.rank = env.rank
             return result
         if any(cached):
@@ -502,13 +502,13 @@ def _extract_distributed(job: _Job, env: TorchrunEnv) -> ExtractionResult:
                 f"only ranks {seen} see the finished store {job.path}: --out must be on a filesystem that every "
                 "node shares"
             )
-        runs = _on_every_rank(world, "extraction", job.path, lambda: _extract_shard(job, shard))
+        runs = _on_every_rank(world, "extraction", job.path, lambda: extract_shard(job, shard))
     mine_run = runs[env.rank]
     mine_run.rank = env.rank
     if env.rank != 0:
         return mine_run
     joined = join_shards(job.path, count=env.world_size, key=job.key, overwrite=job.overwrite)
-    return _result(
+    return job_result(
         job,
         job.path,
         job.key,

@@ -19,7 +19,7 @@ from featx._runtime.io import atomic_write
 from featx.backbones.features import Backbone
 from featx.backbones.loading import load_backbone
 from featx.finetune.config import FinetuneConfig
-from featx.finetune.heads import _build_head, _Classifier, _set_module
+from featx.finetune.heads import ClassifierNet, build_head, set_module
 from featx.spec import Preprocessing, canonical_json
 
 __all__ = ["CHECKPOINT", "FINETUNE_META", "WEIGHTS", "load_finetuned"]
@@ -35,7 +35,7 @@ WEIGHTS = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------- run
-def _config_hash(config: FinetuneConfig, backbone: Backbone, manifest_fp: str, init_head: str | None) -> str:
+def config_hash(config: FinetuneConfig, backbone: Backbone, manifest_fp: str, init_head: str | None) -> str:
     payload = canonical_json(
         {
             "config": config.identity(),
@@ -48,7 +48,7 @@ def _config_hash(config: FinetuneConfig, backbone: Backbone, manifest_fp: str, i
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _save_weights(path: Path, model: nn.Module) -> None:
+def save_weights(path: Path, model: nn.Module) -> None:
     """The network's state dict as safetensors (loadable as ``file:ARCH=PATH`` for a linear head)."""
     from safetensors.torch import save
 
@@ -56,7 +56,7 @@ def _save_weights(path: Path, model: nn.Module) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-def _save_json(path: Path, obj: dict[str, Any]) -> None:
+def save_json(path: Path, obj: dict[str, Any]) -> None:
     text = json.dumps(obj, indent=2)
     atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
@@ -91,12 +91,12 @@ def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = json.loads(meta_path.read_text())
     net = load_backbone(meta["backbone"])
     head = net.model.get_submodule(meta["head"]["name"])
-    _set_module(
+    set_module(
         net.model,
         meta["head"]["name"],
-        _build_head(head.in_features, len(meta["class_names"]), meta["head"]["hidden"], meta["head"]["dropout"]),
+        build_head(head.in_features, len(meta["class_names"]), meta["head"]["hidden"], meta["head"]["dropout"]),
     )
     net.model.load_state_dict(load_file(str(out / WEIGHTS)))
     net.model.eval()
     pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
-    return _Classifier(net.model, pre).eval(), meta
+    return ClassifierNet(net.model, pre).eval(), meta

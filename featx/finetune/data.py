@@ -22,11 +22,11 @@ from featx.spec import Preprocessing
 __all__: list[str] = []  # the datasets and samplers are the trainer's own
 
 
-class _TrainImages(Dataset):
+class TrainImages(Dataset):
     """Training images with augmentation derived from the backbone's preprocessing: a random resized crop of
     ``scale`` (share of the area), then a random horizontal flip unless ``flip`` is off.
 
-    Items are keyed ``(index, epoch_seed, weight)`` by :class:`_GlobalBatches`. Each image's augmentation is
+    Items are keyed ``(index, epoch_seed, weight)`` by :class:`GlobalBatches`. Each image's augmentation is
     drawn from its own generator seeded by ``(epoch_seed, index)``, so it is the same whichever process,
     DataLoader worker or rank loads it: a run on N ranks sees exactly the images a run on one process sees.
     """
@@ -67,7 +67,7 @@ def _sample_seed(epoch_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([epoch_seed, index]).generate_state(1)[0])
 
 
-class _GlobalBatches:
+class GlobalBatches:
     """One epoch's batches for one rank: the global order is a seeded permutation, each global batch of
     ``batch_size`` images is split across the ranks in contiguous parts.
 
@@ -95,7 +95,7 @@ class _GlobalBatches:
                 yield [(batch[0], self.epoch_seed, 0.0)]
 
 
-class _EvalImages(Dataset):
+class EvalImages(Dataset):
     """Evaluation images with exactly the extraction preprocessing (resize, centre crop)."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, pre: Preprocessing, max_pixels: int) -> None:
@@ -122,7 +122,7 @@ def _readable(manifest: Manifest, rows: np.ndarray, max_pixels: int) -> tuple[np
     return np.array(ok, dtype=np.int64), bad
 
 
-def _readable_sharded(
+def readable_sharded(
     manifest: Manifest, rows: np.ndarray, max_pixels: int, world: _ddp.World
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """:func:`_readable`, each rank decoding its share of the images once."""

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, Subset
 
 from featx._runtime import dist as _ddp
 from featx._runtime.device import autocast, channels_last_pays
-from featx.finetune.artifacts import CHECKPOINT, WEIGHTS, _save_weights
+from featx.finetune.artifacts import CHECKPOINT, WEIGHTS, save_weights
 from featx.finetune.config import FinetuneConfig, Phase
-from featx.finetune.data import _EvalImages, _GlobalBatches
-from featx.finetune.heads import _set_trainable, _train_mode
-from featx.finetune.prepare import _Run
+from featx.finetune.data import EvalImages, GlobalBatches
+from featx.finetune.heads import set_train_mode, set_trainable
+from featx.finetune.prepare import Run
 from featx.finetune.state import RunState, save_checkpoint
 from featx.results import EpochRecord
 
@@ -128,7 +128,7 @@ def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
 
 def _predict_rows(
     model: nn.Module,
-    images: _EvalImages,
+    images: EvalImages,
     world: _ddp.World,
     *,
     batch_size: int,
@@ -156,7 +156,7 @@ def _predict_rows(
     return all_scores, all_y, sum(p[3] for p in parts) / max(1, len(images))
 
 
-def predict(run: _Run, images: _EvalImages) -> tuple[np.ndarray, np.ndarray, float]:
+def predict(run: Run, images: EvalImages) -> tuple[np.ndarray, np.ndarray, float]:
     """Scores and labels of every image, on every rank, and the mean loss (:func:`_predict_rows`)."""
     return _predict_rows(
         run.model,
@@ -170,7 +170,7 @@ def predict(run: _Run, images: _EvalImages) -> tuple[np.ndarray, np.ndarray, flo
     )
 
 
-def evaluate_start(run: _Run, state: RunState) -> None:
+def evaluate_start(run: Run, state: RunState) -> None:
     """Epoch 0: the model before any update (for LP-FT, the probe's head on the frozen backbone) on val.
 
     It is the first candidate for the best epoch, so a run whose training only hurts on val ends with its
@@ -184,7 +184,7 @@ def evaluate_start(run: _Run, state: RunState) -> None:
         "freeze": "start",
         "train_loss": None,
         "train_accuracy": None,
-        "val_loss": _finite(val_loss),
+        "val_loss": finite_or_none(val_loss),
         "val_accuracy": val_acc,
         "lr_head": None,
         "lr_backbone": None,
@@ -202,10 +202,10 @@ def _monitored(config: FinetuneConfig, val_loss: float, val_acc: float) -> float
     return metric if math.isfinite(metric) else -math.inf
 
 
-def _keep_if_best(run: _Run, state: RunState, metric: float, epoch: int) -> None:
+def _keep_if_best(run: Run, state: RunState, metric: float, epoch: int) -> None:
     """Count ``epoch``'s metric; when it is the best so far (ties keep the earlier epoch), save its weights."""
     if state.record(metric, epoch) and run.world.is_main:
-        _save_weights(run.out / WEIGHTS, run.model.net)
+        save_weights(run.out / WEIGHTS, run.model.net)
 
 
 @dataclass
@@ -219,20 +219,20 @@ class LivePhase:
     lr: float
     trainable: set[str]
 
-    def restore(self, run: _Run, saved: dict[str, Any]) -> None:
+    def restore(self, run: Run, saved: dict[str, Any]) -> None:
         """Load the ``optimizer``, ``scheduler`` and ``scaler`` state dicts of ``saved`` (a phase cut short)."""
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         run.scaler.load_state_dict(saved["scaler"])
 
 
-def setup_phase(run: _Run, phase_index: int, lr: float) -> LivePhase:
+def setup_phase(run: Run, phase_index: int, lr: float) -> LivePhase:
     """Freeze what the phase does not train; a fresh optimiser at peak rate ``lr`` and the phase's schedule."""
     from torch.nn.parallel import DistributedDataParallel
 
     config = run.config
     phase = config.phases[phase_index]
-    trainable = _set_trainable(run.model.net, run.built.blocks, run.built.head_name, phase)
+    trainable = set_trainable(run.model.net, run.built.blocks, run.built.head_name, phase)
     optimizer = _optimizer(run.model.net, run.built.head_name, run.built.blocks, config, lr)
     # DDP is rebuilt per phase: it registers gradient hooks only on the parameters that train now.
     step_model: nn.Module = (
@@ -249,7 +249,7 @@ def epochs_before(config: FinetuneConfig, phase_index: int) -> int:
     return sum(p.epochs for p in config.phases[:phase_index])
 
 
-def train_phase(run: _Run, state: RunState, phase_index: int, bar: Any, live: LivePhase | None = None) -> None:
+def train_phase(run: Run, state: RunState, phase_index: int, bar: Any, live: LivePhase | None = None) -> None:
     """Train one phase from ``state``'s epoch on: freeze what the phase does not train, then per epoch
     train, validate, keep the best weights and write the checkpoint; end early after ``patience``.
 
@@ -274,13 +274,13 @@ def train_phase(run: _Run, state: RunState, phase_index: int, bar: Any, live: Li
     for epoch in range(state.epoch_in_phase, phase.epochs):
         stats = train_epoch(run, live.step_model, live.optimizer, live.scheduler, first + epoch)
         val_loss, val_acc = validate(run)
-        record = _epoch_record(first + epoch, phase_index, phase, stats, val_loss, val_acc)
+        record = epoch_record(first + epoch, phase_index, phase, stats, val_loss, val_acc)
         if finish_epoch(run, state, phase_index, epoch, record, (val_loss, val_acc), live, bar):
             break
 
 
 def finish_epoch(
-    run: _Run,
+    run: Run,
     state: RunState,
     phase_index: int,
     epoch: int,
@@ -323,7 +323,7 @@ class _EpochStats:
 
 
 def train_epoch(
-    run: _Run,
+    run: Run,
     step_model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -338,7 +338,7 @@ def train_epoch(
 
 
 def _epoch_pass(
-    run: _Run,
+    run: Run,
     step_model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -347,10 +347,10 @@ def _epoch_pass(
     config, world = run.config, run.world
     loader = DataLoader(
         run.train_set,
-        batch_sampler=_GlobalBatches(len(run.train_set), config.batch_size, seed, world.rank, world.size),
+        batch_sampler=GlobalBatches(len(run.train_set), config.batch_size, seed, world.rank, world.size),
         **run.loader_kw,
     )
-    _train_mode(run.model.net, config.update_bn_stats)
+    set_train_mode(run.model.net, config.update_bn_stats)
     t0 = time.perf_counter()
     totals = [0.0, 0.0, 0.0]  # loss, correct, images (weight-0 padding images excluded)
     lr_sums: dict[str, float] = {}
@@ -374,7 +374,7 @@ def _epoch_pass(
 
 
 def _train_step(
-    run: _Run,
+    run: Run,
     step_model: nn.Module,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
@@ -407,23 +407,23 @@ def _train_step(
     )
 
 
-def validate(run: _Run) -> tuple[float, float]:
+def validate(run: Run) -> tuple[float, float]:
     """The mean loss and the accuracy on the val images (NaN accuracy when there are none)."""
     scores, y, loss = predict(run, run.val_images)
     accuracy = float((scores.argmax(1) == y).mean()) if len(y) else float("nan")
     return loss, accuracy
 
 
-def _epoch_record(
+def epoch_record(
     global_epoch: int, phase_index: int, phase: Phase, stats: _EpochStats, val_loss: float, val_acc: float
 ) -> EpochRecord:
     return {
         "epoch": global_epoch + 1,
         "phase": phase_index + 1,
         "freeze": phase.freeze,
-        "train_loss": _finite(stats.loss),
+        "train_loss": finite_or_none(stats.loss),
         "train_accuracy": stats.accuracy,
-        "val_loss": _finite(val_loss),
+        "val_loss": finite_or_none(val_loss),
         "val_accuracy": val_acc,
         "lr_head": stats.lrs.get("head"),
         "lr_backbone": stats.lrs.get("backbone"),
@@ -432,6 +432,6 @@ def _epoch_record(
     }
 
 
-def _finite(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     """``value``, or ``None`` for a diverged one (NaN, infinite): results are strict JSON."""
     return value if math.isfinite(value) else None

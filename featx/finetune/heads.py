@@ -75,7 +75,7 @@ def block_names(backbone: Backbone) -> list[list[str]]:
 
 
 # -------------------------------------------------------------------------------------------- heads
-def _build_head(in_features: int, n_classes: int, hidden: Sequence[int], dropout: float) -> nn.Module:
+def build_head(in_features: int, n_classes: int, hidden: Sequence[int], dropout: float) -> nn.Module:
     if not hidden:
         return (
             nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, n_classes))
@@ -93,7 +93,7 @@ def _build_head(in_features: int, n_classes: int, hidden: Sequence[int], dropout
     return nn.Sequential(*layers)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -184,7 +184,7 @@ def head_from_logreg(
 
 
 # ------------------------------------------------------------------------------------------- model
-class _Classifier(nn.Module):
+class ClassifierNet(nn.Module):
     """The backbone with its new head, plus on-device normalisation from uint8 pixels."""
 
     def __init__(self, model: nn.Module, pre: Preprocessing) -> None:
@@ -198,7 +198,7 @@ class _Classifier(nn.Module):
         return self.net((images.float() - self.mean) / self.std)
 
 
-def _set_trainable(model: nn.Module, blocks: list[list[str]], head: str, phase: Phase) -> set[str]:
+def set_trainable(model: nn.Module, blocks: list[list[str]], head: str, phase: Phase) -> set[str]:
     """Freeze everything but what the phase trains; returns the trainable parameter names."""
     if phase.freeze == "all":
         trainable = {n for n, _ in model.named_parameters()}
@@ -215,7 +215,7 @@ def _set_trainable(model: nn.Module, blocks: list[list[str]], head: str, phase: 
     return trainable
 
 
-def _train_mode(model: nn.Module, update_bn_stats: bool = False) -> None:
+def set_train_mode(model: nn.Module, update_bn_stats: bool = False) -> None:
     """Train mode, except BatchNorm layers: frozen ones always keep their statistics, trainable ones too
     unless ``update_bn_stats`` (their affine parameters still train either way)."""
     model.train()
@@ -227,7 +227,7 @@ def _train_mode(model: nn.Module, update_bn_stats: bool = False) -> None:
                 module.eval()
 
 
-def _family(net: Backbone) -> str:
+def block_family(net: Backbone) -> str:
     """``timm:ARCH`` or ``torchvision:ARCH`` of a loaded backbone, to re-load its weights with ``file:``."""
     cfg = getattr(net.model, "pretrained_cfg", None) or {}
     if cfg.get("architecture"):
@@ -235,7 +235,7 @@ def _family(net: Backbone) -> str:
     return f"{net.parsed.family}:{net.parsed.model}"
 
 
-def _model_label(name: BackboneName) -> str:
+def model_label(name: BackboneName) -> str:
     """The backbone's name without its source (``resnet50.IMAGENET1K_V2``), as a results row shows it."""
     if name.source == "file":
         return f"{name.arch}={name.path}"

@@ -28,8 +28,8 @@ from featx.data.sources import load_source
 from featx.data.splits import SplitPlan, split_hashes
 from featx.exceptions import UnknownNameError
 from featx.finetune.config import FinetuneConfig
-from featx.finetune.data import _EvalImages, _readable_sharded, _TrainImages
-from featx.finetune.heads import _build_head, _Classifier, _set_module, block_names, head_from_logreg
+from featx.finetune.data import EvalImages, TrainImages, readable_sharded
+from featx.finetune.heads import ClassifierNet, block_names, build_head, head_from_logreg, set_module
 
 __all__ = ["build_model", "load_manifest", "prepare_rows"]
 
@@ -93,7 +93,7 @@ def build_model(
         )
     with torch.random.fork_rng():  # the new head's initial weights follow the seed, nothing else's RNG
         torch.manual_seed(config.seed)
-        head = _build_head(old_head.in_features, len(manifest.class_names), config.hidden, config.dropout)
+        head = build_head(old_head.in_features, len(manifest.class_names), config.hidden, config.dropout)
     init_ref = None
     if init_head is not None:
         if config.hidden:
@@ -105,7 +105,7 @@ def build_model(
             linear.weight.copy_(W)
             linear.bias.copy_(b)
         init_ref = str(Path(init_head).resolve())
-    _set_module(net.model, head_name, head)
+    set_module(net.model, head_name, head)
     for p in net.model.parameters():
         p.requires_grad_(True)
     return _Built(net, blocks, head_name, init_ref)
@@ -129,9 +129,9 @@ def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pix
         )
     val_policy = manifest.split_policy
     test_rows = np.flatnonzero(splits == "test")
-    train_rows, bad_train = _readable_sharded(manifest, train_rows, max_pixels, world)
-    val_rows, bad_val = _readable_sharded(manifest, val_rows, max_pixels, world)
-    test_rows, bad_test = _readable_sharded(manifest, test_rows, max_pixels, world)
+    train_rows, bad_train = readable_sharded(manifest, train_rows, max_pixels, world)
+    val_rows, bad_val = readable_sharded(manifest, val_rows, max_pixels, world)
+    test_rows, bad_test = readable_sharded(manifest, test_rows, max_pixels, world)
     skipped = bad_train + bad_val + bad_test
     if world.is_main:
         for image_id, reason in skipped:
@@ -142,7 +142,7 @@ def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pix
 
 
 @dataclass
-class _Run:
+class Run:
     """What every step of one run shares: where it runs, its settings, the model and the images."""
 
     world: _ddp.World
@@ -152,12 +152,12 @@ class _Run:
     out: Path
     rows: _Rows
     built: _Built
-    model: _Classifier
+    model: ClassifierNet
     channels_last: bool
     loader_kw: dict[str, Any]
     max_pixels: int
-    train_set: _TrainImages
-    val_images: _EvalImages
+    train_set: TrainImages
+    val_images: EvalImages
     criterion: nn.Module
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
@@ -176,7 +176,7 @@ class _Run:
         *,
         workers: int | None,
         max_pixels: int,
-    ) -> _Run:
+    ) -> Run:
         """Put the model on its device (SyncBatchNorm when BatchNorm statistics train over several GPUs)
         and set up the training and validation images."""
         net, pre = built.net, built.net.preprocessing
@@ -189,7 +189,7 @@ class _Run:
                     "(SyncBatchNorm needs CUDA), so the run will not match a single-process one",
                     stacklevel=4,
                 )
-        model = _Classifier(net.model, pre).to(dev)
+        model = ClassifierNet(net.model, pre).to(dev)
         channels_last = channels_last_pays(dev)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -207,10 +207,10 @@ class _Run:
             channels_last=channels_last,
             loader_kw={"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": False},
             max_pixels=max_pixels,
-            train_set=_TrainImages(
+            train_set=TrainImages(
                 [paths[r] for r in rows.train], labels[rows.train], pre, config.crop_scale, max_pixels, flip=config.flip
             ),
-            val_images=_EvalImages([paths[r] for r in rows.val], labels[rows.val], pre, max_pixels),
+            val_images=EvalImages([paths[r] for r in rows.val], labels[rows.val], pre, max_pixels),
             criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="none"),
             scaler=torch.amp.GradScaler(dev.type, enabled=amp == "fp16"),
             steps_per_epoch=max(1, math.ceil(len(rows.train) / config.batch_size)),

@@ -28,15 +28,15 @@ from featx.finetune.artifacts import CHECKPOINT
 from featx.finetune.config import FinetuneConfig
 from featx.finetune.epochs import (
     LivePhase,
-    _epoch_record,
-    _finite,
+    epoch_record,
     epochs_before,
     finish_epoch,
+    finite_or_none,
     setup_phase,
     train_epoch,
     validate,
 )
-from featx.finetune.prepare import _Run
+from featx.finetune.prepare import Run
 from featx.finetune.state import LrSweep, RunState, save_checkpoint
 from featx.results import LrSweepSummary
 
@@ -65,7 +65,7 @@ def sweep_order(candidates: tuple[float, ...]) -> list[float]:
     return order
 
 
-def choose_rate(run: _Run, state: RunState, phase_index: int, bar: Any) -> LivePhase:
+def choose_rate(run: Run, state: RunState, phase_index: int, bar: Any) -> LivePhase:
     """Try each candidate base rate on the first epoch of phase ``phase_index``, choose the best on val and
     go on from it: the chosen epoch is recorded as the run's, and its live objects are returned."""
     config = run.config
@@ -87,7 +87,7 @@ def choose_rate(run: _Run, state: RunState, phase_index: int, bar: Any) -> LiveP
     return _go_on_from_best(run, state, sweep, phase_index, bar)
 
 
-def _try_candidate(run: _Run, state: RunState, sweep: LrSweep, phase_index: int, lr: float) -> None:
+def _try_candidate(run: Run, state: RunState, sweep: LrSweep, phase_index: int, lr: float) -> None:
     """Train the phase's first epoch at base rate ``lr``, record it, keep it if best, write the checkpoint."""
     phase = run.config.phases[phase_index]
     t0 = time.perf_counter()
@@ -95,10 +95,10 @@ def _try_candidate(run: _Run, state: RunState, sweep: LrSweep, phase_index: int,
     global_epoch = epochs_before(run.config, phase_index)
     stats = train_epoch(run, live.step_model, live.optimizer, live.scheduler, global_epoch)
     val_loss, val_acc = validate(run)
-    record = _epoch_record(global_epoch, phase_index, phase, stats, val_loss, val_acc)
+    record = epoch_record(global_epoch, phase_index, phase, stats, val_loss, val_acc)
     result = {
         "lr": lr,
-        "val_loss": _finite(val_loss),
+        "val_loss": finite_or_none(val_loss),
         "val_accuracy": val_acc,
         "train_loss": record["train_loss"],
         "seconds": round(time.perf_counter() - t0, 3),
@@ -120,7 +120,7 @@ def _try_candidate(run: _Run, state: RunState, sweep: LrSweep, phase_index: int,
     _ddp.barrier(run.world)
 
 
-def _go_on_from_best(run: _Run, state: RunState, sweep: LrSweep, phase_index: int, bar: Any) -> LivePhase:
+def _go_on_from_best(run: Run, state: RunState, sweep: LrSweep, phase_index: int, bar: Any) -> LivePhase:
     """Make the best candidate the run's: its weights and optimiser, its epoch in the curves."""
     assert sweep.best is not None  # the first candidate is always tried
     best = sweep.best
@@ -143,7 +143,7 @@ def _key(result: dict[str, Any], by: str) -> tuple[float, float]:
     return (accuracy, loss) if by == "val_accuracy" else (loss, accuracy)
 
 
-def _over_budget(run: _Run, sweep: LrSweep) -> bool:
+def _over_budget(run: Run, sweep: LrSweep) -> bool:
     """Whether the next candidate would end past ``max_minutes`` (rank 0 decides for every rank)."""
     limit = run.config.max_minutes
     if limit is None or not sweep.runs:
@@ -153,7 +153,7 @@ def _over_budget(run: _Run, sweep: LrSweep) -> bool:
     return bool(_ddp.gather_objects(run.world, over)[0])
 
 
-def _copy_weights(run: _Run) -> dict[str, Any]:
+def _copy_weights(run: Run) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in run.model.net.state_dict().items()}
 
 

@@ -36,12 +36,12 @@ from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
 from featx.data.splits import SELECTION_RULE, SplitPlan
 from featx.exceptions import SpecMismatchError
-from featx.finetune.artifacts import CHECKPOINT, FINETUNE_META, WEIGHTS, _config_hash, _save_json
+from featx.finetune.artifacts import CHECKPOINT, FINETUNE_META, WEIGHTS, config_hash, save_json
 from featx.finetune.config import FinetuneConfig
-from featx.finetune.data import _EvalImages
+from featx.finetune.data import EvalImages
 from featx.finetune.epochs import evaluate_start, predict, train_phase
-from featx.finetune.heads import _family, _model_label
-from featx.finetune.prepare import _Run, build_model, load_manifest, prepare_rows
+from featx.finetune.heads import block_family, model_label
+from featx.finetune.prepare import Run, build_model, load_manifest, prepare_rows
 from featx.finetune.state import RunState, read_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
@@ -210,9 +210,9 @@ def _finetune(
     manifest = load_manifest(source, plan)
     built = build_model(name, manifest, config, init_head=init_head, trust=trust)
     rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels)
-    run_hash = _config_hash(config, built.net, rows.fingerprint, built.init_ref)
+    run_hash = config_hash(config, built.net, rows.fingerprint, built.init_ref)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
-    run = _Run.start(world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels)
+    run = Run.start(world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels)
     if state.model is not None:
         run.model.net.load_state_dict(state.model)
         run.info("resuming %s at phase %d, epoch %d", out, state.phase + 1, state.epoch_in_phase + 1)
@@ -257,7 +257,7 @@ def restore_or_start(world: _ddp.World, out: Path, run_hash: str, *, overwrite: 
     return state
 
 
-def test_best(run: _Run) -> TestMetrics | None:
+def test_best(run: Run) -> TestMetrics | None:
     """Load the best epoch's weights and test them once (``None`` when the source has no test rows)."""
     from safetensors.torch import load_file
 
@@ -265,7 +265,7 @@ def test_best(run: _Run) -> TestMetrics | None:
     rows, manifest = run.rows.test, run.rows.manifest
     if not len(rows):
         return None
-    images = _EvalImages(
+    images = EvalImages(
         [manifest.paths[r] for r in rows], manifest.labels[rows], run.model.preprocessing, run.max_pixels
     )
     t0 = time.perf_counter()
@@ -279,21 +279,21 @@ def test_best(run: _Run) -> TestMetrics | None:
     return metrics
 
 
-def write_artifacts(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
+def write_artifacts(run: Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
     """Write ``finetune.json`` and ``results.json`` (rank 0), wait for them on every rank, return the results."""
     meta = _finetune_meta(run, state)
     results = _results(run, state, test, seconds=seconds)
     if run.world.is_main:
-        _save_json(run.out / FINETUNE_META, meta)
+        save_json(run.out / FINETUNE_META, meta)
         write_results(run.out / "results.json", results)
     _ddp.barrier(run.world)  # no rank returns (or exits) before the files are there
     return results
 
 
-def _finetune_meta(run: _Run, state: RunState) -> dict[str, Any]:
+def _finetune_meta(run: Run, state: RunState) -> dict[str, Any]:
     """``finetune.json``: what :func:`~featx.finetune.load_finetuned` needs to rebuild the network."""
     built, config = run.built, run.config
-    family = _family(built.net)
+    family = block_family(built.net)
     return {
         "format": "featx.finetuned",
         "format_version": 1,
@@ -326,7 +326,7 @@ def _fit_seconds(state: RunState) -> float:
     return round(sum(c["seconds"] for c in state.curves) + others, 3)
 
 
-def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
+def _results(run: Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
     """The run's results document (:class:`featx.results.FinetuneResults`)."""
     built, config, rows = run.built, run.config, run.rows
     kind = "lp-ft" if built.init_ref else "finetune"
@@ -334,7 +334,7 @@ def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: f
     return sweep | {
         "schema": SCHEMA,
         "kind": "finetune",
-        "method": f"{kind}[{config.label}] · {_model_label(built.net.parsed)}",
+        "method": f"{kind}[{config.label}] · {model_label(built.net.parsed)}",
         "store": None,
         "source": rows.manifest.source,
         "split_policy": rows.manifest.split_policy,

@@ -82,7 +82,7 @@ def _tasks(job: Job) -> list[Task]:
         for ft in job.finetune:
             depends = []
             if ft.init_head:
-                bb = _backbone_of(job, ft)
+                bb = backbone_of(job, ft)
                 # The probe's first seed: a logistic regression's seed does not change its fit.
                 depends = [
                     t.id
@@ -109,11 +109,11 @@ def _seeds(job: Job, seeds: tuple[int, ...] | None) -> list[tuple[int, str]]:
     return [(s, f"/seed{s}" if len(seeds) > 1 else "") for s in seeds]
 
 
-def _backbone_of(job: Job, ft: FinetuneSpec) -> BackboneSpec | None:
+def backbone_of(job: Job, ft: FinetuneSpec) -> BackboneSpec | None:
     return next((b for b in job.backbones if b.name == ft.backbone), None)
 
 
-def _hash(obj: Any) -> str:
+def identity_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from featx._runtime.io import atomic_write
-from featx.jobs.planning import Task, _backbone_of, _hash, cell_dir, plan
+from featx.jobs.planning import Task, backbone_of, cell_dir, identity_hash, plan
 from featx.jobs.schema import FinetuneSpec, Job, JobError, job_error
 from featx.jobs.values import classifier_config, finetune_config
 from featx.results import CellInfo, read_results, write_results
@@ -239,7 +239,7 @@ def _execute(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_r
         return
     out = cell_dir(job, task)
     marker = out / CELL_MARKER
-    digest = _hash(identity)
+    digest = identity_hash(identity)
     if not force and _cached(out, digest):
         task.status = "cached"
         return
@@ -384,7 +384,7 @@ def _shots(task: Task) -> list[Any] | None:
 
 def _finetune_backbone(job: Job, ft: FinetuneSpec) -> str:
     """A fine-tune's backbone: that of the [[backbones]] table it names, else the name itself."""
-    bb = _backbone_of(job, ft)
+    bb = backbone_of(job, ft)
     return bb.backbone if bb is not None else ft.backbone
 
 

@@ -116,7 +116,7 @@ def read_labels_fingerprint(path: str | Path) -> str | None:
 # ------------------------------------------------------------------------------------ file layout
 # The two writers of finished stores (StoreWriter's assembly and `concatenate`) share these three
 # helpers, so a joined store cannot drift from the layout of one written in a single process.
-def _create_layout(f: h5py.File, spec: ExtractionSpec, dims: dict[str, int], n: int) -> dict[str, h5py.Dataset]:
+def create_layout(f: h5py.File, spec: ExtractionSpec, dims: dict[str, int], n: int) -> dict[str, h5py.Dataset]:
     """Stamp the format (marked incomplete) and create the zero-filled ``/features/<layer>`` datasets."""
     storage = np.float16 if spec.dtype == "float16" else np.float32
     f.attrs["featx_format"] = FORMAT_NAME
@@ -133,7 +133,7 @@ def _create_layout(f: h5py.File, spec: ExtractionSpec, dims: dict[str, int], n: 
     return datasets
 
 
-def _write_columns(
+def write_columns(
     f: h5py.File,
     *,
     ids: Sequence[str],
@@ -166,7 +166,7 @@ def _write_columns(
     fg.create_dataset("reasons", data=np.array(list(fail_reasons), dtype=object), dtype=strings)
 
 
-def _finish_attrs(f: h5py.File, attrs: dict[str, str]) -> None:
+def finish_attrs(f: h5py.File, attrs: dict[str, str]) -> None:
     """Write the provenance attributes and, last of all, mark the file complete."""
     for name, value in attrs.items():
         f.attrs[name] = value
@@ -174,7 +174,7 @@ def _finish_attrs(f: h5py.File, attrs: dict[str, str]) -> None:
     f.attrs["complete"] = True
 
 
-def _file_stats(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def file_stats(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Size and modification time of each file as extracted (-1 when missing), for per-image reuse checks."""
     sizes = np.full(len(paths), -1, dtype=np.int64)
     mtimes = np.full(len(paths), -1, dtype=np.int64)
@@ -212,5 +212,5 @@ class Failure:
     reason: str
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -20,7 +20,7 @@ from featx._runtime.io import atomic_path
 from featx.data.manifest import labels_fingerprint
 from featx.exceptions import SpecMismatchError
 from featx.spec import canonical_json
-from featx.store.format import _create_layout, _finish_attrs, _text, _write_columns
+from featx.store.format import as_text, create_layout, finish_attrs, write_columns
 from featx.store.reader import FeatureStore
 
 __all__ = ["concatenate"]
@@ -109,26 +109,26 @@ def _join_into(
     offsets = np.cumsum([0] + [len(store) for store in stores])
 
     def column(name: str) -> np.ndarray:
-        return np.concatenate([store._file[name][:] for store in stores])
+        return np.concatenate([store.h5[name][:] for store in stores])
 
     def failures(name: str) -> np.ndarray:
-        return np.concatenate([store._file["failures"][name][:] for store in stores])
+        return np.concatenate([store.h5["failures"][name][:] for store in stores])
 
     with h5py.File(target, "w") as f:
-        datasets = _create_layout(f, first.spec, first.feature_dims(), n)
+        datasets = create_layout(f, first.spec, first.feature_dims(), n)
         for layer, out in datasets.items():
             step = max(1, _COPY_BYTES // (out.shape[1] * out.dtype.itemsize))
             for store, offset in zip(stores, offsets, strict=False):
-                src = store._file["features"][layer]
+                src = store.h5["features"][layer]
                 for start in range(0, len(store), step):
                     stop = min(len(store), start + step)
                     out[offset + start : offset + stop] = src[start:stop]
-        ids, labels, codes = [_text(s) for s in column("ids")], column("labels"), column("split")
+        ids, labels, codes = [as_text(s) for s in column("ids")], column("labels"), column("split")
         names = {code: name for name, code in first.source_split_codes.items()}
-        _write_columns(
+        write_columns(
             f,
             ids=ids,
-            paths=[_text(s) for s in column("paths")],
+            paths=[as_text(s) for s in column("paths")],
             labels=labels,
             file_size=column("file_size"),
             file_mtime_ns=column("file_mtime_ns"),
@@ -137,12 +137,12 @@ def _join_into(
             class_names=first.class_names,
             done=column("done"),
             fail_rows=np.concatenate(
-                [store._file["failures"]["rows"][:] + offset for store, offset in zip(stores, offsets, strict=False)]
+                [store.h5["failures"]["rows"][:] + offset for store, offset in zip(stores, offsets, strict=False)]
             ),
-            fail_ids=[_text(s) for s in failures("ids")],
-            fail_reasons=[_text(s) for s in failures("reasons")],
+            fail_ids=[as_text(s) for s in failures("ids")],
+            fail_reasons=[as_text(s) for s in failures("reasons")],
         )
-        _finish_attrs(
+        finish_attrs(
             f,
             {
                 "key": key,

@@ -20,7 +20,7 @@ from featx.store.format import (
     FORMAT_VERSION,
     SPLIT_CODES,
     Failure,
-    _text,
+    as_text,
     partial_path,
     partial_progress,
     shards_path,
@@ -94,7 +94,7 @@ class FeatureStore:
         names = {code: name for name, code in codes.items()}
         source_splits = [names[int(c)] for c in self._file["split"][:]]
         self.source_splits: dict[str, int] = {s: source_splits.count(s) for s in SPLIT_CODES if s in source_splits}
-        ids = [_text(s) for s in self._file["ids"][:]]
+        ids = [as_text(s) for s in self._file["ids"][:]]
         assigned, self.split_policy = self.plan.assign(ids, self._labels, source_splits)
         self.split_hashes: dict[str, str] = split_hashes(ids, assigned)
         self._split = np.array([SPLIT_CODES[s] for s in assigned], dtype=np.int8)
@@ -115,6 +115,11 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return len(self._labels)
+
+    @property
+    def h5(self) -> h5py.File:
+        """The open HDF5 file, read-only (for the store's own writers: joining, migrating)."""
+        return self._file
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, backbone={self.spec.backbone!r}, rows={len(self)})"
@@ -156,11 +161,11 @@ class FeatureStore:
 
     def ids(self, split: str | None = None) -> list[str]:
         """Row ids, aligned with :meth:`features`."""
-        return [_text(s) for s in _read_rows(self._file["ids"], self.rows(split))]
+        return [as_text(s) for s in _read_rows(self._file["ids"], self.rows(split))]
 
     def paths(self, split: str | None = None) -> list[str]:
         """Image paths, aligned with :meth:`features`."""
-        return [_text(s) for s in _read_rows(self._file["paths"], self.rows(split))]
+        return [as_text(s) for s in _read_rows(self._file["paths"], self.rows(split))]
 
     def read_rows(self, rows: np.ndarray, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(features, labels)`` of the given row indices (sorted ascending), e.g. a block from :meth:`rows`."""
@@ -191,7 +196,7 @@ class FeatureStore:
         """Images that could not be extracted, with the reason."""
         fg = self._file["failures"]
         return [
-            Failure(int(r), _text(i), _text(reason))
+            Failure(int(r), as_text(i), as_text(reason))
             for r, i, reason in zip(fg["rows"][:], fg["ids"][:], fg["reasons"][:], strict=True)
         ]
 

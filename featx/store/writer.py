@@ -27,13 +27,13 @@ from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLocke
 from featx.spec import ExtractionSpec, canonical_json, spec_differences
 from featx.store.format import (
     SPLIT_CODES,
-    _create_layout,
-    _file_stats,
-    _finish_attrs,
-    _text,
-    _write_columns,
+    as_text,
+    create_layout,
+    file_stats,
+    finish_attrs,
     partial_path,
     read_key,
+    write_columns,
 )
 from featx.store.reader import FeatureStore
 
@@ -293,7 +293,7 @@ class StoreWriter:
     def _assemble(self, target: Path, stats: dict[str, Any]) -> None:
         m, n = self.manifest, len(self.manifest)
         with h5py.File(target, "w") as f:
-            datasets = _create_layout(f, self.spec, self.dims, n)
+            datasets = create_layout(f, self.spec, self.dims, n)
             for part in sorted(self.workdir.glob("part-*.npz")):
                 with np.load(part, allow_pickle=False) as data:
                     rows = data["rows"]
@@ -308,9 +308,9 @@ class StoreWriter:
                             datasets[layer][sorted_rows[0] : sorted_rows[-1] + 1] = block
                         else:
                             datasets[layer][sorted_rows] = block
-            sizes, mtimes = _file_stats(m.paths)
+            sizes, mtimes = file_stats(m.paths)
             fail_rows = np.array(sorted(self._failed), dtype=np.int64)
-            _write_columns(
+            write_columns(
                 f,
                 ids=m.ids,
                 paths=m.paths,
@@ -325,7 +325,7 @@ class StoreWriter:
                 fail_ids=[m.ids[r] for r in fail_rows],
                 fail_reasons=[self._failed[r] for r in fail_rows],
             )
-            _finish_attrs(
+            finish_attrs(
                 f,
                 {
                     "key": self.key,
@@ -432,8 +432,8 @@ def migrate_format_1(path: str | Path, key: str, spec: ExtractionSpec, images_fi
                 return False
             if not str(old.attrs.get("manifest_fingerprint", "")).startswith("stat:"):
                 return False
-            columns = old._file
-            ids, paths = [_text(s) for s in columns["ids"][:]], [_text(s) for s in columns["paths"][:]]
+            columns = old.h5
+            ids, paths = [as_text(s) for s in columns["ids"][:]], [as_text(s) for s in columns["paths"][:]]
             recorded = stat_fingerprint(ids, paths, columns["file_size"][:], columns["file_mtime_ns"][:])
     except Exception:
         return False
