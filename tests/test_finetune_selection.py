@@ -51,12 +51,12 @@ def test_auto_rates_in_phases_and_lr_auto():
     assert not fixed.sweeps and fixed.phases[0].rate(None) == 1e-2 and "auto" not in fixed.to_dict()["phases"][0]
     for kw, message in [
         ({"phases": "head:1:auto,all:1:1e-3", "lr": "auto"}, "give the others as auto"),
-        ({"phases": "head:1:1e-3", "lr": "sometimes"}, "use phases"),
+        ({"phases": "head:1:1e-3", "lr": "sometimes"}, "unknown lr 'sometimes'. Choose one of phases, auto"),
         ({"phases": "head:1:1e-3", "lr_candidates": (1e-3, 1e-2)}, "no rate is chosen"),
         ({"phases": "head:1:1e-3", "max_minutes": 5.0}, "no rate is chosen"),
-        ({"phases": "head:1:auto", "lr_candidates": (1e-3,)}, "two or more distinct positive rates"),
-        ({"phases": "head:1:auto", "lr_candidates": (1e-3, -1.0)}, "two or more distinct positive rates"),
-        ({"phases": "head:1:auto", "max_minutes": 0}, "max minutes must be a positive number"),
+        ({"phases": "head:1:auto", "lr_candidates": (1e-3,)}, "lr_candidates must be two or more rates"),
+        ({"phases": "head:1:auto", "lr_candidates": (1e-3, -1.0)}, "each a number greater than 0"),
+        ({"phases": "head:1:auto", "max_minutes": 0}, "max_minutes must be a number greater than 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             _config(**kw)
@@ -167,7 +167,7 @@ def test_cli_lr_auto(colour_folder, tmp_path):
     assert [p["lr"] for p in results["finetune"]["phases"]] == pytest.approx([chosen, chosen / 10])
     assert load_file(str(out / "model.safetensors"))
     bad = CliRunner().invoke(main, [*args, "--lr-candidates", "1e-2,x", "--out", str(tmp_path / "o")])
-    assert bad.exit_code != 0 and "comma-separated rates" in bad.output
+    assert bad.exit_code == 2 and "lr_candidates must be a list of distinct items, each a number greater" in bad.output
 
 
 # --------------------------------------------------------------------------------------------- kill -9
