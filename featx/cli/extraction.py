@@ -84,7 +84,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.IntRange(min=1),
     default=DEFAULT_MAX_PIXELS,
     show_default=True,
-    help="Images with more pixels are recorded as failures (decompression-bomb guard).",
+    help="Images with more pixels, decoded or once resized, are recorded as failures (decompression-bomb guard).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a store (or interrupted job) made with another spec.")
 @click.option(
