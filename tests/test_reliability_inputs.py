@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from conftest import TINY, make_image, synthetic_store
 from PIL import Image
 
+import featx.store.format as format_module
 import featx.store.writer as writer_module
 from featx.cli import main
 from featx.data import from_csv, from_folder
@@ -107,9 +108,9 @@ def _extract_args(folder: Path, out: Path) -> dict:
 
 def test_too_little_free_space_is_refused_before_assembling_and_the_batches_resume(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "s.h5"
-    real = writer_module.shutil.disk_usage
-    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(DiskFullError, match=r"no space left on the disk of .*s\.h5\.partial for .*s\.h5: assembling"):
+    real = format_module.shutil.disk_usage
+    monkeypatch.setattr(format_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(DiskFullError, match=r"disk of .*s\.h5\.partial for assembling .*s\.h5: it needs about"):
         extract(**_extract_args(image_folder, out))
     assert not out.exists() and len(list(partial_path(out).glob("part-*.npz"))) == 3
     monkeypatch.undo()
@@ -140,29 +141,44 @@ def test_a_full_disk_while_saving_a_batch_names_the_folder(image_folder, tmp_pat
         monkeypatch.setattr(writer_module, "atomic_write", full)
         with pytest.raises(DiskFullError, match=r"s\.h5\.partial for .*saving a batch"):
             w.write_batch(np.array([0]), {"penultimate": np.ones((1, 4))})
-    with pytest.raises(DiskFullError, match=r"s2\.h5: starting the job"):
+    with pytest.raises(DiskFullError, match=r"s2\.h5\.partial for starting the job of .*s2\.h5: the disk has"):
         _writer(tmp_path / "s2.h5", image_folder).__enter__()
 
 
 def test_the_cli_exits_1_on_a_full_disk(image_folder, tmp_path, monkeypatch):
-    real = writer_module.shutil.disk_usage
-    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    real = format_module.shutil.disk_usage
+    monkeypatch.setattr(format_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     args = ["extract", str(image_folder), "--backbone", TINY, "--out", str(tmp_path / "s.h5"), "--workers", "0"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and "no space left on the disk" in res.output and "Traceback" not in res.output
+
+
+def test_joining_shards_on_a_full_disk_is_the_same_clear_error(tmp_path, monkeypatch):
+    from featx.store.join import concatenate
+
+    part = synthetic_store(tmp_path / "part.h5")
+    real = format_module.shutil.disk_usage
+    monkeypatch.setattr(format_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(DiskFullError, match=r"for joining 2 stores into .*joined\.h5: it needs about .*join again"):
+        concatenate([part, part], tmp_path / "joined.h5", key="k")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part.h5"]
+    with FeatureStore(concatenate([part, part], tmp_path / "joined.h5", key="k")) as joined:
+        assert len(joined) == 240
 
 
 _FILL_A_REAL_DISK = """
 import shutil, sys
 from pathlib import Path
 import numpy as np
+import featx.store.format as f
 import featx.store.writer as w
 from featx.data import Manifest
 from featx.exceptions import DiskFullError
 from featx.spec import ExtractionSpec, Preprocessing, cache_key
 
 real = shutil.disk_usage
-w.shutil.disk_usage = lambda p: real(p)._replace(free=1 << 40)  # the check passes: the disk fills during the writes
+f.shutil.disk_usage = lambda p: real(p)._replace(free=1 << 40)  # the check passes: the disk fills during the writes
 n, dims = 24, 65536  # 6 MiB of features: the parts fit on the 16 MiB disk, a second copy does not
 ids = [f"{i}.png" for i in range(n)]
 m = Manifest(ids, ids, np.zeros(n, dtype=int), ["train"] * n, ["a"], "synthetic")

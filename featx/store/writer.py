@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,14 @@ from featx.exceptions import DiskFullError, IncompleteStoreError, SpecMismatchEr
 from featx.spec import ExtractionSpec, canonical_json, spec_differences
 from featx.store.format import (
     SPLIT_CODES,
+    _column_bytes,
     _create_layout,
+    _disk_full,
     _file_stats,
     _finish_attrs,
     _text,
     _write_columns,
+    _write_hdf5_guarded,
     partial_path,
     read_key,
 )
@@ -42,12 +45,6 @@ from featx.store.reader import FeatureStore
 __all__ = ["StoreWriter", "adopt_legacy_store", "check_not_locked", "check_replaceable", "update_labels"]
 
 log = logging.getLogger(__name__)
-
-
-# HDF5 writes its metadata (and small datasets) when the file is closed; a disk that fills then crashes h5py
-# (a segfault, not an exception). So the columns and that final flush get space set aside before the features
-# are written: at least this much, beyond the estimated size of the columns.
-_METADATA_RESERVE = 8 << 20
 
 
 # ------------------------------------------------------------------------------------------- locking
@@ -241,7 +238,7 @@ class StoreWriter:
                 with np.load(part, allow_pickle=False) as data:
                     rows = data["rows"]
                     fail_rows, reasons = data["fail_rows"], data["fail_reasons"]
-                    seconds = float(data["seconds"]) if "seconds" in data else 0.0  # parts of featx < 0.x: none
+                    seconds = float(data["seconds"]) if "seconds" in data else 0.0  # an earlier featx saved none
                     run = json.loads(str(data["run"])) if "run" in data else {}
             except Exception as exc:  # a part damaged by power loss: recompute its rows
                 log.warning("discarding unreadable part %s (%s); its rows will be extracted again", part.name, exc)
@@ -258,7 +255,7 @@ class StoreWriter:
             atomic_write(job_file, lambda fh: fh.write(canonical_json(job).encode()))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise self._disk_full(self.workdir, "starting the job") from None
+                raise self._disk_full("starting the job") from None
             raise
         if self._done.any() or self._failed:
             log.info(
@@ -332,7 +329,7 @@ class StoreWriter:
                 raise ValueError(f"layer {layer}: got {block.shape}, expected {(len(rows), self.dims[layer])}")
             not_finite = ~np.isfinite(block).all(axis=1) & ~bad
             for k in np.flatnonzero(not_finite):
-                failures.append((int(rows[k]), _non_finite_reason(layer, raw[k], self.spec.dtype)))
+                failures.append((int(rows[k]), _non_finite_reason(layer, raw[k])))
             bad |= not_finite
             blocks.append(block)
         keep = ~bad
@@ -350,7 +347,7 @@ class StoreWriter:
             atomic_write(target, lambda fh: np.savez(fh, **arrays))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise self._disk_full(self.workdir, "saving a batch") from None
+                raise self._disk_full("saving a batch") from None
             raise
         self._next_part += 1
         self._done[rows[keep]] = True
@@ -363,60 +360,35 @@ class StoreWriter:
         if len(missing):
             raise IncompleteStoreError(f"cannot finalise {self.path}: {len(missing)} rows were never extracted")
         features, columns = self._estimated_bytes()
-        needed = features + columns + _METADATA_RESERVE
-        free = shutil.disk_usage(self.workdir).free
-        if needed > free:
-            raise self._disk_full(self.workdir, "assembling the store", needed, free)
-        reserve = self.workdir / f"reserve-{os.getpid()}"
         # Assembled inside the partial folder, so a kill during assembly leaves nothing beside the store.
-        try:
-            _set_aside(reserve, columns + _METADATA_RESERVE)
-            with atomic_path(self.path, self.workdir / f"assembling-{os.getpid()}.h5") as tmp:
-                self._assemble(tmp, stats or {}, reserve)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            raise self._disk_full(self.workdir, "assembling the store", needed) from None
-        finally:
-            reserve.unlink(missing_ok=True)
+        with atomic_path(self.path, self.workdir / f"assembling-{os.getpid()}.h5") as tmp:
+            _write_hdf5_guarded(
+                tmp,
+                features,
+                columns,
+                lambda f, columns_next: self._write_store(f, stats or {}, columns_next),
+                f"assembling {self.path}",
+                f"run the same command again: the {self.n_done + self.n_failed} rows already saved are kept and resume",
+            )
         shutil.rmtree(self.workdir, ignore_errors=True)  # unlinks the lock file, held until _release
         return self.path
 
     def _estimated_bytes(self) -> tuple[int, int]:
         """``(features, the rest)``: about how many bytes the finished store takes, the features exactly."""
-        n = len(self.manifest)
         itemsize = 2 if self.spec.dtype == "float16" else 4
-        features = n * sum(self.dims.values()) * itemsize
-        text = sum(len(s.encode()) for s in self.manifest.ids) + sum(len(s.encode()) for s in self.manifest.paths)
-        # Each string costs a heap object and a reference (~32 bytes each), each row 26 bytes of numbers.
-        columns = text + n * (2 * 48 + 26) + sum(len(r.encode()) + 64 for r in self._failed.values())
-        return features, columns
+        features = len(self.manifest) * sum(self.dims.values()) * itemsize
+        return features, _column_bytes(self.manifest.ids, self.manifest.paths, list(self._failed.values()))
 
-    def _disk_full(self, folder: Path, doing: str, needed: int | None = None, free: int | None = None) -> DiskFullError:
-        """The error for a full disk: the path, the space needed and free, and that the saved batches resume."""
-        free = shutil.disk_usage(folder).free if free is None else free
-        need = f"needs about {needed / 2**20:,.1f} MiB there" if needed is not None else "needs more space"
-        return DiskFullError(
-            errno.ENOSPC,
-            f"no space left on the disk of {folder} for {self.path}: {doing} {need} and the disk has "
-            f"{free / 2**20:,.1f} MiB free. Free some space and run the same command again: the "
-            f"{self.n_done + self.n_failed} rows already saved are kept and resume",
+    def _disk_full(self, doing: str) -> DiskFullError:
+        return _disk_full(
+            self.workdir,
+            f"{doing} of {self.path}",
+            None,
+            None,
+            f"run the same command again: the {self.n_done + self.n_failed} rows already saved are kept and resume",
         )
 
-    def _assemble(self, target: Path, stats: dict[str, Any], reserve: Path) -> None:
-        f = h5py.File(target, "w", rdcc_nbytes=0)  # no chunk cache: a full disk fails the write, not the close
-        try:
-            self._write_store(f, stats, reserve)
-        except BaseException:
-            # Closing flushes metadata; into a full disk h5py would crash. Emptying the file first frees its space.
-            with contextlib.suppress(OSError):
-                os.truncate(target, 0)
-            with contextlib.suppress(Exception):
-                f.close()
-            raise
-        f.close()
-
-    def _write_store(self, f: h5py.File, stats: dict[str, Any], reserve: Path) -> None:
+    def _write_store(self, f: h5py.File, stats: dict[str, Any], columns_next: Callable[[], None]) -> None:
         m, n = self.manifest, len(self.manifest)
         datasets = _create_layout(f, self.spec, self.dims, n)
         for part in sorted(self.workdir.glob("part-*.npz")):
@@ -433,7 +405,7 @@ class StoreWriter:
                         datasets[layer][sorted_rows[0] : sorted_rows[-1] + 1] = block
                     else:
                         datasets[layer][sorted_rows] = block
-        reserve.unlink(missing_ok=True)  # the space set aside is now the columns' and the metadata's
+        columns_next()  # the space set aside is now the columns' and the metadata's
         sizes, mtimes = _file_stats(m.paths)
         fail_rows = np.array(sorted(self._failed), dtype=np.int64)
         _write_columns(
@@ -467,27 +439,7 @@ class StoreWriter:
         )
 
 
-def _set_aside(path: Path, size: int) -> None:
-    """Claim ``size`` bytes of disk in a file at ``path`` (allocated, not sparse), for a write that must not fail.
-
-    Raises
-    ------
-    OSError
-        ``ENOSPC`` when the disk has less.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
-        else:  # macOS: write the bytes
-            block = b"\0" * (1 << 20)
-            for start in range(0, size, len(block)):
-                os.write(fd, block[: size - start])
-    finally:
-        os.close(fd)
-
-
-def _non_finite_reason(layer: str, values: np.ndarray, dtype: str) -> str:
+def _non_finite_reason(layer: str, values: np.ndarray) -> str:
     """Why a row of features is not finite: the network gave NaN or infinity, or float16 storage overflowed."""
     if np.isfinite(values).all():
         return (
