@@ -322,7 +322,7 @@ def test_train_names_the_store_and_the_rows_of_an_old_store_with_nan_features(tm
         f["features/penultimate"][5, 0] = np.nan
     res = CliRunner().invoke(main, ["train", str(store), "-c", "logreg", "--out", str(tmp_path / "m")])
     assert res.exit_code == 1 and "Traceback" not in res.output
-    assert "s.h5: 1 row of features/penultimate hold non-finite features" in res.output
+    assert "s.h5: 1 row of features/penultimate holds non-finite features" in res.output
     assert "rows [5] (ids 'img00005.png')" in res.output and "--overwrite" in res.output
 
 

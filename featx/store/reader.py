@@ -195,14 +195,18 @@ class FeatureStore:
         ValueError
             Naming the store, the layer and the rows whose features are NaN or infinite.
         """
-        finite = np.isfinite(features).all(axis=1)
+        finite = np.ones(len(features), dtype=bool)
+        for start in range(0, len(features), _FINITE_CHECK_ROWS):  # in blocks: the mask of a block, not of all
+            block = slice(start, start + _FINITE_CHECK_ROWS)
+            finite[block] = np.isfinite(features[block]).all(axis=1)
         if finite.all():
             return features
         bad = rows[~finite]
         ids = [_text(s) for s in _read_rows(self._file["ids"], bad[:5])]
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ValueError(
-            f"{self.path}: {len(bad)} row{'s' if len(bad) > 1 else ''} of {dataset.removeprefix('/')} hold non-finite "
+            f"{self.path}: {len(bad)} row{'s' if len(bad) > 1 else ''} of {dataset.removeprefix('/')} "
+            f"hold{'' if len(bad) > 1 else 's'} non-finite "
             f"features (NaN or infinity), so no classifier can use them: rows {bad[:5].tolist()} (ids "
             f"{', '.join(repr(i) for i in ids)}){more}. An earlier featx stored them as extracted; extract the store "
             "again with --overwrite, which records such rows as failures with their reason"
@@ -246,6 +250,9 @@ class FeatureStore:
             "stats": json.loads(self.attrs.get("stats", "{}")),
             "versions": json.loads(self.attrs.get("versions", "{}")),
         }
+
+
+_FINITE_CHECK_ROWS = 1 << 14
 
 
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
