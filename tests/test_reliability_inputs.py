@@ -133,6 +133,14 @@ def test_a_disk_that_fills_during_assembly_is_the_same_clear_error(image_folder,
     assert extract(**_extract_args(image_folder, out)).resumed_rows == 18
 
 
+def test_space_set_aside_by_a_killed_assembly_is_given_back(image_folder, tmp_path):
+    out = tmp_path / "s.h5"
+    partial_path(out).mkdir()
+    (partial_path(out) / "assembling-99999.h5.reserve").write_bytes(b"\0" * 1000)  # kill -9 while assembling
+    with _writer(out, image_folder):
+        assert not (partial_path(out) / "assembling-99999.h5.reserve").exists()
+
+
 def test_a_full_disk_while_saving_a_batch_names_the_folder(image_folder, tmp_path, monkeypatch):
     def full(target, write):
         raise OSError(errno.ENOSPC, "No space left on device")

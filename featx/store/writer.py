@@ -249,7 +249,7 @@ class StoreWriter:
             self._done[rows] = True
             self._failed.update(zip(fail_rows.tolist(), reasons.tolist(), strict=True))
             self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
-        for stale in [*self.workdir.glob(".*.tmp*"), *self.workdir.glob("assembling-*.h5")]:
+        for stale in [*self.workdir.glob(".*.tmp*"), *self.workdir.glob("assembling-*.h5*")]:  # .h5.reserve too
             stale.unlink()
         try:
             atomic_write(job_file, lambda fh: fh.write(canonical_json(job).encode()))
