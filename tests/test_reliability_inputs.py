@@ -101,6 +101,15 @@ def test_a_strip_in_a_job_is_a_recorded_failure(image_folder, tmp_path):
     assert result.n_done == 18
 
 
+def test_a_fine_tune_skips_a_strip_up_front_instead_of_failing_at_evaluation(image_folder):
+    from featx.finetune.data import _readable
+
+    _strip(image_folder / "cat" / "strip.png", (400, 2))
+    m = from_folder(image_folder)
+    ok, bad = _readable(m, np.arange(len(m)), 200_000, PRE)
+    assert len(ok) == 18 and bad == [("cat/strip.png", bad[0][1])] and "resizing its shorter side" in bad[0][1]
+
+
 # --------------------------------------------------------------------------- 2. a full disk
 def _extract_args(folder: Path, out: Path) -> dict:
     return {"source": folder, "backbone": TINY, "out": out, "workers": 0, "progress": False, "batch_size": 8}
