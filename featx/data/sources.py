@@ -211,10 +211,12 @@ def _refuse_unreadable(root: Path, unreadable: list[OSError]) -> None:
     """Refuse an image folder of which some folders cannot be listed: their images would silently be missing."""
     shown = "; ".join(f"{exc.filename} ({exc.strerror or exc})" for exc in unreadable[:5])
     more = f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
-    raise PermissionError(
-        f"image folder {root}: {len(unreadable)} folder{'s' if len(unreadable) > 1 else ''} cannot be read, so "
-        f"{'their' if len(unreadable) > 1 else 'its'} images would silently be missing: {shown}{more}. Make "
-        "them readable (chmod -R u+rX), or move them out of the folder"
+    many = len(unreadable) > 1
+    error = PermissionError if all(isinstance(exc, PermissionError) for exc in unreadable) else OSError
+    raise error(
+        f"image folder {root}: {len(unreadable)} folder{'s' if many else ''} cannot be read, so "
+        f"{'their' if many else 'its'} images would silently be missing: {shown}{more}. Make "
+        f"{'them' if many else 'it'} readable (chmod -R u+rX), or move {'them' if many else 'it'} out of the folder"
     )
 
 
