@@ -213,7 +213,6 @@ with w.StoreWriter(Path(sys.argv[1]) / "s.h5", spec, cache_key(spec, fp), m, fp,
 """
 
 
-@pytest.mark.slow
 def test_a_real_full_disk_during_assembly_is_an_error_not_a_segfault(tmp_path):
     """On a 16 MiB tmpfs (needs root): h5py used to crash with a segfault when its writes met a full disk."""
     disk = tmp_path / "disk"
@@ -371,14 +370,15 @@ def test_a_resumed_store_counts_the_work_of_every_run(image_folder, tmp_path, mo
 # ---------------------------------------------------------------------- 12. silent oddities
 def test_shots_beyond_the_smallest_class_are_left_out_and_said(tmp_path, caplog):
     from featx.classify import ClassifierConfig, train
+    from featx.classify.fewshot import drawable_shots
 
-    store = synthetic_store(tmp_path / "s.h5", per_class=10)  # 6 train images per class, 1 of them carved to val
+    y = np.array([0] * 5 + [1] * 9 + [-1])
     with caplog.at_level(logging.WARNING, logger="featx"):
-        _, results = train(store, ClassifierConfig("logreg", cv=2), shots=[1, 5, 1000, "all"], draws=2, n_jobs=1)
-    assert [p["shots"] for p in results["few_shot"]] == [1, 5, "all"]
-    assert "point 1000 left out: class 'class0' has 5 training images" in caplog.text
+        assert drawable_shots(y, ["ants", "bees"], [1, 5, 6, 1000, "all"], "s.h5") == [1, 5, "all"]
+    assert "s.h5: learning-curve points 6, 1000 left out: class 'ants' has 5 training images" in caplog.text
+    store = synthetic_store(tmp_path / "s.h5", per_class=10)  # 6 train images per class, 1 of them carved to val
     with pytest.raises(ValueError, match=r"shots \[1000\]: class 'class0' has 5 training images.*up to 5"):
-        train(store, ClassifierConfig("logreg"), shots=[1000], n_jobs=1)
+        train(store, ClassifierConfig("logreg"), shots=[1000], n_jobs=1)  # refused before any fit
 
 
 def test_a_class_with_one_image_is_named_as_never_tested(caplog):
