@@ -19,11 +19,12 @@ import numpy as np
 
 from featx._runtime.io import atomic_write
 from featx.finetune.config import edge_words
+from featx.jobs.decision import DEFAULT_MARGIN
 from featx.jobs.plots import plot_datasets
-from featx.jobs.verdict import DatasetVerdict, verdict
+from featx.jobs.verdict import DatasetVerdict, across_datasets, verdict
 from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
 
-__all__ = ["COLUMNS", "Row", "collect", "format_table", "write_report"]
+__all__ = ["COLUMNS", "Row", "collect", "format_table", "recorded_margin", "val_accuracy", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,17 @@ def _row(results: Results, path: Path, root: Path) -> Row:
     if results["kind"] == "finetune":
         chosen, train_s, extract_s, ips, how = _finetune_numbers(results, root)
         dataset = cell.get("dataset") or results.get("source")
-        compute_s, device = results.get("seconds"), results["finetune"].get("device")
+        # Compute is fitting (every epoch, its val passes, the rate candidates that lost), not set-up or the test.
+        compute_s, device = train_s, results["finetune"].get("device")
+        fingerprint = results.get("manifest_fingerprint")
         init = results["finetune"].get("init_head")
         init_results = _relative(Path(init).parent / "results.json", root) if init else None
     else:
         chosen, train_s, extract_s, ips, how = _classifier_numbers(results)
         init_results = None
-        dataset = cell.get("dataset") or (results.get("store") or {}).get("path")
+        dataset = cell.get("dataset") or Path((results.get("store") or {}).get("path") or "store").stem
         compute_s = (train_s or 0.0) + (extract_s or 0.0)
+        fingerprint = (results.get("store") or {}).get("manifest_fingerprint")
         device = ((results.get("store") or {}).get("stats") or {}).get("device")
     versions = results.get("versions") or {}
     settings = results.get("finetune") if results["kind"] == "finetune" else results.get("classifier")
@@ -79,6 +83,7 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         kind=results.get("kind"),
         baseline=_is_baseline(results),
         accuracy=test.get("accuracy"),
+        val_accuracy=val_accuracy(results),
         ci=test.get("accuracy_ci95"),
         balanced=test.get("balanced_accuracy"),
         macro_f1=test.get("macro_f1"),
@@ -99,10 +104,28 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         path=_relative(path, root),
         seed=seed,
         init_results=init_results,
-        # The same row under another training seed shares this (a `seeds = [...]` row has one cell per seed).
-        row_key=re.sub(r"/seed\d+$", "", cell["id"]) if cell.get("id") else _relative(path, root),
+        # The same row under another training seed or split shares this (one cell per seed and repeat).
+        row_key=re.sub(r"(/split\d+)?(/seed\d+)?$", "", cell["id"]) if cell.get("id") else _relative(path, root),
         seed_accuracies=None,
+        fingerprint=fingerprint,
     )
+
+
+def val_accuracy(results: Results) -> float | None:
+    """The val score a row was chosen by: its final model's val accuracy (``results["val"]``); for results written
+    before featx recorded it, the search's score at the chosen value (a val split, accuracy) or the chosen epoch's."""
+    val = results.get("val") or {}
+    if val.get("accuracy") is not None:
+        return float(val["accuracy"])
+    if results["kind"] == "finetune":
+        best = results.get("best_epoch")
+        record = next((c for c in results.get("curves") or [] if c.get("epoch") == best), None)
+        return record.get("val_accuracy") if record else None
+    search = results.get("search") or {}
+    if search.get("scheme") != "validation split" or results["classifier"].get("scoring", "accuracy") != "accuracy":
+        return None
+    points = search.get("curve", []) + search.get("refined", [])
+    return next((p["mean"] for p in points if p["value"] == search.get("best")), None)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -221,10 +244,11 @@ def _search_words(clf: dict[str, Any], search: dict[str, Any], results: Classifi
     )
 
 
-def collect(out_dir: str | Path) -> list[Row]:
+def collect(out_dir: str | Path, root: str | Path | None = None) -> list[Row]:
     """Every results JSON under ``out_dir`` (a run folder, or any folder of ``results.json`` files).
 
-    Files that are not featx results (another tool's ``results.json``) are passed over; featx results that
+    Paths in the rows are relative to ``root`` (default ``out_dir``: where the report goes). Files that are not
+    featx results (another tool's ``results.json``) are passed over; featx results that
     cannot be read (cut short, a newer schema) are passed over with a warning that says why.
     """
     out = Path(out_dir)
@@ -239,7 +263,7 @@ def collect(out_dir: str | Path) -> list[Row]:
         except ResultsError as exc:
             log.warning("skipping %s", exc)
             continue
-        rows.append(_row(results, path, out))
+        rows.append(_row(results, path, Path(root) if root is not None else out))
     if not rows:
         raise FileNotFoundError(
             f"no featx results.json under {out}; run `featx run`, `featx train` or `featx finetune` first"
@@ -270,45 +294,71 @@ def _cells(row: Row) -> list[str]:
 
 
 def _by_dataset(rows: list[Row]) -> dict[str, list[Row]]:
-    """Rows per dataset, best first; a row run under several training seeds is one row (:func:`_merge_seeds`)."""
+    """Runs per dataset, by what they were tested on, never by how a path was spelled: runs sharing the images'
+    fingerprint (any split seed: ``repeats``) or a test split are one dataset. Named by the pipeline's dataset
+    name where a run has one, else by the store or source."""
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        test_hash = ((row["split"] or {}).get("hashes") or {}).get("test")
+        for key in (f"images:{row.get('fingerprint')}" if row.get("fingerprint") else None, f"test:{test_hash}"):
+            if key and not key.endswith(":None"):
+                parent[find(i)] = find(first_of.setdefault(key, i))
+    families: dict[int, list[Row]] = {}
+    for i, row in enumerate(rows):
+        families.setdefault(find(i), []).append(row)
     groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(str(row["dataset"]), []).append(row)
-    for name, group in groups.items():
-        group = _merge_seeds(group)
-        _unique_methods(group)
-        group.sort(key=lambda r: -(r["accuracy"] or 0))
-        groups[name] = group
+    for members in families.values():
+        named = sorted({str(r["dataset"]) for r in members if r["dataset"] is not None})
+        name = named[0] if named else "dataset"
+        while name in groups:
+            name += "′"
+        groups[name] = members
     return groups
 
 
 def _merge_seeds(group: list[Row]) -> list[Row]:
-    """One row per cell across its training seeds: the lowest seed's run stands for it (its predictions go into
-    the verdict), and ``seed_accuracies`` holds every seed's test accuracy for the mean ± std column."""
+    """One row per cell across its training seeds and splits, for the tables: the first split's lowest seed stands
+    for it, and ``seed_accuracies`` holds that split's seeds' test accuracies for the mean ± std column. The
+    verdict reads every run."""
     by_key: dict[str, list[Row]] = {}
     for row in group:
         by_key.setdefault(row["row_key"], []).append(row)
     merged = []
     for runs in by_key.values():
-        runs.sort(key=lambda r: (r["seed"] is None, r["seed"]))
+        runs.sort(key=lambda r: (_split_seed_of(r), r["seed"] is None, r["seed"] or 0))
         first = Row(runs[0])
-        if len(runs) > 1:
-            first["seed_accuracies"] = {r["seed"]: r["accuracy"] for r in runs}
-            first["how"] += (
-                f"; seeds {', '.join(str(r['seed']) for r in runs)} (the table's row is seed {runs[0]['seed']})"
-            )
+        same_split = [r for r in runs if _split_seed_of(r) == _split_seed_of(runs[0])]
+        if len(same_split) > 1:
+            first["seed_accuracies"] = {r["seed"]: r["accuracy"] for r in same_split}
+            first["how"] += f"; seeds {', '.join(str(r['seed']) for r in same_split)} (the table shows seed "
+            first["how"] += f"{runs[0]['seed']}; the decision averages them)"
+        splits = sorted({_split_seed_of(r) for r in runs})
+        if len(splits) > 1:
+            first["how"] += f"; split seeds {', '.join(map(str, splits))} (the table shows split {splits[0]})"
         merged.append(first)
     return merged
 
 
-def _unique_methods(group: list[Row]) -> None:
-    """Rows that read alike (two tables of one preset, say) get their result's path, so each is named once."""
-    counts: dict[str, int] = {}
-    for row in group:
-        counts[row["method"]] = counts.get(row["method"], 0) + 1
-    for row in group:
-        if counts[row["method"]] > 1:
-            row["method"] = f"{row['method']} [{row['row_key']}]"
+def _split_seed_of(row: Row) -> int:
+    return int(((row["split"] or {}).get("plan") or {}).get("split_seed") or 0)
+
+
+def _unique_methods(runs: list[Row]) -> None:
+    """Rows that read alike (two tables of one preset, say) get their row key, so each is named once."""
+    keys: dict[str, set[str]] = {}
+    for run in runs:
+        keys.setdefault(run["method"], set()).add(run["row_key"])
+    for run in runs:
+        if len(keys[run["method"]]) > 1:
+            run["method"] = f"{run['method']} [{run['row_key']}]"
 
 
 def _text_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> list[str]:
@@ -324,16 +374,20 @@ def _text_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> l
     return lines
 
 
-def format_table(rows: list[Row]) -> str:
-    """A plain-text table per dataset, best method first, then its paired verdict."""
-    parts = []
-    for dataset, group, found in _sections(rows):
-        lines = [f"dataset: {dataset}", *_split_lines(group), *_text_table(COLUMNS, [_cells(r) for r in group])]
+def format_table(rows: list[Row], margin: float = DEFAULT_MARGIN) -> str:
+    """Plain text: the decisions first, then per dataset its sentences, the verdict table and the results table."""
+    sections = _sections(rows, margin)
+    heads = _headlines(sections)
+    parts = ["\n".join(["decision:", *(f"  {h}" for h in heads)])] if heads else []
+    for dataset, group, found in sections:
+        lines = [f"dataset: {dataset}", *_split_lines(group)]
         if found is not None:
-            lines += ["", f"verdict (each row against the best, paired on the same {found.n_test} test images):"]
+            lines += [f"=> {sentence}" for sentence in found.sentences]
+            lines += ["", f"each row against the reference (best on val), on the same {found.n_test} test images:"]
             lines += _text_table(VERDICT_COLUMNS, _verdict_cells(found)) if found.rows else []
             lines += [f"- {why}: {method}" for method, why in found.refused]
-            lines += [f"=> {sentence}" for sentence in found.sentences]
+            lines.append("")
+        lines += _text_table(COLUMNS, [_cells(r) for r in group])
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -355,13 +409,19 @@ def _split_lines(group: list[Row]) -> list[str]:
 #: The columns of a dataset's verdict table.
 VERDICT_COLUMNS = (
     "method",
-    "accuracy",
-    "Δ vs best, pt [paired 95% CI]",
-    "only best / only row right",
+    "val acc.",
+    "test acc.",
+    "Δ vs reference, pt [unadjusted 95% CI]",
+    "only ref. / only row right",
     "McNemar p (Holm)",
+    "resolvable, pt",
     "compute s (device)",
-    "× best's compute",
+    "× reference's compute",
 )
+
+
+def _p_words(p: float | None) -> str:
+    return "—" if p is None else ("< 0.001" if p < 0.001 else f"{p:.2g}")
 
 
 def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
@@ -370,16 +430,32 @@ def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
         is_reference = c.method == found.reference
         out.append(
             [
-                c.method + (" (best)" if is_reference else ""),
+                c.method + (" (reference)" if is_reference else ""),
+                _fmt(c.val_accuracy),
                 f"{c.accuracy:.4f}",
-                "—" if is_reference else f"{100 * c.difference:+.1f} [{100 * c.ci95[0]:.1f}, {100 * c.ci95[1]:.1f}]",
+                "—" if is_reference else f"{100 * c.difference:+.1f} [{100 * c.ci95[0]:+.1f}, {100 * c.ci95[1]:+.1f}]",
                 "—" if is_reference else f"{c.only_reference_right} / {c.only_row_right}",
-                "—" if is_reference else f"{c.p_value:.3g} ({c.p_holm:.3g})",
+                "—" if is_reference else f"{_p_words(c.p_value)} ({_p_words(c.p_holm)})",
+                "—" if is_reference or c.resolvable is None else f"≥ {100 * c.resolvable:.1f}",
                 _fmt(c.compute_seconds, 1) + (f" ({c.device})" if c.device else ""),
-                _fmt(c.cost_ratio, 2),
+                "—" if is_reference else cost_ratio_words(c.cost_ratio),
             ]
         )
     return out
+
+
+def cost_ratio_words(ratio: float | None) -> str:
+    """A cost ratio to two significant figures (``12×``, ``0.25×``)."""
+    if ratio is None:
+        return "—"
+    return f"{ratio:.2g}×" if ratio < 100 else f"{ratio:,.0f}×"
+
+
+def _headlines(sections: list[_Section]) -> list[str]:
+    """The decisions first: one per dataset, then the summary across datasets."""
+    found = [f for _, _, f in sections if f is not None]
+    lines = [f"{f.dataset}: {f.headline}" for f in found if f.headline]
+    return lines + across_datasets(found)
 
 
 # ------------------------------------------------------------------------------------------- documents
@@ -393,12 +469,15 @@ def _md_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> lis
 
 def _markdown(sections: list[_Section], plots: list[tuple[str, Path]], out: Path, title: str) -> str:
     lines = [f"# {title}", ""]
+    heads = _headlines(sections)
+    if heads:
+        lines += ["**Decision**", "", *(f"- {h}" for h in heads), ""]
     for dataset, group, found in sections:
         lines += [f"## {dataset}", "", *(f"{line}  " for line in _split_lines(group)), ""]
         if found is not None:
-            lines += [f"**Verdict** (paired on the same {found.n_test} test images):", ""]
             lines += [f"- {sentence}" for sentence in found.sentences] + [""]
-            lines += [*_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else []
+            lines += [f"Each row against the reference (best on val), paired on the same {found.n_test} test images:"]
+            lines += ["", *_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else [""]
             lines += [f"- not compared: **{method}**, {why}" for method, why in found.refused]
         lines += _md_table(COLUMNS, [_cells(r) for r in group])
         lines += ["", "How each row was made:", ""]
@@ -423,19 +502,24 @@ def _html(sections: list[_Section], plots: list[tuple[str, Path]], title: str) -
         "<!DOCTYPE html>",
         "<html lang='en'><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+        ".decision{background:#eef6ee;padding:.5em 1em;border-left:4px solid #4a4}"
         "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}th{background:#f0f0f0}"
         "li{margin:.3em 0}figure{margin:1.5em 0}img{max-width:100%}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
     ]
+    heads = _headlines(sections)
+    if heads:
+        parts += ["<div class='decision'><h2>Decision</h2><ul>", *(f"<li>{esc(h)}</li>" for h in heads), "</ul></div>"]
     for dataset, group, found in sections:
         parts.append(f"<h2>{esc(dataset)}</h2>")
         parts += [f"<p class='splits'>{esc(line)}</p>" for line in _split_lines(group)]
         if found is not None:
-            parts.append(f"<h3>Verdict (paired on the same {found.n_test} test images)</h3><ul class='verdict'>")
+            parts.append("<ul class='verdict'>")
             parts += [f"<li>{esc(sentence)}</li>" for sentence in found.sentences]
             parts.append("</ul>")
+            parts.append(f"<h3>Each row against the reference (best on val), {found.n_test} test images</h3>")
             parts += _html_table(VERDICT_COLUMNS, _verdict_cells(found), "verdict") if found.rows else []
             parts += [f"<p>not compared: <b>{esc(m)}</b>, {esc(why)}</p>" for m, why in found.refused]
         parts += _html_table(COLUMNS, [_cells(r) for r in group], "results")
@@ -457,12 +541,19 @@ def _html(sections: list[_Section], plots: list[tuple[str, Path]], title: str) -
 _Section = tuple[str, list[Row], DatasetVerdict | None]
 
 
-def _sections(rows: list[Row]) -> list[_Section]:
-    """Per dataset: its rows, best first, and their paired verdict (computed once for every document)."""
-    groups = _by_dataset(rows)
-    for group in groups.values():
-        _charge_probes(group)
-    return [(dataset, group, verdict(group)) for dataset, group in groups.items()]
+def _sections(rows: list[Row], margin: float = DEFAULT_MARGIN) -> list[_Section]:
+    """Per dataset: its rows (one per cell, best on val first) and the verdict over all its runs (computed once
+    for every document)."""
+    sections = []
+    for dataset, runs in _by_dataset(rows).items():
+        _charge_probes(runs)
+        _unique_methods(runs)
+        found = verdict(runs, margin=margin)
+        group = _merge_seeds(runs)
+        order = {c.method: i for i, c in enumerate(found.rows)} if found else {}
+        group.sort(key=lambda r: (order.get(r["method"], len(order)), -(r["val_accuracy"] or -1.0)))
+        sections.append((dataset, group, found))
+    return sections
 
 
 def _charge_probes(group: list[Row]) -> None:
@@ -476,8 +567,34 @@ def _charge_probes(group: list[Row]) -> None:
             row["how"] += f"; its compute includes its probe's ({probe['compute_s']:.1f} s, extraction included)"
 
 
-def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` (self-contained) and ``plots/`` into ``out_dir``.
+def recorded_margin(folder: str | Path) -> float:
+    """The margin the folder's last report used (a pipeline's ``margin``), else :data:`DEFAULT_MARGIN`."""
+    path = Path(folder) / "report.json"
+    try:
+        margin = json.loads(path.read_text(encoding="utf-8")).get("margin")
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_MARGIN
+    return float(margin) if isinstance(margin, int | float) and 0 < margin < 1 else DEFAULT_MARGIN
+
+
+def write_report(
+    out_dir: str | Path,
+    title: str | None = None,
+    *,
+    margin: float = DEFAULT_MARGIN,
+    rows: list[Row] | None = None,
+) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and ``plots/`` into ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Where the report goes; its results are read from there unless ``rows`` are given.
+    title : str, optional
+    margin : float, default=DEFAULT_MARGIN
+        The margin of practical equivalence of the decisions (0.01 = 1 pt).
+    rows : list of Row, optional
+        Rows collected elsewhere (``featx compare`` over several folders).
 
     Returns
     -------
@@ -485,15 +602,17 @@ def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Pat
         Paths of ``markdown``, ``html`` and ``plots``.
     """
     out = Path(out_dir)
-    rows = collect(out)
+    rows = collect(out) if rows is None else rows
     title = title or f"featx comparison: {out.name}"
-    sections = _sections(rows)
+    sections = _sections(rows, margin)
     plots = plot_datasets({dataset: group for dataset, group, _ in sections}, out / "plots")
     md, page = _markdown(sections, plots, out, title), _html(sections, plots, title)
     atomic_write(out / "report.md", lambda fh: fh.write(md.encode("utf-8")))
     atomic_write(out / "report.html", lambda fh: fh.write(page.encode("utf-8")))
     document = {
         "rows": [{k: v for k, v in r.items() if k != "predictions"} for r in rows],  # results.json keep those
+        "margin": margin,
+        "decisions": _headlines(sections),
         "verdicts": [found.to_dict() for _, _, found in sections if found is not None],
     }
     listing = json.dumps(document, indent=2, default=str)
