@@ -237,7 +237,10 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
     assert result.exit_code == 0, result.output
     for column in ("test accuracy [95% CI]", "balanced acc.", "macro F1", "chosen", "train s", "extract s"):
         assert column in result.output
-    assert "verdict (each row against the best, paired on the same 6 test images)" in result.output
+    assert "each row against the reference (best on val), on the same 6 test images" in result.output
+    assert result.output.lstrip().startswith("decision:")  # the answer first, before any table
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["margin"] == 0.01 and report["verdicts"][0]["chosen_on"] == "val"
     assert "rule: fit on train, hyper-parameters chosen on val" in result.output
     out = tmp_path / "out"
     page = (out / "report.html").read_text()
@@ -279,6 +282,36 @@ def test_run_restores_the_featx_logger(job_file):
     record = json.loads((out / "run.json").read_text())
     assert record["dry_run"] is True and [t["id"] for t in record["tasks"]] == [t.id for t in summary.tasks]
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # written atomically, no temporary left
+
+
+def test_compare_over_separate_train_and_finetune_folders_gives_the_decision(colours, tmp_path):
+    """The README's CLI path: extract → train → finetune → compare, in folders of their own, grouped by the test
+    images they share however the store's path is spelled."""
+    runner = CliRunner()
+    store = tmp_path / "colours.h5"
+    tiny = ["--backbone", "featx:tiny_test"]
+    quick = ["--phases", "head:1:1e-2", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    steps = [
+        ["extract", str(colours), *tiny, "--out", str(store), "--no-progress"],
+        ["train", str(store), "-c", "logreg", "--out", str(tmp_path / "svm")],
+        ["finetune", str(colours), *tiny, *quick, "--out", str(tmp_path / "ft")],
+    ]
+    for args in steps:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["compare", str(tmp_path / "svm"), str(tmp_path / "ft"), "--margin", "2"])
+    assert result.exit_code == 2 and "--out" in result.output  # several folders: say where the report goes
+    both = tmp_path / "both"
+    result = runner.invoke(main, ["compare", str(tmp_path / "svm"), str(tmp_path / "ft"), "--out", str(both)])
+    assert result.exit_code == 0, result.output
+    decision = result.output.strip().split("\n\n")[0]
+    assert decision.startswith("decision:") and decision.count("\n") == 1  # one dataset, not one per folder
+    assert re.search(r"(Fine-tuning pays|The frozen row is (enough|better)|Inconclusive whether fine-tuning)", decision)
+    assert "the compute" in decision
+    report = json.loads((both / "report.json").read_text())
+    (found,) = report["verdicts"]
+    assert found["question"]["outcome"] in ("pays", "enough", "better", "inconclusive")
+    assert (both / "report.html").read_text().count("class='decision'") == 1
 
 
 def test_compare_explains_an_empty_folder(tmp_path):

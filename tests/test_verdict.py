@@ -103,7 +103,7 @@ def test_the_reference_and_the_questions_rows_are_chosen_on_val_never_on_test():
     rows = [_row("svm", a, val=0.80), _row("logreg", b, val=0.90, seconds=0.5)]
     found = verdict(rows)
     assert found.reference == "logreg"  # best on val, though svm is best on test
-    assert "Reference: logreg, best on val (0.9000)" in found.sentences[-1]
+    assert "Reference: logreg, best on val (90.0 %)" in found.sentences[-1]
     tied = verdict([_row("svm", a, val=0.9, seconds=5.0), _row("logreg", b, val=0.9, seconds=0.5)])
     assert tied.reference == "logreg"  # a tie on val goes to the cheaper row
 

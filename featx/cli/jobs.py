@@ -42,10 +42,23 @@ def run(pipeline, overrides, only, force, dry_run, scheduler, no_progress) -> No
         f"{summary.count(s)} {s}" for s in ("done", "cached", "planned", "failed", "skipped") if summary.count(s)
     )
     click.echo(f"{job.name}: {counts} in {summary.seconds:.1f} s; log: {job.out / 'run.log'}")
+    if dry_run:
+        click.echo(_cost_line(job, summary.tasks))
     if not dry_run:
         _compare([job.out], job.out, job.margin)
     if summary.failed:
         sys.exit(1)
+
+
+def _cost_line(job, tasks) -> str:
+    """What the plan costs in runs: repeats × seeds multiply the classifier cells and, above all, the fine-tunes."""
+    todo = [t for t in tasks if t.status == "planned"]
+    kinds = {k: sum(t.kind == k for t in todo) for k in ("extract", "classify", "finetune")}
+    repeats = ", ".join(f"{d.name} × {d.repeats}" for d in job.datasets if d.repeats > 1)
+    return (
+        f"to run: {kinds['extract']} extractions, {kinds['classify']} classifier cells, {kinds['finetune']} fine-tunes"
+        + (f" (split repeats: {repeats}; each fine-tune runs once per repeat and seed)" if repeats else "")
+    )
 
 
 def _compare(folders, out_dir, margin: float) -> None:
@@ -101,7 +114,7 @@ def compare(folders, margin, out_dir) -> None:
 
     if out_dir is None:
         if len(folders) > 1:
-            fail(click.UsageError("several folders: say where the report goes with --out DIR"))
+            raise click.UsageError("several folders: say where the report goes with --out DIR")
         out_dir = folders[0]
     try:
         for folder in folders:

@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 COLUMNS = (
     "method",
-    "test accuracy [95% CI]",
-    "mean ± std over seeds",
-    "balanced acc.",
-    "macro F1",
+    "test accuracy, % [95% CI]",
+    "mean ± std over seeds, %",
+    "balanced acc., %",
+    "macro F1, %",
     "chosen",
     "train s",
     "extract s",
@@ -93,7 +93,9 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         compute_s=compute_s,
         device=device,
         images_per_s=ips,
-        how=how + "; " + ", ".join(f"{k} {versions[k]}" for k in shown if k in versions),
+        how=how,
+        versions=", ".join(f"{k} {versions[k]}" for k in shown if k in versions),
+        store_path=(results.get("store") or {}).get("path"),
         split=results.get("split") or {},
         confusion=test.get("confusion_matrix"),
         class_names=list((test.get("per_class") or {}).keys()),
@@ -144,14 +146,6 @@ def _is_baseline(results: Results) -> bool:
     return results["classifier"].get("preset") == "chance" or backbone.startswith("featx:pixels")
 
 
-def _split_words(split: dict[str, Any]) -> str:
-    """``train 196, val 49, test 153 (…policy…)`` for a row's provenance."""
-    if not split:
-        return "not recorded (an older featx)"
-    sizes = ", ".join(f"{k} {v}" for k, v in (split.get("sizes") or {}).items())
-    return f"{sizes} ({split.get('policy')})"
-
-
 def _layer_decay_words(ft: dict) -> str:
     decay = ft.get("layer_decay", 1.0)
     return f" (×{decay:g} per block below the top)" if decay != 1.0 else ""
@@ -197,7 +191,7 @@ def _finetune_numbers(results: FinetuneResults, root: Path) -> tuple[str, float,
         f"{', initialised from ' + init if init else ''}; crop scale "
         f"{list(ft.get('crop_scale') or [])}, flip {'no' if ft.get('flip') is False else 'yes'}, patience "
         f"{ft.get('patience') or 'none'}; epoch chosen by {ft.get('metric', 'val_accuracy')} on val: best epoch "
-        f"{results.get('best_epoch')}{_best_epoch_words(results)}; splits {_split_words(results.get('split') or {})}; "
+        f"{results.get('best_epoch')}{_best_epoch_words(results)}; "
         f"{_sweep_words(results)}training seed {ft['seed']}; {ft.get('device')}, amp {ft.get('amp')}"
     )
     # fit_seconds counts the learning-rate candidates that lost too; older results have the curves alone.
@@ -209,7 +203,7 @@ def _classifier_numbers(results: ClassifierResults) -> tuple[str, float, float |
     """A classifier's chosen value, search + fit seconds, the extraction's seconds and images/s, and how."""
     clf = results["classifier"]
     search = results.get("search") or {}
-    chosen = f"{clf['param']}={clf['chosen']:g}" if clf.get("param") and clf.get("chosen") is not None else "—"
+    chosen = f"{clf['param']}={clf['chosen']:.3g}" if clf.get("param") and clf.get("chosen") is not None else "—"
     train_s = (search.get("seconds") or 0.0) + results["train"]["fit_seconds"]
     stats = (results.get("store") or {}).get("stats") or {}
     spec = results["store"]["spec"]
@@ -219,7 +213,7 @@ def _classifier_numbers(results: ClassifierResults) -> tuple[str, float, float |
         f"pool {spec['pool']}, {spec['dtype']}, tta {spec['tta']}"
         f"{', decode ' + spec['decode'] if spec.get('decode') not in (None, 'exact') else ''}; "
         f"preprocessing {steps}; {_search_words(clf, search, results)}; class weight "
-        f"{clf['class_weight'] or 'none'}; splits {_split_words(results.get('split') or {})}; seed {clf['seed']}"
+        f"{clf['class_weight'] or 'none'}; seed {clf['seed']}"
     )
     return chosen, train_s, stats.get("seconds"), stats.get("images_per_second"), how
 
@@ -271,21 +265,26 @@ def collect(out_dir: str | Path, root: str | Path | None = None) -> list[Row]:
     return rows
 
 
+def _pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal (every table and sentence speaks in % and pt)."""
+    return "—" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
+
+
 def _cells(row: Row) -> list[str]:
-    acc = _fmt(row["accuracy"])
+    acc = _pct(row["accuracy"])
     if row["ci"] and row["accuracy"] is not None:
-        acc = f"{row['accuracy']:.4f} [{row['ci'][0]:.4f}, {row['ci'][1]:.4f}]"
+        acc = f"{acc} [{_pct(row['ci'][0])}, {_pct(row['ci'][1])}]"
     seeds = row.get("seed_accuracies")
     spread = "—"
     if seeds and all(v is not None for v in seeds.values()):
         values = list(seeds.values())
-        spread = f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} ({len(values)} seeds)"
+        spread = f"{_pct(float(np.mean(values)))} ± {_pct(float(np.std(values, ddof=1)))} ({len(values)} seeds)"
     return [
         row["method"],
         acc,
         spread,
-        _fmt(row["balanced"]),
-        _fmt(row["macro_f1"]),
+        _pct(row["balanced"]),
+        _pct(row["macro_f1"]),
         row["chosen"],
         _fmt(row["train_s"], 1),
         _fmt(row["extract_s"], 1),
@@ -409,8 +408,8 @@ def _split_lines(group: list[Row]) -> list[str]:
 #: The columns of a dataset's verdict table.
 VERDICT_COLUMNS = (
     "method",
-    "val acc.",
-    "test acc.",
+    "val acc., %",
+    "test acc., %",
     "Δ vs reference, pt [unadjusted 95% CI]",
     "only ref. / only row right",
     "McNemar p (Holm)",
@@ -431,8 +430,8 @@ def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
         out.append(
             [
                 c.method + (" (reference)" if is_reference else ""),
-                _fmt(c.val_accuracy),
-                f"{c.accuracy:.4f}",
+                _pct(c.val_accuracy),
+                _pct(c.accuracy),
                 "—" if is_reference else f"{100 * c.difference:+.1f} [{100 * c.ci95[0]:+.1f}, {100 * c.ci95[1]:+.1f}]",
                 "—" if is_reference else f"{c.only_reference_right} / {c.only_row_right}",
                 "—" if is_reference else f"{_p_words(c.p_value)} ({_p_words(c.p_holm)})",
@@ -467,25 +466,47 @@ def _md_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> lis
     ]
 
 
-def _markdown(sections: list[_Section], plots: list[tuple[str, Path]], out: Path, title: str) -> str:
+_Plots = dict[str, list[tuple[str, Path]]]
+
+
+def _first_plot(plots: list[tuple[str, Path]], kind: str) -> list[tuple[str, Path]]:
+    return [p for p in plots if p[1].name.startswith(kind)]
+
+
+def _provenance(group: list[Row]) -> tuple[list[tuple[str, str, str]], str | None]:
+    """(method, path, how) per row, and the library versions when every row shares them (said once)."""
+    versions = {r.get("versions") for r in group}
+    shared = versions.pop() if len(versions) == 1 else None
+    rows = [(r["method"], r["path"], r["how"] + ("" if shared else f"; {r.get('versions')}")) for r in group]
+    return rows, shared
+
+
+def _markdown(sections: list[_Section], plots: _Plots, out: Path, title: str) -> str:
+    def figures(items: list[tuple[str, Path]]) -> list[str]:
+        return [f"![{caption}]({png.relative_to(out).as_posix()})" for caption, png in items] + ([""] if items else [])
+
     lines = [f"# {title}", ""]
     heads = _headlines(sections)
     if heads:
         lines += ["**Decision**", "", *(f"- {h}" for h in heads), ""]
     for dataset, group, found in sections:
-        lines += [f"## {dataset}", "", *(f"{line}  " for line in _split_lines(group)), ""]
+        mine = plots.get(dataset, [])
+        lines += [f"## {dataset}", ""]
         if found is not None:
             lines += [f"- {sentence}" for sentence in found.sentences] + [""]
+        lines += figures(_first_plot(mine, "cost-accuracy"))
+        lines += [*(f"{line}  " for line in _split_lines(group)), ""]
+        if found is not None:
             lines += [f"Each row against the reference (best on val), paired on the same {found.n_test} test images:"]
             lines += ["", *_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else [""]
             lines += [f"- not compared: **{method}**, {why}" for method, why in found.refused]
+        lines += figures(_first_plot(mine, "discordant"))
         lines += _md_table(COLUMNS, [_cells(r) for r in group])
-        lines += ["", "How each row was made:", ""]
-        lines += [f"- **{r['method']}** (`{r['path']}`): {r['how']}" for r in group]
+        provenance, versions = _provenance(group)
+        lines += ["", "How each row was made" + (f" (every row: {versions})" if versions else "") + ":", ""]
+        lines += [f"- **{method}** (`{path}`): {how}" for method, path, how in provenance]
         lines.append("")
-    if plots:
-        lines += ["## Plots", ""]
-        lines += [f"![{title_}]({p.relative_to(out).as_posix()})" for title_, p in plots]
+        lines += figures([p for p in mine if not p[1].name.startswith(("cost-accuracy", "discordant"))])
     return "\n".join(lines) + "\n"
 
 
@@ -496,14 +517,25 @@ def _html_table(header: tuple[str, ...] | list[str], body: list[list[str]], css:
     return [*parts, "</tbody></table>"]
 
 
-def _html(sections: list[_Section], plots: list[tuple[str, Path]], title: str) -> str:
+def _html(sections: list[_Section], plots: _Plots, title: str) -> str:
     esc = html.escape
+
+    def figures(items: list[tuple[str, Path]]) -> list[str]:
+        out = []
+        for caption, png in items:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            out.append(
+                f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{esc(caption)}</figcaption></figure>"
+            )
+        return out
+
     parts = [
         "<!DOCTYPE html>",
         "<html lang='en'><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title>",
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
-        ".decision{background:#eef6ee;padding:.5em 1em;border-left:4px solid #4a4}"
+        ".decision{background:#eef6ee;padding:.5em 1em;border-left:4px solid #4a4;font-size:1.1em}"
         "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}th{background:#f0f0f0}"
         "li{margin:.3em 0}figure{margin:1.5em 0}img{max-width:100%}</style></head><body>",
@@ -511,29 +543,28 @@ def _html(sections: list[_Section], plots: list[tuple[str, Path]], title: str) -
     ]
     heads = _headlines(sections)
     if heads:
-        parts += ["<div class='decision'><h2>Decision</h2><ul>", *(f"<li>{esc(h)}</li>" for h in heads), "</ul></div>"]
+        parts += ["<div class='decision'><b>Decision</b><ul>", *(f"<li>{esc(h)}</li>" for h in heads), "</ul></div>"]
     for dataset, group, found in sections:
+        mine = plots.get(dataset, [])
         parts.append(f"<h2>{esc(dataset)}</h2>")
-        parts += [f"<p class='splits'>{esc(line)}</p>" for line in _split_lines(group)]
         if found is not None:
             parts.append("<ul class='verdict'>")
             parts += [f"<li>{esc(sentence)}</li>" for sentence in found.sentences]
             parts.append("</ul>")
+        parts += figures(_first_plot(mine, "cost-accuracy"))
+        parts += [f"<p class='splits'>{esc(line)}</p>" for line in _split_lines(group)]
+        if found is not None:
             parts.append(f"<h3>Each row against the reference (best on val), {found.n_test} test images</h3>")
             parts += _html_table(VERDICT_COLUMNS, _verdict_cells(found), "verdict") if found.rows else []
             parts += [f"<p>not compared: <b>{esc(m)}</b>, {esc(why)}</p>" for m, why in found.refused]
+        parts += figures(_first_plot(mine, "discordant"))
         parts += _html_table(COLUMNS, [_cells(r) for r in group], "results")
-        parts.append("<h3>How each row was made</h3><ul class='provenance'>")
-        parts += [f"<li><b>{esc(r['method'])}</b> (<code>{esc(r['path'])}</code>): {esc(r['how'])}</li>" for r in group]
+        provenance, versions = _provenance(group)
+        every = f" (every row: {esc(versions)})" if versions else ""
+        parts.append(f"<h3>How each row was made</h3><p>{every}</p><ul class='provenance'>")
+        parts += [f"<li><b>{esc(m)}</b> (<code>{esc(path)}</code>): {esc(how)}</li>" for m, path, how in provenance]
         parts.append("</ul>")
-    if plots:
-        parts.append("<h2>Plots</h2>")
-        for caption, png in plots:
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(
-                f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"
-                f"<figcaption>{esc(caption)}</figcaption></figure>"
-            )
+        parts += figures([p for p in mine if not p[1].name.startswith(("cost-accuracy", "discordant"))])
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -565,6 +596,31 @@ def _charge_probes(group: list[Row]) -> None:
         if probe is not None and row["compute_s"] is not None and probe["compute_s"] is not None:
             row["compute_s"] += probe["compute_s"]
             row["how"] += f"; its compute includes its probe's ({probe['compute_s']:.1f} s, extraction included)"
+
+
+def _remove_stale_plots(folder: Path, made: list[Path]) -> None:
+    """Figures an earlier report wrote and this one did not (a row or dataset gone): no longer true, so removed."""
+    keep = {p.stem for p in made}
+    for path in [*folder.glob("*.png"), *folder.glob("*.svg")]:
+        if path.stem not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _write_csvs(out: Path, sections: list[_Section]) -> None:
+    """``report-verdict.csv`` and ``report-results.csv``: every table of the report, one row per method."""
+    import csv
+    import io
+
+    for name, header, body in (
+        ("report-verdict.csv", VERDICT_COLUMNS, [[d, *c] for d, _, f in sections if f for c in _verdict_cells(f)]),
+        ("report-results.csv", COLUMNS, [[d, *_cells(r)] for d, group, _ in sections for r in group]),
+    ):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["dataset", *header])
+        writer.writerows(body)
+        data = buffer.getvalue().encode("utf-8")
+        atomic_write(out / name, lambda fh, data=data: fh.write(data))
 
 
 def recorded_margin(folder: str | Path) -> float:
@@ -605,10 +661,13 @@ def write_report(
     rows = collect(out) if rows is None else rows
     title = title or f"featx comparison: {out.name}"
     sections = _sections(rows, margin)
-    plots = plot_datasets({dataset: group for dataset, group, _ in sections}, out / "plots")
+    pairs = {dataset: (found.question_rows or found.transfer_rows) if found else None for dataset, _, found in sections}
+    plots = plot_datasets({dataset: group for dataset, group, _ in sections}, out / "plots", pairs)
+    _remove_stale_plots(out / "plots", [png for made in plots.values() for _, png in made])
     md, page = _markdown(sections, plots, out, title), _html(sections, plots, title)
     atomic_write(out / "report.md", lambda fh: fh.write(md.encode("utf-8")))
     atomic_write(out / "report.html", lambda fh: fh.write(page.encode("utf-8")))
+    _write_csvs(out, sections)
     document = {
         "rows": [{k: v for k, v in r.items() if k != "predictions"} for r in rows],  # results.json keep those
         "margin": margin,

@@ -442,7 +442,7 @@ def _sentences(found: DatasetVerdict, reference: _Method, main: frozenset) -> li
 
 def _table_sentence(found: DatasetVerdict, reference: _Method, main: frozenset) -> str:
     val = reference.mean(main, "val_accuracy")
-    chosen = f"best on val ({val:.4f})" if val is not None else "no row records a val score: the cheapest"
+    chosen = f"best on val ({100 * val:.1f} %)" if val is not None else "no row records a val score: the cheapest"
     others = [c for c in found.rows if c.method != found.reference]
     if not others:
         return f"One comparable row only ({found.reference}, {found.n_test} test images)."
