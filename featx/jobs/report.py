@@ -381,8 +381,8 @@ def format_table(rows: list[Row], margin: float = DEFAULT_MARGIN) -> str:
     for dataset, group, found in sections:
         lines = [f"dataset: {dataset}", *_split_lines(group)]
         if found is not None:
-            lines += [f"=> {sentence}" for sentence in found.sentences]
-            lines += ["", f"each row against the reference (best on val), on the same {found.n_test} test images:"]
+            lines += [f"=> {sentence}" for sentence in _details(found)]
+            lines += ["", f"{_against_words(found)}:"]
             lines += _text_table(VERDICT_COLUMNS, _verdict_cells(found)) if found.rows else []
             lines += [f"- {why}: {method}" for method, why in found.refused]
             lines.append("")
@@ -450,6 +450,23 @@ def cost_ratio_words(ratio: float | None) -> str:
     return f"{ratio:.2g}×" if ratio < 100 else f"{ratio:,.0f}×"
 
 
+def _against_words(found: DatasetVerdict) -> str:
+    """The verdict table's heading: what it compares, on which images, and which run of a row with seeds."""
+    seeds = (
+        " (each row's lowest training seed; the decision averages them)" if any(c.seeds > 1 for c in found.rows) else ""
+    )
+    return f"each row against the reference (best on val), paired on the same {found.n_test} test images{seeds}"
+
+
+def _sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _details(found: DatasetVerdict) -> list[str]:
+    """A dataset's sentences after its headline (the decision, said once at the top of the report)."""
+    return [s for s in found.sentences if s != found.headline]
+
+
 def _headlines(sections: list[_Section]) -> list[str]:
     """The decisions first: one per dataset, then the summary across datasets."""
     found = [f for _, _, f in sections if f is not None]
@@ -493,11 +510,11 @@ def _markdown(sections: list[_Section], plots: _Plots, out: Path, title: str) ->
         mine = plots.get(dataset, [])
         lines += [f"## {dataset}", ""]
         if found is not None:
-            lines += [f"- {sentence}" for sentence in found.sentences] + [""]
+            lines += [f"- {sentence}" for sentence in _details(found)] + [""]
         lines += figures(_first_plot(mine, "cost-accuracy"))
         lines += [*(f"{line}  " for line in _split_lines(group)), ""]
         if found is not None:
-            lines += [f"Each row against the reference (best on val), paired on the same {found.n_test} test images:"]
+            lines += [f"{_sentence_case(_against_words(found))}:"]
             lines += ["", *_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else [""]
             lines += [f"- not compared: **{method}**, {why}" for method, why in found.refused]
         lines += figures(_first_plot(mine, "discordant"))
@@ -549,12 +566,12 @@ def _html(sections: list[_Section], plots: _Plots, title: str) -> str:
         parts.append(f"<h2>{esc(dataset)}</h2>")
         if found is not None:
             parts.append("<ul class='verdict'>")
-            parts += [f"<li>{esc(sentence)}</li>" for sentence in found.sentences]
+            parts += [f"<li>{esc(sentence)}</li>" for sentence in _details(found)]
             parts.append("</ul>")
         parts += figures(_first_plot(mine, "cost-accuracy"))
         parts += [f"<p class='splits'>{esc(line)}</p>" for line in _split_lines(group)]
         if found is not None:
-            parts.append(f"<h3>Each row against the reference (best on val), {found.n_test} test images</h3>")
+            parts.append(f"<h3>{esc(_sentence_case(_against_words(found)))}</h3>")
             parts += _html_table(VERDICT_COLUMNS, _verdict_cells(found), "verdict") if found.rows else []
             parts += [f"<p>not compared: <b>{esc(m)}</b>, {esc(why)}</p>" for m, why in found.refused]
         parts += figures(_first_plot(mine, "discordant"))

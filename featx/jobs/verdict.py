@@ -220,11 +220,13 @@ def _correct_by_id(row: Mapping[str, Any], ids: Sequence[str]) -> np.ndarray:
 
 
 def _choose(methods: Sequence[_Method], key: frozenset) -> _Method:
-    """The one rule for "best": the highest val score on the first split (seeds averaged); on a tie, the smaller
-    compute. Rows that record no val score come last."""
+    """The one rule for "best": the highest val score, averaged over the row's seeds and splits (``key``, the first
+    split, must be among them); on a tie, the smaller compute. Rows that record no val score come last."""
 
     def rank(m: _Method) -> tuple[bool, float, float]:
-        val, cost = m.mean(key, "val_accuracy"), m.mean(key, "compute_s")
+        scores = [m.mean(k, "val_accuracy") for k in m.runs]
+        val = float(np.mean(scores)) if m.runs.get(key) and None not in scores else None
+        cost = m.mean(key, "compute_s")
         return (val is not None, val if val is not None else -math.inf, -(cost if cost is not None else math.inf))
 
     return max(methods, key=rank)
@@ -322,9 +324,9 @@ def _decide(a: _Method, b: _Method, margin: float) -> Decision:
     """``a`` against ``b`` over every split both were run on, their seeds averaged per split."""
     shared = [key for key in a.runs if key in b.runs]
     per_a, per_b, train = {}, {}, {}
-    for key in shared:
+    for index, key in enumerate(shared):
         ids = sorted(i for i, _ in key)
-        name = ",".join(ids[:3]) + f"…{len(ids)}"  # any label: the mapping only pairs a's splits with b's
+        name = f"split {index}"
         per_a[name], per_b[name] = a.correct(key, ids), b.correct(key, ids)
         sizes = (a.runs[key][0].get("split") or {}).get("sizes") or {}
         if sizes.get("train"):
