@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 from featx.exceptions import (
     ArchiveError,
+    DiskFullError,
     ImageDecodeError,
     IncompleteStoreError,
     InvalidOptionError,
@@ -60,6 +61,7 @@ _SUBPACKAGES = ("backbones", "classify", "data", "extract", "finetune", "jobs", 
 __all__ = [
     "ArchiveError",
     "ConvNetFeatures",
+    "DiskFullError",
     "ExtractionSpec",
     "ImageDecodeError",
     "IncompleteStoreError",

@@ -13,6 +13,7 @@ def _row(method: str, kind: str = "classifier") -> dict:
         "method": method,
         "kind": kind,
         "accuracy": 0.75,
+        "compute_s": 10.0,
         "ci": (0.5, 0.9),
         "confusion": [[2, 1], [0, 1]],
         "class_names": ["a", "b"],
@@ -29,8 +30,8 @@ def test_plots_leave_the_backend_as_they_found_it(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
-    assert made[0][0] == "toy: accuracy by method"
-    assert all(path.is_file() and path.with_suffix(".svg").is_file() for _, path in made)
+    assert made["toy"] and made["toy"][0][0] == "toy: accuracy against compute"
+    assert all(path.is_file() and path.with_suffix(".svg").is_file() for _, path in made["toy"])
 
 
 def test_a_plot_that_fails_to_write_leaves_no_partial_file(tmp_path, monkeypatch):

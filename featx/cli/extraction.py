@@ -233,8 +233,9 @@ def _info_lines(data: dict[str, Any]) -> list[str]:
     stats = data["stats"]
     if stats:
         lines.append(
-            f"extraction  {stats.get('images_this_run')} images in {stats.get('seconds')} s on "
+            f"extraction  {stats.get('images', stats.get('images_this_run'))} images in {stats.get('seconds')} s on "
             f"{stats.get('device')} ({stats.get('images_per_second')} images/s)"
+            + (f"; resumed, {stats['resumed_rows']} rows from earlier runs" if stats.get("resumed_rows") else "")
         )
     lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
     return lines

@@ -43,7 +43,7 @@ from featx.spec import (
     cache_key,
 )
 from featx.store.format import read_format_version, read_key
-from featx.store.writer import check_replaceable, migrate_format_1, update_labels
+from featx.store.writer import check_not_locked, check_replaceable, migrate_format_1, update_labels
 
 __all__ = ["build_spec", "default_store_path", "extract"]
 
@@ -274,6 +274,8 @@ def extract(
     one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
     amp = resolve_amp(amp, dev)
+    if out is not None and env is None and one_shard is None and not dry_run:
+        check_not_locked(Path(out).expanduser())  # a second writer is refused now, not after the model loads
     net, feature_model = _load_network(backbone, layers, pool, expect_weights_sha256)
     # Only now read the source: it may download a dataset or write thousands of PNG files.
     manifest = source if isinstance(source, Manifest) else load_source(source)

@@ -45,7 +45,7 @@ from featx.finetune.prepare import Run, build_model, load_manifest, prepare_rows
 from featx.finetune.state import RunState, read_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
-from featx.results import SCHEMA, FinetuneResults, TestMetrics, write_results
+from featx.results import SCHEMA, FinetuneResults, TestMetrics, ValScore, write_results
 from featx.spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["finetune"]
@@ -209,7 +209,7 @@ def _finetune(
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)
     built = build_model(name, manifest, config, init_head=init_head, trust=trust)
-    rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels)
+    rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels, built.net.preprocessing)
     run_hash = config_hash(config, built.net, rows.fingerprint, built.init_ref)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
     run = Run.start(world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels)
@@ -272,7 +272,7 @@ def test_best(run: Run) -> TestMetrics | None:
     scores, y_test, _ = predict(run, images)
     predict_seconds = time.perf_counter() - t0
     y_pred = scores.argmax(1)
-    metrics = evaluate(y_test, y_pred, manifest.class_names, scores=scores, seed=run.config.seed)
+    metrics = evaluate(y_test, y_pred, manifest.class_names, scores=scores)
     metrics["predict_seconds"] = round(predict_seconds, 4)
     metrics["split"] = "test"
     metrics["predictions"] = predictions([manifest.ids[r] for r in rows], y_test, y_pred, scores)
@@ -319,6 +319,14 @@ def _phases_run(config: FinetuneConfig, base: float | None) -> list[dict[str, An
     ]
 
 
+def _val_score(state: RunState, n: int) -> dict[str, ValScore]:
+    """``{"val": …}``: the chosen epoch's val accuracy, the score a comparison chooses its rows by."""
+    record = next((c for c in state.curves if c["epoch"] == state.best_epoch), None)
+    if record is None or record.get("val_accuracy") is None or not n:
+        return {}
+    return {"val": ValScore(accuracy=float(record["val_accuracy"]), n=n)}
+
+
 def _fit_seconds(state: RunState) -> float:
     """Training seconds: every recorded epoch, and the candidates the rate choice did not keep."""
     sweep = state.lr_sweep
@@ -360,6 +368,7 @@ def _results(run: Run, state: RunState, test: TestMetrics | None, *, seconds: fl
         },
         "curves": state.curves,
         "best_epoch": state.best_epoch,
+        **_val_score(state, len(rows.val)),
         "skipped_images": [{"id": i, "reason": r} for i, r in rows.skipped],
         "train": {
             "n": len(rows.train),

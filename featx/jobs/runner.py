@@ -299,7 +299,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
             # The key covers the images only: the labels layer and the split plan are the cell's too.
             # A dry run leaves a relabelled store as it is: the labels it would hold come with the extraction.
             "labels": extraction.labels or read_labels_fingerprint(store),
-            "split_plan": task.dataset.plan.identity(),
+            "split_plan": task.plan.identity(),
             **config.identity(),  # its settings, the preprocessing in force, the search's version
             "shots": _shots(task),
             "draws": task.classifier.draws,
@@ -308,7 +308,8 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
     init_marker = _init_dir(job, task, by_id) / CELL_MARKER if task.depends else None
     return {
         "kind": "finetune",
-        "dataset": task.dataset.identity(),
+        # The dataset with the split seed of the task's repeat (the first repeat keeps its identity).
+        "dataset": task.dataset.identity(task.plan.split_seed),
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": _finetune_backbone(job, ft),
         "config": finetune_config(ft, task.seed).identity(),  # what the fine-tune's checkpoint hashes too
@@ -339,7 +340,7 @@ def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None
     train(
         by_id[task.depends[0]].store,
         config,
-        plan=task.dataset.plan,
+        plan=task.plan,
         out_dir=out,
         shots=_shots(task),
         draws=task.classifier.draws,
@@ -360,7 +361,7 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
         workers=job.workers,
         overwrite=True,
         progress=progress,
-        plan=task.dataset.plan,
+        plan=task.plan,
     )
 
 

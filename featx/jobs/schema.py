@@ -11,6 +11,7 @@ Example::
     name = "quickstart"
     out = "runs/quickstart"
     seed = 0
+    margin = 1                  # the decision's margin of practical equivalence, in points of accuracy
 
     [vars]                      # ${data} below; override with `featx run JOB --set data=/elsewhere`
     data = "../shared/data"
@@ -18,6 +19,7 @@ Example::
     [[datasets]]
     name = "digits"
     source = "digits"
+    repeats = 1                 # split seeds: 3 or more let the decision count split-to-split variance
 
     [[backbones]]
     name = "lite0"
@@ -46,6 +48,7 @@ from typing import Any
 from featx._runtime.params import check_value, options_of
 from featx.exceptions import InvalidOptionError, JobError
 from featx.finetune.config import FinetuneConfig
+from featx.jobs.decision import DEFAULT_MARGIN
 from featx.jobs.values import (
     CELL_SEPARATOR,
     BackboneSpec,
@@ -91,12 +94,13 @@ class Job:
     device: str = "auto"
     workers: int | None = None
     source_file: Path | None = None
+    margin: float = DEFAULT_MARGIN  # the decision's margin of practical equivalence, a fraction (0.01 = 1 pt)
 
 
 _TABLES = {"datasets": DatasetSpec, "backbones": BackboneSpec, "classifiers": ClassifierSpec, "finetune": FinetuneSpec}
 
 
-_JOB_KEYS = {"name", "out", "seed", "device", "workers"}
+_JOB_KEYS = {"name", "out", "seed", "device", "workers", "margin"}
 
 
 def _locate(text: str, table: str | None, index: int | None, key: str | None) -> int | None:
@@ -394,7 +398,17 @@ def _job(
         _check_device(device)
     except ValueError as exc:
         raise err(str(exc), "job", None, "device") from None
+    margin = job_table.get("margin", 100 * DEFAULT_MARGIN)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 < margin < 100:
+        raise err(
+            f"margin is the decision's margin of practical equivalence in points of accuracy, a number between 0 "
+            f"and 100 (1 = 1 pt); got {margin!r}",
+            "job",
+            None,
+            "margin",
+        )
     return Job(
+        margin=margin / 100,
         name=name,
         out=_out_folder(job_table.get("out", f"runs/{name}"), variables, err),
         seed=seed,

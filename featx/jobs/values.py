@@ -12,6 +12,7 @@ imports it. Nothing is loaded: backbones are resolved without their weights.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,21 +87,34 @@ class DatasetSpec:
     """A ``[[datasets]]`` table: an image source (see :func:`featx.data.load_source`) and its split plan.
 
     Every row of the dataset (each classifier cell, each fine-tune) uses the one plan: the same train, val and
-    test images. ``split_seed`` is the dataset's own, separate from the job's training ``seed``.
+    test images. ``split_seed`` is the dataset's own, separate from the job's training ``seed``. With
+    ``repeats = R`` every row runs under R plans, split seeds ``split_seed`` … ``split_seed + R - 1`` (the
+    features are extracted once: splits are not in a store's key), so the decision counts split variance.
     """
 
     name: str
     source: str
+    repeats: int = 1
     settings: tuple[tuple[str, Any], ...] = ()  # options of SplitPlan's table
 
     @property
     def plan(self) -> SplitPlan:
-        """The dataset's :class:`~featx.data.splits.SplitPlan`."""
+        """The dataset's first :class:`~featx.data.splits.SplitPlan` (split seed ``split_seed``)."""
         return SplitPlan(**_pick(self.settings, SplitPlan))
 
-    def identity(self) -> dict[str, Any]:
-        """What a cell depends on of its dataset: its name, source and split plan."""
-        return {"name": self.name, "source": self.source, **self.plan.to_dict()}
+    @property
+    def split_seeds(self) -> tuple[int, ...]:
+        """The split seeds of the dataset's ``repeats``."""
+        first = self.plan.split_seed
+        return tuple(range(first, first + self.repeats))
+
+    def plan_of(self, split_seed: int) -> SplitPlan:
+        """The plan of one repeat."""
+        return dataclasses.replace(self.plan, split_seed=split_seed)
+
+    def identity(self, split_seed: int) -> dict[str, Any]:
+        """What a cell depends on of its dataset under one repeat: its name, source and that repeat's plan."""
+        return {"name": self.name, "source": self.source, **self.plan_of(split_seed).identity()}
 
 
 @dataclass(frozen=True)
@@ -208,6 +222,11 @@ def _check_dataset(spec: DatasetSpec) -> None:
     if not (s == "digits" or s.startswith("torchvision:") or Path(s).expanduser().exists()):
         raise ValueError(f"source {s!r} does not exist (sources: a folder, archive, CSV, digits, torchvision:NAME)")
     spec.plan  # noqa: B018  # SplitPlan's table checks each setting
+    if isinstance(spec.repeats, bool) or not isinstance(spec.repeats, int) or not 1 <= spec.repeats <= 100:
+        raise BadValue(
+            "repeats",
+            f"repeats is the number of split seeds each row runs under, an integer from 1 to 100; got {spec.repeats!r}",
+        )
 
 
 def _check_backbone(spec: BackboneSpec) -> None:
