@@ -55,6 +55,7 @@ __all__ = [
     "TrainSummary",
     "ValScore",
     "read_results",
+    "timestamp",
     "write_results",
 ]
 
@@ -367,6 +368,13 @@ _KINDS: dict[str, type] = {"classifier": ClassifierResults, "finetune": Finetune
 
 
 # ------------------------------------------------------------------------------------------- write/read
+def timestamp() -> str:
+    """Now, as every results document and model records its ``created_at``: ISO 8601, UTC, to the second."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def write_results(path: str | Path, results: Results | TestMetrics | Mapping[str, Any]) -> Path:
     """Write a results document (or, for ``featx evaluate --out``, one split's :class:`TestMetrics`) atomically.
 

@@ -68,3 +68,17 @@ def test_the_results_error_is_the_one_featx_exports(tmp_path):
     path.write_text("{not json")
     with pytest.raises(featx.ResultsError):  # `except featx.ResultsError` catches what read_results raises
         read_results(path)
+
+
+def test_a_cell_is_recorded_when_the_results_are_written_never_amended(tmp_path):
+    from conftest import synthetic_store
+
+    import featx.jobs.runner
+    from featx.classify import ClassifierConfig, train
+    from featx.results import CellInfo
+
+    store = synthetic_store(tmp_path / "s.h5", n_classes=2, per_class=20, spread=3.0, seed=1)
+    cell = CellInfo(id="classify/d/b/penultimate/logreg", dataset="d", name="logreg", backbone="b", layer=None)
+    _, results = train(store, ClassifierConfig(classifier="logreg", value=1.0), out_dir=tmp_path / "o", cell=cell)
+    assert results["cell"] == cell == read_results(tmp_path / "o" / "results.json")["cell"]
+    assert not hasattr(featx.jobs.runner, "read_results")  # the runner passes the cell in; it re-reads nothing

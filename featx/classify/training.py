@@ -11,7 +11,6 @@ the same images and selects on the same images.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from featx.exceptions import SpecMismatchError, unknown
 from featx.metrics import evaluate, predictions
 from featx.results import (
     SCHEMA,
+    CellInfo,
     ClassifierResults,
     ClassifierSettings,
     SplitInfo,
@@ -41,6 +41,7 @@ from featx.results import (
     TestMetrics,
     TrainSummary,
     ValScore,
+    timestamp,
     write_results,
 )
 from featx.store.reader import FeatureStore
@@ -69,6 +70,7 @@ def train(
     shots: Sequence[int | str] | None = None,
     draws: int = 5,
     scheduler: str | None = None,
+    cell: CellInfo | None = None,
 ) -> tuple[TrainedModel, ClassifierResults]:
     """Search, refit and evaluate one classifier on a store; optionally write ``model.skops`` and ``results.json``.
 
@@ -90,6 +92,8 @@ def train(
         Address of a Dask scheduler (``tcp://HOST:8786``) to run the search's folds on, through joblib's
         Dask backend (see :func:`featx.classify.cluster.scheduler`); the results are the same as a local run's.
         Needs ``pip install 'featx[dask]'``.
+    cell : CellInfo, optional
+        Which cell of a ``featx run`` job this is, recorded in the results (written once, never amended).
 
     Returns
     -------
@@ -124,6 +128,8 @@ def train(
             results = _classifier_results(fs, model, fitted)
             if shots:
                 results["few_shot"] = few_shot_curve(fs, preset, fitted.value, preprocess, config, shots, draws, layer)
+            if cell is not None:
+                results["cell"] = cell
             if out_dir is not None:
                 _write_artifacts(Path(out_dir), model, results)
             return model, results
@@ -266,7 +272,7 @@ def _wrap_model(fs: FeatureStore, config: ClassifierConfig, preset: Preset, laye
         },
         "trained_on": fitted.trained_on,
         "versions": versions,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": timestamp(),
     }
     return TrainedModel(fitted.pipeline, meta)
 

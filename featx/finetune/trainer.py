@@ -20,7 +20,6 @@ write the checkpoint), :func:`test_best` and :func:`write_artifacts`.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import logging
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from featx.finetune.prepare import Run, build_model, load_manifest, prepare_rows
 from featx.finetune.state import RunState, read_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
-from featx.results import SCHEMA, FinetuneResults, TestMetrics, ValScore, write_results
+from featx.results import SCHEMA, CellInfo, FinetuneResults, TestMetrics, ValScore, timestamp, write_results
 from featx.spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["finetune"]
@@ -69,6 +68,7 @@ def finetune(
     progress: bool = True,
     plan: SplitPlan | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    cell: CellInfo | None = None,
 ) -> FinetuneResults:
     """Fine-tune a backbone on a source's train split, validate each epoch, test the best epoch once.
 
@@ -125,6 +125,8 @@ def finetune(
         (``featx train``) gives the same images.
     max_pixels : int, default=DEFAULT_MAX_PIXELS
         Images with more pixels are refused as unreadable (decompression-bomb guard) and skipped.
+    cell : CellInfo, optional
+        Which cell of a ``featx run`` job this is, recorded in the results (written once, never amended).
 
     Returns
     -------
@@ -179,6 +181,7 @@ def finetune(
                 progress=progress,
                 plan=plan,
                 max_pixels=max_pixels,
+                cell=cell,
             )
     finally:
         _ddp.close(world)
@@ -200,6 +203,7 @@ def _finetune(
     progress: bool,
     plan: SplitPlan | None,
     max_pixels: int,
+    cell: CellInfo | None,
 ) -> FinetuneResults:
     """Check, prepare, restore, train every phase, test the best epoch, write the artifacts."""
     from tqdm.auto import tqdm
@@ -228,7 +232,7 @@ def _finetune(
             if state.phase == phase_index:  # the chosen candidate's epoch may have ended the phase
                 train_phase(run, state, phase_index, bar, live)
     test = test_best(run)
-    return write_artifacts(run, state, test, seconds=time.perf_counter() - t_start)
+    return write_artifacts(run, state, test, seconds=time.perf_counter() - t_start, cell=cell)
 
 
 # ---------------------------------------------------------------------------------------- the steps
@@ -279,10 +283,14 @@ def test_best(run: Run) -> TestMetrics | None:
     return metrics
 
 
-def write_artifacts(run: Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
+def write_artifacts(
+    run: Run, state: RunState, test: TestMetrics | None, *, seconds: float, cell: CellInfo | None = None
+) -> FinetuneResults:
     """Write ``finetune.json`` and ``results.json`` (rank 0), wait for them on every rank, return the results."""
     meta = _finetune_meta(run, state)
     results = _results(run, state, test, seconds=seconds)
+    if cell is not None:
+        results["cell"] = cell
     if run.world.is_main:
         save_json(run.out / FINETUNE_META, meta)
         write_results(run.out / "results.json", results)
@@ -377,6 +385,6 @@ def _results(run: Run, state: RunState, test: TestMetrics | None, *, seconds: fl
         },
         "test": test,
         "versions": library_versions(),
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": timestamp(),
         "seconds": round(seconds, 3),
     }

@@ -22,7 +22,7 @@ from featx._runtime.io import atomic_write
 from featx.jobs.planning import Task, backbone_of, cell_dir, identity_hash, plan
 from featx.jobs.schema import FinetuneSpec, Job, JobError, job_error
 from featx.jobs.values import classifier_config, finetune_config
-from featx.results import CellInfo, read_results, write_results
+from featx.results import CellInfo
 
 __all__ = ["RunSummary", "run"]
 
@@ -252,7 +252,6 @@ def _execute(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_r
         _train_cell(job, task, by_id, out)
     else:
         _finetune_cell(job, task, by_id, out, progress=progress)
-    _stamp_results(out / "results.json", task)
     _write_json(marker, {"hash": digest, "identity": identity})  # last: the cell now reads as done
     task.status = "done"
 
@@ -344,6 +343,7 @@ def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None
         out_dir=out,
         shots=_shots(task),
         draws=task.classifier.draws,
+        cell=_cell_info(task),
     )
 
 
@@ -362,13 +362,13 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
         overwrite=True,
         progress=progress,
         plan=task.plan,
+        cell=_cell_info(task),
     )
 
 
-def _stamp_results(path: Path, task: Task) -> None:
-    """Record in a cell's results which cell of the job made them (the report groups rows by its dataset)."""
-    results = read_results(path)
-    results["cell"] = CellInfo(
+def _cell_info(task: Task) -> CellInfo:
+    """Which cell of the job a task is, for its results (the report groups rows by its dataset)."""
+    return CellInfo(
         id=task.id,
         dataset=task.dataset.name,
         name=(task.classifier or task.finetune).name,
@@ -376,7 +376,6 @@ def _stamp_results(path: Path, task: Task) -> None:
         layer=task.layer,
         seed=task.seed,
     )
-    write_results(path, results)
 
 
 def _shots(task: Task) -> list[Any] | None:
