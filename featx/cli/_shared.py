@@ -25,6 +25,7 @@ __all__ = [
     "max_failures_option",
     "name_values",
     "no_progress_option",
+    "out_folder_option",
     "print_failures",
     "print_metrics",
     "refuse_too_many_failures",
@@ -79,6 +80,11 @@ def reported(kept: str | None = None, also: Sequence[type[BaseException]] = ()) 
 def device_option(help: str | None = "Where to run: auto (CUDA when present), cpu, cuda, cuda:N or mps.") -> Decorator:
     """``--device``, ``auto`` by default."""
     return click.option("--device", default="auto", show_default=True, help=help)
+
+
+def out_folder_option(help: str) -> Decorator:
+    """``--out``/``-o``: the folder a command writes its files into, handed over as ``out_dir``."""
+    return click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True, help=help)
 
 
 def trust_option(help: str) -> Decorator:

@@ -16,6 +16,7 @@ from featx.cli._shared import (
     build,
     device_option,
     name_values,
+    out_folder_option,
     print_metrics,
     reported,
     split_plan_options,
@@ -80,14 +81,7 @@ def _hyper_option(flag: str, name: str, help: str) -> Any:
     help="Run the search's folds on the Dask scheduler at ADDRESS (tcp://HOST:8786); needs featx[dask].",
 )
 @split_plan_options()
-@click.option(
-    "--out",
-    "-o",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    required=True,
-    help="Folder for model.skops and results.json.",
-)
+@out_folder_option("Folder for model.skops and results.json.")
 def train(store, C, alpha, neighbors, params, scheduler, out_dir, plan, **settings) -> None:
     """Train a classifier on the features in STORE: fit on train, its hyper-parameter chosen on val.
 

@@ -10,6 +10,7 @@ from featx.cli._shared import (
     build,
     device_option,
     no_progress_option,
+    out_folder_option,
     print_metrics,
     reported,
     split_plan_options,
@@ -45,14 +46,7 @@ __all__ = ["finetune"]
 @split_plan_options()
 @click.option("--overwrite", is_flag=True, help="Start afresh if --out holds a run with other settings.")
 @no_progress_option()
-@click.option(
-    "--out",
-    "-o",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    required=True,
-    help="Folder for checkpoint.pt, model.safetensors, finetune.json and results.json.",
-)
+@out_folder_option("Folder for checkpoint.pt, model.safetensors, finetune.json and results.json.")
 def finetune(
     source,
     backbone,
