@@ -498,7 +498,7 @@ def test_cli_finetune_predict_and_extract_from_the_finetuned_network(folder, tmp
             "extract",
             str(folder),
             "--backbone",
-            meta["extract_with"],
+            str(out),  # the fine-tune's folder names its network
             "--workers",
             "0",
             "--no-progress",

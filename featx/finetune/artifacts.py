@@ -18,20 +18,19 @@ from torch import nn
 from featx._runtime.io import atomic_write
 from featx.backbones.features import Backbone
 from featx.backbones.loading import load_backbone
+from featx.backbones.names import FINETUNE_META, FINETUNE_WEIGHTS
 from featx.finetune.config import FinetuneConfig
 from featx.finetune.heads import _build_head, _Classifier, _set_module
 from featx.spec import Preprocessing, canonical_json
 
-__all__ = ["CHECKPOINT", "FINETUNE_META", "WEIGHTS", "load_finetuned"]
+__all__ = ["CHECKPOINT", "FINETUNE_META", "WEIGHTS", "load_finetuned", "read_finetune_meta"]
 
 
 CHECKPOINT = "checkpoint.pt"
 
 
-FINETUNE_META = "finetune.json"
-
-
-WEIGHTS = "model.safetensors"
+# A fine-tune folder is also a backbone name (featx.backbones.names reads it), so its file names live there.
+WEIGHTS = FINETUNE_WEIGHTS
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -82,6 +81,25 @@ def _save_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def read_finetune_meta(out_dir: str | Path) -> dict[str, Any]:
+    """``finetune.json`` of a ``featx finetune`` folder: backbone, architecture, classes, head, config, best epoch.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``out_dir`` holds no ``finetune.json``.
+    ValueError
+        ``finetune.json`` is not JSON.
+    """
+    meta_path = Path(out_dir) / FINETUNE_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{out_dir} holds no {FINETUNE_META}; is it a `featx finetune --out` folder?")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path} is not JSON ({exc}); run the fine-tune again to rewrite it") from None
+
+
 def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a fine-tuned network and its metadata from a ``featx finetune`` folder.
 
@@ -106,10 +124,7 @@ def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
 
     out = Path(out_dir)
-    meta_path = out / FINETUNE_META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{out} holds no {FINETUNE_META}; is it a `featx finetune --out` folder?")
-    meta = json.loads(meta_path.read_text())
+    meta = read_finetune_meta(out)
     net = load_backbone(meta["backbone"])
     head = net.model.get_submodule(meta["head"]["name"])
     _set_module(
