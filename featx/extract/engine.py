@@ -274,7 +274,7 @@ def _extract_store(
     if read_key(path) == key:
         return _cached_result(job, path, key, manifest)
     dims = feature_dims(job.feature_model, net.preprocessing)
-    _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)
+    _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)  # some layers (all: see extract)
     if spec.pool == "none" and bytes_per_image(dims, spec.dtype) > _NONE_POOL_WARN_BYTES:
         log.warning(
             "pool 'none' keeps %s per image (%s for %d images); consider avg pooling",
@@ -324,7 +324,8 @@ def _warn_pool_without_effect(model: FeatureModel, pre: Preprocessing, pool: str
     if vectors:
         log.warning(
             "pool %r does not change %s: already a pooled vector (penultimate is the network's own pooled "
-            "output). To pool the last feature map your way, name that layer (`featx backbones --layers`)",
+            "output); it pools the other layers. To pool the last feature map your way, name that layer "
+            "(`featx backbones --layers`)",
             pool,
             ", ".join(vectors),
         )

@@ -42,7 +42,7 @@ from featx.finetune.data import _EvalImages
 from featx.finetune.epochs import evaluate_start, predict, train_phase
 from featx.finetune.heads import _family, _model_label
 from featx.finetune.prepare import _Run, build_model, load_manifest, prepare_rows
-from featx.finetune.state import RunState, read_checkpoint
+from featx.finetune.state import RunState, read_checkpoint, save_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
 from featx.results import SCHEMA, FinetuneResults, TestMetrics, write_results
@@ -76,7 +76,8 @@ def finetune(
     probe on val). A phase whose rate is ``auto`` (or every phase, under ``config.lr="auto"``) has its base
     rate chosen on val first (:mod:`featx.finetune.sweep`).
 
-    Writes into ``out_dir``: ``checkpoint.pt`` (every epoch; resumes a killed run), ``model.safetensors``
+    Writes into ``out_dir``: ``checkpoint.pt`` (every epoch; resumes a killed run; at the end only the run's
+    record, without weights, which a new call with the same settings finds finished), ``model.safetensors``
     (the best weights, loadable as ``file:ARCH=PATH`` for extraction when the head is linear),
     ``finetune.json`` (how to rebuild it: :func:`~featx.finetune.load_finetuned`) and ``results.json``
     (curves and test metrics, the schema of ``featx train``: :class:`featx.results.FinetuneResults`).
@@ -276,12 +277,16 @@ def test_best(run: _Run) -> TestMetrics | None:
 
 
 def write_artifacts(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
-    """Write ``finetune.json`` and ``results.json`` (rank 0), wait for them on every rank, return the results."""
+    """Write ``finetune.json`` and ``results.json`` (rank 0), then shrink ``checkpoint.pt`` to the run's record;
+    wait for them on every rank, return the results."""
     meta = _finetune_meta(run, state)
     results = _results(run, state, test, seconds=seconds)
     if run.world.is_main:
         _save_json(run.out / FINETUNE_META, meta)
         write_results(run.out / "results.json", results)
+        # Last, once the weights and results are on disk: the optimiser and last-epoch weights (27 MB for
+        # EfficientNet-Lite0) resume nothing now, while the record still guards the folder against another run.
+        save_checkpoint(run.out / CHECKPOINT, state.without_weights())
     _ddp.barrier(run.world)  # no rank returns (or exits) before the files are there
     return results
 

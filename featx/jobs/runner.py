@@ -112,11 +112,11 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
 def _check_layers(job: Job, tasks: list[Task]) -> None:
     """Every layer of every [[backbones]] table to extract exists in its network, before any extraction starts.
 
-    Layer names are the network's own graph nodes, so checking them needs the network: each one that some
-    table asks for a layer other than ``penultimate`` is loaded once here (and again by its extraction). A
-    network that cannot be loaded is left to its extraction, which fails as its own cells.
+    Layer names are the network's own graph nodes, so checking them needs the network, not its weights: each
+    one that some table asks for a layer other than ``penultimate`` is built once here, without weights. A
+    network that cannot be built is left to its extraction, which fails as its own cells.
     """
-    from featx.backbones.loading import load_backbone
+    from featx.backbones.loading import build_architecture
     from featx.backbones.names import PENULTIMATE, resolve_backbone
     from featx.exceptions import UnknownNameError
 
@@ -127,7 +127,7 @@ def _check_layers(job: Job, tasks: list[Task]) -> None:
             tables.setdefault(bb.backbone, []).append(index)
     for backbone, indices in tables.items():
         try:
-            net = load_backbone(resolve_backbone(backbone))
+            net = build_architecture(resolve_backbone(backbone))
         except Exception as exc:  # the extraction reports it, as the failure of its cells
             log.warning("could not load %s to check its layers (%s); its extraction will say why", backbone, exc)
             continue
