@@ -115,6 +115,14 @@ def test_extract_then_info_then_cache_hit(runner, image_folder, tmp_path):
     assert as_json["spec"]["layers"] == ["penultimate", "blocks.2"] and as_json["rows"] == 18
 
 
+def test_progress_off_a_terminal_is_plain_log_lines(runner, image_folder, tmp_path, caplog):
+    caplog.set_level("INFO", logger="featx.progress")
+    result = _extract(runner, str(image_folder), "--backbone", TINY, "--workers", "0", "--out", str(tmp_path / "s.h5"))
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output and "\x1b[" not in result.output  # no bar redraws, no cursor moves
+    assert any(r.getMessage().startswith("extract: 18/18 img (100 %)") for r in caplog.records)
+
+
 def test_info_on_an_unfinished_store_says_how_to_resume(runner, tmp_path):
     from featx.store import partial_path
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from featx._runtime.device import autocast, channels_last_pays, exact_float32
 from featx._runtime.env import cache_dir, default_workers, library_versions, temporary_attr, temporary_environ
 from featx._runtime.malloc import reuse_freed_memory
+from featx._runtime.progress import Progress
 from featx.backbones.features import Backbone, FeatureModel, bytes_per_image, feature_dims, human_bytes
 from featx.data.imageio import load_for_model
 from featx.data.manifest import Manifest
@@ -378,8 +379,6 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
 
     Returns how the network ran, for the store's stats: ``compiled`` and ``batchnorms_folded``.
     """
-    from tqdm.auto import tqdm
-
     if not len(pending):
         return {"compiled": False, "batchnorms_folded": 0}
     spec, pre, dev, progress = job.spec, job.net.preprocessing, job.device, job.progress
@@ -394,7 +393,7 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
         prefetch_factor=4 if workers else None,
     )
     compile_model = _compile_wanted(job.compile_mode, dev, len(pending))
-    bar = tqdm(
+    bar = Progress(
         total=len(manifest),
         initial=resumed,
         unit="img",

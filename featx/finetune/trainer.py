@@ -32,6 +32,7 @@ from featx._runtime import dist as _ddp
 from featx._runtime.device import resolve_amp
 from featx._runtime.env import library_versions
 from featx._runtime.malloc import reuse_freed_memory
+from featx._runtime.progress import Progress
 from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
 from featx.data.splits import SELECTION_RULE, SplitPlan
@@ -120,7 +121,8 @@ def finetune(
     overwrite : bool, default=False
         Start afresh when ``out_dir`` holds a checkpoint of a run with other settings.
     progress : bool, default=True
-        Show a progress bar (rank 0 only).
+        Show progress (rank 0 only): bars of the epochs and of each epoch's batches on a terminal, a log line
+        every tenth of the run (and every 30 s within an epoch) elsewhere.
     plan : SplitPlan, optional
         How train / val / test are carved (the default plan when ``None``): the same plan as the classifiers'
         (``featx train``) gives the same images.
@@ -199,8 +201,6 @@ def _finetune(
     max_pixels: int,
 ) -> FinetuneResults:
     """Check, prepare, restore, train every phase, test the best epoch, write the artifacts."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     amp = resolve_amp(amp, dev)
     name = resolve_backbone(backbone)
@@ -209,15 +209,15 @@ def _finetune(
     rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels)
     run_hash = _config_hash(config, built.net, rows.fingerprint, built.init_ref)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
-    run = _Run.start(world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels)
+    run = _Run.start(
+        world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels, progress=progress
+    )
     if state.model is not None:
         run.model.net.load_state_dict(state.model)
         run.info("resuming %s at phase %d, epoch %d", out, state.phase + 1, state.epoch_in_phase + 1)
     done = sum(p.epochs for p in config.phases[: state.phase]) + state.epoch_in_phase
     total = sum(p.epochs for p in config.phases)
-    with tqdm(
-        total=total, initial=done, unit="epoch", desc="finetune", disable=not (progress and world.is_main)
-    ) as bar:
+    with Progress(total, initial=done, unit="epoch", desc="finetune", disable=not run.progress) as bar:
         if not state.curves:  # a fresh run (a resumed one has recorded its epoch 0, or predates it)
             evaluate_start(run, state)
         for phase_index in range(state.phase, len(config.phases)):
