@@ -1,6 +1,7 @@
 """What a fine-tuning run leaves in its folder, written atomically, and loading it back.
 
-``checkpoint.pt`` (the run state after every epoch, see :mod:`featx.finetune.state`), ``model.safetensors``
+``checkpoint.pt`` (the run state after every epoch, see :mod:`featx.finetune.state`; once the run is finished,
+only its record, without weights), ``model.safetensors``
 (the best epoch's weights), ``finetune.json`` (how to rebuild the network: :func:`load_finetuned`) and
 ``results.json`` (:class:`featx.results.FinetuneResults`). Every one goes through
 :func:`featx._runtime.io.atomic_write`, so a run killed at any moment leaves the previous file or the new one.
