@@ -462,12 +462,18 @@ def test_a_checkpoint_in_the_old_dict_layout_resumes_to_the_same_weights(folder,
 
 
 @pytest.mark.slow  # ~10 s: two short fine-tunes
-def test_a_finished_run_keeps_a_checkpoint_without_weights_that_still_guards_the_folder(folder, tmp_path, monkeypatch):
+def test_a_finished_run_keeps_a_checkpoint_without_weights_that_still_guards_the_folder(
+    folder, tmp_path, monkeypatch, caplog
+):
     from featx.finetune import epochs
 
     config = FinetuneConfig(phases=tuple(parse_phases("head:1:1e-2")), batch_size=8)
     out = tmp_path / "ft"
-    first = finetune(folder, TINY, config, out, workers=0, progress=False)
+    with caplog.at_level("INFO", logger="featx.progress"):  # not a terminal: progress comes as log lines
+        first = finetune(folder, TINY, config, out, workers=0, progress=True)
+    progress = [r.getMessage() for r in caplog.records if r.name == "featx.progress"]
+    assert any(m.startswith("epoch 1: ") and " batch (100 %)" in m for m in progress), progress  # per batch
+    assert any(m.startswith("finetune: 1/1 epoch (100 %)") for m in progress), progress
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["model"] is None and saved["optimizer"] is None and saved["phase"] == 1
     assert (out / "checkpoint.pt").stat().st_size < 20_000  # the run's record, not the network

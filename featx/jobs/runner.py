@@ -97,8 +97,15 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
             "job %s: %d tasks (%d selected)%s", job.name, len(tasks), len(selected), " [dry run]" if dry_run else ""
         )
         _check_layers(job, [t for t in tasks if t.id in selected])
-        # Its lines (off a terminal) are the per-task log lines already: only a terminal gets the task bar.
-        bar = Progress(len(selected), unit="task", desc=job.name, disable=not progress or dry_run, every_fraction=None)
+        # Off a terminal each task logs its own line already: the bar then logs only its last line, the total.
+        bar = Progress(
+            len(selected),
+            unit="task",
+            desc=job.name,
+            disable=not progress or dry_run,
+            every_fraction=None,
+            every_seconds=float("inf"),
+        )
         for task in tasks:
             if task.id in selected:
                 _run_task(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
