@@ -9,6 +9,7 @@ cached costs no network load; :func:`clear_network_cache` frees them.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections import OrderedDict
@@ -199,7 +200,7 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
                 while len(_fitted) > 32 * MAX_NETWORKS:
                     _fitted.popitem(last=False)
         spec, self.n_features_out_ = known
-        self.spec_ = dict(spec)
+        self.spec_ = copy.deepcopy(spec)  # each estimator its own: the cached one stays as computed
         return self
 
     def _spec_and_width(self, net: Backbone, options: dict[str, str]) -> tuple[dict[str, Any], int]:
