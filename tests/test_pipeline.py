@@ -295,7 +295,7 @@ def test_a_dry_run_writes_nothing_and_names_each_task_once(job_file, caplog):
     with caplog.at_level("INFO", logger="featx"):
         result = CliRunner().invoke(main, ["run", str(job_file), "--dry-run", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert not out.exists()  # no run.log, no run.json, no folders
+    assert not out.exists() and "a dry run writes nothing" in result.output  # no run.log, run.json or folders
     tasks = [t.id for t in plan(load_job(job_file))]
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for task in tasks:
