@@ -513,6 +513,7 @@ def test_cli_finetune_predict_and_extract_from_the_finetuned_network(folder, tmp
     )
     assert result.exit_code == 0, result.output
     assert "best epoch" in result.output and "accuracy" in result.output
+    assert f"featx extract SOURCE --backbone {out}" in result.output  # the folder, not a jq-extracted path
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["class_names"] == ["blue", "green", "red"] and meta["extract_with"].startswith("file:timm:")
 
