@@ -25,7 +25,7 @@ from sklearn.pipeline import Pipeline
 from featx._runtime.env import library_versions
 from featx.classify._rows import _labelled_rows, _labelled_store_rows
 from featx.classify.config import ClassifierConfig
-from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, few_shot_curve, shot_rows
+from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, drawable_shots, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, _fit_quietly, _folds, fit_converged, search
@@ -115,6 +115,8 @@ def train(
         fs = FeatureStore(store, plan) if owns else store
         try:
             layer = _check_layer(fs, config.layer)
+            if shots:  # before any fit: a curve that cannot be drawn is refused, not found out after training
+                shots = drawable_shots(fs.labels("train"), fs.class_names, shots, fs.path)
             preprocess = config.steps(preset)
             if config.out_of_core:
                 fitted = _train_out_of_core(fs, layer, preset, config, preprocess)

@@ -47,7 +47,7 @@ from featx.spec import (
 )
 from featx.store.format import partial_path, read_key, shards_path
 from featx.store.index import find_store, link_store, remember_store
-from featx.store.writer import adopt_legacy_store, check_replaceable, update_labels
+from featx.store.writer import adopt_legacy_store, check_not_locked, check_replaceable, update_labels
 
 __all__ = ["build_spec", "default_store_path", "effective_pool", "extract"]
 
@@ -354,6 +354,8 @@ def extract(
     one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
     amp = resolve_amp(amp, dev)
+    if out is not None and env is None and one_shard is None and not dry_run:
+        check_not_locked(Path(out).expanduser())  # a second writer is refused now, not after the model loads
     net, feature_model = _load_network(backbone, layers, pool, expect_weights_sha256)
     if (pooled := effective_pool(net, feature_model, pool)) != pool:
         options["pool"], feature_model = pooled, net.feature_model(list(layers), pooled)
