@@ -235,7 +235,7 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
     run(load_job(job_file), progress=False)
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    for column in ("test accuracy [95% CI]", "balanced acc.", "macro F1", "chosen", "train s", "extract s"):
+    for column in ("test accuracy, % [95% CI]", "balanced acc., %", "macro F1, %", "chosen", "train s", "extract s"):
         assert column in result.output
     assert "each row against the reference (best on val), paired on the same 6 test images" in result.output
     assert result.output.lstrip().startswith("decision:")  # the answer first, before any table
