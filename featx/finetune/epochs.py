@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from featx._runtime import dist as _ddp
 from featx._runtime.device import autocast, channels_last_pays
+from featx._runtime.progress import Progress
 from featx.finetune.artifacts import CHECKPOINT, WEIGHTS, save_weights
 from featx.finetune.config import FinetuneConfig, Phase
 from featx.finetune.data import EvalImages, GlobalBatches
@@ -334,7 +335,7 @@ def train_epoch(
     seed = _epoch_seed(config.seed, global_epoch)
     with torch.random.fork_rng(devices=[run.dev] if run.dev.type == "cuda" else []):
         torch.manual_seed((seed + 7919 * world.rank) % 2**31)  # dropout masks differ between ranks
-        return _epoch_pass(run, step_model, optimizer, scheduler, seed)
+        return _epoch_pass(run, step_model, optimizer, scheduler, seed, global_epoch)
 
 
 def _epoch_pass(
@@ -343,6 +344,7 @@ def _epoch_pass(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     seed: int,
+    global_epoch: int,
 ) -> _EpochStats:
     config, world = run.config, run.world
     loader = DataLoader(
@@ -355,13 +357,23 @@ def _epoch_pass(
     totals = [0.0, 0.0, 0.0]  # loss, correct, images (weight-0 padding images excluded)
     lr_sums: dict[str, float] = {}
     steps = 0
-    for images, y, weight in loader:
-        sums = _train_step(run, step_model, optimizer, images, y, weight)
-        for group in {g["featx_group"]: g for g in optimizer.param_groups}.values():
-            lr_sums[group["featx_group"]] = lr_sums.get(group["featx_group"], 0.0) + group["lr"]
-        steps += 1
-        scheduler.step()
-        totals = [a + b for a, b in zip(totals, sums, strict=True)]
+    # Per batch: a CPU epoch can take minutes. Off a terminal, a line every 30 s (the run's bar logs per tenth).
+    with Progress(
+        len(loader),
+        desc=f"epoch {global_epoch + 1}",
+        unit="batch",
+        disable=not run.progress,
+        every_fraction=None,
+        leave=False,
+    ) as bar:
+        for images, y, weight in loader:
+            sums = _train_step(run, step_model, optimizer, images, y, weight)
+            for group in {g["featx_group"]: g for g in optimizer.param_groups}.values():
+                lr_sums[group["featx_group"]] = lr_sums.get(group["featx_group"], 0.0) + group["lr"]
+            steps += 1
+            scheduler.step()
+            totals = [a + b for a, b in zip(totals, sums, strict=True)]
+            bar.update(1)
     seconds = time.perf_counter() - t0
     loss_sum, correct, seen = _ddp.sum_floats(world, totals, run.dev)
     return _EpochStats(
