@@ -19,6 +19,7 @@ import numpy as np
 
 from featx._runtime.io import atomic_write
 from featx.finetune.config import edge_words
+from featx.jobs.markdown import md_cell, md_code, md_link, md_text
 from featx.jobs.plots import plot_datasets
 from featx.jobs.verdict import DatasetVerdict, verdict
 from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
@@ -385,28 +386,28 @@ def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
 # ------------------------------------------------------------------------------------------- documents
 def _md_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> list[str]:
     return [
-        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(md_cell(c) for c in header) + " |",
         "|" + " --- |" * len(header),
-        *("| " + " | ".join(r) + " |" for r in body),
+        *("| " + " | ".join(md_cell(c) for c in r) + " |" for r in body),
     ]
 
 
 def _markdown(sections: list[_Section], plots: list[tuple[str, Path]], out: Path, title: str) -> str:
-    lines = [f"# {title}", ""]
+    lines = [f"# {md_text(title)}", ""]
     for dataset, group, found in sections:
-        lines += [f"## {dataset}", "", *(f"{line}  " for line in _split_lines(group)), ""]
+        lines += [f"## {md_text(dataset)}", "", *(f"{md_text(line)}  " for line in _split_lines(group)), ""]
         if found is not None:
             lines += [f"**Verdict** (paired on the same {found.n_test} test images):", ""]
-            lines += [f"- {sentence}" for sentence in found.sentences] + [""]
+            lines += [f"- {md_text(sentence)}" for sentence in found.sentences] + [""]
             lines += [*_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else []
-            lines += [f"- not compared: **{method}**, {why}" for method, why in found.refused]
+            lines += [f"- not compared: **{md_text(method)}**, {md_text(why)}" for method, why in found.refused]
         lines += _md_table(COLUMNS, [_cells(r) for r in group])
         lines += ["", "How each row was made:", ""]
-        lines += [f"- **{r['method']}** (`{r['path']}`): {r['how']}" for r in group]
+        lines += [f"- **{md_text(r['method'])}** ({md_code(r['path'])}): {md_text(r['how'])}" for r in group]
         lines.append("")
     if plots:
         lines += ["## Plots", ""]
-        lines += [f"![{title_}]({p.relative_to(out).as_posix()})" for title_, p in plots]
+        lines += [f"![{md_text(title_)}]({md_link(p.relative_to(out).as_posix())})" for title_, p in plots]
     return "\n".join(lines) + "\n"
 
 
