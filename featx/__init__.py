@@ -25,12 +25,14 @@ __version__ = "0.1.0"
 
 from featx.exceptions import (
     ArchiveError,
+    DamagedFileError,
     ImageDecodeError,
     IncompleteStoreError,
     JobError,
     NotResultsError,
     ResultsError,
     SpecMismatchError,
+    StoreError,
     StoreLockedError,
     UnknownNameError,
 )
@@ -58,6 +60,7 @@ _SUBPACKAGES = ("backbones", "classify", "data", "extract", "finetune", "jobs", 
 __all__ = [
     "ArchiveError",
     "ConvNetFeatures",
+    "DamagedFileError",
     "ExtractionSpec",
     "ImageDecodeError",
     "IncompleteStoreError",
@@ -66,6 +69,7 @@ __all__ = [
     "Preprocessing",
     "ResultsError",
     "SpecMismatchError",
+    "StoreError",
     "StoreLockedError",
     "UnknownNameError",
     "__version__",

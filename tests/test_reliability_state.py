@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from conftest import synthetic_store
@@ -75,3 +74,73 @@ def test_report_md_escapes_hostile_store_folder_and_method_names(tmp_path):
     assert html.count("<tr>") == 4  # two tables, a header and the one row each
     assert re.search(r"<td>svm \| \*evil\* &lt;script&gt;", html)
     assert "a`b&lt;img src=x onerror=alert(1)&gt;/results.json</code>" in html  # the whole path in one span
+
+
+# ------------------------------------------------------------------------------------ tampered stores
+def _spec_layer_renamed(f):
+    spec = json.loads(f.attrs["spec"])
+    spec["layers"] = ["renamed"]
+    f.attrs["spec"] = json.dumps(spec)
+
+
+def _labels_shortened(f):
+    labels = f["labels"][:-3]
+    del f["labels"]
+    f["labels"] = labels
+
+
+def _split_code_7(f):
+    split = f["split"][:]
+    split[4] = 7
+    f["split"][...] = split
+
+
+def _label_beyond_classes(f):
+    labels = f["labels"][:]
+    labels[2] = 9
+    f["labels"][...] = labels
+
+
+TAMPERINGS = {
+    "spec layer renamed": (_spec_layer_renamed, "no features for layer 'renamed'"),
+    "key deleted": (lambda f: f.attrs.__delitem__("key"), "'key' attribute is missing"),
+    "split code 7": (_split_code_7, "split column holds code 7"),
+    "labels shorter": (_labels_shortened, "it has 30 ids but labels 27 rows"),
+    "features removed": (lambda f: f["features"].__delitem__("penultimate"), "no features for layer 'penultimate'"),
+    "label beyond classes": (_label_beyond_classes, "row 2 has label 9, but there are 3 class names"),
+    "spec not JSON": (lambda f: f.attrs.__setitem__("spec", "{not json"), "'spec' attribute is not valid JSON"),
+    "spec lacks a field": (
+        lambda f: f.attrs.__setitem__("spec", json.dumps({"backbone": "x"})),
+        "'spec' attribute does not describe an extraction",
+    ),
+    "class names removed": (lambda f: f.__delitem__("class_names"), "lacks the dataset class_names"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERINGS))
+def test_a_tampered_store_is_one_clear_error_in_info_and_train(tmp_path, case):
+    import h5py
+    from click.testing import CliRunner
+
+    from featx.cli import main
+    from featx.exceptions import StoreError
+    from featx.store import open_store
+
+    tamper, message = TAMPERINGS[case]
+    store = synthetic_store(tmp_path / "blobs.h5", per_class=10)
+    with h5py.File(store, "r+") as f:
+        tamper(f)
+    with pytest.raises(StoreError, match=re.escape(message)) as caught:
+        open_store(store)
+    assert str(store) in str(caught.value) and "run the extraction" in str(caught.value)
+    for command in (["info", str(store)], ["train", str(store), "-c", "logreg", "--out", str(tmp_path / "m")]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1, result.output
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_an_untouched_store_passes_the_check(tmp_path):
+    from featx.store import open_store
+
+    with open_store(synthetic_store(tmp_path / "blobs.h5", per_class=10)) as store:
+        assert len(store) == 30 and store.class_names == ["class0", "class1", "class2"]
