@@ -3,8 +3,12 @@ errors of the environment (issue 27, part B). Each test is a hostile or careless
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import synthetic_store
@@ -144,3 +148,133 @@ def test_an_untouched_store_passes_the_check(tmp_path):
 
     with open_store(synthetic_store(tmp_path / "blobs.h5", per_class=10)) as store:
         assert len(store) == 30 and store.class_names == ["class0", "class1", "class2"]
+
+
+# --------------------------------------------------------------------------------- damaged run folders
+PIPELINE = """
+[job]
+name = "state"
+out = "{out}"
+
+[[datasets]]
+name = "colours"
+source = "{data}"
+
+[[backbones]]
+name = "tiny"
+backbone = "featx:tiny_test"
+
+[[classifiers]]
+name = "knn"
+classifier = "knn"
+"""
+
+CELL = "classify/colours/tiny/penultimate/knn"
+
+
+@pytest.fixture
+def pipeline(tmp_path, colour_folder) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(PIPELINE.format(out=tmp_path / "out", data=colour_folder))
+    return path
+
+
+def _run(pipeline: Path, **kw):
+    from featx.jobs import load_job, run
+
+    summary = run(load_job(pipeline), progress=False, **kw)
+    return {t.id: (t.status, t.message) for t in summary.tasks}
+
+
+def _cell(pipeline: Path) -> Path:
+    return pipeline.parent / "out" / "cells" / "colours__tiny__penultimate__knn"
+
+
+@pytest.mark.parametrize(
+    ("damaged", "damage", "named"),
+    [
+        ("cell.json", lambda p: p.write_text(p.read_text()[:20]), "cell.json is damaged"),
+        ("cell.json", lambda p: p.write_text("[1, 2]"), "cell.json is damaged"),
+        ("results.json", lambda p: p.write_text(p.read_text()[:100]), "its results do not read"),
+        ("results.json", lambda p: p.write_text('{"schema": 1}'), "its results do not read"),
+    ],
+)
+def test_a_damaged_cell_is_named_and_done_again(pipeline, damaged, damage, named):
+    from featx.jobs.report import collect
+    from featx.results import read_results
+
+    assert _run(pipeline)[CELL] == ("done", "")
+    damage(_cell(pipeline) / damaged)
+    planned = _run(pipeline, dry_run=True)[CELL]
+    assert planned[0] == "planned" and named in planned[1]
+    status, message = _run(pipeline)[CELL]
+    assert status == "done" and message.startswith("redone: ") and named in message
+    read_results(_cell(pipeline) / "results.json")
+    assert len(collect(pipeline.parent / "out")) == 1  # the row is in the report again
+    assert _run(pipeline)[CELL] == ("cached", "")
+
+
+# ------------------------------------------------------------------------------------------ cell locks
+_HOLD = """
+import sys
+from pathlib import Path
+from featx._runtime.lock import FileLock
+FileLock(sys.argv[1]).acquire()
+print("held", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@contextlib.contextmanager
+def _held_by_another_process(lock: Path):
+    """Hold ``lock`` (a featx lock file) from a child process for the duration of the block."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_a_cell_another_run_holds_is_skipped_with_the_holder_then_runs(pipeline):
+    """Two `featx run` of one pipeline: the second leaves the cell the first is running (no traceback)."""
+    with _held_by_another_process(_cell(pipeline) / "cell.lock") as pid:
+        tasks = _run(pipeline)
+    status, message = tasks[CELL]
+    assert status == "skipped" and f"another featx run (pid {pid} on " in message
+    assert "Traceback" not in (pipeline.parent / "out" / "run.log").read_text()
+    assert not (_cell(pipeline) / "results.json").exists()
+    assert _run(pipeline)[CELL] == ("done", "")  # the lock died with its holder
+
+
+def test_a_store_another_run_is_extracting_is_skipped_with_the_holder(pipeline):
+    from featx.store.format import partial_path
+
+    store = _run_store(pipeline)
+    with _held_by_another_process(partial_path(store) / "lock") as pid:
+        tasks = _run(pipeline)
+    assert tasks["extract/colours/tiny"][0] == "skipped" and f"pid {pid} on" in tasks["extract/colours/tiny"][1]
+    assert tasks[CELL] == ("skipped", "depends on extract/colours/tiny, which did not finish")
+    assert "Traceback" not in (pipeline.parent / "out" / "run.log").read_text()
+
+
+def _run_store(pipeline: Path) -> Path:
+    from featx.jobs import load_job, run
+
+    summary = run(load_job(pipeline), progress=False, dry_run=True)
+    return Path(summary.tasks[0].store)
+
+
+def test_an_unwritable_out_names_the_pipeline_line_and_the_fix(tmp_path, colour_folder):
+    from featx.jobs import JobError
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (Linux)")
+    path = tmp_path / "job.toml"
+    path.write_text(PIPELINE.format(out="/proc/featx", data=colour_folder))
+    with pytest.raises(JobError, match=r"job.toml:4: .*out '/proc/featx' cannot be created or written .*set out to"):
+        _run(path)

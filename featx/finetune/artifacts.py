@@ -18,6 +18,7 @@ from torch import nn
 from featx._runtime.io import atomic_write
 from featx.backbones.features import Backbone
 from featx.backbones.loading import load_backbone
+from featx.exceptions import DamagedFileError
 from featx.finetune.config import FinetuneConfig
 from featx.finetune.heads import _build_head, _Classifier, _set_module
 from featx.spec import Preprocessing, canonical_json
@@ -102,6 +103,8 @@ def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     ------
     FileNotFoundError
         ``out_dir`` holds no ``finetune.json``.
+    DamagedFileError
+        Its ``finetune.json`` is not JSON, or lacks what rebuilding the network needs.
     """
     from safetensors.torch import load_file
 
@@ -109,7 +112,7 @@ def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta_path = out / FINETUNE_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{out} holds no {FINETUNE_META}; is it a `featx finetune --out` folder?")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_meta(meta_path)
     net = load_backbone(meta["backbone"])
     head = net.model.get_submodule(meta["head"]["name"])
     _set_module(
@@ -121,3 +124,22 @@ def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     net.model.eval()
     pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
     return _Classifier(net.model, pre).eval(), meta
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``finetune.json``, checked for what :func:`load_finetuned` reads, or a :class:`DamagedFileError` naming it."""
+    fix = "re-run the `featx finetune` that made the folder (a finished run is only tested again and rewrites it)"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DamagedFileError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    head = meta.get("head") if isinstance(meta, dict) else None
+    missing = [
+        k for k in ("backbone", "class_names", "preprocessing", "head") if not isinstance(meta, dict) or k not in meta
+    ]
+    missing += [f"head.{k}" for k in ("name", "hidden", "dropout") if isinstance(head, dict) and k not in head]
+    if missing or not isinstance(head, dict):
+        raise DamagedFileError(
+            f"{path} is not a featx fine-tuning record: it lacks {', '.join(missing) or 'head'}; {fix}"
+        )
+    return meta
