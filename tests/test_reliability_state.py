@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_store
+from conftest import TINY, synthetic_store
 
 from featx.classify import ClassifierConfig
 from featx.classify.training import train
@@ -278,3 +278,112 @@ def test_an_unwritable_out_names_the_pipeline_line_and_the_fix(tmp_path, colour_
     path.write_text(PIPELINE.format(out="/proc/featx", data=colour_folder))
     with pytest.raises(JobError, match=r"job.toml:4: .*out '/proc/featx' cannot be created or written .*set out to"):
         _run(path)
+
+
+# -------------------------------------------------------------------------------------------- fine-tunes
+def _ft_config():
+    from featx.finetune import FinetuneConfig, parse_phases
+
+    return FinetuneConfig(phases=tuple(parse_phases("head:1:1e-2,all:1:1e-3")), batch_size=8)
+
+
+class _Evil:
+    """Pickles as a call of ``os.system``: what a crafted checkpoint would run if it were unpickled freely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("damage", ["pickled code", "truncated", "not a checkpoint", "a list"])
+def test_a_damaged_checkpoint_is_named_and_the_fine_tune_starts_afresh(tmp_path, caplog, damage):
+    import torch
+
+    from featx._runtime.dist import World
+    from featx.exceptions import DamagedFileError
+    from featx.finetune.state import read_checkpoint
+    from featx.finetune.trainer import restore_or_start
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    if damage == "pickled code":
+        torch.save({"run_hash": _Evil(tmp_path / "ran")}, checkpoint)
+    elif damage == "truncated":
+        torch.save({"model": torch.zeros(4096)}, checkpoint)
+        checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    elif damage == "not a checkpoint":
+        torch.save({"weights": torch.zeros(3)}, checkpoint)
+    else:
+        torch.save([1, 2], checkpoint)
+    with pytest.raises(DamagedFileError, match=re.escape(f"{checkpoint} is not ")):
+        read_checkpoint(checkpoint)
+    for overwrite in (False, True):
+        state = restore_or_start(World(), tmp_path, "this-run", overwrite=overwrite)
+        assert (state.run_hash, state.phase, state.curves, state.model) == ("this-run", 0, [], None)
+    assert not (tmp_path / "ran").exists()  # the crafted pickle never ran
+    assert f"{checkpoint} is not " in caplog.text and "starts afresh" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_replaced_under_overwrite_from_the_cli(colour_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    args = ["finetune", str(colour_folder), "--backbone", TINY, "--phases", "head:1:1e-2", "--batch-size", "8"]
+    result = CliRunner().invoke(main, [*args, "--workers", "0", "--no-progress", "--overwrite", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{not json", "is not valid JSON"), ('{"backbone": "featx:tiny_test"}', "lacks class_names, preprocessing, head")],
+)
+def test_a_broken_finetune_json_is_named(tmp_path, text, message):
+    from featx.exceptions import DamagedFileError
+    from featx.finetune import load_finetuned
+
+    (tmp_path / "finetune.json").write_text(text)
+    with pytest.raises(DamagedFileError, match=re.escape(message)) as caught:
+        load_finetuned(tmp_path)
+    assert str(tmp_path / "finetune.json") in str(caught.value) and "re-run the `featx finetune`" in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_resumed_fine_tune_records_the_compute_of_every_process(colour_folder, tmp_path, monkeypatch):
+    """The seconds of a run interrupted after its first checkpoint and resumed count both processes."""
+    import time
+
+    import torch
+
+    from featx.finetune import epochs, finetune
+
+    save, writes = epochs.save_checkpoint, []
+
+    def save_then_stop(path, state):  # the first process spends 1 s more, then dies after its first checkpoint
+        writes.append(path)
+        time.sleep(1.0)
+        save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(epochs, "save_checkpoint", save_then_stop)
+    out = tmp_path / "ft"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(colour_folder, TINY, _ft_config(), out, workers=0, progress=False)
+    monkeypatch.undo()
+    before = torch.load(out / "checkpoint.pt", weights_only=True)["seconds"]
+    assert before >= 1.0
+    start = time.perf_counter()
+    results = finetune(colour_folder, TINY, _ft_config(), out, workers=0, progress=False)
+    resumed_wall = time.perf_counter() - start
+    # This process's own seconds are at most its wall time; the first process's come on top of them.
+    assert before < results["seconds"] <= before + resumed_wall
+    assert results["seconds"] > resumed_wall
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["seconds"] > before
