@@ -387,3 +387,58 @@ def test_a_resumed_fine_tune_records_the_compute_of_every_process(colour_folder,
     assert before < results["seconds"] <= before + resumed_wall
     assert results["seconds"] > resumed_wall
     assert torch.load(out / "checkpoint.pt", weights_only=True)["seconds"] > before
+
+
+# ------------------------------------------------------------------------------- errors of the environment
+_OPEN = """
+import sys, h5py
+f = h5py.File(sys.argv[1], "r")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_relabelling_a_store_another_process_has_open_names_the_store_and_the_holder(tmp_path):
+    import numpy as np
+
+    from featx.data import Manifest
+    from featx.exceptions import StoreLockedError
+    from featx.store import open_store
+    from featx.store.writer import update_labels
+
+    store = synthetic_store(tmp_path / "blobs.h5", per_class=10)
+    with open_store(store) as s:
+        ids, paths, labels = s.ids(), s.paths(), s.labels()
+    relabelled = Manifest(ids, paths, (labels + 1) % 3, ["train"] * 30, ["class0", "class1", "class2"], "relabelled")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OPEN, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError, match=rf"{re.escape(str(store))} is open by pid {proc.pid} \("):
+            update_labels(store, relabelled)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert update_labels(store, relabelled)  # once it is closed, the update goes through
+    with open_store(store) as s:
+        assert np.array_equal(s.labels(), (labels + 1) % 3)
+
+
+def test_a_torchvision_dataset_offline_says_it_needs_the_network_or_a_copy(monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    from featx.data.sources import from_torchvision
+
+    class Offline(torchvision.datasets.CIFAR10):
+        def __init__(self, root, train=True, download=False):
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(RuntimeError) as caught:
+        from_torchvision("CIFAR10")
+    message = str(caught.value)
+    assert "needs the network" in message and "cifar-10-python.tar.gz" in message
+    assert "torchvision/CIFAR10" in message and "Temporary failure in name resolution" in message
