@@ -17,6 +17,7 @@ __all__ = [
     "IncompleteStoreError",
     "JobError",
     "NotResultsError",
+    "NotWritableError",
     "ResultsError",
     "SpecMismatchError",
     "StoreError",
@@ -53,6 +54,11 @@ class DamagedFileError(ValueError):
 class StoreError(DamagedFileError):
     """A feature store that is not consistent with itself (a dataset missing or of the wrong length, a split
     code or a label that means nothing, a spec that does not parse); the message names the file and the fault."""
+
+
+class NotWritableError(OSError):
+    """An output folder that cannot be created or written (a read-only mount, no permission, under ``/proc``);
+    the message names it, says why and what to do."""
 
 
 class ImageDecodeError(ValueError):

@@ -276,8 +276,27 @@ def test_an_unwritable_out_names_the_pipeline_line_and_the_fix(tmp_path, colour_
         pytest.skip("needs /proc (Linux)")
     path = tmp_path / "job.toml"
     path.write_text(PIPELINE.format(out="/proc/featx", data=colour_folder))
-    with pytest.raises(JobError, match=r"job.toml:4: .*out '/proc/featx' cannot be created or written .*set out to"):
+    with pytest.raises(JobError, match=r"job.toml:4: .*out '/proc/featx' cannot be created or written .*set out in"):
         _run(path)
+
+
+@pytest.mark.parametrize("command", ["train", "extract", "finetune"])
+def test_an_unwritable_out_fails_before_the_work_naming_the_folder(tmp_path, command):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (Linux)")
+    store = synthetic_store(tmp_path / "blobs.h5", per_class=10)
+    args = {
+        "train": ["train", str(store), "-c", "knn", "--out", "/proc/featx"],
+        "extract": ["extract", str(tmp_path), "--backbone", TINY, "--out", "/proc/featx/x.h5"],
+        "finetune": ["finetune", str(tmp_path), "--backbone", TINY, "--phases", "head:1:1e-2", "--out", "/proc/featx"],
+    }[command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "'/proc/featx' cannot be created or written (No such file or directory): choose a folder" in result.output
 
 
 # -------------------------------------------------------------------------------------------- fine-tunes

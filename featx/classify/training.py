@@ -23,6 +23,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx._runtime.env import library_versions
+from featx._runtime.io import check_writable
 from featx.classify._rows import _labelled_rows, _labelled_store_rows
 from featx.classify.config import ClassifierConfig
 from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, few_shot_curve, shot_rows
@@ -115,6 +116,8 @@ def train(
             )
         fs = FeatureStore(store, plan) if owns else store
         try:
+            if out_dir is not None:  # before the search, whose work an unwritable folder would lose
+                check_writable(out_dir, "out_dir")
             layer = _check_layer(fs, config.layer)
             preprocess = config.steps(preset)
             if config.out_of_core:

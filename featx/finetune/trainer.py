@@ -31,6 +31,7 @@ import torch
 from featx._runtime import dist as _ddp
 from featx._runtime.device import resolve_amp
 from featx._runtime.env import library_versions
+from featx._runtime.io import check_writable
 from featx._runtime.malloc import reuse_freed_memory
 from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
@@ -201,6 +202,8 @@ def _finetune(
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
+    if world.is_main:
+        check_writable(out, "out_dir")  # before the network loads and the images are read
     amp = resolve_amp(amp, dev)
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)

@@ -13,7 +13,6 @@ import dataclasses
 import fnmatch
 import json
 import logging
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -21,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featx._runtime.io import atomic_write
+from featx._runtime.io import atomic_write, check_writable
 from featx._runtime.lock import FileLock, LockHeld
-from featx.exceptions import StoreLockedError
+from featx.exceptions import NotWritableError, StoreLockedError
 from featx.jobs.planning import Task, _backbone_of, _hash, cell_dir, plan
 from featx.jobs.schema import FinetuneSpec, Job, JobError, job_error
 from featx.jobs.values import classifier_config, finetune_config
@@ -101,21 +100,16 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
     by_id = {t.id: t for t in tasks}
     try:
         job.out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=job.out, prefix=".featx-write-check-"):
-            pass  # a folder that exists on a read-only mount, or that this user may not write into
     except (FileExistsError, NotADirectoryError):  # load_job refuses it; a Job made in Python may not have been
         raise job_error(
             job, f"out {str(job.out)!r} is a file, or inside one: out must be a folder", "job", None, "out"
         ) from None
-    except OSError as exc:
-        raise job_error(
-            job,
-            f"out {str(job.out)!r} cannot be created or written ({exc.strerror or exc}): set out to a folder you "
-            "can write to (a relative out is taken from the pipeline file's folder)",
-            "job",
-            None,
-            "out",
-        ) from None
+    except OSError:
+        pass  # said just below, with the reason
+    try:
+        check_writable(job.out, "out")  # a read-only mount, a folder this user may not write into, /proc
+    except NotWritableError as exc:
+        raise job_error(job, f"{exc} (set out in [job])", "job", None, "out") from None
     with _run_log(job.out / "run.log"):
         log.info(
             "job %s: %d tasks (%d selected)%s", job.name, len(tasks), len(selected), " [dry run]" if dry_run else ""
