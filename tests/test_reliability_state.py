@@ -461,3 +461,13 @@ def test_a_torchvision_dataset_offline_says_it_needs_the_network_or_a_copy(monke
     message = str(caught.value)
     assert "needs the network" in message and "cifar-10-python.tar.gz" in message
     assert "torchvision/CIFAR10" in message and "Temporary failure in name resolution" in message
+
+
+def test_the_public_results_error_is_the_one_read_results_raises(tmp_path):
+    """``except featx.ResultsError`` catches a damaged results file (there was once a second, unrelated class)."""
+    import featx
+    from featx.results import read_results
+
+    (tmp_path / "results.json").write_text('{"schema": "featx.results/1", ')
+    with pytest.raises(featx.ResultsError, match="is not valid JSON"):
+        read_results(tmp_path / "results.json")

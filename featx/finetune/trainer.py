@@ -146,6 +146,8 @@ def finetune(
         on another backbone or other classes.
     FileNotFoundError
         The source or ``init_head`` does not exist.
+    NotWritableError
+        ``out_dir`` cannot be created or written (checked before anything loads).
     RuntimeError
         Under torchrun, ranks that see different data or different checkpoints (``out_dir`` must be on a
         filesystem every node sees); weights that cannot be downloaded.
@@ -202,8 +204,7 @@ def _finetune(
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    if world.is_main:
-        check_writable(out, "out_dir")  # before the network loads and the images are read
+    check_writable(out, "out_dir")  # before the network loads; on every rank, so that all of them stop
     amp = resolve_amp(amp, dev)
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)
