@@ -237,7 +237,10 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
     assert result.exit_code == 0, result.output
     for column in ("test accuracy [95% CI]", "balanced acc.", "macro F1", "chosen", "train s", "extract s"):
         assert column in result.output
-    assert "verdict (each row against the best, paired on the same 6 test images)" in result.output
+    assert "each row against the reference (best on val), paired on the same 6 test images" in result.output
+    assert result.output.lstrip().startswith("decision:")  # the answer first, before any table
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["margin"] == 0.01 and report["verdicts"][0]["chosen_on"] == "val"
     assert "rule: fit on train, hyper-parameters chosen on val" in result.output
     out = tmp_path / "out"
     page = (out / "report.html").read_text()
@@ -281,6 +284,36 @@ def test_run_restores_the_featx_logger(job_file):
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # written atomically, no temporary left
 
 
+def test_compare_over_separate_train_and_finetune_folders_gives_the_decision(colours, tmp_path):
+    """The README's CLI path: extract → train → finetune → compare, in folders of their own, grouped by the test
+    images they share however the store's path is spelled."""
+    runner = CliRunner()
+    store = tmp_path / "colours.h5"
+    tiny = ["--backbone", "featx:tiny_test"]
+    quick = ["--phases", "head:1:1e-2", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    steps = [
+        ["extract", str(colours), *tiny, "--out", str(store), "--no-progress"],
+        ["train", str(store), "-c", "logreg", "--out", str(tmp_path / "svm")],
+        ["finetune", str(colours), *tiny, *quick, "--out", str(tmp_path / "ft")],
+    ]
+    for args in steps:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["compare", str(tmp_path / "svm"), str(tmp_path / "ft"), "--margin", "2"])
+    assert result.exit_code == 2 and "--out" in result.output  # several folders: say where the report goes
+    both = tmp_path / "both"
+    result = runner.invoke(main, ["compare", str(tmp_path / "svm"), str(tmp_path / "ft"), "--out", str(both)])
+    assert result.exit_code == 0, result.output
+    decision = result.output.strip().split("\n\n")[0]
+    assert decision.startswith("decision:") and decision.count("\n") == 1  # one dataset, not one per folder
+    assert re.search(r"(Fine-tuning pays|The frozen row is (enough|better)|Inconclusive whether fine-tuning)", decision)
+    assert "the compute" in decision
+    report = json.loads((both / "report.json").read_text())
+    (found,) = report["verdicts"]
+    assert found["question"]["outcome"] in ("pays", "enough", "better", "inconclusive")
+    assert (both / "report.html").read_text().count("class='decision'") == 1
+
+
 def test_compare_explains_an_empty_folder(tmp_path):
     result = CliRunner().invoke(main, ["compare", str(tmp_path)])
     assert result.exit_code == 1 and "no featx results.json" in result.output
@@ -316,6 +349,39 @@ def test_a_row_with_several_seeds_runs_one_cell_per_seed_and_reports_their_sprea
     for bad, message in (("[]", "non-empty list"), ("[1, 1]", "listed twice"), ("[-1]", "0 or more")):
         with pytest.raises(JobError, match=message):
             load_job(_write(tmp_path, text.replace("seeds = [0, 1, 2]", f"seeds = {bad}")))
+
+
+def test_repeats_run_every_row_under_each_split_seed_and_the_decision_counts_them(tmp_path, colours):
+    text = (
+        JOB.format(out=tmp_path / "out", data=colours)
+        .replace('source = "${data}"', 'source = "${data}"\nrepeats = 2')
+        .replace('layers = ["penultimate", "blocks.2"]', 'layers = ["penultimate"]')
+    )
+    job = load_job(_write(tmp_path, text))
+    tasks = plan(job)
+    assert [t.id for t in tasks] == [
+        "extract/colours/tiny",  # extracted once: splits are not in a store's key
+        "classify/colours/tiny/penultimate/logreg",  # the first repeat keeps its name (and its cache)
+        "classify/colours/tiny/penultimate/logreg/split1",
+        "classify/colours/tiny/penultimate/knn",
+        "classify/colours/tiny/penultimate/knn/split1",
+        "finetune/colours/lpft",
+        "finetune/colours/lpft/split1",
+    ]
+    assert tasks[-1].depends == ["classify/colours/tiny/penultimate/logreg/split1"]  # its own split's probe
+    assert [t.plan.split_seed for t in tasks[1:]] == [0, 1, 0, 1, 0, 1]
+    summary = run(job, progress=False)
+    assert [t.status for t in summary.tasks] == ["done"] * 7
+    from featx.jobs.report import collect, format_table
+
+    rows = collect(tmp_path / "out")
+    assert {r["split"]["plan"]["split_seed"] for r in rows} == {0, 1}
+    table = format_table(rows)
+    assert table.count("dataset: colours") == 1  # two split seeds, one dataset
+    assert "splits (2)" in table and "Nadeau & Bengio" in table
+    for bad in ("0", "1.5", "101"):
+        with pytest.raises(JobError, match="repeats is the number of split seeds"):
+            load_job(_write(tmp_path, text.replace("repeats = 2", f"repeats = {bad}")))
 
 
 def test_the_report_states_a_learning_rate_chosen_on_val(tmp_path, colours):

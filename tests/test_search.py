@@ -27,7 +27,7 @@ def blobs(tmp_path):
 
 
 def _train(store, **config):
-    return train(store, ClassifierConfig(**config), n_jobs=1, n_bootstrap=50)
+    return train(store, ClassifierConfig(**config), n_jobs=1)
 
 
 # ----------------------------------------------------------------------------------------- convergence
@@ -160,7 +160,7 @@ def test_a_search_without_refinement_scores_exactly_the_grid(monkeypatch):
 # ----------------------------------------------------------------------------------- per-image predictions
 @pytest.mark.parametrize("name", ["svm", "logreg", "knn"])
 def test_per_image_predictions_match_predict_on_the_test_rows(blobs, tmp_path, name):
-    model, results = train(blobs, ClassifierConfig(classifier=name), n_jobs=1, n_bootstrap=50, out_dir=tmp_path)
+    model, results = train(blobs, ClassifierConfig(classifier=name), n_jobs=1, out_dir=tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())["test"]["predictions"]
     assert on_disk == results["test"]["predictions"]
     with featx.store.open(blobs) as fs:

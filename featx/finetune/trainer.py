@@ -46,7 +46,7 @@ from featx.finetune.prepare import _Run, build_model, load_manifest, prepare_row
 from featx.finetune.state import RunState, read_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
-from featx.results import SCHEMA, FinetuneResults, TestMetrics, write_results
+from featx.results import SCHEMA, FinetuneResults, TestMetrics, ValScore, write_results
 from featx.spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["finetune"]
@@ -279,7 +279,7 @@ def test_best(run: _Run) -> TestMetrics | None:
     scores, y_test, _ = predict(run, images)
     predict_seconds = time.perf_counter() - t0
     y_pred = scores.argmax(1)
-    metrics = evaluate(y_test, y_pred, manifest.class_names, scores=scores, seed=run.config.seed)
+    metrics = evaluate(y_test, y_pred, manifest.class_names, scores=scores)
     metrics["predict_seconds"] = round(predict_seconds, 4)
     metrics["split"] = "test"
     metrics["predictions"] = predictions([manifest.ids[r] for r in rows], y_test, y_pred, scores)
@@ -326,6 +326,14 @@ def _phases_run(config: FinetuneConfig, base: float | None) -> list[dict[str, An
     ]
 
 
+def _val_score(state: RunState, n: int) -> dict[str, ValScore]:
+    """``{"val": …}``: the chosen epoch's val accuracy, the score a comparison chooses its rows by."""
+    record = next((c for c in state.curves if c["epoch"] == state.best_epoch), None)
+    if record is None or record.get("val_accuracy") is None or not n:
+        return {}
+    return {"val": ValScore(accuracy=float(record["val_accuracy"]), n=n)}
+
+
 def _fit_seconds(state: RunState) -> float:
     """Training seconds: every recorded epoch, and the candidates the rate choice did not keep."""
     sweep = state.lr_sweep
@@ -367,6 +375,7 @@ def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: f
         },
         "curves": state.curves,
         "best_epoch": state.best_epoch,
+        **_val_score(state, len(rows.val)),
         "skipped_images": [{"id": i, "reason": r} for i, r in rows.skipped],
         "train": {
             "n": len(rows.train),

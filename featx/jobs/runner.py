@@ -348,7 +348,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
             # The key covers the images only: the labels layer and the split plan are the cell's too.
             # A dry run leaves a relabelled store as it is: the labels it would hold come with the extraction.
             "labels": extraction.labels or read_labels_fingerprint(store),
-            "split_plan": task.dataset.plan.to_dict(),
+            "split_plan": task.plan.to_dict(),
             "config": config.to_dict(),
             # The preset's default preprocessing is not in the config: a changed default must re-run the cell.
             "preprocess_in_force": config.steps(config.validate()),
@@ -360,7 +360,9 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
     init_marker = _init_dir(job, task, by_id) / CELL_MARKER if task.depends else None
     return {
         "kind": "finetune",
-        "dataset": dataclasses.asdict(task.dataset),
+        # The dataset as before repeats existed, with the repeat's split seed: the first repeat keeps its identity.
+        "dataset": {k: v for k, v in dataclasses.asdict(task.dataset).items() if k != "repeats"}
+        | {"split_seed": task.plan.split_seed},
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": _finetune_backbone(job, ft),
         "config": finetune_config(ft, task.seed).to_dict(),
@@ -418,7 +420,7 @@ def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None
     train(
         by_id[task.depends[0]].store,
         config,
-        plan=task.dataset.plan,
+        plan=task.plan,
         out_dir=out,
         shots=_shots(task),
         draws=task.classifier.draws,
@@ -439,7 +441,7 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
         workers=job.workers,
         overwrite=True,
         progress=progress,
-        plan=task.dataset.plan,
+        plan=task.plan,
     )
 
 
