@@ -13,6 +13,7 @@ from collections.abc import Iterable
 __all__ = [
     "ArchiveError",
     "DamagedFileError",
+    "DiskFullError",
     "ImageDecodeError",
     "IncompleteStoreError",
     "JobError",
@@ -59,6 +60,14 @@ class StoreError(DamagedFileError):
 class NotWritableError(OSError):
     """An output folder that cannot be created or written (a read-only mount, no permission, under ``/proc``);
     the message names it, says why and what to do."""
+
+
+class DiskFullError(OSError):
+    """A disk too full for what featx must write (``errno`` is ``ENOSPC``); the message names the path, the space
+    needed and what is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ImageDecodeError(ValueError):

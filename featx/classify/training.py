@@ -26,7 +26,7 @@ from featx._runtime.env import library_versions
 from featx._runtime.io import check_writable
 from featx.classify._rows import _labelled_rows, _labelled_store_rows
 from featx.classify.config import ClassifierConfig
-from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, few_shot_curve, shot_rows
+from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, drawable_shots, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, _fit_quietly, _folds, fit_converged, search
@@ -118,6 +118,8 @@ def train(
             if out_dir is not None:  # before the search, whose work an unwritable folder would lose
                 check_writable(out_dir, "out_dir")
             layer = _check_layer(fs, config.layer)
+            if shots:  # before any fit: a curve that cannot be drawn is refused, not found out after training
+                shots = drawable_shots(fs.labels("train"), fs.class_names, shots, fs.path)
             preprocess = config.steps(preset)
             if config.out_of_core:
                 fitted = _train_out_of_core(fs, layer, preset, config, preprocess)

@@ -84,7 +84,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.IntRange(min=1),
     default=DEFAULT_MAX_PIXELS,
     show_default=True,
-    help="Images with more pixels are recorded as failures (decompression-bomb guard).",
+    help="Images with more pixels, decoded or once resized, are recorded as failures (decompression-bomb guard).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a store (or interrupted job) made with another spec.")
 @click.option(
@@ -271,8 +271,9 @@ def _info_lines(data: dict[str, Any]) -> list[str]:
     stats = data["stats"]
     if stats:
         lines.append(
-            f"extraction  {stats.get('images_this_run')} images in {stats.get('seconds')} s on "
+            f"extraction  {stats.get('images', stats.get('images_this_run'))} images in {stats.get('seconds')} s on "
             f"{stats.get('device')} ({stats.get('images_per_second')} images/s)"
+            + (f"; resumed, {stats['resumed_rows']} rows from earlier runs" if stats.get("resumed_rows") else "")
         )
     lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
     return lines

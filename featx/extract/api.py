@@ -44,7 +44,7 @@ from featx.spec import (
     check_option,
 )
 from featx.store.format import read_key
-from featx.store.writer import adopt_legacy_store, check_replaceable, update_labels
+from featx.store.writer import adopt_legacy_store, check_not_locked, check_replaceable, update_labels
 
 __all__ = ["build_spec", "default_store_path", "extract"]
 
@@ -305,6 +305,8 @@ def extract(
     amp = resolve_amp(amp, dev)
     if out is not None and not dry_run:  # before the network loads: a folder that cannot take the store fails now
         check_writable(Path(out).expanduser().parent, "the folder of --out")
+    if out is not None and env is None and one_shard is None and not dry_run:
+        check_not_locked(Path(out).expanduser())  # a second writer is refused now, not after the model loads
     net, feature_model = _load_network(backbone, layers, pool, expect_weights_sha256)
     # Only now read the source: it may download a dataset or write thousands of PNG files.
     manifest = source if isinstance(source, Manifest) else load_source(source)

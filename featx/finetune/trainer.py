@@ -209,7 +209,7 @@ def _finetune(
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)
     built = build_model(name, manifest, config, init_head=init_head, trust=trust)
-    rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels)
+    rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels, built.net.preprocessing)
     run_hash = _config_hash(config, built.net, rows.fingerprint, built.init_ref)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
     state.start_clock(t_start)  # a resumed run adds this process's seconds to those its checkpoint recorded
