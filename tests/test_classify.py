@@ -470,3 +470,31 @@ def test_knn_grid_larger_than_a_fold(tmp_path):
 def test_out_of_core_refuses_class_weights(blobs):
     with pytest.raises(ValueError, match="cannot weight classes"):
         _train(blobs, classifier="sgd", out_of_core=True, class_weight="balanced")
+
+
+@pytest.mark.slow  # ~4 s: one extraction, two fits, four predictions
+def test_predict_says_whether_its_scores_are_probabilities_or_margins(image_folder, tmp_path):
+    from featx.extract import extract
+
+    store = extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False).path
+    image = str(image_folder / "cat" / "00.png")
+    for name, kind in (("logreg", "probability"), ("svm", "margin")):
+        train(store, ClassifierConfig(classifier=name, value=1.0), out_dir=tmp_path / name)
+        args = ["predict", image, "--model", str(tmp_path / name / "model.skops"), "--top-k", "3"]
+        text = CliRunner().invoke(main, args)
+        assert text.exit_code == 0, text.output
+        header, row = text.stdout.splitlines()[-2:]
+        assert header.split("\t")[:3] == ["path", "class", kind] and row.startswith(image)
+        line = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout.splitlines()[-1])
+        assert line["score_kind"] == kind and line["class"] == line["top_k"][0][0]
+        if kind == "probability":
+            assert abs(sum(s for _, s in line["top_k"]) - 1) < 1e-6
+
+
+def test_the_preprocess_help_names_each_presets_default():
+    from featx.classify import PRESETS
+
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    for name, preset in PRESETS.items():
+        default = ",".join(preset.preprocess) or "none"
+        assert f"{name}: {default}" in help_text, (name, default)

@@ -195,7 +195,7 @@ def test_run_caches_resumes_and_reports(job_file, tmp_path, monkeypatch):
         ("extract/colours/tiny", "cached"),
         ("classify/colours/tiny/penultimate/knn", "planned"),
     ]
-    assert (out / "run.log").read_text().count("job tiny") == 4
+    assert (out / "run.log").read_text().count("job tiny") == 3  # a dry run writes no log
 
 
 def test_a_failing_cell_does_not_lose_the_others(tmp_path, colours):
@@ -235,7 +235,7 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
     run(load_job(job_file), progress=False)
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    for column in ("test accuracy [95% CI]", "balanced acc.", "macro F1", "chosen", "train s", "extract s"):
+    for column in ("test accuracy, % [95% CI]", "balanced acc., %", "macro F1, %", "chosen", "train s", "extract s"):
         assert column in result.output
     assert "each row against the reference (best on val), paired on the same 6 test images" in result.output
     assert result.output.lstrip().startswith("decision:")  # the answer first, before any table
@@ -265,23 +265,41 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
         assert kind in titles
 
 
-def test_run_restores_the_featx_logger(job_file):
+def test_run_restores_the_featx_logger(job_file, monkeypatch):
     import logging
 
+    import featx.jobs.runner
+
+    def quick(job, task, by_id, **kwargs):  # the log's story without the work
+        task.status = "done"
+
+    monkeypatch.setattr(featx.jobs.runner, "_execute", quick)
     featx_logger = logging.getLogger("featx")
     before = (featx_logger.level, list(featx_logger.handlers))
     featx_logger.setLevel(logging.WARNING)
     try:
-        summary = run(load_job(job_file), dry_run=True, progress=False)
+        summary = run(load_job(job_file), progress=False)
         assert featx_logger.level == logging.WARNING and featx_logger.handlers == before[1]
     finally:
         featx_logger.setLevel(before[0])
-    assert {t.status for t in summary.tasks} == {"planned"}
+    assert {t.status for t in summary.tasks} == {"done"}
     out = load_job(job_file).out
     assert "job tiny" in (out / "run.log").read_text()  # the log file still got the INFO story
     record = json.loads((out / "run.json").read_text())
-    assert record["dry_run"] is True and [t["id"] for t in record["tasks"]] == [t.id for t in summary.tasks]
+    assert record["dry_run"] is False and [t["id"] for t in record["tasks"]] == [t.id for t in summary.tasks]
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # written atomically, no temporary left
+
+
+def test_a_dry_run_writes_nothing_and_names_each_task_once(job_file, caplog):
+    out = load_job(job_file).out
+    with caplog.at_level("INFO", logger="featx"):
+        result = CliRunner().invoke(main, ["run", str(job_file), "--dry-run", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert not out.exists() and "a dry run writes nothing" in result.output  # no run.log, run.json or folders
+    tasks = [t.id for t in plan(load_job(job_file))]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for task in tasks:
+        assert result.output.count(task) + logged.count(task) == 1, task
 
 
 def test_compare_over_separate_train_and_finetune_folders_gives_the_decision(colours, tmp_path):

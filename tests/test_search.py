@@ -56,6 +56,13 @@ def test_converged_fits_say_so(blobs):
     assert "converged" not in ridge["search"]["curve"][0] and ridge["train"]["converged"] is None
 
 
+def test_an_unlimited_max_iter_counts_as_converged_and_is_never_multiplied(blobs):
+    # SVC's max_iter=-1 means "no limit": treating it as a cap flagged every fit and the refit asked for -10.
+    _, results = _train(blobs, classifier="sklearn.svm.SVC")
+    assert results["search"]["converged"] is True
+    assert results["train"]["converged"] is True and results["train"]["max_iter"] == -1
+
+
 # ---------------------------------------------------------------------------- a synthetic score curve
 def _scripted(monkeypatch, score_of):
     """Replace each fold's fit by ``score_of(value)``; returns the values fitted, in order."""

@@ -234,6 +234,7 @@ def _refit_converged(pipeline: Pipeline, X, y, preset: Preset) -> dict[str, Any]
     for _ in range(_REFIT_RETRIES):
         if converged is not False:
             break
+        # Only a positive cap is raised: fit_converged never reports an unlimited fit (max_iter <= 0) unconverged.
         more = {"max_iter": int(est.max_iter) * 10}
         if preset.warm_start and "warm_start" in est.get_params():
             more["warm_start"] = True

@@ -41,7 +41,8 @@ def run(pipeline, overrides, only, force, dry_run, scheduler, no_progress) -> No
     counts = ", ".join(
         f"{summary.count(s)} {s}" for s in ("done", "cached", "planned", "failed", "skipped") if summary.count(s)
     )
-    click.echo(f"{job.name}: {counts} in {summary.seconds:.1f} s; log: {job.out / 'run.log'}")
+    where = " (a dry run writes nothing)" if dry_run else f"; log: {job.out / 'run.log'}"
+    click.echo(f"{job.name}: {counts} in {summary.seconds:.1f} s{where}")
     if dry_run:
         click.echo(_cost_line(job, summary.tasks))
     if not dry_run:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from featx._runtime.device import autocast, channels_last_pays, exact_float32
 from featx._runtime.env import cache_dir, default_workers, library_versions, temporary_attr, temporary_environ
 from featx._runtime.malloc import reuse_freed_memory
+from featx._runtime.progress import Progress
 from featx.backbones.features import Backbone, FeatureModel, bytes_per_image, feature_dims, human_bytes
 from featx.data.imageio import load_for_model
 from featx.data.manifest import Manifest
@@ -274,7 +275,7 @@ def _extract_store(
     if read_key(path) == key:
         return _cached_result(job, path, key, manifest)
     dims = feature_dims(job.feature_model, net.preprocessing)
-    _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)
+    _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)  # some layers (all: see extract)
     if spec.pool == "none" and bytes_per_image(dims, spec.dtype) > _NONE_POOL_WARN_BYTES:
         log.warning(
             "pool 'none' keeps %s per image (%s for %d images); consider avg pooling",
@@ -329,7 +330,8 @@ def _warn_pool_without_effect(model: FeatureModel, pre: Preprocessing, pool: str
     if vectors:
         log.warning(
             "pool %r does not change %s: already a pooled vector (penultimate is the network's own pooled "
-            "output). To pool the last feature map your way, name that layer (`featx backbones --layers`)",
+            "output); it pools the other layers. To pool the last feature map your way, name that layer "
+            "(`featx backbones --layers`)",
             pool,
             ", ".join(vectors),
         )
@@ -382,8 +384,6 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
 
     Returns how the network ran, for the store's stats: ``compiled`` and ``batchnorms_folded``.
     """
-    from tqdm.auto import tqdm
-
     last = time.perf_counter()  # the first batch's seconds include building the loader and the network
     spec, pre, dev, progress = job.spec, job.net.preprocessing, job.device, job.progress
     workers = default_workers() if job.workers is None else job.workers
@@ -397,7 +397,7 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
         prefetch_factor=4 if workers else None,
     )
     compile_model = _compile_wanted(job.compile_mode, dev, len(pending))
-    bar = tqdm(
+    bar = Progress(
         total=len(manifest),
         initial=resumed,
         unit="img",

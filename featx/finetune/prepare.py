@@ -164,6 +164,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
     info: Callable[..., None]
+    progress: bool = False  # show progress (rank 0 only)
 
     @classmethod
     def start(
@@ -178,6 +179,7 @@ class _Run:
         *,
         workers: int | None,
         max_pixels: int,
+        progress: bool = False,
     ) -> _Run:
         """Put the model on its device (SyncBatchNorm when BatchNorm statistics train over several GPUs)
         and set up the training and validation images."""
@@ -217,4 +219,5 @@ class _Run:
             scaler=torch.amp.GradScaler(dev.type, enabled=amp == "fp16"),
             steps_per_epoch=max(1, math.ceil(len(rows.train) / config.batch_size)),
             info=log.info if world.is_main else log.debug,  # one story in the log, not one per rank
+            progress=progress and world.is_main,
         )

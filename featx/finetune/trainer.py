@@ -33,6 +33,7 @@ from featx._runtime.device import resolve_amp
 from featx._runtime.env import library_versions
 from featx._runtime.io import check_writable
 from featx._runtime.malloc import reuse_freed_memory
+from featx._runtime.progress import Progress
 from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
 from featx.data.splits import SELECTION_RULE, SplitPlan
@@ -43,7 +44,7 @@ from featx.finetune.data import _EvalImages
 from featx.finetune.epochs import evaluate_start, predict, train_phase
 from featx.finetune.heads import _family, _model_label
 from featx.finetune.prepare import _Run, build_model, load_manifest, prepare_rows
-from featx.finetune.state import RunState, read_checkpoint
+from featx.finetune.state import RunState, read_checkpoint, save_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
 from featx.results import SCHEMA, FinetuneResults, TestMetrics, ValScore, write_results
@@ -77,7 +78,8 @@ def finetune(
     probe on val). A phase whose rate is ``auto`` (or every phase, under ``config.lr="auto"``) has its base
     rate chosen on val first (:mod:`featx.finetune.sweep`).
 
-    Writes into ``out_dir``: ``checkpoint.pt`` (every epoch; resumes a killed run), ``model.safetensors``
+    Writes into ``out_dir``: ``checkpoint.pt`` (every epoch; resumes a killed run; at the end only the run's
+    record, without weights, which a new call with the same settings finds finished), ``model.safetensors``
     (the best weights, loadable as ``file:ARCH=PATH`` for extraction when the head is linear),
     ``finetune.json`` (how to rebuild it: :func:`~featx.finetune.load_finetuned`) and ``results.json``
     (curves and test metrics, the schema of ``featx train``: :class:`featx.results.FinetuneResults`).
@@ -120,7 +122,8 @@ def finetune(
     overwrite : bool, default=False
         Start afresh when ``out_dir`` holds a checkpoint of a run with other settings.
     progress : bool, default=True
-        Show a progress bar (rank 0 only).
+        Show progress (rank 0 only): bars of the epochs and of each epoch's batches on a terminal, a log line
+        every tenth of the run (and every 30 s within an epoch) elsewhere.
     plan : SplitPlan, optional
         How train / val / test are carved (the default plan when ``None``): the same plan as the classifiers'
         (``featx train``) gives the same images.
@@ -201,8 +204,6 @@ def _finetune(
     max_pixels: int,
 ) -> FinetuneResults:
     """Check, prepare, restore, train every phase, test the best epoch, write the artifacts."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     check_writable(out, "out_dir")  # before the network loads; on every rank, so that all of them stop
     amp = resolve_amp(amp, dev)
@@ -213,15 +214,15 @@ def _finetune(
     run_hash = _config_hash(config, built.net, rows.fingerprint, built.init_ref)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
     state.start_clock(t_start)  # a resumed run adds this process's seconds to those its checkpoint recorded
-    run = _Run.start(world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels)
+    run = _Run.start(
+        world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels, progress=progress
+    )
     if state.model is not None:
         run.model.net.load_state_dict(state.model)
         run.info("resuming %s at phase %d, epoch %d", out, state.phase + 1, state.epoch_in_phase + 1)
     done = sum(p.epochs for p in config.phases[: state.phase]) + state.epoch_in_phase
     total = sum(p.epochs for p in config.phases)
-    with tqdm(
-        total=total, initial=done, unit="epoch", desc="finetune", disable=not (progress and world.is_main)
-    ) as bar:
+    with Progress(total, initial=done, unit="epoch", desc="finetune", disable=not run.progress) as bar:
         if not state.curves:  # a fresh run (a resumed one has recorded its epoch 0, or predates it)
             evaluate_start(run, state)
         for phase_index in range(state.phase, len(config.phases)):
@@ -287,12 +288,16 @@ def test_best(run: _Run) -> TestMetrics | None:
 
 
 def write_artifacts(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
-    """Write ``finetune.json`` and ``results.json`` (rank 0), wait for them on every rank, return the results."""
+    """Write ``finetune.json`` and ``results.json`` (rank 0), then shrink ``checkpoint.pt`` to the run's record;
+    wait for them on every rank, return the results."""
     meta = _finetune_meta(run, state)
     results = _results(run, state, test, seconds=seconds)
     if run.world.is_main:
         _save_json(run.out / FINETUNE_META, meta)
         write_results(run.out / "results.json", results)
+        # Last, once the weights and results are on disk: the optimiser and last-epoch weights (27 MB for
+        # EfficientNet-Lite0) resume nothing now, while the record still guards the folder against another run.
+        save_checkpoint(run.out / CHECKPOINT, state.without_weights())
     _ddp.barrier(run.world)  # no rank returns (or exits) before the files are there
     return results
 

@@ -214,29 +214,75 @@ def _confusion_plot(figures: _Figures, r: Row, dataset: str, name: str) -> None:
 
 
 def _learning_plot(figures: _Figures, group: list[Row], dataset: str, name: str) -> None:
-    """Frozen-feature accuracy by training images per class, with each fine-tune (on all data) as a line."""
+    """Frozen-feature accuracy by training images per class, its "all" point included, and each fine-tune as a
+    point where it was measured: at all the training images. Error bars are the intervals the results hold
+    (over the draws at k shots; the test bootstrap at "all"), and the axis reads as plain integers."""
+    from matplotlib.ticker import NullLocator
+
     fig, ax = figures.plt.subplots(figsize=(7, 4))
-    for r in group:
-        if not r["few_shot"]:
-            continue
-        pts = [p for p in r["few_shot"] if p["shots"] != "all"]
+    curves = [r for r in group if r["few_shot"]]
+    shots = sorted({p["shots"] for r in curves for p in r["few_shot"] if p["shots"] != "all"})
+    x_all, all_label = _all_position(group, shots)
+    for r in curves:
+        pts = sorted(r["few_shot"], key=lambda p: x_all if p["shots"] == "all" else p["shots"])
+        xs = [x_all if p["shots"] == "all" else p["shots"] for p in pts]
+        means = [p["mean"] for p in pts]
+        lows, highs = zip(*(_interval(p, r) for p in pts), strict=True)
+        ax.errorbar(xs, means, yerr=_yerr(means, lows, highs), marker="o", capsize=3, label=f"frozen: {r['method']}")
+    tuned = [r for r in group if r["kind"] == "finetune" and r["accuracy"] is not None]
+    for i, r in enumerate(tuned):
+        low, high = r["ci"] or (r["accuracy"], r["accuracy"])
         ax.errorbar(
-            [p["shots"] for p in pts],
-            [p["mean"] for p in pts],
-            yerr=[p["std"] for p in pts],
-            marker="o",
+            [x_all * 1.04 ** (i + 1)],  # nudged right, so the frozen "all" point stays visible beside it
+            [r["accuracy"]],
+            yerr=_yerr([r["accuracy"]], [low], [high]),
+            marker="D",
+            linestyle="none",
+            color="#c44e52",
             capsize=3,
-            label=f"frozen: {r['method']}",
+            label=f"fine-tuned (all data): {r['method']}",
         )
-    for r in group:
-        if r["kind"] == "finetune" and r["accuracy"] is not None:
-            ax.axhline(r["accuracy"], linestyle="--", color="#c44e52", label=f"fine-tuned (all data): {r['method']}")
     ax.set_xscale("log")
-    ax.set_xlabel("training images per class")
-    ax.set_ylabel("test accuracy")
+    ax.set_xticks([*shots, x_all], [*map(str, shots), all_label])
+    ax.xaxis.set_minor_locator(NullLocator())  # no 2×10^0 between the labelled points
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("test accuracy (95% interval)")
     ax.set_title(f"{dataset}: learning curves")
     ax.legend(fontsize=7)
     figures.save(fig, name, f"{dataset}: learning curves, frozen vs fine-tuned")
+
+
+def _images_per_class(r: Row) -> float | None:
+    """A row's training images per class on average (its train split over its classes), when recorded."""
+    train = ((r.get("split") or {}).get("sizes") or {}).get("train")
+    classes = len(r.get("class_names") or [])
+    return train / classes if train and classes else None
+
+
+def _all_position(group: list[Row], shots: list[int]) -> tuple[float, str]:
+    """Where "all" sits on the axis and its label: at the training images per class when the rows record them
+    (never on or left of the largest k), else past the largest k."""
+    largest = max(shots, default=0)
+    known = [n for n in map(_images_per_class, group) if n]
+    if not known:
+        return float(2 * largest or 1), "all"
+    n = round(max(known))
+    return float(max(n, 1.5 * largest, 1)), f"all ({n})"
+
+
+def _interval(point: Mapping[str, Any], r: Row) -> tuple[float, float]:
+    """A learning-curve point's 95 % interval: the t interval over its draws; at "all" (one fit), the row's
+    bootstrap interval on the test images. An older result without one gets no bar."""
+    if point["shots"] == "all" and r["ci"]:
+        return tuple(r["ci"])
+    low, high = point.get("ci95") or (point["mean"], point["mean"])
+    return low, high
+
+
+def _yerr(means: list[float], lows: Any, highs: Any) -> np.ndarray:
+    """Asymmetric error-bar lengths below and above each mean (never negative)."""
+    means, lows, highs = (np.asarray(v, dtype=float) for v in (means, lows, highs))
+    return np.vstack([np.maximum(means - lows, 0.0), np.maximum(highs - means, 0.0)])
 
 
 def _finetune_plot(figures: _Figures, tuned: list[Row], dataset: str, name: str) -> None:

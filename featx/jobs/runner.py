@@ -93,47 +93,52 @@ def run(
 
 
 def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress: bool, t0: float) -> RunSummary:
-    from tqdm.auto import tqdm
+    from featx._runtime.progress import Progress
 
     tasks = plan(job)  # refuses cells that would share a folder, before anything is written
     selected = _select(tasks, only)
     by_id = {t.id: t for t in tasks}
-    try:
-        job.out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # load_job refuses it; a Job made in Python may not have been
-        raise job_error(
-            job, f"out {str(job.out)!r} is a file, or inside one: out must be a folder", "job", None, "out"
-        ) from None
-    except OSError:
-        pass  # said just below, with the reason
-    try:
-        check_writable(job.out, "out")  # a read-only mount, a folder this user may not write into, /proc
-    except NotWritableError as exc:
-        raise job_error(job, f"{exc} (set out in [job])", "job", None, "out") from None
-    with _run_log(job.out / "run.log"):
+    if (job.out.exists() and not job.out.is_dir()) or any(p.is_file() for p in job.out.parents):
+        # load_job refuses it; a Job made in Python may not have been
+        raise job_error(job, f"out {str(job.out)!r} is a file, or inside one: out must be a folder", "job", None, "out")
+    if not dry_run:  # a dry run writes nothing: no folder, no run.log, no run.json
+        try:  # creates it; a read-only mount, a folder this user may not write into, /proc: said with the line
+            check_writable(job.out, "out")
+        except NotWritableError as exc:
+            raise job_error(job, f"{exc} (set out in [job])", "job", None, "out") from None
+    with contextlib.nullcontext() if dry_run else _run_log(job.out / "run.log"):
         log.info(
             "job %s: %d tasks (%d selected)%s", job.name, len(tasks), len(selected), " [dry run]" if dry_run else ""
         )
         _check_layers(job, [t for t in tasks if t.id in selected])
-        bar = tqdm(total=len(selected), unit="task", desc=job.name, disable=not progress or dry_run, position=0)
+        # Off a terminal each task logs its own line already: the bar then logs only its last line, the total.
+        bar = Progress(
+            len(selected),
+            unit="task",
+            desc=job.name,
+            disable=not progress or dry_run,
+            every_fraction=None,
+            every_seconds=float("inf"),
+        )
         for task in tasks:
             if task.id in selected:
                 _run_task(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
                 bar.update(1)
         bar.close()
         summary = RunSummary([t for t in tasks if t.id in selected], time.perf_counter() - t0)
-        _write_json(job.out / "run.json", _run_record(job, summary, dry_run))
+        if not dry_run:
+            _write_json(job.out / "run.json", _run_record(job, summary, dry_run))
         return summary
 
 
 def _check_layers(job: Job, tasks: list[Task]) -> None:
     """Every layer of every [[backbones]] table to extract exists in its network, before any extraction starts.
 
-    Layer names are the network's own graph nodes, so checking them needs the network: each one that some
-    table asks for a layer other than ``penultimate`` is loaded once here (and again by its extraction). A
-    network that cannot be loaded is left to its extraction, which fails as its own cells.
+    Layer names are the network's own graph nodes, so checking them needs the network, not its weights: each
+    one that some table asks for a layer other than ``penultimate`` is built once here, without weights. A
+    network that cannot be built is left to its extraction, which fails as its own cells.
     """
-    from featx.backbones.loading import load_backbone
+    from featx.backbones.loading import build_architecture
     from featx.backbones.names import PENULTIMATE, resolve_backbone
     from featx.exceptions import UnknownNameError
 
@@ -144,7 +149,7 @@ def _check_layers(job: Job, tasks: list[Task]) -> None:
             tables.setdefault(bb.backbone, []).append(index)
     for backbone, indices in tables.items():
         try:
-            net = load_backbone(resolve_backbone(backbone))
+            net = build_architecture(resolve_backbone(backbone))
         except Exception as exc:  # the extraction reports it, as the failure of its cells
             log.warning("could not load %s to check its layers (%s); its extraction will say why", backbone, exc)
             continue
@@ -201,7 +206,14 @@ def _run_task(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_
             task.status, task.message = "failed", f"{type(exc).__name__}: {exc}"
             log.error("%s failed: %s\n%s", task.id, task.message, traceback.format_exc())
         task.seconds = time.perf_counter() - start
-    log.info("%s: %s%s", task.id, task.status, f" ({task.message})" if task.message else "")
+    # A dry run's plan is the caller's to print (`featx run --dry-run` lists each task once); a run logs its story.
+    log.log(
+        logging.DEBUG if dry_run else logging.INFO,
+        "%s: %s%s",
+        task.id,
+        task.status,
+        f" ({task.message})" if task.message else "",
+    )
 
 
 def _run_record(job: Job, summary: RunSummary, dry_run: bool) -> dict[str, Any]:

@@ -387,8 +387,8 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
     config_keys = _config_keys(table)
     fields = sorted(own | config_keys, key=lambda k: (k != "name", k))
     specs, names = [], set()
-    for i, row in enumerate(rows):
-        row = _substitute(row, variables, err.where(table, i))
+    for i, raw in enumerate(rows):
+        row = _substitute(raw, variables, err.where(table, i))
         for key in row:
             if key not in fields:
                 raise err(_unknown(f"key {key!r} in [[{table}]]", key, fields, "Keys"), table, i, key)
@@ -402,9 +402,20 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
             check_row(table, spec)
         except (TypeError, ValueError, FileNotFoundError) as exc:
             key = exc.key if isinstance(exc, BadValue) else _key_in_message(row, str(exc))
-            raise err(str(exc), table, i, key) from None
+            raise err(str(exc) + _variables_hint(raw.get(key), variables), table, i, key) from None
         specs.append(spec)
     return tuple(specs)
+
+
+def _variables_hint(raw: Any, variables: dict[str, str]) -> str:
+    """For a bad value written with ``${NAME}``: what each variable was, and how to set it (``--set``)."""
+    used = list(dict.fromkeys(_VAR.findall(raw))) if isinstance(raw, str) else []
+    if not used:
+        return ""
+    values = ", ".join(f"${{{n}}} = {variables[n]!r}" for n in used if n in variables)
+    relative = any(n in variables and not Path(variables[n]).expanduser().is_absolute() for n in used)
+    where = f", read from the working folder {Path.cwd()}" if relative else ""
+    return f"; {values}{where}: pass --set {used[0]}=/path/to/it to point it elsewhere"
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -494,6 +494,14 @@ def _mismatch_message(path: Path, spec: ExtractionSpec, fingerprint: str) -> str
 
 
 # ------------------------------------------------------------------------------------- labels layer
+def _unshare(path: Path) -> None:
+    """Give ``path`` a file of its own when it is hard-linked (:func:`featx.store.index.link_store`), so the
+    in-place label rewrite that follows never changes the store at the other path."""
+    if path.stat().st_nlink > 1:
+        with atomic_path(path) as tmp:
+            shutil.copyfile(path, tmp)
+
+
 def update_labels(path: str | Path, manifest: Manifest) -> bool:
     """Give a complete store the labels, source splits and class names of ``manifest`` (same images, same order).
 
@@ -523,6 +531,7 @@ def update_labels(path: str | Path, manifest: Manifest) -> bool:
     workdir.mkdir(parents=True, exist_ok=True)
     lock = _take_lock(workdir / "lock")
     try:
+        _unshare(path)
         with _open_for_update(path) as f:
             f.attrs["labels_fingerprint"] = ""
             f.flush()
