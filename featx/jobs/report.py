@@ -67,7 +67,7 @@ def _row(results: Results, path: Path, root: Path) -> Row:
     else:
         chosen, train_s, extract_s, ips, how = _classifier_numbers(results)
         init_results = None
-        dataset = cell.get("dataset") or Path((results.get("store") or {}).get("path") or "store").stem
+        dataset = cell.get("dataset") or Path((results.get("store") or {}).get("path") or "store").name
         compute_s = (train_s or 0.0) + (extract_s or 0.0)
         fingerprint = (results.get("store") or {}).get("manifest_fingerprint")
         device = ((results.get("store") or {}).get("stats") or {}).get("device")
