@@ -27,7 +27,7 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 
 from featx._runtime.io import atomic_write
-from featx.exceptions import NotResultsError, ResultsError
+from featx.exceptions import NotResultsError, ResultsError  # raised here; defined once, with every featx error
 
 __all__ = [
     "SCHEMA",

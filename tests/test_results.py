@@ -81,4 +81,4 @@ def test_a_cell_is_recorded_when_the_results_are_written_never_amended(tmp_path)
     cell = CellInfo(id="classify/d/b/penultimate/logreg", dataset="d", name="logreg", backbone="b", layer=None)
     _, results = train(store, ClassifierConfig(classifier="logreg", value=1.0), out_dir=tmp_path / "o", cell=cell)
     assert results["cell"] == cell == read_results(tmp_path / "o" / "results.json")["cell"]
-    assert not hasattr(featx.jobs.runner, "read_results")  # the runner passes the cell in; it re-reads nothing
+    assert not hasattr(featx.jobs.runner, "write_results")  # the runner passes the cell in; it amends no results

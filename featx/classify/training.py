@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx._runtime.env import library_versions
+from featx._runtime.io import check_writable
 from featx.classify._rows import labelled_rows, labelled_store_rows
 from featx.classify.config import ClassifierConfig, TrainRun
 from featx.classify.fewshot import ONE_SHOT_VALUE, drawable_shots, few_shot_curve, shot_rows
@@ -116,6 +117,8 @@ def train(
             )
         fs = FeatureStore(store, plan) if owns else store
         try:
+            if out_dir is not None:  # before the search, whose work an unwritable folder would lose
+                check_writable(out_dir, "out_dir")
             layer = _check_layer(fs, config.layer)
             if shots:  # before any fit: a curve that cannot be drawn is refused, not found out after training
                 shots = drawable_shots(fs.labels("train"), fs.class_names, shots, fs.path)
