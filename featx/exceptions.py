@@ -14,6 +14,7 @@ __all__ = [
     "ArchiveError",
     "ImageDecodeError",
     "IncompleteStoreError",
+    "InsufficientMemoryError",
     "JobError",
     "NotResultsError",
     "ResultsError",
@@ -55,6 +56,11 @@ class ResultsError(ValueError):
 
 class NotResultsError(ResultsError):
     """A JSON file that is not a featx results document at all (no featx ``schema`` field)."""
+
+
+class InsufficientMemoryError(MemoryError):
+    """A fit whose estimated peak memory exceeds what the machine has; refused before it starts, with the
+    estimate, the memory available and the alternatives."""
 
 
 class JobError(ValueError):

@@ -23,7 +23,9 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx._runtime.env import library_versions
+from featx.classify import memory
 from featx.classify._rows import _labelled_rows, _labelled_store_rows
+from featx.classify.arrays import choose_path, take, to_numpy_pipeline
 from featx.classify.config import ClassifierConfig
 from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
@@ -70,6 +72,7 @@ def train(
     draws: int = 5,
     n_bootstrap: int = 1000,
     scheduler: str | None = None,
+    array_path: str | None = None,
 ) -> tuple[TrainedModel, ClassifierResults]:
     """Search, refit and evaluate one classifier on a store; optionally write ``model.skops`` and ``results.json``.
 
@@ -92,6 +95,9 @@ def train(
         Address of a Dask scheduler (``tcp://HOST:8786``) to run the search's folds on, through joblib's
         Dask backend (see :func:`featx.cluster.scheduler`); the results are the same as a local run's.
         Needs ``pip install 'featx[dask]'``.
+    array_path : {"auto", "numpy", "torch", "cuda"}, optional
+        Where an in-memory fit computes (:mod:`featx.classify.arrays`); ``$FEATX_ARRAY_PATH``, else ``auto``:
+        CUDA tensors for a preset with Array API support when a GPU has room, else NumPy.
 
     Returns
     -------
@@ -120,7 +126,7 @@ def train(
             if config.out_of_core:
                 fitted = _train_out_of_core(fs, layer, preset, config, preprocess)
             else:
-                fitted = _train_in_memory(fs, layer, preset, config, preprocess, n_jobs)
+                fitted = _train_in_memory(fs, layer, preset, config, preprocess, n_jobs, array_path)
             model = _wrap_model(fs, config, preset, layer, fitted)
             results = _classifier_results(fs, model, fitted, n_bootstrap)
             if shots:
@@ -154,13 +160,26 @@ def _check_layer(fs: FeatureStore, layer: str | None) -> str:
 
 
 def _train_in_memory(
-    fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str], n_jobs: int
+    fs: FeatureStore,
+    layer: str,
+    preset: Preset,
+    config: ClassifierConfig,
+    preprocess: Sequence[str],
+    n_jobs: int,
+    array_path: str | None = None,
 ) -> Fitted:
-    """Search (unless the value is fixed) and refit on the features held in memory."""
+    """Search (unless the value is fixed) and refit on the features held in memory, once the memory estimate of
+    the whole fit has been checked against what the machine has (before the features are read)."""
+    splits = fs.splits
+    n_train = splits.get("train", 0)
+    est = memory.estimate(
+        preset.name, n_train + splits.get("val", 0), fs.feature_dims()[layer], len(fs.class_names), n_fit=n_train
+    )
+    memory.check_fits(est)
     X, y, splits = _labelled_rows(fs, layer)
     if len(np.unique(y)) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
-    return fit_in_memory(X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess)
+    return fit_in_memory(X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess, array_path=array_path)
 
 
 def fit_in_memory(
@@ -172,6 +191,7 @@ def fit_in_memory(
     *,
     n_jobs: int = -1,
     preprocess: Sequence[str] | None = None,
+    array_path: str | None = None,
 ) -> Fitted:
     """Search the hyper-parameter (unless ``config`` fixes it) on the train/val rows, then refit, converged.
 
@@ -187,31 +207,73 @@ def fit_in_memory(
     n_jobs : int, default=-1
     preprocess : sequence of str, optional
         By default ``config.steps(preset)``.
+    array_path : {"auto", "numpy", "torch", "cuda"}, optional
+        Where the search and the refit compute (:func:`featx.classify.arrays.choose_path`); the fitted
+        pipeline comes back with NumPy arrays whichever path fitted it.
 
     Returns
     -------
     Fitted
-        The refit pipeline (``trained_on`` records whether its fit converged).
+        The refit pipeline (``trained_on`` records whether its fit converged and the array path it took).
+
+    Raises
+    ------
+    InsufficientMemoryError
+        The fit's estimated peak memory exceeds what the machine has (:mod:`featx.classify.memory`).
     """
     preprocess = config.steps(preset) if preprocess is None else preprocess
     params = dict(config.params)
     value = None if config.value == "auto" else float(config.value)
-    search_result = None
-    if value is None and preset.param:
-        grid = config.grid or preset.grid
-        folds, scheme = _folds(y, splits, config.cv, config.seed)
-        base = build_pipeline(preset, grid[0], preprocess, config.seed, config.class_weight, params)
-        search_result = search(base, preset, grid, X, y, folds, scheme, n_jobs, config.scoring)
-        value = search_result.best
-        log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
-    pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
     fit = splits == "train"  # SELECTION_RULE: the val rows choose, they are never fitted
-    t0 = time.perf_counter()
-    convergence = _refit_converged(pipeline, X[fit], y[fit], preset)
-    fit_seconds = time.perf_counter() - t0
+    fit_rows = np.flatnonzero(fit)
+    grid = config.grid or preset.grid
+    first = value if value is not None or not preset.param else grid[0]
+    base = build_pipeline(preset, first, preprocess, config.seed, config.class_weight, params)
+    n_jobs = _jobs_that_fit(preset, X, y, len(fit_rows), n_jobs)
+    need = memory.estimate(preset.name, *X.shape, len(np.unique(y)), n_fit=len(fit_rows), path="cuda").peak
+    path = choose_path(base, array_path, need_bytes=need)
+    if path.on_torch:
+        n_jobs = 1  # one device, one process: the folds run one after another, each a set of matrix products
+    log.info("%s: fitting on the %s path (%s)", preset.name, path.name, path.reason)
+    search_result = None
+    with path.dispatch():
+        Xp, yp = path.put(X), path.put(y)  # the features cross to the device once
+        if value is None and preset.param:
+            folds, scheme = _folds(y, splits, config.cv, config.seed)
+            search_result = search(base, preset, grid, Xp, yp, folds, scheme, n_jobs, config.scoring)
+            value = search_result.best
+            log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
+        pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
+        t0 = time.perf_counter()
+        convergence = _refit_converged(pipeline, take(Xp, fit_rows), take(yp, fit_rows), preset)
+        fit_seconds = time.perf_counter() - t0
+        del Xp, yp
+    to_numpy_pipeline(pipeline)
     selected_on = "none (fixed)" if search_result is None else ("val" if (~fit).any() else "cv on train")
-    trained_on = {"splits": ["train"], "n": int(fit.sum()), "selected_on": selected_on}
+    trained_on = {"splits": ["train"], "n": len(fit_rows), "selected_on": selected_on, "array_path": path.name}
     return Fitted(pipeline, value, search_result, fit_seconds, trained_on, convergence)
+
+
+def _jobs_that_fit(preset: Preset, X: np.ndarray, y: np.ndarray, n_fit: int, n_jobs: int) -> int:
+    """``n_jobs``, lowered to the search workers whose memory estimate fits; refuses a fit that does not fit even
+    on one (the features are held already: only the working set must fit)."""
+    from joblib import effective_n_jobs
+
+    workers, k = effective_n_jobs(n_jobs), len(np.unique(y))
+    memory.check_fits(memory.estimate(preset.name, *X.shape, k, n_fit=n_fit, itemsize=X.itemsize), held_already=True)
+    est = memory.estimate(preset.name, *X.shape, k, n_fit=n_fit, itemsize=X.itemsize, workers=workers)
+    available = memory.available_bytes() + est.held  # the features held already count against the machine
+    fitting = memory.workers_that_fit(est, available)
+    if fitting < workers:
+        log.warning(
+            "%s: searching on %d workers, not %d, so the search fits in memory (%s)",
+            preset.name,
+            fitting,
+            workers,
+            est.describe(),
+        )
+        return fitting
+    return n_jobs
 
 
 #: The refit's ``max_iter`` is raised this many times (×10 each) until its fit converges.
