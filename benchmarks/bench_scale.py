@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_scale.py run [--sizes 10k 100k 1M] [--presets logreg svm ...] [--max-iter 30]
     python benchmarks/bench_scale.py calibrate        # the memory constants of featx/classify/memory.py
     python benchmarks/bench_scale.py caltech [--path numpy|torch]   # the logreg search at Caltech-101 size
+    python benchmarks/bench_scale.py probe [--n 1281167] [--k 1000]   # the CUDA probe of benchmarks/gpu_check.sh
     python benchmarks/bench_scale.py measure PRESET N D K [--path numpy] [--max-iter 30]   # one child run
 
 Features are synthetic: L2-normalised Gaussian classes (class means at a scale that leaves a linear probe short
@@ -285,6 +286,60 @@ def caltech(args) -> None:
     )
 
 
+def probe(args) -> None:
+    """The ImageNet-scale linear probe on CUDA (issue 28): logreg on N × 1,280 features, K classes, at most
+    ``--max-iter`` lbfgs iterations, timed per iteration against the NumPy path on ``--cpu-rows`` of the rows (a
+    full CPU fit at this size takes hours; its time per iteration grows linearly in N, so it is scaled up)."""
+    import numpy as np
+    import torch
+
+    import featx.classify.training as training
+    from featx.classify import ClassifierConfig, memory
+    from featx.classify.training import fit_in_memory
+
+    training._REFIT_RETRIES = 0
+    preset = ClassifierConfig(classifier="logreg").validate()
+    out = {
+        "n": args.n,
+        "d": D,
+        "k": args.k,
+        "max_iter": args.max_iter,
+        "cpu_max_iter": args.cpu_max_iter,
+        "device": None,
+    }
+    t0 = time.perf_counter()
+    X, y = features(args.n, D, args.k)
+    out["generate_seconds"] = round(time.perf_counter() - t0, 1)
+    splits = np.full(args.n, "train")
+    for path, rows, max_iter in (("numpy", args.cpu_rows, args.cpu_max_iter), ("cuda", args.n, args.max_iter)):
+        config = ClassifierConfig(classifier="logreg", value=1.0, params=(("max_iter", max_iter),))
+        if path == "cuda" and not torch.cuda.is_available():
+            out["cuda"] = "no CUDA device"
+            continue
+        est = memory.estimate("logreg", rows, D, args.k, path=path)
+        out[f"{path}_estimate_gib"] = round(est.peak / 2**30, 2)
+        if path == "cuda":
+            out["device"] = torch.cuda.get_device_name(0)
+            out["cuda_free_gib"] = round(torch.cuda.mem_get_info()[0] / 2**30, 1)
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        fitted = fit_in_memory(X[:rows], y[:rows], splits[:rows], preset, config, n_jobs=1, array_path=path)
+        if path == "cuda":
+            torch.cuda.synchronize()
+            out["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        seconds = time.perf_counter() - t0
+        n_iter = max(int(fitted.refit["n_iter"] or 1), 1)
+        out[f"{path}_rows"] = rows
+        out[f"{path}_seconds"] = round(seconds, 2)
+        out[f"{path}_n_iter"] = n_iter
+        out[f"{path}_s_per_iter_at_n"] = round(seconds / n_iter * args.n / rows, 3)
+        out[f"{path}_path"] = fitted.trained_on["array_path"]
+        print(json.dumps(out), file=sys.stderr, flush=True)
+    if "cuda_s_per_iter_at_n" in out:
+        out["cpu_over_cuda_per_iter"] = round(out["numpy_s_per_iter_at_n"] / out["cuda_s_per_iter_at_n"], 1)
+    print(json.dumps(out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +357,12 @@ def main() -> None:
     p = sub.add_parser("caltech")
     p.add_argument("--path", default="numpy", choices=["numpy", "torch", "cuda", "auto"])
     p.add_argument("--n-jobs", type=int, default=-1)
+    p = sub.add_parser("probe")
+    p.add_argument("--n", type=int, default=1_281_167)
+    p.add_argument("--k", type=int, default=1000)
+    p.add_argument("--max-iter", type=int, default=30)
+    p.add_argument("--cpu-rows", type=int, default=65536)
+    p.add_argument("--cpu-max-iter", type=int, default=3)
     p = sub.add_parser("measure")
     p.add_argument("preset")
     p.add_argument("n", type=int)
@@ -314,7 +375,7 @@ def main() -> None:
     if args.command == "measure":
         print(json.dumps(measure(args.preset, args.n, args.d, args.k, args.path, args.max_iter, args.search)))
     else:
-        {"run": run, "calibrate": calibrate, "caltech": caltech}[args.command](args)
+        {"run": run, "calibrate": calibrate, "caltech": caltech, "probe": probe}[args.command](args)
 
 
 if __name__ == "__main__":

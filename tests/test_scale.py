@@ -82,7 +82,7 @@ def test_path_choice_and_its_reasons(monkeypatch):
     logreg = build_pipeline(get_preset("logreg"), 1.0, ["standard"])
     svm = build_pipeline(get_preset("svm"), 1.0, ["l2"])
     monkeypatch.delenv(arrays.ENV, raising=False)
-    monkeypatch.setattr(arrays, "_cuda_free_bytes", lambda: None)
+    monkeypatch.setattr(arrays, "cuda_free_bytes", lambda: None)
     assert arrays.choose_path(logreg).name == "numpy"  # no GPU: the host path
     assert arrays.choose_path(logreg, "torch").name == "torch"
     with pytest.raises(ValueError, match=r"LinearSVC \(clf\) has no Array API support"):
@@ -94,7 +94,7 @@ def test_path_choice_and_its_reasons(monkeypatch):
     monkeypatch.setenv(arrays.ENV, "torch")
     assert arrays.choose_path(logreg).name == "torch"
     monkeypatch.delenv(arrays.ENV)
-    monkeypatch.setattr(arrays, "_cuda_free_bytes", lambda: 8 * 2**30)  # a GPU with 8 GiB free
+    monkeypatch.setattr(arrays, "cuda_free_bytes", lambda: 8 * 2**30)  # a GPU with 8 GiB free
     assert arrays.choose_path(logreg, need_bytes=2**30).name == "cuda"
     too_big = arrays.choose_path(logreg, need_bytes=20 * 2**30)
     assert too_big.name == "numpy" and "20.0 GiB" in too_big.reason and "8.0 GiB free" in too_big.reason

@@ -34,7 +34,17 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-__all__ = ["ENV", "PATHS", "ArrayPath", "choose_path", "supports_array_api", "take", "to_host", "to_numpy_pipeline"]
+__all__ = [
+    "ENV",
+    "PATHS",
+    "ArrayPath",
+    "choose_path",
+    "cuda_free_bytes",
+    "supports_array_api",
+    "take",
+    "to_host",
+    "to_numpy_pipeline",
+]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +143,7 @@ def _dispatch_problem() -> str | None:
     return None
 
 
-def _cuda_free_bytes() -> int | None:
+def cuda_free_bytes() -> int | None:
     """Free memory on the current CUDA device, or None without one."""
     try:
         import torch
@@ -178,7 +188,7 @@ def choose_path(pipeline: Pipeline, requested: str | None = None, need_bytes: in
         if problem:
             raise ValueError(f"array path torch: {problem}; use --array-path numpy (FEATX_ARRAY_PATH=numpy)")
         return ArrayPath("torch", "asked for")
-    free = _cuda_free_bytes()
+    free = cuda_free_bytes()
     if requested == "cuda":
         if problem or free is None:
             raise ValueError(

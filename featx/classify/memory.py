@@ -193,7 +193,9 @@ def _with_workers(est: Estimate, workers: int) -> Estimate:
     return Estimate(est.preset, est.n, est.d, est.k, est.n_fit, est.held, est.work, workers)
 
 
-def check_fits(est: Estimate, available: int | None = None, held_already: bool = False) -> None:
+def check_fits(
+    est: Estimate, available: int | None = None, held_already: bool = False, where: str = "memory available"
+) -> None:
     """Refuse a fit whose estimate exceeds the memory available, before any of it is allocated.
 
     Parameters
@@ -203,6 +205,8 @@ def check_fits(est: Estimate, available: int | None = None, held_already: bool =
         Bytes available; :func:`available_bytes` by default.
     held_already : bool, default=False
         The features are in memory already (counted in ``available``'s complement): only the work must fit.
+    where : str, default="memory available"
+        What ``available`` is, for the message (``"GPU memory free"``).
 
     Raises
     ------
@@ -218,7 +222,7 @@ def check_fits(est: Estimate, available: int | None = None, held_already: bool =
     per_row = (0 if held_already else est.held / max(est.n, 1)) + _per_row(est) * est.n_fit / max(est.n, 1)
     fitting_rows = int(max(0.0, available - fixed) / max(per_row, 1.0))
     raise InsufficientMemoryError(
-        f"{est.describe()} exceeds the {available / _GIB:.1f} GiB of memory available"
+        f"{est.describe()} exceeds the {available / _GIB:.1f} GiB of {where}"
         f"{' beyond the features already held' if held_already else ''}; refused before fitting. "
         f"About {fitting_rows:,} training rows would fit. Alternatives: the out-of-core sgd preset "
         "(--classifier sgd --out-of-core: bounded memory at any N), the GPU path (a CUDA device, "

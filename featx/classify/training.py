@@ -11,6 +11,7 @@ the same images and selects on the same images.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import time
@@ -25,7 +26,7 @@ from sklearn.pipeline import Pipeline
 from featx._runtime.env import library_versions
 from featx.classify import memory
 from featx.classify._rows import _labelled_rows, _labelled_store_rows
-from featx.classify.arrays import choose_path, take, to_numpy_pipeline
+from featx.classify.arrays import choose_path, cuda_free_bytes, take, to_numpy_pipeline
 from featx.classify.config import ClassifierConfig
 from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
@@ -170,12 +171,13 @@ def _train_in_memory(
 ) -> Fitted:
     """Search (unless the value is fixed) and refit on the features held in memory, once the memory estimate of
     the whole fit has been checked against what the machine has (before the features are read)."""
-    splits = fs.splits
-    n_train = splits.get("train", 0)
-    est = memory.estimate(
-        preset.name, n_train + splits.get("val", 0), fs.feature_dims()[layer], len(fs.class_names), n_fit=n_train
-    )
-    memory.check_fits(est)
+    sizes = fs.splits
+    n_train = sizes.get("train", 0)
+    shape = (n_train + sizes.get("val", 0), fs.feature_dims()[layer], len(fs.class_names))
+    path = _path_that_fits(preset, _base_pipeline(preset, config, preprocess), *shape, n_train, array_path)
+    host = memory.estimate(preset.name, *shape, n_fit=n_train, path=path.name)
+    memory.check_fits(dataclasses.replace(host, work=0) if path.name == "cuda" else host)  # cuda: the features
+    array_path = path.name
     X, y, splits = _labelled_rows(fs, layer)
     if len(np.unique(y)) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
@@ -227,13 +229,13 @@ def fit_in_memory(
     fit = splits == "train"  # SELECTION_RULE: the val rows choose, they are never fitted
     fit_rows = np.flatnonzero(fit)
     grid = config.grid or preset.grid
-    first = value if value is not None or not preset.param else grid[0]
-    base = build_pipeline(preset, first, preprocess, config.seed, config.class_weight, params)
-    n_jobs = _jobs_that_fit(preset, X, y, len(fit_rows), n_jobs)
-    need = memory.estimate(preset.name, *X.shape, len(np.unique(y)), n_fit=len(fit_rows), path="cuda").peak
-    path = choose_path(base, array_path, need_bytes=need)
+    base = _base_pipeline(preset, config, preprocess)
+    k = len(np.unique(y))
+    path = _path_that_fits(preset, base, *X.shape, k, len(fit_rows), array_path)
     if path.on_torch:
         n_jobs = 1  # one device, one process: the folds run one after another, each a set of matrix products
+    if path.name != "cuda":
+        n_jobs = _jobs_that_fit(preset, X, k, len(fit_rows), n_jobs, path.name)
     log.info("%s: fitting on the %s path (%s)", preset.name, path.name, path.reason)
     search_result = None
     with path.dispatch():
@@ -254,14 +256,32 @@ def fit_in_memory(
     return Fitted(pipeline, value, search_result, fit_seconds, trained_on, convergence)
 
 
-def _jobs_that_fit(preset: Preset, X: np.ndarray, y: np.ndarray, n_fit: int, n_jobs: int) -> int:
+def _base_pipeline(preset: Preset, config: ClassifierConfig, preprocess: Sequence[str]) -> Pipeline:
+    """The pipeline the search starts from: the fixed value, else the grid's first."""
+    first = None if not preset.param else config.value if config.value != "auto" else (config.grid or preset.grid)[0]
+    params = dict(config.params)
+    return build_pipeline(preset, first, preprocess, config.seed, config.class_weight, params)
+
+
+def _path_that_fits(preset: Preset, base: Pipeline, n: int, d: int, k: int, n_fit: int, requested: str | None):
+    """The array path (:func:`~featx.classify.arrays.choose_path`); CUDA asked for but without room for the fit's
+    estimate is refused with the numbers."""
+    device = memory.estimate(preset.name, n, d, k, n_fit=n_fit, path="cuda")
+    path = choose_path(base, requested, need_bytes=device.peak)
+    if path.name == "cuda" and (free := cuda_free_bytes()) is not None:
+        memory.check_fits(device, available=free, where="GPU memory free")
+    return path
+
+
+def _jobs_that_fit(preset: Preset, X: np.ndarray, k: int, n_fit: int, n_jobs: int, path: str = "numpy") -> int:
     """``n_jobs``, lowered to the search workers whose memory estimate fits; refuses a fit that does not fit even
     on one (the features are held already: only the working set must fit)."""
     from joblib import effective_n_jobs
 
-    workers, k = effective_n_jobs(n_jobs), len(np.unique(y))
-    memory.check_fits(memory.estimate(preset.name, *X.shape, k, n_fit=n_fit, itemsize=X.itemsize), held_already=True)
-    est = memory.estimate(preset.name, *X.shape, k, n_fit=n_fit, itemsize=X.itemsize, workers=workers)
+    workers = effective_n_jobs(n_jobs)
+    one = memory.estimate(preset.name, *X.shape, k, n_fit=n_fit, itemsize=X.itemsize, path=path)
+    memory.check_fits(one, held_already=True)
+    est = dataclasses.replace(one, workers=workers)
     available = memory.available_bytes() + est.held  # the features held already count against the machine
     fitting = memory.workers_that_fit(est, available)
     if fitting < workers:
