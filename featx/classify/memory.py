@@ -30,40 +30,49 @@ _GIB = 2**30
 class Footprint:
     """One preset's measured working memory for fitting ``n`` rows of ``d`` features and ``k`` classes.
 
-    ``work = per_feature · n·d·itemsize + per_class · n·k·8 + fixed_mib · 2**20`` bytes, beyond the features held.
+    ``work = per_feature · n·d·itemsize + per_class · n·k·8 + per_weight · k·d·8 + fixed_mib · 2**20`` bytes,
+    beyond the features held (never below zero).
 
     Attributes
     ----------
     per_feature : float
         Copies of the fitted rows' features (fold rows, preprocessing output, the solver's own copies).
     per_class : float
-        Float64 ``n × k`` arrays (scores, probabilities, one-vs-rest labels).
+        Float64-sized ``n × k`` arrays (scores, probabilities, gradients, one-vs-rest labels).
+    per_weight : float
+        Float64-sized ``k × d`` arrays (coefficients, lbfgs's history).
     fixed_mib : float
-        What does not grow with the data (lazy imports, allocator pools).
+        The intercept of the fit (lazy imports, allocator pools; negative where small fits reuse freed memory).
     """
 
     per_feature: float
     per_class: float
-    fixed_mib: float
+    per_weight: float = 0.0
+    fixed_mib: float = 0.0
 
     def work(self, n: int, d: int, k: int, itemsize: int = 4) -> int:
         """Working bytes of one fit of ``n`` rows."""
-        return int(self.per_feature * n * d * itemsize + self.per_class * n * k * 8 + self.fixed_mib * _MIB)
+        linear = self.per_feature * n * d * itemsize + self.per_class * n * k * 8 + self.per_weight * k * d * 8
+        return max(0, int(linear + self.fixed_mib * _MIB))
 
 
-#: Measured on 2 CPU cores, scikit-learn 1.9.1 (benchmarks/RESULTS.md, "The classical stage at scale":
-#: ``bench_scale.py calibrate``), each preset with its default preprocessing, the NumPy path.
+#: Least squares over peak RSS (VmHWM reset once the features exist) of one process, each preset with its default
+#: preprocessing, one search value on a val split then the refit, at 3-5 sizes from 4,800 × 256 × 1,000 classes to
+#: 9,600 × 1,280 × 10 (2 CPU cores, scikit-learn 1.9.1; benchmarks/RESULTS.md, "The classical stage at scale":
+#: ``bench_scale.py calibrate``). knn is the exception: its val distances come in chunks that scikit-learn caps
+#: at ``working_memory`` (1 GiB), so it gets that cap and one more copy of the features, an upper bound.
 FOOTPRINTS: dict[str, Footprint] = {
-    "svm": Footprint(per_feature=7.0, per_class=0.0, fixed_mib=20.0),
-    "logreg": Footprint(per_feature=2.0, per_class=2.0, fixed_mib=20.0),
-    "sgd": Footprint(per_feature=2.0, per_class=0.5, fixed_mib=20.0),
-    "ridge": Footprint(per_feature=3.0, per_class=1.0, fixed_mib=20.0),
-    "knn": Footprint(per_feature=1.0, per_class=0.5, fixed_mib=200.0),
-    "chance": Footprint(per_feature=0.0, per_class=0.0, fixed_mib=5.0),
+    "svm": Footprint(per_feature=7.85, per_class=0.05, fixed_mib=-28.1),
+    "logreg": Footprint(per_feature=3.13, per_class=2.40, fixed_mib=-22.1),
+    "sgd": Footprint(per_feature=2.49, per_class=0.17, fixed_mib=-9.4),
+    "ridge": Footprint(per_feature=4.40, per_class=2.33, fixed_mib=-32.3),
+    "knn": Footprint(per_feature=2.5, per_class=0.0, fixed_mib=1024.0),
+    "chance": Footprint(per_feature=0.0, per_class=0.0, fixed_mib=0.0),
 }
-#: The torch path's working set (torch CPU tensors; taken for CUDA's device memory too, unmeasured there).
+#: The torch path's working set, measured the same way on torch CPU tensors (taken for CUDA's device memory too,
+#: where it is not measured yet: ``benchmarks/gpu_check.sh --scale`` records the device's peak).
 TORCH_FOOTPRINTS: dict[str, Footprint] = {
-    "logreg": Footprint(per_feature=2.0, per_class=2.0, fixed_mib=20.0),
+    "logreg": Footprint(per_feature=4.72, per_class=4.13, per_weight=25.3, fixed_mib=-12.9),
 }
 #: A classifier named by import path: the largest preset's footprint (liblinear's), to err on the safe side.
 _UNKNOWN = "svm"
