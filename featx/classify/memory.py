@@ -59,14 +59,14 @@ class Footprint:
 #: Least squares over peak RSS (VmHWM reset once the features exist) of one process, each preset with its default
 #: preprocessing, one search value on a val split then the refit, at 3-5 sizes from 4,800 × 256 × 1,000 classes to
 #: 9,600 × 1,280 × 10 (2 CPU cores, scikit-learn 1.9.1; benchmarks/RESULTS.md, "The classical stage at scale":
-#: ``bench_scale.py calibrate``). knn is the exception: its val distances come in chunks that scikit-learn caps
-#: at ``working_memory`` (1 GiB), so it gets that cap and one more copy of the features, an upper bound.
+#: ``bench_scale.py calibrate``). knn's neighbour search reduces its distances in small chunks, so its working set
+#: is the normalised copies of the features alone (its per-class term, fitted to noise, is left out).
 FOOTPRINTS: dict[str, Footprint] = {
     "svm": Footprint(per_feature=7.85, per_class=0.05, fixed_mib=-28.1),
     "logreg": Footprint(per_feature=3.13, per_class=2.40, fixed_mib=-22.1),
     "sgd": Footprint(per_feature=2.49, per_class=0.17, fixed_mib=-9.4),
     "ridge": Footprint(per_feature=4.40, per_class=2.33, fixed_mib=-32.3),
-    "knn": Footprint(per_feature=2.5, per_class=0.0, fixed_mib=1024.0),
+    "knn": Footprint(per_feature=2.47, per_class=0.0, fixed_mib=-46.0),
     "chance": Footprint(per_feature=0.0, per_class=0.0, fixed_mib=0.0),
 }
 #: The torch path's working set, measured the same way on torch CPU tensors (taken for CUDA's device memory too,
