@@ -128,7 +128,7 @@ def test_cuda_path_chooses_and_fits_like_numpy():
 # ------------------------------------------------------------------------------------------------- memory
 def test_a_fit_too_big_is_refused_before_the_features_are_read(tmp_path, monkeypatch):
     store = synthetic_store(tmp_path / "s.h5", n_classes=3, per_class=20, dims=8)
-    monkeypatch.setattr(memory, "available_bytes", lambda: 2**20)  # 1 MiB left
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100)  # 100 bytes left
 
     def never(*args, **kwargs):
         raise AssertionError("the features were read before the memory check")

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from featx._runtime.env import temporary_environ
+
 __all__ = [
     "ENV",
     "PATHS",
@@ -100,16 +102,8 @@ class ArrayPath:
             return
         import sklearn
 
-        before = os.environ.get("SCIPY_ARRAY_API")
-        os.environ["SCIPY_ARRAY_API"] = "1"
-        try:
-            with sklearn.config_context(array_api_dispatch=True):
-                yield
-        finally:
-            if before is None:
-                os.environ.pop("SCIPY_ARRAY_API", None)
-            else:
-                os.environ["SCIPY_ARRAY_API"] = before
+        with temporary_environ("SCIPY_ARRAY_API", "1"), sklearn.config_context(array_api_dispatch=True):
+            yield
 
 
 def supports_array_api(pipeline: Pipeline) -> tuple[bool, str]:
@@ -129,17 +123,11 @@ def _dispatch_problem() -> str | None:
         from sklearn.utils._array_api import _check_array_api_dispatch
     except ImportError as exc:
         return f"Array API dispatch is unavailable ({exc})"
-    before = os.environ.get("SCIPY_ARRAY_API")
-    os.environ["SCIPY_ARRAY_API"] = "1"
     try:
-        _check_array_api_dispatch(True)
+        with temporary_environ("SCIPY_ARRAY_API", "1"):
+            _check_array_api_dispatch(True)
     except (ImportError, RuntimeError) as exc:
         return f"scikit-learn cannot dispatch to torch ({exc})"
-    finally:
-        if before is None:
-            os.environ.pop("SCIPY_ARRAY_API", None)
-        else:
-            os.environ["SCIPY_ARRAY_API"] = before
     return None
 
 
