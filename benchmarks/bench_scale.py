@@ -302,6 +302,7 @@ def probe(args) -> None:
     import featx.classify.training as training
     from featx.classify import ClassifierConfig, memory
     from featx.classify.training import fit_in_memory
+    from featx.exceptions import InsufficientMemoryError
 
     training._REFIT_RETRIES = 0
     preset = ClassifierConfig(classifier="logreg").validate()
@@ -314,7 +315,7 @@ def probe(args) -> None:
         "device": None,
     }
     t0 = time.perf_counter()
-    X, y = features(args.n, D, args.k)
+    X, y = features(args.n, D, args.k, scale=0.004)  # a probe short of perfect: lbfgs keeps iterating
     out["generate_seconds"] = round(time.perf_counter() - t0, 1)
     splits = np.full(args.n, "train")
     for path, rows, max_iter in (("numpy", args.cpu_rows, args.cpu_max_iter), ("cuda", args.n, args.max_iter)):
@@ -328,8 +329,16 @@ def probe(args) -> None:
             out["device"] = torch.cuda.get_device_name(0)
             out["cuda_free_gib"] = round(torch.cuda.mem_get_info()[0] / 2**30, 1)
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        fitted = fit_in_memory(X[:rows], y[:rows], splits[:rows], preset, config, n_jobs=1, array_path=path)
+        for _ in range(4):  # refused up front on a GPU too small for the estimate: half the rows, and say so
+            try:
+                t0 = time.perf_counter()
+                fitted = fit_in_memory(X[:rows], y[:rows], splits[:rows], preset, config, n_jobs=1, array_path=path)
+                break
+            except InsufficientMemoryError as exc:
+                out.setdefault(f"{path}_refused", []).append(str(exc).split(";")[0])
+                rows //= 2
+        else:
+            continue
         if path == "cuda":
             torch.cuda.synchronize()
             out["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
