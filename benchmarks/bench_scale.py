@@ -18,7 +18,8 @@ featx's memory estimate (:mod:`featx.classify.memory`) is checked against the me
 not fit is refused, with its numbers, as featx refuses it.
 
 ``calibrate`` measures the working set (peak RSS, ``VmHWM`` reset once the features exist, minus the RSS then)
-of each preset at three small sizes and solves for the constants of its :class:`~featx.classify.memory.Footprint`.
+of each preset at three small sizes (logreg at six, up to 100k rows) and solves for the constants of its
+:class:`~featx.classify.memory.Footprint` by relative least squares.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ PRESETS = ("logreg", "svm", "sgd", "ridge", "knn")
 VALUES = {"logreg": 1.0, "svm": 1.0, "sgd": 1e-4, "ridge": 1.0, "knn": 10.0, "chance": None}
 #: (n, d, k) of the calibration runs: two sizes in n and one in k, so the three constants are determined.
 CALIBRATION = ((6000, 1280, 10), (12000, 1280, 10), (8000, 640, 200))
+#: logreg's per-class term is what decides ImageNet scale: two runs where it dominates, and one at 100k rows.
+CALIBRATION_MORE = {"logreg": ((6000, 256, 1000), (12000, 256, 500), (100_000, 1280, 100))}
 
 
 def features(n: int, d: int, k: int, seed: int = 0, scale: float = 0.05):
@@ -122,7 +125,7 @@ def calibrate(args) -> None:
     for name in presets:
         for path in ["numpy"] + (["torch"] if name == "logreg" else []):
             runs = []
-            for n, d, k in CALIBRATION:
+            for n, d, k in CALIBRATION + CALIBRATION_MORE.get(name, ()):
                 r = run_child(
                     [
                         __file__,
@@ -140,10 +143,16 @@ def calibrate(args) -> None:
                 )
                 runs.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
-            A = np.array([[r["n_fit"] * r["d"] * 4, r["n_fit"] * r["k"] * 8, 2**20] for r in runs], dtype=float)
+            # Relative least squares (each run weighs the same, small or large); the torch path also gets a k × d
+            # term (lbfgs's history and the coefficients, which torch keeps beside their NumPy copies).
+            A = np.array(
+                [[r["n_fit"] * r["d"] * 4, r["n_fit"] * r["k"] * 8, r["k"] * r["d"] * 8, 2**20] for r in runs], float
+            )
+            if path == "numpy":
+                A[:, 2] = 0.0
             b = np.array([r["work_bytes"] for r in runs], dtype=float)
-            per_feature, per_class, fixed_mib = np.linalg.lstsq(A, b, rcond=None)[0]
-            constants[f"{name}/{path}"] = (round(per_feature, 2), round(per_class, 2), round(fixed_mib, 1))
+            fitted = np.linalg.lstsq(A / b[:, None], np.ones(len(b)), rcond=None)[0]
+            constants[f"{name}/{path}"] = [round(float(c), 2) for c in fitted]
             for r in runs:
                 est = memory.estimate(name, r["n"], r["d"], r["k"], n_fit=r["n_fit"], path=path)
                 rows.append(
@@ -174,7 +183,7 @@ def calibrate(args) -> None:
         )
     )
     print()
-    print("fitted (per_feature, per_class, fixed_mib):", json.dumps(constants))
+    print("fitted (per_feature, per_class, per_weight, fixed_mib):", json.dumps(constants))
 
 
 def run(args) -> None:
@@ -183,6 +192,11 @@ def run(args) -> None:
     available = memory.available_bytes() if args.memory_gib is None else int(args.memory_gib * 2**30)
     rows = []
     paths = list(args.paths)
+    done = {}  # measurements kept from earlier runs (--record), reused rather than run again
+    if args.record and Path(args.record).exists():
+        for line in Path(args.record).read_text().splitlines():
+            r = json.loads(line)
+            done[(r["preset"], r["path"], r["n"], r["d"], r["k"])] = r
     for size in args.sizes:
         n, k = SIZES[size]
         for name in args.presets:
@@ -197,28 +211,21 @@ def run(args) -> None:
                 if size in args.estimate_only:
                     rows.append([*label, "not run", "", "", "estimate only (time)"])
                     continue
-                try:
-                    r = run_child(
-                        [
-                            __file__,
-                            "measure",
-                            name,
-                            str(n),
-                            str(D),
-                            str(k),
-                            "--path",
-                            path,
-                            "--max-iter",
-                            str(args.max_iter),
-                            "--search",
-                            "--scale",
-                            str(args.scale),
-                        ],
-                        timeout=args.timeout,
-                    )
-                except Exception as exc:  # a child killed or timed out: say so in the table
-                    rows.append([*label, "failed", "", "", str(exc).splitlines()[0][:80]])
+                r = done.get((name, path, n, D, k))
+                if r is None and args.reuse_only:
+                    rows.append([*label, "not run", "", "", "not measured (time)"])
                     continue
+                if r is None:
+                    try:
+                        child = [__file__, "measure", name, str(n), str(D), str(k), "--path", path, "--search"]
+                        child += ["--max-iter", str(args.max_iter), "--scale", str(args.scale)]
+                        r = run_child(child, timeout=args.timeout)
+                    except Exception as exc:  # a child killed or timed out: say so in the table
+                        rows.append([*label, "failed", "", "", str(exc).splitlines()[0][:80]])
+                        continue
+                    if args.record:
+                        with open(args.record, "a") as f:
+                            f.write(json.dumps(r) + "\n")
                 off = est.peak / (r["held_bytes"] + r["work_bytes"]) - 1
                 rows.append(
                     [
@@ -366,6 +373,8 @@ def main() -> None:
     p.add_argument("--estimate-only", nargs="*", default=[], help="sizes whose fits are estimated, not run")
     p.add_argument("--memory-gib", type=float, help="the memory to check estimates against (default: available)")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--record", help="JSON lines of the measurements: appended to, and reused by a later run")
+    p.add_argument("--reuse-only", action="store_true", help="only the measurements in --record; run nothing")
     p.add_argument("--scale", type=float, default=0.004, help="class means' scale: 0.004 keeps lbfgs iterating")
     p = sub.add_parser("calibrate")
     p.add_argument("--presets", nargs="+")

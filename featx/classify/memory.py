@@ -56,14 +56,14 @@ class Footprint:
         return max(0, int(linear + self.fixed_mib * _MIB))
 
 
-#: Least squares over peak RSS (VmHWM reset once the features exist) of one process, each preset with its default
-#: preprocessing, one search value on a val split then the refit, at 3-5 sizes from 4,800 × 256 × 1,000 classes to
-#: 9,600 × 1,280 × 10 (2 CPU cores, scikit-learn 1.9.1; benchmarks/RESULTS.md, "The classical stage at scale":
-#: ``bench_scale.py calibrate``). knn's neighbour search reduces its distances in small chunks, so its working set
+#: Relative least squares over peak RSS (VmHWM reset once the features exist) of one process, each preset with its
+#: default preprocessing, one search value on a val split then the refit, at three sizes (logreg at six, from
+#: 4,800 × 256 × 1,000 classes to 80,000 × 1,280 × 100 fitted rows) on 2 CPU cores, scikit-learn 1.9.1
+#: (benchmarks/RESULTS.md, "The classical stage at scale": ``bench_scale.py calibrate``). knn's neighbour search reduces its distances in small chunks, so its working set
 #: is the normalised copies of the features alone (its per-class term, fitted to noise, is left out).
 FOOTPRINTS: dict[str, Footprint] = {
     "svm": Footprint(per_feature=7.85, per_class=0.05, fixed_mib=-28.1),
-    "logreg": Footprint(per_feature=3.13, per_class=2.40, fixed_mib=-22.1),
+    "logreg": Footprint(per_feature=2.42, per_class=1.97, fixed_mib=-5.3),
     "sgd": Footprint(per_feature=2.49, per_class=0.17, fixed_mib=-9.4),
     "ridge": Footprint(per_feature=4.40, per_class=2.33, fixed_mib=-32.3),
     "knn": Footprint(per_feature=2.47, per_class=0.0, fixed_mib=-46.0),
@@ -72,7 +72,7 @@ FOOTPRINTS: dict[str, Footprint] = {
 #: The torch path's working set, measured the same way on torch CPU tensors (taken for CUDA's device memory too,
 #: where it is not measured yet: ``benchmarks/gpu_check.sh --scale`` records the device's peak).
 TORCH_FOOTPRINTS: dict[str, Footprint] = {
-    "logreg": Footprint(per_feature=4.72, per_class=4.13, per_weight=25.3, fixed_mib=-12.9),
+    "logreg": Footprint(per_feature=4.08, per_class=3.78, per_weight=26.6, fixed_mib=1.9),
 }
 #: A classifier named by import path: the largest preset's footprint (liblinear's), to err on the safe side.
 _UNKNOWN = "svm"
