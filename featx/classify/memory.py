@@ -66,7 +66,7 @@ FOOTPRINTS: dict[str, Footprint] = {
     "logreg": Footprint(per_feature=2.42, per_class=1.97, fixed_mib=-5.3),
     "sgd": Footprint(per_feature=2.49, per_class=0.17, fixed_mib=-9.4),
     "ridge": Footprint(per_feature=4.40, per_class=2.33, fixed_mib=-32.3),
-    "knn": Footprint(per_feature=2.47, per_class=0.0, fixed_mib=-46.0),
+    "knn": Footprint(per_feature=1.26, per_class=0.0, fixed_mib=11.6),
     "chance": Footprint(per_feature=0.0, per_class=0.0, fixed_mib=0.0),
 }
 #: The torch path's working set, measured the same way on torch CPU tensors (taken for CUDA's device memory too,
