@@ -206,7 +206,7 @@ def run(args) -> None:
                 est = memory.estimate(name, n, D, k, n_fit=int(0.8 * n), path=path)
                 label = [size, f"{k:,}", name, path, f"{est.peak / 2**30:.2f}"]
                 if est.peak > available:
-                    rows.append([*label, "refused", "", "", f"estimate over the {available / 2**30:.1f} GiB available"])
+                    rows.append([*label, "refused", "", "", f"estimate over {available / 2**30:.1f} GiB"])
                     continue
                 if size in args.estimate_only:
                     rows.append([*label, "not run", "", "", "estimate only (time)"])
@@ -238,7 +238,8 @@ def run(args) -> None:
                 )
                 print(rows[-1], file=sys.stderr, flush=True)
     print(machine_line())
-    print(f"memory available at the start: {available / 2**30:.1f} GiB")
+    where = "given by --memory-gib" if args.memory_gib is not None else "available at the start"
+    print(f"memory the estimates are checked against: {available / 2**30:.1f} GiB ({where})")
     print()
     print(
         table(
