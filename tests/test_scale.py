@@ -168,8 +168,9 @@ def test_estimate_within_25_percent_of_the_measured_peak(preset, n, d, k):
     """The estimate of the working set against peak RSS (VmHWM, reset after the features exist) in a fresh
     process, at sizes outside the calibration's and large enough for the working set to dwarf the allocator's
     noise: one value searched on a val split, then the refit."""
+    script = str(REPO / "benchmarks" / "bench_scale.py")
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_scale.py"), "measure", preset, str(n), str(d), str(k), "--search"],
+        [sys.executable, script, "measure", preset, str(n), str(d), str(k), "--search"],
         capture_output=True,
         text=True,
         check=True,
