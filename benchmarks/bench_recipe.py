@@ -151,14 +151,15 @@ def _correct(results: dict) -> tuple[list[str], list[bool]]:
 
 
 def _paired(a: dict, b: dict) -> dict:
-    from featx.jobs.verdict import mcnemar_exact, paired_bootstrap_ci
+    from featx.jobs.decision import paired_score_interval
+    from featx.jobs.verdict import mcnemar_exact
 
     ids_a, right_a = _correct(a)
     ids_b, right_b = _correct(b)
     if ids_a != ids_b:
         raise SystemExit("two runs of one set were tested on different images: the split plan changed between them")
     only_a, only_b, p = mcnemar_exact(right_a, right_b)
-    low, high = paired_bootstrap_ci(right_a, right_b)
+    low, high = paired_score_interval(only_a, only_b, len(right_a))
     return {"delta": a["test"]["accuracy"] - b["test"]["accuracy"], "ci": [low, high], "p": p, "only": [only_a, only_b]}
 
 

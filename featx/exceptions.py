@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "ArchiveError",
+    "DiskFullError",
     "ImageDecodeError",
     "IncompleteStoreError",
     "InsufficientMemoryError",
@@ -40,6 +41,14 @@ class StoreLockedError(RuntimeError):
 
 class IncompleteStoreError(RuntimeError):
     """A store whose extraction has not finished (interrupted, or still running)."""
+
+
+class DiskFullError(OSError):
+    """A disk too full for what featx must write (``errno`` is ``ENOSPC``); the message names the path, the space
+    needed and what is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ImageDecodeError(ValueError):

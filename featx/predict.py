@@ -37,11 +37,14 @@ class Prediction:
         The predicted class; ``None`` when the image could not be read.
     score : float, optional
         The predicted class's score: a probability for a fine-tuned network or a probabilistic
-        classifier, a decision value otherwise; ``None`` for classifiers that give no scores.
+        classifier, a decision value (margin) otherwise; ``None`` for classifiers that give no scores.
     top_k : list of (str, float)
         The best classes and their scores, best first (empty without scores).
     error : str, optional
         Why the image could not be read.
+    score_kind : str, optional
+        What ``score`` and ``top_k`` hold: ``"probability"``, ``"margin"`` (an unbounded decision value,
+        not comparable across models) or ``None`` (no scores).
     """
 
     path: str
@@ -49,6 +52,7 @@ class Prediction:
     score: float | None = None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    score_kind: str | None = None
 
 
 def predict_images(
@@ -132,7 +136,7 @@ def predict_images(
         scores = model.scores(X)
         predicted = model.predict(X)
         for row, (image_id, label) in enumerate(zip(ids, predicted, strict=True)):
-            pred = Prediction(image_id, label=model.class_names[int(label)])
+            pred = Prediction(image_id, label=model.class_names[int(label)], score_kind=model.score_kind)
             if scores is not None:
                 pred.top_k = _ranked(scores[row], model.class_names, top_k)
                 pred.score = float(scores[row, int(label)])
@@ -143,7 +147,7 @@ def predict_images(
 def predict_finetuned(
     images: Sequence[str | Path], out_dir: str | Path, *, top_k: int = 5, device: str = "auto", batch_size: int = 64
 ) -> list[Prediction]:
-    """Classify image files with a fine-tuned network (``featx finetune --out`` folder), by softmax scores.
+    """Classify image files with a fine-tuned network (``featx finetune --out`` folder), by softmax probabilities.
 
     Parameters
     ----------
@@ -193,7 +197,7 @@ def predict_finetuned(
 
     for path in images:
         resolved = str(Path(path).expanduser().resolve())
-        results.append(Prediction(resolved))
+        results.append(Prediction(resolved, score_kind="probability"))
         try:
             batch.append((len(results) - 1, load_for_model(resolved, pre)))
         except ImageDecodeError as exc:

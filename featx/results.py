@@ -53,6 +53,7 @@ __all__ = [
     "StoreInfo",
     "TestMetrics",
     "TrainSummary",
+    "ValScore",
     "read_results",
     "write_results",
 ]
@@ -81,7 +82,7 @@ ClassReport = TypedDict("ClassReport", {"precision": float, "recall": float, "f1
 class _TestMetricsBase(TypedDict):
     n: int
     accuracy: float
-    accuracy_ci95: list[float]  # [low, high]: percentile bootstrap over the test images
+    accuracy_ci95: list[float]  # [low, high]: Wilson's score interval (a percentile bootstrap before 0.1.1)
     balanced_accuracy: float
     macro_f1: float
     top5_accuracy: float | None  # None with five classes or fewer, or without scores
@@ -197,6 +198,13 @@ class FewShotPoint(_FewShotPointBase, total=False):
     ci95: list[float]  # [low, high]: t interval of the mean over the draws
     values: list[float | None]  # the hyper-parameter chosen inside each draw's k-shot set
     selection: str  # how it was chosen, e.g. "2-fold stratified CV", "fixed C=1 (one image per class)"
+
+
+class ValScore(TypedDict):
+    """The final model's score on the val images: what a comparison chooses its reference and best rows by."""
+
+    accuracy: float
+    n: int
 
 
 class SplitInfo(TypedDict):
@@ -334,6 +342,7 @@ class ClassifierResults(_ClassifierResultsBase, total=False):
     """The results of a classifier trained on a feature store (:func:`featx.classify.train`)."""
 
     split: SplitInfo
+    val: ValScore
     few_shot: list[FewShotPoint]
     cell: CellInfo
 
@@ -356,6 +365,7 @@ class FinetuneResults(_FinetuneResultsBase, total=False):
     """The results of a fine-tuned network (:func:`featx.finetune.finetune`)."""
 
     split: SplitInfo
+    val: ValScore  # the chosen epoch's
     split_policy: str
     cell: CellInfo
     lr_sweep: LrSweepSummary  # when the learning rate was chosen on val (issue 15)

@@ -3,11 +3,16 @@
 ``make_pipeline(ConvNetFeatures(), LinearSVC())`` works with ``cross_val_score``, ``GridSearchCV`` and
 ``clone``: images are embedded once per extraction spec and reused from the stores in ``cache_dir``
 by every fold and every later call, as long as the files are unchanged (size and modification time).
+The loaded network is kept too (the last :data:`MAX_NETWORKS` backbones), so a fit whose features are all
+cached costs no network load; :func:`clear_network_cache` frees them.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from featx._runtime.env import cache_dir as default_cache_dir
-from featx.backbones.names import PENULTIMATE
+from featx.backbones.features import Backbone
+from featx.backbones.loading import load_backbone
+from featx.backbones.names import PENULTIMATE, parse_backbone_name
 from featx.spec import (
     DEFAULT_AMP,
     DEFAULT_BACKBONE,
@@ -29,16 +36,69 @@ from featx.spec import (
     check_option,
 )
 
-__all__ = ["ConvNetFeatures"]
+__all__ = ["MAX_NETWORKS", "ConvNetFeatures", "clear_network_cache"]
 
 # The parameters that are extraction options, under the names featx.spec.check_option and extract() use.
 _SPEC_OPTIONS = ("pool", "dtype", "tta", "decode")
 
 
+#: Loaded networks kept for later fits (a grid search's clones fit the same backbone again and again).
+MAX_NETWORKS = 2
+
+_networks: OrderedDict[tuple[str, Any], Backbone] = OrderedDict()
+_fitted: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], int]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def clear_network_cache() -> None:
+    """Drop the networks (and the specs worked out from them) that :class:`ConvNetFeatures` keeps loaded."""
+    with _cache_lock:
+        _networks.clear()
+        _fitted.clear()
+
+
+def _weights_stamp(backbone: str) -> tuple[int, int] | None:
+    """Size and modification time of a checkpoint backbone's file (a new file is a new network); else None.
+
+    Named weights (``torchvision:…``, ``timm:…``, ``featx:…``) are fixed by their tag."""
+    parsed = parse_backbone_name(backbone)
+    if parsed.source != "file":
+        return None
+    try:
+        st = os.stat(Path(parsed.path).expanduser())
+    except OSError:
+        return None  # load_backbone says what is wrong
+    return st.st_size, st.st_mtime_ns
+
+
+def _network(key: tuple[str, Any]) -> Backbone:
+    """The loaded backbone ``key[0]``, from the cache when it is there (least recently used goes first)."""
+    with _cache_lock:
+        if key in _networks:
+            _networks.move_to_end(key)
+            return _networks[key]
+    net = load_backbone(key[0])  # parses the name first: an unknown one fails before any download
+    with _cache_lock:
+        _networks[key] = net
+        while len(_networks) > MAX_NETWORKS:
+            _networks.popitem(last=False)
+    return net
+
+
 def _as_paths(X: Any) -> list[str]:
     if isinstance(X, str | os.PathLike):
         raise ValueError("X must be a sequence of image paths, not a single path; wrap it in a list")
-    items = list(np.asarray(X, dtype=object).ravel()) if isinstance(X, np.ndarray) else list(X)
+    if isinstance(X, list | tuple):
+        items = list(X)
+    else:  # arrays, array-likes, one-column frames: read their values, never iterate (a frame gives its columns)
+        array = np.asarray(X, dtype=object)
+        if array.ndim == 2 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 1:
+            raise ValueError(
+                f"X must be a list, a 1-D array or one column of image paths; got an array of shape {array.shape}"
+            )
+        items = list(array)
     if not items:
         raise ValueError("X holds no image paths")
     bad = [type(x).__name__ for x in items if not isinstance(x, str | os.PathLike)]
@@ -125,18 +185,46 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
             ``self``, with :attr:`spec_` and :attr:`n_features_out_` set.
         """
         from featx._runtime.device import resolve_amp, resolve_device
-        from featx.backbones.features import feature_dims
-        from featx.backbones.loading import load_backbone
-        from featx.extract.api import build_spec
 
         _as_paths(X)
         options = {name: check_option(name, getattr(self, name)) for name in _SPEC_OPTIONS}
         options["amp"] = resolve_amp(DEFAULT_AMP, resolve_device(self.device))
-        net = load_backbone(self.backbone)  # parses the name first: an unknown one fails before any download
-        feature_model = net.feature_model([self.layer], self.pool)  # checks the layer
-        self.spec_ = build_spec(net, [self.layer], **options).to_dict()
-        self.n_features_out_ = feature_dims(feature_model, net.preprocessing)[self.layer]
+        network = (self.backbone, _weights_stamp(self.backbone))
+        key = (*network, self.layer, *sorted(options.items()))
+        with _cache_lock:
+            known = _fitted.get(key)
+        if known is None:
+            known = self._spec_and_width(_network(network), options)
+            with _cache_lock:
+                _fitted[key] = known
+                while len(_fitted) > 32 * MAX_NETWORKS:
+                    _fitted.popitem(last=False)
+        spec, self.n_features_out_ = known
+        self.spec_ = copy.deepcopy(spec)  # each estimator its own: the cached one stays as computed
         return self
+
+    def _spec_and_width(self, net: Backbone, options: dict[str, str]) -> tuple[dict[str, Any], int]:
+        """The extraction spec of this layer of ``net`` under ``options``, and its features per image."""
+        from featx.backbones.features import feature_dims
+        from featx.extract.api import build_spec, effective_pool
+
+        feature_model = net.feature_model([self.layer], options["pool"])  # checks the layer
+        options = {**options, "pool": effective_pool(net, feature_model, options["pool"])}
+        spec = build_spec(net, [self.layer], **options).to_dict()
+        return spec, feature_dims(feature_model, net.preprocessing)[self.layer]
+
+    def __sklearn_tags__(self) -> Any:
+        """Image paths in (strings, one per sample), float32 features out, no target needed."""
+        tags = super().__sklearn_tags__()
+        tags.input_tags.one_d_array = True
+        tags.input_tags.two_d_array = False  # a column of paths is accepted, numbers are not
+        tags.input_tags.string = True
+        tags.target_tags.required = False
+        tags.transformer_tags.preserves_dtype = []  # strings cannot be preserved
+        return tags
+
+    def _more_tags(self) -> dict[str, Any]:  # scikit-learn < 1.6
+        return {"X_types": ["string"], "preserves_dtype": [], "requires_y": False}
 
     def transform(self, X: Sequence[str | Path]) -> np.ndarray:
         """``[n_images, n_features]`` float32 features, extracting only images not cached yet.

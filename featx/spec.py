@@ -226,8 +226,9 @@ class ExtractionSpec:
     tta : str, default="none"
         Test-time augmentation; ``flip`` averages the features of the image and its mirror.
     max_pixels : int
-        Larger images are recorded as failures (decompression-bomb guard), so the limit decides which rows
-        hold features.
+        Larger images are recorded as failures (decompression-bomb guard), and so are images that would be
+        larger once their shorter side is resized (a 10000 x 1 strip), so the limit decides which rows hold
+        features.
     decode : str, default="exact"
         ``exact`` decodes and resizes as the weights' own transforms do. ``fast`` decodes JPEGs at a
         reduced DCT scale (1/2, 1/4 or 1/8, while the shorter side stays at least the resize size) and

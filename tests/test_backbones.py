@@ -307,6 +307,34 @@ def test_cli_backbones_lists_layers():
     assert "featx:tiny_test" in result.output
 
 
+def test_cli_backbones_lists_a_torchvision_networks_layers_without_its_weights(no_download):
+    from featx.cli import main
+
+    result = CliRunner().invoke(main, ["backbones", "--layers", "torchvision:resnet18"])
+    assert result.exit_code == 0, result.output
+    assert no_download == []
+    assert "penultimate = flatten" in result.output and "  layer4" in result.output
+
+
+def test_a_finetune_folder_is_a_backbone_name(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "ft"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "tiny" / "finetune", folder)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    resolved = names.resolve_backbone(str(folder))
+    assert (resolved.source, resolved.arch) == ("file", "timm:test_efficientnet")
+    assert resolved.path == str((folder / "model.safetensors").resolve())  # the folder's, not the path recorded
+
+    meta = json.loads((folder / "finetune.json").read_text())
+    (folder / "finetune.json").write_text(json.dumps({**meta, "head": {**meta["head"], "hidden": [8]}}))
+    with pytest.raises(ValueError, match="MLP head"):
+        names.parse_backbone_name(str(folder))
+    with pytest.raises(UnknownNameError, match=r"finetune\.json"):
+        names.parse_backbone_name(str(tmp_path))
+
+
 # ------------------------------------------------------------------------------ built-in, real weights
 def test_efficientnet_lite0_has_real_imagenet_weights():
     """A cat photo must come out as a cat and a coffee photo as espresso/cup: ImageNet weights, aligned."""

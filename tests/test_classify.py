@@ -14,7 +14,7 @@ import featx.store
 from featx.classify import PRESETS, ClassifierConfig, Preset, load_model, parse_preprocess, register_classifier, train
 from featx.cli import main
 from featx.exceptions import SpecMismatchError, UnknownNameError
-from featx.metrics import bootstrap_accuracy_ci, evaluate
+from featx.metrics import evaluate, wilson_ci
 from featx.predict import predict_images
 
 
@@ -24,7 +24,7 @@ def blobs(tmp_path) -> Path:
 
 
 def _train(store, **config):
-    return train(store, ClassifierConfig(**config), n_jobs=1, n_bootstrap=200)
+    return train(store, ClassifierConfig(**config), n_jobs=1)
 
 
 # ------------------------------------------------------------------------------------------- presets
@@ -176,14 +176,16 @@ def test_metrics_come_from_sklearn_and_ci_brackets_accuracy():
     scores = rng.normal(size=(300, 8))
     scores[np.arange(300), y] += 1.5
     pred = scores.argmax(1)
-    m = evaluate(y, pred, [f"c{i}" for i in range(8)], scores=scores, n_bootstrap=500)
+    m = evaluate(y, pred, [f"c{i}" for i in range(8)], scores=scores)
     from sklearn.metrics import accuracy_score, top_k_accuracy_score
 
     assert m["accuracy"] == accuracy_score(y, pred)
     assert m["top5_accuracy"] == top_k_accuracy_score(y, scores, k=5)
     lo, hi = m["accuracy_ci95"]
     assert lo < m["accuracy"] < hi and hi - lo < 0.15
-    assert bootstrap_accuracy_ci(y, pred, 500) == (lo, hi)  # seeded
+    assert wilson_ci(int((y == pred).sum()), y.size) == (lo, hi)
+    # Unlike a percentile bootstrap, Wilson's interval does not collapse at 100 %: 49 of 49 is [0.927, 1].
+    assert wilson_ci(49, 49) == pytest.approx((0.9273, 1.0), abs=1e-4)
     assert evaluate(y, pred, [f"c{i}" for i in range(8)])["top5_accuracy"] is None
 
 
@@ -468,3 +470,31 @@ def test_knn_grid_larger_than_a_fold(tmp_path):
 def test_out_of_core_refuses_class_weights(blobs):
     with pytest.raises(ValueError, match="cannot weight classes"):
         _train(blobs, classifier="sgd", out_of_core=True, class_weight="balanced")
+
+
+@pytest.mark.slow  # ~4 s: one extraction, two fits, four predictions
+def test_predict_says_whether_its_scores_are_probabilities_or_margins(image_folder, tmp_path):
+    from featx.extract import extract
+
+    store = extract(image_folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False).path
+    image = str(image_folder / "cat" / "00.png")
+    for name, kind in (("logreg", "probability"), ("svm", "margin")):
+        train(store, ClassifierConfig(classifier=name, value=1.0), out_dir=tmp_path / name)
+        args = ["predict", image, "--model", str(tmp_path / name / "model.skops"), "--top-k", "3"]
+        text = CliRunner().invoke(main, args)
+        assert text.exit_code == 0, text.output
+        header, row = text.stdout.splitlines()[-2:]
+        assert header.split("\t")[:3] == ["path", "class", kind] and row.startswith(image)
+        line = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout.splitlines()[-1])
+        assert line["score_kind"] == kind and line["class"] == line["top_k"][0][0]
+        if kind == "probability":
+            assert abs(sum(s for _, s in line["top_k"]) - 1) < 1e-6
+
+
+def test_the_preprocess_help_names_each_presets_default():
+    from featx.classify import PRESETS
+
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    for name, preset in PRESETS.items():
+        default = ",".join(preset.preprocess) or "none"
+        assert f"{name}: {default}" in help_text, (name, default)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,14 @@ def test_extract_then_info_then_cache_hit(runner, image_folder, tmp_path):
     assert as_json["spec"]["layers"] == ["penultimate", "blocks.2"] and as_json["rows"] == 18
 
 
+def test_progress_off_a_terminal_is_plain_log_lines(runner, image_folder, tmp_path, caplog):
+    caplog.set_level("INFO", logger="featx.progress")
+    result = _extract(runner, str(image_folder), "--backbone", TINY, "--workers", "0", "--out", str(tmp_path / "s.h5"))
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output and "\x1b[" not in result.output  # no bar redraws, no cursor moves
+    assert any(r.getMessage().startswith("extract: 18/18 img (100 %)") for r in caplog.records)
+
+
 def test_info_on_an_unfinished_store_says_how_to_resume(runner, tmp_path):
     from featx.store import partial_path
 
@@ -122,6 +131,24 @@ def test_info_on_an_unfinished_store_says_how_to_resume(runner, tmp_path):
     (work / "job.json").write_text(json.dumps({"rows": 10}))
     result = runner.invoke(main, ["info", str(tmp_path / "s.h5")])
     assert result.exit_code == 1 and "0 of 10 images" in result.output and "resume" in result.output
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tiny"
+
+
+def test_info_on_a_model_file_describes_the_model(runner):
+    result = runner.invoke(main, ["info", str(FIXTURES / "logreg" / "model.skops")])
+    assert result.exit_code == 0, result.output
+    assert "HDF5" not in result.output and "damaged" not in result.output
+    assert "classifier  logreg" in result.output and "featx predict" in result.output
+    as_json = json.loads(runner.invoke(main, ["info", str(FIXTURES / "logreg" / "model.skops"), "--json"]).output)
+    assert as_json["kind"] == "model" and as_json["classifier"]["preset"] == "logreg"
+
+
+def test_info_on_a_finetune_folder_describes_the_network(runner):
+    result = runner.invoke(main, ["info", str(FIXTURES / "finetune")])
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned" in result.output and "featx extract SOURCE --backbone" in result.output
 
 
 def test_backbones_lists_the_builtin(runner):

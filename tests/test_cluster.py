@@ -52,9 +52,9 @@ def _free_port() -> int:
 @pytest.mark.parametrize("classifier", ["logreg", "svm"])  # warm-started along the grid, and one task per value
 def test_local_cluster_sweep_equals_the_local_one(blobs, cluster, classifier):
     config = ClassifierConfig(classifier=classifier, grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0))
-    local_model, local = train(blobs, config, n_jobs=1, n_bootstrap=100)
+    local_model, local = train(blobs, config, n_jobs=1)
     with distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
-        remote_model, remote = train(blobs, config, n_bootstrap=100, scheduler=cluster)
+        remote_model, remote = train(blobs, config, scheduler=cluster)
     assert stream.data, "no task ran on the cluster"
     assert len({p["mean"] for p in local["search"]["curve"]}) > 1  # the grid matters (svm stops climbing C early)
     assert remote["search"]["best"] == local["search"]["best"]

@@ -249,7 +249,7 @@ def test_join_refuses_missing_mismatched_and_mixed_shards(images, tmp_path):
     assert "--shard 1/3" in message and f"featx join {out}" in message
 
     _extract(images, out, shard="1/3")
-    _extract(images, out, shard="2/3", pool="max")  # another spec: another job
+    _extract(images, out, shard="2/3", dtype="float16")  # another spec: another job
     with pytest.raises(SpecMismatchError, match=r"shard 2 of 3 was made for another job.*--shard 2/3 --overwrite"):
         join_shards(out)
 
@@ -281,7 +281,7 @@ def test_a_shard_run_refuses_a_finished_store_of_another_spec_before_working(ima
     out = tmp_path / "s.h5"
     _extract(images, out)
     with pytest.raises(SpecMismatchError, match="--overwrite"):
-        _extract(images, out, shard="0/2", pool="max")
+        _extract(images, out, shard="0/2", dtype="float16")
     assert not shards_path(out).exists()
 
 

@@ -380,8 +380,9 @@ def test_resume_after_kill_gives_the_same_weights(folder, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     reference = runner.invoke(main, [*args, "--out", str(tmp_path / "reference")], catch_exceptions=False)
     assert reference.exit_code == 0
-    a = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)["model"]
+    # A finished run's checkpoint holds no weights: compare the kept ones (the curves pin every epoch).
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(tmp_path / "reference" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -447,8 +448,9 @@ def test_a_checkpoint_in_the_old_dict_layout_resumes_to_the_same_weights(folder,
 
     resumed = finetune(folder, TINY, config, out, workers=0, progress=False)
     reference = json.loads((tmp_path / "reference" / "results.json").read_text())
-    a = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)["model"]
+    # A finished run's checkpoint holds no weights: compare the kept ones (the curves pin every epoch).
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(tmp_path / "reference" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -457,6 +459,34 @@ def test_a_checkpoint_in_the_old_dict_layout_resumes_to_the_same_weights(folder,
     assert {**resumed["test"], "predict_seconds": 0} == {**reference["test"], "predict_seconds": 0}
     with pytest.raises(ValueError, match="lacks best"):  # a dict that is not a featx checkpoint is named as such
         RunState.from_checkpoint({k: v for k, v in old.items() if k != "best"})
+
+
+@pytest.mark.slow  # ~10 s: two short fine-tunes
+def test_a_finished_run_keeps_a_checkpoint_without_weights_that_still_guards_the_folder(
+    folder, tmp_path, monkeypatch, caplog
+):
+    from featx.finetune import epochs
+
+    config = FinetuneConfig(phases=tuple(parse_phases("head:1:1e-2")), batch_size=8)
+    out = tmp_path / "ft"
+    with caplog.at_level("INFO", logger="featx.progress"):  # not a terminal: progress comes as log lines
+        first = finetune(folder, TINY, config, out, workers=0, progress=True)
+    progress = [r.getMessage() for r in caplog.records if r.name == "featx.progress"]
+    assert any(m.startswith("epoch 1: ") and " batch (100 %)" in m for m in progress), progress  # per batch
+    assert any(m.startswith("finetune: 1/1 epoch (100 %)") for m in progress), progress
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["model"] is None and saved["optimizer"] is None and saved["phase"] == 1
+    assert (out / "checkpoint.pt").stat().st_size < 20_000  # the run's record, not the network
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(epochs, "train_epoch", no_training)
+    again = finetune(folder, TINY, config, out, workers=0, progress=False)
+    assert again["best_epoch"] == first["best_epoch"] and again["test"]["accuracy"] == first["test"]["accuracy"]
+    other = FinetuneConfig(phases=tuple(parse_phases("head:2:1e-2")), batch_size=8)
+    with pytest.raises(SpecMismatchError, match="other settings"):
+        finetune(folder, TINY, other, out, workers=0, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -483,6 +513,7 @@ def test_cli_finetune_predict_and_extract_from_the_finetuned_network(folder, tmp
     )
     assert result.exit_code == 0, result.output
     assert "best epoch" in result.output and "accuracy" in result.output
+    assert f"featx extract SOURCE --backbone {out}" in result.output  # the folder, not a jq-extracted path
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["class_names"] == ["blue", "green", "red"] and meta["extract_with"].startswith("file:timm:")
 
@@ -498,7 +529,7 @@ def test_cli_finetune_predict_and_extract_from_the_finetuned_network(folder, tmp
             "extract",
             str(folder),
             "--backbone",
-            meta["extract_with"],
+            str(out),  # the fine-tune's folder names its network
             "--workers",
             "0",
             "--no-progress",

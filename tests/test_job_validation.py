@@ -384,3 +384,11 @@ def test_the_cli_reports_the_line_before_loading_anything(tmp_path, monkeypatch)
     assert result.exit_code == 1
     assert f"{path}:8: layers must be a list of layer names" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_missing_source_made_of_a_variable_says_how_to_set_it(tmp_path):
+    path = _write(
+        tmp_path, '[job]\nname = "t"\n[vars]\ndata = "/no/such"\n[[datasets]]\nname = "d"\nsource = "${data}/ants"\n'
+    )
+    message = _refused(path, 7, "'/no/such/ants' does not exist")
+    assert "${data} = '/no/such'" in message and "--set data=" in message

@@ -195,7 +195,7 @@ def test_run_caches_resumes_and_reports(job_file, tmp_path, monkeypatch):
         ("extract/colours/tiny", "cached"),
         ("classify/colours/tiny/penultimate/knn", "planned"),
     ]
-    assert (out / "run.log").read_text().count("job tiny") == 4
+    assert (out / "run.log").read_text().count("job tiny") == 3  # a dry run writes no log
 
 
 def test_a_failing_cell_does_not_lose_the_others(tmp_path, colours):
@@ -235,9 +235,12 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
     run(load_job(job_file), progress=False)
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    for column in ("test accuracy [95% CI]", "balanced acc.", "macro F1", "chosen", "train s", "extract s"):
+    for column in ("test accuracy, % [95% CI]", "balanced acc., %", "macro F1, %", "chosen", "train s", "extract s"):
         assert column in result.output
-    assert "verdict (each row against the best, paired on the same 6 test images)" in result.output
+    assert "each row against the reference (best on val), paired on the same 6 test images" in result.output
+    assert result.output.lstrip().startswith("decision:")  # the answer first, before any table
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["margin"] == 0.01 and report["verdicts"][0]["chosen_on"] == "val"
     assert "rule: fit on train, hyper-parameters chosen on val" in result.output
     out = tmp_path / "out"
     page = (out / "report.html").read_text()
@@ -262,23 +265,71 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
         assert kind in titles
 
 
-def test_run_restores_the_featx_logger(job_file):
+def test_run_restores_the_featx_logger(job_file, monkeypatch):
     import logging
 
+    import featx.jobs.runner
+
+    def quick(job, task, by_id, **kwargs):  # the log's story without the work
+        task.status = "done"
+
+    monkeypatch.setattr(featx.jobs.runner, "_execute", quick)
     featx_logger = logging.getLogger("featx")
     before = (featx_logger.level, list(featx_logger.handlers))
     featx_logger.setLevel(logging.WARNING)
     try:
-        summary = run(load_job(job_file), dry_run=True, progress=False)
+        summary = run(load_job(job_file), progress=False)
         assert featx_logger.level == logging.WARNING and featx_logger.handlers == before[1]
     finally:
         featx_logger.setLevel(before[0])
-    assert {t.status for t in summary.tasks} == {"planned"}
+    assert {t.status for t in summary.tasks} == {"done"}
     out = load_job(job_file).out
     assert "job tiny" in (out / "run.log").read_text()  # the log file still got the INFO story
     record = json.loads((out / "run.json").read_text())
-    assert record["dry_run"] is True and [t["id"] for t in record["tasks"]] == [t.id for t in summary.tasks]
+    assert record["dry_run"] is False and [t["id"] for t in record["tasks"]] == [t.id for t in summary.tasks]
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # written atomically, no temporary left
+
+
+def test_a_dry_run_writes_nothing_and_names_each_task_once(job_file, caplog):
+    out = load_job(job_file).out
+    with caplog.at_level("INFO", logger="featx"):
+        result = CliRunner().invoke(main, ["run", str(job_file), "--dry-run", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert not out.exists() and "a dry run writes nothing" in result.output  # no run.log, run.json or folders
+    tasks = [t.id for t in plan(load_job(job_file))]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for task in tasks:
+        assert result.output.count(task) + logged.count(task) == 1, task
+
+
+def test_compare_over_separate_train_and_finetune_folders_gives_the_decision(colours, tmp_path):
+    """The README's CLI path: extract → train → finetune → compare, in folders of their own, grouped by the test
+    images they share however the store's path is spelled."""
+    runner = CliRunner()
+    store = tmp_path / "colours.h5"
+    tiny = ["--backbone", "featx:tiny_test"]
+    quick = ["--phases", "head:1:1e-2", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    steps = [
+        ["extract", str(colours), *tiny, "--out", str(store), "--no-progress"],
+        ["train", str(store), "-c", "logreg", "--out", str(tmp_path / "svm")],
+        ["finetune", str(colours), *tiny, *quick, "--out", str(tmp_path / "ft")],
+    ]
+    for args in steps:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["compare", str(tmp_path / "svm"), str(tmp_path / "ft"), "--margin", "2"])
+    assert result.exit_code == 2 and "--out" in result.output  # several folders: say where the report goes
+    both = tmp_path / "both"
+    result = runner.invoke(main, ["compare", str(tmp_path / "svm"), str(tmp_path / "ft"), "--out", str(both)])
+    assert result.exit_code == 0, result.output
+    decision = result.output.strip().split("\n\n")[0]
+    assert decision.startswith("decision:") and decision.count("\n") == 1  # one dataset, not one per folder
+    assert re.search(r"(Fine-tuning pays|The frozen row is (enough|better)|Inconclusive whether fine-tuning)", decision)
+    assert "the compute" in decision
+    report = json.loads((both / "report.json").read_text())
+    (found,) = report["verdicts"]
+    assert found["question"]["outcome"] in ("pays", "enough", "better", "inconclusive")
+    assert (both / "report.html").read_text().count("class='decision'") == 1
 
 
 def test_compare_explains_an_empty_folder(tmp_path):
@@ -316,6 +367,39 @@ def test_a_row_with_several_seeds_runs_one_cell_per_seed_and_reports_their_sprea
     for bad, message in (("[]", "non-empty list"), ("[1, 1]", "listed twice"), ("[-1]", "0 or more")):
         with pytest.raises(JobError, match=message):
             load_job(_write(tmp_path, text.replace("seeds = [0, 1, 2]", f"seeds = {bad}")))
+
+
+def test_repeats_run_every_row_under_each_split_seed_and_the_decision_counts_them(tmp_path, colours):
+    text = (
+        JOB.format(out=tmp_path / "out", data=colours)
+        .replace('source = "${data}"', 'source = "${data}"\nrepeats = 2')
+        .replace('layers = ["penultimate", "blocks.2"]', 'layers = ["penultimate"]')
+    )
+    job = load_job(_write(tmp_path, text))
+    tasks = plan(job)
+    assert [t.id for t in tasks] == [
+        "extract/colours/tiny",  # extracted once: splits are not in a store's key
+        "classify/colours/tiny/penultimate/logreg",  # the first repeat keeps its name (and its cache)
+        "classify/colours/tiny/penultimate/logreg/split1",
+        "classify/colours/tiny/penultimate/knn",
+        "classify/colours/tiny/penultimate/knn/split1",
+        "finetune/colours/lpft",
+        "finetune/colours/lpft/split1",
+    ]
+    assert tasks[-1].depends == ["classify/colours/tiny/penultimate/logreg/split1"]  # its own split's probe
+    assert [t.plan.split_seed for t in tasks[1:]] == [0, 1, 0, 1, 0, 1]
+    summary = run(job, progress=False)
+    assert [t.status for t in summary.tasks] == ["done"] * 7
+    from featx.jobs.report import collect, format_table
+
+    rows = collect(tmp_path / "out")
+    assert {r["split"]["plan"]["split_seed"] for r in rows} == {0, 1}
+    table = format_table(rows)
+    assert table.count("dataset: colours") == 1  # two split seeds, one dataset
+    assert "splits (2)" in table and "Nadeau & Bengio" in table
+    for bad in ("0", "1.5", "101"):
+        with pytest.raises(JobError, match="repeats is the number of split seeds"):
+            load_job(_write(tmp_path, text.replace("repeats = 2", f"repeats = {bad}")))
 
 
 def test_the_report_states_a_learning_rate_chosen_on_val(tmp_path, colours):

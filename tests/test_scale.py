@@ -67,10 +67,10 @@ def test_torch_path_chooses_and_fits_like_numpy(with_val):
 def test_torch_path_model_saves_and_loads_as_numpy(tmp_path):
     store = synthetic_store(tmp_path / "s.h5", n_classes=4, per_class=30, dims=12, splits=(0.5, 0.25))
     config = ClassifierConfig(classifier="logreg", value=1.0)
-    model, results = train(store, config, n_jobs=1, out_dir=tmp_path / "m", array_path="torch", n_bootstrap=10)
+    model, results = train(store, config, n_jobs=1, out_dir=tmp_path / "m", array_path="torch")
     assert model.meta["trained_on"]["array_path"] == "torch"
     loaded = load_model(tmp_path / "m" / "model.skops")
-    reference, _ = train(store, config, n_jobs=1, array_path="numpy", n_bootstrap=10)
+    reference, _ = train(store, config, n_jobs=1, array_path="numpy")
     X = np.random.default_rng(1).normal(size=(20, 12)).astype(np.float32)
     np.testing.assert_array_equal(loaded.pipeline.predict(X), reference.pipeline.predict(X))
     assert results["test"]["accuracy"] == json.loads((tmp_path / "m" / "results.json").read_text())["test"]["accuracy"]

@@ -27,7 +27,7 @@ def blobs(tmp_path):
 
 
 def _train(store, **config):
-    return train(store, ClassifierConfig(**config), n_jobs=1, n_bootstrap=50)
+    return train(store, ClassifierConfig(**config), n_jobs=1)
 
 
 # ----------------------------------------------------------------------------------------- convergence
@@ -54,6 +54,13 @@ def test_converged_fits_say_so(blobs):
     assert all(p["converged"] for p in results["search"]["curve"])
     _, ridge = _train(blobs, classifier="ridge")  # not iterative: nothing to report, and nothing claimed
     assert "converged" not in ridge["search"]["curve"][0] and ridge["train"]["converged"] is None
+
+
+def test_an_unlimited_max_iter_counts_as_converged_and_is_never_multiplied(blobs):
+    # SVC's max_iter=-1 means "no limit": treating it as a cap flagged every fit and the refit asked for -10.
+    _, results = _train(blobs, classifier="sklearn.svm.SVC")
+    assert results["search"]["converged"] is True
+    assert results["train"]["converged"] is True and results["train"]["max_iter"] == -1
 
 
 # ---------------------------------------------------------------------------- a synthetic score curve
@@ -160,7 +167,7 @@ def test_a_search_without_refinement_scores_exactly_the_grid(monkeypatch):
 # ----------------------------------------------------------------------------------- per-image predictions
 @pytest.mark.parametrize("name", ["svm", "logreg", "knn"])
 def test_per_image_predictions_match_predict_on_the_test_rows(blobs, tmp_path, name):
-    model, results = train(blobs, ClassifierConfig(classifier=name), n_jobs=1, n_bootstrap=50, out_dir=tmp_path)
+    model, results = train(blobs, ClassifierConfig(classifier=name), n_jobs=1, out_dir=tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())["test"]["predictions"]
     assert on_disk == results["test"]["predictions"]
     with featx.store.open(blobs) as fs:

@@ -165,7 +165,7 @@ def test_distinct_files_keep_their_ids(tmp_path):
     assert from_csv(tmp_path / "m.csv").ids == ["./img/a1.jpg", "img/b1.jpg"]
 
 
-def test_content_fingerprint_warns_of_byte_identical_files_across_splits(tmp_path, caplog):
+def test_content_fingerprint_refuses_byte_identical_files_across_splits(tmp_path, caplog):
     for i in range(3):
         make_image(tmp_path / "img" / f"{i}.png", seed=i)
     (tmp_path / "img" / "copy.png").write_bytes((tmp_path / "img" / "0.png").read_bytes())
@@ -175,18 +175,14 @@ def test_content_fingerprint_warns_of_byte_identical_files_across_splits(tmp_pat
     m = from_csv(tmp_path / "m.csv")
     with caplog.at_level(logging.WARNING, logger="featx"):
         stat_fp = m.fingerprint("stat")
-    assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="featx"):
-        content_fp = m.fingerprint("content")
-    (record,) = caplog.records
-    assert "img/0.png (train)" in record.getMessage() and "img/copy.png (test)" in record.getMessage()
-    assert "byte-identical" in record.getMessage()
-    assert content_fp.startswith("images-content:") and stat_fp.startswith("images-stat:")
-    caplog.clear()
+    assert not caplog.records and stat_fp.startswith("images-stat:")
+    with pytest.raises(ValueError, match="byte-identical") as info:
+        m.fingerprint("content")
+    assert "img/0.png (train)" in str(info.value) and "img/copy.png (test)" in str(info.value)
     (tmp_path / "m2.csv").write_text("path,label,split\nimg/0.png,a,train\nimg/copy.png,a,train\nimg/1.png,b,test\n")
     with caplog.at_level(logging.WARNING, logger="featx"):
-        from_csv(tmp_path / "m2.csv").fingerprint("content")
-    assert not caplog.records  # identical files within one split do not leak the test set
+        content_fp = from_csv(tmp_path / "m2.csv").fingerprint("content")
+    assert not caplog.records and content_fp.startswith("images-content:")  # copies within one split: no leak
 
 
 # ----------------------------------------------------------------------------------------- text encodings

@@ -131,7 +131,7 @@ def test_second_run_is_a_cache_hit_without_model_work(image_folder, tmp_path, mo
     "change",
     [
         {"pool": "max"},
-        {"layers": ["penultimate", "blocks.1"]},
+        {"layers": ["penultimate"]},
         {"dtype": "float16"},
         {"tta": "flip"},
         {"backbone": "featx:tiny_other"},
@@ -151,7 +151,9 @@ def test_a_changed_spec_never_reuses_the_store(image_folder, tmp_path, change, m
     register_backbone("tiny_other", other)
     try:
         out = tmp_path / "s.h5"
-        kwargs = {"layers": ["penultimate"], "pool": "avg", "dtype": "float32", "tta": "none", "backbone": TINY}
+        # blocks.1 is a feature map: the pool changes it (penultimate alone is a pooled vector, the same store)
+        layers = ["penultimate", "blocks.1"]
+        kwargs = {"layers": layers, "pool": "avg", "dtype": "float32", "tta": "none", "backbone": TINY}
         extract(image_folder, out=out, workers=0, progress=False, **kwargs)
         kwargs.update(change)
         with pytest.raises(SpecMismatchError, match="--overwrite") as err:
@@ -162,6 +164,40 @@ def test_a_changed_spec_never_reuses_the_store(image_folder, tmp_path, change, m
         assert not redone.cached
     finally:
         _unregister_backbone("tiny_other")
+
+
+def test_a_pool_that_changes_nothing_makes_the_default_pools_store(image_folder, tmp_path, caplog):
+    out = tmp_path / "s.h5"
+    first = extract(image_folder, TINY, out=out, workers=0, progress=False)
+    with caplog.at_level("WARNING", logger="featx"):
+        maxed = extract(image_folder, TINY, pool="max", out=out, workers=0, progress=False)
+    assert maxed.cached and maxed.key == first.key and maxed.spec.pool == "avg"
+    assert "changes nothing" in caplog.text and "penultimate" in caplog.text
+
+
+def test_a_store_with_the_same_key_elsewhere_is_linked_not_extracted(image_folder, tmp_path, monkeypatch):
+    from featx.data.sources import load_source
+    from featx.store.writer import update_labels
+
+    first = extract(image_folder, TINY, out=tmp_path / "a" / "s.h5", workers=0, progress=False)
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("a store found by its key must not be extracted again")
+
+    monkeypatch.setattr("featx.extract.engine._Embedder.__call__", no_model_work)
+    planned = extract(image_folder, TINY, out=tmp_path / "b" / "s.h5", workers=0, progress=False, dry_run=True)
+    assert planned.cached and not (tmp_path / "b").exists()  # a dry run finds it and writes nothing
+    second = extract(image_folder, TINY, out=tmp_path / "b" / "s.h5", workers=0, progress=False)
+    assert second.cached and second.key == first.key and second.path == tmp_path / "b" / "s.h5"
+    with featx.store.open(first.path) as a, featx.store.open(second.path) as b:
+        np.testing.assert_array_equal(a.features(), b.features())
+    # a relabelled copy never relabels the store it came from
+    m = load_source(image_folder)
+    update_labels(second.path, dataclasses.replace(m, labels=m.labels[::-1].copy()))
+    with featx.store.open(first.path) as a, featx.store.open(second.path) as b:
+        assert list(a.labels()) == list(m.labels) and list(b.labels()) == list(m.labels[::-1])
+    third = extract(image_folder, TINY, workers=0, progress=False)  # the cache's own path, found by key too
+    assert third.cached and third.path != first.path
 
 
 def test_changed_images_never_reuse_the_store(image_folder, tmp_path):

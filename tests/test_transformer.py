@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from conftest import TINY, make_image
@@ -145,3 +147,68 @@ def test_bad_inputs_have_clear_errors(labelled_paths, tmp_path):
     t = _features(tmp_path).fit(paths)
     with pytest.raises(ValueError, match="could not be read"):
         t.transform([*paths[:2], str(broken)])
+
+
+def test_check_estimator_passes_with_honest_string_input_tags():
+    from sklearn.utils import get_tags
+    from sklearn.utils.estimator_checks import check_estimator
+
+    tags = get_tags(ConvNetFeatures())
+    assert tags.input_tags.string and not tags.input_tags.two_d_array and not tags.target_tags.required
+    assert tags.transformer_tags.preserves_dtype == []  # strings in, float32 out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", estimator_checks.SkipTestWarning)
+        check_estimator(ConvNetFeatures(backbone=TINY))
+
+
+class _OneColumnFrame:
+    """What matters of a one-column pandas DataFrame: iterating gives the column names, the array the values."""
+
+    def __init__(self, paths):
+        self.columns, self.shape, self._values = ["path"], (len(paths), 1), np.array(paths, dtype=object)[:, None]
+
+    def __iter__(self):
+        return iter(self.columns)
+
+    def __array__(self, dtype=None, copy=None):
+        return self._values
+
+
+def test_array_likes_and_one_column_frames_are_read_as_paths(labelled_paths, tmp_path):
+    from sklearn.utils.estimator_checks import _NotAnArray
+
+    paths, _ = labelled_paths
+    expected = _features(tmp_path).fit(paths).transform(paths)
+    for X in (_NotAnArray(np.array(paths, dtype=object)), _OneColumnFrame(paths), np.array(paths)[:, None]):
+        np.testing.assert_array_equal(_features(tmp_path).fit(X).transform(X), expected)
+    with pytest.raises(ValueError, match="one column of image paths"):
+        _features(tmp_path).fit(np.array([paths, paths]).T)
+
+
+def test_a_one_column_dataframe_is_read_as_paths(labelled_paths, tmp_path):
+    pd = pytest.importorskip("pandas")
+    paths, _ = labelled_paths
+    frame = pd.DataFrame({"path": paths})
+    np.testing.assert_array_equal(
+        _features(tmp_path).fit(frame).transform(frame), _features(tmp_path).fit(paths).transform(paths)
+    )
+
+
+def test_fit_loads_the_network_once_per_backbone(labelled_paths, tmp_path, monkeypatch):
+    import featx.sklearn as sk
+
+    loads = []
+    original = sk.load_backbone
+
+    def counting(name):
+        loads.append(name)
+        return original(name)
+
+    monkeypatch.setattr(sk, "load_backbone", counting)
+    sk.clear_network_cache()
+    paths, _ = labelled_paths
+    first = _features(tmp_path).fit(paths)
+    clone(first).fit(paths)
+    _features(tmp_path, layer="blocks.2").fit(paths)  # the same network, another layer
+    second = _features(tmp_path).fit(paths)
+    assert loads == [TINY] and second.spec_ == first.spec_

@@ -22,7 +22,7 @@ from featx.backbones.features import Backbone
 from featx.backbones.names import _BUILTINS, BackboneName, _hf_hub_cache, resolve_backbone
 from featx.spec import DEFAULT_BACKBONE, Preprocessing
 
-__all__ = ["load_backbone", "weights_checksum"]
+__all__ = ["build_architecture", "load_backbone", "weights_checksum"]
 
 log = logging.getLogger(__name__)
 
@@ -226,3 +226,32 @@ def load_backbone(name: str | BackboneName) -> Backbone:
     for p in model.parameters():
         p.requires_grad_(False)
     return Backbone(str(resolved), model, pre, weights, weights_checksum(model), parsed=resolved)
+
+
+def build_architecture(name: str | BackboneName) -> Backbone:
+    """A backbone's network without its weights (randomly initialised), to look at its layers offline.
+
+    The FX graph, hence the layer names and ``penultimate``, does not depend on the weights, so listing them
+    needs no download. Never extract with the result: its ``weights`` is ``"none"`` and ``weights_sha256``
+    is empty. A ``featx:`` built-in and a ``file:`` checkpoint are loaded as :func:`load_backbone` does (they
+    are local); only the downloading sources skip their weights.
+
+    Raises
+    ------
+    UnknownNameError
+        Unknown source, model, tag (with close matches).
+    """
+    resolved = resolve_backbone(name)
+    if resolved.source == "torchvision":
+        from torchvision.models import get_model, get_model_weights
+
+        model = get_model(resolved.arch, weights=None)
+        pre = _torchvision_preprocessing(get_model_weights(resolved.arch)[resolved.tag])
+    elif resolved.source == "timm":
+        import timm
+
+        model = timm.create_model(f"{resolved.arch}.{resolved.tag}", pretrained=False)
+        pre = _timm_preprocessing(model, str(resolved))
+    else:
+        return load_backbone(resolved)
+    return Backbone(str(resolved), model.eval(), pre, "none", "", parsed=resolved)

@@ -13,6 +13,8 @@ Sources
 ``file:<arch>=<path>``
     A checkpoint of one of the above architectures (``resnet50``, ``timm:convnext_tiny``, ...) from
     ``.pt``/``.pth``/``.bin``/``.safetensors``, loaded without executing pickled code.
+A ``featx finetune --out`` folder
+    Its fine-tuned network: the folder stands for ``file:<its architecture>=<folder>/model.safetensors``.
 
 Layers are the network's own FX graph node names (``featx backbones --layers NAME`` lists them),
 or a module name meaning "the last node inside that module", or ``penultimate``: the input of the
@@ -128,10 +130,13 @@ def parse_backbone_name(name: str) -> BackboneName:
     >>> parse_backbone_name("torchvision:resnet50.IMAGENET1K_V2")
     BackboneName(source='torchvision', arch='resnet50', tag='IMAGENET1K_V2', path=None)
     """
+    if isinstance(name, str) and Path(name).expanduser().is_dir():
+        return _finetuned_checkpoint(Path(name).expanduser())
     if not isinstance(name, str) or ":" not in name:
         raise UnknownNameError(
             f"backbone {name!r} has no source: write SOURCE:NAME with SOURCE one of {', '.join(SOURCES)} "
-            f"(e.g. {DEFAULT_BACKBONE} or torchvision:resnet50). {_LIST_HINT}"
+            f"(e.g. {DEFAULT_BACKBONE} or torchvision:resnet50), or give a `featx finetune --out` folder. "
+            f"{_LIST_HINT}"
         )
     source, rest = name.split(":", 1)
     if source not in SOURCES:
@@ -148,6 +153,38 @@ def parse_backbone_name(name: str) -> BackboneName:
     if not arch:
         raise UnknownNameError(f"backbone {name!r} names no model after {source!r}. {_LIST_HINT}")
     return BackboneName(source, arch, tag or None)
+
+
+#: What ``featx finetune --out`` writes (featx.finetune.artifacts names the same files): how to rebuild the network,
+#: and its weights.
+FINETUNE_META, FINETUNE_WEIGHTS = "finetune.json", "model.safetensors"
+
+
+def _finetuned_checkpoint(folder: Path) -> BackboneName:
+    """The fine-tuned network of a ``featx finetune --out`` folder as ``file:ARCH=FOLDER/model.safetensors``.
+
+    The weights are taken from the folder itself, not from the absolute path ``finetune.json`` recorded, so a
+    moved or copied folder still works.
+    """
+    import json
+
+    meta_path = folder / FINETUNE_META
+    if not meta_path.is_file():
+        raise UnknownNameError(
+            f"backbone {str(folder)!r} is a folder without {FINETUNE_META}: a folder names a backbone only when "
+            f"`featx finetune --out` wrote it. Otherwise write SOURCE:NAME (e.g. {DEFAULT_BACKBONE}). {_LIST_HINT}"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        arch, hidden = meta["architecture"], meta["head"]["hidden"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_path} is not what `featx finetune` writes ({exc}); run the fine-tune again") from None
+    if hidden:
+        raise ValueError(
+            f"{folder} holds a fine-tune with an MLP head (hidden {hidden}), which no {arch} checkpoint can hold; "
+            "extract its features in Python with featx.finetune.load_finetuned, or fine-tune with a linear head"
+        )
+    return BackboneName("file", arch, None, str(folder / FINETUNE_WEIGHTS))
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -25,7 +25,7 @@ class ClassifierConfig:
     grid : tuple of float, optional
         Overrides the preset's grid.
     preprocess : tuple of str, optional
-        Steps before the estimator; by default the preset's (``standard``; ``l2`` for svm and knn).
+        Steps before the estimator; by default the preset's (``standard``; ``l2`` for svm and knn; none for chance).
     cv : int, default=5
     class_weight : {None, "balanced"}
     scoring : {"accuracy", "balanced_accuracy"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +13,9 @@ from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import _fit_quietly, _folds, search
 from featx.store.reader import FeatureStore
 
-__all__ = ["ONE_SHOT_VALUE", "check_shots", "few_shot_curve", "shot_rows"]
+__all__ = ["ONE_SHOT_VALUE", "check_shots", "drawable_shots", "few_shot_curve", "shot_rows"]
+
+log = logging.getLogger(__name__)
 
 
 def check_shots(shots: Sequence[int | str]) -> Sequence[int | str]:
@@ -27,6 +30,45 @@ def check_shots(shots: Sequence[int | str]) -> Sequence[int | str]:
         if not (k == "all" or (isinstance(k, int) and not isinstance(k, bool) and k > 0)):
             raise ValueError(f"shots {list(shots)}: use positive integers or 'all', e.g. 1,2,5,10,all")
     return shots
+
+
+def drawable_shots(
+    y_train: np.ndarray, class_names: Sequence[str], shots: Sequence[int | str], where: object
+) -> list[int | str]:
+    """The learning-curve points that can be drawn from ``y_train``: ``"all"`` and every k up to the training
+    images of the smallest class. The others are left out with a warning naming that class, since their draws
+    would not hold k images of it (and past the largest class, every draw would be the same images).
+
+    Raises
+    ------
+    ValueError
+        When no point is left, naming the smallest class and its count.
+    """
+    labelled = y_train[y_train >= 0]
+    if not len(labelled):
+        return list(shots)
+    classes, counts = np.unique(labelled, return_counts=True)
+    smallest = int(counts.min())
+    name = class_names[int(classes[counts.argmin()])]
+    kept = [k for k in shots if k == "all" or int(k) <= smallest]
+    left_out = [k for k in shots if k not in kept]
+    why = f"class {name!r} has {smallest} training image{'s' if smallest > 1 else ''}"
+    if not kept:
+        raise ValueError(
+            f"{where}: no learning-curve point can be drawn from shots {list(shots)}: {why}, so at most "
+            f"{smallest} per class; use shots up to {smallest}, or 'all'"
+        )
+    if left_out:
+        log.warning(
+            "%s: learning-curve point%s %s left out: %s, so more per class cannot be drawn (the draws would repeat "
+            "the same images); kept %s",
+            where,
+            "s" if len(left_out) > 1 else "",
+            ", ".join(map(str, left_out)),
+            why,
+            ", ".join(map(str, kept)),
+        )
+    return kept
 
 
 #: The hyper-parameter of a 1-shot training set, where no cross-validation is possible (a stated fixed value).

@@ -65,19 +65,25 @@ class TrainedModel:
         """One hash per split of the images it was trained (``train``), selected (``val``) and tested on."""
         return self.meta.get("split_hashes")
 
-    def scores(self, X: np.ndarray) -> np.ndarray | None:
-        """Class scores: probabilities when the estimator has them, else decision values."""
-        for method in ("predict_proba", "decision_function"):
-            if hasattr(self.pipeline, method):
-                try:
-                    s = getattr(self.pipeline, method)(X)
-                except AttributeError:
-                    continue
-                s = np.asarray(s)
-                if s.ndim == 1:  # binary decision_function: one column for the positive class
-                    s = np.stack([-s, s], axis=1)
-                return _expand_scores(s, self.pipeline.classes_, len(self.class_names))
+    @property
+    def score_kind(self) -> str | None:
+        """What :meth:`scores` returns: ``"probability"``, ``"margin"`` (decision values) or ``None`` (no scores)."""
+        # hasattr is False where scikit-learn's available_if hides the method (SVC without probability=True).
+        if hasattr(self.pipeline, "predict_proba"):
+            return "probability"
+        if hasattr(self.pipeline, "decision_function"):
+            return "margin"
         return None
+
+    def scores(self, X: np.ndarray) -> np.ndarray | None:
+        """Class scores: probabilities when the estimator has them, else decision values (see :attr:`score_kind`)."""
+        kind = self.score_kind
+        if kind is None:
+            return None
+        s = np.asarray(getattr(self.pipeline, "predict_proba" if kind == "probability" else "decision_function")(X))
+        if s.ndim == 1:  # binary decision_function: one column for the positive class
+            s = np.stack([-s, s], axis=1)
+        return _expand_scores(s, self.pipeline.classes_, len(self.class_names))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Class indices (into :attr:`class_names`) of feature rows ``X``."""

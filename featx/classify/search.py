@@ -107,7 +107,8 @@ def fit_converged(estimator: Any) -> tuple[bool | None, int | None]:
 
     An iterative scikit-learn solver converged when ``n_iter_`` (for liblinear and lbfgs the most over the
     classes) stayed below ``max_iter``; this is the test behind their :class:`ConvergenceWarning`.
-    ``(None, None)`` for estimators that do not iterate (ridge, k-NN).
+    A ``max_iter`` of zero or below (libsvm's ``-1``) means "no limit": such a fit ran until its own tolerance,
+    so it converged. ``(None, None)`` for estimators that do not iterate (ridge, k-NN).
     """
     if isinstance(estimator, Pipeline):
         estimator = estimator.steps[-1][1]
@@ -115,7 +116,7 @@ def fit_converged(estimator: Any) -> tuple[bool | None, int | None]:
     if n_iter is None or max_iter is None:
         return None, None
     n = int(np.max(to_host(n_iter)))
-    return n < int(max_iter), n
+    return (int(max_iter) <= 0 or n < int(max_iter)), n
 
 
 def _fit_quietly(est, X, y):

@@ -28,7 +28,7 @@ from featx.classify import memory
 from featx.classify._rows import _labelled_rows, _labelled_store_rows
 from featx.classify.arrays import choose_path, cuda_free_bytes, take, to_numpy_pipeline
 from featx.classify.config import ClassifierConfig
-from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, few_shot_curve, shot_rows
+from featx.classify.fewshot import ONE_SHOT_VALUE, check_shots, drawable_shots, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, _fit_quietly, _folds, fit_converged, search
@@ -43,6 +43,7 @@ from featx.results import (
     StoreInfo,
     TestMetrics,
     TrainSummary,
+    ValScore,
     write_results,
 )
 from featx.store.reader import FeatureStore
@@ -71,7 +72,6 @@ def train(
     out_dir: str | Path | None = None,
     shots: Sequence[int | str] | None = None,
     draws: int = 5,
-    n_bootstrap: int = 1000,
     scheduler: str | None = None,
     array_path: str | None = None,
 ) -> tuple[TrainedModel, ClassifierResults]:
@@ -91,7 +91,6 @@ def train(
     shots : sequence of int or "all", optional
         Also compute a learning curve: k training images per class (several seeded draws).
     draws : int, default=5
-    n_bootstrap : int, default=1000
     scheduler : str, optional
         Address of a Dask scheduler (``tcp://HOST:8786``) to run the search's folds on, through joblib's
         Dask backend (see :func:`featx.cluster.scheduler`); the results are the same as a local run's.
@@ -123,13 +122,15 @@ def train(
         fs = FeatureStore(store, plan) if owns else store
         try:
             layer = _check_layer(fs, config.layer)
+            if shots:  # before any fit: a curve that cannot be drawn is refused, not found out after training
+                shots = drawable_shots(fs.labels("train"), fs.class_names, shots, fs.path)
             preprocess = config.steps(preset)
             if config.out_of_core:
                 fitted = _train_out_of_core(fs, layer, preset, config, preprocess)
             else:
                 fitted = _train_in_memory(fs, layer, preset, config, preprocess, n_jobs, array_path)
             model = _wrap_model(fs, config, preset, layer, fitted)
-            results = _classifier_results(fs, model, fitted, n_bootstrap)
+            results = _classifier_results(fs, model, fitted)
             if shots:
                 results["few_shot"] = few_shot_curve(fs, preset, fitted.value, preprocess, config, shots, draws, layer)
             if out_dir is not None:
@@ -312,6 +313,7 @@ def _refit_converged(pipeline: Pipeline, X, y, preset: Preset) -> dict[str, Any]
     for _ in range(_REFIT_RETRIES):
         if converged is not False:
             break
+        # Only a positive cap is raised: fit_converged never reports an unlimited fit (max_iter <= 0) unconverged.
         more = {"max_iter": int(est.max_iter) * 10}
         if preset.warm_start and "warm_start" in est.get_params():
             more["warm_start"] = True
@@ -354,11 +356,11 @@ def _wrap_model(fs: FeatureStore, config: ClassifierConfig, preset: Preset, laye
     return TrainedModel(fitted.pipeline, meta)
 
 
-def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted, n_bootstrap: int) -> ClassifierResults:
+def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted) -> ClassifierResults:
     """The ``results.json`` document of a trained model, scored once on the store's test split (if any)."""
     meta = model.meta
     settings: ClassifierSettings = meta["classifier"]
-    test = evaluate_model(model, fs, n_bootstrap=n_bootstrap, seed=settings["seed"]) if fs.splits.get("test") else None
+    test = evaluate_model(model, fs) if fs.splits.get("test") else None
     return ClassifierResults(
         schema=SCHEMA,
         kind="classifier",
@@ -374,6 +376,7 @@ def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted, n
         search=fitted.search.to_dict() if fitted.search else None,
         train=TrainSummary(n=fitted.trained_on["n"], fit_seconds=round(fitted.fit_seconds, 4), **fitted.refit),
         split=split_info(fs),
+        **_val_score(fs, model),
         test=test,
         versions=meta["versions"],
         created_at=meta["created_at"],
@@ -519,9 +522,17 @@ def _chain(steps):
     return transform
 
 
-def evaluate_model(
-    model: TrainedModel, store: FeatureStore, split: str = "test", n_bootstrap: int = 1000, seed: int = 0
-) -> TestMetrics:
+def _val_score(fs: FeatureStore, model: TrainedModel) -> dict[str, ValScore]:
+    """``{"val": …}``: the final model's accuracy on the val images, the score a comparison chooses its rows by
+    (empty without a val split)."""
+    y = fs.labels("val") if fs.splits.get("val") else np.empty(0)
+    if not len(y):
+        return {}
+    y_pred = model.predict(fs.features(model.layer, split="val", dtype=np.float32))
+    return {"val": ValScore(accuracy=float(np.mean(y_pred == y)), n=len(y))}
+
+
+def evaluate_model(model: TrainedModel, store: FeatureStore, split: str = "test") -> TestMetrics:
     """Test metrics of a model on a store's split (after checking the store matches the model's spec)."""
     check_compatible(model, store)
     if store.class_names != model.class_names:
@@ -536,7 +547,7 @@ def evaluate_model(
     y_pred = model.predict(X)
     predict_seconds = time.perf_counter() - t0
     scores = model.scores(X)
-    metrics = evaluate(y, y_pred, model.class_names, scores=scores, n_bootstrap=n_bootstrap, seed=seed)
+    metrics = evaluate(y, y_pred, model.class_names, scores=scores)
     metrics["predict_seconds"] = round(predict_seconds, 4)
     metrics["split"] = split
     metrics["predictions"] = predictions(store.ids(split), y, y_pred, scores)

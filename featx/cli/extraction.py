@@ -84,7 +84,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.IntRange(min=1),
     default=DEFAULT_MAX_PIXELS,
     show_default=True,
-    help="Images with more pixels are recorded as failures (decompression-bomb guard).",
+    help="Images with more pixels, decoded or once resized, are recorded as failures (decompression-bomb guard).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a store (or interrupted job) made with another spec.")
 @click.option(
@@ -232,9 +232,19 @@ def join(store, count, keep_shards, overwrite, max_failures) -> None:
 @split_plan_options()
 def info(store, as_json, show_failures, plan) -> None:
     """Show how STORE was made: backbone, weights, layers, preprocessing, images, versions; and its splits
-    under a split plan."""
+    under a split plan. Given a model file (`featx train`) or a `featx finetune` folder, describe that."""
+    import zipfile
+    from pathlib import Path
+
     from featx.store.reader import FeatureStore
 
+    path = Path(store)
+    if path.is_dir() and (path / "finetune.json").is_file():
+        _finetune_info(path, as_json)
+        return
+    if path.is_file() and zipfile.is_zipfile(path):  # a skops model; an HDF5 store is never a zip file
+        _model_info(path, as_json)
+        return
     with reported(), FeatureStore(store, plan) as fs:
         data = fs.info()
         failures = fs.failures
@@ -271,11 +281,71 @@ def _info_lines(data: dict[str, Any]) -> list[str]:
     stats = data["stats"]
     if stats:
         lines.append(
-            f"extraction  {stats.get('images_this_run')} images in {stats.get('seconds')} s on "
+            f"extraction  {stats.get('images', stats.get('images_this_run'))} images in {stats.get('seconds')} s on "
             f"{stats.get('device')} ({stats.get('images_per_second')} images/s)"
+            + (f"; resumed, {stats['resumed_rows']} rows from earlier runs" if stats.get("resumed_rows") else "")
         )
     lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
     return lines
+
+
+def _model_info(path, as_json: bool) -> None:
+    """``featx info MODEL.skops``: the classifier, what it was trained on and the commands that use it."""
+    from featx.classify.model import load_model
+
+    with reported():
+        try:
+            model = load_model(path)
+        except ValueError as exc:
+            raise ValueError(f"{path} is a model file, not a feature store, and cannot be described: {exc}") from None
+    meta = model.meta
+    if as_json:
+        click.echo(json.dumps({"kind": "model", "path": str(path), "score_kind": model.score_kind, **meta}, indent=2))
+        return
+    settings, spec = meta["classifier"], meta["store_spec"]
+    chosen = settings.get("chosen")
+    value = f"{settings.get('param') or 'value'} = {chosen:.3g}" if isinstance(chosen, int | float) else "no value"
+    trained = meta.get("trained_on", {})
+    names = meta["class_names"]
+    lines = [
+        f"model       {path}  (a `featx train` classifier, created {meta.get('created_at', '?')})",
+        f"classifier  {settings.get('preset', settings.get('classifier'))}  {value}"
+        + (f" (selected on {trained['selected_on']})" if trained.get("selected_on") else "")
+        + f", preprocess {', '.join(settings.get('preprocess') or []) or 'none'}",
+        f"scores      {model.score_kind or 'none'}",
+        f"trained on  {trained.get('n', '?')} images of {', '.join(trained.get('splits', ['train']))}",
+        f"classes     {len(names)}: {', '.join(names[:10])}{' …' if len(names) > 10 else ''}",
+        f"features    {spec['backbone']}  layer {meta['layer']}  pool {spec['pool']}  "
+        f"(store key {meta.get('store_key', '?')[:12]})",
+        "versions    " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+        f"use         featx predict IMAGES --model {path}   |   featx evaluate STORE --model {path}",
+    ]
+    click.echo("\n".join(lines))
+
+
+def _finetune_info(path, as_json: bool) -> None:
+    """``featx info FOLDER`` of ``featx finetune``: the network, its head, its run, and the commands that use it."""
+    from featx.finetune.artifacts import read_finetune_meta
+
+    with reported():
+        meta = read_finetune_meta(path)
+    if as_json:
+        click.echo(json.dumps({"kind": "finetuned", "path": str(path), **meta}, indent=2))
+        return
+    names, head, config = meta["class_names"], meta["head"], meta.get("config", {})
+    phases = ", ".join(f"{p['freeze']}:{p['epochs']}:{p['lr']}" for p in config.get("phases", []))
+    lines = [
+        f"fine-tuned  {path}  ({meta['architecture']} from {meta['backbone']})",
+        f"head        {head['name']}  hidden {head['hidden'] or 'none (linear)'}  dropout {head['dropout']}",
+        f"run         phases {phases}  best epoch {meta.get('best_epoch')}"
+        + (f"  base rate {meta['lr_chosen']:.3g}" if isinstance(meta.get("lr_chosen"), int | float) else "")
+        + (f"  head from {meta['init_head']}" if meta.get("init_head") else ""),
+        f"classes     {len(names)}: {', '.join(names[:10])}{' …' if len(names) > 10 else ''}",
+        f"use         featx predict IMAGES --model {path}",
+    ]
+    if meta.get("extract_with"):
+        lines.append(f"            featx extract SOURCE --backbone {path}   (features of the fine-tuned network)")
+    click.echo("\n".join(lines))
 
 
 @click.command()
@@ -291,16 +361,16 @@ def _info_lines(data: dict[str, Any]) -> list[str]:
     "layers_of",
     default=None,
     metavar="BACKBONE",
-    help="List the layers of one backbone instead (loads it).",
+    help="List the layers of one backbone instead (builds its network; no weights are downloaded).",
 )
 def backbones(source, pattern, layers_of) -> None:
     """List backbones (and their weight tags; * marks weights usable offline), or one backbone's layers."""
-    from featx.backbones.loading import load_backbone
+    from featx.backbones.loading import build_architecture
     from featx.backbones.names import list_backbones
 
     with reported():
         if layers_of:
-            net = load_backbone(layers_of)
+            net = build_architecture(layers_of)
             click.echo(f"{net.name}: stage outputs (good starting points): {', '.join(net.suggested_layers())}")
             click.echo(f"penultimate = {net.penultimate_node()}")
             click.echo("all layers (FX node names):")

@@ -226,3 +226,7 @@ def finetune(
     if results["test"]:
         print_metrics(results["test"])
     click.echo(f"wrote {out_dir}/model.safetensors, finetune.json and results.json")
+    uses = f"featx predict IMAGES --model {out_dir}"
+    if not results["finetune"].get("hidden"):  # a linear head: the folder names the network for extraction too
+        uses += f"; featx extract SOURCE --backbone {out_dir}"
+    click.echo(f"use it: {uses}")

@@ -16,7 +16,7 @@ import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from featx.exceptions import ArchiveError
 
@@ -162,15 +162,19 @@ def _unpack_tar(path: Path, folder: Path, limits: ArchiveLimits) -> None:
         total = sum(m.size for m in members if m.isfile())
         limits.check(path, total, len(members))
         _check_space(path, folder, total)
-        if hasattr(tarfile, "data_filter"):  # refuses absolute paths, '..' and links leading outside
+        root = folder.resolve()
+        for member in members:
+            # tarfile's "data" filter would strip an absolute path's leading "/" and unpack the member inside
+            # the folder; such an archive was made to write elsewhere, so it is refused, as links and devices are.
+            if PurePosixPath(member.name).is_absolute() or PureWindowsPath(member.name).anchor:
+                raise ArchiveError(f"{path}: member {member.name!r} has an absolute path; not unpacked")
+            dest = (folder / member.name).resolve()
+            if not dest.is_relative_to(root) or member.issym() or member.islnk() or member.isdev():
+                raise ArchiveError(f"{path}: member {member.name!r} is not a plain file inside the archive")
+        if hasattr(tarfile, "data_filter"):  # and the filter besides, for what a name check cannot see
             try:
                 tf.extractall(folder, members=members, filter="data")
             except tarfile.FilterError as exc:
                 raise ArchiveError(f"{path}: unsafe or broken archive member ({exc}); not unpacked") from None
             return
-        root = folder.resolve()
-        for member in members:  # Pythons without extraction filters
-            dest = (folder / member.name).resolve()
-            if not dest.is_relative_to(root) or member.issym() or member.islnk() or member.isdev():
-                raise ArchiveError(f"{path}: member {member.name!r} is not a plain file inside the archive")
         tf.extractall(folder, members=members)

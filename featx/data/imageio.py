@@ -23,7 +23,7 @@ from featx._runtime.env import temporary_attr
 from featx.exceptions import ImageDecodeError
 from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing
 
-__all__ = ["load_for_model", "load_rgb", "preprocess_uint8"]
+__all__ = ["check_resized_size", "load_for_model", "load_rgb", "preprocess_uint8", "resized_size"]
 
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -162,12 +162,49 @@ def _to_rgb(img: Image.Image, sixteen_bit: bool = False) -> Image.Image:
     return img.convert("RGB")
 
 
+def resized_size(width: int, height: int, pre: Preprocessing) -> tuple[int, int]:
+    """``(width, height)`` of a ``width`` x ``height`` image once its shorter side is resized to ``pre.resize_size``."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = pre.resize_size, int(pre.resize_size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def check_resized_size(width: int, height: int, pre: Preprocessing, max_pixels: int) -> None:
+    """Refuse an image whose resized size (shorter side to ``pre.resize_size``) is over ``max_pixels``.
+
+    ``max_pixels`` bounds the decoded image, but resizing the shorter side up multiplies the long one: a
+    10000 x 1 strip (110 bytes as a PNG) would become 2,560,000 x 256 pixels, gigabytes of memory, before the
+    crop. The same guard bounds the resized image, so no file costs more than ``max_pixels`` at any step.
+
+    Raises
+    ------
+    ImageDecodeError
+        The reason recorded in the store's failure list.
+    """
+    new_w, new_h = resized_size(width, height, pre)
+    if new_w * new_h > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height}: resizing its shorter side to {pre.resize_size} would make it "
+            f"{new_w}x{new_h} = {new_w * new_h:,} pixels, over the max_pixels limit of {max_pixels:,} "
+            "(an extreme aspect ratio; decompression-bomb guard); crop the image, or raise max_pixels if you "
+            "trust the file"
+        )
+
+
 def load_for_model(
     path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "exact"
 ) -> torch.Tensor:
-    """Decode and preprocess one file the way ``decode`` says (see :class:`~featx.spec.ExtractionSpec`)."""
+    """Decode and preprocess one file the way ``decode`` says (see :class:`~featx.spec.ExtractionSpec`).
+
+    Raises
+    ------
+    ImageDecodeError
+        As :func:`load_rgb` does, and for an image whose resized size is over ``max_pixels``
+        (:func:`check_resized_size`), in every decode mode.
+    """
     fast = decode == "fast"
     img = load_rgb(path, max_pixels, draft_size=pre.resize_size if fast else None)
+    check_resized_size(*img.size, pre, max_pixels)
     return preprocess_uint8(img, pre, crop_region_only=fast)
 
 
@@ -181,9 +218,7 @@ def preprocess_uint8(img: Image.Image, pre: Preprocessing, crop_region_only: boo
     level apart from the exact path, where Pillow rounds its filter weights differently.
     """
     w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = pre.resize_size, int(pre.resize_size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    new_w, new_h = resized_size(w, h, pre)
     crop_h, crop_w = pre.input_size
     if crop_region_only and (new_w, new_h) != (w, h) and crop_w <= new_w and crop_h <= new_h:
         top, left = round((new_h - crop_h) / 2.0), round((new_w - crop_w) / 2.0)

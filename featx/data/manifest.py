@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import stat
@@ -21,9 +20,6 @@ from featx.exceptions import UnknownNameError
 from featx.spec import DEFAULT_FINGERPRINT, FINGERPRINT_MODES, canonical_json, check_option
 
 __all__ = ["FINGERPRINT_MODES", "IMAGE_EXTENSIONS", "SPLITS", "Manifest", "labels_fingerprint", "stat_fingerprint"]
-
-log = logging.getLogger(__name__)
-
 
 #: Split names a manifest may hold; ``unlabeled`` rows are for prediction only.
 SPLITS = ("train", "val", "test", "unlabeled")
@@ -108,7 +104,7 @@ class Manifest:
         The source's splits are respected (see :mod:`featx.data.splits`); ``split_policy`` says what was done.
         """
         plan = plan or SplitPlan()
-        splits, policy = plan.assign(self.ids, self.labels, self.splits)
+        splits, policy = plan.assign(self.ids, self.labels, self.splits, self.class_names)
         return replace(self, splits=splits.tolist(), split_policy=policy)
 
     def images_fingerprint(self, mode: str = DEFAULT_FINGERPRINT) -> str:
@@ -121,8 +117,14 @@ class Manifest:
         ----------
         mode : {"stat", "content"}, default="stat"
             ``stat`` hashes each file's path, size and modification time (fast); ``content`` hashes the
-            bytes (slow, but survives copies and ``touch``), and logs a warning naming byte-identical files
-            that sit in more than one split.
+            bytes (slow, but survives copies and ``touch``), and refuses byte-identical files that sit in more
+            than one split.
+
+        Raises
+        ------
+        ValueError
+            In ``content`` mode, for byte-identical files in more than one of train, val and test (the test set
+            would leak into training); the message names them.
         """
         check_option("fingerprint", mode)
         signatures = [_file_signature(path, mode) for path in self.paths]
@@ -131,7 +133,7 @@ class Manifest:
             for i, signature in enumerate(signatures):
                 if self.splits[i] != "unlabeled" and len(signature) == 1 and len(signature[0]) == 64:
                     by_content[signature[0]].append(i)
-            self._warn_of_copies_across_splits(by_content)
+            self._refuse_copies_across_splits(by_content)
         return _images_digest(mode, self.ids, signatures)
 
     def labels_fingerprint(self) -> str:
@@ -143,20 +145,16 @@ class Manifest:
         same images with the same labels and splits (fine-tuning's ranks check it)."""
         return f"{self.images_fingerprint(mode)}+{self.labels_fingerprint()}"
 
-    def _warn_of_copies_across_splits(self, by_content: dict[str, list[int]]) -> None:
-        """Log the byte-identical files that sit in more than one of train, val and test: the test set leaks."""
+    def _refuse_copies_across_splits(self, by_content: dict[str, list[int]]) -> None:
+        """Refuse byte-identical files that sit in more than one of train, val and test: the test set leaks."""
         leaks = [group for group in by_content.values() if len({self.splits[i] for i in group}) > 1]
         if leaks:
             shown = "; ".join(" = ".join(f"{self.ids[i]} ({self.splits[i]})" for i in group) for group in leaks[:5])
             more = f"; and {len(leaks) - 5} more" if len(leaks) > 5 else ""
-            log.warning(
-                "%s: the same image sits in more than one split (byte-identical files, %d case%s), so the test "
-                "set leaks into training: %s%s. Remove the copies, or keep each in one split",
-                self.source,
-                len(leaks),
-                "" if len(leaks) == 1 else "s",
-                shown,
-                more,
+            raise ValueError(
+                f"{self.source}: the same image sits in more than one split (byte-identical files, {len(leaks)} "
+                f"case{'' if len(leaks) == 1 else 's'}), so the test set would leak into training: {shown}{more}. "
+                "Remove the copies, or keep each in one split"
             )
 
 

@@ -23,7 +23,7 @@ import inspect
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,22 +82,35 @@ def _finish(
     )
 
 
+def _file_identity(path: str, resolved: str) -> Hashable:
+    """What makes two paths one file: its device and inode (hard links and symbolic links included), or, for a
+    path that cannot be read (a missing file, reported at extraction), its ``resolved`` path."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return resolved
+    return (st.st_dev, st.st_ino)
+
+
 def _refuse_repeated_files(
     where: str,
     ids: Sequence[str],
-    keys: Sequence[str],
+    keys: Sequence[Hashable],
     labels: Sequence[str | None],
     splits: Sequence[str],
     rows: Sequence[str] | None = None,
+    paths: Sequence[str] | None = None,
 ) -> None:
     """Refuse one file under several ids: it would count twice, and in train and test it leaks the test set.
 
-    ``keys`` are the files' resolved paths; ``rows`` says where each row is written (``line 4``), if anywhere.
+    ``keys`` say which rows are one file (:func:`_file_identity`: a hard link or a symbolic link is the file
+    it links); ``paths`` name the file in the message (the keys when not given); ``rows`` say where each row is
+    written (``line 4``), if anywhere.
     """
-    groups: dict[str, list[int]] = {}
+    groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    repeated = [(key, rows_of) for key, rows_of in groups.items() if len(rows_of) > 1]
+    repeated = [rows_of for rows_of in groups.values() if len(rows_of) > 1]
     if not repeated:
         return
 
@@ -105,8 +118,14 @@ def _refuse_repeated_files(
         label = f", {labels[i]}" if labels[i] is not None else ""
         return f"{rows[i] + ' ' if rows else ''}{ids[i]!r} ({splits[i]}{label})"
 
+    def file(rows_of: list[int]) -> str:
+        if paths is None:
+            return str(keys[rows_of[0]])
+        real = {os.path.realpath(paths[i]) for i in rows_of}
+        return real.pop() if len(real) == 1 else f"{os.path.realpath(paths[rows_of[0]])} (hard-linked)"
+
     count = "1 file appears" if len(repeated) == 1 else f"{len(repeated)} files appear"
-    shown = "; ".join(f"{key} as {', '.join(row(i) for i in rows_of)}" for key, rows_of in repeated[:5])
+    shown = "; ".join(f"{file(rows_of)} as {', '.join(row(i) for i in rows_of)}" for rows_of in repeated[:5])
     more = f"; and {len(repeated) - 5} more files" if len(repeated) > 5 else ""
     raise ValueError(
         f"{where}: {count} under several ids, so their features would count twice and a file in "
@@ -124,7 +143,10 @@ def from_folder(root: str | Path) -> Manifest:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unreadable: list[OSError] = []
+    top = _subfolders(root, unreadable)
+    if unreadable:
+        _refuse_unreadable(root, unreadable)
     split_named = [p.name for p in top if p.name.lower() in _SPLIT_ALIASES]
     split_layout = bool(top) and len(split_named) == len(top)
     if split_named and not split_layout:
@@ -135,26 +157,20 @@ def from_folder(root: str | Path) -> Manifest:
         )
     groups = [(p, _SPLIT_ALIASES[p.name.lower()]) for p in top] if split_layout else [(root, "train")]
     ids, paths, keys, labels, splits = [], [], [], [], []
-    real_dirs: dict[Path, str] = {}  # one realpath per folder, not per file: lists of a million images stay fast
     skipped = 0
     for group_dir, split in groups:
-        class_dirs = sorted(p for p in group_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for class_dir in class_dirs:
-            for file in sorted(class_dir.rglob("*")):
-                if file.is_dir():
-                    continue
+        for class_dir in _subfolders(group_dir, unreadable):
+            for file in _files_under(class_dir, unreadable):
                 if not _is_image(file):
                     skipped += 1
                     continue
                 ids.append(file.relative_to(root).as_posix())
                 paths.append(str(file))
-                if file.is_symlink():
-                    keys.append(os.path.realpath(file))
-                else:
-                    parent = real_dirs.setdefault(file.parent, os.path.realpath(file.parent))
-                    keys.append(os.path.join(parent, file.name))
+                keys.append(_file_identity(str(file), str(file)))
                 labels.append(class_dir.name)
                 splits.append(split)
+    if unreadable:
+        _refuse_unreadable(root, unreadable)
     if skipped:
         log.info("skipped %d non-image files under %s", skipped, root)
     if not ids:
@@ -167,8 +183,41 @@ def from_folder(root: str | Path) -> Manifest:
         unseen = sorted({lab for lab in labels} - train_classes)
         if train_classes and unseen:
             log.warning("classes with no training images in %s: %s", root, ", ".join(unseen))
-    _refuse_repeated_files(f"image folder {root}", ids, keys, labels, splits)
+    _refuse_repeated_files(f"image folder {root}", ids, keys, labels, splits, paths=paths)
     return _finish(ids, paths, labels, splits, f"folder:{root}")
+
+
+def _subfolders(folder: Path, unreadable: list[OSError]) -> list[Path]:
+    """The visible sub-folders of ``folder``, sorted; a folder that cannot be listed is noted in ``unreadable``,
+    never taken for an empty one."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+    except OSError as exc:
+        unreadable.append(exc)
+        return []
+
+
+def _files_under(folder: Path, unreadable: list[OSError]) -> list[Path]:
+    """Every file under ``folder`` at any depth, sorted (symbolic links to folders are not followed, as
+    ``rglob`` does not); each folder that cannot be listed is noted in ``unreadable``."""
+    files = []
+    for parent, _, names in os.walk(folder, onerror=unreadable.append):
+        files.extend(Path(parent, name) for name in names)
+    return sorted(files)
+
+
+def _refuse_unreadable(root: Path, unreadable: list[OSError]) -> None:
+    """Refuse an image folder of which some folders cannot be listed: their images would silently be missing."""
+    shown = "; ".join(f"{exc.filename} ({exc.strerror or exc})" for exc in unreadable[:5])
+    more = f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+    many = len(unreadable) > 1
+    error = PermissionError if all(isinstance(exc, PermissionError) for exc in unreadable) else OSError
+    raise error(
+        f"image folder {root}: {len(unreadable)} folder{'s' if many else ''} cannot be read, so "
+        f"{'their' if many else 'its'} images would silently be missing: {shown}{more}. Make "
+        f"{'them' if many else 'it'} readable (chmod -R u+rX), or move {'them' if many else 'it'} out of the folder"
+    )
 
 
 def from_csv(path: str | Path) -> Manifest:
@@ -184,7 +233,8 @@ def from_csv(path: str | Path) -> Manifest:
         ids, paths, labels, splits, lines = _read_csv(path)
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from None
-    _refuse_repeated_files(f"manifest {path}", ids, paths, labels, splits, [f"line {n}" for n in lines])
+    keys = [_file_identity(p, p) for p in paths]
+    _refuse_repeated_files(f"manifest {path}", ids, keys, labels, splits, [f"line {n}" for n in lines], paths)
     return _finish(ids, paths, labels, splits, f"csv:{path}")
 
 

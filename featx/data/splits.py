@@ -19,6 +19,7 @@ two results can be checked for having used the same images.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,6 +36,8 @@ __all__ = [
     "check_val_fraction",
     "split_hashes",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Share of each class carved off as the test split when a source has none.
 DEFAULT_TEST_FRACTION = 0.2
@@ -116,8 +119,18 @@ class SplitPlan:
         """The plan a :meth:`to_dict` wrote (the default plan for ``None``)."""
         return cls(**(data or {}))
 
-    def assign(self, ids: Sequence[str], labels: np.ndarray, source_splits: Sequence[str]) -> tuple[np.ndarray, str]:
+    def assign(
+        self,
+        ids: Sequence[str],
+        labels: np.ndarray,
+        source_splits: Sequence[str],
+        class_names: Sequence[str] | None = None,
+    ) -> tuple[np.ndarray, str]:
         """The split of every row under this plan.
+
+        A class left without a val or a test image (one image in all, or a source whose test split lacks it) is
+        named in a warning and in the policy: it is learnt but never validated or tested, and test scores,
+        balanced accuracy included, cover the other classes only.
 
         Parameters
         ----------
@@ -127,6 +140,8 @@ class SplitPlan:
             Class index per row; -1 for unlabeled rows (never moved).
         source_splits : sequence of str
             The split the source gave each row (``train``, ``val``, ``test`` or ``unlabeled``).
+        class_names : sequence of str, optional
+            The names of the classes, for the warning (``class 3`` without them).
 
         Returns
         -------
@@ -154,6 +169,7 @@ class SplitPlan:
             self._carve(ids, labels, splits, "val", self.val_fraction)
             policy.append(f"val carved from train ({self.val_fraction:g} per class)")
         policy.append(f"stratified, split seed {self.split_seed}")
+        policy += _unevaluated_classes(labels, splits, class_names)
         return splits.astype(str), "; ".join(policy)
 
     def _carve(self, ids: Sequence[str], labels: np.ndarray, splits: np.ndarray, to: str, fraction: float) -> None:
@@ -166,6 +182,32 @@ class SplitPlan:
             n = min(len(rows) - 1, max(1, round(fraction * len(rows))))
             order = sorted(rows, key=lambda r: _rank(self.split_seed, to, ids[r]))
             splits[order[:n]] = to
+
+
+def _unevaluated_classes(labels: np.ndarray, splits: np.ndarray, class_names: Sequence[str] | None) -> list[str]:
+    """Say (a warning, and words for the policy) which classes have no val or no test image."""
+    labelled = labels >= 0
+    classes = np.unique(labels[labelled])
+    notes = []
+    for cls in classes:
+        in_class = labelled & (labels == cls)
+        missing = [s for s in ("val", "test") if not (in_class & (splits == s)).any()]
+        if not missing:
+            continue
+        name = repr(class_names[cls]) if class_names is not None and cls < len(class_names) else str(int(cls))
+        n = int(in_class.sum())
+        notes.append(f"class {name} ({n} image{'s' if n > 1 else ''}) has no {' or '.join(missing)} image")
+    if notes:
+        tested = sum(bool((labelled & (labels == cls) & (splits == "test")).any()) for cls in classes)
+        log.warning(
+            "%s: such a class is learnt but never scored there, and test scores (balanced accuracy included) cover "
+            "only the %d of %d classes that have test images. Give each class at least 3 images (for train, val "
+            "and test), or leave it out of the source",
+            "; ".join(notes),
+            tested,
+            len(classes),
+        )
+    return notes
 
 
 def _rank(seed: int, split: str, row_id: str) -> bytes:

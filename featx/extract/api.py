@@ -5,9 +5,12 @@ shard), unless the store is already there.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from featx._runtime.device import resolve_amp, resolve_device
 from featx._runtime.dist import TorchrunEnv
@@ -42,10 +45,13 @@ from featx.spec import (
     cache_key,
     check_option,
 )
-from featx.store.format import read_key
-from featx.store.writer import adopt_legacy_store, check_replaceable, update_labels
+from featx.store.format import partial_path, read_key, shards_path
+from featx.store.index import find_store, link_store, remember_store
+from featx.store.writer import adopt_legacy_store, check_not_locked, check_replaceable, update_labels
 
-__all__ = ["build_spec", "default_store_path", "extract"]
+__all__ = ["build_spec", "default_store_path", "effective_pool", "extract"]
+
+log = logging.getLogger(__name__)
 
 
 def default_store_path(key: str, store_dir: str | Path | None = None) -> Path:
@@ -162,22 +168,68 @@ def _load_network(
     return net, net.feature_model(list(layers), pool)
 
 
+def effective_pool(net: Backbone, feature_model: FeatureModel, pool: str) -> str:
+    """``pool``, or the default pool when every layer is already a pooled vector (``penultimate`` is one).
+
+    Pooling a vector changes nothing, so such a spec is normalised to the default's: the same features make
+    the same store (and key) whatever pool was asked for, and the user is told.
+    """
+    if pool == DEFAULT_POOL:
+        return pool
+    with torch.inference_mode():
+        raw = feature_model.extractor(torch.zeros(1, 3, *net.preprocessing.input_size))
+    if not all(t.ndim == 2 for t in raw.values()):
+        return pool  # some layer is a map or a sequence: the pool is part of what the store holds
+    log.warning(
+        "pool %r changes nothing for %s: already a pooled vector (penultimate is the network's own pooled output), "
+        "so this is the store of the default pool %r. To pool the last feature map your way, name that layer "
+        "(`featx backbones --layers`)",
+        pool,
+        ", ".join(raw),
+        DEFAULT_POOL,
+    )
+    return DEFAULT_POOL
+
+
 def _run_job(job: _Job, env: TorchrunEnv | None, shard: Shard | None, dry_run: bool) -> ExtractionResult:
     """Do what the resolved job asks: a torchrun rank, a cache hit, the plan only, one shard, or the store."""
     if env is not None and not dry_run:
         return _extract_distributed(job, env)
     if not dry_run and job.path.is_file() and read_key(job.path) not in (None, job.key):
         adopt_legacy_store(job.path, job.key, job.spec, job.fingerprint)
+    if read_key(job.path) != job.key and shard is None:
+        found = _found_elsewhere(job, dry_run)
+        if found is not None and dry_run:
+            return _cached_result(job, found, job.key, job.manifest)
     if read_key(job.path) == job.key:
         if not dry_run:
             update_labels(job.path, job.manifest)  # same images, perhaps new labels: a cheap rewrite, no extraction
+            remember_store(job.path, job.key)
         return _cached_result(job, job.path, job.key, job.manifest)
     if dry_run:  # the plan only: which store, and that it is not there yet
         return _result(job, job.path, job.key, len(job.manifest), cached=False, n_done=0, n_failed=0, dry_run=True)
     if shard is not None:
         check_replaceable(job.path, job.key, job.spec, job.fingerprint, job.overwrite)  # refuse before the work
         return _extract_shard(job, shard)
-    return _extract_store(job, job.path, job.key, job.manifest)
+    result = _extract_store(job, job.path, job.key, job.manifest)
+    remember_store(job.path, job.key)
+    return result
+
+
+def _found_elsewhere(job: _Job, dry_run: bool) -> Path | None:
+    """A complete store of the job's key at another path, put at the job's path (unless ``dry_run``).
+
+    Only where nothing is at the job's path yet (no store, no unfinished work): a store there is replaced or
+    resumed as always.
+    """
+    if job.path.exists() or partial_path(job.path).exists() or shards_path(job.path).exists():
+        return None
+    found = find_store(job.key, besides=job.path)
+    if found is None or dry_run:
+        return found
+    how = link_store(found, job.path)
+    log.info("%s holds the same features (key %s): %s to %s instead of extracting", found, job.key[:12], how, job.path)
+    return found
 
 
 def extract(
@@ -302,7 +354,11 @@ def extract(
     one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
     amp = resolve_amp(amp, dev)
+    if out is not None and env is None and one_shard is None and not dry_run:
+        check_not_locked(Path(out).expanduser())  # a second writer is refused now, not after the model loads
     net, feature_model = _load_network(backbone, layers, pool, expect_weights_sha256)
+    if (pooled := effective_pool(net, feature_model, pool)) != pool:
+        options["pool"], feature_model = pooled, net.feature_model(list(layers), pooled)
     # Only now read the source: it may download a dataset or write thousands of PNG files.
     manifest = source if isinstance(source, Manifest) else load_source(source)
     spec = build_spec(net, layers, amp=amp, **options)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from featx.data.imageio import load_for_model
+from featx.data.imageio import load_for_model, resized_size
 from featx.exceptions import ImageDecodeError
 from featx.spec import Preprocessing
 
@@ -39,8 +39,9 @@ _SOF_OTHER = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # los
 _ORIENTATION = 0x0112
 
 
-def jpeg_decodable(data: bytes, max_pixels: int) -> bool:
-    """Whether ``data`` is a complete three-channel YCbCr JPEG, upright, within ``max_pixels``.
+def jpeg_decodable(data: bytes, max_pixels: int, pre: Preprocessing | None = None) -> bool:
+    """Whether ``data`` is a complete three-channel YCbCr JPEG, upright, within ``max_pixels`` (and, given the
+    preprocessing ``pre``, resized within ``max_pixels`` too: the exact path refuses the rest with its reason).
 
     A cheap walk over the markers before the scan: anything this cannot vouch for (another format, CMYK,
     greyscale, Adobe RGB, an EXIF orientation other than 1, a missing end marker, a malformed segment) is
@@ -72,7 +73,12 @@ def jpeg_decodable(data: bytes, max_pixels: int) -> bool:
     if frame is None or adobe_transform not in (None, 1):
         return False
     height, width, ids = frame
-    return len(ids) == 3 and ids != b"RGB" and 0 < width * height <= max_pixels
+    if not (len(ids) == 3 and ids != b"RGB" and 0 < width * height <= max_pixels):
+        return False
+    if pre is None:
+        return True
+    new_w, new_h = resized_size(width, height, pre)
+    return new_w * new_h <= max_pixels
 
 
 def _frame(segment: bytes) -> tuple[int, int, bytes] | None:
@@ -115,18 +121,11 @@ def read_for_device(path: str | Path, pre: Preprocessing, max_pixels: int) -> to
             st = os.stat(path)
             if stat.S_ISREG(st.st_mode) and 8 <= st.st_size <= 4 * max_pixels + (1 << 20):
                 data = Path(path).read_bytes()
-                if jpeg_decodable(data, max_pixels):
+                if jpeg_decodable(data, max_pixels, pre):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         except OSError:
             pass  # the exact path says why, in its own words
     return load_for_model(path, pre, max_pixels)
-
-
-def _output_geometry(height: int, width: int, pre: Preprocessing) -> tuple[int, int]:
-    """The resized ``(height, width)`` of :func:`~featx.data.imageio.preprocess_uint8`."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = pre.resize_size, int(pre.resize_size * long / short)
-    return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
 def resize_crop(images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
@@ -136,7 +135,7 @@ def resize_crop(images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
     modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
     height, width = images.shape[-2:]
-    new_h, new_w = _output_geometry(height, width, pre)
+    new_w, new_h = resized_size(width, height, pre)
     if (new_h, new_w) != (height, width):
         images = tvf.resize(images, [new_h, new_w], interpolation=modes[pre.interpolation], antialias=True)
     crop_h, crop_w = pre.input_size

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from featx._runtime.device import autocast, channels_last_pays, exact_float32
 from featx._runtime.env import cache_dir, default_workers, library_versions, temporary_attr, temporary_environ
 from featx._runtime.malloc import reuse_freed_memory
+from featx._runtime.progress import Progress
 from featx.backbones.features import Backbone, FeatureModel, bytes_per_image, feature_dims, human_bytes
 from featx.data.imageio import load_for_model
 from featx.data.manifest import Manifest
@@ -274,7 +275,7 @@ def _extract_store(
     if read_key(path) == key:
         return _cached_result(job, path, key, manifest)
     dims = feature_dims(job.feature_model, net.preprocessing)
-    _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)
+    _warn_pool_without_effect(job.feature_model, net.preprocessing, spec.pool)  # some layers (all: see extract)
     if spec.pool == "none" and bytes_per_image(dims, spec.dtype) > _NONE_POOL_WARN_BYTES:
         log.warning(
             "pool 'none' keeps %s per image (%s for %d images); consider avg pooling",
@@ -288,16 +289,21 @@ def _extract_store(
         resumed = writer.n_done + writer.n_failed
         pending = writer.pending_rows()
         run_start = time.perf_counter()
-        engine = _run(job, writer, manifest, pending, resumed)
-        seconds = time.perf_counter() - run_start
+        engine = _run(job, writer, manifest, pending, resumed) if len(pending) else writer.resumed_run
+        this_run = time.perf_counter() - run_start
+        # Every run's work counts: an interrupted job's saved batches carry what they cost.
+        seconds = writer.resumed_seconds + this_run
         stats = {
             "seconds": round(seconds, 3),
+            "images": len(manifest),
             "images_this_run": len(pending),
+            "seconds_this_run": round(this_run, 3),
             "resumed_rows": resumed,
-            "images_per_second": round(len(pending) / seconds, 2) if seconds > 0 else None,
+            "images_per_second": round(len(manifest) / seconds, 2) if seconds > 0 else None,
             "device": str(job.device),
             "batch_size": job.batch_size,
-            **engine,
+            "compiled": bool(engine.get("compiled", False)),
+            "batchnorms_folded": int(engine.get("batchnorms_folded", 0)),
         }
         writer.finalize(stats)
         return _result(
@@ -324,7 +330,8 @@ def _warn_pool_without_effect(model: FeatureModel, pre: Preprocessing, pool: str
     if vectors:
         log.warning(
             "pool %r does not change %s: already a pooled vector (penultimate is the network's own pooled "
-            "output). To pool the last feature map your way, name that layer (`featx backbones --layers`)",
+            "output); it pools the other layers. To pool the last feature map your way, name that layer "
+            "(`featx backbones --layers`)",
             pool,
             ", ".join(vectors),
         )
@@ -377,10 +384,7 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
 
     Returns how the network ran, for the store's stats: ``compiled`` and ``batchnorms_folded``.
     """
-    from tqdm.auto import tqdm
-
-    if not len(pending):
-        return {"compiled": False, "batchnorms_folded": 0}
+    last = time.perf_counter()  # the first batch's seconds include building the loader and the network
     spec, pre, dev, progress = job.spec, job.net.preprocessing, job.device, job.progress
     workers = default_workers() if job.workers is None else job.workers
     loader = DataLoader(
@@ -393,7 +397,7 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
         prefetch_factor=4 if workers else None,
     )
     compile_model = _compile_wanted(job.compile_mode, dev, len(pending))
-    bar = tqdm(
+    bar = Progress(
         total=len(manifest),
         initial=resumed,
         unit="img",
@@ -413,13 +417,18 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
     ):
         embed = _Embedder(job.feature_model, pre, dev, spec.amp, spec.tta, compile_model, job.batch_size)
         decoder = DeviceDecoder(manifest.paths, pre, dev, spec.max_pixels)
+        ran = {"compiled": embed.compiled, "batchnorms_folded": embed.folded_batchnorms}
         try:
             for batch in loader:
                 rows, images, failed = _on_device(decoder, batch, dev)
                 feats = embed(images) if len(rows) else {layer: torch.empty(0, d) for layer, d in writer.dims.items()}
                 arrays = {k: v.numpy() for k, v in feats.items()}
                 copied = torch.cuda.current_stream(dev).record_event() if dev.type == "cuda" else None
-                in_flight.append(pool.submit(_write, writer, copied, rows.numpy(), arrays, failed))
+                now = time.perf_counter()
+                ran["compiled"] = embed.compiled  # a failed compile falls back to eager on the first batch
+                batch_meta = {"seconds": now - last, "run": dict(ran)}
+                last = now
+                in_flight.append(pool.submit(_write, writer, copied, rows.numpy(), arrays, failed, batch_meta))
                 while len(in_flight) > 2:
                     in_flight.popleft().result()
                 bar.update(len(rows) + len(failed))
@@ -433,11 +442,12 @@ def _run(job: _Job, writer: StoreWriter, manifest: Manifest, pending: np.ndarray
     return {"compiled": embed.compiled, "batchnorms_folded": embed.folded_batchnorms}
 
 
-def _write(writer: StoreWriter, copied: Any, rows: np.ndarray, arrays: dict, failed: list) -> None:
-    """The writer thread's task: once the features' copy from the device is done (``copied``), persist the batch."""
+def _write(writer: StoreWriter, copied: Any, rows: np.ndarray, arrays: dict, failed: list, meta: dict) -> None:
+    """The writer thread's task: once the features' copy from the device is done (``copied``), persist the batch
+    (``meta``: its ``seconds`` and how the network ``run``)."""
     if copied is not None:
         copied.synchronize()
-    writer.write_batch(rows, arrays, failed)
+    writer.write_batch(rows, arrays, failed, **meta)
 
 
 def _cudnn_benchmark(dev: torch.device) -> contextlib.AbstractContextManager[Any]:

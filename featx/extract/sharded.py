@@ -212,6 +212,7 @@ def _merged_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     images = sum(s.get("images_this_run") or 0 for s in stats)
     return {
         "seconds": seconds,
+        "images": sum(s.get("images") or s.get("images_this_run") or 0 for s in stats),
         "images_this_run": images,
         "resumed_rows": sum(s.get("resumed_rows") or 0 for s in stats),
         "images_per_second": round(sum(s.get("images_per_second") or 0.0 for s in stats), 2) or None,

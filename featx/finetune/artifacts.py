@@ -1,6 +1,7 @@
 """What a fine-tuning run leaves in its folder, written atomically, and loading it back.
 
-``checkpoint.pt`` (the run state after every epoch, see :mod:`featx.finetune.state`), ``model.safetensors``
+``checkpoint.pt`` (the run state after every epoch, see :mod:`featx.finetune.state`; once the run is finished,
+only its record, without weights), ``model.safetensors``
 (the best epoch's weights), ``finetune.json`` (how to rebuild the network: :func:`load_finetuned`) and
 ``results.json`` (:class:`featx.results.FinetuneResults`). Every one goes through
 :func:`featx._runtime.io.atomic_write`, so a run killed at any moment leaves the previous file or the new one.
@@ -18,20 +19,19 @@ from torch import nn
 from featx._runtime.io import atomic_write
 from featx.backbones.features import Backbone
 from featx.backbones.loading import load_backbone
+from featx.backbones.names import FINETUNE_META, FINETUNE_WEIGHTS
 from featx.finetune.config import FinetuneConfig
 from featx.finetune.heads import _build_head, _Classifier, _set_module
 from featx.spec import Preprocessing, canonical_json
 
-__all__ = ["CHECKPOINT", "FINETUNE_META", "WEIGHTS", "load_finetuned"]
+__all__ = ["CHECKPOINT", "FINETUNE_META", "WEIGHTS", "load_finetuned", "read_finetune_meta"]
 
 
 CHECKPOINT = "checkpoint.pt"
 
 
-FINETUNE_META = "finetune.json"
-
-
-WEIGHTS = "model.safetensors"
+# A fine-tune folder is also a backbone name (featx.backbones.names reads it), so its file names live there.
+WEIGHTS = FINETUNE_WEIGHTS
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -82,6 +82,25 @@ def _save_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def read_finetune_meta(out_dir: str | Path) -> dict[str, Any]:
+    """``finetune.json`` of a ``featx finetune`` folder: backbone, architecture, classes, head, config, best epoch.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``out_dir`` holds no ``finetune.json``.
+    ValueError
+        ``finetune.json`` is not JSON.
+    """
+    meta_path = Path(out_dir) / FINETUNE_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{out_dir} holds no {FINETUNE_META}; is it a `featx finetune --out` folder?")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path} is not JSON ({exc}); run the fine-tune again to rewrite it") from None
+
+
 def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a fine-tuned network and its metadata from a ``featx finetune`` folder.
 
@@ -106,10 +125,7 @@ def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
 
     out = Path(out_dir)
-    meta_path = out / FINETUNE_META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{out} holds no {FINETUNE_META}; is it a `featx finetune --out` folder?")
-    meta = json.loads(meta_path.read_text())
+    meta = read_finetune_meta(out)
     net = load_backbone(meta["backbone"])
     head = net.model.get_submodule(meta["head"]["name"])
     _set_module(

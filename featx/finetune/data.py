@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from featx._runtime import dist as _ddp
-from featx.data.imageio import load_for_model, load_rgb
+from featx.data.imageio import check_resized_size, load_for_model, load_rgb
 from featx.data.manifest import Manifest
 from featx.spec import Preprocessing
 
@@ -108,14 +108,17 @@ class _EvalImages(Dataset):
         return load_for_model(self.paths[i], self.pre, self.max_pixels), int(self.labels[i])
 
 
-def _readable(manifest: Manifest, rows: np.ndarray, max_pixels: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Rows whose images decode, and (id, reason) of those that do not (checked once, up front)."""
+def _readable(
+    manifest: Manifest, rows: np.ndarray, max_pixels: int, pre: Preprocessing
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Rows whose images decode, and (id, reason) of those that do not (checked once, up front), evaluation's
+    resized size included (:func:`~featx.data.imageio.check_resized_size`)."""
     from featx.exceptions import ImageDecodeError
 
     ok, bad = [], []
     for r in rows:
         try:
-            load_rgb(manifest.paths[r], max_pixels)
+            check_resized_size(*load_rgb(manifest.paths[r], max_pixels).size, pre, max_pixels)
             ok.append(r)
         except ImageDecodeError as exc:
             bad.append((manifest.ids[r], str(exc)))
@@ -123,10 +126,10 @@ def _readable(manifest: Manifest, rows: np.ndarray, max_pixels: int) -> tuple[np
 
 
 def _readable_sharded(
-    manifest: Manifest, rows: np.ndarray, max_pixels: int, world: _ddp.World
+    manifest: Manifest, rows: np.ndarray, max_pixels: int, pre: Preprocessing, world: _ddp.World
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """:func:`_readable`, each rank decoding its share of the images once."""
-    parts = _ddp.gather_objects(world, _readable(manifest, rows[world.rank :: world.size], max_pixels))
+    parts = _ddp.gather_objects(world, _readable(manifest, rows[world.rank :: world.size], max_pixels, pre))
     if len(parts) == 1:
         return parts[0]
     reasons = dict(b for _, part in parts for b in part)

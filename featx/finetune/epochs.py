@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from featx._runtime import dist as _ddp
 from featx._runtime.device import autocast, channels_last_pays
+from featx._runtime.progress import Progress
 from featx.finetune.artifacts import CHECKPOINT, WEIGHTS, _save_weights
 from featx.finetune.config import FinetuneConfig, Phase
 from featx.finetune.data import _EvalImages, _GlobalBatches
@@ -343,13 +344,23 @@ def train_epoch(
     totals = [0.0, 0.0, 0.0]  # loss, correct, images (weight-0 padding images excluded)
     lr_sums: dict[str, float] = {}
     steps = 0
-    for images, y, weight in loader:
-        sums = _train_step(run, step_model, optimizer, images, y, weight)
-        for group in {g["featx_group"]: g for g in optimizer.param_groups}.values():
-            lr_sums[group["featx_group"]] = lr_sums.get(group["featx_group"], 0.0) + group["lr"]
-        steps += 1
-        scheduler.step()
-        totals = [a + b for a, b in zip(totals, sums, strict=True)]
+    # Per batch: a CPU epoch can take minutes. Off a terminal, a line every 30 s (the run's bar logs per tenth).
+    with Progress(
+        len(loader),
+        desc=f"epoch {global_epoch + 1}",
+        unit="batch",
+        disable=not run.progress,
+        every_fraction=None,
+        leave=False,
+    ) as bar:
+        for images, y, weight in loader:
+            sums = _train_step(run, step_model, optimizer, images, y, weight)
+            for group in {g["featx_group"]: g for g in optimizer.param_groups}.values():
+                lr_sums[group["featx_group"]] = lr_sums.get(group["featx_group"], 0.0) + group["lr"]
+            steps += 1
+            scheduler.step()
+            totals = [a + b for a, b in zip(totals, sums, strict=True)]
+            bar.update(1)
     seconds = time.perf_counter() - t0
     loss_sum, correct, seen = _ddp.sum_floats(world, totals, run.dev)
     return _EpochStats(

@@ -30,6 +30,7 @@ from featx.exceptions import UnknownNameError
 from featx.finetune.config import FinetuneConfig
 from featx.finetune.data import _EvalImages, _readable_sharded, _TrainImages
 from featx.finetune.heads import _build_head, _Classifier, _set_module, block_names, head_from_logreg
+from featx.spec import Preprocessing
 
 __all__ = ["build_model", "load_manifest", "prepare_rows"]
 
@@ -111,9 +112,10 @@ def build_model(
     return _Built(net, blocks, head_name, init_ref)
 
 
-def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pixels: int) -> _Rows:
+def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pixels: int, pre: Preprocessing) -> _Rows:
     """Train, val and test rows of a planned manifest (:func:`load_manifest`), each image decoded once (shared
-    out over the ranks); unreadable ones are skipped with a warning."""
+    out over the ranks); unreadable ones, and those the preprocessing ``pre`` would resize past ``max_pixels``,
+    are skipped with a warning."""
     fp = manifest.fingerprint()
     if len(set(_ddp.gather_objects(world, fp))) > 1:
         raise RuntimeError(
@@ -129,9 +131,9 @@ def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pix
         )
     val_policy = manifest.split_policy
     test_rows = np.flatnonzero(splits == "test")
-    train_rows, bad_train = _readable_sharded(manifest, train_rows, max_pixels, world)
-    val_rows, bad_val = _readable_sharded(manifest, val_rows, max_pixels, world)
-    test_rows, bad_test = _readable_sharded(manifest, test_rows, max_pixels, world)
+    train_rows, bad_train = _readable_sharded(manifest, train_rows, max_pixels, pre, world)
+    val_rows, bad_val = _readable_sharded(manifest, val_rows, max_pixels, pre, world)
+    test_rows, bad_test = _readable_sharded(manifest, test_rows, max_pixels, pre, world)
     skipped = bad_train + bad_val + bad_test
     if world.is_main:
         for image_id, reason in skipped:
@@ -162,6 +164,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
     info: Callable[..., None]
+    progress: bool = False  # show progress (rank 0 only)
 
     @classmethod
     def start(
@@ -176,6 +179,7 @@ class _Run:
         *,
         workers: int | None,
         max_pixels: int,
+        progress: bool = False,
     ) -> _Run:
         """Put the model on its device (SyncBatchNorm when BatchNorm statistics train over several GPUs)
         and set up the training and validation images."""
@@ -215,4 +219,5 @@ class _Run:
             scaler=torch.amp.GradScaler(dev.type, enabled=amp == "fp16"),
             steps_per_epoch=max(1, math.ceil(len(rows.train) / config.batch_size)),
             info=log.info if world.is_main else log.debug,  # one story in the log, not one per rank
+            progress=progress and world.is_main,
         )

@@ -158,6 +158,14 @@ class RunState:
         """Drop the loaded state dicts (they live on in the model and optimiser now)."""
         self.model = self.optimizer = self.scheduler = self.scaler = None
 
+    def without_weights(self) -> RunState:
+        """A copy without state dicts: the record of a finished run (its weights are ``model.safetensors``).
+
+        Resuming from it trains nothing (every phase is done) and still refuses a run with other settings.
+        """
+        sweep = None if self.lr_sweep is None else dataclasses.replace(self.lr_sweep, start=None, best=None)
+        return dataclasses.replace(self, model=None, optimizer=None, scheduler=None, scaler=None, lr_sweep=sweep)
+
     def to_checkpoint(self) -> dict[str, Any]:
         """The dict ``checkpoint.pt`` holds (keys :data:`CHECKPOINT_KEYS`, and ``lr_sweep`` once there is one)."""
         sweep = {} if self.lr_sweep is None else {"lr_sweep": self.lr_sweep.to_dict()}

@@ -32,6 +32,7 @@ from featx._runtime import dist as _ddp
 from featx._runtime.device import resolve_amp
 from featx._runtime.env import library_versions
 from featx._runtime.malloc import reuse_freed_memory
+from featx._runtime.progress import Progress
 from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
 from featx.data.splits import SELECTION_RULE, SplitPlan
@@ -42,10 +43,10 @@ from featx.finetune.data import _EvalImages
 from featx.finetune.epochs import evaluate_start, predict, train_phase
 from featx.finetune.heads import _family, _model_label
 from featx.finetune.prepare import _Run, build_model, load_manifest, prepare_rows
-from featx.finetune.state import RunState, read_checkpoint
+from featx.finetune.state import RunState, read_checkpoint, save_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
-from featx.results import SCHEMA, FinetuneResults, TestMetrics, write_results
+from featx.results import SCHEMA, FinetuneResults, TestMetrics, ValScore, write_results
 from featx.spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["finetune"]
@@ -76,7 +77,8 @@ def finetune(
     probe on val). A phase whose rate is ``auto`` (or every phase, under ``config.lr="auto"``) has its base
     rate chosen on val first (:mod:`featx.finetune.sweep`).
 
-    Writes into ``out_dir``: ``checkpoint.pt`` (every epoch; resumes a killed run), ``model.safetensors``
+    Writes into ``out_dir``: ``checkpoint.pt`` (every epoch; resumes a killed run; at the end only the run's
+    record, without weights, which a new call with the same settings finds finished), ``model.safetensors``
     (the best weights, loadable as ``file:ARCH=PATH`` for extraction when the head is linear),
     ``finetune.json`` (how to rebuild it: :func:`~featx.finetune.load_finetuned`) and ``results.json``
     (curves and test metrics, the schema of ``featx train``: :class:`featx.results.FinetuneResults`).
@@ -119,7 +121,8 @@ def finetune(
     overwrite : bool, default=False
         Start afresh when ``out_dir`` holds a checkpoint of a run with other settings.
     progress : bool, default=True
-        Show a progress bar (rank 0 only).
+        Show progress (rank 0 only): bars of the epochs and of each epoch's batches on a terminal, a log line
+        every tenth of the run (and every 30 s within an epoch) elsewhere.
     plan : SplitPlan, optional
         How train / val / test are carved (the default plan when ``None``): the same plan as the classifiers'
         (``featx train``) gives the same images.
@@ -198,25 +201,23 @@ def _finetune(
     max_pixels: int,
 ) -> FinetuneResults:
     """Check, prepare, restore, train every phase, test the best epoch, write the artifacts."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     amp = resolve_amp(amp, dev)
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)
     built = build_model(name, manifest, config, init_head=init_head, trust=trust)
-    rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels)
+    rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels, built.net.preprocessing)
     run_hash = _config_hash(config, built.net, rows.fingerprint, built.init_ref)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
-    run = _Run.start(world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels)
+    run = _Run.start(
+        world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels, progress=progress
+    )
     if state.model is not None:
         run.model.net.load_state_dict(state.model)
         run.info("resuming %s at phase %d, epoch %d", out, state.phase + 1, state.epoch_in_phase + 1)
     done = sum(p.epochs for p in config.phases[: state.phase]) + state.epoch_in_phase
     total = sum(p.epochs for p in config.phases)
-    with tqdm(
-        total=total, initial=done, unit="epoch", desc="finetune", disable=not (progress and world.is_main)
-    ) as bar:
+    with Progress(total, initial=done, unit="epoch", desc="finetune", disable=not run.progress) as bar:
         if not state.curves:  # a fresh run (a resumed one has recorded its epoch 0, or predates it)
             evaluate_start(run, state)
         for phase_index in range(state.phase, len(config.phases)):
@@ -268,7 +269,7 @@ def test_best(run: _Run) -> TestMetrics | None:
     scores, y_test, _ = predict(run, images)
     predict_seconds = time.perf_counter() - t0
     y_pred = scores.argmax(1)
-    metrics = evaluate(y_test, y_pred, manifest.class_names, scores=scores, seed=run.config.seed)
+    metrics = evaluate(y_test, y_pred, manifest.class_names, scores=scores)
     metrics["predict_seconds"] = round(predict_seconds, 4)
     metrics["split"] = "test"
     metrics["predictions"] = predictions([manifest.ids[r] for r in rows], y_test, y_pred, scores)
@@ -276,12 +277,16 @@ def test_best(run: _Run) -> TestMetrics | None:
 
 
 def write_artifacts(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
-    """Write ``finetune.json`` and ``results.json`` (rank 0), wait for them on every rank, return the results."""
+    """Write ``finetune.json`` and ``results.json`` (rank 0), then shrink ``checkpoint.pt`` to the run's record;
+    wait for them on every rank, return the results."""
     meta = _finetune_meta(run, state)
     results = _results(run, state, test, seconds=seconds)
     if run.world.is_main:
         _save_json(run.out / FINETUNE_META, meta)
         write_results(run.out / "results.json", results)
+        # Last, once the weights and results are on disk: the optimiser and last-epoch weights (27 MB for
+        # EfficientNet-Lite0) resume nothing now, while the record still guards the folder against another run.
+        save_checkpoint(run.out / CHECKPOINT, state.without_weights())
     _ddp.barrier(run.world)  # no rank returns (or exits) before the files are there
     return results
 
@@ -313,6 +318,14 @@ def _phases_run(config: FinetuneConfig, base: float | None) -> list[dict[str, An
         {"freeze": p.freeze, "epochs": p.epochs, "lr": p.rate(base)} | ({"lr_auto": p.lr} if p.auto else {})
         for p in config.phases
     ]
+
+
+def _val_score(state: RunState, n: int) -> dict[str, ValScore]:
+    """``{"val": …}``: the chosen epoch's val accuracy, the score a comparison chooses its rows by."""
+    record = next((c for c in state.curves if c["epoch"] == state.best_epoch), None)
+    if record is None or record.get("val_accuracy") is None or not n:
+        return {}
+    return {"val": ValScore(accuracy=float(record["val_accuracy"]), n=n)}
 
 
 def _fit_seconds(state: RunState) -> float:
@@ -356,6 +369,7 @@ def _results(run: _Run, state: RunState, test: TestMetrics | None, *, seconds: f
         },
         "curves": state.curves,
         "best_epoch": state.best_epoch,
+        **_val_score(state, len(rows.val)),
         "skipped_images": [{"id": i, "reason": r} for i, r in rows.skipped],
         "train": {
             "n": len(rows.train),

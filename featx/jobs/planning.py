@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featx.data.splits import SplitPlan
 from featx.jobs.schema import BackboneSpec, ClassifierSpec, DatasetSpec, FinetuneSpec, Job, job_error
 from featx.jobs.values import CELL_SEPARATOR
 from featx.spec import canonical_json
@@ -29,12 +30,18 @@ class Task:
     finetune: FinetuneSpec | None = None
     layer: str | None = None
     seed: int = 0  # the training seed (the job's, or one of the row's ``seeds``)
+    split_seed: int | None = None  # the repeat's split seed (None: the dataset's ``split_seed``)
     depends: list[str] = field(default_factory=list)
     status: str = "pending"  # pending | cached | done | failed | skipped
     message: str = ""
     seconds: float = 0.0
     store: Path | None = None
     labels: str | None = None  # an extraction's labels fingerprint, when its store was found (dry runs included)
+
+    @property
+    def plan(self) -> SplitPlan:
+        """The split plan of this task's repeat."""
+        return self.dataset.plan_of(self.dataset.split_seed if self.split_seed is None else self.split_seed)
 
 
 def _slug(text: str) -> str:
@@ -66,39 +73,61 @@ def _tasks(job: Job) -> list[Task]:
                 for layer in clf.layers or bb.layers:
                     if layer not in bb.layers:
                         continue
-                    for seed, suffix in _seeds(job, clf.seeds):
-                        tasks.append(
-                            Task(
-                                f"classify/{ds.name}/{bb.name}/{_slug(layer)}/{clf.name}{suffix}",
-                                "classify",
-                                ds,
-                                backbone=bb,
-                                classifier=clf,
-                                layer=layer,
-                                seed=seed,
-                                depends=[ext.id],
+                    for split_seed, split_suffix in _splits(ds):
+                        for seed, suffix in _seeds(job, clf.seeds):
+                            tasks.append(
+                                Task(
+                                    f"classify/{ds.name}/{bb.name}/{_slug(layer)}/{clf.name}{split_suffix}{suffix}",
+                                    "classify",
+                                    ds,
+                                    backbone=bb,
+                                    classifier=clf,
+                                    layer=layer,
+                                    seed=seed,
+                                    split_seed=split_seed,
+                                    depends=[ext.id],
+                                )
                             )
-                        )
         for ft in job.finetune:
-            depends = []
-            if ft.init_head:
-                bb = _backbone_of(job, ft)
-                # The probe's first seed: a logistic regression's seed does not change its fit.
-                depends = [
-                    t.id
-                    for t in tasks
-                    if t.kind == "classify"
-                    and t.dataset == ds
-                    and t.classifier
-                    and t.classifier.name == ft.init_head
-                    and t.layer == "penultimate"
-                    and bb is not None
-                    and t.backbone == bb
-                ][:1]
-            for seed, suffix in _seeds(job, ft.seeds):
-                task = Task(f"finetune/{ds.name}/{ft.name}{suffix}", "finetune", ds, finetune=ft, seed=seed)
-                tasks.append(dataclasses.replace(task, depends=list(depends)))
+            for split_seed, split_suffix in _splits(ds):
+                depends = _probe(job, tasks, ds, ft, split_seed)
+                for seed, suffix in _seeds(job, ft.seeds):
+                    task = Task(
+                        f"finetune/{ds.name}/{ft.name}{split_suffix}{suffix}",
+                        "finetune",
+                        ds,
+                        finetune=ft,
+                        seed=seed,
+                        split_seed=split_seed,
+                    )
+                    tasks.append(dataclasses.replace(task, depends=list(depends)))
     return tasks
+
+
+def _probe(job: Job, tasks: list[Task], ds: DatasetSpec, ft: FinetuneSpec, split_seed: int) -> list[str]:
+    """An LP-FT fine-tune's probe: the logreg cell of the same dataset, backbone and split (its first seed: a
+    logistic regression's seed does not change its fit)."""
+    if not ft.init_head:
+        return []
+    bb = _backbone_of(job, ft)
+    return [
+        t.id
+        for t in tasks
+        if t.kind == "classify"
+        and t.dataset == ds
+        and t.split_seed == split_seed
+        and t.classifier
+        and t.classifier.name == ft.init_head
+        and t.layer == "penultimate"
+        and bb is not None
+        and t.backbone == bb
+    ][:1]
+
+
+def _splits(ds: DatasetSpec) -> list[tuple[int, str]]:
+    """A dataset's split seeds (``repeats``) and the suffix of each cell's id: none for the first, so the cells
+    (and the caches) of a dataset without ``repeats`` keep their names."""
+    return [(s, f"/split{s}" if i else "") for i, s in enumerate(ds.split_seeds)]
 
 
 def _seeds(job: Job, seeds: tuple[int, ...] | None) -> list[tuple[int, str]]:

@@ -19,21 +19,22 @@ import numpy as np
 
 from featx._runtime.io import atomic_write
 from featx.finetune.config import edge_words
+from featx.jobs.decision import DEFAULT_MARGIN
 from featx.jobs.plots import plot_datasets
-from featx.jobs.verdict import DatasetVerdict, verdict
+from featx.jobs.verdict import DatasetVerdict, across_datasets, verdict
 from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
 
-__all__ = ["COLUMNS", "Row", "collect", "format_table", "write_report"]
+__all__ = ["COLUMNS", "Row", "collect", "format_table", "recorded_margin", "val_accuracy", "write_report"]
 
 log = logging.getLogger(__name__)
 
 
 COLUMNS = (
     "method",
-    "test accuracy [95% CI]",
-    "mean ± std over seeds",
-    "balanced acc.",
-    "macro F1",
+    "test accuracy, % [95% CI]",
+    "mean ± std over seeds, %",
+    "balanced acc., %",
+    "macro F1, %",
     "chosen",
     "train s",
     "extract s",
@@ -57,14 +58,17 @@ def _row(results: Results, path: Path, root: Path) -> Row:
     if results["kind"] == "finetune":
         chosen, train_s, extract_s, ips, how = _finetune_numbers(results, root)
         dataset = cell.get("dataset") or results.get("source")
-        compute_s, device = results.get("seconds"), results["finetune"].get("device")
+        # Compute is fitting (every epoch, its val passes, the rate candidates that lost), not set-up or the test.
+        compute_s, device = train_s, results["finetune"].get("device")
+        fingerprint = results.get("manifest_fingerprint")
         init = results["finetune"].get("init_head")
         init_results = _relative(Path(init).parent / "results.json", root) if init else None
     else:
         chosen, train_s, extract_s, ips, how = _classifier_numbers(results)
         init_results = None
-        dataset = cell.get("dataset") or (results.get("store") or {}).get("path")
+        dataset = cell.get("dataset") or Path((results.get("store") or {}).get("path") or "store").stem
         compute_s = (train_s or 0.0) + (extract_s or 0.0)
+        fingerprint = (results.get("store") or {}).get("manifest_fingerprint")
         device = ((results.get("store") or {}).get("stats") or {}).get("device")
     versions = results.get("versions") or {}
     settings = results.get("finetune") if results["kind"] == "finetune" else results.get("classifier")
@@ -79,6 +83,7 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         kind=results.get("kind"),
         baseline=_is_baseline(results),
         accuracy=test.get("accuracy"),
+        val_accuracy=val_accuracy(results),
         ci=test.get("accuracy_ci95"),
         balanced=test.get("balanced_accuracy"),
         macro_f1=test.get("macro_f1"),
@@ -88,7 +93,9 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         compute_s=compute_s,
         device=device,
         images_per_s=ips,
-        how=how + "; " + ", ".join(f"{k} {versions[k]}" for k in shown if k in versions),
+        how=how,
+        versions=", ".join(f"{k} {versions[k]}" for k in shown if k in versions),
+        store_path=(results.get("store") or {}).get("path"),
         split=results.get("split") or {},
         confusion=test.get("confusion_matrix"),
         class_names=list((test.get("per_class") or {}).keys()),
@@ -99,10 +106,28 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         path=_relative(path, root),
         seed=seed,
         init_results=init_results,
-        # The same row under another training seed shares this (a `seeds = [...]` row has one cell per seed).
-        row_key=re.sub(r"/seed\d+$", "", cell["id"]) if cell.get("id") else _relative(path, root),
+        # The same row under another training seed or split shares this (one cell per seed and repeat).
+        row_key=re.sub(r"(/split\d+)?(/seed\d+)?$", "", cell["id"]) if cell.get("id") else _relative(path, root),
         seed_accuracies=None,
+        fingerprint=fingerprint,
     )
+
+
+def val_accuracy(results: Results) -> float | None:
+    """The val score a row was chosen by: its final model's val accuracy (``results["val"]``); for results written
+    before featx recorded it, the search's score at the chosen value (a val split, accuracy) or the chosen epoch's."""
+    val = results.get("val") or {}
+    if val.get("accuracy") is not None:
+        return float(val["accuracy"])
+    if results["kind"] == "finetune":
+        best = results.get("best_epoch")
+        record = next((c for c in results.get("curves") or [] if c.get("epoch") == best), None)
+        return record.get("val_accuracy") if record else None
+    search = results.get("search") or {}
+    if search.get("scheme") != "validation split" or results["classifier"].get("scoring", "accuracy") != "accuracy":
+        return None
+    points = search.get("curve", []) + search.get("refined", [])
+    return next((p["mean"] for p in points if p["value"] == search.get("best")), None)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -119,14 +144,6 @@ def _is_baseline(results: Results) -> bool:
         return False
     backbone = str(((results.get("store") or {}).get("spec") or {}).get("backbone", ""))
     return results["classifier"].get("preset") == "chance" or backbone.startswith("featx:pixels")
-
-
-def _split_words(split: dict[str, Any]) -> str:
-    """``train 196, val 49, test 153 (…policy…)`` for a row's provenance."""
-    if not split:
-        return "not recorded (an older featx)"
-    sizes = ", ".join(f"{k} {v}" for k, v in (split.get("sizes") or {}).items())
-    return f"{sizes} ({split.get('policy')})"
 
 
 def _layer_decay_words(ft: dict) -> str:
@@ -174,7 +191,7 @@ def _finetune_numbers(results: FinetuneResults, root: Path) -> tuple[str, float,
         f"{', initialised from ' + init if init else ''}; crop scale "
         f"{list(ft.get('crop_scale') or [])}, flip {'no' if ft.get('flip') is False else 'yes'}, patience "
         f"{ft.get('patience') or 'none'}; epoch chosen by {ft.get('metric', 'val_accuracy')} on val: best epoch "
-        f"{results.get('best_epoch')}{_best_epoch_words(results)}; splits {_split_words(results.get('split') or {})}; "
+        f"{results.get('best_epoch')}{_best_epoch_words(results)}; "
         f"{_sweep_words(results)}training seed {ft['seed']}; {ft.get('device')}, amp {ft.get('amp')}"
     )
     # fit_seconds counts the learning-rate candidates that lost too; older results have the curves alone.
@@ -186,7 +203,7 @@ def _classifier_numbers(results: ClassifierResults) -> tuple[str, float, float |
     """A classifier's chosen value, search + fit seconds, the extraction's seconds and images/s, and how."""
     clf = results["classifier"]
     search = results.get("search") or {}
-    chosen = f"{clf['param']}={clf['chosen']:g}" if clf.get("param") and clf.get("chosen") is not None else "—"
+    chosen = f"{clf['param']}={clf['chosen']:.3g}" if clf.get("param") and clf.get("chosen") is not None else "—"
     train_s = (search.get("seconds") or 0.0) + results["train"]["fit_seconds"]
     stats = (results.get("store") or {}).get("stats") or {}
     spec = results["store"]["spec"]
@@ -196,7 +213,7 @@ def _classifier_numbers(results: ClassifierResults) -> tuple[str, float, float |
         f"pool {spec['pool']}, {spec['dtype']}, tta {spec['tta']}"
         f"{', decode ' + spec['decode'] if spec.get('decode') not in (None, 'exact') else ''}; "
         f"preprocessing {steps}; {_search_words(clf, search, results)}; class weight "
-        f"{clf['class_weight'] or 'none'}; splits {_split_words(results.get('split') or {})}; seed {clf['seed']}"
+        f"{clf['class_weight'] or 'none'}; seed {clf['seed']}"
     )
     return chosen, train_s, stats.get("seconds"), stats.get("images_per_second"), how
 
@@ -221,10 +238,11 @@ def _search_words(clf: dict[str, Any], search: dict[str, Any], results: Classifi
     )
 
 
-def collect(out_dir: str | Path) -> list[Row]:
+def collect(out_dir: str | Path, root: str | Path | None = None) -> list[Row]:
     """Every results JSON under ``out_dir`` (a run folder, or any folder of ``results.json`` files).
 
-    Files that are not featx results (another tool's ``results.json``) are passed over; featx results that
+    Paths in the rows are relative to ``root`` (default ``out_dir``: where the report goes). Files that are not
+    featx results (another tool's ``results.json``) are passed over; featx results that
     cannot be read (cut short, a newer schema) are passed over with a warning that says why.
     """
     out = Path(out_dir)
@@ -239,7 +257,7 @@ def collect(out_dir: str | Path) -> list[Row]:
         except ResultsError as exc:
             log.warning("skipping %s", exc)
             continue
-        rows.append(_row(results, path, out))
+        rows.append(_row(results, path, Path(root) if root is not None else out))
     if not rows:
         raise FileNotFoundError(
             f"no featx results.json under {out}; run `featx run`, `featx train` or `featx finetune` first"
@@ -247,21 +265,26 @@ def collect(out_dir: str | Path) -> list[Row]:
     return rows
 
 
+def _pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal (every table and sentence speaks in % and pt)."""
+    return "—" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
+
+
 def _cells(row: Row) -> list[str]:
-    acc = _fmt(row["accuracy"])
+    acc = _pct(row["accuracy"])
     if row["ci"] and row["accuracy"] is not None:
-        acc = f"{row['accuracy']:.4f} [{row['ci'][0]:.4f}, {row['ci'][1]:.4f}]"
+        acc = f"{acc} [{_pct(row['ci'][0])}, {_pct(row['ci'][1])}]"
     seeds = row.get("seed_accuracies")
     spread = "—"
     if seeds and all(v is not None for v in seeds.values()):
         values = list(seeds.values())
-        spread = f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} ({len(values)} seeds)"
+        spread = f"{_pct(float(np.mean(values)))} ± {_pct(float(np.std(values, ddof=1)))} ({len(values)} seeds)"
     return [
         row["method"],
         acc,
         spread,
-        _fmt(row["balanced"]),
-        _fmt(row["macro_f1"]),
+        _pct(row["balanced"]),
+        _pct(row["macro_f1"]),
         row["chosen"],
         _fmt(row["train_s"], 1),
         _fmt(row["extract_s"], 1),
@@ -270,45 +293,71 @@ def _cells(row: Row) -> list[str]:
 
 
 def _by_dataset(rows: list[Row]) -> dict[str, list[Row]]:
-    """Rows per dataset, best first; a row run under several training seeds is one row (:func:`_merge_seeds`)."""
+    """Runs per dataset, by what they were tested on, never by how a path was spelled: runs sharing the images'
+    fingerprint (any split seed: ``repeats``) or a test split are one dataset. Named by the pipeline's dataset
+    name where a run has one, else by the store or source."""
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        test_hash = ((row["split"] or {}).get("hashes") or {}).get("test")
+        for key in (f"images:{row.get('fingerprint')}" if row.get("fingerprint") else None, f"test:{test_hash}"):
+            if key and not key.endswith(":None"):
+                parent[find(i)] = find(first_of.setdefault(key, i))
+    families: dict[int, list[Row]] = {}
+    for i, row in enumerate(rows):
+        families.setdefault(find(i), []).append(row)
     groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(str(row["dataset"]), []).append(row)
-    for name, group in groups.items():
-        group = _merge_seeds(group)
-        _unique_methods(group)
-        group.sort(key=lambda r: -(r["accuracy"] or 0))
-        groups[name] = group
+    for members in families.values():
+        named = sorted({str(r["dataset"]) for r in members if r["dataset"] is not None})
+        name = named[0] if named else "dataset"
+        while name in groups:
+            name += "′"
+        groups[name] = members
     return groups
 
 
 def _merge_seeds(group: list[Row]) -> list[Row]:
-    """One row per cell across its training seeds: the lowest seed's run stands for it (its predictions go into
-    the verdict), and ``seed_accuracies`` holds every seed's test accuracy for the mean ± std column."""
+    """One row per cell across its training seeds and splits, for the tables: the first split's lowest seed stands
+    for it, and ``seed_accuracies`` holds that split's seeds' test accuracies for the mean ± std column. The
+    verdict reads every run."""
     by_key: dict[str, list[Row]] = {}
     for row in group:
         by_key.setdefault(row["row_key"], []).append(row)
     merged = []
     for runs in by_key.values():
-        runs.sort(key=lambda r: (r["seed"] is None, r["seed"]))
+        runs.sort(key=lambda r: (_split_seed_of(r), r["seed"] is None, r["seed"] or 0))
         first = Row(runs[0])
-        if len(runs) > 1:
-            first["seed_accuracies"] = {r["seed"]: r["accuracy"] for r in runs}
-            first["how"] += (
-                f"; seeds {', '.join(str(r['seed']) for r in runs)} (the table's row is seed {runs[0]['seed']})"
-            )
+        same_split = [r for r in runs if _split_seed_of(r) == _split_seed_of(runs[0])]
+        if len(same_split) > 1:
+            first["seed_accuracies"] = {r["seed"]: r["accuracy"] for r in same_split}
+            first["how"] += f"; seeds {', '.join(str(r['seed']) for r in same_split)} (the table shows seed "
+            first["how"] += f"{runs[0]['seed']}; the decision averages them)"
+        splits = sorted({_split_seed_of(r) for r in runs})
+        if len(splits) > 1:
+            first["how"] += f"; split seeds {', '.join(map(str, splits))} (the table shows split {splits[0]})"
         merged.append(first)
     return merged
 
 
-def _unique_methods(group: list[Row]) -> None:
-    """Rows that read alike (two tables of one preset, say) get their result's path, so each is named once."""
-    counts: dict[str, int] = {}
-    for row in group:
-        counts[row["method"]] = counts.get(row["method"], 0) + 1
-    for row in group:
-        if counts[row["method"]] > 1:
-            row["method"] = f"{row['method']} [{row['row_key']}]"
+def _split_seed_of(row: Row) -> int:
+    return int(((row["split"] or {}).get("plan") or {}).get("split_seed") or 0)
+
+
+def _unique_methods(runs: list[Row]) -> None:
+    """Rows that read alike (two tables of one preset, say) get their row key, so each is named once."""
+    keys: dict[str, set[str]] = {}
+    for run in runs:
+        keys.setdefault(run["method"], set()).add(run["row_key"])
+    for run in runs:
+        if len(keys[run["method"]]) > 1:
+            run["method"] = f"{run['method']} [{run['row_key']}]"
 
 
 def _text_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> list[str]:
@@ -324,16 +373,20 @@ def _text_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> l
     return lines
 
 
-def format_table(rows: list[Row]) -> str:
-    """A plain-text table per dataset, best method first, then its paired verdict."""
-    parts = []
-    for dataset, group, found in _sections(rows):
-        lines = [f"dataset: {dataset}", *_split_lines(group), *_text_table(COLUMNS, [_cells(r) for r in group])]
+def format_table(rows: list[Row], margin: float = DEFAULT_MARGIN) -> str:
+    """Plain text: the decisions first, then per dataset its sentences, the verdict table and the results table."""
+    sections = _sections(rows, margin)
+    heads = _headlines(sections)
+    parts = ["\n".join(["decision:", *(f"  {h}" for h in heads)])] if heads else []
+    for dataset, group, found in sections:
+        lines = [f"dataset: {dataset}", *_split_lines(group)]
         if found is not None:
-            lines += ["", f"verdict (each row against the best, paired on the same {found.n_test} test images):"]
+            lines += [f"=> {sentence}" for sentence in _details(found)]
+            lines += ["", f"{_against_words(found)}:"]
             lines += _text_table(VERDICT_COLUMNS, _verdict_cells(found)) if found.rows else []
             lines += [f"- {why}: {method}" for method, why in found.refused]
-            lines += [f"=> {sentence}" for sentence in found.sentences]
+            lines.append("")
+        lines += _text_table(COLUMNS, [_cells(r) for r in group])
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -355,13 +408,19 @@ def _split_lines(group: list[Row]) -> list[str]:
 #: The columns of a dataset's verdict table.
 VERDICT_COLUMNS = (
     "method",
-    "accuracy",
-    "Δ vs best, pt [paired 95% CI]",
-    "only best / only row right",
+    "val acc., %",
+    "test acc., %",
+    "Δ vs reference, pt [unadjusted 95% CI]",
+    "only ref. / only row right",
     "McNemar p (Holm)",
+    "resolvable, pt",
     "compute s (device)",
-    "× best's compute",
+    "× reference's compute",
 )
+
+
+def _p_words(p: float | None) -> str:
+    return "—" if p is None else ("< 0.001" if p < 0.001 else f"{p:.2g}")
 
 
 def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
@@ -370,16 +429,49 @@ def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
         is_reference = c.method == found.reference
         out.append(
             [
-                c.method + (" (best)" if is_reference else ""),
-                f"{c.accuracy:.4f}",
-                "—" if is_reference else f"{100 * c.difference:+.1f} [{100 * c.ci95[0]:.1f}, {100 * c.ci95[1]:.1f}]",
+                c.method + (" (reference)" if is_reference else ""),
+                _pct(c.val_accuracy),
+                _pct(c.accuracy),
+                "—" if is_reference else f"{100 * c.difference:+.1f} [{100 * c.ci95[0]:+.1f}, {100 * c.ci95[1]:+.1f}]",
                 "—" if is_reference else f"{c.only_reference_right} / {c.only_row_right}",
-                "—" if is_reference else f"{c.p_value:.3g} ({c.p_holm:.3g})",
+                "—" if is_reference else f"{_p_words(c.p_value)} ({_p_words(c.p_holm)})",
+                "—" if is_reference or c.resolvable is None else f"≥ {100 * c.resolvable:.1f}",
                 _fmt(c.compute_seconds, 1) + (f" ({c.device})" if c.device else ""),
-                _fmt(c.cost_ratio, 2),
+                "—" if is_reference else cost_ratio_words(c.cost_ratio),
             ]
         )
     return out
+
+
+def cost_ratio_words(ratio: float | None) -> str:
+    """A cost ratio to two significant figures (``12×``, ``0.25×``)."""
+    if ratio is None:
+        return "—"
+    return f"{ratio:.2g}×" if ratio < 100 else f"{ratio:,.0f}×"
+
+
+def _against_words(found: DatasetVerdict) -> str:
+    """The verdict table's heading: what it compares, on which images, and which run of a row with seeds."""
+    seeds = (
+        " (each row's lowest training seed; the decision averages them)" if any(c.seeds > 1 for c in found.rows) else ""
+    )
+    return f"each row against the reference (best on val), paired on the same {found.n_test} test images{seeds}"
+
+
+def _sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _details(found: DatasetVerdict) -> list[str]:
+    """A dataset's sentences after its headline (the decision, said once at the top of the report)."""
+    return [s for s in found.sentences if s != found.headline]
+
+
+def _headlines(sections: list[_Section]) -> list[str]:
+    """The decisions first: one per dataset, then the summary across datasets."""
+    found = [f for _, _, f in sections if f is not None]
+    lines = [f"{f.dataset}: {f.headline}" for f in found if f.headline]
+    return lines + across_datasets(found)
 
 
 # ------------------------------------------------------------------------------------------- documents
@@ -391,22 +483,47 @@ def _md_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> lis
     ]
 
 
-def _markdown(sections: list[_Section], plots: list[tuple[str, Path]], out: Path, title: str) -> str:
+_Plots = dict[str, list[tuple[str, Path]]]
+
+
+def _first_plot(plots: list[tuple[str, Path]], kind: str) -> list[tuple[str, Path]]:
+    return [p for p in plots if p[1].name.startswith(kind)]
+
+
+def _provenance(group: list[Row]) -> tuple[list[tuple[str, str, str]], str | None]:
+    """(method, path, how) per row, and the library versions when every row shares them (said once)."""
+    versions = {r.get("versions") for r in group}
+    shared = versions.pop() if len(versions) == 1 else None
+    rows = [(r["method"], r["path"], r["how"] + ("" if shared else f"; {r.get('versions')}")) for r in group]
+    return rows, shared
+
+
+def _markdown(sections: list[_Section], plots: _Plots, out: Path, title: str) -> str:
+    def figures(items: list[tuple[str, Path]]) -> list[str]:
+        return [f"![{caption}]({png.relative_to(out).as_posix()})" for caption, png in items] + ([""] if items else [])
+
     lines = [f"# {title}", ""]
+    heads = _headlines(sections)
+    if heads:
+        lines += ["**Decision**", "", *(f"- {h}" for h in heads), ""]
     for dataset, group, found in sections:
-        lines += [f"## {dataset}", "", *(f"{line}  " for line in _split_lines(group)), ""]
+        mine = plots.get(dataset, [])
+        lines += [f"## {dataset}", ""]
         if found is not None:
-            lines += [f"**Verdict** (paired on the same {found.n_test} test images):", ""]
-            lines += [f"- {sentence}" for sentence in found.sentences] + [""]
-            lines += [*_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else []
+            lines += [f"- {sentence}" for sentence in _details(found)] + [""]
+        lines += figures(_first_plot(mine, "cost-accuracy"))
+        lines += [*(f"{line}  " for line in _split_lines(group)), ""]
+        if found is not None:
+            lines += [f"{_sentence_case(_against_words(found))}:"]
+            lines += ["", *_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else [""]
             lines += [f"- not compared: **{method}**, {why}" for method, why in found.refused]
+        lines += figures(_first_plot(mine, "discordant"))
         lines += _md_table(COLUMNS, [_cells(r) for r in group])
-        lines += ["", "How each row was made:", ""]
-        lines += [f"- **{r['method']}** (`{r['path']}`): {r['how']}" for r in group]
+        provenance, versions = _provenance(group)
+        lines += ["", "How each row was made" + (f" (every row: {versions})" if versions else "") + ":", ""]
+        lines += [f"- **{method}** (`{path}`): {how}" for method, path, how in provenance]
         lines.append("")
-    if plots:
-        lines += ["## Plots", ""]
-        lines += [f"![{title_}]({p.relative_to(out).as_posix()})" for title_, p in plots]
+        lines += figures([p for p in mine if not p[1].name.startswith(("cost-accuracy", "discordant"))])
     return "\n".join(lines) + "\n"
 
 
@@ -417,39 +534,54 @@ def _html_table(header: tuple[str, ...] | list[str], body: list[list[str]], css:
     return [*parts, "</tbody></table>"]
 
 
-def _html(sections: list[_Section], plots: list[tuple[str, Path]], title: str) -> str:
+def _html(sections: list[_Section], plots: _Plots, title: str) -> str:
     esc = html.escape
+
+    def figures(items: list[tuple[str, Path]]) -> list[str]:
+        out = []
+        for caption, png in items:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            out.append(
+                f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{esc(caption)}</figcaption></figure>"
+            )
+        return out
+
     parts = [
         "<!DOCTYPE html>",
         "<html lang='en'><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+        ".decision{background:#eef6ee;padding:.5em 1em;border-left:4px solid #4a4;font-size:1.1em}"
         "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}th{background:#f0f0f0}"
         "li{margin:.3em 0}figure{margin:1.5em 0}img{max-width:100%}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
     ]
+    heads = _headlines(sections)
+    if heads:
+        parts += ["<div class='decision'><b>Decision</b><ul>", *(f"<li>{esc(h)}</li>" for h in heads), "</ul></div>"]
     for dataset, group, found in sections:
+        mine = plots.get(dataset, [])
         parts.append(f"<h2>{esc(dataset)}</h2>")
+        if found is not None:
+            parts.append("<ul class='verdict'>")
+            parts += [f"<li>{esc(sentence)}</li>" for sentence in _details(found)]
+            parts.append("</ul>")
+        parts += figures(_first_plot(mine, "cost-accuracy"))
         parts += [f"<p class='splits'>{esc(line)}</p>" for line in _split_lines(group)]
         if found is not None:
-            parts.append(f"<h3>Verdict (paired on the same {found.n_test} test images)</h3><ul class='verdict'>")
-            parts += [f"<li>{esc(sentence)}</li>" for sentence in found.sentences]
-            parts.append("</ul>")
+            parts.append(f"<h3>{esc(_sentence_case(_against_words(found)))}</h3>")
             parts += _html_table(VERDICT_COLUMNS, _verdict_cells(found), "verdict") if found.rows else []
             parts += [f"<p>not compared: <b>{esc(m)}</b>, {esc(why)}</p>" for m, why in found.refused]
+        parts += figures(_first_plot(mine, "discordant"))
         parts += _html_table(COLUMNS, [_cells(r) for r in group], "results")
-        parts.append("<h3>How each row was made</h3><ul class='provenance'>")
-        parts += [f"<li><b>{esc(r['method'])}</b> (<code>{esc(r['path'])}</code>): {esc(r['how'])}</li>" for r in group]
+        provenance, versions = _provenance(group)
+        every = f" (every row: {esc(versions)})" if versions else ""
+        parts.append(f"<h3>How each row was made</h3><p>{every}</p><ul class='provenance'>")
+        parts += [f"<li><b>{esc(m)}</b> (<code>{esc(path)}</code>): {esc(how)}</li>" for m, path, how in provenance]
         parts.append("</ul>")
-    if plots:
-        parts.append("<h2>Plots</h2>")
-        for caption, png in plots:
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(
-                f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"
-                f"<figcaption>{esc(caption)}</figcaption></figure>"
-            )
+        parts += figures([p for p in mine if not p[1].name.startswith(("cost-accuracy", "discordant"))])
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -457,12 +589,19 @@ def _html(sections: list[_Section], plots: list[tuple[str, Path]], title: str) -
 _Section = tuple[str, list[Row], DatasetVerdict | None]
 
 
-def _sections(rows: list[Row]) -> list[_Section]:
-    """Per dataset: its rows, best first, and their paired verdict (computed once for every document)."""
-    groups = _by_dataset(rows)
-    for group in groups.values():
-        _charge_probes(group)
-    return [(dataset, group, verdict(group)) for dataset, group in groups.items()]
+def _sections(rows: list[Row], margin: float = DEFAULT_MARGIN) -> list[_Section]:
+    """Per dataset: its rows (one per cell, best on val first) and the verdict over all its runs (computed once
+    for every document)."""
+    sections = []
+    for dataset, runs in _by_dataset(rows).items():
+        _charge_probes(runs)
+        _unique_methods(runs)
+        found = verdict(runs, margin=margin)
+        group = _merge_seeds(runs)
+        order = {c.method: i for i, c in enumerate(found.rows)} if found else {}
+        group.sort(key=lambda r: (order.get(r["method"], len(order)), -(r["val_accuracy"] or -1.0)))
+        sections.append((dataset, group, found))
+    return sections
 
 
 def _charge_probes(group: list[Row]) -> None:
@@ -476,8 +615,59 @@ def _charge_probes(group: list[Row]) -> None:
             row["how"] += f"; its compute includes its probe's ({probe['compute_s']:.1f} s, extraction included)"
 
 
-def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` (self-contained) and ``plots/`` into ``out_dir``.
+def _remove_stale_plots(folder: Path, made: list[Path]) -> None:
+    """Figures an earlier report wrote and this one did not (a row or dataset gone): no longer true, so removed."""
+    keep = {p.stem for p in made}
+    for path in [*folder.glob("*.png"), *folder.glob("*.svg")]:
+        if path.stem not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _write_csvs(out: Path, sections: list[_Section]) -> None:
+    """``report-verdict.csv`` and ``report-results.csv``: every table of the report, one row per method."""
+    import csv
+    import io
+
+    for name, header, body in (
+        ("report-verdict.csv", VERDICT_COLUMNS, [[d, *c] for d, _, f in sections if f for c in _verdict_cells(f)]),
+        ("report-results.csv", COLUMNS, [[d, *_cells(r)] for d, group, _ in sections for r in group]),
+    ):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["dataset", *header])
+        writer.writerows(body)
+        data = buffer.getvalue().encode("utf-8")
+        atomic_write(out / name, lambda fh, data=data: fh.write(data))
+
+
+def recorded_margin(folder: str | Path) -> float:
+    """The margin the folder's last report used (a pipeline's ``margin``), else :data:`DEFAULT_MARGIN`."""
+    path = Path(folder) / "report.json"
+    try:
+        margin = json.loads(path.read_text(encoding="utf-8")).get("margin")
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_MARGIN
+    return float(margin) if isinstance(margin, int | float) and 0 < margin < 1 else DEFAULT_MARGIN
+
+
+def write_report(
+    out_dir: str | Path,
+    title: str | None = None,
+    *,
+    margin: float = DEFAULT_MARGIN,
+    rows: list[Row] | None = None,
+) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and ``plots/`` into ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Where the report goes; its results are read from there unless ``rows`` are given.
+    title : str, optional
+    margin : float, default=DEFAULT_MARGIN
+        The margin of practical equivalence of the decisions (0.01 = 1 pt).
+    rows : list of Row, optional
+        Rows collected elsewhere (``featx compare`` over several folders).
 
     Returns
     -------
@@ -485,15 +675,20 @@ def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Pat
         Paths of ``markdown``, ``html`` and ``plots``.
     """
     out = Path(out_dir)
-    rows = collect(out)
+    rows = collect(out) if rows is None else rows
     title = title or f"featx comparison: {out.name}"
-    sections = _sections(rows)
-    plots = plot_datasets({dataset: group for dataset, group, _ in sections}, out / "plots")
+    sections = _sections(rows, margin)
+    pairs = {dataset: (found.question_rows or found.transfer_rows) if found else None for dataset, _, found in sections}
+    plots = plot_datasets({dataset: group for dataset, group, _ in sections}, out / "plots", pairs)
+    _remove_stale_plots(out / "plots", [png for made in plots.values() for _, png in made])
     md, page = _markdown(sections, plots, out, title), _html(sections, plots, title)
     atomic_write(out / "report.md", lambda fh: fh.write(md.encode("utf-8")))
     atomic_write(out / "report.html", lambda fh: fh.write(page.encode("utf-8")))
+    _write_csvs(out, sections)
     document = {
         "rows": [{k: v for k, v in r.items() if k != "predictions"} for r in rows],  # results.json keep those
+        "margin": margin,
+        "decisions": _headlines(sections),
         "verdicts": [found.to_dict() for _, _, found in sections if found is not None],
     }
     listing = json.dumps(document, indent=2, default=str)

@@ -82,41 +82,49 @@ def run(
 
 
 def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress: bool, t0: float) -> RunSummary:
-    from tqdm.auto import tqdm
+    from featx._runtime.progress import Progress
 
     tasks = plan(job)  # refuses cells that would share a folder, before anything is written
     selected = _select(tasks, only)
     by_id = {t.id: t for t in tasks}
-    try:
+    if (job.out.exists() and not job.out.is_dir()) or any(p.is_file() for p in job.out.parents):
+        # load_job refuses it; a Job made in Python may not have been
+        raise job_error(job, f"out {str(job.out)!r} is a file, or inside one: out must be a folder", "job", None, "out")
+    if not dry_run:  # a dry run writes nothing: no folder, no run.log, no run.json
         job.out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # load_job refuses it; a Job made in Python may not have been
-        raise job_error(
-            job, f"out {str(job.out)!r} is a file, or inside one: out must be a folder", "job", None, "out"
-        ) from None
-    with _run_log(job.out / "run.log"):
+    with contextlib.nullcontext() if dry_run else _run_log(job.out / "run.log"):
         log.info(
             "job %s: %d tasks (%d selected)%s", job.name, len(tasks), len(selected), " [dry run]" if dry_run else ""
         )
         _check_layers(job, [t for t in tasks if t.id in selected])
-        bar = tqdm(total=len(selected), unit="task", desc=job.name, disable=not progress or dry_run, position=0)
+        # Off a terminal each task logs its own line already: the bar then logs only its last line, the total.
+        bar = Progress(
+            len(selected),
+            unit="task",
+            desc=job.name,
+            disable=not progress or dry_run,
+            every_fraction=None,
+            every_seconds=float("inf"),
+        )
         for task in tasks:
             if task.id in selected:
                 _run_task(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
                 bar.update(1)
         bar.close()
         summary = RunSummary([t for t in tasks if t.id in selected], time.perf_counter() - t0)
-        _write_json(job.out / "run.json", _run_record(job, summary, dry_run))
+        if not dry_run:
+            _write_json(job.out / "run.json", _run_record(job, summary, dry_run))
         return summary
 
 
 def _check_layers(job: Job, tasks: list[Task]) -> None:
     """Every layer of every [[backbones]] table to extract exists in its network, before any extraction starts.
 
-    Layer names are the network's own graph nodes, so checking them needs the network: each one that some
-    table asks for a layer other than ``penultimate`` is loaded once here (and again by its extraction). A
-    network that cannot be loaded is left to its extraction, which fails as its own cells.
+    Layer names are the network's own graph nodes, so checking them needs the network, not its weights: each
+    one that some table asks for a layer other than ``penultimate`` is built once here, without weights. A
+    network that cannot be built is left to its extraction, which fails as its own cells.
     """
-    from featx.backbones.loading import load_backbone
+    from featx.backbones.loading import build_architecture
     from featx.backbones.names import PENULTIMATE, resolve_backbone
     from featx.exceptions import UnknownNameError
 
@@ -127,7 +135,7 @@ def _check_layers(job: Job, tasks: list[Task]) -> None:
             tables.setdefault(bb.backbone, []).append(index)
     for backbone, indices in tables.items():
         try:
-            net = load_backbone(resolve_backbone(backbone))
+            net = build_architecture(resolve_backbone(backbone))
         except Exception as exc:  # the extraction reports it, as the failure of its cells
             log.warning("could not load %s to check its layers (%s); its extraction will say why", backbone, exc)
             continue
@@ -178,7 +186,14 @@ def _run_task(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_
             task.status, task.message = "failed", f"{type(exc).__name__}: {exc}"
             log.error("%s failed: %s\n%s", task.id, task.message, traceback.format_exc())
         task.seconds = time.perf_counter() - start
-    log.info("%s: %s%s", task.id, task.status, f" ({task.message})" if task.message else "")
+    # A dry run's plan is the caller's to print (`featx run --dry-run` lists each task once); a run logs its story.
+    log.log(
+        logging.DEBUG if dry_run else logging.INFO,
+        "%s: %s%s",
+        task.id,
+        task.status,
+        f" ({task.message})" if task.message else "",
+    )
 
 
 def _run_record(job: Job, summary: RunSummary, dry_run: bool) -> dict[str, Any]:
@@ -298,7 +313,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
             # The key covers the images only: the labels layer and the split plan are the cell's too.
             # A dry run leaves a relabelled store as it is: the labels it would hold come with the extraction.
             "labels": extraction.labels or read_labels_fingerprint(store),
-            "split_plan": task.dataset.plan.to_dict(),
+            "split_plan": task.plan.to_dict(),
             "config": config.to_dict(),
             # The preset's default preprocessing is not in the config: a changed default must re-run the cell.
             "preprocess_in_force": config.steps(config.validate()),
@@ -310,7 +325,9 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
     init_marker = _init_dir(job, task, by_id) / CELL_MARKER if task.depends else None
     return {
         "kind": "finetune",
-        "dataset": dataclasses.asdict(task.dataset),
+        # The dataset as before repeats existed, with the repeat's split seed: the first repeat keeps its identity.
+        "dataset": {k: v for k, v in dataclasses.asdict(task.dataset).items() if k != "repeats"}
+        | {"split_seed": task.plan.split_seed},
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": _finetune_backbone(job, ft),
         "config": finetune_config(ft, task.seed).to_dict(),
@@ -341,7 +358,7 @@ def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None
     train(
         by_id[task.depends[0]].store,
         config,
-        plan=task.dataset.plan,
+        plan=task.plan,
         out_dir=out,
         shots=_shots(task),
         draws=task.classifier.draws,
@@ -362,7 +379,7 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
         workers=job.workers,
         overwrite=True,
         progress=progress,
-        plan=task.dataset.plan,
+        plan=task.plan,
     )
 
 

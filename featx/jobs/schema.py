@@ -11,6 +11,7 @@ Example::
     name = "quickstart"
     out = "runs/quickstart"
     seed = 0
+    margin = 1                  # the decision's margin of practical equivalence, in points of accuracy
 
     [vars]                      # ${data} below; override with `featx run JOB --set data=/elsewhere`
     data = "../shared/data"
@@ -18,6 +19,7 @@ Example::
     [[datasets]]
     name = "digits"
     source = "digits"
+    repeats = 1                 # split seeds: 3 or more let the decision count split-to-split variance
 
     [[backbones]]
     name = "lite0"
@@ -45,6 +47,7 @@ from typing import Any
 
 from featx.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SplitPlan
 from featx.exceptions import JobError
+from featx.jobs.decision import DEFAULT_MARGIN
 from featx.jobs.values import (
     CELL_SEPARATOR,
     BadValue,
@@ -78,7 +81,9 @@ class DatasetSpec:
     """A ``[[datasets]]`` table: an image source (see :func:`featx.data.load_source`) and its split plan.
 
     Every row of the dataset (each classifier cell, each fine-tune) uses the one plan: the same train, val and
-    test images. ``split_seed`` is the dataset's own, separate from the job's training ``seed``.
+    test images. ``split_seed`` is the dataset's own, separate from the job's training ``seed``. With
+    ``repeats = R`` every row runs under R plans, split seeds ``split_seed`` … ``split_seed + R - 1`` (the
+    features are extracted once: splits are not in a store's key), so the decision counts split variance.
     """
 
     name: str
@@ -86,11 +91,21 @@ class DatasetSpec:
     split_seed: int = DEFAULT_SPLIT_SEED
     val_fraction: float = DEFAULT_VAL_FRACTION
     test_fraction: float = DEFAULT_TEST_FRACTION
+    repeats: int = 1
 
     @property
     def plan(self) -> SplitPlan:
-        """The dataset's :class:`~featx.data.splits.SplitPlan`."""
-        return SplitPlan(split_seed=self.split_seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction)
+        """The dataset's first :class:`~featx.data.splits.SplitPlan` (split seed ``split_seed``)."""
+        return self.plan_of(self.split_seed)
+
+    @property
+    def split_seeds(self) -> tuple[int, ...]:
+        """The split seeds of the dataset's ``repeats``."""
+        return tuple(range(self.split_seed, self.split_seed + self.repeats))
+
+    def plan_of(self, split_seed: int) -> SplitPlan:
+        """The plan of one repeat."""
+        return SplitPlan(split_seed=split_seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
 
 @dataclass(frozen=True)
@@ -165,12 +180,13 @@ class Job:
     device: str = "auto"
     workers: int | None = None
     source_file: Path | None = None
+    margin: float = DEFAULT_MARGIN  # the decision's margin of practical equivalence, a fraction (0.01 = 1 pt)
 
 
 _TABLES = {"datasets": DatasetSpec, "backbones": BackboneSpec, "classifiers": ClassifierSpec, "finetune": FinetuneSpec}
 
 
-_JOB_KEYS = {"name", "out", "seed", "device", "workers"}
+_JOB_KEYS = {"name", "out", "seed", "device", "workers", "margin"}
 
 
 def _locate(text: str, table: str | None, index: int | None, key: str | None) -> int | None:
@@ -371,8 +387,8 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
     config_keys = _config_keys(table)
     fields = sorted(own | config_keys, key=lambda k: (k != "name", k))
     specs, names = [], set()
-    for i, row in enumerate(rows):
-        row = _substitute(row, variables, err.where(table, i))
+    for i, raw in enumerate(rows):
+        row = _substitute(raw, variables, err.where(table, i))
         for key in row:
             if key not in fields:
                 raise err(_unknown(f"key {key!r} in [[{table}]]", key, fields, "Keys"), table, i, key)
@@ -386,9 +402,20 @@ def _build_table(data: dict[str, Any], table: str, cls: type, variables: dict[st
             check_row(table, spec)
         except (TypeError, ValueError, FileNotFoundError) as exc:
             key = exc.key if isinstance(exc, BadValue) else _key_in_message(row, str(exc))
-            raise err(str(exc), table, i, key) from None
+            raise err(str(exc) + _variables_hint(raw.get(key), variables), table, i, key) from None
         specs.append(spec)
     return tuple(specs)
+
+
+def _variables_hint(raw: Any, variables: dict[str, str]) -> str:
+    """For a bad value written with ``${NAME}``: what each variable was, and how to set it (``--set``)."""
+    used = list(dict.fromkeys(_VAR.findall(raw))) if isinstance(raw, str) else []
+    if not used:
+        return ""
+    values = ", ".join(f"${{{n}}} = {variables[n]!r}" for n in used if n in variables)
+    relative = any(n in variables and not Path(variables[n]).expanduser().is_absolute() for n in used)
+    where = f", read from the working folder {Path.cwd()}" if relative else ""
+    return f"; {values}{where}: pass --set {used[0]}=/path/to/it to point it elsewhere"
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -461,7 +488,17 @@ def _job(
         _check_device(device)
     except ValueError as exc:
         raise err(str(exc), "job", None, "device") from None
+    margin = job_table.get("margin", 100 * DEFAULT_MARGIN)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 < margin < 100:
+        raise err(
+            f"margin is the decision's margin of practical equivalence in points of accuracy, a number between 0 "
+            f"and 100 (1 = 1 pt); got {margin!r}",
+            "job",
+            None,
+            "margin",
+        )
     return Job(
+        margin=margin / 100,
         name=name,
         out=_out_folder(job_table.get("out", f"runs/{name}"), variables, err),
         seed=seed,

@@ -149,6 +149,11 @@ def _check_dataset(spec: DatasetSpec) -> None:
             SplitPlan(**{key: getattr(spec, key)})  # the plan's own check of each setting, one at a time
         except ValueError as exc:
             raise BadValue(key, str(exc)) from None
+    if not _is_int(spec.repeats) or not 1 <= spec.repeats <= 100:
+        raise BadValue(
+            "repeats",
+            f"repeats is the number of split seeds each row runs under, an integer from 1 to 100; got {spec.repeats!r}",
+        )
 
 
 def _check_backbone(spec: BackboneSpec) -> None:

@@ -1,21 +1,27 @@
-"""The paired verdict: every row of a dataset against its best row, image by image, with the compute it cost.
+"""The verdict of one dataset: the decision the users came for, then every row against the reference, paired.
 
-Rows of one comparison are tested on the same images (the split plan), so their differences are paired: for
-each image both rows are right, both wrong, or one of them right. Two tests use that pairing (Dietterich 1998):
+Rows of one comparison are tested on the same images (the split plan), so their differences are paired: for each
+image both rows are right, both wrong, or one of them right (Dietterich 1998).
 
-- the **exact McNemar test**: under "no difference", the images only one row gets right fall to either row with
-  probability 1/2, so the two-sided p-value is a binomial test on the discordant counts;
-- the **paired bootstrap**: test images are resampled with replacement, the same resample for both rows, and the
-  2.5 and 97.5 percentiles of the accuracy difference give its 95 % interval.
+1. **Chosen on val, tested once.** The reference row, the best frozen row, the best fine-tuned row, the best
+   transfer row and the best no-transfer row are each the one with the best *val* score (ties to the cheaper row).
+   Test accuracy only scores them, so the tests below hold at their level (picking the reference on test and then
+   testing against it does not: see ``tests/test_verdict_calibration.py``).
+2. **The decision** (:mod:`featx.jobs.decision`): the best fine-tuned row against the best frozen row, read against
+   a margin of practical equivalence, over every split (``repeats``) and training seed the two rows were run with;
+   likewise transfer against no transfer.
+3. **Every row against the reference**, the secondary view: the exact McNemar test (a binomial test on the images
+   only one row gets right), Holm-adjusted over the rows (Holm 1979), Tango's score interval of the difference
+   (unadjusted, and labelled so), the smallest difference the row's own discordant images could resolve, and the
+   compute each row cost.
 
-Comparing every row with the best one is a family of tests, so the p-values are Holm-adjusted (Holm 1979). The
-best row is itself picked on these test images, which makes its lead slightly optimistic; the report says so. The
-question featx exists to answer — is an SVM on frozen features enough, or must I fine-tune? — gets a sentence of its
-own (the best fine-tuned row against the best frozen row) with its own, unadjusted p-value.
+Compute is one thing everywhere: extraction + fitting (the hyper-parameter search and the learning-rate choice
+included, evaluation excluded); an LP-FT row includes its probe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,18 +29,21 @@ from typing import Any
 
 import numpy as np
 
+from featx.jobs.decision import DEFAULT_MARGIN, Decision, decide, paired_score_interval, resolvable_difference
+
 __all__ = [
     "ALPHA",
     "DatasetVerdict",
     "PairedComparison",
+    "across_datasets",
+    "cost_words",
+    "decision_sentence",
     "holm",
     "mcnemar_exact",
-    "paired_bootstrap_ci",
-    "resolvable",
     "verdict",
 ]
 
-#: The significance level of every sentence the verdict writes.
+#: The significance level of the secondary table's tests.
 ALPHA = 0.05
 
 
@@ -66,29 +75,6 @@ def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> tuple
     return only_a, only_b, float(binomtest(only_a, only_a + only_b, 0.5, alternative="two-sided").pvalue)
 
 
-def paired_bootstrap_ci(
-    a_correct: Sequence[bool],
-    b_correct: Sequence[bool],
-    n_resamples: int = 10_000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``accuracy(a) - accuracy(b)``, resampling images for both rows at once.
-
-    Parameters
-    ----------
-    a_correct, b_correct : sequence of bool
-        Whether each row got each image right, aligned image by image.
-    n_resamples : int, default=10_000
-    level : float, default=0.95
-    seed : int, default=0
-    """
-    from featx.metrics import bootstrap_mean_ci
-
-    diff = np.asarray(a_correct, dtype=np.float64) - np.asarray(b_correct, dtype=np.float64)
-    return bootstrap_mean_ci(diff, n_resamples, level, seed)
-
-
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of a family of p-values (same order as given; each capped at 1)."""
     p = np.asarray(p_values, dtype=np.float64)
@@ -103,121 +89,128 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class PairedComparison:
-    """One row against the reference row (the best of its dataset), on the same test images."""
+    """One row against the reference row (the best on val), on the same test images (one run: its lowest seed)."""
 
     method: str
-    accuracy: float
-    difference: float  # accuracy(row) - accuracy(reference)
-    ci95: tuple[float, float]  # paired bootstrap interval of the difference
+    accuracy: float  # on the first split, its seeds averaged
+    difference: float  # accuracy(row) - accuracy(reference), lowest seed of each
+    ci95: tuple[float, float]  # Tango's score interval of the difference, unadjusted
     only_reference_right: int
     only_row_right: int
     p_value: float  # exact McNemar, two-sided
     p_holm: float | None  # Holm-adjusted over the rows of the dataset (None for the reference itself)
-    compute_seconds: float | None  # extraction + training
+    resolvable: float | None  # the smallest difference its discordant images could resolve at ALPHA / m
+    compute_seconds: float | None  # extraction + fitting (search, rate choice, an LP-FT's probe)
     cost_ratio: float | None  # compute_seconds / the reference's
     device: str | None = None  # where the row computed (cpu, cuda:0, …): a ratio across devices says so
+    val_accuracy: float | None = None  # the val score the row was chosen by (seeds averaged)
+    seeds: int = 1
 
 
 @dataclass
 class DatasetVerdict:
-    """The paired verdict of one dataset: every comparable row against the best, and what it means in words."""
+    """The verdict of one dataset: the decision, every comparable row against the reference, and its words."""
 
     dataset: str
-    reference: str  # the best row's method
+    reference: str  # the method with the best val score
     n_test: int
     rows: list[PairedComparison]
     refused: list[tuple[str, str]] = field(default_factory=list)  # (method, why it is not in the table)
     sentences: list[str] = field(default_factory=list)
+    margin: float = DEFAULT_MARGIN
+    splits: int = 1
+    question: Decision | None = None  # best fine-tuned against best frozen
+    question_rows: tuple[str, str] | None = None  # (tuned, frozen) methods
+    transfer: Decision | None = None  # best transfer against best no-transfer row
+    transfer_rows: tuple[str, str] | None = None
+    headline: str = ""  # the decision in one sentence (the report opens with it)
 
     def to_dict(self) -> dict[str, Any]:
         """The verdict as JSON-ready data (for report.json)."""
         return {
             "dataset": self.dataset,
             "reference": self.reference,
+            "chosen_on": "val",
             "n_test": self.n_test,
+            "margin": self.margin,
+            "splits": self.splits,
+            "headline": self.headline,
+            "question": None if self.question is None else {"rows": self.question_rows, **self.question.to_dict()},
+            "transfer": None if self.transfer is None else {"rows": self.transfer_rows, **self.transfer.to_dict()},
             "rows": [vars(r) for r in self.rows],
             "refused": [{"method": m, "why": w} for m, w in self.refused],
             "sentences": self.sentences,
         }
 
 
-# --------------------------------------------------------------------------------------------- verdict
-def verdict(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 10_000, seed: int = 0) -> DatasetVerdict | None:
-    """The paired verdict of one dataset's rows (see the module docstring).
+# --------------------------------------------------------------------------------------------- methods
+@dataclass
+class _Method:
+    """One row of the comparison with its runs: per split, per training seed."""
 
-    Parameters
-    ----------
-    rows : sequence of mapping
-        The report's rows of one dataset: ``method``, ``dataset``, ``kind`` (``classifier``/``finetune``),
-        ``baseline`` (bool), ``accuracy``, ``predictions`` (``{"ids", "true", "predicted"}``), ``compute_s``.
-    n_resamples, seed :
-        Of the paired bootstrap.
+    name: str
+    kind: str
+    baseline: bool
+    runs: dict[frozenset, list[Mapping[str, Any]]]  # split key -> runs, lowest seed first
 
-    Returns
-    -------
-    DatasetVerdict or None
-        ``None`` when no row was scored on a test split; without per-image predictions, a verdict that
-        names the rows and says so.
-    """
-    usable, refused = _comparable(rows)
-    if not usable:
-        if not refused:
-            return None
-        dataset = str(rows[0].get("dataset"))
-        return DatasetVerdict(
-            dataset, "", 0, [], refused, ["no paired verdict: no row has per-image test predictions."]
-        )
-    reference = max(usable, key=_rank)
-    ids = sorted(reference["predictions"]["ids"])
-    correct = {r["method"]: _correct_by_id(r, ids) for r in usable}
-    comparisons = [_compare(r, reference, correct, n_resamples, seed) for r in usable]
-    others = [c for c in comparisons if c.method != reference["method"]]
-    adjusted = dict(zip([c.method for c in others], holm([c.p_value for c in others]), strict=True))
-    comparisons = [_with_holm(c, adjusted.get(c.method)) for c in comparisons]
-    comparisons.sort(key=lambda c: -c.accuracy)
-    result = DatasetVerdict(str(reference.get("dataset")), reference["method"], len(ids), comparisons, refused)
-    result.sentences = _sentences(usable, comparisons, reference, correct, n_resamples, seed)
-    return result
+    def correct(self, key: frozenset, ids: Sequence[str]) -> list[np.ndarray]:
+        return [_correct_by_id(r, ids) for r in self.runs[key]]
+
+    def mean(self, key: frozenset, field_: str) -> float | None:
+        values = [r.get(field_) for r in self.runs[key]]
+        return float(np.mean(values)) if values and all(v is not None for v in values) else None
 
 
-def _rank(row: Mapping[str, Any]) -> tuple[float, float]:
-    """The one rule for "best": the highest test accuracy; on a tie, the smaller compute (unknown: last)."""
-    cost = row.get("compute_s")
-    return (row["accuracy"], -(cost if cost is not None else math.inf))
+def _split_key(run: Mapping[str, Any]) -> frozenset:
+    p = run["predictions"]
+    return frozenset(zip(p["ids"], p["true"], strict=True))
 
 
-def _comparable(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[tuple[str, str]]]:
-    """The rows scored on one set of test images with the same labels, and the others with why they are left out.
-
-    Rows are grouped by their test images and labels; the largest group is compared (on a tie, the one holding
-    the best row), so a stale result from another split plan can never push the others out.
-    """
+def _methods(runs: Sequence[Mapping[str, Any]]) -> tuple[list[_Method], list[tuple[str, str]]]:
     refused: list[tuple[str, str]] = []
-    groups: dict[frozenset, list[Mapping[str, Any]]] = {}
-    for r in rows:
+    by_row: dict[str, _Method] = {}
+    for r in runs:
         p = r.get("predictions")
         if not p or not p.get("ids"):
             if r.get("accuracy") is not None:
                 refused.append((r["method"], "no per-image test predictions (written by an older featx): re-run it"))
             continue
-        groups.setdefault(frozenset(zip(p["ids"], p["true"], strict=True)), []).append(r)
-    if not groups:
-        return [], refused
-    key = max(groups, key=lambda k: (len(groups[k]), max(_rank(r) for r in groups[k])))
-    usable, reference = groups[key], max(groups[key], key=_rank)
-    ids = {i for i, _ in key}
-    for other, members in groups.items():
-        if other is key:
-            continue
-        theirs = {i for i, _ in other}
-        why = (
-            f"tested on other images than {reference['method']} ({len(theirs)} against {len(ids)}, "
-            f"{len(theirs ^ ids)} not shared): rows are compared only under one split plan"
-            if theirs != ids
-            else f"its test images carry other labels than {reference['method']}'s: re-run it on today's labels"
-        )
-        refused += [(r["method"], why) for r in members]
-    return usable, refused
+        key = r.get("row_key") or r["method"]
+        m = by_row.setdefault(key, _Method(r["method"], str(r.get("kind")), bool(r.get("baseline")), {}))
+        m.runs.setdefault(_split_key(r), []).append(r)
+    for m in by_row.values():
+        for group in m.runs.values():
+            group.sort(key=lambda r: (r.get("seed") is None, r.get("seed") or 0))
+    return list(by_row.values()), refused
+
+
+def _main_split(methods: list[_Method]) -> frozenset:
+    """The split most rows were tested on (on a tie, the one with the lowest split seed)."""
+    counts: dict[frozenset, int] = {}
+    for m in methods:
+        for key in m.runs:
+            counts[key] = counts.get(key, 0) + 1
+    return max(counts, key=lambda k: (counts[k], -_split_seed(methods, k)))
+
+
+def _split_seed(methods: list[_Method], key: frozenset) -> int:
+    for m in methods:
+        for run in m.runs.get(key, []):
+            seed = ((run.get("split") or {}).get("plan") or {}).get("split_seed")
+            if seed is not None:
+                return int(seed)
+    return 0
+
+
+def _why_refused(main: frozenset, m: _Method, reference_name: str) -> str:
+    ids = {i for i, _ in main}
+    theirs = {i for key in m.runs for i, _ in key}
+    if theirs == ids:
+        return f"its test images carry other labels than {reference_name}'s: re-run it on today's labels"
+    return (
+        f"tested on other images than {reference_name} ({len(theirs)} against {len(ids)}, "
+        f"{len(theirs ^ ids)} not shared): rows are compared only under one split plan"
+    )
 
 
 def _correct_by_id(row: Mapping[str, Any], ids: Sequence[str]) -> np.ndarray:
@@ -226,34 +219,126 @@ def _correct_by_id(row: Mapping[str, Any], ids: Sequence[str]) -> np.ndarray:
     return np.array([right[i] for i in ids], dtype=bool)
 
 
-def _compare(
-    row: Mapping[str, Any],
-    reference: Mapping[str, Any],
-    correct: dict[str, np.ndarray],
-    n_resamples: int,
-    seed: int,
-) -> PairedComparison:
-    mine, theirs = correct[row["method"]], correct[reference["method"]]
-    only_ref, only_row, p = mcnemar_exact(theirs, mine)
-    lo, hi = paired_bootstrap_ci(mine, theirs, n_resamples=n_resamples, seed=seed)
-    cost, ref_cost = row.get("compute_s"), reference.get("compute_s")
-    return PairedComparison(
-        method=row["method"],
-        accuracy=float(mine.mean()),
-        difference=float(mine.mean() - theirs.mean()),
-        ci95=(lo, hi),
-        only_reference_right=only_ref,
-        only_row_right=only_row,
-        p_value=p,
-        p_holm=None,
-        compute_seconds=cost,
-        cost_ratio=cost / ref_cost if cost and ref_cost else None,
-        device=row.get("device"),
+def _choose(methods: Sequence[_Method], key: frozenset) -> _Method:
+    """The one rule for "best": the highest val score, averaged over the row's seeds and splits (``key``, the first
+    split, must be among them); on a tie, the smaller compute. Rows that record no val score come last."""
+
+    def rank(m: _Method) -> tuple[bool, float, float]:
+        scores = [m.mean(k, "val_accuracy") for k in m.runs]
+        val = float(np.mean(scores)) if m.runs.get(key) and None not in scores else None
+        cost = m.mean(key, "compute_s")
+        return (val is not None, val if val is not None else -math.inf, -(cost if cost is not None else math.inf))
+
+    return max(methods, key=rank)
+
+
+# --------------------------------------------------------------------------------------------- verdict
+def verdict(runs: Sequence[Mapping[str, Any]], *, margin: float = DEFAULT_MARGIN) -> DatasetVerdict | None:
+    """The verdict of one dataset's runs (see the module docstring).
+
+    Parameters
+    ----------
+    runs : sequence of mapping
+        The report's rows of one dataset, one per results file: ``method``, ``row_key`` (the same for the runs of
+        one row across training seeds and splits), ``seed``, ``kind`` (``classifier``/``finetune``),
+        ``baseline``, ``accuracy``, ``val_accuracy``, ``predictions`` (``{"ids", "true", "predicted"}``),
+        ``compute_s``, ``device``, ``split`` (its ``plan`` and ``sizes``).
+    margin : float, default=DEFAULT_MARGIN
+        The margin of practical equivalence of the decisions (0.01 = 1 pt).
+
+    Returns
+    -------
+    DatasetVerdict or None
+        ``None`` when no row was scored on a test split; without per-image predictions, a verdict that
+        names the rows and says so.
+    """
+    methods, refused = _methods(runs)
+    if not methods:
+        if not refused:
+            return None
+        dataset = str(runs[0].get("dataset"))
+        return DatasetVerdict(
+            dataset, "", 0, [], refused, ["no paired verdict: no row has per-image test predictions."], margin
+        )
+    main = _main_split(methods)
+    usable = [m for m in methods if main in m.runs]
+    reference = _choose(usable, main)
+    refused += [(m.name, _why_refused(main, m, reference.name)) for m in methods if main not in m.runs]
+    ids = sorted(i for i, _ in main)
+    rows = _table(usable, reference, main, ids)
+    splits = max(len(m.runs) for m in usable)
+    found = DatasetVerdict(
+        str(reference.runs[main][0].get("dataset")), reference.name, len(ids), rows, refused, [], margin, splits
     )
+    frozen = [m for m in usable if m.kind == "classifier" and not m.baseline]
+    tuned = [m for m in usable if m.kind == "finetune"]
+    if frozen and tuned:
+        pair = (_choose(tuned, main), _choose(frozen, main))
+        found.question, found.question_rows = _decide(*pair, margin), (pair[0].name, pair[1].name)
+    transfer, baselines = [m for m in usable if not m.baseline], [m for m in usable if m.baseline]
+    if transfer and baselines:
+        pair = (_choose(transfer, main), _choose(baselines, main))
+        found.transfer, found.transfer_rows = _decide(*pair, margin), (pair[0].name, pair[1].name)
+    found.sentences = _sentences(found, reference, main)
+    found.headline = found.sentences[0] if found.sentences else ""
+    return found
 
 
-def _with_holm(c: PairedComparison, p_holm: float | None) -> PairedComparison:
-    return PairedComparison(**{**vars(c), "p_holm": p_holm})
+def _table(usable: list[_Method], reference: _Method, main: frozenset, ids: list[str]) -> list[PairedComparison]:
+    """Every row against the reference on the first split (each row's lowest seed), Holm-adjusted."""
+    theirs = reference.correct(main, ids)[0]
+    others = [m for m in usable if m is not reference]
+    level = ALPHA / max(len(others), 1)  # Holm's first step: what the family surely resolves
+    rows = []
+    for m in usable:
+        runs = m.correct(main, ids)
+        mine = runs[0]
+        only_ref, only_row, p = mcnemar_exact(theirs, mine)
+        cost, ref_cost = m.mean(main, "compute_s"), reference.mean(main, "compute_s")
+        rows.append(
+            PairedComparison(
+                method=m.name,
+                accuracy=float(np.mean([r.mean() for r in runs])),
+                difference=float(mine.mean() - theirs.mean()),
+                ci95=paired_score_interval(only_row, only_ref, len(ids)),
+                only_reference_right=only_ref,
+                only_row_right=only_row,
+                p_value=p,
+                p_holm=None,
+                resolvable=resolvable_difference(only_ref + only_row, len(ids), level),
+                compute_seconds=cost,
+                cost_ratio=cost / ref_cost if cost and ref_cost else None,
+                device=m.runs[main][0].get("device"),
+                val_accuracy=m.mean(main, "val_accuracy"),
+                seeds=len(runs),
+            )
+        )
+    compared = [r for r in rows if r.method != reference.name]
+    adjusted = dict(zip([r.method for r in compared], holm([r.p_value for r in compared]), strict=True))
+    rows = [PairedComparison(**{**vars(r), "p_holm": adjusted.get(r.method)}) for r in rows]
+    rows.sort(key=lambda r: (r.method != reference.name, -(r.val_accuracy or -1.0), -r.accuracy))
+    return rows
+
+
+def _decide(a: _Method, b: _Method, margin: float) -> Decision:
+    """``a`` against ``b`` over every split both were run on, their seeds averaged per split."""
+    shared = [key for key in a.runs if key in b.runs]
+    per_a, per_b, train = {}, {}, {}
+    for index, key in enumerate(shared):
+        ids = sorted(i for i, _ in key)
+        name = f"split {index}"
+        per_a[name], per_b[name] = a.correct(key, ids), b.correct(key, ids)
+        sizes = (a.runs[key][0].get("split") or {}).get("sizes") or {}
+        if sizes.get("train"):
+            train[name] = int(sizes["train"]) + int(sizes.get("val") or 0)
+    decision = decide(per_a, per_b, margin=margin, train_sizes=train if len(train) == len(per_a) else None)
+    cost_a, cost_b = _mean_cost(a), _mean_cost(b)
+    return dataclasses.replace(decision, cost_ratio=cost_a / cost_b if cost_a and cost_b else None)
+
+
+def _mean_cost(m: _Method) -> float | None:
+    costs = [r.get("compute_s") for runs in m.runs.values() for r in runs]
+    return float(np.mean(costs)) if costs and all(c is not None for c in costs) else None
 
 
 # ------------------------------------------------------------------------------------------- sentences
@@ -262,132 +347,137 @@ def _pt(x: float) -> str:
 
 
 def _ci_pt(ci: tuple[float, float]) -> str:
-    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
 
 
-def _p(p: float) -> str:
-    return f"p = {p:.2g}" if p >= 0.001 else "p < 0.001"
+def _margin_pt(margin: float) -> str:
+    return f"{100 * margin:g} pt"
 
 
-def _cost(ratio: float | None) -> str:
+def cost_words(ratio: float | None) -> str:
+    """``12× the compute`` / ``1/8.5 of the compute``, two significant figures; empty when unknown."""
     if ratio is None:
         return ""
-    return f", at {ratio:.3g}× the compute" if ratio >= 1 else f", at 1/{1 / ratio:.3g} of the compute"
+    if ratio >= 1:
+        return f"{_two_figures(ratio)}× the compute"
+    return f"1/{_two_figures(1 / ratio)} of the compute"
 
 
-def _sentences(
-    usable: Sequence[Mapping[str, Any]],
-    comparisons: list[PairedComparison],
-    reference: Mapping[str, Any],
-    correct: dict[str, np.ndarray],
-    n_resamples: int,
-    seed: int,
-) -> list[str]:
-    """Plain sentences: the rows against the best, the users' question, and what transfer buys over a baseline."""
-    n = len(next(iter(correct.values())))
-    others = [c for c in comparisons if c.method != reference["method"]]
-    worse = [c for c in others if c.p_holm is not None and c.p_holm < ALPHA]
+def _two_figures(x: float) -> str:
+    return f"{x:.2g}" if x < 100 else f"{round(x, -math.floor(math.log10(x)) + 1):,.0f}"
+
+
+#: The words of each outcome, for the question (fine-tuning) and for transfer.
+_WORDS = {
+    "question": {
+        "pays": "Fine-tuning pays",
+        "enough": "The frozen row is enough",
+        "better": "The frozen row is better",
+        "inconclusive": "Inconclusive whether fine-tuning pays",
+        "a": "fine-tuning",
+        "b": "the best frozen row",
+    },
+    "transfer": {
+        "pays": "Transfer pays",
+        "enough": "No transfer is enough",
+        "better": "No transfer is better",
+        "inconclusive": "Inconclusive whether transfer pays",
+        "a": "transfer",
+        "b": "the best row without transfer",
+    },
+}
+
+
+def decision_sentence(d: Decision, a_name: str, b_name: str, which: str = "question") -> str:
+    """The decision in one plain sentence: the answer, the difference and its interval against the margin, the cost."""
+    w = _WORDS[which]
+    gap, ci, margin = _pt(d.difference), _ci_pt(d.interval), _margin_pt(d.margin)
+    cost = cost_words(d.cost_ratio)
+    cost = f", at {cost}" if cost else ""
+    where = f"{d.level:.0%} interval {ci}"
+    if d.outcome == "pays":
+        by = f"by more than the {margin} margin" if d.above_margin else f"(whether by more than {margin} is unresolved)"
+        return f"{w['pays']}: {a_name} beats {w['b']} ({b_name}) by {gap}, {where} {by}{cost}."
+    if d.outcome == "enough":
+        lead = "a real gain, but" if d.interval[0] > 0 else "any gain is"
+        return (
+            f"{w['enough']}: {w['a']} ({a_name}) against {b_name} is {gap}, {where}: {lead} smaller than the "
+            f"{margin} margin{cost}."
+        )
+    if d.outcome == "better":
+        return f"{w['better']}: {w['a']} ({a_name}) scores {gap} against {b_name}, {where}{cost}."
+    return (
+        f"{w['inconclusive']}: {a_name} against {b_name} is {gap}, {where}, which spans both 0 and the {margin} "
+        f"margin{cost}; {d.to_decide}."
+    )
+
+
+def _variance_sentence(d: Decision) -> str:
+    counted = ["the test sample"]
+    if max(d.seeds) > 1:
+        counted.append(f"training seeds ({d.seeds[0]} and {d.seeds[1]}, averaged per split)")
+    if d.splits > 1:
+        counted.append(f"splits ({d.splits})")
+    out = f"Counted: {', '.join(counted)} ({d.method})"
+    if d.probabilities:
+        p = d.probabilities
+        out += (
+            f"; P(fine-tuned better by > {_margin_pt(d.margin)}) = {p['a_better']:.2f}, P(within ±"
+            f"{_margin_pt(d.margin)}) = {p['equivalent']:.2f}, P(frozen better by > {_margin_pt(d.margin)}) = "
+            f"{p['b_better']:.2f}"
+        )
+    if d.not_counted:
+        out += f". Not counted: {'; '.join(d.not_counted)}"
+    return out + "."
+
+
+def _sentences(found: DatasetVerdict, reference: _Method, main: frozenset) -> list[str]:
     out = []
-    if not others:
-        out.append(f"one comparable row only ({reference['method']}, n = {n} test images).")
-    elif not worse:
-        out.append(
-            f"no row differs significantly from the best ({reference['method']}) at this test size (n = {n}; "
-            f"Holm-adjusted McNemar, α = {ALPHA:g}): differences under ~{100 * resolvable(others, n):.1f} pt "
-            "cannot be resolved with these images."
-        )
-    else:
-        tied = [c.method for c in others if c not in worse]
-        out.append(
-            f"{reference['method']} is best; {len(worse)} of {len(others)} other rows score significantly lower "
-            f"(Holm-adjusted McNemar, α = {ALPHA:g})" + (f"; not resolved from it: {', '.join(tied)}." if tied else ".")
-        )
-    frozen = [r for r in usable if r.get("kind") == "classifier" and not r.get("baseline")]
-    tuned = [r for r in usable if r.get("kind") == "finetune"]
-    if frozen and tuned:
-        out.append(_question(_best(tuned), _best(frozen), correct, n_resamples, seed))
-    baselines = [r for r in usable if r.get("baseline")]
-    transfer = [r for r in usable if not r.get("baseline")]
-    if baselines and transfer:
-        out.append(_over_baseline(_best(transfer), _best(baselines), correct, n_resamples, seed))
-    if others:
-        out.append(
-            "(the best rows are picked on these same test images, so their leads are slightly optimistic; "
-            "each p-value assumes the compared rows were named in advance.)"
-        )
+    if found.question is not None and found.question_rows:
+        out.append(decision_sentence(found.question, *found.question_rows))
+        out.append(_variance_sentence(found.question))
+    if found.transfer is not None and found.transfer_rows:
+        out.append(decision_sentence(found.transfer, *found.transfer_rows, which="transfer"))
+    out.append(_table_sentence(found, reference, main))
     return out
 
 
-def resolvable(comparisons: Sequence[PairedComparison], n: int) -> float:
-    """About the smallest accuracy difference the Holm-adjusted McNemar tests could call significant.
-
-    Parameters
-    ----------
-    comparisons : sequence of PairedComparison
-        The rows compared with the best (``m`` of them: Holm's first step tests at ``ALPHA / m``).
-    n : int
-        Paired test images.
-
-    Returns
-    -------
-    float
-        Of ``d`` images on which two rows disagree, the test needs the split to be lopsided by about
-        ``z * sqrt(d)`` (its normal approximation, ``z`` the two-sided quantile at ``ALPHA / m``), i.e. an accuracy
-        difference of ``z * sqrt(d) / n``, ``d`` the most discordant row's; never below what the exact test needs
-        when every discordant image favours one row (the smallest ``d`` with ``2 * 0.5**d < ALPHA / m``).
-    """
-    from scipy.stats import norm
-
-    if not n:
-        return float("nan")
-    level = ALPHA / max(len(comparisons), 1)
-    discordant = max((c.only_reference_right + c.only_row_right for c in comparisons), default=0)
-    smallest = next(d for d in range(1, 200) if 2 * 0.5**d < level)
-    return max(float(norm.ppf(1 - level / 2)) * np.sqrt(discordant) / n, smallest / n)
-
-
-def _best(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    return max(rows, key=_rank)
-
-
-def _paired(a: Mapping[str, Any], b: Mapping[str, Any], correct, n_resamples: int, seed: int):
-    ca, cb = correct[a["method"]], correct[b["method"]]
-    _, _, p = mcnemar_exact(ca, cb)
-    ci = paired_bootstrap_ci(ca, cb, n_resamples=n_resamples, seed=seed)
-    cost = a.get("compute_s") / b["compute_s"] if a.get("compute_s") and b.get("compute_s") else None
-    return float(ca.mean() - cb.mean()), ci, p, cost
-
-
-def _question(tuned, frozen, correct, n_resamples: int, seed: int) -> str:
-    """Is the best frozen row enough, or must one fine-tune? Its own p-value (not in the Holm family)."""
-    t = tuned["method"] + (", kept at epoch 0" if tuned.get("chosen") == "best epoch 0" else "")
-    return _versus(
-        tuned, frozen, f"fine-tuning ({t})", f"the best frozen row ({frozen['method']})", correct, n_resamples, seed
+def _table_sentence(found: DatasetVerdict, reference: _Method, main: frozenset) -> str:
+    val = reference.mean(main, "val_accuracy")
+    chosen = f"best on val ({100 * val:.1f} %)" if val is not None else "no row records a val score: the cheapest"
+    others = [c for c in found.rows if c.method != found.reference]
+    if not others:
+        return f"One comparable row only ({found.reference}, {found.n_test} test images)."
+    worse = [c for c in others if c.p_holm is not None and c.p_holm < ALPHA]
+    head = f"Reference: {found.reference}, {chosen}. Against it (Holm-adjusted exact McNemar, α = {ALPHA:g}), "
+    if not worse:
+        return head + f"no row differs significantly on these {found.n_test} test images."
+    tied = [c.method for c in others if c not in worse]
+    return (
+        head
+        + f"{len(worse)} of {len(others)} rows score significantly lower"
+        + (f"; not resolved from it: {', '.join(tied)}." if tied else ".")
     )
 
 
-def _over_baseline(transfer, baseline, correct, n_resamples: int, seed: int) -> str:
-    """What transfer buys: the best row with a pretrained network against the best row without one."""
-    return _versus(
-        transfer,
-        baseline,
-        f"transfer ({transfer['method']})",
-        f"no transfer ({baseline['method']})",
-        correct,
-        n_resamples,
-        seed,
-    )
+# ------------------------------------------------------------------------------------------ across sets
+def across_datasets(verdicts: Sequence[DatasetVerdict]) -> list[str]:
+    """With three or more datasets: how many fall under each decision, and a Wilcoxon signed-rank test of Δ
+    (fine-tuned − frozen) over the datasets (Demšar 2006)."""
+    decided = [v.question for v in verdicts if v.question is not None]
+    if len(decided) < 3:
+        return []
+    from scipy.stats import wilcoxon
 
-
-def _versus(a, b, a_words: str, b_words: str, correct, n_resamples: int, seed: int) -> str:
-    """One sentence on ``a`` against ``b``, paired: which wins and by how much, or that they cannot be told apart."""
-    diff, ci, p, cost = _paired(a, b, correct, n_resamples, seed)
-    if p >= ALPHA:
-        return (
-            f"{a_words} against {b_words}: {_pt(diff)} {_ci_pt(ci)}, {_p(p)} — no significant difference at "
-            f"n = {len(correct[a['method']])} test images{_cost(cost)}."
+    counts = {o: sum(d.outcome == o for d in decided) for o in ("pays", "enough", "better", "inconclusive")}
+    words = {"pays": "fine-tuning pays", "enough": "frozen is enough", "better": "frozen is better"}
+    parts = [f"{words.get(o, o)} on {k}" for o, k in counts.items() if k]
+    deltas = np.array([d.difference for d in decided])
+    if np.all(deltas == 0):
+        test = "every Δ is 0"
+    else:
+        res = wilcoxon(deltas)
+        test = f"Wilcoxon signed-rank over the {len(deltas)} datasets: median Δ {_pt(float(np.median(deltas)))}, " + (
+            f"p = {res.pvalue:.2g}" if res.pvalue >= 0.001 else "p < 0.001"
         )
-    if diff > 0:
-        return f"{a_words} beats {b_words} by {_pt(diff)} {_ci_pt(ci)}, {_p(p)}{_cost(cost)}."
-    gap, cheaper = f"{_pt(-diff)} {_ci_pt((-ci[1], -ci[0]))}", _cost(1 / cost if cost else None)
-    return f"{b_words} beats {a_words} by {gap}, {_p(p)}{cheaper}."
+    return [f"Across {len(decided)} datasets: {', '.join(parts)}; {test}."]

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ import h5py
 import numpy as np
 
 from featx.data.manifest import SPLITS
+from featx.exceptions import DiskFullError
 from featx.spec import ExtractionSpec, canonical_json
 
 __all__ = [
@@ -164,6 +167,100 @@ def _finish_attrs(f: h5py.File, attrs: dict[str, str]) -> None:
         f.attrs[name] = value
     f.attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     f.attrs["complete"] = True
+
+
+# HDF5 writes its metadata (and small datasets) when the file is closed; a disk that fills then crashes h5py
+# (a segfault, not an exception). So the columns and that final flush get space set aside before the features
+# are written: this much beyond the columns' estimated size.
+_METADATA_RESERVE = 8 << 20
+
+
+def _column_bytes(ids: Sequence[str], paths: Sequence[str], reasons: Sequence[str]) -> int:
+    """About how many bytes a store's columns take: each string a heap object and a reference, 26 bytes of
+    numbers per row."""
+    text = sum(len(s.encode()) for s in ids) + sum(len(s.encode()) for s in paths)
+    return text + len(ids) * (2 * 48 + 26) + sum(len(r.encode()) + 64 for r in reasons)
+
+
+def _disk_full(folder: Path, doing: str, needed: int | None, free: int | None, then: str) -> DiskFullError:
+    """The error for a full disk: the folder, what was being written, the space needed and free, what is kept."""
+    free = shutil.disk_usage(folder).free if free is None else free
+    need = f"it needs about {needed / 2**20:,.1f} MiB there and " if needed else ""
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on the disk of {folder} for {doing}: {need}the disk has {free / 2**20:,.1f} MiB free. "
+        f"Free some space and {then}",
+    )
+
+
+def _write_hdf5_guarded(
+    target: Path,
+    features_bytes: int,
+    columns_bytes: int,
+    write: Callable[[h5py.File, Callable[[], None]], None],
+    doing: str,
+    then: str,
+) -> None:
+    """Write the HDF5 file ``target`` with ``write(file, columns_next)`` so that a full disk is a
+    :class:`~featx.exceptions.DiskFullError`, never an h5py crash.
+
+    The free space is checked first; space for the columns and the final metadata flush is set aside in a file
+    beside ``target`` until ``write`` calls ``columns_next()`` (after the features); the file has no chunk cache,
+    so a full disk fails a write call; after any error the half-written file is emptied before h5py closes it.
+
+    Raises
+    ------
+    DiskFullError
+        Naming the folder, ``doing`` (what was written), the space needed and free, and ``then`` (what to do).
+    """
+    folder = target.parent
+    needed = features_bytes + columns_bytes + _METADATA_RESERVE
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise _disk_full(folder, doing, needed, free, then)
+    reserve = target.with_name(f"{target.name}.reserve")
+    try:
+        _set_aside(reserve, columns_bytes + _METADATA_RESERVE)
+        f = h5py.File(target, "w", rdcc_nbytes=0)  # no chunk cache: a full disk fails the write, not the close
+        try:
+            write(f, lambda: reserve.unlink(missing_ok=True))
+        except BaseException:
+            # Closing flushes metadata; into a full disk h5py would crash. Emptying the file first frees its space.
+            with contextlib.suppress(OSError):
+                os.truncate(target, 0)
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+        f.close()
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise _disk_full(folder, doing, needed, None, then) from None
+    finally:
+        reserve.unlink(missing_ok=True)
+
+
+def _set_aside(path: Path, size: int) -> None:
+    """Claim ``size`` bytes of disk in a file at ``path`` (allocated, not sparse), for writes that must not fail.
+
+    Raises
+    ------
+    OSError
+        ``ENOSPC`` when the disk has less.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except (AttributeError, OSError) as exc:  # macOS has none; some filesystems refuse it
+            if getattr(exc, "errno", None) == errno.ENOSPC:
+                raise
+        block = b"\0" * (1 << 20)
+        for start in range(0, size, len(block)):
+            os.write(fd, block[: size - start])
+    finally:
+        os.close(fd)
 
 
 def _file_stats(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

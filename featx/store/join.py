@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from featx._runtime.io import atomic_path
 from featx.data.manifest import labels_fingerprint
 from featx.exceptions import SpecMismatchError
 from featx.spec import canonical_json
-from featx.store.format import _create_layout, _finish_attrs, _text, _write_columns
+from featx.store.format import _create_layout, _finish_attrs, _text, _write_columns, _write_hdf5_guarded
 from featx.store.reader import FeatureStore
 
 __all__ = ["concatenate"]
@@ -93,8 +93,19 @@ def concatenate(
         versions = [store.attrs.get("versions", "{}") for store in stores]
         if len(set(versions)) > 1:
             log.warning("the joined stores were made with different library versions; recording the first's")
+        n, itemsize = sum(len(store) for store in stores), 2 if first.spec.dtype == "float16" else 4
+        features = n * sum(first.feature_dims().values()) * itemsize
+        columns = max(0, sum(store.path.stat().st_size for store in stores) - features)  # the parts' own columns
+        extra = {"versions": versions[0], **(attrs or {})}
         with atomic_path(target, target.with_name(f".{target.name}.joining-{os.getpid()}")) as tmp:
-            _join_into(tmp, stores, key, stats or {}, {"versions": versions[0], **(attrs or {})})
+            _write_hdf5_guarded(
+                tmp,
+                features,
+                columns,
+                lambda f, columns_next: _join_into(f, columns_next, stores, key, stats or {}, extra),
+                f"joining {len(stores)} stores into {target}",
+                "join again: the stores joined are kept",
+            )
     finally:
         for store in stores:
             store.close()
@@ -102,7 +113,12 @@ def concatenate(
 
 
 def _join_into(
-    target: Path, stores: Sequence[FeatureStore], key: str, stats: dict[str, Any], attrs: dict[str, str]
+    f: h5py.File,
+    columns_next: Callable[[], None],
+    stores: Sequence[FeatureStore],
+    key: str,
+    stats: dict[str, Any],
+    attrs: dict[str, str],
 ) -> None:
     first = stores[0]
     n = sum(len(store) for store in stores)
@@ -114,43 +130,40 @@ def _join_into(
     def failures(name: str) -> np.ndarray:
         return np.concatenate([store._file["failures"][name][:] for store in stores])
 
-    with h5py.File(target, "w") as f:
-        datasets = _create_layout(f, first.spec, first.feature_dims(), n)
-        for layer, out in datasets.items():
-            step = max(1, _COPY_BYTES // (out.shape[1] * out.dtype.itemsize))
-            for store, offset in zip(stores, offsets, strict=False):
-                src = store._file["features"][layer]
-                for start in range(0, len(store), step):
-                    stop = min(len(store), start + step)
-                    out[offset + start : offset + stop] = src[start:stop]
-        ids, labels, codes = [_text(s) for s in column("ids")], column("labels"), column("split")
-        names = {code: name for name, code in first.source_split_codes.items()}
-        _write_columns(
-            f,
-            ids=ids,
-            paths=[_text(s) for s in column("paths")],
-            labels=labels,
-            file_size=column("file_size"),
-            file_mtime_ns=column("file_mtime_ns"),
-            split=codes,
-            split_codes=first.source_split_codes,
-            class_names=first.class_names,
-            done=column("done"),
-            fail_rows=np.concatenate(
-                [store._file["failures"]["rows"][:] + offset for store, offset in zip(stores, offsets, strict=False)]
-            ),
-            fail_ids=[_text(s) for s in failures("ids")],
-            fail_reasons=[_text(s) for s in failures("reasons")],
-        )
-        _finish_attrs(
-            f,
-            {
-                "key": key,
-                **{name: first.attrs[name] for name in _SAME_IN_EVERY_SHARD if name in first.attrs},
-                "labels_fingerprint": labels_fingerprint(
-                    ids, labels, [names[int(c)] for c in codes], first.class_names
-                ),
-                "stats": canonical_json(stats),
-                **attrs,
-            },
-        )
+    datasets = _create_layout(f, first.spec, first.feature_dims(), n)
+    for layer, out in datasets.items():
+        step = max(1, _COPY_BYTES // (out.shape[1] * out.dtype.itemsize))
+        for store, offset in zip(stores, offsets, strict=False):
+            src = store._file["features"][layer]
+            for start in range(0, len(store), step):
+                stop = min(len(store), start + step)
+                out[offset + start : offset + stop] = src[start:stop]
+    ids, labels, codes = [_text(s) for s in column("ids")], column("labels"), column("split")
+    names = {code: name for name, code in first.source_split_codes.items()}
+    _write_columns(
+        f,
+        ids=ids,
+        paths=[_text(s) for s in column("paths")],
+        labels=labels,
+        file_size=column("file_size"),
+        file_mtime_ns=column("file_mtime_ns"),
+        split=codes,
+        split_codes=first.source_split_codes,
+        class_names=first.class_names,
+        done=column("done"),
+        fail_rows=np.concatenate(
+            [store._file["failures"]["rows"][:] + offset for store, offset in zip(stores, offsets, strict=False)]
+        ),
+        fail_ids=[_text(s) for s in failures("ids")],
+        fail_reasons=[_text(s) for s in failures("reasons")],
+    )
+    _finish_attrs(
+        f,
+        {
+            "key": key,
+            **{name: first.attrs[name] for name in _SAME_IN_EVERY_SHARD if name in first.attrs},
+            "labels_fingerprint": labels_fingerprint(ids, labels, [names[int(c)] for c in codes], first.class_names),
+            "stats": canonical_json(stats),
+            **attrs,
+        },
+    )

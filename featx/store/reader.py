@@ -95,7 +95,7 @@ class FeatureStore:
         source_splits = [names[int(c)] for c in self._file["split"][:]]
         self.source_splits: dict[str, int] = {s: source_splits.count(s) for s in SPLIT_CODES if s in source_splits}
         ids = [_text(s) for s in self._file["ids"][:]]
-        assigned, self.split_policy = self.plan.assign(ids, self._labels, source_splits)
+        assigned, self.split_policy = self.plan.assign(ids, self._labels, source_splits, self.class_names)
         self.split_hashes: dict[str, str] = split_hashes(ids, assigned)
         self._split = np.array([SPLIT_CODES[s] for s in assigned], dtype=np.int8)
         self._done = self._file["done"][:]
@@ -147,7 +147,7 @@ class FeatureStore:
         """``[n, D]`` features of one layer (the first by default) for the rows of ``split``."""
         ds = self._file["features"][self._layer(layer)]
         rows = self.rows(split)
-        out = _read_rows(ds, rows)
+        out = self._finite(_read_rows(ds, rows), rows, ds.name)
         return out.astype(dtype, copy=False) if dtype is not None else out
 
     def labels(self, split: str | None = None) -> np.ndarray:
@@ -167,7 +167,8 @@ class FeatureStore:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) > 1 and np.any(np.diff(rows) <= 0):
             raise ValueError("rows must be sorted and unique")
-        return _read_rows(self._file["features"][self._layer(layer)], rows), self._labels[rows]
+        ds = self._file["features"][self._layer(layer)]
+        return self._finite(_read_rows(ds, rows), rows, ds.name), self._labels[rows]
 
     def file_stats(self, split: str | None = None, include_failed: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(sizes, mtimes_ns)`` of the image files as they were when extracted, aligned with :meth:`rows`."""
@@ -184,7 +185,32 @@ class FeatureStore:
         rows = self.rows(split)
         for start in range(0, len(rows), chunk_size):
             block = rows[start : start + chunk_size]
-            yield _read_rows(ds, block), self._labels[block], block
+            yield self._finite(_read_rows(ds, block), block, ds.name), self._labels[block], block
+
+    def _finite(self, features: np.ndarray, rows: np.ndarray, dataset: str) -> np.ndarray:
+        """``features``, after checking that every row is finite (stores of older featx may hold NaN rows).
+
+        Raises
+        ------
+        ValueError
+            Naming the store, the layer and the rows whose features are NaN or infinite.
+        """
+        finite = np.ones(len(features), dtype=bool)
+        for start in range(0, len(features), _FINITE_CHECK_ROWS):  # in blocks: the mask of a block, not of all
+            block = slice(start, start + _FINITE_CHECK_ROWS)
+            finite[block] = np.isfinite(features[block]).all(axis=1)
+        if finite.all():
+            return features
+        bad = rows[~finite]
+        ids = [_text(s) for s in _read_rows(self._file["ids"], bad[:5])]
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(
+            f"{self.path}: {len(bad)} row{'s' if len(bad) > 1 else ''} of {dataset.removeprefix('/')} "
+            f"hold{'' if len(bad) > 1 else 's'} non-finite "
+            f"features (NaN or infinity), so no classifier can use them: rows {bad[:5].tolist()} (ids "
+            f"{', '.join(repr(i) for i in ids)}){more}. An earlier featx stored them as extracted; extract the store "
+            "again with --overwrite, which records such rows as failures with their reason"
+        )
 
     @property
     def failures(self) -> list[Failure]:
@@ -224,6 +250,9 @@ class FeatureStore:
             "stats": json.loads(self.attrs.get("stats", "{}")),
             "versions": json.loads(self.attrs.get("versions", "{}")),
         }
+
+
+_FINITE_CHECK_ROWS = 1 << 14
 
 
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

@@ -8,11 +8,13 @@ a store already at the path is this job's (a cache hit), or another's (refused u
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +25,24 @@ from featx._runtime.env import library_versions
 from featx._runtime.io import atomic_path, atomic_write
 from featx._runtime.lock import FileLock, LockHeld
 from featx.data.manifest import Manifest, stat_fingerprint
-from featx.exceptions import IncompleteStoreError, SpecMismatchError, StoreLockedError
+from featx.exceptions import DiskFullError, IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.spec import ExtractionSpec, canonical_json, spec_differences
 from featx.store.format import (
     SPLIT_CODES,
+    _column_bytes,
     _create_layout,
+    _disk_full,
     _file_stats,
     _finish_attrs,
     _text,
     _write_columns,
+    _write_hdf5_guarded,
     partial_path,
     read_key,
 )
 from featx.store.reader import FeatureStore
 
-__all__ = ["StoreWriter", "adopt_legacy_store", "check_replaceable", "update_labels"]
+__all__ = ["StoreWriter", "adopt_legacy_store", "check_not_locked", "check_replaceable", "update_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,24 @@ def _take_lock(path: Path) -> FileLock:
             "wait for it to finish (re-running afterwards is a cache hit) or write to another --out"
         ) from None
     return lock
+
+
+def check_not_locked(path: str | Path) -> None:
+    """Refuse at once when another writer holds the store at ``path``: a check before a model loads for seconds.
+
+    Takes nothing and creates nothing (a store with no work folder has no writer). The writer takes the lock
+    itself later; this only moves the refusal of a second writer before the slow part.
+
+    Raises
+    ------
+    StoreLockedError
+        As :class:`StoreWriter` would, naming the holder's pid.
+    """
+    lock_file = partial_path(Path(path)) / "lock"
+    if not lock_file.is_file():
+        return
+    with contextlib.suppress(FileNotFoundError):  # its writer finished and removed the folder meanwhile
+        _take_lock(lock_file).release()
 
 
 def check_replaceable(
@@ -140,6 +163,8 @@ class StoreWriter:
         self._next_part = 0
         self._done = np.zeros(len(manifest), dtype=bool)
         self._failed: dict[int, str] = {}
+        self._resumed_seconds = 0.0
+        self._resumed_run: dict[str, Any] = {}
 
     # -- lifecycle
     def __enter__(self) -> StoreWriter:
@@ -213,16 +238,25 @@ class StoreWriter:
                 with np.load(part, allow_pickle=False) as data:
                     rows = data["rows"]
                     fail_rows, reasons = data["fail_rows"], data["fail_reasons"]
+                    seconds = float(data["seconds"]) if "seconds" in data else 0.0  # an earlier featx saved none
+                    run = json.loads(str(data["run"])) if "run" in data else {}
             except Exception as exc:  # a part damaged by power loss: recompute its rows
                 log.warning("discarding unreadable part %s (%s); its rows will be extracted again", part.name, exc)
                 part.unlink()
                 continue
+            self._resumed_seconds += seconds
+            self._resumed_run = run or self._resumed_run  # parts are read in order: the last run's settings win
             self._done[rows] = True
             self._failed.update(zip(fail_rows.tolist(), reasons.tolist(), strict=True))
             self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
-        for stale in [*self.workdir.glob(".*.tmp*"), *self.workdir.glob("assembling-*.h5")]:
+        for stale in [*self.workdir.glob(".*.tmp*"), *self.workdir.glob("assembling-*.h5*")]:  # .h5.reserve too
             stale.unlink()
-        atomic_write(job_file, lambda fh: fh.write(canonical_json(job).encode()))
+        try:
+            atomic_write(job_file, lambda fh: fh.write(canonical_json(job).encode()))
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._disk_full("starting the job") from None
+            raise
         if self._done.any() or self._failed:
             log.info(
                 "resuming %s: %d rows already extracted, %d failed", self.path, self._done.sum(), len(self._failed)
@@ -253,29 +287,70 @@ class StoreWriter:
         """Failed rows and their reasons, so far."""
         return dict(self._failed)
 
+    @property
+    def resumed_seconds(self) -> float:
+        """Seconds the earlier, interrupted runs of this job spent on the batches they saved."""
+        return self._resumed_seconds
+
+    @property
+    def resumed_run(self) -> dict[str, Any]:
+        """How the last earlier run of this job ran the network (the ``run`` of its last saved batch), or ``{}``."""
+        return dict(self._resumed_run)
+
     def write_batch(
         self,
         rows: np.ndarray,
         features: dict[str, np.ndarray],
         failures: Sequence[tuple[int, str]] = (),
+        *,
+        seconds: float = 0.0,
+        run: dict[str, Any] | None = None,
     ) -> None:
-        """Persist one batch (atomically): features for ``rows``, and failed rows with their reasons."""
+        """Persist one batch (atomically): features for ``rows``, and failed rows with their reasons.
+
+        A row whose features are not finite (NaN or infinite, in any layer, as stored) is recorded as a failure
+        with the reason instead: no classifier can learn from it. ``seconds`` (what the batch cost) and ``run``
+        (how the network ran) are kept with the batch, so a resumed job's stats add up every run's work.
+
+        Raises
+        ------
+        DiskFullError
+            The disk is full; the batches saved before are kept.
+        """
         rows = np.asarray(rows, dtype=np.int64)
-        arrays: dict[str, np.ndarray] = {
-            "rows": rows,
-            "fail_rows": np.array([r for r, _ in failures], dtype=np.int64),
-            "fail_reasons": np.array([reason for _, reason in failures], dtype=np.str_),
-        }
         storage = np.float16 if self.spec.dtype == "float16" else np.float32
-        for i, layer in enumerate(self.spec.layers):
-            block = np.asarray(features[layer], dtype=storage)
+        blocks, bad = [], np.zeros(len(rows), dtype=bool)
+        failures = list(failures)
+        for layer in self.spec.layers:
+            raw = np.asarray(features[layer])
+            with np.errstate(over="ignore"):  # float16 overflow becomes infinity: a failure with its reason below
+                block = raw.astype(storage, copy=False)
             if block.shape != (len(rows), self.dims[layer]):
                 raise ValueError(f"layer {layer}: got {block.shape}, expected {(len(rows), self.dims[layer])}")
-            arrays[f"f{i}"] = block
+            not_finite = ~np.isfinite(block).all(axis=1) & ~bad
+            for k in np.flatnonzero(not_finite):
+                failures.append((int(rows[k]), _non_finite_reason(layer, raw[k])))
+            bad |= not_finite
+            blocks.append(block)
+        keep = ~bad
+        arrays: dict[str, np.ndarray] = {
+            "rows": rows[keep],
+            "fail_rows": np.array([r for r, _ in failures], dtype=np.int64),
+            "fail_reasons": np.array([reason for _, reason in failures], dtype=np.str_),
+            "seconds": np.float64(seconds),
+            "run": np.str_(canonical_json(run or {})),
+        }
+        for i, block in enumerate(blocks):
+            arrays[f"f{i}"] = block[keep] if bad.any() else block
         target = self.workdir / f"part-{self._next_part:08d}.npz"
-        atomic_write(target, lambda fh: np.savez(fh, **arrays))
+        try:
+            atomic_write(target, lambda fh: np.savez(fh, **arrays))
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._disk_full("saving a batch") from None
+            raise
         self._next_part += 1
-        self._done[rows] = True
+        self._done[rows[keep]] = True
         self._failed.update((int(r), reason) for r, reason in failures)
 
     # -- assembly
@@ -284,61 +359,97 @@ class StoreWriter:
         missing = self.pending_rows()
         if len(missing):
             raise IncompleteStoreError(f"cannot finalise {self.path}: {len(missing)} rows were never extracted")
+        features, columns = self._estimated_bytes()
         # Assembled inside the partial folder, so a kill during assembly leaves nothing beside the store.
         with atomic_path(self.path, self.workdir / f"assembling-{os.getpid()}.h5") as tmp:
-            self._assemble(tmp, stats or {})
+            _write_hdf5_guarded(
+                tmp,
+                features,
+                columns,
+                lambda f, columns_next: self._write_store(f, stats or {}, columns_next),
+                f"assembling {self.path}",
+                f"run the same command again: the {self.n_done + self.n_failed} rows already saved are kept and resume",
+            )
         shutil.rmtree(self.workdir, ignore_errors=True)  # unlinks the lock file, held until _release
         return self.path
 
-    def _assemble(self, target: Path, stats: dict[str, Any]) -> None:
+    def _estimated_bytes(self) -> tuple[int, int]:
+        """``(features, the rest)``: about how many bytes the finished store takes, the features exactly."""
+        itemsize = 2 if self.spec.dtype == "float16" else 4
+        features = len(self.manifest) * sum(self.dims.values()) * itemsize
+        return features, _column_bytes(self.manifest.ids, self.manifest.paths, list(self._failed.values()))
+
+    def _disk_full(self, doing: str) -> DiskFullError:
+        return _disk_full(
+            self.workdir,
+            f"{doing} of {self.path}",
+            None,
+            None,
+            f"run the same command again: the {self.n_done + self.n_failed} rows already saved are kept and resume",
+        )
+
+    def _write_store(self, f: h5py.File, stats: dict[str, Any], columns_next: Callable[[], None]) -> None:
         m, n = self.manifest, len(self.manifest)
-        with h5py.File(target, "w") as f:
-            datasets = _create_layout(f, self.spec, self.dims, n)
-            for part in sorted(self.workdir.glob("part-*.npz")):
-                with np.load(part, allow_pickle=False) as data:
-                    rows = data["rows"]
-                    if not len(rows):
-                        continue
-                    order = np.argsort(rows, kind="stable")
-                    sorted_rows = rows[order]
-                    contiguous = sorted_rows[-1] - sorted_rows[0] + 1 == len(sorted_rows)
-                    for i, layer in enumerate(self.spec.layers):
-                        block = data[f"f{i}"][order]
-                        if contiguous:
-                            datasets[layer][sorted_rows[0] : sorted_rows[-1] + 1] = block
-                        else:
-                            datasets[layer][sorted_rows] = block
-            sizes, mtimes = _file_stats(m.paths)
-            fail_rows = np.array(sorted(self._failed), dtype=np.int64)
-            _write_columns(
-                f,
-                ids=m.ids,
-                paths=m.paths,
-                labels=m.labels.astype(np.int64),
-                file_size=sizes,
-                file_mtime_ns=mtimes,
-                split=np.array([SPLIT_CODES[s] for s in m.splits], dtype=np.int8),
-                split_codes=SPLIT_CODES,
-                class_names=m.class_names,
-                done=self._done,
-                fail_rows=fail_rows,
-                fail_ids=[m.ids[r] for r in fail_rows],
-                fail_reasons=[self._failed[r] for r in fail_rows],
-            )
-            _finish_attrs(
-                f,
-                {
-                    "key": self.key,
-                    "spec": canonical_json(self.spec.to_dict()),
-                    "manifest_fingerprint": self.manifest_fingerprint,
-                    "labels_fingerprint": m.labels_fingerprint(),
-                    "manifest_source": m.source,
-                    "split_policy": m.split_policy,
-                    "versions": canonical_json(library_versions()),
-                    "stats": canonical_json(stats),
-                    **self.attrs,
-                },
-            )
+        datasets = _create_layout(f, self.spec, self.dims, n)
+        for part in sorted(self.workdir.glob("part-*.npz")):
+            with np.load(part, allow_pickle=False) as data:
+                rows = data["rows"]
+                if not len(rows):
+                    continue
+                order = np.argsort(rows, kind="stable")
+                sorted_rows = rows[order]
+                contiguous = sorted_rows[-1] - sorted_rows[0] + 1 == len(sorted_rows)
+                for i, layer in enumerate(self.spec.layers):
+                    block = data[f"f{i}"][order]
+                    if contiguous:
+                        datasets[layer][sorted_rows[0] : sorted_rows[-1] + 1] = block
+                    else:
+                        datasets[layer][sorted_rows] = block
+        columns_next()  # the space set aside is now the columns' and the metadata's
+        sizes, mtimes = _file_stats(m.paths)
+        fail_rows = np.array(sorted(self._failed), dtype=np.int64)
+        _write_columns(
+            f,
+            ids=m.ids,
+            paths=m.paths,
+            labels=m.labels.astype(np.int64),
+            file_size=sizes,
+            file_mtime_ns=mtimes,
+            split=np.array([SPLIT_CODES[s] for s in m.splits], dtype=np.int8),
+            split_codes=SPLIT_CODES,
+            class_names=m.class_names,
+            done=self._done,
+            fail_rows=fail_rows,
+            fail_ids=[m.ids[r] for r in fail_rows],
+            fail_reasons=[self._failed[r] for r in fail_rows],
+        )
+        _finish_attrs(
+            f,
+            {
+                "key": self.key,
+                "spec": canonical_json(self.spec.to_dict()),
+                "manifest_fingerprint": self.manifest_fingerprint,
+                "labels_fingerprint": m.labels_fingerprint(),
+                "manifest_source": m.source,
+                "split_policy": m.split_policy,
+                "versions": canonical_json(library_versions()),
+                "stats": canonical_json(stats),
+                **self.attrs,
+            },
+        )
+
+
+def _non_finite_reason(layer: str, values: np.ndarray) -> str:
+    """Why a row of features is not finite: the network gave NaN or infinity, or float16 storage overflowed."""
+    if np.isfinite(values).all():
+        return (
+            f"features of layer {layer} overflow float16 (largest magnitude {np.abs(values).max():.3g}, over "
+            "65504); extract with --dtype float32"
+        )
+    return (
+        f"the network gave non-finite features (NaN or infinity) in layer {layer}; check the weights (a checkpoint "
+        "holding NaN or infinite values?) and the backbone's preprocessing"
+    )
 
 
 def _mismatch_message(path: Path, spec: ExtractionSpec, fingerprint: str) -> str:
@@ -359,6 +470,14 @@ def _mismatch_message(path: Path, spec: ExtractionSpec, fingerprint: str) -> str
 
 
 # ------------------------------------------------------------------------------------- labels layer
+def _unshare(path: Path) -> None:
+    """Give ``path`` a file of its own when it is hard-linked (:func:`featx.store.index.link_store`), so the
+    in-place label rewrite that follows never changes the store at the other path."""
+    if path.stat().st_nlink > 1:
+        with atomic_path(path) as tmp:
+            shutil.copyfile(path, tmp)
+
+
 def update_labels(path: str | Path, manifest: Manifest) -> bool:
     """Give a complete store the labels, source splits and class names of ``manifest`` (same images, same order).
 
@@ -388,6 +507,7 @@ def update_labels(path: str | Path, manifest: Manifest) -> bool:
     workdir.mkdir(parents=True, exist_ok=True)
     lock = _take_lock(workdir / "lock")
     try:
+        _unshare(path)
         with h5py.File(path, "r+") as f:
             f.attrs["labels_fingerprint"] = ""
             f.flush()
