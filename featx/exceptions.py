@@ -12,14 +12,17 @@ from collections.abc import Iterable
 
 __all__ = [
     "ArchiveError",
+    "DamagedFileError",
     "DiskFullError",
     "ImageDecodeError",
     "IncompleteStoreError",
     "InsufficientMemoryError",
     "JobError",
     "NotResultsError",
+    "NotWritableError",
     "ResultsError",
     "SpecMismatchError",
+    "StoreError",
     "StoreLockedError",
     "UnknownNameError",
     "close_matches",
@@ -41,6 +44,23 @@ class StoreLockedError(RuntimeError):
 
 class IncompleteStoreError(RuntimeError):
     """A store whose extraction has not finished (interrupted, or still running)."""
+
+
+class DamagedFileError(ValueError):
+    """A file featx wrote that cannot be read back: truncated, not the format it should be, or edited by hand.
+
+    The message names the file, what is wrong with it and how to get a good one back.
+    """
+
+
+class StoreError(DamagedFileError):
+    """A feature store that is not consistent with itself (a dataset missing or of the wrong length, a split
+    code or a label that means nothing, a spec that does not parse); the message names the file and the fault."""
+
+
+class NotWritableError(OSError):
+    """An output folder that cannot be created or written (a read-only mount, no permission, under ``/proc``);
+    the message names it, says why and what to do."""
 
 
 class DiskFullError(OSError):

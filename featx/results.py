@@ -27,6 +27,7 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 
 from featx._runtime.io import atomic_write
+from featx.exceptions import NotResultsError, ResultsError  # raised here; defined once, with every featx error
 
 __all__ = [
     "RESULTS_SCHEMA",
@@ -64,14 +65,6 @@ SCHEMA_VERSION = 1
 SCHEMA = f"{SCHEMA_PREFIX}{SCHEMA_VERSION}"
 #: The same, under the name featx used before the schema had its own module.
 RESULTS_SCHEMA = SCHEMA
-
-
-class ResultsError(ValueError):
-    """A results file that cannot be read: not JSON, a newer schema, or a missing section (the message says which)."""
-
-
-class NotResultsError(ResultsError):
-    """A JSON file that is not a featx results document at all (no featx ``schema`` field)."""
 
 
 # -------------------------------------------------------------------------------------------- sections

@@ -145,7 +145,7 @@ def test_old_results_are_read_by_the_report(tiny):
     assert rows["finetune"]["chosen"] == "best epoch 1"
     assert "phases head 1 ep @ 0.01" in rows["finetune"]["how"]
     table = format_table(list(rows.values()))
-    assert all(row["method"] in table for row in rows.values()) and "0.5000 [0.0000, 1.0000]" in table
+    assert all(row["method"] in table for row in rows.values()) and "50.0 [0.0, 100.0]" in table
     # Old results hold no per-image predictions: the report names them and leaves them out of the verdict.
     assert "no per-image test predictions (written by an older featx): re-run it" in table
     assert "splits: not recorded (results of an older featx)" in table

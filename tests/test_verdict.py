@@ -181,7 +181,7 @@ def test_seeds_are_averaged_and_repeats_give_the_bayesian_probabilities():
     assert d.probabilities["a_better"] > 0.5 and "Nadeau & Bengio" in d.method
     one_split = verdict([r for r in rows if r["split"]["plan"]["split_seed"] == 0])
     assert one_split.question.seeds == (3, 1) and one_split.question.splits == 1
-    assert "seed-averaged" in one_split.question.method  # all three seeds, not the lowest alone
+    assert "run-averaged" in one_split.question.method  # all three seeds, not the lowest alone
 
 
 def test_across_datasets_counts_decisions_and_tests_the_differences():
@@ -190,3 +190,17 @@ def test_across_datasets_counts_decisions_and_tests_the_differences():
     (line,) = across_datasets(found)
     assert line.startswith("Across 3 datasets: fine-tuning pays on 3; Wilcoxon signed-rank")
     assert across_datasets(found[:2]) == []
+
+
+def test_repeats_around_a_fixed_test_split_count_as_training_runs_and_say_what_they_cannot_count():
+    rng = np.random.default_rng(5)
+    ids = [f"val/{i}" for i in range(150)]  # a folder's own val split is the test split, whatever the split seed
+    rows = []
+    for split in range(3):
+        rows.append(_row("svm", rng.random(150) < 0.85, ids=ids, split=split))
+        rows.append(_row("ft", rng.random(150) < 0.88, kind="finetune", ids=ids, split=split))
+    d = verdict(rows).question
+    assert d.splits == 1 and d.fixed_test_repeats == 3 and d.seeds == (3, 3)
+    words = " ".join(verdict(rows).sentences)
+    assert "3 split seeds re-carving train and val around the same test images" in words
+    assert "the test split's own variance" in words and "split-to-split" not in words

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "atomic_write", "fsync_dir"]
+from featx.exceptions import NotWritableError
+
+__all__ = ["atomic_path", "atomic_write", "check_writable", "fsync_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -65,3 +68,30 @@ def atomic_write(target: str | Path, write: Callable[[IO[bytes]], object]) -> Pa
     with atomic_path(target) as tmp, tmp.open("wb") as fh:
         write(fh)
     return target
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it, before any work that would be lost.
+
+    Parameters
+    ----------
+    folder : str or Path
+    what : str
+        What the folder is to the user (``--out``, ``out``), for the message.
+
+    Raises
+    ------
+    NotWritableError
+        ``folder`` cannot be created, or written into (a read-only mount, no permission, a file in the way).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".featx-write-check-"):
+            pass
+    except OSError as exc:
+        raise NotWritableError(
+            f"{what} {str(folder)!r} cannot be created or written ({exc.strerror or exc}): choose a folder you can "
+            "write to"
+        ) from None
+    return folder

@@ -16,7 +16,7 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["FileLock", "LockHeld"]
+__all__ = ["FileLock", "LockHeld", "processes_with_open"]
 
 _held_here: set[tuple[int, int]] = set()  # (device, inode) of the lock files this process holds
 _table_lock = threading.Lock()
@@ -103,3 +103,29 @@ class FileLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def processes_with_open(path: str | Path) -> list[str]:
+    """``pid N (COMMAND)`` of every other process that has ``path`` open, for a message; Linux only (``[]``
+    elsewhere, or for processes this user may not inspect)."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                st = os.stat(fd)  # follows the link to the open file
+                if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                    command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    found.append(f"pid {entry.name} ({command[:80] or '?'})")
+                    break
+        except OSError:  # gone meanwhile, or not ours to inspect
+            continue
+    return found

@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx._runtime.env import library_versions
+from featx._runtime.io import check_writable
 from featx.classify import memory
 from featx.classify._rows import _labelled_rows, _labelled_store_rows
 from featx.classify.arrays import choose_path, cuda_free_bytes, take, to_numpy_pipeline
@@ -121,6 +122,8 @@ def train(
             )
         fs = FeatureStore(store, plan) if owns else store
         try:
+            if out_dir is not None:  # before the search, whose work an unwritable folder would lose
+                check_writable(out_dir, "out_dir")
             layer = _check_layer(fs, config.layer)
             if shots:  # before any fit: a curve that cannot be drawn is refused, not found out after training
                 shots = drawable_shots(fs.labels("train"), fs.class_names, shots, fs.path)

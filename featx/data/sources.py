@@ -401,10 +401,15 @@ def from_torchvision(name: str, *, download: bool = True) -> Manifest:
                 dataset = cls(**kw)
             except ValueError:  # a split name this dataset does not have
                 continue
-            except RuntimeError as exc:
+            except (RuntimeError, OSError) as exc:  # offline: urllib's URLError is an OSError
+                root = cache_dir() / "torchvision" / name
                 raise RuntimeError(
-                    f"torchvision:{name} is not in the cache and could not be downloaded ({exc}). On a machine "
-                    f"with internet it downloads into {cache_dir() / 'torchvision' / name}."
+                    f"torchvision:{name} needs the network to download it, or a copy downloaded before, and this "
+                    f"machine has neither (torchvision said: {exc}). Either run once where there is internet "
+                    f"(it downloads into {root}), or copy the files torchvision downloads for {name} (the archive, "
+                    f"e.g. cifar-10-python.tar.gz for CIFAR10, or its unpacked folder) into {root}; set "
+                    "FEATX_CACHE_DIR to use another cache. An image folder or a CSV manifest of the images works "
+                    "offline too"
                 ) from exc
             seen_split_names.add(split)
             class_names = class_names or [str(c) for c in getattr(dataset, "classes", [])] or None

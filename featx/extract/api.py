@@ -15,6 +15,7 @@ import torch
 from featx._runtime.device import resolve_amp, resolve_device
 from featx._runtime.dist import TorchrunEnv
 from featx._runtime.env import cache_dir
+from featx._runtime.io import check_writable
 from featx.backbones.features import Backbone, FeatureModel
 from featx.backbones.loading import load_backbone
 from featx.backbones.names import PENULTIMATE, BackboneName, resolve_backbone
@@ -354,6 +355,8 @@ def extract(
     one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
     amp = resolve_amp(amp, dev)
+    if out is not None and not dry_run:  # before the network loads: a folder that cannot take the store fails now
+        check_writable(Path(out).expanduser().parent, "the folder of --out")
     if out is not None and env is None and one_shard is None and not dry_run:
         check_not_locked(Path(out).expanduser())  # a second writer is refused now, not after the model loads
     net, feature_model = _load_network(backbone, layers, pool, expect_weights_sha256)

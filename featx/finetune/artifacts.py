@@ -20,6 +20,7 @@ from featx._runtime.io import atomic_write
 from featx.backbones.features import Backbone
 from featx.backbones.loading import load_backbone
 from featx.backbones.names import FINETUNE_META, FINETUNE_WEIGHTS
+from featx.exceptions import DamagedFileError
 from featx.finetune.config import FinetuneConfig
 from featx.finetune.heads import _build_head, _Classifier, _set_module
 from featx.spec import Preprocessing, canonical_json
@@ -89,16 +90,13 @@ def read_finetune_meta(out_dir: str | Path) -> dict[str, Any]:
     ------
     FileNotFoundError
         ``out_dir`` holds no ``finetune.json``.
-    ValueError
-        ``finetune.json`` is not JSON.
+    DamagedFileError
+        ``finetune.json`` is not JSON, or lacks what rebuilding the network needs (a ``ValueError``).
     """
     meta_path = Path(out_dir) / FINETUNE_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{out_dir} holds no {FINETUNE_META}; is it a `featx finetune --out` folder?")
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta_path} is not JSON ({exc}); run the fine-tune again to rewrite it") from None
+    return _read_meta(meta_path)
 
 
 def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -121,6 +119,8 @@ def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     ------
     FileNotFoundError
         ``out_dir`` holds no ``finetune.json``.
+    DamagedFileError
+        Its ``finetune.json`` is not JSON, or lacks what rebuilding the network needs.
     """
     from safetensors.torch import load_file
 
@@ -137,3 +137,22 @@ def load_finetuned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     net.model.eval()
     pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
     return _Classifier(net.model, pre).eval(), meta
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``finetune.json``, checked for what :func:`load_finetuned` reads, or a :class:`DamagedFileError` naming it."""
+    fix = "re-run the `featx finetune` that made the folder (a finished run is only tested again and rewrites it)"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DamagedFileError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    head = meta.get("head") if isinstance(meta, dict) else None
+    missing = [
+        k for k in ("backbone", "class_names", "preprocessing", "head") if not isinstance(meta, dict) or k not in meta
+    ]
+    missing += [f"head.{k}" for k in ("name", "hidden", "dropout") if isinstance(head, dict) and k not in head]
+    if missing or not isinstance(head, dict):
+        raise DamagedFileError(
+            f"{path} is not a featx fine-tuning record: it lacks {', '.join(missing) or 'head'}; {fix}"
+        )
+    return meta

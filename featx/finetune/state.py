@@ -5,12 +5,13 @@ curves; the checkpoint adds the weights and the optimiser, scheduler and gradien
 that point. The checkpoint is a plain dict of tensors and Python values (read with
 ``torch.load(weights_only=True)``); its keys are the ones featx has always written, so a run killed under
 an older featx resumes under this one, plus ``lr_sweep`` (:class:`LrSweep`) in a run whose learning rate is
-chosen on val.
+chosen on val, and ``seconds`` (the compute every process of the run spent up to that checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from featx._runtime.io import atomic_write
+from featx.exceptions import DamagedFileError
 
 __all__ = ["CHECKPOINT_KEYS", "LrSweep", "RunState", "read_checkpoint", "save_checkpoint"]
 
@@ -114,6 +116,11 @@ class RunState:
         dropped (:meth:`release`) once they have been loaded into the live objects.
     lr_sweep : LrSweep, optional
         The choice of the learning rate on val, in a run that makes one, once it has begun.
+    seconds : float
+        Wall-clock seconds the run's earlier processes spent up to the checkpoint this state was read from (0 for
+        a fresh run, and for a checkpoint of a featx that did not record it); :meth:`elapsed` adds this one's.
+    clock : float, optional
+        ``time.perf_counter()`` when this process began working on the run (:meth:`start_clock`); not saved.
     """
 
     run_hash: str
@@ -128,6 +135,20 @@ class RunState:
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     lr_sweep: LrSweep | None = None
+    seconds: float = 0.0
+    clock: float | None = None
+
+    def start_clock(self, at: float | None = None) -> None:
+        """Count this process's time from ``at`` (a ``time.perf_counter()`` value; now by default)."""
+        self.clock = time.perf_counter() if at is None else at
+
+    def elapsed(self) -> float:
+        """The run's compute so far: the earlier processes' seconds and this one's since :meth:`start_clock`.
+
+        A resumed run thus records what an uninterrupted one would: the time of every epoch it keeps, plus each
+        process's start-up; the work of an epoch cut short by the interruption is not counted (it is redone).
+        """
+        return self.seconds + (time.perf_counter() - self.clock if self.clock is not None else 0.0)
 
     @property
     def lr_base(self) -> float | None:
@@ -167,9 +188,11 @@ class RunState:
         return dataclasses.replace(self, model=None, optimizer=None, scheduler=None, scaler=None, lr_sweep=sweep)
 
     def to_checkpoint(self) -> dict[str, Any]:
-        """The dict ``checkpoint.pt`` holds (keys :data:`CHECKPOINT_KEYS`, and ``lr_sweep`` once there is one)."""
+        """The dict ``checkpoint.pt`` holds (keys :data:`CHECKPOINT_KEYS`, ``seconds``, and ``lr_sweep`` once there
+        is one)."""
         sweep = {} if self.lr_sweep is None else {"lr_sweep": self.lr_sweep.to_dict()}
         return sweep | {
+            "seconds": self.elapsed(),
             "run_hash": self.run_hash,
             "model": self.model,
             "optimizer": self.optimizer,
@@ -208,6 +231,7 @@ class RunState:
             scheduler=data["scheduler"],
             scaler=data["scaler"],
             lr_sweep=LrSweep.from_dict(data["lr_sweep"]) if data.get("lr_sweep") is not None else None,
+            seconds=float(data.get("seconds", 0.0)),
         )
 
     def with_live(
@@ -228,10 +252,29 @@ class RunState:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint saved at ``path`` as written (see :meth:`RunState.from_checkpoint`), or ``None``."""
+    """The checkpoint saved at ``path`` as written (see :meth:`RunState.from_checkpoint`), or ``None``.
+
+    Raises
+    ------
+    DamagedFileError
+        ``path`` cannot be read as a featx checkpoint: truncated, not a torch file, a pickle that asks for more
+        than tensors and plain values (never run: ``weights_only``), or a dict without the checkpoint's keys.
+    """
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+        reason = " ".join(str(exc).split())
+        raise DamagedFileError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {reason[:300]})") from None
+    if not isinstance(data, dict):
+        raise DamagedFileError(f"{path} is not a featx fine-tuning checkpoint: it holds a {type(data).__name__}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in data]
+    if missing:
+        raise DamagedFileError(f"{path} is not a featx fine-tuning checkpoint: it lacks {', '.join(missing)}")
+    return data
 
 
 def save_checkpoint(path: Path, state: RunState) -> None:

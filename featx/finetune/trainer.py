@@ -31,12 +31,13 @@ import torch
 from featx._runtime import dist as _ddp
 from featx._runtime.device import resolve_amp
 from featx._runtime.env import library_versions
+from featx._runtime.io import check_writable
 from featx._runtime.malloc import reuse_freed_memory
 from featx._runtime.progress import Progress
 from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
 from featx.data.splits import SELECTION_RULE, SplitPlan
-from featx.exceptions import SpecMismatchError
+from featx.exceptions import DamagedFileError, SpecMismatchError
 from featx.finetune.artifacts import CHECKPOINT, FINETUNE_META, WEIGHTS, _config_hash, _save_json
 from featx.finetune.config import FinetuneConfig
 from featx.finetune.data import _EvalImages
@@ -148,6 +149,8 @@ def finetune(
         on another backbone or other classes.
     FileNotFoundError
         The source or ``init_head`` does not exist.
+    NotWritableError
+        ``out_dir`` cannot be created or written (checked before anything loads).
     RuntimeError
         Under torchrun, ranks that see different data or different checkpoints (``out_dir`` must be on a
         filesystem every node sees); weights that cannot be downloaded.
@@ -202,6 +205,7 @@ def _finetune(
 ) -> FinetuneResults:
     """Check, prepare, restore, train every phase, test the best epoch, write the artifacts."""
     t_start = time.perf_counter()
+    check_writable(out, "out_dir")  # before the network loads; on every rank, so that all of them stop
     amp = resolve_amp(amp, dev)
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)
@@ -209,6 +213,7 @@ def _finetune(
     rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels, built.net.preprocessing)
     run_hash = _config_hash(config, built.net, rows.fingerprint, built.init_ref)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
+    state.start_clock(t_start)  # a resumed run adds this process's seconds to those its checkpoint recorded
     run = _Run.start(
         world, dev, config, amp, out, rows, built, workers=workers, max_pixels=max_pixels, progress=progress
     )
@@ -225,18 +230,24 @@ def _finetune(
             if state.phase == phase_index:  # the chosen candidate's epoch may have ended the phase
                 train_phase(run, state, phase_index, bar, live)
     test = test_best(run)
-    return write_artifacts(run, state, test, seconds=time.perf_counter() - t_start)
+    return write_artifacts(run, state, test, seconds=state.elapsed())
 
 
 # ---------------------------------------------------------------------------------------- the steps
 def restore_or_start(world: _ddp.World, out: Path, run_hash: str, *, overwrite: bool) -> RunState:
     """The state saved in ``out/checkpoint.pt`` when it belongs to this run, else a fresh one.
 
-    A checkpoint of another run (other data, backbone or config) is refused unless ``overwrite``; every
-    rank must find the same checkpoint, or ``--out`` is not one folder all nodes see.
+    A checkpoint of another run (other data, backbone or config) is refused unless ``overwrite``; a damaged
+    one (truncated, not a featx checkpoint) is named and the run starts afresh, its next checkpoint replacing
+    it. Every rank must find the same checkpoint, or ``--out`` is not one folder all nodes see.
     """
     out.mkdir(parents=True, exist_ok=True)
-    saved = read_checkpoint(out / CHECKPOINT)
+    try:
+        saved = read_checkpoint(out / CHECKPOINT)
+    except DamagedFileError as exc:
+        if world.is_main:
+            log.warning("%s; the run starts afresh and its first checkpoint replaces it", exc)
+        saved = None
     if saved is not None and saved.get("run_hash") != run_hash:
         if not overwrite:
             raise SpecMismatchError(

@@ -141,6 +141,7 @@ class Decision:
     to_decide: str | None = None  # what would decide an inconclusive case
     not_counted: list[str] = field(default_factory=list)  # variance the interval could not account for
     cost_ratio: float | None = None  # compute(a) / compute(b), each averaged over its runs
+    fixed_test_repeats: int = 1  # split seeds that re-carved only train and val around one test split
 
     def to_dict(self) -> dict:
         """JSON-ready (report.json)."""
@@ -154,6 +155,7 @@ def decide(
     margin: float = DEFAULT_MARGIN,
     level: float = LEVEL,
     train_sizes: Mapping[str, int] | None = None,
+    fixed_test_repeats: int = 1,
 ) -> Decision:
     """Decide ``a`` against ``b`` over the splits both were run on.
 
@@ -168,6 +170,10 @@ def decide(
     train_sizes : mapping of split key to int, optional
         Images a model learned from in each split (train + val): Nadeau & Bengio's correction needs
         ``n_test / n_train``. Without it the correction assumes a 20 % test split.
+    fixed_test_repeats : int, default=1
+        How many split seeds the runs of one split hold when the source fixes the test images (a folder's own
+        val split as test): the seeds re-carved only train and val, so their runs vary like training seeds and the
+        test split's own variance cannot be counted.
 
     Returns
     -------
@@ -185,15 +191,27 @@ def decide(
     if max(seeds) == 1:
         not_counted.append("training-seed variance (one seed per row: set seeds = [0, 1, 2] on the rows)")
     if len(keys) == 1:
-        not_counted.append("split-to-split variance (one split: set repeats = 3 or more on the dataset)")
+        if fixed_test_repeats > 1:
+            not_counted.append(
+                f"the test split's own variance (the source fixes the test images: the {fixed_test_repeats} split "
+                "seeds re-carved train and val only; a larger test split is what would add to it)"
+            )
+        else:
+            not_counted.append("split-to-split variance (one split: set repeats = 3 or more on the dataset)")
         s = per_split[0]
         if max(seeds) == 1:
             lo, hi = paired_score_interval(s.only_a, s.only_b, s.n, level)
             method = f"Tango's score interval, paired on {s.n} test images"
         else:
             lo, hi = _normal_interval(s.difference, s.variance, level)
-            method = f"per-image differences of the seed-averaged rows + seed-to-seed variance, {s.n} test images"
-        return _decision(s.difference, (lo, hi), margin, level, method, n_test, 1, seeds, None, not_counted, s)
+            method = f"per-image differences of the run-averaged rows + run-to-run variance, {s.n} test images"
+        probabilities = _normal_probabilities(s.difference, s.variance, margin)
+        decision = _decision(
+            s.difference, (lo, hi), margin, level, method, n_test, 1, seeds, probabilities, not_counted, s
+        )
+        if fixed_test_repeats > 1 and decision.to_decide:
+            decision = dataclasses.replace(decision, to_decide=decision.to_decide.split(", e.g.")[0])
+        return dataclasses.replace(decision, fixed_test_repeats=fixed_test_repeats)
     return _over_splits(keys, per_split, margin, level, train_sizes, n_test, seeds, not_counted)
 
 
@@ -222,6 +240,19 @@ def _split_difference(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray]
     only_a = round(float(np.clip(d, 0, None).sum()))
     only_b = round(float(np.clip(-d, 0, None).sum()))
     return _Split(n, float(d.mean()), variance, per_image, only_a, only_b)
+
+
+def _normal_probabilities(estimate: float, variance: float, margin: float) -> dict[str, float]:
+    """P(Δ > m), P(|Δ| ≤ m), P(Δ < -m) under the normal approximation of Δ's posterior (flat prior): rough at
+    small discordant counts, where the decision itself reads Tango's interval."""
+    from scipy.stats import norm
+
+    sd = math.sqrt(max(variance, 0.0))
+    if sd == 0:
+        above, below = float(estimate > margin), float(estimate < -margin)
+    else:
+        above, below = float(norm.sf((margin - estimate) / sd)), float(norm.cdf((-margin - estimate) / sd))
+    return {"a_better": above, "equivalent": max(0.0, 1.0 - above - below), "b_better": below}
 
 
 def _normal_interval(estimate: float, variance: float, level: float) -> tuple[float, float]:

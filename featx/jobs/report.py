@@ -20,6 +20,7 @@ import numpy as np
 from featx._runtime.io import atomic_write
 from featx.finetune.config import edge_words
 from featx.jobs.decision import DEFAULT_MARGIN
+from featx.jobs.markdown import md_cell, md_code, md_link, md_text
 from featx.jobs.plots import plot_datasets
 from featx.jobs.verdict import DatasetVerdict, across_datasets, verdict
 from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
@@ -66,7 +67,7 @@ def _row(results: Results, path: Path, root: Path) -> Row:
     else:
         chosen, train_s, extract_s, ips, how = _classifier_numbers(results)
         init_results = None
-        dataset = cell.get("dataset") or Path((results.get("store") or {}).get("path") or "store").stem
+        dataset = cell.get("dataset") or Path((results.get("store") or {}).get("path") or "store").name
         compute_s = (train_s or 0.0) + (extract_s or 0.0)
         fingerprint = (results.get("store") or {}).get("manifest_fingerprint")
         device = ((results.get("store") or {}).get("stats") or {}).get("device")
@@ -477,9 +478,9 @@ def _headlines(sections: list[_Section]) -> list[str]:
 # ------------------------------------------------------------------------------------------- documents
 def _md_table(header: tuple[str, ...] | list[str], body: list[list[str]]) -> list[str]:
     return [
-        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(md_cell(c) for c in header) + " |",
         "|" + " --- |" * len(header),
-        *("| " + " | ".join(r) + " |" for r in body),
+        *("| " + " | ".join(md_cell(c) for c in r) + " |" for r in body),
     ]
 
 
@@ -500,28 +501,30 @@ def _provenance(group: list[Row]) -> tuple[list[tuple[str, str, str]], str | Non
 
 def _markdown(sections: list[_Section], plots: _Plots, out: Path, title: str) -> str:
     def figures(items: list[tuple[str, Path]]) -> list[str]:
-        return [f"![{caption}]({png.relative_to(out).as_posix()})" for caption, png in items] + ([""] if items else [])
+        return [f"![{md_text(caption)}]({md_link(png.relative_to(out).as_posix())})" for caption, png in items] + (
+            [""] if items else []
+        )
 
-    lines = [f"# {title}", ""]
+    lines = [f"# {md_text(title)}", ""]
     heads = _headlines(sections)
     if heads:
-        lines += ["**Decision**", "", *(f"- {h}" for h in heads), ""]
+        lines += ["**Decision**", "", *(f"- {md_text(h)}" for h in heads), ""]
     for dataset, group, found in sections:
         mine = plots.get(dataset, [])
-        lines += [f"## {dataset}", ""]
+        lines += [f"## {md_text(dataset)}", ""]
         if found is not None:
-            lines += [f"- {sentence}" for sentence in _details(found)] + [""]
+            lines += [f"- {md_text(sentence)}" for sentence in _details(found)] + [""]
         lines += figures(_first_plot(mine, "cost-accuracy"))
-        lines += [*(f"{line}  " for line in _split_lines(group)), ""]
+        lines += [*(f"{md_text(line)}  " for line in _split_lines(group)), ""]
         if found is not None:
-            lines += [f"{_sentence_case(_against_words(found))}:"]
+            lines += [f"{md_text(_sentence_case(_against_words(found)))}:"]
             lines += ["", *_md_table(VERDICT_COLUMNS, _verdict_cells(found)), ""] if found.rows else [""]
-            lines += [f"- not compared: **{method}**, {why}" for method, why in found.refused]
+            lines += [f"- not compared: **{md_text(method)}**, {md_text(why)}" for method, why in found.refused]
         lines += figures(_first_plot(mine, "discordant"))
         lines += _md_table(COLUMNS, [_cells(r) for r in group])
         provenance, versions = _provenance(group)
-        lines += ["", "How each row was made" + (f" (every row: {versions})" if versions else "") + ":", ""]
-        lines += [f"- **{method}** (`{path}`): {how}" for method, path, how in provenance]
+        lines += ["", "How each row was made" + (f" (every row: {md_text(versions)})" if versions else "") + ":", ""]
+        lines += [f"- **{md_text(method)}** ({md_code(path)}): {md_text(how)}" for method, path, how in provenance]
         lines.append("")
         lines += figures([p for p in mine if not p[1].name.startswith(("cost-accuracy", "discordant"))])
     return "\n".join(lines) + "\n"

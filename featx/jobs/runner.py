@@ -1,7 +1,9 @@
 """Running a planned job: each cell cached under the hash of what it depends on, failures kept to their cell.
 
-A cell whose marker (``cell.json``) holds the hash of its identity and whose ``results.json`` exists is skipped;
-the marker is written last, so a half-finished cell never reads as done.
+A cell whose marker (``cell.json``) holds the hash of its identity and whose ``results.json`` reads is skipped;
+the marker is written last, so a half-finished cell never reads as done, and a damaged marker or results file is
+named and the cell redone. A cell runs under a lock (``cell.lock``, as a store's extraction does): a second
+``featx run`` of the same pipeline skips the cells the first is running, saying so, and runs the others.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featx._runtime.io import atomic_write
+from featx._runtime.io import atomic_write, check_writable
+from featx._runtime.lock import FileLock, LockHeld
+from featx.exceptions import NotWritableError, StoreLockedError
 from featx.jobs.planning import Task, _backbone_of, _hash, cell_dir, plan
 from featx.jobs.schema import FinetuneSpec, Job, JobError, job_error
 from featx.jobs.values import classifier_config, finetune_config
-from featx.results import CellInfo, read_results, write_results
+from featx.results import CellInfo, ResultsError, read_results, write_results
 
 __all__ = ["RunSummary", "run"]
 
@@ -30,6 +34,13 @@ log = logging.getLogger(__name__)
 
 #: A cell's marker: the hash of its identity, written last, so a cell without it is redone.
 CELL_MARKER = "cell.json"
+
+#: A cell's lock file: held while a process runs the cell (see :class:`featx._runtime.lock.FileLock`).
+CELL_LOCK = "cell.lock"
+
+
+class _CellBusy(Exception):
+    """Another process holds the cell's lock: this run leaves the cell to it."""
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -91,7 +102,10 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
         # load_job refuses it; a Job made in Python may not have been
         raise job_error(job, f"out {str(job.out)!r} is a file, or inside one: out must be a folder", "job", None, "out")
     if not dry_run:  # a dry run writes nothing: no folder, no run.log, no run.json
-        job.out.mkdir(parents=True, exist_ok=True)
+        try:  # creates it; a read-only mount, a folder this user may not write into, /proc: said with the line
+            check_writable(job.out, "out")
+        except NotWritableError as exc:
+            raise job_error(job, f"{exc} (set out in [job])", "job", None, "out") from None
     with contextlib.nullcontext() if dry_run else _run_log(job.out / "run.log"):
         log.info(
             "job %s: %d tasks (%d selected)%s", job.name, len(tasks), len(selected), " [dry run]" if dry_run else ""
@@ -182,6 +196,12 @@ def _run_task(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_
         except KeyboardInterrupt:
             task.status, task.message = "failed", "interrupted"
             raise
+        except _CellBusy as busy:
+            task.status, task.message = "skipped", str(busy)
+            log.warning("%s: %s", task.id, busy)
+        except StoreLockedError as exc:  # another run of the pipeline is extracting this store
+            task.status, task.message = "skipped", str(exc)
+            log.warning("%s: %s", task.id, exc)
         except Exception as exc:  # one failing cell must not lose the others
             task.status, task.message = "failed", f"{type(exc).__name__}: {exc}"
             log.error("%s failed: %s\n%s", task.id, task.message, traceback.format_exc())
@@ -255,21 +275,48 @@ def _execute(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_r
     out = cell_dir(job, task)
     marker = out / CELL_MARKER
     digest = _hash(identity)
-    if not force and _cached(out, digest):
+    cached, damage = _cached(out, digest)
+    if not force and cached:
         task.status = "cached"
         return
     if dry_run:
         task.status = "planned"
+        task.message = f"to redo: {damage}" if damage else ""
         return
     out.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)  # a half-finished cell never reads as done
-    if task.kind == "classify":
-        _train_cell(job, task, by_id, out)
-    else:
-        _finetune_cell(job, task, by_id, out, progress=progress)
-    _stamp_results(out / "results.json", task)
-    _write_json(marker, {"hash": digest, "identity": identity})  # last: the cell now reads as done
+    with _cell_lock(out):
+        cached, damage = _cached(out, digest)  # another run may have finished it while this one got here
+        if not force and cached:
+            task.status = "cached"
+            return
+        if damage:
+            log.warning("%s: %s; the cell is done again", task.id, damage)
+        marker.unlink(missing_ok=True)  # a half-finished cell never reads as done
+        if task.kind == "classify":
+            _train_cell(job, task, by_id, out)
+        else:
+            _finetune_cell(job, task, by_id, out, progress=progress)
+        _stamp_results(out / "results.json", task)
+        _write_json(marker, {"hash": digest, "identity": identity})  # last: the cell now reads as done
     task.status = "done"
+    task.message = f"redone: {damage}" if damage else ""
+
+
+@contextlib.contextmanager
+def _cell_lock(out: Path) -> Iterator[None]:
+    """Hold the cell's lock while it runs; :class:`_CellBusy` naming the holder when another process has it."""
+    lock = FileLock(out / CELL_LOCK)
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        raise _CellBusy(
+            f"another featx run ({exc.holder}) is running this cell; this run leaves it to that one. Run again "
+            "when it has finished: the cell is then cached and in the report"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
@@ -331,7 +378,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": _finetune_backbone(job, ft),
         "config": finetune_config(ft, task.seed).to_dict(),
-        "init_head": _read_json(init_marker)["hash"] if init_marker is not None and init_marker.exists() else None,
+        "init_head": _marker_hash(init_marker) if init_marker is not None else None,
     }
 
 
@@ -346,9 +393,36 @@ def _source_fingerprint(source: str) -> str | None:
         return None
 
 
-def _cached(out: Path, digest: str) -> bool:
+def _marker_hash(marker: Path) -> str | None:
+    """The identity hash a cell's marker holds; ``None`` when there is no marker, or a damaged one."""
+    try:
+        digest = _read_json(marker)["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digest if isinstance(digest, str) else None
+
+
+def _cached(out: Path, digest: str) -> tuple[bool, str | None]:
+    """Whether the cell in ``out`` holds readable results for ``digest``; then, what is damaged (to name it).
+
+    A marker that is not JSON, or results that do not read, make the cell one to redo: never a silent cache hit
+    whose row the report would then drop.
+    """
     marker = out / CELL_MARKER
-    return marker.exists() and (out / "results.json").exists() and _read_json(marker).get("hash") == digest
+    if not marker.exists():
+        return False, None
+    recorded = _marker_hash(marker)
+    if recorded is None:
+        return False, f"its marker {marker} is damaged (not the JSON featx writes)"
+    if recorded != digest:
+        return False, None
+    try:
+        read_results(out / "results.json")
+    except FileNotFoundError:
+        return False, None
+    except ResultsError as exc:
+        return False, f"its results do not read ({exc})"
+    return True, None
 
 
 def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None:

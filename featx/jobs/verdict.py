@@ -194,12 +194,8 @@ def _main_split(methods: list[_Method]) -> frozenset:
 
 
 def _split_seed(methods: list[_Method], key: frozenset) -> int:
-    for m in methods:
-        for run in m.runs.get(key, []):
-            seed = ((run.get("split") or {}).get("plan") or {}).get("split_seed")
-            if seed is not None:
-                return int(seed)
-    return 0
+    seeds = [_split_seed_of(run) for m in methods for run in m.runs.get(key, [])]
+    return next((int(s) for s in seeds if s is not None), 0)
 
 
 def _why_refused(main: frozenset, m: _Method, reference_name: str) -> str:
@@ -331,9 +327,16 @@ def _decide(a: _Method, b: _Method, margin: float) -> Decision:
         sizes = (a.runs[key][0].get("split") or {}).get("sizes") or {}
         if sizes.get("train"):
             train[name] = int(sizes["train"]) + int(sizes.get("val") or 0)
-    decision = decide(per_a, per_b, margin=margin, train_sizes=train if len(train) == len(per_a) else None)
+    fixed = max(len({_split_seed_of(r) for r in (*a.runs[key], *b.runs[key])}) for key in shared)
+    decision = decide(
+        per_a, per_b, margin=margin, train_sizes=train if len(train) == len(per_a) else None, fixed_test_repeats=fixed
+    )
     cost_a, cost_b = _mean_cost(a), _mean_cost(b)
     return dataclasses.replace(decision, cost_ratio=cost_a / cost_b if cost_a and cost_b else None)
+
+
+def _split_seed_of(run: Mapping[str, Any]) -> int | None:
+    return ((run.get("split") or {}).get("plan") or {}).get("split_seed")
 
 
 def _mean_cost(m: _Method) -> float | None:
@@ -414,15 +417,21 @@ def decision_sentence(d: Decision, a_name: str, b_name: str, which: str = "quest
 
 def _variance_sentence(d: Decision) -> str:
     counted = ["the test sample"]
-    if max(d.seeds) > 1:
+    if d.fixed_test_repeats > 1:
+        counted.append(
+            f"training runs ({d.seeds[0]} and {d.seeds[1]}: {d.fixed_test_repeats} split seeds re-carving train and "
+            "val around the same test images, × training seeds; averaged)"
+        )
+    elif max(d.seeds) > 1:
         counted.append(f"training seeds ({d.seeds[0]} and {d.seeds[1]}, averaged per split)")
     if d.splits > 1:
         counted.append(f"splits ({d.splits})")
     out = f"Counted: {', '.join(counted)} ({d.method})"
     if d.probabilities:
         p = d.probabilities
+        source = "Bayesian correlated t-test" if d.splits > 1 else "normal approximation, flat prior"
         out += (
-            f"; P(fine-tuned better by > {_margin_pt(d.margin)}) = {p['a_better']:.2f}, P(within ±"
+            f"; {source}: P(fine-tuned better by > {_margin_pt(d.margin)}) = {p['a_better']:.2f}, P(within ±"
             f"{_margin_pt(d.margin)}) = {p['equivalent']:.2f}, P(frozen better by > {_margin_pt(d.margin)}) = "
             f"{p['b_better']:.2f}"
         )

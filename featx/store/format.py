@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from featx.data.manifest import SPLITS
-from featx.exceptions import DiskFullError
+from featx.exceptions import DiskFullError, StoreError
 from featx.spec import ExtractionSpec, canonical_json
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SPLIT_CODES",
     "Failure",
+    "check_consistency",
     "partial_path",
     "partial_progress",
     "read_key",
@@ -303,3 +304,96 @@ class Failure:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+#: The per-row datasets of a store (besides ``/features/<layer>``), each ``[N]``.
+_ROW_COLUMNS = ("ids", "paths", "labels", "file_size", "file_mtime_ns", "split", "done")
+
+
+def _json_attr(path: Path, owner: h5py.AttributeManager, name: str, default: str | None = None) -> Any:
+    raw = owner.get(name, default)
+    if raw is None:
+        raise _damaged(path, f"its {name!r} attribute is missing")
+    try:
+        return json.loads(_text(raw))
+    except (TypeError, ValueError) as exc:
+        raise _damaged(path, f"its {name!r} attribute is not valid JSON ({exc})") from None
+
+
+def _damaged(path: Path, what: str) -> StoreError:
+    return StoreError(
+        f"{path} is damaged or was changed outside featx: {what}. Delete it and run the extraction that made it "
+        "again (`featx extract … --overwrite` replaces it)"
+    )
+
+
+def check_consistency(f: h5py.File, path: str | Path) -> ExtractionSpec:
+    """Check that a complete store agrees with itself, before anything reads a row of it; return its spec.
+
+    A store is only ever written whole (see the module's docstring), so a fault here means it was edited or
+    damaged after the fact: a missing dataset or attribute, columns of different lengths, a split code or a
+    label that names nothing, a spec that does not parse.
+
+    Raises
+    ------
+    StoreError
+        The first fault found, naming ``path`` and what is wrong.
+    """
+    path = Path(path)
+    spec_data = _json_attr(path, f.attrs, "spec")
+    try:
+        spec = ExtractionSpec.from_dict(spec_data)
+    except ValueError as exc:  # written by a newer featx: its own message says so
+        raise StoreError(f"{path}: {exc}") from None
+    except (TypeError, KeyError, AttributeError) as exc:
+        reason = f"its 'spec' attribute does not describe an extraction ({type(exc).__name__}: {exc})"
+        raise _damaged(path, reason) from None
+    if not isinstance(f.attrs.get("key"), (str, bytes)):
+        raise _damaged(path, "its cache 'key' attribute is missing")
+    for name in ("stats", "versions"):
+        if name in f.attrs:
+            _json_attr(path, f.attrs, name)
+    missing = [
+        n for n in (*_ROW_COLUMNS, "class_names", "failures/rows", "failures/ids", "failures/reasons") if n not in f
+    ]
+    if missing:
+        raise _damaged(path, f"it lacks the dataset{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    features = f.get("features")
+    held = sorted(features) if isinstance(features, h5py.Group) else []
+    for layer in spec.layers:
+        if layer not in held:
+            raise _damaged(
+                path,
+                f"it holds no features for layer {layer!r} of its spec (features held: {', '.join(held) or 'none'})",
+            )
+    n = len(f["ids"])
+    lengths = {name: f[name].shape[0] if f[name].ndim else 0 for name in _ROW_COLUMNS}
+    lengths |= {f"features/{layer}": f["features"][layer].shape[0] for layer in spec.layers}
+    wrong = {name: length for name, length in lengths.items() if length != n}
+    if wrong:
+        words = ", ".join(f"{name} {length}" for name, length in wrong.items())
+        raise _damaged(path, f"it has {n} ids but {words} rows")
+    for layer in spec.layers:
+        if f["features"][layer].ndim != 2:
+            raise _damaged(path, f"features/{layer} has shape {f['features'][layer].shape}, not [rows, dims]")
+    codes = _json_attr(path, f["split"].attrs, "codes", canonical_json(SPLIT_CODES))
+    if not isinstance(codes, dict) or set(codes) - set(SPLIT_CODES):
+        raise _damaged(path, f"its split codes {codes!r} name splits other than {', '.join(SPLIT_CODES)}")
+    unknown_codes = sorted(set(np.unique(f["split"][:]).tolist()) - set(codes.values()))
+    if unknown_codes:
+        raise _damaged(path, f"its split column holds code {unknown_codes[0]}, which names no split (codes: {codes})")
+    n_classes = len(f["class_names"])
+    labels = f["labels"][:]
+    bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
+    if len(bad):
+        raise _damaged(
+            path,
+            f"row {int(bad[0])} has label {int(labels[bad[0]])}, but there are {n_classes} class names "
+            f"(labels run from 0 to {n_classes - 1}, -1 for none)",
+        )
+    fail_rows = f["failures/rows"][:]
+    if not len(fail_rows) == len(f["failures/ids"]) == len(f["failures/reasons"]):
+        raise _damaged(path, "its failures/rows, failures/ids and failures/reasons differ in length")
+    if len(fail_rows) and (fail_rows.min() < 0 or fail_rows.max() >= n):
+        raise _damaged(path, f"its failures name rows outside 0..{n - 1}")
+    return spec

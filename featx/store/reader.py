@@ -14,13 +14,14 @@ import numpy as np
 
 from featx.data.splits import SplitPlan, split_hashes
 from featx.exceptions import IncompleteStoreError, unknown
-from featx.spec import ExtractionSpec, canonical_json
+from featx.spec import canonical_json
 from featx.store.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SPLIT_CODES,
     Failure,
     _text,
+    check_consistency,
     partial_path,
     partial_progress,
     shards_path,
@@ -83,7 +84,7 @@ class FeatureStore:
                 f"{self.path}: an update of its labels was interrupted; re-run the `featx extract` that made it "
                 "(its features are kept: only the labels are written again)"
             )
-        self.spec = ExtractionSpec.from_dict(json.loads(self.attrs["spec"]))
+        self.spec = check_consistency(self._file, self.path)
         self.key: str = self.attrs["key"]
         self.layers: tuple[str, ...] = self.spec.layers
         self.class_names: list[str] = [s.decode() if isinstance(s, bytes) else s for s in self._file["class_names"][:]]

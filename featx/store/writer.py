@@ -23,7 +23,7 @@ import numpy as np
 
 from featx._runtime.env import library_versions
 from featx._runtime.io import atomic_path, atomic_write
-from featx._runtime.lock import FileLock, LockHeld
+from featx._runtime.lock import FileLock, LockHeld, processes_with_open
 from featx.data.manifest import Manifest, stat_fingerprint
 from featx.exceptions import DiskFullError, IncompleteStoreError, SpecMismatchError, StoreLockedError
 from featx.spec import ExtractionSpec, canonical_json, spec_differences
@@ -86,6 +86,30 @@ def check_not_locked(path: str | Path) -> None:
         return
     with contextlib.suppress(FileNotFoundError):  # its writer finished and removed the folder meanwhile
         _take_lock(lock_file).release()
+
+
+def _open_for_update(path: Path) -> h5py.File:
+    """Open a complete store to rewrite some of its attributes or columns in place.
+
+    HDF5 locks a file while any process has it open, so a store open elsewhere (a ``featx train``, a notebook)
+    cannot be updated: say so, naming the store and, where the system tells, the processes holding it.
+
+    Raises
+    ------
+    StoreLockedError
+        Another process has the store open.
+    """
+    try:
+        return h5py.File(path, "r+")
+    except OSError as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        holders = processes_with_open(path)
+        by = f" by {', '.join(holders)}" if holders else " by another process"
+        raise StoreLockedError(
+            f"{path} is open{by}, so featx cannot update it in place (its labels or its key); close it there "
+            "(or wait for that command to finish) and run again"
+        ) from None
 
 
 def check_replaceable(
@@ -508,7 +532,7 @@ def update_labels(path: str | Path, manifest: Manifest) -> bool:
     lock = _take_lock(workdir / "lock")
     try:
         _unshare(path)
-        with h5py.File(path, "r+") as f:
+        with _open_for_update(path) as f:
             f.attrs["labels_fingerprint"] = ""
             f.flush()
             for name in ("labels", "split", "class_names"):
@@ -561,7 +585,7 @@ def adopt_legacy_store(path: str | Path, key: str, spec: ExtractionSpec, images_
     workdir.mkdir(parents=True, exist_ok=True)
     lock = _take_lock(workdir / "lock")  # one writer at a time, as for an extraction
     try:
-        with h5py.File(path, "r+") as f:
+        with _open_for_update(path) as f:
             f.attrs["manifest_fingerprint"] = images_fingerprint
             f.attrs["featx_format_version"] = 2
             f.attrs["key"] = key
