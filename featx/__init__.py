@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 from featx.exceptions import (
     ArchiveError,
     DamagedFileError,
+    DiskFullError,
     ImageDecodeError,
     IncompleteStoreError,
     InsufficientMemoryError,
@@ -63,6 +64,7 @@ __all__ = [
     "ArchiveError",
     "ConvNetFeatures",
     "DamagedFileError",
+    "DiskFullError",
     "ExtractionSpec",
     "ImageDecodeError",
     "IncompleteStoreError",
