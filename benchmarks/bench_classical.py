@@ -133,7 +133,7 @@ def featx_run(data, classifier: str, preprocess: str, params: dict, jobs: int) -
     X, y, splits = _labelled(data)
     Xt, yt = data["test"]
     config = ClassifierConfig(classifier=classifier, preprocess=(preprocess,), params=tuple(params.items()))
-    fitted = fit_in_memory(X, y, splits, config.validate(), config, n_jobs=jobs)
+    fitted = fit_in_memory(X, y, splits, config.preset, config, n_jobs=jobs)
     search = fitted.search
     assert search.scheme == "validation split", search.scheme  # one fold: train -> val
     assert fitted.trained_on["splits"] == ["train"] and fitted.trained_on["n"] == len(data["train"][1])
@@ -189,7 +189,7 @@ def reference_run(data, classifier: str, preprocess: str, params: dict, jobs: in
     X, y, splits = _labelled(data)
     Xt, yt = data["test"]
     config = ClassifierConfig(classifier=classifier, preprocess=(preprocess,))
-    preset = config.validate()
+    preset = config.preset
     key = f"clf__{preset.param}"
     fold = PredefinedSplit(np.where(splits == "val", 0, -1))  # fit on the train rows, score on the val rows
 

@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_check.sh            # < 8 min: gpu tests, ResNet-50 and Lite0 on 10,000 photos, the
 #                                           # machinery benchmark, then ResNet-50 again with torch.compile
 #   bash benchmarks/gpu_check.sh --quick    # < 3 min: gpu tests, ResNet-50 on 10,000 photos, no compile
+#   bash benchmarks/gpu_check.sh --scale    # < 4 min: gpu tests, then issue 28's probe: logreg on 1,281,167 x
+#                                           # 1,280 features, 1,000 classes, on CUDA tensors (30 lbfgs
+#                                           # iterations), timed per iteration against the CPU's NumPy path
 #
 # Expects torch, torchvision, timm, h5py and scikit-learn installed, and no package registry: featx goes in with
 # `pip install --no-deps -e .`, and anything else missing comes from .whl/ (made beside this repository with
@@ -18,11 +21,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 QUICK=0
+SCALE=0
 [[ "${1:-}" == "--quick" ]] && QUICK=1
+[[ "${1:-}" == "--scale" ]] && SCALE=1
 OUT="${OUT:-/tmp/featx-gpu-check/out}"
 WORK="${GPU_CHECK_WORK:-/tmp/featx-gpu-check/work}"
 mkdir -p "$OUT" "$WORK"
-if ((QUICK)); then BUDGET=170; else BUDGET=465; fi
+if ((QUICK)); then BUDGET=170; elif ((SCALE)); then BUDGET=230; else BUDGET=465; fi
 N="${GPU_CHECK_N:-10000}"
 DRY="${GPU_CHECK_DRY:-0}"
 DEVICE=cuda
@@ -70,6 +75,39 @@ python -c 'import sys, torch, featx; print("featx", featx.__version__, "torch", 
     torch.cuda.get_device_name(0) if sys.argv[1] == "cuda" else "CPU (dry run)")' "$DEVICE" >"$OUT/versions.txt" ||
     { echo "no CUDA device, or featx does not import"; exit 1; }
 cat "$OUT/versions.txt"
+
+# ------------------------------------------------------------------------------ the classical stage at scale
+if ((SCALE)); then
+    mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py)
+    step gpu_tests 60 python -m pytest -q -p no:cacheprovider -m gpu -W ignore::DeprecationWarning "${GPU_TESTS[@]}"
+    PROBE=(python benchmarks/bench_scale.py probe)
+    ((DRY)) && PROBE+=(--n 20000 --k 50 --max-iter 5 --cpu-rows 5000)
+    step scale_probe 170 "${PROBE[@]}"
+    python - "$OUT" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+probe_out = out / "scale_probe.out"
+lines = [l for l in probe_out.read_text().splitlines() if l.startswith("{")] if probe_out.exists() else []
+probe = json.loads(lines[-1]) if lines else None
+tests = (out / "gpu_tests.out").read_text().strip().splitlines()[-1:] if (out / "gpu_tests.out").exists() else []
+steps = [dict(zip(("name", "rc", "seconds", "command"), line.split("\t"))) for line in (out / "steps.tsv").read_text().splitlines()]
+report = {"device": (out / "versions.txt").read_text().strip(), "gpu_tests": tests[0] if tests else None, "probe": probe, "steps": steps}
+(out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+body = f"# gpu_check --scale: {report['device']}\n\ngpu tests: {report['gpu_tests']}\n\n"
+if probe:
+    body += "| field | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in probe.items())
+else:
+    body += "the probe gave no result: see scale_probe.err\n"
+body += "\n| step | exit | seconds |\n| --- | --- | --- |\n" + "".join(f"| {s['name']} | {s['rc']} | {s['seconds']} |\n" for s in steps)
+(out / "gpu_check.md").write_text(body)
+print(body)
+EOF
+    echo "done in $((SECONDS - START)) s; $OUT/gpu_check.json and gpu_check.md"
+    exit 0
+fi
 
 # ----------------------------------------------------------------------------------------------- photos
 PHOTOS="${FEATX_PHOTOS:-}"

@@ -16,6 +16,7 @@ __all__ = [
     "DiskFullError",
     "ImageDecodeError",
     "IncompleteStoreError",
+    "InsufficientMemoryError",
     "InvalidOptionError",
     "JobError",
     "NotResultsError",
@@ -104,6 +105,11 @@ class UnknownOptionError(UnknownNameError, InvalidOptionError):
     def __init__(self, key: str, message: str) -> None:
         ValueError.__init__(self, message)
         self.key = key
+
+
+class InsufficientMemoryError(MemoryError):
+    """A fit whose estimated peak memory exceeds what the machine has; refused before it starts, with the
+    estimate, the memory available and the alternatives."""
 
 
 class JobError(ValueError):

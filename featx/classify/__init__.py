@@ -4,6 +4,9 @@
 - :mod:`~featx.classify.config`: :class:`ClassifierConfig`, every setting of one training run, checked once;
 - :mod:`~featx.classify.search`: the hyper-parameter search on the training rows;
 - :mod:`~featx.classify.training`: search, refit, evaluate, learning curves;
+- :mod:`~featx.classify.arrays`: where a fit computes (NumPy, or torch/CUDA tensors through scikit-learn's
+  Array API dispatch);
+- :mod:`~featx.classify.memory`: each preset's measured peak-memory estimate, and the refusal up front;
 - :mod:`~featx.classify.model`: :class:`TrainedModel` and its pickle-free persistence;
 - :mod:`~featx.classify.cluster`: sweeps on a Dask cluster.
 """

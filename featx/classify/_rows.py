@@ -11,19 +11,30 @@ from featx.store.reader import FeatureStore
 log = logging.getLogger(__name__)
 
 
+#: Rows read from the store at a time: the only copy beside the features themselves (335 MB at 1,280 float32).
+_READ_ROWS = 65536
+
+
 def labelled_rows(store: FeatureStore, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, labels and split names of the labelled train/val rows."""
-    Xs, ys, splits = [], [], []
-    for split in ("train", "val"):
-        if store.splits.get(split):
-            Xs.append(store.features(layer, split=split, dtype=np.float32))
-            ys.append(store.labels(split))
-            splits += [split] * len(ys[-1])
-    if not Xs:
+    """Features (float32), labels and split names of the labelled train/val rows.
+
+    The features are read once, block by block, into one array of their final size, so reading costs the
+    features plus one block (not a copy per split, a concatenation and a selection).
+    """
+    parts = [(split, store.labels(split)) for split in ("train", "val") if store.splits.get(split)]
+    if not parts:
         raise ValueError(f"{store.path} has no labelled training images")
-    y, split_of = np.concatenate(ys), np.array(splits)
+    y = np.concatenate([labels for _, labels in parts])
+    split_of = np.repeat([split for split, _ in parts], [len(labels) for _, labels in parts])
     keep = _labelled_mask(store, y, split_of)
-    return np.concatenate(Xs)[keep], y[keep], split_of[keep]
+    X = np.empty((int(keep.sum()), store.feature_dims()[layer or store.layers[0]]), dtype=np.float32)
+    at = 0
+    for split, _ in parts:
+        for block, labels, _ in store.iter_chunks(layer, split, chunk_size=_READ_ROWS):
+            block = block if (labels >= 0).all() else block[labels >= 0]
+            X[at : at + len(block)] = block
+            at += len(block)
+    return X, y[keep], split_of[keep]
 
 
 def labelled_store_rows(store: FeatureStore) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:

@@ -32,6 +32,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 
+from featx.classify.arrays import take, to_host
 from featx.classify.presets import Preset
 from featx.results import SearchPoint, SearchSummary
 
@@ -114,7 +115,7 @@ def fit_converged(estimator: Any) -> tuple[bool | None, int | None]:
     n_iter, max_iter = getattr(estimator, "n_iter_", None), getattr(estimator, "max_iter", None)
     if n_iter is None or max_iter is None:
         return None, None
-    n = int(np.max(n_iter))
+    n = int(np.max(to_host(n_iter)))
     return (int(max_iter) <= 0 or n < int(max_iter)), n
 
 
@@ -125,13 +126,14 @@ def fit_quietly(est, X, y):
         return est.fit(X, y)
 
 
-def _prepare_fold(pipeline: Pipeline, X, y, train_idx, val_idx) -> tuple[np.ndarray, ...]:
-    """One fold's rows with the preprocessing fitted on its training part."""
-    Xtr, Xva = X[train_idx], X[val_idx]
+def _prepare_fold(pipeline: Pipeline, X, y, train_idx, val_idx) -> tuple[Any, ...]:
+    """One fold's rows (views where contiguous, as a val split's are) with the preprocessing fitted on its
+    training part; NumPy arrays or torch tensors alike."""
+    Xtr, Xva, ytr, yva = take(X, train_idx), take(X, val_idx), take(y, train_idx), take(y, val_idx)
     if len(pipeline.steps) > 1:
-        pre = clone(Pipeline(pipeline.steps[:-1])).fit(Xtr, y[train_idx])
+        pre = clone(Pipeline(pipeline.steps[:-1])).fit(Xtr, ytr)
         Xtr, Xva = pre.transform(Xtr), pre.transform(Xva)
-    return Xtr, y[train_idx], Xva, y[val_idx]
+    return Xtr, ytr, Xva, yva
 
 
 def _fit_point(est, param: str, value: float, warm: bool, fold: tuple[np.ndarray, ...], scoring: str):
@@ -146,7 +148,8 @@ def _fit_point(est, param: str, value: float, warm: bool, fold: tuple[np.ndarray
     est.fit(Xtr, ytr)  # ConvergenceWarning: hidden by _score_fold, recorded from n_iter_
     score_fn = balanced_accuracy_score if scoring == "balanced_accuracy" else accuracy_score
     converged, n_iter = fit_converged(est)
-    return float(score_fn(yva, est.predict(Xva))), converged, n_iter, est
+    # Scored on the host: the same float64 arithmetic whichever arrays the fit ran on.
+    return float(score_fn(to_host(yva), to_host(est.predict(Xva)))), converged, n_iter, est
 
 
 def _score_fold(pipeline: Pipeline, preset: Preset, values, X, y, train_idx, val_idx, scoring: str) -> list[tuple]:
@@ -279,7 +282,10 @@ def search(
     grid : sequence of float
         The coarse values; searched in ascending order.
     X, y : arrays
+        NumPy arrays, or torch tensors under scikit-learn's Array API dispatch (:mod:`featx.classify.arrays`;
+        then ``n_jobs=1``).
     folds : list of (train_idx, val_idx)
+        Row indices; a contiguous run of rows (a val split) is taken as a view.
     scheme : str
         How the folds were made, for the record.
     n_jobs : int, default=-1

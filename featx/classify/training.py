@@ -11,6 +11,7 @@ the same images and selects on the same images.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +24,9 @@ from sklearn.pipeline import Pipeline
 
 from featx._runtime.env import library_versions
 from featx._runtime.io import check_writable
+from featx.classify import memory
 from featx.classify._rows import labelled_rows, labelled_store_rows
+from featx.classify.arrays import choose_path, cuda_free_bytes, take, to_numpy_pipeline
 from featx.classify.config import ClassifierConfig, TrainRun
 from featx.classify.fewshot import ONE_SHOT_VALUE, drawable_shots, few_shot_curve, shot_rows
 from featx.classify.model import TrainedModel, check_compatible
@@ -72,6 +75,7 @@ def train(
     draws: int = 5,
     scheduler: str | None = None,
     cell: CellInfo | None = None,
+    array_path: str | None = None,
 ) -> tuple[TrainedModel, ClassifierResults]:
     """Search, refit and evaluate one classifier on a store; optionally write ``model.skops`` and ``results.json``.
 
@@ -95,6 +99,9 @@ def train(
         Needs ``pip install 'featx[dask]'``.
     cell : CellInfo, optional
         Which cell of a ``featx run`` job this is, recorded in the results (written once, never amended).
+    array_path : {"auto", "numpy", "torch", "cuda"}, optional
+        Where an in-memory fit computes (:mod:`featx.classify.arrays`); ``$FEATX_ARRAY_PATH``, else ``auto``:
+        CUDA tensors for a preset with Array API support when a GPU has room, else NumPy.
 
     Returns
     -------
@@ -126,7 +133,7 @@ def train(
             if config.out_of_core:
                 fitted = _train_out_of_core(fs, layer, preset, config, preprocess)
             else:
-                fitted = _train_in_memory(fs, layer, preset, config, preprocess, n_jobs)
+                fitted = _train_in_memory(fs, layer, preset, config, preprocess, n_jobs, array_path)
             model = _wrap_model(fs, config, preset, layer, fitted)
             results = _classifier_results(fs, model, fitted)
             if shots:
@@ -162,13 +169,27 @@ def _check_layer(fs: FeatureStore, layer: str | None) -> str:
 
 
 def _train_in_memory(
-    fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str], n_jobs: int
+    fs: FeatureStore,
+    layer: str,
+    preset: Preset,
+    config: ClassifierConfig,
+    preprocess: Sequence[str],
+    n_jobs: int,
+    array_path: str | None = None,
 ) -> Fitted:
-    """Search (unless the value is fixed) and refit on the features held in memory."""
+    """Search (unless the value is fixed) and refit on the features held in memory, once the memory estimate of
+    the whole fit has been checked against what the machine has (before the features are read)."""
+    sizes = fs.splits
+    n_train = sizes.get("train", 0)
+    shape = (n_train + sizes.get("val", 0), fs.feature_dims()[layer], len(fs.class_names))
+    path = _path_that_fits(preset, _base_pipeline(preset, config, preprocess), *shape, n_train, array_path)
+    host = memory.estimate(preset.name, *shape, n_fit=n_train, path=path.name)
+    memory.check_fits(dataclasses.replace(host, work=0) if path.name == "cuda" else host)  # cuda: the features
+    array_path = path.name
     X, y, splits = labelled_rows(fs, layer)
     if len(np.unique(y)) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
-    return fit_in_memory(X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess)
+    return fit_in_memory(X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess, array_path=array_path)
 
 
 def fit_in_memory(
@@ -180,6 +201,7 @@ def fit_in_memory(
     *,
     n_jobs: int = -1,
     preprocess: Sequence[str] | None = None,
+    array_path: str | None = None,
 ) -> Fitted:
     """Search the hyper-parameter (unless ``config`` fixes it) on the train/val rows, then refit, converged.
 
@@ -195,31 +217,91 @@ def fit_in_memory(
     n_jobs : int, default=-1
     preprocess : sequence of str, optional
         By default ``config.steps(preset)``.
+    array_path : {"auto", "numpy", "torch", "cuda"}, optional
+        Where the search and the refit compute (:func:`featx.classify.arrays.choose_path`); the fitted
+        pipeline comes back with NumPy arrays whichever path fitted it.
 
     Returns
     -------
     Fitted
-        The refit pipeline (``trained_on`` records whether its fit converged).
+        The refit pipeline (``trained_on`` records whether its fit converged and the array path it took).
+
+    Raises
+    ------
+    InsufficientMemoryError
+        The fit's estimated peak memory exceeds what the machine has (:mod:`featx.classify.memory`).
     """
     preprocess = config.steps(preset) if preprocess is None else preprocess
     params = dict(config.params)
     value = None if config.value == "auto" else float(config.value)
-    search_result = None
-    if value is None and preset.param:
-        grid = config.grid or preset.grid
-        folds, scheme = cv_folds(y, splits, config.cv, config.seed)
-        base = build_pipeline(preset, grid[0], preprocess, config.seed, config.class_weight, params)
-        search_result = search(base, preset, grid, X, y, folds, scheme, n_jobs, config.scoring)
-        value = search_result.best
-        log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
-    pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
     fit = splits == "train"  # SELECTION_RULE: the val rows choose, they are never fitted
-    t0 = time.perf_counter()
-    convergence = _refit_converged(pipeline, X[fit], y[fit], preset)
-    fit_seconds = time.perf_counter() - t0
+    fit_rows = np.flatnonzero(fit)
+    grid = config.grid or preset.grid
+    base = _base_pipeline(preset, config, preprocess)
+    k = len(np.unique(y))
+    path = _path_that_fits(preset, base, *X.shape, k, len(fit_rows), array_path)
+    if path.on_torch:
+        n_jobs = 1  # one device, one process: the folds run one after another, each a set of matrix products
+    if path.name != "cuda":
+        n_jobs = _jobs_that_fit(preset, X, k, len(fit_rows), n_jobs, path.name)
+    log.info("%s: fitting on the %s path (%s)", preset.name, path.name, path.reason)
+    search_result = None
+    with path.dispatch():
+        Xp, yp = path.put(X), path.put(y)  # the features cross to the device once
+        if value is None and preset.param:
+            folds, scheme = cv_folds(y, splits, config.cv, config.seed)
+            search_result = search(base, preset, grid, Xp, yp, folds, scheme, n_jobs, config.scoring)
+            value = search_result.best
+            log.info("%s: chose %s=%g (%s, %.1f s)", preset.name, preset.param, value, scheme, search_result.seconds)
+        pipeline = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
+        t0 = time.perf_counter()
+        convergence = _refit_converged(pipeline, take(Xp, fit_rows), take(yp, fit_rows), preset)
+        fit_seconds = time.perf_counter() - t0
+        del Xp, yp
+    to_numpy_pipeline(pipeline)
     selected_on = "none (fixed)" if search_result is None else ("val" if (~fit).any() else "cv on train")
-    trained_on = {"splits": ["train"], "n": int(fit.sum()), "selected_on": selected_on}
+    trained_on = {"splits": ["train"], "n": len(fit_rows), "selected_on": selected_on, "array_path": path.name}
     return Fitted(pipeline, value, search_result, fit_seconds, trained_on, convergence)
+
+
+def _base_pipeline(preset: Preset, config: ClassifierConfig, preprocess: Sequence[str]) -> Pipeline:
+    """The pipeline the search starts from: the fixed value, else the grid's first."""
+    first = None if not preset.param else config.value if config.value != "auto" else (config.grid or preset.grid)[0]
+    params = dict(config.params)
+    return build_pipeline(preset, first, preprocess, config.seed, config.class_weight, params)
+
+
+def _path_that_fits(preset: Preset, base: Pipeline, n: int, d: int, k: int, n_fit: int, requested: str | None):
+    """The array path (:func:`~featx.classify.arrays.choose_path`); CUDA asked for but without room for the fit's
+    estimate is refused with the numbers."""
+    device = memory.estimate(preset.name, n, d, k, n_fit=n_fit, path="cuda")
+    path = choose_path(base, requested, need_bytes=device.peak)
+    if path.name == "cuda" and (free := cuda_free_bytes()) is not None:
+        memory.check_fits(device, available=free, where="GPU memory free")
+    return path
+
+
+def _jobs_that_fit(preset: Preset, X: np.ndarray, k: int, n_fit: int, n_jobs: int, path: str = "numpy") -> int:
+    """``n_jobs``, lowered to the search workers whose memory estimate fits; refuses a fit that does not fit even
+    on one (the features are held already: only the working set must fit)."""
+    from joblib import effective_n_jobs
+
+    workers = effective_n_jobs(n_jobs)
+    one = memory.estimate(preset.name, *X.shape, k, n_fit=n_fit, itemsize=X.itemsize, path=path)
+    memory.check_fits(one, held_already=True)
+    est = dataclasses.replace(one, workers=workers)
+    available = memory.available_bytes() + est.held  # the features held already count against the machine
+    fitting = memory.workers_that_fit(est, available)
+    if fitting < workers:
+        log.warning(
+            "%s: searching on %d workers, not %d, so the search fits in memory (%s)",
+            preset.name,
+            fitting,
+            workers,
+            est.describe(),
+        )
+        return fitting
+    return n_jobs
 
 
 #: The refit's ``max_iter`` is raised this many times (×10 each) until its fit converges.
