@@ -13,9 +13,11 @@ a reviewer compares against: logreg and svm on the same backbone's cached featur
 images. Each run is its own process and its own folder under ``--work``; a finished run is read back and a killed
 one resumes (featx's checkpoint), so ``run`` can be stopped and started again.
 
-``report`` pairs every recipe with the phased one (an ablation with the recipe it ablates, ``BASE``) on the same
-test images (exact McNemar, paired bootstrap 95 % CI) and with the best frozen row, and writes ``recipes.json``
-and ``recipes.md`` under ``--work``.
+``report`` **chooses on val**: per set, the recipe whose kept epoch scored the highest val accuracy (then the lower
+val loss), and overall the recipe chosen on the most sets (then the best mean val-accuracy rank). No choice is made
+on test accuracy (benchmarks/README.md): it is printed beside, for information, with every recipe paired with the
+phased one (an ablation with the recipe it ablates, ``BASE``) on the same test images (exact McNemar, paired
+bootstrap 95 % CI) and with the best frozen row; it writes ``recipes.json`` and ``recipes.md`` under ``--work``.
 
 The sets:
 
@@ -211,6 +213,26 @@ def _rate_by_rule(runs: list[dict], n_val: int) -> dict:
     }
 
 
+def _val_key(row: dict) -> tuple[float, float]:
+    """Higher is better: the kept epoch's val accuracy, then its lower val loss (a diverged loss is the worst)."""
+    loss = row["val_loss"] if row["val_loss"] is not None else float("inf")
+    return (row["val_accuracy"], -loss)
+
+
+def choose_on_val(entries: dict[str, dict]) -> dict:
+    """The recipe val chooses per set (:func:`_val_key`) and overall (chosen on the most sets, then the best mean
+    rank by val); test accuracy plays no part."""
+    per_set, ranks = {}, {}
+    for name, entry in entries.items():
+        ordered = sorted(entry["recipes"], key=lambda r: _val_key(entry["recipes"][r]), reverse=True)
+        per_set[name] = ordered[0]
+        for rank, recipe in enumerate(ordered, 1):
+            ranks.setdefault(recipe, []).append(rank)
+    wins = {r: sum(chosen == r for chosen in per_set.values()) for r in ranks}
+    overall = min(ranks, key=lambda r: (-wins[r], sum(ranks[r]) / len(ranks[r]))) if ranks else None
+    return {"per_set": per_set, "overall": overall, "rule": "val accuracy at the kept epoch, then val loss"}
+
+
 def report(args) -> None:
     work = Path(args.work)
     machine_file = work / "machine.json"
@@ -235,11 +257,21 @@ def report(args) -> None:
             entry["recipes"][recipe] = row
             rows_md.append(_md_row(name, sizes, recipe, row))
         for c, res in frozen.items():
-            rows_md.append([name, "", f"{c} · Lite0 (frozen)", f"{res['test']['accuracy']:.4f}", "", "", "", "", ""])
+            rows_md.append(
+                [name, "", f"{c} · Lite0 (frozen)", "", f"{res['test']['accuracy']:.4f}", "", "", "", "", ""]
+            )
         out[name] = entry
-    header = ["set (train/val/test)", "", "row", "test acc", "vs its base, pt [CI], p", "vs best frozen, pt [CI], p",
-              "best epoch (phase) · by val loss", "lr chosen (by)", "fit min"]  # fmt: skip
+    choice = choose_on_val({k: v for k, v in out.items() if k in SETS})
+    out["chosen_on_val"] = choice
+    for row in rows_md:
+        if row[2] == choice["per_set"].get(row[0]):
+            row[2] = f"**{row[2]}** (chosen on val)"
+    header = ["set (train/val/test)", "", "row", "val acc · loss (kept epoch)", "test acc (info)",
+              "vs its base, pt [CI], p", "vs best frozen, pt [CI], p", "best epoch (phase) · by val loss",
+              "lr chosen (by)", "fit min"]  # fmt: skip
     md = table(header, rows_md)
+    md += f"\n\nChosen on val ({choice['rule']}): " + ", ".join(f"{k}: {v}" for k, v in choice["per_set"].items())
+    md += f"; overall: **{choice['overall']}**. Test accuracy is for information only.\n"
     if out["machine"]:
         md = f"Machine: {machine_line(out['machine'])}\n\n{md}"
     (work / "recipes.json").write_text(json.dumps(out, indent=2))
@@ -256,6 +288,7 @@ def _md_row(name: str, sizes: dict, recipe: str, row: dict) -> list:
         name,
         f"{sizes['train']}/{sizes['val']}/{sizes['test']}",
         recipe,
+        f"{row['val_accuracy']:.4f} · " + ("—" if row["val_loss"] is None else f"{row['val_loss']:.4f}"),
         f"{row['test_accuracy']:.4f}",
         _pt(row["vs_base"]) + f" ({row['vs_base']['row']})" if "vs_base" in row else "—",
         _pt(row["vs_best_frozen"]) + f" ({row['vs_best_frozen']['row']})" if "vs_best_frozen" in row else "",

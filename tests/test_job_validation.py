@@ -169,8 +169,8 @@ SHIPPED_CELLS = {  # cached results live in these folders: they must keep their 
         "hymenoptera__pixels__penultimate__logreg",
         "hymenoptera__pixels__penultimate__knn",
         "hymenoptera__pixels__penultimate__chance",
-        "hymenoptera__finetune",
-        "hymenoptera__lp-ft",
+        # issue 24: three training seeds per fine-tune row (their spread is the size of the gaps judged)
+        *(f"hymenoptera__{row}__seed{s}" for row in ("finetune", "lp-ft") for s in (0, 1, 2)),
     ],
     "quickstart": [
         "digits__lite0__penultimate__svm",

@@ -1,0 +1,169 @@
+"""Why an LP-FT row stays at its probe: short fine-tunes from a linear probe's head, judged on val only.
+
+Usage::
+
+    python benchmarks/bench_lpft.py probe --set digits [--work DIR]      # extract + the logreg probe (C on val)
+    python benchmarks/bench_lpft.py probe-cv --set digits [--work DIR]   # C on val against C by CV inside train
+    python benchmarks/bench_lpft.py run --set digits --variants a,b,... [--work DIR]
+    python benchmarks/bench_lpft.py report [--work DIR]
+
+Every run is ``featx.finetune.finetune`` on the built-in EfficientNet-Lite0 from the probe's head (``init_head``),
+the default split plan (split seed 0), training seed 0, the rate fixed (no choice on val) unless the variant says
+``auto``; only what the variant names differs (``VARIANTS``). The report prints each run's val accuracy and val loss
+per epoch (epoch 0 = the probe's head), and the probe's val accuracy with C chosen on val (the value epoch 0 is
+judged against) and with C chosen by 5-fold CV inside train (val untouched: no selection bias). Test accuracy is
+printed for information only: no choice is made on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HYMENOPTERA, machine_line, table
+
+BACKBONE = "featx:efficientnet_lite0"
+NO_FLIP = {"digits"}
+
+#: Each variant: FinetuneConfig settings beside the shared ones (batch 64, SGD, seed 0, no flip on digits).
+VARIANTS: dict[str, dict] = {
+    # The quickstart's LP-FT phase at fixed rates (its candidates were 1e-4, 3e-4, 1e-3).
+    "top1-1e-4": {"phases": "top1:1:1e-4", "crop_scale": (0.8, 1.0)},
+    "top1-1e-3": {"phases": "top1:1:1e-3", "crop_scale": (0.8, 1.0)},
+    # A rate too small to move anything: whether the drop needs training at all.
+    "top1-1e-8": {"phases": "top1:1:1e-8", "crop_scale": (0.8, 1.0)},
+    # The head alone (the backbone frozen): whether the drop is the head's or the features'.
+    "head-1e-4": {"phases": "head:1:1e-4", "crop_scale": (0.8, 1.0)},
+    # Augmentation: the whole image (scale 1 leaves only RandomResizedCrop's aspect jitter, which cannot fit) and the
+    # default 0.25 crop.
+    "top1-1e-4-nocrop": {"phases": "top1:1:1e-4", "crop_scale": (1.0, 1.0)},
+    "top1-1e-4-crop25": {"phases": "top1:1:1e-4", "crop_scale": (0.25, 1.0)},
+    "head-1e-4-nocrop": {"phases": "head:1:1e-4", "crop_scale": (1.0, 1.0)},
+    "head-1e-8-nocrop": {"phases": "head:1:1e-8", "crop_scale": (1.0, 1.0)},
+    # The probe fit on the raw features (logreg, preprocess none): its head is not the standardised regression folded
+    # into the raw features (weights up to 1/std of near-constant features), so backpropagation is not amplified.
+    "raw-top1-1e-4": {"phases": "top1:1:1e-4", "crop_scale": (0.8, 1.0), "probe": "probe-raw"},
+    "raw-top1-1e-3": {"phases": "top1:1:1e-3", "crop_scale": (0.8, 1.0), "probe": "probe-raw"},
+    "raw-all-1e-3": {"phases": "all:1:1e-3", "crop_scale": (0.8, 1.0), "probe": "probe-raw"},
+    "raw-all-1e-2": {"phases": "all:1:1e-2", "crop_scale": (0.8, 1.0), "probe": "probe-raw"},
+    # One epoch against two: whether the first epoch's loss is a transient that a second epoch recovers.
+    "top1-2ep-1e-3": {"phases": "top1:2:1e-3", "crop_scale": (0.8, 1.0)},
+    # The same with the gradient norm clipped at 1: whether bounding the probe head's large gradients keeps it stable.
+    "top1-2ep-1e-3-clip1": {"phases": "top1:2:1e-3", "crop_scale": (0.8, 1.0), "clip_grad": 1.0},
+    # Everything trains (the default recipe's all phase, layer decay 0.5), three epochs, clipped: can LP-FT leave it?
+    "all-3ep-3e-3-clip1": {"phases": "all:3:3e-3", "crop_scale": (0.8, 1.0), "clip_grad": 1.0},
+    # The head alone at the default recipe's rates (its first phase): whether head training from the probe helps val.
+    "head-1e-2": {"phases": "head:1:1e-2", "crop_scale": (0.8, 1.0)},
+}
+
+
+def _source(name: str) -> str:
+    return str(HYMENOPTERA) if name == "hymenoptera" else name
+
+
+def probe(args) -> None:
+    from featx.classify import ClassifierConfig, train
+    from featx.extract import extract
+
+    work = Path(args.work)
+    store = work / f"{args.set}.lite0.h5"
+    extract(_source(args.set), out=store, backbone=BACKBONE, progress=False)
+    train(store, ClassifierConfig(classifier="logreg"), out_dir=work / f"{args.set}__probe", n_jobs=1)
+    raw = ClassifierConfig(classifier="logreg", preprocess=())  # the raw features (featx train --preprocess none)
+    train(store, raw, out_dir=work / f"{args.set}__probe-raw", n_jobs=1)
+    print(f"probes: {work / f'{args.set}__probe'}, {work / f'{args.set}__probe-raw'}")
+
+
+def run(args) -> None:
+    from featx.finetune import FinetuneConfig, finetune, parse_phases
+
+    work = Path(args.work)
+    for name in args.variants.split(","):
+        out = work / f"{args.set}__{name}"
+        if (out / "results.json").exists():
+            print(f"{name}: done already")
+            continue
+        settings = dict(VARIANTS[name])
+        probe_name = settings.pop("probe", "probe")
+        config = FinetuneConfig(
+            phases=tuple(parse_phases(settings.pop("phases"))),
+            batch_size=64,
+            flip=args.set not in NO_FLIP,
+            **settings,
+        )
+        t0 = time.perf_counter()
+        finetune(
+            _source(args.set),
+            BACKBONE,
+            config,
+            out,
+            init_head=work / f"{args.set}__{probe_name}" / "model.skops",
+            progress=False,
+            device="cpu",
+            workers=0,
+        )
+        print(f"{name}: {time.perf_counter() - t0:.0f} s")
+
+
+def probe_cv(args) -> None:
+    """The probe's C chosen by featx's own search on val (what epoch 0 is judged with) and by 5-fold CV inside train
+    (val untouched: no selection bias); the val accuracy of each (test for information)."""
+    import numpy as np
+
+    from featx.classify import ClassifierConfig
+    from featx.classify.training import fit_in_memory
+    from featx.store.reader import FeatureStore
+
+    fs = FeatureStore(Path(args.work) / f"{args.set}.lite0.h5")
+    X = {s: fs.features("penultimate", split=s, dtype=np.float32) for s in ("train", "val", "test")}
+    y = {s: fs.labels(s) for s in ("train", "val", "test")}
+    config = ClassifierConfig(classifier="logreg")
+    on_val = np.array(["train"] * len(y["train"]) + ["val"] * len(y["val"]))
+    for name, Xs, ys, splits in [
+        ("C on val", np.vstack([X["train"], X["val"]]), np.concatenate([y["train"], y["val"]]), on_val),
+        ("C by 5-fold CV in train", X["train"], y["train"], np.array(["train"] * len(y["train"]))),
+    ]:
+        t0 = time.perf_counter()
+        f = fit_in_memory(Xs, ys, splits, config.validate(), config, n_jobs=1)
+        print(
+            f"{name}: C={f.value:g} ({f.search.scheme}); val {f.pipeline.score(X['val'], y['val']):.4f}, "
+            f"test (info) {f.pipeline.score(X['test'], y['test']):.4f}, {time.perf_counter() - t0:.0f} s"
+        )
+
+
+def report(args) -> None:
+    work = Path(args.work)
+    rows = []
+    for path in sorted(work.glob("*__*/results.json")):
+        r = json.loads(path.read_text())
+        name = path.parent.name
+        if r["kind"] != "finetune":
+            rows.append([name, "probe", f"C={r['classifier']['chosen']:g}", "", "", f"{r['test']['accuracy']:.4f}", ""])
+            continue
+        curve = " → ".join(f"{c['val_accuracy']:.4f}" for c in r["curves"])
+        loss = " → ".join(f"{c['val_loss']:.3f}" for c in r["curves"])
+        rows.append(
+            [name, r["finetune"]["phases"][0]["freeze"], curve, loss, r["best_epoch"], f"{r['test']['accuracy']:.4f}",
+             f"{r['seconds']:.0f}"]
+        )  # fmt: skip
+    print(machine_line())
+    print(table(["run", "phase", "val accuracy by epoch", "val loss by epoch", "best", "test (info)", "s"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("probe", "probe-cv", "run", "report"))
+    parser.add_argument("--work", default="/tmp/featx-bench/lpft")
+    parser.add_argument("--set", default="digits", choices=("digits", "hymenoptera"))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    {"probe": probe, "probe-cv": probe_cv, "run": run, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
