@@ -66,6 +66,13 @@ def isolated_caches(tmp_path_factory, monkeypatch):
     return root
 
 
+@pytest.fixture
+def no_store_reuse(monkeypatch):
+    """Extract even when a store with the same key exists elsewhere (featx links it by default): for tests that
+    compare two extractions of the same features made two ways (compiled and eager, resumed and whole)."""
+    monkeypatch.setattr("featx.extract.api.find_store", lambda key, besides=None: None)
+
+
 def make_image(path: Path, seed: int, size=(48, 40), mode="RGB", fmt=None) -> Path:
     """Write a random image (deterministic in ``seed``)."""
     rng = np.random.default_rng(seed)

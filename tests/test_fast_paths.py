@@ -112,7 +112,7 @@ def test_unknown_compile_mode_is_refused_before_any_work(image_folder, tmp_path)
 
 
 @pytest.mark.slow
-def test_compiled_features_match_eager_float32(image_folder, tmp_path):
+def test_compiled_features_match_eager_float32(image_folder, tmp_path, no_store_reuse):
     # 18 images in batches of 8: the last batch (2 images) is padded to the compiled shape.
     eager = extract(image_folder, TINY, out=tmp_path / "eager.h5", batch_size=8, compile_mode="off", progress=False)
     fast = extract(image_folder, TINY, out=tmp_path / "fast.h5", batch_size=8, compile_mode="on", progress=False)
@@ -122,7 +122,7 @@ def test_compiled_features_match_eager_float32(image_folder, tmp_path):
         assert b.info()["stats"]["compiled"] is True
 
 
-def test_a_model_that_does_not_compile_falls_back_to_eager(image_folder, tmp_path, monkeypatch, caplog):
+def test_a_model_that_does_not_compile_falls_back_to_eager(image_folder, tmp_path, no_store_reuse, monkeypatch, caplog):
     def broken_compile(model, **kwargs):
         def run(x):
             raise RuntimeError("no C++ compiler found")
@@ -139,7 +139,7 @@ def test_a_model_that_does_not_compile_falls_back_to_eager(image_folder, tmp_pat
         assert b.info()["stats"]["compiled"] is False
 
 
-def test_extraction_runs_the_folded_network_and_records_it(image_folder, tmp_path, monkeypatch):
+def test_extraction_runs_the_folded_network_and_records_it(image_folder, tmp_path, no_store_reuse, monkeypatch):
     # The plumbing: TINY's batch norms are timm's identity init, so the numerics of folding are tested
     # in test_backbones.py, on random statistics.
     folded = extract(image_folder, TINY, out=tmp_path / "folded.h5", workers=0, progress=False)

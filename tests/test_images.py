@@ -598,7 +598,7 @@ def test_extract_all_images_failing_still_finishes(tmp_path):
         assert store.ids() == []
 
 
-def test_cli_exit_code_follows_max_failures(zoo, tmp_path):
+def test_cli_exit_code_follows_max_failures(zoo, tmp_path, no_store_reuse):
     runner = CliRunner()
     base = ["extract", str(zoo), "--backbone", TINY, "--workers", "0", "--no-progress", "--batch-size", "3"]
     n_images, n_good = len(GOOD) + 1 + len(BAD), len(GOOD) + 1

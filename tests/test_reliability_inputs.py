@@ -345,7 +345,7 @@ def test_train_names_the_store_and_the_rows_of_an_old_store_with_nan_features(tm
 
 
 # -------------------------------------------------------------------- 7. a resumed store's stats
-def test_a_resumed_store_counts_the_work_of_every_run(image_folder, tmp_path, monkeypatch):
+def test_a_resumed_store_counts_the_work_of_every_run(image_folder, tmp_path, no_store_reuse, monkeypatch):
     whole = extract(**_extract_args(image_folder, tmp_path / "whole.h5"))
     out = tmp_path / "s.h5"
 
