@@ -185,10 +185,10 @@ def _train_in_memory(
     path = _path_that_fits(preset, _base_pipeline(preset, config, preprocess), *shape, n_train, array_path)
     host = memory.estimate(preset.name, *shape, n_fit=n_train, path=path.name)
     memory.check_fits(dataclasses.replace(host, work=0) if path.name == "cuda" else host)  # cuda: the features
-    array_path = path.name
     X, y, splits = labelled_rows(fs, layer)
     if len(np.unique(y)) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
+    # The request as given (not the path chosen here): the fit chooses the same path and says why, once.
     return fit_in_memory(X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess, array_path=array_path)
 
 
