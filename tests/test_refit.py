@@ -235,3 +235,18 @@ def test_cli_train_and_finetune_take_refit(store, colour_folder, tmp_path):
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["split"]["refit"] == "train+val"
     out = runner.invoke(main, [*args, "--refit", "val", "-o", str(tmp_path / "x")])
     assert out.exit_code != 0 and "train+val" in out.output
+
+
+def test_refit_is_one_table_option_on_train_and_finetune_only():
+    """``--refit`` comes from FinalFit's table; the split plan (which ``extract`` and a store take too) has no refit."""
+    from click.testing import CliRunner
+
+    from featx._runtime.params import options_of
+    from featx.cli import main
+    from featx.data.splits import SplitPlan
+    from featx.jobs.values import config_keys
+
+    assert "refit" not in options_of(SplitPlan) and "refit" in config_keys("datasets")
+    for command, has in (("train", True), ("finetune", True), ("extract", False)):
+        shown = CliRunner().invoke(main, [command, "--help"]).output
+        assert ("--refit" in shown) is has, command
