@@ -192,20 +192,25 @@ class FewShotPoint(_FewShotPointBase, total=False):
 
 
 class ValScore(TypedDict):
-    """The final model's score on the val images: what a comparison chooses its reference and best rows by."""
+    """The final model's score on the val images: what a comparison chooses its reference and best rows by (under
+    refit ``train+val``, the score of the model fit on train alone, which val judged)."""
 
     accuracy: float
     n: int
 
 
-class SplitInfo(TypedDict):
-    """The split plan a row used (absent from the oldest files): rows agreeing on ``hashes`` used the same images."""
-
+class _SplitInfoBase(TypedDict):
     plan: dict[str, Any]  # SplitPlan.to_dict(): split_seed, val_fraction, test_fraction
     policy: str  # how the splits came about, in words
     hashes: dict[str, str]  # per split, "N:sha256-prefix" of its sorted ids (featx.data.splits.split_hashes)
     sizes: dict[str, int]  # the images each split held for this row (unreadable ones left out)
     rule: str  # the selection rule, e.g. "fit on train, hyper-parameters chosen on val, scored once on test"
+
+
+class SplitInfo(_SplitInfoBase, total=False):
+    """The split plan a row used (absent from the oldest files): rows agreeing on ``hashes`` used the same images."""
+
+    refit: str  # what the tested model was fit on: "train" or "train+val" (featx.data.splits.REFITS; issue 24)
 
 
 class _CellInfoBase(TypedDict):

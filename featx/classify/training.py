@@ -5,8 +5,9 @@ logistic regression on fixed features) and featx's comparison protocol (:data:`S
 split plan gives every row the same train, val and test images; the regularisation strength is chosen on val
 (by stratified k-fold cross-validation on train only when there is no val split) over a log grid, in parallel,
 with warm starts along the grid where the solver allows; the final model is fit on train with the chosen value
-and scored once on the test split. Fine-tuning follows the same rule, so every row of a comparison trains on
-the same images and selects on the same images.
+(on train and val under ``refit="train+val"``, as Kornblith et al. 2019 do) and scored once on the test split.
+Fine-tuning follows the same rule, so every row of a comparison trains on the same images and selects on the
+same images.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from featx.classify.fewshot import ONE_SHOT_VALUE, drawable_shots, few_shot_curv
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, cv_folds, fit_converged, fit_quietly, search
-from featx.data.splits import SELECTION_RULE, SplitPlan
+from featx.data.splits import FinalFit, SplitPlan, selection_rule
 from featx.exceptions import SpecMismatchError, unknown
 from featx.metrics import evaluate, predictions
 from featx.results import (
@@ -76,6 +77,7 @@ def train(
     scheduler: str | None = None,
     cell: CellInfo | None = None,
     array_path: str | None = None,
+    refit: str = "train",
 ) -> tuple[TrainedModel, ClassifierResults]:
     """Search, refit and evaluate one classifier on a store; optionally write ``model.skops`` and ``results.json``.
 
@@ -102,6 +104,10 @@ def train(
     array_path : {"auto", "numpy", "torch", "cuda"}, optional
         Where an in-memory fit computes (:mod:`featx.classify.arrays`); ``$FEATX_ARRAY_PATH``, else ``auto``:
         CUDA tensors for a preset with Array API support when a GPU has room, else NumPy.
+    refit : {"train", "train+val"}, default="train"
+        What the final model is fit on once val has chosen the hyper-parameter
+        (:data:`~featx.data.splits.REFITS`). Under ``train+val`` the fit on train alone is written too, as
+        ``model-train.skops``: an LP-FT fine-tune chooses its rate and epochs from it, as val has not seen it.
 
     Returns
     -------
@@ -110,6 +116,7 @@ def train(
     """
     preset = config.preset  # the config checked itself when it was built
     TrainRun(n_jobs=n_jobs, shots=shots, draws=draws)  # so do these, by their table
+    refit = FinalFit(refit).refit  # and the refit by its own
     if scheduler is not None and config.out_of_core:
         raise ValueError("out-of-core training streams the store on this machine; drop --scheduler or out-of-core")
     if shots and config.out_of_core:
@@ -131,17 +138,22 @@ def train(
                 shots = drawable_shots(fs.labels("train"), fs.class_names, shots, fs.path)
             preprocess = config.steps(preset)
             if config.out_of_core:
-                fitted = _train_out_of_core(fs, layer, preset, config, preprocess)
+                fitted = _train_out_of_core(fs, layer, preset, config, preprocess, refit)
             else:
-                fitted = _train_in_memory(fs, layer, preset, config, preprocess, n_jobs, array_path)
+                fitted = _train_in_memory(
+                    fs, layer, preset, config, preprocess, n_jobs, array_path, refit=refit, keep_on_train=True
+                )
             model = _wrap_model(fs, config, preset, layer, fitted)
-            results = _classifier_results(fs, model, fitted)
+            results = _classifier_results(fs, model, fitted, refit)
             if shots:
                 results["few_shot"] = few_shot_curve(fs, preset, fitted.value, preprocess, config, shots, draws, layer)
             if cell is not None:
                 results["cell"] = cell
             if out_dir is not None:
                 _write_artifacts(Path(out_dir), model, results)
+                if fitted.on_train is not None:
+                    on_train = TrainedModel(fitted.on_train, {**model.meta, "trained_on": _on_train(fitted)})
+                    on_train.save(Path(out_dir) / TRAIN_ONLY_MODEL)
             return model, results
         finally:
             if owns:
@@ -158,6 +170,17 @@ class Fitted:
     fit_seconds: float  # the final refit only
     trained_on: dict[str, Any]  # {"splits", "n"} (+ "epochs", "out_of_core" out of core)
     refit: dict[str, Any] = field(default_factory=dict)  # {"converged", "n_iter", "max_iter"} of the final fit
+    on_train: Pipeline | None = None  # under refit "train+val": the fit on train alone, which val judged
+
+
+#: Under refit ``train+val``, the fit on train alone beside ``model.skops`` (an LP-FT's selection run starts from it).
+TRAIN_ONLY_MODEL = "model-train.skops"
+
+
+def _on_train(fitted: Fitted) -> dict[str, Any]:
+    """``trained_on`` of the fit on train alone kept beside a train+val refit."""
+    n = fitted.trained_on["n"] - fitted.trained_on.get("val_n", 0)
+    return {**fitted.trained_on, "splits": ["train"], "n": n}
 
 
 def _check_layer(fs: FeatureStore, layer: str | None) -> str:
@@ -176,12 +199,14 @@ def _train_in_memory(
     preprocess: Sequence[str],
     n_jobs: int,
     array_path: str | None = None,
+    refit: str = "train",
+    keep_on_train: bool = False,
 ) -> Fitted:
     """Search (unless the value is fixed) and refit on the features held in memory, once the memory estimate of
     the whole fit has been checked against what the machine has (before the features are read)."""
     sizes = fs.splits
-    n_train = sizes.get("train", 0)
-    shape = (n_train + sizes.get("val", 0), fs.feature_dims()[layer], len(fs.class_names))
+    n_train = sizes.get("train", 0) + (sizes.get("val", 0) if refit == "train+val" else 0)  # the final fit's rows
+    shape = (sizes.get("train", 0) + sizes.get("val", 0), fs.feature_dims()[layer], len(fs.class_names))
     path = _path_that_fits(preset, _base_pipeline(preset, config, preprocess), *shape, n_train, array_path)
     host = memory.estimate(preset.name, *shape, n_fit=n_train, path=path.name)
     memory.check_fits(dataclasses.replace(host, work=0) if path.name == "cuda" else host)  # cuda: the features
@@ -189,7 +214,10 @@ def _train_in_memory(
     if len(np.unique(y)) < 2:
         raise ValueError(f"{fs.path} has a single class in its training data; a classifier needs two or more")
     # The request as given (not the path chosen here): the fit chooses the same path and says why, once.
-    return fit_in_memory(X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess, array_path=array_path)
+    return fit_in_memory(
+        X, y, splits, preset, config, n_jobs=n_jobs, preprocess=preprocess, array_path=array_path, refit=refit,
+        keep_on_train=keep_on_train,
+    )  # fmt: skip
 
 
 def fit_in_memory(
@@ -202,6 +230,8 @@ def fit_in_memory(
     n_jobs: int = -1,
     preprocess: Sequence[str] | None = None,
     array_path: str | None = None,
+    refit: str = "train",
+    keep_on_train: bool = False,
 ) -> Fitted:
     """Search the hyper-parameter (unless ``config`` fixes it) on the train/val rows, then refit, converged.
 
@@ -220,6 +250,10 @@ def fit_in_memory(
     array_path : {"auto", "numpy", "torch", "cuda"}, optional
         Where the search and the refit compute (:func:`featx.classify.arrays.choose_path`); the fitted
         pipeline comes back with NumPy arrays whichever path fitted it.
+    refit : {"train", "train+val"}, default="train"
+        Fit the final pipeline on the train rows, or on the train and val rows.
+    keep_on_train : bool, default=False
+        Under ``train+val``, also fit on the train rows alone and keep it as ``Fitted.on_train`` (one more fit).
 
     Returns
     -------
@@ -234,8 +268,12 @@ def fit_in_memory(
     preprocess = config.steps(preset) if preprocess is None else preprocess
     params = dict(config.params)
     value = None if config.value == "auto" else float(config.value)
-    fit = splits == "train"  # SELECTION_RULE: the val rows choose, they are never fitted
+    on_train = splits == "train"  # SELECTION_RULE: the val rows choose; refit "train+val" fits them after
+    has_val = bool((~on_train).any())
+    refitted = FinalFit(refit).refit == "train+val" and has_val
+    fit = on_train | (splits == "val") if refitted else on_train
     fit_rows = np.flatnonzero(fit)
+    train_rows = np.flatnonzero(on_train)
     grid = config.grid or preset.grid
     base = _base_pipeline(preset, config, preprocess)
     k = len(np.unique(y))
@@ -246,6 +284,7 @@ def fit_in_memory(
         n_jobs = _jobs_that_fit(preset, X, k, len(fit_rows), n_jobs, path.name)
     log.info("%s: fitting on the %s path (%s)", preset.name, path.name, path.reason)
     search_result = None
+    kept = None
     with path.dispatch():
         Xp, yp = path.put(X), path.put(y)  # the features cross to the device once
         if value is None and preset.param:
@@ -257,11 +296,23 @@ def fit_in_memory(
         t0 = time.perf_counter()
         convergence = _refit_converged(pipeline, take(Xp, fit_rows), take(yp, fit_rows), preset)
         fit_seconds = time.perf_counter() - t0
+        if refitted and keep_on_train:
+            kept = build_pipeline(preset, value, preprocess, config.seed, config.class_weight, params)
+            _refit_converged(kept, take(Xp, train_rows), take(yp, train_rows), preset)
         del Xp, yp
     to_numpy_pipeline(pipeline)
-    selected_on = "none (fixed)" if search_result is None else ("val" if (~fit).any() else "cv on train")
-    trained_on = {"splits": ["train"], "n": len(fit_rows), "selected_on": selected_on, "array_path": path.name}
-    return Fitted(pipeline, value, search_result, fit_seconds, trained_on, convergence)
+    if kept is not None:
+        to_numpy_pipeline(kept)
+    selected_on = "none (fixed)" if search_result is None else ("val" if has_val else "cv on train")
+    trained_on = {
+        "splits": ["train", "val"] if refitted else ["train"],
+        "n": len(fit_rows),
+        "selected_on": selected_on,
+        "array_path": path.name,
+    }
+    if refitted:
+        trained_on["val_n"] = int((~on_train).sum())
+    return Fitted(pipeline, value, search_result, fit_seconds, trained_on, convergence, kept)
 
 
 def _base_pipeline(preset: Preset, config: ClassifierConfig, preprocess: Sequence[str]) -> Pipeline:
@@ -363,7 +414,9 @@ def _wrap_model(fs: FeatureStore, config: ClassifierConfig, preset: Preset, laye
     return TrainedModel(fitted.pipeline, meta)
 
 
-def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted) -> ClassifierResults:
+def _classifier_results(
+    fs: FeatureStore, model: TrainedModel, fitted: Fitted, refit: str = "train"
+) -> ClassifierResults:
     """The ``results.json`` document of a trained model, scored once on the store's test split (if any)."""
     meta = model.meta
     settings: ClassifierSettings = meta["classifier"]
@@ -382,34 +435,37 @@ def _classifier_results(fs: FeatureStore, model: TrainedModel, fitted: Fitted) -
         classifier=settings,
         search=fitted.search.to_dict() if fitted.search else None,
         train=TrainSummary(n=fitted.trained_on["n"], fit_seconds=round(fitted.fit_seconds, 4), **fitted.refit),
-        split=split_info(fs),
-        **_val_score(fs, model),
+        split=split_info(fs, refit),
+        **_val_score(fs, model, fitted),
         test=test,
         versions=meta["versions"],
         created_at=meta["created_at"],
     )
 
 
-def split_info(fs: FeatureStore) -> SplitInfo:
+def split_info(fs: FeatureStore, refit: str = "train") -> SplitInfo:
     """The ``split`` section of a result on ``fs``.
 
     Parameters
     ----------
     fs : FeatureStore
         Open under the split plan the row used.
+    refit : {"train", "train+val"}, default="train"
+        What the tested model was fit on (recorded under ``refit`` when not the default, and in the rule).
 
     Returns
     -------
     SplitInfo
         The plan, how the splits came about, one hash of the ids per split, their sizes and the selection rule.
     """
-    return SplitInfo(
+    info = SplitInfo(
         plan=fs.plan.to_dict(),
         policy=fs.split_policy,
         hashes=fs.split_hashes,
         sizes={s: n for s, n in fs.splits.items() if s != "unlabeled"},
-        rule=SELECTION_RULE,
+        rule=selection_rule(refit),
     )
+    return info | {"refit": refit} if refit != "train" else info  # type: ignore[return-value]
 
 
 def _write_artifacts(out: Path, model: TrainedModel, results: ClassifierResults) -> None:
@@ -439,7 +495,12 @@ def _stream(fs: FeatureStore, layer: str, rows: np.ndarray, rng: np.random.Gener
 
 
 def _train_out_of_core(
-    fs: FeatureStore, layer: str, preset: Preset, config: ClassifierConfig, preprocess: Sequence[str]
+    fs: FeatureStore,
+    layer: str,
+    preset: Preset,
+    config: ClassifierConfig,
+    preprocess: Sequence[str],
+    refit: str = "train",
 ) -> Fitted:
     """SGD through ``partial_fit`` over store blocks; memory is bounded by one buffer, whatever the store size."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
@@ -507,13 +568,16 @@ def _train_out_of_core(
         best = int(np.argmax([c["mean"] for c in curve]))
         value = grid[best]
         search_result = SearchResult(preset.param, scheme, value, curve, time.perf_counter() - t0)
+    # SELECTION_RULE: the hold-out chose; under refit "train+val" a val split is fitted after, never a hold-out of
+    # train (it is train already).
+    final_rows = np.sort(np.concatenate([train_rows, val_rows])) if refit == "train+val" else train_rows
     t0 = time.perf_counter()
-    est, steps, _ = fit(value, train_rows)  # SELECTION_RULE: the hold-out chose, it is never fitted
+    est, steps, _ = fit(value, final_rows)
     fit_seconds = time.perf_counter() - t0
     pipeline = Pipeline([*zip(preprocess, steps, strict=True), ("clf", est)])
     trained_on = {
-        "splits": ["train"],
-        "n": len(train_rows),
+        "splits": ["train", "val"] if refit == "train+val" and len(val_rows) else ["train"],
+        "n": len(final_rows),
         "epochs": epochs,
         "out_of_core": True,
     }
@@ -529,13 +593,16 @@ def _chain(steps):
     return transform
 
 
-def _val_score(fs: FeatureStore, model: TrainedModel) -> dict[str, ValScore]:
+def _val_score(fs: FeatureStore, model: TrainedModel, fitted: Fitted) -> dict[str, ValScore]:
     """``{"val": …}``: the final model's accuracy on the val images, the score a comparison chooses its rows by
-    (empty without a val split)."""
+    (empty without a val split). Under refit ``train+val`` the final model has fit val, so the score is the fit on
+    train alone's (the one val judged); out of core, where that fit is not kept, there is none."""
     y = fs.labels("val") if fs.splits.get("val") else np.empty(0)
-    if not len(y):
+    refitted = "val" in fitted.trained_on["splits"]
+    if not len(y) or (refitted and fitted.on_train is None):
         return {}
-    y_pred = model.predict(fs.features(model.layer, split="val", dtype=np.float32))
+    judged = fitted.on_train if refitted else model.pipeline
+    y_pred = judged.predict(fs.features(model.layer, split="val", dtype=np.float32))
     return {"val": ValScore(accuracy=float(np.mean(y_pred == y)), n=len(y))}
 
 

@@ -24,6 +24,7 @@ from featx.cli._shared import (
     table_options,
     trust_option,
 )
+from featx.data.splits import FinalFit
 from featx.exceptions import InvalidOptionError
 from featx.spec import ExtractionOptions
 
@@ -81,8 +82,9 @@ def _hyper_option(flag: str, name: str, help: str) -> Any:
     help="Run the search's folds on the Dask scheduler at ADDRESS (tcp://HOST:8786); needs featx[dask].",
 )
 @split_plan_options()
+@table_options(FinalFit)
 @out_folder_option("Folder for model.skops and results.json.")
-def train(store, C, alpha, neighbors, params, scheduler, out_dir, plan, **settings) -> None:
+def train(store, C, alpha, neighbors, params, scheduler, out_dir, plan, refit, **settings) -> None:
     """Train a classifier on the features in STORE: fit on train, its hyper-parameter chosen on val.
 
     The splits are STORE's split plan (--split-seed, --val-fraction, --test-fraction): the same plan gives a
@@ -104,6 +106,7 @@ def train(store, C, alpha, neighbors, params, scheduler, out_dir, plan, **settin
             shots=None if run.shots is None else list(run.shots),
             draws=run.draws,
             scheduler=scheduler,
+            refit=refit,
         )
     _print_results(results)
     click.echo(f"wrote {out_dir}/model.skops and {out_dir}/results.json")
@@ -115,7 +118,7 @@ def _print_results(results) -> None:
     split = results.get("split")
     if split:
         sizes = ", ".join(f"{name} {n}" for name, n in split["sizes"].items())
-        click.echo(f"splits: {sizes} ({split['policy']}); fit on train, chosen on val")
+        click.echo(f"splits: {sizes} ({split['policy']}); {split['rule']}")
     if search:
         click.echo(f"{clf['preset']}: {search['param']} chosen by {search['scheme']} in {search['seconds']:.1f} s")
         for point in sorted(search["curve"] + search.get("refined", []), key=lambda p: p["value"]):

@@ -17,6 +17,7 @@ from featx.cli._shared import (
     table_option,
     table_options,
 )
+from featx.data.splits import FinalFit
 from featx.finetune.config import FinetuneConfig, edge_words
 from featx.spec import DEFAULT_BACKBONE, ExtractionOptions
 
@@ -44,6 +45,7 @@ __all__ = ["finetune"]
 @table_option(ExtractionOptions, "amp")
 @table_option(ExtractionOptions, "workers", help="Image-decoding processes [default: CPU cores, max 8].")
 @split_plan_options()
+@table_options(FinalFit)
 @click.option("--overwrite", is_flag=True, help="Start afresh if --out holds a run with other settings.")
 @no_progress_option()
 @out_folder_option("Folder for checkpoint.pt, model.safetensors, finetune.json and results.json.")
@@ -59,6 +61,7 @@ def finetune(
     no_progress,
     out_dir,
     plan,
+    refit,
     **settings,
 ) -> None:
     """Fine-tune a backbone on SOURCE in phases; resumable. It trains on train, chooses its epoch (epoch 0,
@@ -89,6 +92,7 @@ def finetune(
             overwrite=overwrite,
             progress=not no_progress,
             plan=plan,
+            refit=refit,
         )
     if env_rank() != 0:
         return
@@ -115,6 +119,11 @@ def finetune(
         f"best epoch {results['best_epoch']}"
         + (" (the weights before any update)" if not results["best_epoch"] else "")
     )
+    if results.get("refit"):
+        r = results["refit"]
+        click.echo(
+            f"refit on {r['on']} ({r['n']} images): {r['epochs']} epochs at the chosen rate, {r['seconds']:.0f} s"
+        )
     if results["test"]:
         print_metrics(results["test"])
     click.echo(f"wrote {out_dir}/model.safetensors, finetune.json and results.json")

@@ -26,14 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from featx._runtime.params import Interval, check_options, option
+from featx._runtime.params import Choices, Interval, check_options, option
 
 __all__ = [
     "DEFAULT_SPLIT_SEED",
     "DEFAULT_TEST_FRACTION",
     "DEFAULT_VAL_FRACTION",
+    "REFITS",
     "SELECTION_RULE",
+    "FinalFit",
     "SplitPlan",
+    "selection_rule",
     "split_hashes",
 ]
 
@@ -48,8 +51,14 @@ DEFAULT_TEST_FRACTION = 0.2
 #: image moves accuracy by 4 points).
 DEFAULT_VAL_FRACTION = 0.2
 
-#: The rule every row of a comparison follows, classifiers and fine-tunes alike (the report states it).
+#: The rule every row of a comparison follows, classifiers and fine-tunes alike (the report states it), under the
+#: default refit (``"train"``); :func:`selection_rule` words it for either.
 SELECTION_RULE = "fit on train, hyper-parameters chosen on val, scored once on test; no refit on train+val"
+
+#: What the final model of a row is fit on once val has chosen its hyper-parameters: ``train`` (val only ever
+#: chooses), or ``train+val`` (Kornblith et al. 2019: the chosen C, or the chosen rate and number of epochs, fit
+#: again on train and val together). Every row of a comparison refits alike (a dataset's ``refit`` in a job).
+REFITS = ("train", "train+val")
 
 #: The split seed's default. It is separate from every training seed: changing a classifier's or a
 #: fine-tune's seed never moves an image between splits.
@@ -167,6 +176,35 @@ class SplitPlan:
             n = min(len(rows) - 1, max(1, round(fraction * len(rows))))
             order = sorted(rows, key=lambda r: _rank(self.split_seed, to, ids[r]))
             splits[order[:n]] = to
+
+
+@dataclass(frozen=True)
+class FinalFit:
+    """What a row's final model is fit on once val has chosen (the protocol's one option beside the split plan;
+    not part of :class:`SplitPlan`, as it moves no image between splits and a store never depends on it).
+
+    Parameters
+    ----------
+    refit : {"train", "train+val"}, default="train"
+        One of :data:`REFITS`.
+    """
+
+    refit: str = option(
+        "train",
+        Choices(REFITS),
+        help="Fit the final model on train, or again on train+val with what val chose (Kornblith et al. 2019); "
+        "every row of a comparison should refit alike.",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)  # the one check of a refit setting
+
+
+def selection_rule(refit: str = "train") -> str:
+    """:data:`SELECTION_RULE` as it reads under ``refit``."""
+    if FinalFit(refit).refit == "train":
+        return SELECTION_RULE
+    return "hyper-parameters chosen on val (fit on train), then fit again on train+val with them, scored once on test"
 
 
 def _unevaluated_classes(labels: np.ndarray, splits: np.ndarray, class_names: Sequence[str] | None) -> list[str]:

@@ -7,6 +7,7 @@
 - :mod:`~featx.finetune.state`: a run's state between epochs, and its checkpoint;
 - :mod:`~featx.finetune.epochs`: the training loop (epoch 0, phase, epoch, step) and prediction over the ranks;
 - :mod:`~featx.finetune.sweep`: the base learning rate chosen on val (a short run per candidate rate);
+- :mod:`~featx.finetune.refit`: under ``refit="train+val"``, the chosen rate and epochs trained again on train+val;
 - :mod:`~featx.finetune.trainer`: the run, :func:`finetune`, as its steps (restore, train, test, write);
 - :mod:`~featx.finetune.artifacts`: what a run leaves on disk, and loading it back.
 """

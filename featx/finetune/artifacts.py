@@ -36,7 +36,9 @@ WEIGHTS = FINETUNE_WEIGHTS
 
 
 # ------------------------------------------------------------------------------------------- run
-def config_hash(config: FinetuneConfig, backbone: Backbone, manifest_fp: str, init_head: str | None) -> str:
+def config_hash(
+    config: FinetuneConfig, backbone: Backbone, manifest_fp: str, init_head: str | None, refit: str = "train"
+) -> str:
     payload = canonical_json(
         {
             "config": config.identity(),
@@ -45,6 +47,7 @@ def config_hash(config: FinetuneConfig, backbone: Backbone, manifest_fp: str, in
             "manifest": manifest_fp,
             "init_head": init_head,
         }
+        | ({"refit": refit} if refit != "train" else {})  # a default run keeps the hash of a featx before refit
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -120,12 +120,31 @@ def _check_same_split(model_file: str | Path, probe: dict[str, str] | None, fine
         )
 
 
+def _check_fitted_on(model_file: str | Path, splits: list[str], expected: list[str]) -> None:
+    """Refuse a probe fit on other splits than the step it starts needs (a probe fit on val biases the epoch choice
+    towards epoch 0, the probe itself)."""
+    if splits == expected:
+        return
+    if expected == ["train"]:
+        raise SpecMismatchError(
+            f"--init-head {model_file} was fit on {'+'.join(splits)}: val, which chooses the fine-tune's rate and "
+            "epoch, would judge a head that has seen it; start from a probe fit on train (`featx train` with the "
+            "default --refit train), or fine-tune with --refit train+val, which starts from the probe's "
+            "model-train.skops"
+        )
+    raise SpecMismatchError(
+        f"--init-head {model_file} was fit on {'+'.join(splits)}, and the refit on train+val starts from a probe fit "
+        "on train+val: give the model.skops of `featx train --refit train+val`"
+    )
+
+
 def head_from_logreg(
     model_file: str | Path,
     backbone: Backbone,
     class_names: Sequence[str],
     trust: bool = False,
     split_hashes: dict[str, str] | None = None,
+    fitted_on: Sequence[str] = ("train",),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights and bias of a linear head equal to a stage-2 logistic regression (LP-FT, Kumar et al. 2022).
 
@@ -133,13 +152,16 @@ def head_from_logreg(
     or no preprocessing: standardisation is folded into the weights, so ``head(x)`` equals the regression's
     decision function on the raw features exactly (up to float rounding). Given the fine-tune's
     ``split_hashes``, the probe must have been trained under the same split plan: a probe that saw the
-    fine-tune's val or test images would leak them into its starting point.
+    fine-tune's val or test images would leak them into its starting point; and it must have been fit on the
+    splits ``fitted_on`` (train alone where val then chooses the fine-tune's epoch, train and val for the refit
+    of ``refit="train+val"``).
     """
     from featx.classify.model import load_model
 
     trained = load_model(model_file, trust=trust)
     if split_hashes is not None:
         _check_same_split(model_file, trained.split_hashes, split_hashes)
+    _check_fitted_on(model_file, trained.meta.get("trained_on", {}).get("splits", ["train"]), list(fitted_on))
     spec = trained.meta["store_spec"]
     if spec["backbone"] != backbone.name or spec["weights_sha256"] != backbone.weights_sha256:
         raise SpecMismatchError(

@@ -38,7 +38,7 @@ log = logging.getLogger("featx.finetune.trainer")  # one logger for the run's st
 
 
 @dataclass
-class _Rows:
+class Rows:
     """The manifest's rows by split, unreadable images dropped, and how the val rows were chosen."""
 
     manifest: Manifest
@@ -73,11 +73,17 @@ def load_manifest(source: str | Path | Manifest, plan: SplitPlan | None) -> Mani
 
 
 def build_model(
-    name: BackboneName, manifest: Manifest, config: FinetuneConfig, *, init_head: str | Path | None, trust: bool
+    name: BackboneName,
+    manifest: Manifest,
+    config: FinetuneConfig,
+    *,
+    init_head: str | Path | None,
+    trust: bool,
+    probe_on: tuple[str, ...] = ("train",),
 ) -> _Built:
     """Load the backbone, check the phases fit it, and swap its classifier for a new head (every
     parameter trainable; the phases freeze them). The head's initial weights follow ``config.seed``, or
-    an LP-FT probe's."""
+    an LP-FT probe's, which must have been fit on the splits ``probe_on``."""
     net = load_backbone(name)
     blocks = block_names(net)
     for phase in config.phases:
@@ -100,7 +106,9 @@ def build_model(
         if config.hidden:
             raise ValueError("--init-head sets a linear head; it cannot be combined with an MLP head (--hidden)")
         hashes = split_hashes(manifest.ids, manifest.splits)
-        W, b = head_from_logreg(init_head, net, manifest.class_names, trust=trust, split_hashes=hashes)
+        W, b = head_from_logreg(
+            init_head, net, manifest.class_names, trust=trust, split_hashes=hashes, fitted_on=probe_on
+        )
         linear = head if isinstance(head, nn.Linear) else head[-1]
         with torch.no_grad():
             linear.weight.copy_(W)
@@ -112,7 +120,7 @@ def build_model(
     return _Built(net, blocks, head_name, init_ref)
 
 
-def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pixels: int, pre: Preprocessing) -> _Rows:
+def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pixels: int, pre: Preprocessing) -> Rows:
     """Train, val and test rows of a planned manifest (:func:`load_manifest`), each image decoded once (shared
     out over the ranks); unreadable ones, and those the preprocessing ``pre`` would resize past ``max_pixels``,
     are skipped with a warning."""
@@ -138,7 +146,7 @@ def prepare_rows(world: _ddp.World, manifest: Manifest, plan: SplitPlan, max_pix
     if world.is_main:
         for image_id, reason in skipped:
             log.warning("skipping unreadable image %s: %s", image_id, reason)
-    return _Rows(
+    return Rows(
         manifest, fp, train_rows, val_rows, test_rows, val_policy, skipped, plan, split_hashes(manifest.ids, splits)
     )
 
@@ -152,7 +160,7 @@ class Run:
     config: FinetuneConfig
     amp: str
     out: Path
-    rows: _Rows
+    rows: Rows
     built: _Built
     model: ClassifierNet
     channels_last: bool
@@ -174,7 +182,7 @@ class Run:
         config: FinetuneConfig,
         amp: str,
         out: Path,
-        rows: _Rows,
+        rows: Rows,
         built: _Built,
         *,
         workers: int | None,

@@ -14,7 +14,8 @@ A run is a sequence of steps, and :func:`_finetune` reads as them:
 :func:`~featx.finetune.epochs.evaluate_start` (epoch 0: the weights before any update, a candidate like every
 epoch), then per phase :func:`~featx.finetune.sweep.choose_rate` (at the first phase whose rate is chosen on
 val) and :func:`~featx.finetune.epochs.train_phase` (each epoch: train, validate, keep the best weights,
-write the checkpoint), :func:`test_best` and :func:`write_artifacts`.
+write the checkpoint), under ``refit="train+val"`` :func:`~featx.finetune.refit.refit_on_train_val` (the chosen
+rate and epochs again on train+val), :func:`test_best` and :func:`write_artifacts`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from featx._runtime.malloc import reuse_freed_memory
 from featx._runtime.progress import Progress
 from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
-from featx.data.splits import SELECTION_RULE, SplitPlan
+from featx.data.splits import FinalFit, SplitPlan, selection_rule
 from featx.exceptions import DamagedFileError, SpecMismatchError
 from featx.finetune.artifacts import CHECKPOINT, FINETUNE_META, WEIGHTS, config_hash, save_json
 from featx.finetune.config import FinetuneConfig
@@ -43,6 +44,7 @@ from featx.finetune.data import EvalImages
 from featx.finetune.epochs import evaluate_start, predict, train_phase
 from featx.finetune.heads import block_family, model_label
 from featx.finetune.prepare import Run, build_model, load_manifest, prepare_rows
+from featx.finetune.refit import refit_on_train_val
 from featx.finetune.state import RunState, read_checkpoint, save_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
@@ -71,6 +73,7 @@ def finetune(
     plan: SplitPlan | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cell: CellInfo | None = None,
+    refit: str = "train",
 ) -> FinetuneResults:
     """Fine-tune a backbone on a source's train split, validate each epoch, test the best epoch once.
 
@@ -131,6 +134,13 @@ def finetune(
         Images with more pixels are refused as unreadable (decompression-bomb guard) and skipped.
     cell : CellInfo, optional
         Which cell of a ``featx run`` job this is, recorded in the results (written once, never amended).
+    refit : {"train", "train+val"}, default="train"
+        ``train``: the tested model is the best epoch of the run on train. ``train+val``: that run chooses the
+        rate and the number of epochs on val, then the recipe trains again from the start on train and val
+        for that many epochs at that rate, and its last weights are tested (:mod:`featx.finetune.refit`; the
+        results' ``refit`` says what it trained). With ``init_head``, give the ``model.skops`` of
+        ``featx train --refit train+val``: the run on train starts from its ``model-train.skops`` (the probe
+        val has not seen), the refit from the probe fit on train+val.
 
     Returns
     -------
@@ -188,6 +198,7 @@ def finetune(
                 plan=plan,
                 max_pixels=max_pixels,
                 cell=cell,
+                refit=FinalFit(refit).refit,
             )
     finally:
         _ddp.close(world)
@@ -210,16 +221,18 @@ def _finetune(
     plan: SplitPlan | None,
     max_pixels: int,
     cell: CellInfo | None,
+    refit: str,
 ) -> FinetuneResults:
-    """Check, prepare, restore, train every phase, test the best epoch, write the artifacts."""
+    """Check, prepare, restore, train every phase, (refit,) test the best epoch, write the artifacts."""
     t_start = time.perf_counter()
     check_writable(out, "out_dir")  # before the network loads; on every rank, so that all of them stop
     amp = resolve_amp(amp, dev)
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)
-    built = build_model(name, manifest, config, init_head=init_head, trust=trust)
+    selection_head = _train_only_probe(init_head) if init_head is not None and refit == "train+val" else init_head
+    built = build_model(name, manifest, config, init_head=selection_head, trust=trust)
     rows = prepare_rows(world, manifest, plan or SplitPlan(), max_pixels, built.net.preprocessing)
-    run_hash = config_hash(config, built.net, rows.fingerprint, built.init_ref)
+    run_hash = config_hash(config, built.net, rows.fingerprint, built.init_ref, refit)
     state = restore_or_start(world, out, run_hash, overwrite=overwrite)
     state.start_clock(t_start)  # a resumed run adds this process's seconds to those its checkpoint recorded
     run = Run.start(
@@ -237,8 +250,25 @@ def _finetune(
             live = choose_rate(run, state, phase_index, bar) if needs_choice(config, state, phase_index) else None
             if state.phase == phase_index:  # the chosen candidate's epoch may have ended the phase
                 train_phase(run, state, phase_index, bar, live)
+    refitted = None
+    if refit == "train+val":
+        refitted = refit_on_train_val(run, state, name, manifest, init_head=init_head, trust=trust, workers=workers)
     test = test_best(run)
-    return write_artifacts(run, state, test, seconds=state.elapsed(), cell=cell)
+    return write_artifacts(run, state, test, seconds=state.elapsed(), refit=refitted, cell=cell)
+
+
+def _train_only_probe(init_head: str | Path) -> Path:
+    """The probe fit on train alone beside a ``featx train --refit train+val`` model (the run on train starts
+    from it: val, which judges that run, must not have been fit)."""
+    from featx.classify.training import TRAIN_ONLY_MODEL
+
+    path = Path(init_head).parent / TRAIN_ONLY_MODEL
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--refit train+val with --init-head {init_head}: {path} is missing; the run on train needs the probe "
+            "fit on train alone, which `featx train --refit train+val` writes beside model.skops"
+        )
+    return path
 
 
 # ---------------------------------------------------------------------------------------- the steps
@@ -296,12 +326,20 @@ def test_best(run: Run) -> TestMetrics | None:
 
 
 def write_artifacts(
-    run: Run, state: RunState, test: TestMetrics | None, *, seconds: float, cell: CellInfo | None = None
+    run: Run,
+    state: RunState,
+    test: TestMetrics | None,
+    *,
+    seconds: float,
+    refit: dict[str, Any] | None = None,
+    cell: CellInfo | None = None,
 ) -> FinetuneResults:
     """Write ``finetune.json`` and ``results.json`` (rank 0), then shrink ``checkpoint.pt`` to the run's record;
-    wait for them on every rank, return the results."""
+    wait for them on every rank, return the results.
+
+    ``refit``: what the refit on train+val trained (:func:`~featx.finetune.refit.refit_on_train_val`), if any."""
     meta = _finetune_meta(run, state)
-    results = _results(run, state, test, seconds=seconds)
+    results = _results(run, state, test, seconds=seconds, refit=refit)
     if cell is not None:
         results["cell"] = cell
     if run.world.is_main:
@@ -358,9 +396,12 @@ def _fit_seconds(state: RunState) -> float:
     return round(sum(c["seconds"] for c in state.curves) + others, 3)
 
 
-def _results(run: Run, state: RunState, test: TestMetrics | None, *, seconds: float) -> FinetuneResults:
+def _results(
+    run: Run, state: RunState, test: TestMetrics | None, *, seconds: float, refit: dict[str, Any] | None
+) -> FinetuneResults:
     """The run's results document (:class:`featx.results.FinetuneResults`)."""
     built, config, rows = run.built, run.config, run.rows
+    on = "train" if refit is None else refit["on"]
     kind = "lp-ft" if built.init_ref else "finetune"
     sweep = {} if state.lr_sweep is None else {"lr_sweep": sweep_summary(config, state.lr_sweep)}
     return sweep | {
@@ -376,8 +417,9 @@ def _results(run: Run, state: RunState, test: TestMetrics | None, *, seconds: fl
             "policy": rows.manifest.split_policy,
             "hashes": rows.split_hashes,
             "sizes": {"train": len(rows.train), "val": len(rows.val), "test": len(rows.test)},
-            "rule": SELECTION_RULE,
-        },
+            "rule": selection_rule(on),
+        }
+        | ({"refit": on} if refit is not None else {}),
         "manifest_fingerprint": rows.fingerprint,
         "backbone": built.net.name,
         "finetune": {
@@ -397,8 +439,9 @@ def _results(run: Run, state: RunState, test: TestMetrics | None, *, seconds: fl
         "train": {
             "n": len(rows.train),
             "val_n": len(rows.val),
-            "fit_seconds": _fit_seconds(state),
+            "fit_seconds": round(_fit_seconds(state) + (refit["seconds"] if refit else 0.0), 3),
         },
+        **({"refit": refit} if refit is not None else {}),
         "test": test,
         "versions": library_versions(),
         "created_at": timestamp(),

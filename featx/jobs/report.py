@@ -94,7 +94,7 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         compute_s=compute_s,
         device=device,
         images_per_s=ips,
-        how=how,
+        how=how + ("; final model refit on train+val" if (results.get("split") or {}).get("refit") else ""),
         versions=", ".join(f"{k} {versions[k]}" for k in shown if k in versions),
         store_path=(results.get("store") or {}).get("path"),
         split=results.get("split") or {},

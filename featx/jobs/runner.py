@@ -364,7 +364,7 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
             **config.identity(),  # its settings, the preprocessing in force, the search's version
             "shots": _shots(task),
             "draws": task.classifier.draws,
-        }
+        } | _refit_identity(task)
     ft = task.finetune
     init_marker = _init_dir(job, task, by_id) / CELL_MARKER if task.depends else None
     return {
@@ -375,7 +375,13 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
         "backbone": _finetune_backbone(job, ft),
         "config": finetune_config(ft, task.seed).identity(),  # what the fine-tune's checkpoint hashes too
         "init_head": _marker_hash(init_marker) if init_marker is not None else None,
-    }
+    } | _refit_identity(task)
+
+
+def _refit_identity(task: Task) -> dict[str, str]:
+    """A cell's refit, in its identity only when not the default: cells cached before the option keep their hash."""
+    refit = task.dataset.refit
+    return {"refit": refit} if refit != "train" else {}
 
 
 def _source_fingerprint(source: str) -> str | None:
@@ -433,6 +439,7 @@ def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None
         shots=_shots(task),
         draws=task.classifier.draws,
         cell=_cell_info(task),
+        refit=task.dataset.refit,
     )
 
 
@@ -452,6 +459,7 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
         progress=progress,
         plan=task.plan,
         cell=_cell_info(task),
+        refit=task.dataset.refit,
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featx._runtime.params import check_value, options_of
-from featx.data.splits import SplitPlan
+from featx.data.splits import FinalFit, SplitPlan
 from featx.exceptions import InvalidOptionError
 from featx.spec import DEFAULT_BACKBONE, ExtractionOptions
 
@@ -57,7 +57,7 @@ class BadValue(InvalidOptionError):
 def _configs(table: str) -> tuple[type, ...]:
     """The configs whose option tables give a ``[[table]]`` row its settings."""
     if table == "datasets":
-        return (SplitPlan,)
+        return (SplitPlan, FinalFit)
     if table == "backbones":
         return (ExtractionOptions,)
     if table == "classifiers":
@@ -95,12 +95,19 @@ class DatasetSpec:
     name: str
     source: str
     repeats: int = 1
-    settings: tuple[tuple[str, Any], ...] = ()  # options of SplitPlan's table
+    settings: tuple[tuple[str, Any], ...] = ()  # options of SplitPlan's and FinalFit's tables
 
     @property
     def plan(self) -> SplitPlan:
         """The dataset's first :class:`~featx.data.splits.SplitPlan` (split seed ``split_seed``)."""
         return SplitPlan(**_pick(self.settings, SplitPlan))
+
+    @property
+    def refit(self) -> str:
+        """What every row's final model is fit on (:class:`~featx.data.splits.FinalFit`): ``train``, or again on
+        ``train+val`` (each frozen row with its chosen hyper-parameter, each fine-tune for its chosen rate and
+        number of epochs)."""
+        return FinalFit(**_pick(self.settings, FinalFit)).refit
 
     @property
     def split_seeds(self) -> tuple[int, ...]:
@@ -222,6 +229,7 @@ def _check_dataset(spec: DatasetSpec) -> None:
     if not (s == "digits" or s.startswith("torchvision:") or Path(s).expanduser().exists()):
         raise ValueError(f"source {s!r} does not exist (sources: a folder, archive, CSV, digits, torchvision:NAME)")
     spec.plan  # noqa: B018  # SplitPlan's table checks each setting
+    spec.refit  # noqa: B018  # and FinalFit's the refit
     if isinstance(spec.repeats, bool) or not isinstance(spec.repeats, int) or not 1 <= spec.repeats <= 100:
         raise BadValue(
             "repeats",
