@@ -250,6 +250,8 @@ def test_compare_writes_an_offline_report_with_valid_plots(job_file, tmp_path):
     assert result.output.lstrip().startswith("decision:")  # the answer first, before any table
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["margin"] == 0.01 and report["verdicts"][0]["chosen_on"] == "val"
+    # The terminal and the report say the same cost: an LP-FT's probe is charged once, not once per document.
+    assert report["decisions"][0].split(": ", 1)[1] in result.output
     assert "rule: fit on train, hyper-parameters chosen on val" in result.output
     out = tmp_path / "out"
     page = (out / "report.html").read_text()

@@ -597,6 +597,7 @@ def _sections(rows: list[Row], margin: float = DEFAULT_MARGIN) -> list[_Section]
     for every document)."""
     sections = []
     for dataset, runs in _by_dataset(rows).items():
+        runs = [Row(r) for r in runs]  # charged and renamed below: the caller's rows stay as they were
         _charge_probes(runs)
         _unique_methods(runs)
         found = verdict(runs, margin=margin)

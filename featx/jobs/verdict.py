@@ -123,6 +123,7 @@ class DatasetVerdict:
     question_rows: tuple[str, str] | None = None  # (tuned, frozen) methods
     transfer: Decision | None = None  # best transfer against best no-transfer row
     transfer_rows: tuple[str, str] | None = None
+    question_kept_at_start: bool = False  # the fine-tuned row never left its starting point (an LP-FT's probe)
     headline: str = ""  # the decision in one sentence (the report opens with it)
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,6 +272,7 @@ def verdict(runs: Sequence[Mapping[str, Any]], *, margin: float = DEFAULT_MARGIN
     if frozen and tuned:
         pair = (_choose(tuned, main), _choose(frozen, main))
         found.question, found.question_rows = _decide(*pair, margin), (pair[0].name, pair[1].name)
+        found.question_kept_at_start = _kept_at_start(pair[0])
     transfer, baselines = [m for m in usable if not m.baseline], [m for m in usable if m.baseline]
     if transfer and baselines:
         pair = (_choose(transfer, main), _choose(baselines, main))
@@ -337,6 +339,12 @@ def _decide(a: _Method, b: _Method, margin: float) -> Decision:
 
 def _split_seed_of(run: Mapping[str, Any]) -> int | None:
     return ((run.get("split") or {}).get("plan") or {}).get("split_seed")
+
+
+def _kept_at_start(m: _Method) -> bool:
+    """No epoch of any run beat the starting point on val: the fine-tuned row is its probe (or the pretrained
+    network with a fresh head)."""
+    return all(str(r.get("chosen")) == "best epoch 0" for runs in m.runs.values() for r in runs)
 
 
 def _mean_cost(m: _Method) -> float | None:
@@ -443,7 +451,10 @@ def _variance_sentence(d: Decision) -> str:
 def _sentences(found: DatasetVerdict, reference: _Method, main: frozenset) -> list[str]:
     out = []
     if found.question is not None and found.question_rows:
-        out.append(decision_sentence(found.question, *found.question_rows))
+        tuned, frozen = found.question_rows
+        if found.question_kept_at_start:
+            tuned += " (no epoch beat its starting point on val, so this row is that starting point)"
+        out.append(decision_sentence(found.question, tuned, frozen))
         out.append(_variance_sentence(found.question))
     if found.transfer is not None and found.transfer_rows:
         out.append(decision_sentence(found.transfer, *found.transfer_rows, which="transfer"))
