@@ -22,7 +22,7 @@ from featx.finetune.config import edge_words
 from featx.jobs.decision import DEFAULT_MARGIN
 from featx.jobs.markdown import md_cell, md_code, md_link, md_text
 from featx.jobs.plots import plot_datasets
-from featx.jobs.verdict import DatasetVerdict, across_datasets, verdict
+from featx.jobs.verdict import DatasetVerdict, across_datasets, split_seed_of, two_figures, verdict
 from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
 
 __all__ = ["COLUMNS", "Row", "collect", "format_table", "recorded_margin", "val_accuracy", "write_report"]
@@ -333,22 +333,18 @@ def _merge_seeds(group: list[Row]) -> list[Row]:
         by_key.setdefault(row["row_key"], []).append(row)
     merged = []
     for runs in by_key.values():
-        runs.sort(key=lambda r: (_split_seed_of(r), r["seed"] is None, r["seed"] or 0))
+        runs.sort(key=lambda r: ((split_seed_of(r) or 0), r["seed"] is None, r["seed"] or 0))
         first = Row(runs[0])
-        same_split = [r for r in runs if _split_seed_of(r) == _split_seed_of(runs[0])]
+        same_split = [r for r in runs if (split_seed_of(r) or 0) == (split_seed_of(runs[0]) or 0)]
         if len(same_split) > 1:
             first["seed_accuracies"] = {r["seed"]: r["accuracy"] for r in same_split}
             first["how"] += f"; seeds {', '.join(str(r['seed']) for r in same_split)} (the table shows seed "
             first["how"] += f"{runs[0]['seed']}; the decision averages them)"
-        splits = sorted({_split_seed_of(r) for r in runs})
+        splits = sorted({(split_seed_of(r) or 0) for r in runs})
         if len(splits) > 1:
             first["how"] += f"; split seeds {', '.join(map(str, splits))} (the table shows split {splits[0]})"
         merged.append(first)
     return merged
-
-
-def _split_seed_of(row: Row) -> int:
-    return int(((row["split"] or {}).get("plan") or {}).get("split_seed") or 0)
 
 
 def _unique_methods(runs: list[Row]) -> None:
@@ -446,9 +442,7 @@ def _verdict_cells(found: DatasetVerdict) -> list[list[str]]:
 
 def cost_ratio_words(ratio: float | None) -> str:
     """A cost ratio to two significant figures (``12×``, ``0.25×``)."""
-    if ratio is None:
-        return "—"
-    return f"{ratio:.2g}×" if ratio < 100 else f"{ratio:,.0f}×"
+    return "—" if ratio is None else f"{two_figures(ratio)}×"
 
 
 def _against_words(found: DatasetVerdict) -> str:

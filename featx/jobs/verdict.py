@@ -40,6 +40,8 @@ __all__ = [
     "decision_sentence",
     "holm",
     "mcnemar_exact",
+    "split_seed_of",
+    "two_figures",
     "verdict",
 ]
 
@@ -195,7 +197,7 @@ def _main_split(methods: list[_Method]) -> frozenset:
 
 
 def _split_seed(methods: list[_Method], key: frozenset) -> int:
-    seeds = [_split_seed_of(run) for m in methods for run in m.runs.get(key, [])]
+    seeds = [split_seed_of(run) for m in methods for run in m.runs.get(key, [])]
     return next((int(s) for s in seeds if s is not None), 0)
 
 
@@ -329,7 +331,7 @@ def _decide(a: _Method, b: _Method, margin: float) -> Decision:
         sizes = (a.runs[key][0].get("split") or {}).get("sizes") or {}
         if sizes.get("train"):
             train[name] = int(sizes["train"]) + int(sizes.get("val") or 0)
-    fixed = max(len({_split_seed_of(r) for r in (*a.runs[key], *b.runs[key])}) for key in shared)
+    fixed = max(len({split_seed_of(r) for r in (*a.runs[key], *b.runs[key])}) for key in shared)
     decision = decide(
         per_a, per_b, margin=margin, train_sizes=train if len(train) == len(per_a) else None, fixed_test_repeats=fixed
     )
@@ -337,7 +339,8 @@ def _decide(a: _Method, b: _Method, margin: float) -> Decision:
     return dataclasses.replace(decision, cost_ratio=cost_a / cost_b if cost_a and cost_b else None)
 
 
-def _split_seed_of(run: Mapping[str, Any]) -> int | None:
+def split_seed_of(run: Mapping[str, Any]) -> int | None:
+    """The split seed a run was made under (``None`` for results that do not record their plan)."""
     return ((run.get("split") or {}).get("plan") or {}).get("split_seed")
 
 
@@ -370,11 +373,12 @@ def cost_words(ratio: float | None) -> str:
     if ratio is None:
         return ""
     if ratio >= 1:
-        return f"{_two_figures(ratio)}× the compute"
-    return f"1/{_two_figures(1 / ratio)} of the compute"
+        return f"{two_figures(ratio)}× the compute"
+    return f"1/{two_figures(1 / ratio)} of the compute"
 
 
-def _two_figures(x: float) -> str:
+def two_figures(x: float) -> str:
+    """A positive number to two significant figures (``2.7``, ``43``, ``1,100``)."""
     return f"{x:.2g}" if x < 100 else f"{round(x, -math.floor(math.log10(x)) + 1):,.0f}"
 
 
