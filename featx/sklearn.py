@@ -10,6 +10,7 @@ cached costs no network load; :func:`clear_network_cache` frees them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -22,24 +23,22 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from featx._runtime.env import cache_dir as default_cache_dir
+from featx._runtime.params import options_of
 from featx.backbones.features import Backbone
 from featx.backbones.loading import load_backbone
 from featx.backbones.names import PENULTIMATE, parse_backbone_name
 from featx.spec import (
-    DEFAULT_AMP,
     DEFAULT_BACKBONE,
     DEFAULT_DECODE,
     DEFAULT_DTYPE,
     DEFAULT_POOL,
     DEFAULT_TTA,
+    SPEC_OPTIONS,
     ExtractionOptions,
     ExtractionSpec,
 )
 
 __all__ = ["MAX_NETWORKS", "ConvNetFeatures", "clear_network_cache"]
-
-# The parameters that are extraction options, under the names featx.spec.ExtractionOptions and extract() use.
-_SPEC_OPTIONS = ("pool", "dtype", "tta", "decode")
 
 
 #: Loaded networks kept for later fits (a grid search's clones fit the same backbone again and again).
@@ -120,10 +119,14 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
     dtype : {"float32", "float16"}, default="float32"
         Storage dtype in the cache; ``transform`` always returns float32.
     tta : {"none", "flip"}, default="none"
-    decode : {"exact", "fast"}, default="exact"
-        ``fast`` decodes large JPEGs at a reduced scale (see :func:`featx.extract.extract`).
+    decode : {"exact", "fast", "device"}, default="exact"
+        ``fast`` decodes large JPEGs at a reduced scale (see :class:`featx.spec.ExtractionOptions`).
     device : str, default="auto"
     batch_size : int, default=64
+
+    The parameters named like an option of :class:`~featx.spec.ExtractionOptions` (``pool``, ``dtype``, ``tta``,
+    ``decode``, ``batch_size``) are that option: :meth:`fit` builds one ``ExtractionOptions`` of them, checked by
+    its table. They are written out because scikit-learn reads an estimator's parameters from ``__init__``.
     cache_dir : str or Path, optional
         Folder of the feature stores; by default ``<featx cache>/stores``.
     progress : bool, default=False
@@ -187,15 +190,14 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         from featx._runtime.device import resolve_amp, resolve_device
 
         _as_paths(X)
-        checked = ExtractionOptions(**{name: getattr(self, name) for name in (*_SPEC_OPTIONS, "batch_size")})
-        options = {name: getattr(checked, name) for name in _SPEC_OPTIONS}  # checked by extraction's own table
-        options["amp"] = resolve_amp(DEFAULT_AMP, resolve_device(self.device))
+        options = self._options()
+        amp = resolve_amp(options.amp, resolve_device(self.device))
         network = (self.backbone, _weights_stamp(self.backbone))
-        key = (*network, self.layer, *sorted(options.items()))
+        key = (*network, self.layer, amp, *(getattr(options, name) for name in SPEC_OPTIONS))
         with _cache_lock:
             known = _fitted.get(key)
         if known is None:
-            known = self._spec_and_width(_network(network), options)
+            known = self._spec_and_width(_network(network), options, amp)
             with _cache_lock:
                 _fitted[key] = known
                 while len(_fitted) > 32 * MAX_NETWORKS:
@@ -204,14 +206,19 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         self.spec_ = copy.deepcopy(spec)  # each estimator its own: the cached one stays as computed
         return self
 
-    def _spec_and_width(self, net: Backbone, options: dict[str, str]) -> tuple[dict[str, Any], int]:
+    def _options(self) -> ExtractionOptions:
+        """The :class:`~featx.spec.ExtractionOptions` of the parameters that are its options (checked by its table)."""
+        table = options_of(ExtractionOptions)
+        return ExtractionOptions(**{k: v for k, v in self.get_params(deep=False).items() if k in table})
+
+    def _spec_and_width(self, net: Backbone, options: ExtractionOptions, amp: str) -> tuple[dict[str, Any], int]:
         """The extraction spec of this layer of ``net`` under ``options``, and its features per image."""
         from featx.backbones.features import feature_dims
         from featx.extract.api import build_spec, effective_pool
 
-        feature_model = net.feature_model([self.layer], options["pool"])  # checks the layer
-        options = {**options, "pool": effective_pool(net, feature_model, options["pool"])}
-        spec = build_spec(net, [self.layer], **options).to_dict()
+        feature_model = net.feature_model([self.layer], options.pool)  # checks the layer
+        pooled = dataclasses.replace(options, pool=effective_pool(net, feature_model, options.pool))
+        spec = build_spec(net, [self.layer], pooled, amp=amp).to_dict()
         return spec, feature_dims(feature_model, net.preprocessing)[self.layer]
 
     def __sklearn_tags__(self) -> Any:
@@ -249,9 +256,8 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
                 from_files(missing),
                 self.backbone,
                 layers=list(spec.layers),
-                **{name: getattr(spec, name) for name in (*_SPEC_OPTIONS, "amp")},
+                options=spec.options(batch_size=self.batch_size),
                 device=self.device,
-                batch_size=self.batch_size,
                 progress=self.progress,
                 max_failures="inf",
                 expect_weights_sha256=spec.weights_sha256,

@@ -39,6 +39,7 @@ __all__ = [
     "INTERPOLATIONS",
     "OPTIONS",
     "POOLS",
+    "SPEC_OPTIONS",
     "TTA_MODES",
     "ExtractionOptions",
     "ExtractionSpec",
@@ -89,15 +90,52 @@ DEFAULT_COMPILE = "auto"
 @dataclass(frozen=True)
 class ExtractionOptions:
     """The options a user sets for an extraction: the user-facing half of :class:`ExtractionSpec` (pooling,
-    storage, precision, decoding, the pixel limit) and how the run goes (batch size, workers, fingerprint,
-    compilation). Each field is one row of the option table (allowed values, default, help): ``featx extract``'s
-    options, a pipeline's ``[[backbones]]`` keys and :func:`featx.extract.extract`'s checks all come from it, and
-    building one checks every option once.
+    storage, precision, decoding, the pixel limit: :data:`SPEC_OPTIONS`) and how the run goes (batch size,
+    workers, fingerprint, compilation). Each field is one row of the option table (allowed values, default,
+    help): ``featx extract``'s options, a pipeline's ``[[backbones]]`` keys, :func:`featx.extract.extract`'s
+    ``options`` (and its keyword arguments of the same names) all come from it, and building one checks every
+    option once.
 
     Parameters
     ----------
-    pool, dtype, amp, tta, decode, max_pixels, fingerprint, compile_mode, batch_size, workers :
-        As for :func:`featx.extract.extract`.
+    pool : {"avg", "max", "avgmax", "gem", "none"}, default="avg"
+        Pooling of spatial maps (and token sequences).
+    dtype : {"float32", "float16"}, default="float32"
+        Storage dtype; float16 halves the store.
+    amp : {"auto", "bf16", "fp16", "none"}, default="auto"
+        Autocast precision; ``auto`` is bf16 (or fp16) on CUDA and none elsewhere.
+    tta : {"none", "flip"}, default="none"
+        ``flip`` averages the features of each image and its mirror image.
+    decode : {"exact", "fast", "device"}, default="exact"
+        ``exact`` decodes and resizes as the weights' own transforms do. ``fast`` decodes JPEGs at a
+        reduced DCT scale while the shorter side stays at least the resize size, and resizes only the
+        centre-crop region: several times less decoding for photos of a few megapixels, slightly different
+        pixels, and so a different store (it is part of the key). ``device`` leaves the workers only reading
+        files: JPEGs are decoded (nvJPEG on CUDA), resized and cropped in batches on the extraction device;
+        other files, and JPEGs it cannot vouch for (CMYK, greyscale, EXIF-rotated, truncated), are decoded
+        exactly on the CPU, so a bad image fails as it does with ``exact``. Also a store of its own.
+    max_pixels : int, default=89_478_485
+        Images with more pixels are recorded as failures (decompression-bomb guard).
+    fingerprint : {"stat", "content"}, default="stat"
+        How the images enter the cache key: path/size/mtime, or content hashes.
+    compile_mode : {"auto", "on", "off"}, default="auto"
+        Run the network through ``torch.compile``. Its features match eager float32 within float
+        tolerance (tested at 1e-4), not bit for bit, and compiling takes a while, so ``auto`` compiles only
+        on a CPU with at least 20,000 images to go. Compiled code is cached where ``TORCHINDUCTOR_CACHE_DIR``
+        says (PyTorch sets it to its own default once timm is imported), else in ``<cache>/inductor``.
+    batch_size : int, optional
+        Images per forward pass; by default 256 on CUDA (a GPU needs big batches to stay busy), else 64.
+    workers : int, optional
+        DataLoader decoding processes; by default one per CPU core (at most 8).
+
+    Examples
+    --------
+    >>> ExtractionOptions(pool="gem").pool
+    'gem'
+    >>> ExtractionOptions(pool="mean")
+    Traceback (most recent call last):
+    ...
+    featx.exceptions.UnknownOptionError: unknown pool 'mean'. Choose one of avg, max, avgmax, gem, none.
     """
 
     pool: str = option(DEFAULT_POOL, Choices(POOLS), help="Pooling of spatial feature maps (and token sequences).")
@@ -157,10 +195,6 @@ class ExtractionOptions:
 
     def __post_init__(self) -> None:
         check_options(self)  # every option against its table, once
-
-    def spec_options(self) -> dict[str, Any]:
-        """The options that enter the spec (and so the store's key), ``amp`` still unresolved."""
-        return {name: getattr(self, name) for name in ("pool", "dtype", "tta", "decode", "max_pixels")}
 
 
 class Option(NamedTuple):
@@ -334,13 +368,26 @@ class ExtractionSpec:
 
     def __post_init__(self) -> None:
         table = options_of(ExtractionOptions)
-        for name in ("pool", "dtype", "tta", "decode", "max_pixels"):  # the user's half: its options' own checks
-            check_value(name, getattr(self, name), table[name][0])
-        check_option("amp", self.amp, AMP_MODES)  # recorded resolved: never auto
+        for name in SPEC_OPTIONS:  # the user's half: its options' own checks
+            if name == "amp":
+                check_option("amp", self.amp, AMP_MODES)  # recorded resolved: never auto
+            else:
+                check_value(name, getattr(self, name), table[name][0])
         if not self.layers:
             raise ValueError("an extraction needs at least one layer (the default is 'penultimate')")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers repeat: {list(self.layers)}")
+
+    def options(self, **run: Any) -> ExtractionOptions:
+        """The options that make this spec's store again (its recorded pool, dtype, amp, …), with ``run``'s
+        options that do not enter a spec (``batch_size``, ``workers``, …).
+
+        Examples
+        --------
+        >>> spec.options(batch_size=32)  # doctest: +SKIP
+        ExtractionOptions(pool='avg', dtype='float32', amp='none', ..., batch_size=32, workers=None)
+        """
+        return ExtractionOptions(**{name: getattr(self, name) for name in SPEC_OPTIONS}, **run)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists); fields newer than the first stores are left out at their default."""
@@ -367,6 +414,14 @@ class ExtractionSpec:
         pre["std"] = tuple(pre["std"])
         data["layers"] = tuple(data["layers"])
         return cls(preprocessing=Preprocessing(**pre), **data)
+
+
+#: The extraction options that enter a spec (and so a store's key): those of :class:`ExtractionOptions`' table
+#: that are fields of :class:`ExtractionSpec`, in the table's order. The others (batch size, workers, fingerprint
+#: mode, compilation) change how a run goes, not the numbers.
+SPEC_OPTIONS: tuple[str, ...] = tuple(
+    name for name in options_of(ExtractionOptions) if name in {f.name for f in dataclasses.fields(ExtractionSpec)}
+)
 
 
 def canonical_json(obj: Any) -> str:

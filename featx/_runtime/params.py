@@ -13,12 +13,14 @@ it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from featx.exceptions import InvalidOptionError, unknown
+from featx.exceptions import InvalidOptionError, close_matches, unknown
 
 __all__ = [
     "Choices",
@@ -29,6 +31,7 @@ __all__ = [
     "Text",
     "check_options",
     "check_value",
+    "config_from",
     "option",
     "options_of",
     "parse_text",
@@ -286,6 +289,62 @@ def check_options(config: Any) -> None:
             value = tuple(value)
             object.__setattr__(config, name, value)  # frozen: normalising is construction
         check_value(name, value, spec)
+
+
+Config = TypeVar("Config")
+
+
+def config_from(
+    config: type[Config], base: Config | None, values: Mapping[str, Any], function: Callable[..., Any]
+) -> Config:
+    """The config a function that takes one was given: ``base`` (by default the table's defaults) with the
+    options passed to ``function`` as keyword arguments (``values``) replacing its own, all checked by the table.
+
+    So ``extract(src, pool="max")`` is ``extract(src, options=ExtractionOptions(pool="max"))`` and
+    ``extract(src, options=opts, pool="max")`` changes one option of ``opts`` (timm's ``create_model(...,
+    **kwargs)`` and ``pretrained_cfg_overlay`` habit); the names are the table's, never re-typed by the function.
+
+    Parameters
+    ----------
+    config : type
+        The config class (a frozen dataclass with an option table).
+    base : config or None
+        The config passed to ``function``, if any.
+    values : mapping
+        ``function``'s other keyword arguments.
+    function : callable
+        The function called, for its name and its own parameters in messages.
+
+    Raises
+    ------
+    TypeError
+        ``base`` is not a ``config``, or a keyword is neither an option of the table nor a parameter of
+        ``function``: worded as Python's own error, with the close matches among both.
+    InvalidOptionError
+        From the table's check of a value (the one wording of every option).
+    """
+    table = options_of(config)
+    extra = [name for name in values if name not in table]
+    if extra:
+        own = [
+            name
+            for name, p in inspect.signature(function).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+        matches = close_matches(extra[0], [*own, *table])
+        raise TypeError(
+            f"{function.__name__}() got an unexpected keyword argument {extra[0]!r}."
+            + (f" Did you mean: {', '.join(matches)}?" if matches else "")
+            + f" Its options are those of {config.__name__}: {', '.join(table)}."
+        )
+    if base is None:
+        return config(**values)
+    if not isinstance(base, config):
+        raise TypeError(
+            f"{function.__name__}() takes options as a {config.__name__} (or each as a keyword argument, "
+            f"e.g. {next(iter(table))}=...), not a {type(base).__name__}"
+        )
+    return dataclasses.replace(base, **values) if values else base
 
 
 def parse_text(name: str, text: str, spec: Option) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from featx.cli._shared import (
+    build,
     device_option,
     max_failures_option,
     no_progress_option,
@@ -77,7 +78,9 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     help="Run as one rank of a torchrun job: each rank extracts its shard, rank 0 joins them into OUT "
     "[default: on when launched by torchrun with more than one process].",
 )
-def extract(source, backbone, layers, max_failures, no_progress, shard, distributed, **options) -> None:
+def extract(
+    source, backbone, layers, device, max_failures, overwrite, out, no_progress, shard, distributed, **options
+) -> None:
     """Embed the images of SOURCE into an HDF5 feature store.
 
     SOURCE is an image folder (root/<class>/<img> or root/<split>/<class>/<img>), a CSV/TSV manifest
@@ -90,6 +93,7 @@ def extract(source, backbone, layers, max_failures, no_progress, shard, distribu
     from featx._runtime.dist import TorchrunEnv
     from featx.extract.api import extract as run_extract
 
+    checked = build(ExtractionOptions, options)  # the table's options, as one object
     with reported("the batches written so far are kept"):
         if distributed is None:  # on by default under torchrun with several processes, unless one shard is asked for
             env = TorchrunEnv.detect()
@@ -98,11 +102,14 @@ def extract(source, backbone, layers, max_failures, no_progress, shard, distribu
             source,
             backbone,
             layers=layers,
+            options=checked,
+            out=out,
+            device=device,
             max_failures=str(max_failures),
+            overwrite=overwrite,
             progress=not no_progress,
             shard=shard,
             distributed=distributed,
-            **options,  # every other option under the name extract() gives it
         )
     if result.shard is not None:
         _print_shard_summary(result)

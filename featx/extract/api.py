@@ -5,10 +5,12 @@ shard), unless the store is already there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +18,7 @@ from featx._runtime.device import resolve_amp, resolve_device
 from featx._runtime.dist import TorchrunEnv
 from featx._runtime.env import cache_dir
 from featx._runtime.io import check_writable
+from featx._runtime.params import config_from
 from featx.backbones.features import Backbone, FeatureModel
 from featx.backbones.loading import load_backbone
 from featx.backbones.names import PENULTIMATE, BackboneName, resolve_backbone
@@ -32,20 +35,7 @@ from featx.extract.engine import (
     job_result,
 )
 from featx.extract.sharded import Shard, extract_distributed, extract_shard
-from featx.spec import (
-    DEFAULT_AMP,
-    DEFAULT_BACKBONE,
-    DEFAULT_COMPILE,
-    DEFAULT_DECODE,
-    DEFAULT_DTYPE,
-    DEFAULT_FINGERPRINT,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_POOL,
-    DEFAULT_TTA,
-    ExtractionOptions,
-    ExtractionSpec,
-    cache_key,
-)
+from featx.spec import DEFAULT_BACKBONE, DEFAULT_POOL, SPEC_OPTIONS, ExtractionOptions, ExtractionSpec, cache_key
 from featx.store.format import partial_path, read_format_version, read_key, shards_path
 from featx.store.index import find_store, link_store, remember_store
 from featx.store.writer import check_not_locked, check_replaceable, migrate_format_1, update_labels
@@ -62,15 +52,7 @@ def default_store_path(key: str, store_dir: str | Path | None = None) -> Path:
 
 
 def build_spec(
-    backbone: Backbone,
-    layers: Sequence[str],
-    *,
-    pool: str = DEFAULT_POOL,
-    dtype: str = DEFAULT_DTYPE,
-    amp: str = "none",
-    tta: str = DEFAULT_TTA,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    decode: str = DEFAULT_DECODE,
+    backbone: Backbone, layers: Sequence[str], options: ExtractionOptions | None = None, *, amp: str = "none"
 ) -> ExtractionSpec:
     """The spec for extracting ``layers`` of a loaded backbone: what :func:`extract` would record.
 
@@ -81,28 +63,25 @@ def build_spec(
         checksum and preprocessing enter the spec.
     layers : sequence of str
         The layers extracted.
-    pool, dtype, tta, max_pixels, decode :
-        As for :func:`extract`.
+    options : ExtractionOptions, optional
+        The options; those of :data:`~featx.spec.SPEC_OPTIONS` enter the spec. By default the table's defaults.
     amp : {"none", "bf16", "fp16"}, default="none"
-        The resolved autocast mode (:func:`~featx._runtime.device.resolve_amp` turns ``auto`` into one).
+        The resolved autocast mode, recorded instead of ``options.amp`` (which may be ``auto``:
+        :func:`~featx._runtime.device.resolve_amp` turns it into one of these).
 
     Returns
     -------
     ExtractionSpec
         Validated by its own constructor.
     """
+    options = ExtractionOptions() if options is None else options
     return ExtractionSpec(
         backbone=backbone.name,
         weights=backbone.weights,
         weights_sha256=backbone.weights_sha256,
         layers=tuple(layers),
         preprocessing=backbone.preprocessing,
-        pool=pool,
-        dtype=dtype,
-        amp=amp,
-        tta=tta,
-        max_pixels=max_pixels,
-        decode=decode,
+        **{**{name: getattr(options, name) for name in SPEC_OPTIONS}, "amp": amp},
     )
 
 
@@ -206,26 +185,18 @@ def extract(
     backbone: str | BackboneName = DEFAULT_BACKBONE,
     *,
     layers: Sequence[str] = (PENULTIMATE,),
-    pool: str = DEFAULT_POOL,
+    options: ExtractionOptions | None = None,
     out: str | Path | None = None,
-    batch_size: int | None = None,
     device: str = "auto",
-    dtype: str = DEFAULT_DTYPE,
-    amp: str = DEFAULT_AMP,
-    tta: str = DEFAULT_TTA,
-    workers: int | None = None,
     max_failures: str | int | None = None,
     overwrite: bool = False,
-    fingerprint: str = DEFAULT_FINGERPRINT,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    decode: str = DEFAULT_DECODE,
     progress: bool = True,
     expect_weights_sha256: str | None = None,
     store_dir: str | Path | None = None,
     dry_run: bool = False,
-    compile_mode: str = DEFAULT_COMPILE,
     shard: str | Shard | None = None,
     distributed: bool = False,
+    **option_values: Any,
 ) -> ExtractionResult:
     """Embed every image of a source with a frozen backbone into an HDF5 feature store.
 
@@ -242,39 +213,19 @@ def extract(
         ``SOURCE:NAME[.TAG]`` (see :mod:`featx.backbones`), or a name parsed or resolved before.
     layers : sequence of str, default=("penultimate",)
         Layers extracted in one pass.
-    pool : {"avg", "max", "avgmax", "gem", "none"}, default="avg"
-        Pooling of spatial maps (and token sequences).
+    options : ExtractionOptions, optional
+        How to extract: pooling, storage dtype, precision, test-time augmentation, decoding, the pixel limit,
+        the fingerprint mode, compilation, batch size and workers (:class:`~featx.spec.ExtractionOptions`
+        describes each). By default the table's defaults.
     out : str or Path, optional
         Store path; by default ``<store_dir>/<key>.h5``.
-    batch_size : int, optional
-        Images per forward pass; by default 256 on CUDA (a GPU needs big batches to stay busy), else 64.
     device : str, default="auto"
         ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-    dtype : {"float32", "float16"}, default="float32"
-        Storage dtype; float16 halves the store.
-    amp : {"auto", "bf16", "fp16", "none"}, default="auto"
-        Autocast precision; ``auto`` is bf16 (or fp16) on CUDA and none elsewhere.
-    tta : {"none", "flip"}, default="none"
-        ``flip`` averages the features of each image and its mirror image.
-    workers : int, optional
-        DataLoader decoding processes; by default one per CPU core (at most 8).
     max_failures : str or int, optional
         Failed images tolerated before :attr:`ExtractionResult.too_many_failures` is set (a count or
         ``"1%"``); the store is written either way.
     overwrite : bool, default=False
         Replace a store (or discard an interrupted job) made with another spec.
-    fingerprint : {"stat", "content"}, default="stat"
-        How the images enter the cache key: path/size/mtime, or content hashes.
-    max_pixels : int
-        Images with more pixels are recorded as failures (decompression-bomb guard).
-    decode : {"exact", "fast", "device"}, default="exact"
-        ``exact`` decodes and resizes as the weights' own transforms do. ``fast`` decodes JPEGs at a
-        reduced DCT scale while the shorter side stays at least the resize size, and resizes only the
-        centre-crop region: several times less decoding for photos of a few megapixels, slightly different
-        pixels, and so a different store (it is part of the key). ``device`` leaves the workers only reading
-        files: JPEGs are decoded (nvJPEG on CUDA), resized and cropped in batches on ``device``; other files,
-        and JPEGs it cannot vouch for (CMYK, greyscale, EXIF-rotated, truncated), are decoded exactly on the
-        CPU, so a bad image fails as it does with ``exact``. Also a store of its own.
     progress : bool, default=True
         Show a progress bar with images/s and ETA.
     expect_weights_sha256 : str, optional
@@ -285,11 +236,6 @@ def extract(
     dry_run : bool, default=False
         Resolve everything (weights, source, key, path) but extract nothing; the result says whether the
         store is already there (``cached``).
-    compile_mode : {"auto", "on", "off"}, default="auto"
-        Run the network through ``torch.compile``. Its features match eager float32 within float
-        tolerance (tested at 1e-4), not bit for bit, and compiling takes a while, so ``auto`` compiles only
-        on a CPU with at least 20,000 images to go. Compiled code is cached where ``TORCHINDUCTOR_CACHE_DIR``
-        says (PyTorch sets it to its own default once timm is imported), else in ``<cache>/inductor``.
     shard : str or Shard, optional
         Extract only shard ``"INDEX/COUNT"`` (INDEX from 0) of the manifest's rows into
         ``<out>.shards/``, e.g. to re-run one dead rank alone; join the shards with
@@ -300,44 +246,44 @@ def extract(
         ``auto`` or ``cuda``; ``workers`` defaults to the node's cores divided by its ranks), and rank 0 joins
         the shards into ``out`` after a barrier; only rank 0 shows progress. Rank 0's result describes the
         joined store, the others' their shard. See ``docs/distributed.md``.
+    **option_values
+        Any option of :class:`~featx.spec.ExtractionOptions` by its name, for short calls: ``extract(src,
+        pool="max")`` is ``extract(src, options=ExtractionOptions(pool="max"))``; with ``options`` too, they
+        replace those of ``options``. Any other name is a ``TypeError``.
 
     Returns
     -------
     ExtractionResult
+
+    Examples
+    --------
+    >>> from featx.spec import ExtractionOptions
+    >>> half = ExtractionOptions(pool="gem", dtype="float16")
+    >>> extract("photos/", "timm:convnext_tiny", layers=["stages.3"], options=half)  # doctest: +SKIP
+    >>> extract("photos/", pool="max", workers=0)  # doctest: +SKIP
     """
     t0 = time.perf_counter()
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
-    checked = ExtractionOptions(  # every option checked by its table, before any weight is loaded or image read
-        pool=pool,
-        dtype=dtype,
-        amp=amp,
-        tta=tta,
-        decode=decode,
-        max_pixels=max_pixels,
-        fingerprint=fingerprint,
-        compile_mode=compile_mode,
-        batch_size=batch_size,
-        workers=workers,
-    )
-    options = checked.spec_options()
+    # Every option checked by its table, before any weight is loaded or image read.
+    options = config_from(ExtractionOptions, options, option_values, extract)
     limit = MaxFailures.parse(max_failures)
     env = _torchrun_env(distributed, shard)
     if env is not None:
         device, progress = env.device(device), progress and env.rank == 0  # only rank 0 shows progress
     one_shard = Shard.parse(shard) if shard is not None else None
     dev = resolve_device(device)
-    amp = resolve_amp(amp, dev)
+    amp = resolve_amp(options.amp, dev)
     if out is not None and not dry_run:  # before the network loads: a folder that cannot take the store fails now
         check_writable(Path(out).expanduser().parent, "the folder of --out")
     if out is not None and env is None and one_shard is None and not dry_run:
         check_not_locked(Path(out).expanduser())  # a second writer is refused now, not after the model loads
-    net, feature_model = _load_network(backbone, layers, pool, expect_weights_sha256)
-    if (pooled := effective_pool(net, feature_model, pool)) != pool:
-        options["pool"], feature_model = pooled, net.feature_model(list(layers), pooled)
+    net, feature_model = _load_network(backbone, layers, options.pool, expect_weights_sha256)
+    if (pooled := effective_pool(net, feature_model, options.pool)) != options.pool:
+        options, feature_model = dataclasses.replace(options, pool=pooled), net.feature_model(list(layers), pooled)
     # Only now read the source: it may download a dataset or write thousands of PNG files.
     manifest = source if isinstance(source, Manifest) else load_source(source)
-    spec = build_spec(net, layers, amp=amp, **options)
-    fp = manifest.images_fingerprint(fingerprint)  # the images only: labels and splits are not in the key
+    spec = build_spec(net, layers, options, amp=amp)
+    fp = manifest.images_fingerprint(options.fingerprint)  # the images only: labels and splits are not in the key
     key = cache_key(spec, fp)
     job = ExtractionJob(
         manifest=manifest,
@@ -348,12 +294,12 @@ def extract(
         net=net,
         feature_model=feature_model,
         device=dev,
-        batch_size=batch_size or default_batch_size(dev),
-        workers=workers,
+        batch_size=options.batch_size or default_batch_size(dev),
+        workers=options.workers,
         progress=progress,
         overwrite=overwrite,
         limit=limit,
         t0=t0,
-        compile_mode=compile_mode,
+        compile_mode=options.compile_mode,
     )
     return _run_job(job, env, one_shard, dry_run)

@@ -322,16 +322,14 @@ def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
     from featx.extract.api import extract
 
     bb, ds = task.backbone, task.dataset
-    options = dataclasses.asdict(bb.options)  # every extraction option: the table's settings, else the defaults
-    for job_wide in ("workers", "amp"):  # the job's (its device decides the precision)
-        options.pop(job_wide)
+    # The table's options (amp is no pipeline key: the job's device decides the precision), the job's workers.
+    options = dataclasses.replace(bb.options, workers=job.workers)
     result = extract(
         ds.source,
         bb.backbone,
         layers=bb.layers,
-        **options,
+        options=options,
         device=job.device,
-        workers=job.workers,
         store_dir=job.out / "stores",
         max_failures="inf",
         progress=progress,
