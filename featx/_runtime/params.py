@@ -341,7 +341,7 @@ def config_from(
         return config(**values)
     if not isinstance(base, config):
         raise TypeError(
-            f"{function.__name__}() takes options as a {config.__name__} (or each as a keyword argument, "
+            f"{function.__name__}() takes its options as one {config.__name__} (or each as a keyword argument, "
             f"e.g. {next(iter(table))}=...), not a {type(base).__name__}"
         )
     return dataclasses.replace(base, **values) if values else base
