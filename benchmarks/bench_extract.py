@@ -82,7 +82,7 @@ MODEL_MODES = {
         "torch.compile + the above (featx --compile on)": Mode(fold=True, amp="auto", compile=True),
     },
 }
-# featx's end-to-end runs: label -> (extract() options, the model-alone mode that is its ceiling)
+# featx's end-to-end runs: label -> (ExtractionOptions fields, the model-alone mode that is its ceiling)
 FEATX_RUNS = {
     "cpu": {
         "featx extract (default)": ({}, "channels_last + heap reuse + folded BN (featx default)"),
@@ -191,21 +191,20 @@ def child_featx(args) -> dict:
 
     import featx.store
     from featx.extract import extract
+    from featx.spec import ExtractionOptions
 
     torch.set_num_threads(args.threads)
     out = fresh_store(args.out)
     t0 = time.perf_counter()
-    options = dict(FEATX_RUNS[torch.device(args.device).type][args.run][0])
+    run = FEATX_RUNS[torch.device(args.device).type][args.run][0]
     result = extract(
         args.images,
         args.backbone,
+        options=ExtractionOptions(batch_size=args.batch_size, workers=args.workers, **run),
         out=out,
-        batch_size=args.batch_size,
-        workers=args.workers,
         device=args.device,
         overwrite=True,
         progress=False,
-        **options,
     )
     seconds = time.perf_counter() - t0
     with featx.store.open(out) as store:

@@ -79,6 +79,7 @@ def child_featx(args) -> dict:
 
     import featx.store
     from featx.extract import extract
+    from featx.spec import ExtractionOptions
 
     torch.set_num_threads(args.threads)
     _register_null()
@@ -87,11 +88,9 @@ def child_featx(args) -> dict:
     result = extract(
         args.images,
         NULL,
+        options=ExtractionOptions(batch_size=args.batch_size, decode=args.decode, workers=args.workers),
         out=out,
-        batch_size=args.batch_size,
         device=args.device,
-        decode=args.decode,
-        workers=args.workers,
         progress=False,
     )
     seconds = time.perf_counter() - t0

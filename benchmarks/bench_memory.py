@@ -72,11 +72,13 @@ def child(args) -> dict:
     import torch
 
     from featx.extract import extract
+    from featx.spec import ExtractionOptions
 
     torch.set_num_threads(args.threads)
     fresh_store(args.out)
     t0 = time.perf_counter()
-    result = extract(args.list, args.backbone, out=args.out, overwrite=True, progress=False, compile_mode="off")
+    options = ExtractionOptions(compile_mode="off")
+    result = extract(args.list, args.backbone, options=options, out=args.out, overwrite=True, progress=False)
     seconds = time.perf_counter() - t0
     return {
         "images": result.n_done,

@@ -41,7 +41,7 @@ from featx.exceptions import (
     UnknownNameError,
     UnknownOptionError,
 )
-from featx.spec import ExtractionSpec, Preprocessing
+from featx.spec import ExtractionOptions, ExtractionSpec, Preprocessing
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and editors
     from featx.classify.model import load_model
@@ -67,6 +67,7 @@ __all__ = [
     "ConvNetFeatures",
     "DamagedFileError",
     "DiskFullError",
+    "ExtractionOptions",
     "ExtractionSpec",
     "ImageDecodeError",
     "IncompleteStoreError",

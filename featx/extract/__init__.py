@@ -8,5 +8,14 @@
 from featx._runtime.device import resolve_device
 from featx.extract.api import default_store_path, extract
 from featx.extract.engine import COMPILE_MODES, ExtractionResult, MaxFailures
+from featx.spec import ExtractionOptions
 
-__all__ = ["COMPILE_MODES", "ExtractionResult", "MaxFailures", "default_store_path", "extract", "resolve_device"]
+__all__ = [
+    "COMPILE_MODES",
+    "ExtractionOptions",
+    "ExtractionResult",
+    "MaxFailures",
+    "default_store_path",
+    "extract",
+    "resolve_device",
+]
