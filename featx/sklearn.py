@@ -123,10 +123,6 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         ``fast`` decodes large JPEGs at a reduced scale (see :class:`featx.spec.ExtractionOptions`).
     device : str, default="auto"
     batch_size : int, default=64
-
-    The parameters named like an option of :class:`~featx.spec.ExtractionOptions` (``pool``, ``dtype``, ``tta``,
-    ``decode``, ``batch_size``) are that option: :meth:`fit` builds one ``ExtractionOptions`` of them, checked by
-    its table. They are written out because scikit-learn reads an estimator's parameters from ``__init__``.
     cache_dir : str or Path, optional
         Folder of the feature stores; by default ``<featx cache>/stores``.
     progress : bool, default=False
@@ -137,6 +133,12 @@ class ConvNetFeatures(TransformerMixin, BaseEstimator):
         The extraction spec (backbone, weights checksum, preprocessing, ...) set by :meth:`fit`.
     n_features_out_ : int
         Features per image, set by :meth:`fit`.
+
+    Notes
+    -----
+    The parameters named like an option of :class:`~featx.spec.ExtractionOptions` (``pool``, ``dtype``, ``tta``,
+    ``decode``, ``batch_size``) are that option: :meth:`fit` builds one ``ExtractionOptions`` of them, checked by
+    its table. They are written out because scikit-learn reads an estimator's parameters from ``__init__``.
 
     Examples
     --------
