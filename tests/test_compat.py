@@ -154,6 +154,21 @@ def test_old_results_are_read_by_the_report(tiny):
     assert "finetune[head]" in written["html"].read_text()
 
 
+def test_the_report_groups_cells_by_the_fields_their_results_record(tiny):
+    # A run folder as today's main writes it: each cell's results.json carries the cell's fields. Rows named
+    # like a seed or a split suffix ("seed1", "split1") are rows of their own, not runs of a "penultimate" row.
+    out = tiny / "run"
+    cells = {"seed1": 0, "seed2": 0, "split1": 0, "svm__seed1": 1}  # the last: the cell of row "svm", seed 1
+    for folder, seed in cells.items():
+        name = folder.split("__")[0]
+        cell = {"id": f"classify/d/b/penultimate/{folder.replace('__', '/')}", "dataset": "d", "name": name}
+        results = _old_results("logreg") | {"cell": cell | {"backbone": "b", "layer": "penultimate", "seed": seed}}
+        (out / "cells" / f"d__b__penultimate__{folder}").mkdir(parents=True)
+        (out / "cells" / f"d__b__penultimate__{folder}" / "results.json").write_text(json.dumps(results))
+    keys = sorted(row["row_key"] for row in collect(out))
+    assert keys == [f"classify/d/b/penultimate/{name}" for name in ("seed1", "seed2", "split1", "svm")]
+
+
 @pytest.mark.parametrize("name", sorted(RESULTS))
 def test_old_results_match_the_typed_schema_in_every_section(tiny, name):
     # That read_results returns them unchanged: tests/test_results.py; here, that the TypedDicts describe them.
@@ -257,13 +272,11 @@ def test_cell_cache_keys_of_the_quickstart_are_unchanged(monkeypatch, tmp_path):
     # marker would enter the LP-FT cell's identity, as it should in a real run.
     job = dataclasses.replace(job, out=tmp_path / "quickstart")
     tasks = plan(job)
-    by_id = {t.id: t for t in tasks}
+    states = {t.id: runner.TaskRun(t, store="store.h5") for t in tasks}
     keys = {}
     for task in tasks:
-        if task.kind == "extract":
-            task.store, task.labels = "store.h5", None
-        else:
-            identity = runner._cell_identity(job, task, by_id)
+        if task.kind != "extract":
+            identity = runner._cell_identity(job, task, states)
             keys[task.id] = identity_hash(identity)
             if task.kind == "finetune":  # the runner combines the identity the checkpoint hashes, never its own
                 assert identity["config"] == finetune_config(task.finetune, task.seed).identity()

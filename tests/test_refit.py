@@ -195,11 +195,9 @@ def test_a_job_with_the_default_refit_keeps_its_cell_identities(colour_folder, t
     path = tmp_path / "job.toml"
     path.write_text(JOB.format(out=tmp_path / "out", data=colour_folder, refit=""))
     job = load_job(path)
-    tasks = plan(job)
-    by_id = {t.id: t for t in tasks}
-    finetunes = [t for t in tasks if t.kind == "finetune"]
+    finetunes = [t for t in plan(job) if t.kind == "finetune"]
     for task in finetunes:
-        identity = _cell_identity(job, task, by_id)
+        identity = _cell_identity(job, task, {})
         assert "refit" not in identity and "refit" not in identity["dataset"]  # the hash of cells cached before
     path.write_text(JOB.format(out=tmp_path / "out", data=colour_folder, refit='refit = "val"'))
     with pytest.raises(JobError, match=r"job.toml:9: unknown refit 'val'.*train, train\+val"):
