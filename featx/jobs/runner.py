@@ -121,7 +121,8 @@ def run(
     Parameters
     ----------
     only : sequence of str
-        Shell patterns on task ids or cell names (``svm``, ``classify/digits/*``); their dependencies run too.
+        Shell patterns on task ids, row, dataset or backbone names, or cell folders (``svm``, ``classify/digits/*``,
+        ``digits__lite0__penultimate__svm``); their dependencies run too.
     force : bool
         Redo selected cells even when their results are cached (extractions stay cached).
     dry_run : bool
