@@ -124,6 +124,11 @@ def row_key_of(results: Results, path: Path, root: Path) -> str:
         The results file (its key when it is no cell's).
     root : Path
         Where the report goes: the file is named relative to it.
+
+    Returns
+    -------
+    str
+        ``classify/dataset/backbone/layer/name``, ``finetune/dataset/name``, or the file's path.
     """
     cell = results.get("cell") or {}
     kind = ClassifyTask.kind if results["kind"] == "classifier" else FinetuneTask.kind
