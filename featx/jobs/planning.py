@@ -174,6 +174,8 @@ class FinetuneTask(_Cell):
         The training seed (the job's, or one of the row's ``seeds``).
     split_seed : int
         The split seed of the cell's repeat (the dataset's ``split_seed`` for the first).
+    backbone : BackboneSpec or None
+        The ``[[backbones]]`` table the row's ``backbone`` names, if it names one (else it names a network).
     probe : ClassifyTask or None
         An LP-FT's linear probe, whose head it starts from: the ``init_head`` row's cell on the penultimate layer
         of the same dataset, backbone and repeat. Its one dependency.
@@ -186,7 +188,13 @@ class FinetuneTask(_Cell):
     finetune: FinetuneSpec
     seed: int
     split_seed: int
+    backbone: BackboneSpec | None = None
     probe: ClassifyTask | None = None
+
+    @property
+    def network(self) -> str:
+        """The backbone to fine-tune: that of the ``[[backbones]]`` table the row names, else the name itself."""
+        return self.backbone.backbone if self.backbone is not None else self.finetune.backbone
 
     @property
     def spec(self) -> FinetuneSpec:
@@ -279,16 +287,18 @@ def _tasks(job: Job) -> list[Task]:
                         for seed in clf.seeds or (job.seed,)
                     ]
         for ft in job.finetune:
+            bb = _backbone_of(job, ft)
             for split_seed in ds.split_seeds:
-                probe = _probe(job, tasks, ds, ft, split_seed)
-                tasks += [FinetuneTask(ds, ft, seed, split_seed, probe) for seed in ft.seeds or (job.seed,)]
+                probe = _probe(tasks, ds, bb, ft, split_seed)
+                tasks += [FinetuneTask(ds, ft, seed, split_seed, bb, probe) for seed in ft.seeds or (job.seed,)]
     return tasks
 
 
-def _probe(job: Job, tasks: list[Task], ds: DatasetSpec, ft: FinetuneSpec, split_seed: int) -> ClassifyTask | None:
+def _probe(
+    tasks: list[Task], ds: DatasetSpec, bb: BackboneSpec | None, ft: FinetuneSpec, split_seed: int
+) -> ClassifyTask | None:
     """An LP-FT fine-tune's probe: the logreg cell of the same dataset, backbone and split (its first seed: a
     logistic regression's seed does not change its fit)."""
-    bb = backbone_of(job, ft)
     if not ft.init_head or bb is None:
         return None
     return next(
@@ -306,8 +316,8 @@ def _probe(job: Job, tasks: list[Task], ds: DatasetSpec, ft: FinetuneSpec, split
     )
 
 
-def backbone_of(job: Job, ft: FinetuneSpec) -> BackboneSpec | None:
-    """The ``[[backbones]]`` table a fine-tune's ``backbone`` names, if it names one (else it is a backbone)."""
+def _backbone_of(job: Job, ft: FinetuneSpec) -> BackboneSpec | None:
+    """The ``[[backbones]]`` table a fine-tune's ``backbone`` names, if it names one (else it names a network)."""
     return next((b for b in job.backbones if b.name == ft.backbone), None)
 
 

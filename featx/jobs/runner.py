@@ -29,12 +29,11 @@ from featx.jobs.planning import (
     ExtractTask,
     FinetuneTask,
     Task,
-    backbone_of,
     cell_dir,
     identity_hash,
     plan,
 )
-from featx.jobs.schema import FinetuneSpec, Job, JobError, job_error
+from featx.jobs.schema import Job, JobError, job_error
 from featx.jobs.values import classifier_config, finetune_config
 from featx.results import CellInfo, ResultsError, read_results
 
@@ -407,15 +406,14 @@ def _cell_identity(job: Job, task: CellTask, states: dict[str, TaskRun]) -> dict
             "shots": _shots(task),
             "draws": task.classifier.draws,
         } | _refit_identity(task)
-    ft = task.finetune
     init_marker = cell_dir(job, task.probe) / CELL_MARKER if task.probe is not None else None
     return {
         "kind": "finetune",
         # The dataset with the split seed of the task's repeat (the first repeat keeps its identity).
         "dataset": task.dataset.identity(task.plan.split_seed),
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
-        "backbone": _finetune_backbone(job, ft),
-        "config": finetune_config(ft, task.seed).identity(),  # what the fine-tune's checkpoint hashes too
+        "backbone": task.network,
+        "config": finetune_config(task.finetune, task.seed).identity(),  # what the fine-tune's checkpoint hashes too
         "init_head": _marker_hash(init_marker) if init_marker is not None else None,
     } | _refit_identity(task)
 
@@ -488,11 +486,10 @@ def _train_cell(task: ClassifyTask, extraction: TaskRun, out: Path) -> None:
 def _finetune_cell(job: Job, task: FinetuneTask, out: Path, *, progress: bool) -> None:
     from featx.finetune.trainer import finetune
 
-    ft = task.finetune
     finetune(
         task.dataset.source,
-        _finetune_backbone(job, ft),
-        finetune_config(ft, task.seed),
+        task.network,
+        finetune_config(task.finetune, task.seed),
         out,
         init_head=cell_dir(job, task.probe) / "model.skops" if task.probe is not None else None,
         device=job.device,
@@ -521,12 +518,6 @@ def _cell_info(task: CellTask) -> CellInfo:
 
 def _shots(task: ClassifyTask) -> list[Any] | None:
     return list(task.classifier.shots) if task.classifier.shots else None
-
-
-def _finetune_backbone(job: Job, ft: FinetuneSpec) -> str:
-    """A fine-tune's backbone: that of the [[backbones]] table it names, else the name itself."""
-    bb = backbone_of(job, ft)
-    return bb.backbone if bb is not None else ft.backbone
 
 
 def _read_json(path: Path) -> dict[str, Any]:
