@@ -159,7 +159,7 @@ class ClassifyTask(_Cell):
 
     @property
     def _row_names(self) -> tuple[str, ...]:
-        return (self.dataset.name, self.backbone.name, _slug(self.layer), self.classifier.name)
+        return _names_of_row(self.kind, self.dataset.name, self.classifier.name, self.backbone.name, self.layer)
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class FinetuneTask(_Cell):
 
     @property
     def _row_names(self) -> tuple[str, ...]:
-        return (self.dataset.name, self.finetune.name)
+        return _names_of_row(self.kind, self.dataset.name, self.finetune.name)
 
 
 #: A cell: a task with results of its own (a folder under ``cells/``, a row of the report).
@@ -241,10 +241,16 @@ def row_key(kind: str, dataset: str, name: str, backbone: str | None = None, lay
     str
         ``classify/dataset/backbone/layer/name`` (the layer made safe for a file name) or ``finetune/dataset/name``.
     """
+    return "/".join((kind, *_names_of_row(kind, dataset, name, backbone, layer)))
+
+
+def _names_of_row(
+    kind: str, dataset: str, name: str, backbone: str | None = None, layer: str | None = None
+) -> tuple[str, ...]:
     if kind == ClassifyTask.kind and backbone is not None and layer is not None:
-        return "/".join((kind, dataset, backbone, _slug(layer), name))
+        return (dataset, backbone, _slug(layer), name)
     if kind == FinetuneTask.kind:
-        return "/".join((kind, dataset, name))
+        return (dataset, name)
     raise ValueError(
         f"row_key of kind {kind!r} with backbone {backbone!r} and layer {layer!r}: a row is 'classify' (with its "
         "backbone and layer) or 'finetune'"
