@@ -91,7 +91,7 @@ class TaskRun:
 
 @dataclass
 class RunSummary:
-    """What a run did, task by task."""
+    """What a run did, task by task: a :class:`TaskRun` for each selected task, in the plan's order."""
 
     tasks: list[TaskRun]
     seconds: float
