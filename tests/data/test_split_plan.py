@@ -184,7 +184,7 @@ def test_a_probe_without_a_split_plan_is_refused(tmp_path):
     import featx.backbones as B
     from featx.finetune import head_from_logreg
 
-    old = Path(__file__).parent / "fixtures" / "tiny" / "logreg" / "model.skops"
+    old = Path(__file__).parents[1] / "fixtures" / "tiny" / "logreg" / "model.skops"
     with pytest.raises(SpecMismatchError, match="records no split plan"):
         head_from_logreg(old, B.load_backbone(TINY), ["ant", "bee"], split_hashes={"train": "1:x"})
 
