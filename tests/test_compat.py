@@ -98,7 +98,7 @@ def test_fixed_spec_keeps_its_cache_key():
         pool="avg",
     )
     assert built == spec and cache_key(built, "f" * 64) == EXPECTED["fixed_spec_key"]
-    # That every field of the spec changes the key: tests/test_store.py::test_every_spec_field_changes_the_key.
+    # That every field of the spec changes the key: tests/store/test_store.py::test_every_spec_field_changes_the_key.
 
 
 # ------------------------------------------------------------------------------------------------ the model
