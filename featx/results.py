@@ -7,7 +7,7 @@ builds them keeps using plain dicts and the JSON is exactly the dict. Two kinds 
 network) and both carry the same :class:`TestMetrics`.
 
 Both kinds are built here too, by one envelope: :func:`header` (schema, kind, row name, versions, ``created_at``,
-the pipeline cell passed in), :func:`split_section`, :func:`test_section` and :func:`assemble`, which puts them
+the pipeline cell passed in), :func:`split_section`, :func:`metrics_section` and :func:`assemble`, which puts them
 around the stage's own part. A stage writes its document once; nothing re-reads a results file to amend it.
 
 Keys marked optional below were added after the schema's first version or are written only sometimes; a
@@ -64,9 +64,9 @@ __all__ = [
     "ValScore",
     "assemble",
     "header",
+    "metrics_section",
     "read_results",
     "split_section",
-    "test_section",
     "write_results",
 ]
 
@@ -389,15 +389,18 @@ _KINDS: dict[str, type] = {"classifier": ClassifierResults, "finetune": Finetune
 SHARED_SECTIONS = ("schema", "kind", "method", "split", "train", "val", "test", "versions", "created_at", "cell")
 
 
-class Header(TypedDict, total=False):
-    """What opens every results document: its schema, kind and row name, when and with what it was made, and
-    the pipeline cell that made it (only under ``featx run``)."""
-
+class _HeaderBase(TypedDict):
     schema: str
     kind: str
     method: str
     versions: dict[str, str]
     created_at: str
+
+
+class Header(_HeaderBase, total=False):
+    """What opens every results document: its schema, kind and row name, when and with what it was made, and
+    the pipeline cell that made it (only under ``featx run``)."""
+
     cell: CellInfo
 
 
@@ -478,10 +481,12 @@ def split_section(
     return info | {"refit": refit} if refit != "train" else info  # type: ignore[return-value]
 
 
-def test_section(
+def metrics_section(
     metrics: TestMetrics, predictions: Predictions, *, predict_seconds: float, split: str = "test"
 ) -> TestMetrics:
     """The ``test`` section (or, for ``featx evaluate``, any split's): the metrics, then the per-image predictions.
+
+    (Not ``test_section``: pytest would collect a function of that name wherever a test module imports it.)
 
     Parameters
     ----------
@@ -524,7 +529,7 @@ def assemble(
     train : TrainSummary
         How many images the final model was trained on, and how long it took.
     test : TestMetrics or None
-        :func:`test_section`'s; ``None`` without a labelled test split.
+        :func:`metrics_section`'s; ``None`` without a labelled test split.
     val : ValScore, optional
         The final model's score on val (what a comparison chooses rows by); left out without val images.
 

@@ -47,8 +47,8 @@ from featx.results import (
     ValScore,
     assemble,
     header,
+    metrics_section,
     split_section,
-    test_section,
     write_results,
 )
 from featx.store.reader import FeatureStore
@@ -598,7 +598,7 @@ def evaluate_model(model: TrainedModel, store: FeatureStore, split: str = "test"
     y_pred = model.predict(X)
     predict_seconds = time.perf_counter() - t0
     scores = model.scores(X)
-    return test_section(
+    return metrics_section(
         evaluate(y, y_pred, model.class_names, scores=scores),
         predictions(store.ids(split), y, y_pred, scores),
         predict_seconds=predict_seconds,

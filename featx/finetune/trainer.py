@@ -55,8 +55,8 @@ from featx.results import (
     ValScore,
     assemble,
     header,
+    metrics_section,
     split_section,
-    test_section,
     write_results,
 )
 from featx.spec import DEFAULT_MAX_PIXELS
@@ -328,7 +328,7 @@ def test_best(run: Run) -> TestMetrics | None:
     scores, y_test, _ = predict(run, images)
     predict_seconds = time.perf_counter() - t0
     y_pred = scores.argmax(1)
-    return test_section(
+    return metrics_section(
         evaluate(y_test, y_pred, manifest.class_names, scores=scores),
         predictions([manifest.ids[r] for r in rows], y_test, y_pred, scores),
         predict_seconds=predict_seconds,
