@@ -69,7 +69,7 @@ RECIPES: dict[str, dict] = {
     "all-clip1": {"phases": ALL, "layer_decay": 0.5, "clip_grad": 1.0},
     # LP-FT (Kumar et al. 2022): the default recipe from the logreg probe of the frozen rows (fit on train, C chosen
     # on val), as `featx finetune --init-head` runs it; and the same with the gradient norm clipped at 1.
-    "lpft": {"phases": ALL, "layer_decay": 0.5, "init_head": "logreg"},
+    "lpft": {"phases": ALL, "layer_decay": 0.5, "init_head": "logreg", "clip_grad": 0.0},
     "lpft-clip1": {"phases": ALL, "layer_decay": 0.5, "init_head": "logreg", "clip_grad": 1.0},
     # The default recipe's training-seed spread (seed 0 is all-discriminative itself), and its refit on train+val.
     "all-discriminative-seed1": {"phases": ALL, "layer_decay": 0.5, "seed": 1},

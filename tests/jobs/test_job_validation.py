@@ -16,7 +16,7 @@ from featx.jobs.planning import cell_dir, plan
 from featx.jobs.runner import run
 from featx.jobs.schema import BackboneSpec, ClassifierSpec, JobError, load_job
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 HEAD = '[job]\nname = "t"\n[[datasets]]\nname = "d"\nsource = "digits"\n'  # lines 1-5
 BACKBONE = '[[backbones]]\nname = "b"\n'  # lines 6-7

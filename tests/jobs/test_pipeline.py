@@ -17,7 +17,7 @@ from featx.jobs.planning import plan
 from featx.jobs.runner import run
 from featx.jobs.schema import JobError, load_job
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
