@@ -65,12 +65,31 @@ RECIPES: dict[str, dict] = {
     "all-run-cosine": {"phases": ALL, "layer_decay": 0.5, "schedule": "run"},
     "all-3e-3-3e-2": {"phases": ALL, "layer_decay": 0.5, "lr_candidates": (3e-3, 1e-2, 3e-2)},
     "all-by-val-loss": {"phases": ALL, "layer_decay": 0.5, "metric": "val_loss"},
+    # Gradient norm clipped at 1 (issue 24: what keeps LP-FT from diverging; is it harmless without a probe?).
+    "all-clip1": {"phases": ALL, "layer_decay": 0.5, "clip_grad": 1.0},
+    # LP-FT (Kumar et al. 2022): the default recipe from the logreg probe of the frozen rows (fit on train, C chosen
+    # on val), as `featx finetune --init-head` runs it; and the same with the gradient norm clipped at 1.
+    "lpft": {"phases": ALL, "layer_decay": 0.5, "init_head": "logreg", "clip_grad": 0.0},
+    "lpft-clip1": {"phases": ALL, "layer_decay": 0.5, "init_head": "logreg", "clip_grad": 1.0},
+    # The default recipe's training-seed spread (seed 0 is all-discriminative itself), and its refit on train+val.
+    "all-discriminative-seed1": {"phases": ALL, "layer_decay": 0.5, "seed": 1},
+    "all-discriminative-seed2": {"phases": ALL, "layer_decay": 0.5, "seed": 2},
+    "all-discriminative-refit": {"phases": ALL, "layer_decay": 0.5, "refit": "train+val"},
 }
 
+#: The recipes that compete for featx's default recipe (the others are LP-FT, seeds or a refit of one of them).
+DEFAULT_CONTEST = (
+    "phased", "phased-layer-decay-0.7", "phased-run-cosine", "all-discriminative", "all-no-decay", "all-run-cosine",
+    "all-3e-3-3e-2", "all-by-val-loss", "all-clip1",
+)  # fmt: skip
+#: The LP-FT recipes, chosen among on val like the default (their probe is the same logreg).
+LPFT_CONTEST = ("lpft", "lpft-clip1")
+#: Keys of a recipe that are arguments of ``finetune`` rather than of its config.
+_RUN_KEYS = ("phases", "init_head", "refit")
+
 #: What each recipe is paired with in the report (``phased`` when not named): an ablation with what it ablates.
-BASE = {"all-no-decay": "all-discriminative"} | {
-    r: "all-discriminative" for r in ("all-run-cosine", "all-3e-3-3e-2", "all-by-val-loss")
-}
+_ON_ALL = ("all-no-decay", "all-run-cosine", "all-3e-3-3e-2", "all-by-val-loss", "all-clip1", "lpft", "lpft-clip1")
+BASE = {r: "all-discriminative" for r in (*_ON_ALL, *(r for r in RECIPES if r.startswith("all-discriminative-")))}
 DEFAULT_BASE = "phased"
 
 
@@ -93,10 +112,22 @@ def child_finetune(args) -> dict:
     settings = RECIPES[args.recipe]
     phases = tuple(parse_phases(settings["phases"]))
     config = FinetuneConfig(
-        phases=phases, flip=args.set not in NO_FLIP, **{k: v for k, v in settings.items() if k != "phases"}
+        phases=phases, flip=args.set not in NO_FLIP, **{k: v for k, v in settings.items() if k not in _RUN_KEYS}
     )
-    out = Path(args.work) / "runs" / f"{args.set}__{args.recipe}"
-    results = finetune(source(Path(args.work), args.set), BACKBONE, config, out, progress=False, device="cpu")
+    work = Path(args.work)
+    out = work / "runs" / f"{args.set}__{args.recipe}"
+    probe = settings.get("init_head")
+    init_head = work / "runs" / f"{args.set}__{probe}" / "model.skops" if probe else None
+    results = finetune(
+        source(work, args.set),
+        BACKBONE,
+        config,
+        out,
+        progress=False,
+        device="cpu",
+        init_head=init_head,
+        refit=settings.get("refit", "train"),
+    )
     return {"results": str(out / "results.json"), "seconds": results["seconds"]}
 
 
@@ -219,12 +250,15 @@ def _val_key(row: dict) -> tuple[float, float]:
     return (row["val_accuracy"], -loss)
 
 
-def choose_on_val(entries: dict[str, dict]) -> dict:
-    """The recipe val chooses per set (:func:`_val_key`) and overall (chosen on the most sets, then the best mean
-    rank by val); test accuracy plays no part."""
+def choose_on_val(entries: dict[str, dict], contest: tuple[str, ...] = DEFAULT_CONTEST) -> dict:
+    """The recipe of ``contest`` val chooses per set (:func:`_val_key`) and overall (chosen on the most sets, then
+    the best mean rank by val); test accuracy plays no part."""
     per_set, ranks = {}, {}
     for name, entry in entries.items():
-        ordered = sorted(entry["recipes"], key=lambda r: _val_key(entry["recipes"][r]), reverse=True)
+        present = [r for r in entry["recipes"] if r in contest]
+        if not present:
+            continue
+        ordered = sorted(present, key=lambda r: _val_key(entry["recipes"][r]), reverse=True)
         per_set[name] = ordered[0]
         for rank, recipe in enumerate(ordered, 1):
             ranks.setdefault(recipe, []).append(rank)
@@ -243,8 +277,13 @@ def report(args) -> None:
         recipes = {r: res for r in RECIPES if (res := _load(work, name, r)) is not None}
         if not recipes:
             continue
-        best_frozen = max(frozen, key=lambda c: frozen[c]["test"]["accuracy"]) if frozen else None
-        entry: dict = {"frozen": {c: frozen[c]["test"]["accuracy"] for c in frozen}, "recipes": {}}
+        # The frozen row a fine-tune is held against is the best on val (as the verdict chooses), never on test.
+        best_frozen = max(frozen, key=lambda c: frozen[c]["val"]["accuracy"]) if frozen else None
+        entry: dict = {
+            "frozen": {c: {"val": frozen[c]["val"]["accuracy"], "test": frozen[c]["test"]["accuracy"]} for c in frozen},
+            "best_frozen_on_val": best_frozen,
+            "recipes": {},
+        }
         sizes = next(iter(recipes.values()))["split"]["sizes"]
         entry["sizes"] = sizes
         for recipe, res in recipes.items():
@@ -258,25 +297,88 @@ def report(args) -> None:
             rows_md.append(_md_row(name, sizes, recipe, row))
         for c, res in frozen.items():
             rows_md.append(
-                [name, "", f"{c} · Lite0 (frozen)", "", f"{res['test']['accuracy']:.4f}", "", "", "", "", ""]
+                [
+                    name,
+                    "",
+                    f"{c} · Lite0 (frozen)",
+                    f"{res['val']['accuracy']:.4f}",
+                    f"{res['test']['accuracy']:.4f}",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
             )
         out[name] = entry
-    choice = choose_on_val({k: v for k, v in out.items() if k in SETS})
-    out["chosen_on_val"] = choice
+    entries = {k: v for k, v in out.items() if k in SETS}
+    choice = choose_on_val(entries)
+    lpft_choice = choose_on_val(entries, LPFT_CONTEST)
+    out["chosen_on_val"], out["lpft_chosen_on_val"] = choice, lpft_choice
+    out["seed_spread"] = seed_spread(entries)
     for row in rows_md:
-        if row[2] == choice["per_set"].get(row[0]):
+        if row[2] in (choice["per_set"].get(row[0]), lpft_choice["per_set"].get(row[0])):
             row[2] = f"**{row[2]}** (chosen on val)"
     header = ["set (train/val/test)", "", "row", "val acc · loss (kept epoch)", "test acc (info)",
               "vs its base, pt [CI], p", "vs best frozen, pt [CI], p", "best epoch (phase) · by val loss",
               "lr chosen (by)", "fit min"]  # fmt: skip
     md = table(header, rows_md)
     md += f"\n\nChosen on val ({choice['rule']}): " + ", ".join(f"{k}: {v}" for k, v in choice["per_set"].items())
-    md += f"; overall: **{choice['overall']}**. Test accuracy is for information only.\n"
+    md += f"; overall: **{choice['overall']}**. LP-FT, chosen on val among {', '.join(LPFT_CONTEST)}: "
+    md += ", ".join(f"{k}: {v}" for k, v in lpft_choice["per_set"].items())
+    md += ". Test accuracy is for information only.\n"
+    md += _seed_md(out["seed_spread"])
     if out["machine"]:
         md = f"Machine: {machine_line(out['machine'])}\n\n{md}"
     (work / "recipes.json").write_text(json.dumps(out, indent=2))
     (work / "recipes.md").write_text(md + "\n")
     print(md)
+
+
+#: The default recipe under its three training seeds (the same splits, rate grid and epochs).
+SEEDS = {0: "all-discriminative", 1: "all-discriminative-seed1", 2: "all-discriminative-seed2"}
+
+
+def seed_spread(entries: dict[str, dict]) -> dict:
+    """Per set, the default recipe's kept-epoch val accuracy and test accuracy under each training seed run, their
+    mean and spread (max - min): the variance a single-seed comparison leaves out."""
+    spread = {}
+    for name, entry in entries.items():
+        runs = {seed: entry["recipes"][r] for seed, r in SEEDS.items() if r in entry["recipes"]}
+        if len(runs) < 2:
+            continue
+        val = [row["val_accuracy"] for row in runs.values()]
+        test = [row["test_accuracy"] for row in runs.values()]
+        spread[name] = {
+            "seeds": sorted(runs),
+            "val": val,
+            "test": test,
+            "val_mean": sum(val) / len(val),
+            "test_mean": sum(test) / len(test),
+            "val_spread": max(val) - min(val),
+            "test_spread": max(test) - min(test),
+            "lr_chosen": [row["lr_chosen"] for row in runs.values()],
+            "best_epoch": [row["best_epoch"] for row in runs.values()],
+        }
+    return spread
+
+
+def _seed_md(spread: dict) -> str:
+    if not spread:
+        return ""
+    rows = [
+        [
+            name,
+            ", ".join(str(s) for s in e["seeds"]),
+            " · ".join(f"{v:.4f}" for v in e["val"]) + f" (spread {100 * e['val_spread']:.1f} pt)",
+            " · ".join(f"{v:.4f}" for v in e["test"]) + f" (spread {100 * e['test_spread']:.1f} pt)",
+            " · ".join(f"{lr:g}" for lr in e["lr_chosen"]),
+            " · ".join(str(b) for b in e["best_epoch"]),
+        ]
+        for name, e in spread.items()
+    ]
+    header = ["set", "seeds", "val acc (kept epoch)", "test acc (info)", "lr chosen", "best epoch"]
+    return "\n\nThe default recipe's training seeds:\n\n" + table(header, rows) + "\n"
 
 
 def _pt(c: dict) -> str:

@@ -6,6 +6,10 @@ builds them keeps using plain dicts and the JSON is exactly the dict. Two kinds 
 (:class:`ClassifierResults` for a classifier on cached features, :class:`FinetuneResults` for a fine-tuned
 network) and both carry the same :class:`TestMetrics`.
 
+Both kinds are built here too, by one envelope: :func:`header` (schema, kind, row name, versions, ``created_at``,
+the pipeline cell passed in), :func:`split_section`, :func:`metrics_section` and :func:`assemble`, which puts them
+around the stage's own part. A stage writes its document once; nothing re-reads a results file to amend it.
+
 Keys marked optional below were added after the schema's first version or are written only sometimes; a
 file without them still reads. A change that removes or renames a key bumps :data:`SCHEMA_VERSION`.
 
@@ -26,12 +30,15 @@ from typing import Any, Literal, TypedDict
 
 import numpy as np
 
+from featx._runtime.env import library_versions, timestamp
 from featx._runtime.io import atomic_write
+from featx.data.splits import SplitPlan, selection_rule
 from featx.exceptions import NotResultsError, ResultsError  # raised here; defined once, with every featx error
 
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
+    "SHARED_SECTIONS",
     "CellInfo",
     "ClassReport",
     "ClassifierResults",
@@ -40,6 +47,7 @@ __all__ = [
     "FewShotPoint",
     "FinetuneResults",
     "FinetuneSettings",
+    "Header",
     "LrSweepRun",
     "LrSweepSummary",
     "NotResultsError",
@@ -54,8 +62,11 @@ __all__ = [
     "TestMetrics",
     "TrainSummary",
     "ValScore",
+    "assemble",
+    "header",
+    "metrics_section",
     "read_results",
-    "timestamp",
+    "split_section",
     "write_results",
 ]
 
@@ -222,7 +233,7 @@ class _CellInfoBase(TypedDict):
 
 
 class CellInfo(_CellInfoBase, total=False):
-    """Which cell of a ``featx run`` job made the results (added by the job runner)."""
+    """Which cell of a ``featx run`` job made the results (the job runner passes it to the stage: :func:`header`)."""
 
     seed: int  # the training seed of the cell (a row with ``seeds = [...]`` has one cell per seed)
 
@@ -365,6 +376,7 @@ class FinetuneResults(_FinetuneResultsBase, total=False):
     split_policy: str
     cell: CellInfo
     lr_sweep: LrSweepSummary  # when the learning rate was chosen on val
+    refit: dict[str, Any]  # under refit "train+val": {"on", "epochs", "per_phase", "n", "seconds"} of the refit
 
 
 Results = ClassifierResults | FinetuneResults
@@ -372,14 +384,189 @@ Results = ClassifierResults | FinetuneResults
 _KINDS: dict[str, type] = {"classifier": ClassifierResults, "finetune": FinetuneResults}
 
 
+# ------------------------------------------------------------------------------------------- the envelope
+#: The sections every results document has, whatever its kind: :func:`header`'s, then :func:`assemble`'s.
+SHARED_SECTIONS = ("schema", "kind", "method", "split", "train", "val", "test", "versions", "created_at", "cell")
+
+
+class _HeaderBase(TypedDict):
+    schema: str
+    kind: str
+    method: str
+    versions: dict[str, str]
+    created_at: str
+
+
+class Header(_HeaderBase, total=False):
+    """What opens every results document: its schema, kind and row name, when and with what it was made, and
+    the pipeline cell that made it (only under ``featx run``)."""
+
+    cell: CellInfo
+
+
+def header(
+    kind: Literal["classifier", "finetune"],
+    method: str,
+    *,
+    cell: CellInfo | None = None,
+    created_at: str | None = None,
+    versions: dict[str, str] | None = None,
+) -> Header:
+    """The header of a results document.
+
+    Parameters
+    ----------
+    kind : {"classifier", "finetune"}
+        Which of :class:`ClassifierResults` and :class:`FinetuneResults` the document is.
+    method : str
+        The row name in a comparison, e.g. ``"logreg · efficientnet_lite0 · penultimate"``.
+    cell : CellInfo, optional
+        Which cell of a ``featx run`` job made the results: passed in by the stage's caller, so the file is
+        written once and never amended.
+    created_at : str, optional
+        When the results were made (ISO 8601, UTC): a classifier's is its model's; by default now
+        (:func:`featx._runtime.env.timestamp`).
+    versions : dict of str to str, optional
+        The library versions the results were made with; by default this process's
+        (:func:`featx._runtime.env.library_versions`, featx's among them).
+
+    Returns
+    -------
+    Header
+        ``schema``, ``kind``, ``method``, ``versions``, ``created_at`` and, when given, ``cell``.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"unknown results kind {kind!r}; kinds are {', '.join(_KINDS)}")
+    made = Header(
+        schema=SCHEMA,
+        kind=kind,
+        method=method,
+        versions=library_versions() if versions is None else versions,
+        created_at=timestamp() if created_at is None else created_at,
+    )
+    return made | {"cell": cell} if cell is not None else made  # type: ignore[return-value]
+
+
+def split_section(
+    plan: SplitPlan, policy: str, hashes: Mapping[str, str], sizes: Mapping[str, int], refit: str = "train"
+) -> SplitInfo:
+    """The ``split`` section: which images the row trained, chose and was tested on, and under which rule.
+
+    Rows whose sections agree on ``hashes`` used the same images, whichever kind they are.
+
+    Parameters
+    ----------
+    plan : SplitPlan
+        The split plan the row used.
+    policy : str
+        How the splits came about, in words (a store's or a manifest's ``split_policy``).
+    hashes : dict of str to str
+        Per split, the hash of its sorted ids (:func:`featx.data.splits.split_hashes`).
+    sizes : dict of str to int
+        The images each split held for this row (unreadable ones left out).
+    refit : {"train", "train+val"}, default="train"
+        What the tested model was fit on; recorded under ``refit`` when not the default, and in the rule.
+
+    Returns
+    -------
+    SplitInfo
+    """
+    info = SplitInfo(
+        plan=plan.to_dict(),
+        policy=policy,
+        hashes=dict(hashes),
+        sizes=dict(sizes),
+        rule=selection_rule(refit),
+    )
+    return info | {"refit": refit} if refit != "train" else info  # type: ignore[return-value]
+
+
+def metrics_section(
+    metrics: TestMetrics, predictions: Predictions, *, predict_seconds: float, split: str = "test"
+) -> TestMetrics:
+    """The ``test`` section (or, for ``featx evaluate``, any split's): the metrics, then the per-image predictions.
+
+    (Not ``test_section``: pytest would collect a function of that name wherever a test module imports it.)
+
+    Parameters
+    ----------
+    metrics : TestMetrics
+        :func:`featx.metrics.evaluate`'s: accuracy with Wilson's interval, per-class report, confusion matrix.
+    predictions : Predictions
+        :func:`featx.metrics.predictions`'s: every image's id, true and predicted class and top scores.
+    predict_seconds : float
+        How long predicting the split took (recorded to 0.1 ms).
+    split : str, default="test"
+        The split scored.
+
+    Returns
+    -------
+    TestMetrics
+    """
+    return TestMetrics(**metrics, predict_seconds=round(predict_seconds, 4), split=split, predictions=predictions)
+
+
+def assemble(
+    head: Header,
+    own: Mapping[str, Any],
+    *,
+    split: SplitInfo,
+    train: TrainSummary,
+    test: TestMetrics | None,
+    val: ValScore | None = None,
+) -> Results:
+    """A complete results document: the header and the shared sections around the stage's own part.
+
+    Parameters
+    ----------
+    head : Header
+        :func:`header`'s.
+    own : mapping
+        The sections only this kind has (a classifier's ``store``, ``classifier``, ``search``; a fine-tune's
+        ``source``, ``finetune``, ``curves`` …); none may be one of :data:`SHARED_SECTIONS`.
+    split : SplitInfo
+        :func:`split_section`'s.
+    train : TrainSummary
+        How many images the final model was trained on, and how long it took.
+    test : TestMetrics or None
+        :func:`metrics_section`'s; ``None`` without a labelled test split.
+    val : ValScore, optional
+        The final model's score on val (what a comparison chooses rows by); left out without val images.
+
+    Returns
+    -------
+    ClassifierResults or FinetuneResults
+        According to ``head["kind"]``: what :func:`write_results` writes and :func:`read_results` reads back.
+
+    Raises
+    ------
+    ValueError
+        ``own`` holds a shared section, or the document lacks a section its kind requires (a featx bug: the
+        file would not read back).
+    """
+    shared = sorted(set(own) & set(SHARED_SECTIONS))
+    if shared:
+        raise ValueError(f"a stage's own part must not hold the shared sections {shared}; pass them to assemble()")
+    document = {
+        "schema": head["schema"],
+        "kind": head["kind"],
+        "method": head["method"],
+        **own,
+        "split": split,
+        "train": train,
+        **({"val": val} if val is not None else {}),
+        "test": test,
+        "versions": head["versions"],
+        "created_at": head["created_at"],
+        **({"cell": head["cell"]} if "cell" in head else {}),
+    }
+    missing = sorted(_KINDS[head["kind"]].__required_keys__ - document.keys())
+    if missing:
+        raise ValueError(f"a {head['kind']} results document needs {', '.join(map(repr, missing))}; it lacks them")
+    return document  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------------------- write/read
-def timestamp() -> str:
-    """Now, as every results document and model records its ``created_at``: ISO 8601, UTC, to the second."""
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def write_results(path: str | Path, results: Results | TestMetrics | Mapping[str, Any]) -> Path:
     """Write a results document (or, for ``featx evaluate --out``, one split's :class:`TestMetrics`) atomically.
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,9 @@ from PIL import Image
 
 from featx.backbones import register_backbone
 from featx.backbones.names import BUILTINS
-from featx.spec import Preprocessing
+from featx.data import Manifest
+from featx.spec import ExtractionSpec, Preprocessing, cache_key
+from featx.store import StoreWriter
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = "featx:tiny_test"
@@ -107,6 +111,26 @@ def split_folder(tmp_path) -> Path:
     return root
 
 
+def tiny_spec(**changes) -> ExtractionSpec:
+    """The extraction spec of the tests' hand-written stores: ``featx:tiny_test``, its penultimate layer, 64 px."""
+    base = ExtractionSpec(
+        backbone=TINY,
+        weights="random-seed0",
+        weights_sha256="0" * 64,
+        layers=("penultimate",),
+        preprocessing=Preprocessing((64, 64), 72, "bilinear", (0.5,) * 3, (0.5,) * 3),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def store_writer(path: Path, manifest, dims: int = 4, **spec_changes) -> StoreWriter:
+    """An open :class:`StoreWriter` for ``manifest`` under :func:`tiny_spec` (``spec_changes`` applied), keyed as
+    ``extract`` would key it; the caller writes the rows it wants (``with store_writer(...) as w:``)."""
+    spec = tiny_spec(**spec_changes)
+    fingerprint = manifest.fingerprint()
+    return StoreWriter(path, spec, cache_key(spec, fingerprint), manifest, fingerprint, {"penultimate": dims})
+
+
 def synthetic_store(
     path: Path,
     n_classes: int = 3,
@@ -118,10 +142,6 @@ def synthetic_store(
     spread: float = 1.0,
 ) -> Path:
     """A complete store of Gaussian blobs (no images needed): ``splits`` = (train share, val share), rest test."""
-    from featx.data import Manifest
-    from featx.spec import ExtractionSpec, cache_key
-    from featx.store import StoreWriter
-
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=3.0, size=(n_classes, dims))
     n = n_classes * per_class
@@ -139,21 +159,52 @@ def synthetic_store(
         "synthetic",
         "from source",
     )
-    spec = ExtractionSpec(
-        backbone=TINY,
-        weights="random-seed0",
-        weights_sha256="0" * 64,
-        layers=("penultimate",),
-        preprocessing=Preprocessing((64, 64), 72, "bilinear", (0.5,) * 3, (0.5,) * 3),
-        pool=pool,
-    )
-    fingerprint = manifest.fingerprint()
-    with StoreWriter(path, spec, cache_key(spec, fingerprint), manifest, fingerprint, {"penultimate": dims}) as w:
+    with store_writer(path, manifest, dims, pool=pool) as w:
         for start in range(0, n, 50):
             rows = np.arange(start, min(n, start + 50))
             w.write_batch(rows, {"penultimate": X[rows]})
         w.finalize({})
     return path
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a str or a Path; JSON's string escapes are valid TOML basic-string escapes
+
+
+def pipeline_toml(
+    path: Path,
+    *,
+    datasets: Sequence[dict],
+    backbones: Sequence[dict] = (),
+    classifiers: Sequence[dict] = (),
+    finetune: Sequence[dict] = (),
+    **job,
+) -> Path:
+    """Write a pipeline file at ``path`` and return it: ``[job]`` with ``job``'s keys (``name``, ``out``, …), then
+    one table per row, its keys in the order given. ``[job]`` comes first, so its n-th key is on line n + 1."""
+    tables = {
+        "job": [job] if job else [],
+        "datasets": datasets,
+        "backbones": backbones,
+        "classifiers": classifiers,
+        "finetune": finetune,
+    }
+    lines = []
+    for table, rows in tables.items():
+        header = "[job]" if table == "job" else f"[[{table}]]"
+        for row in rows:
+            lines += [header, *(f"{key} = {_toml_value(value)}" for key, value in row.items()), ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+TINY_ROW = {"name": "tiny", "backbone": TINY}  # the [[backbones]] row of most test pipelines
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,7 @@ def test_fixed_spec_keeps_its_cache_key():
         pool="avg",
     )
     assert built == spec and cache_key(built, "f" * 64) == EXPECTED["fixed_spec_key"]
-    # That every field of the spec changes the key: tests/test_store.py::test_every_spec_field_changes_the_key.
+    # That every field of the spec changes the key: tests/store/test_store.py::test_every_spec_field_changes_the_key.
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -152,6 +152,21 @@ def test_old_results_are_read_by_the_report(tiny):
     assert "splits: not recorded (results of an older featx)" in table
     written = write_report(out)
     assert "finetune[head]" in written["html"].read_text()
+
+
+def test_the_report_groups_cells_by_the_fields_their_results_record(tiny):
+    # A run folder as today's main writes it: each cell's results.json carries the cell's fields. Rows named
+    # like a seed or a split suffix ("seed1", "split1") are rows of their own, not runs of a "penultimate" row.
+    out = tiny / "run"
+    cells = {"seed1": 0, "seed2": 0, "split1": 0, "svm__seed1": 1}  # the last: the cell of row "svm", seed 1
+    for folder, seed in cells.items():
+        name = folder.split("__")[0]
+        cell = {"id": f"classify/d/b/penultimate/{folder.replace('__', '/')}", "dataset": "d", "name": name}
+        results = _old_results("logreg") | {"cell": cell | {"backbone": "b", "layer": "penultimate", "seed": seed}}
+        (out / "cells" / f"d__b__penultimate__{folder}").mkdir(parents=True)
+        (out / "cells" / f"d__b__penultimate__{folder}" / "results.json").write_text(json.dumps(results))
+    keys = sorted(row["row_key"] for row in collect(out))
+    assert keys == [f"classify/d/b/penultimate/{name}" for name in ("seed1", "seed2", "split1", "svm")]
 
 
 @pytest.mark.parametrize("name", sorted(RESULTS))
@@ -227,7 +242,8 @@ def test_old_finetune_metadata_rebuilds_the_network(tiny):
 # The cache key of every cell of pipelines/quickstart.toml (a store key, labels and source fingerprint fixed): a
 # change here re-runs cached cells, so it must be deliberate and said. The classifier cells' keys are those
 # featx b482b64 computed; the fine-tune cell's changed once, when the runner took the checkpoint's identity
-# (FinetuneConfig.identity: without max_minutes and the options added later at their old value).
+# (FinetuneConfig.identity: without max_minutes and the options added later at their old value), and again when
+# an LP-FT run's gradient norm became clipped at 1 by default (clip_grad auto: issue 24).
 QUICKSTART_CELLS = {
     "classify/digits/lite0/penultimate/svm": "1203328f7bdcc7a0080df6daba5335abfc48e6146eb9c5396a5c3d51f7134746",
     "classify/digits/lite0/penultimate/logreg": "cc270c716da28760c61990088259c56aac1eac82f009cc181611f81a815f07ce",
@@ -238,7 +254,7 @@ QUICKSTART_CELLS = {
     ),
     "classify/digits/pixels/penultimate/knn": "42acfe85d94912c1df345ebdcf715a281108cd76da0186139f79d1b66a853426",
     "classify/digits/pixels/penultimate/chance": "0f9636f25490bde4673a8f20a911653d4fe77e9a0437dcd3b043db94b5a6e215",
-    "finetune/digits/lp-ft": "6a267939c6e0fd480516bfc1db213e5f8bc5a7a33aa764d253b3ed8fa97df71c",
+    "finetune/digits/lp-ft": "4283429d729128e44784ac6060d9963ee4a3a60e0d0937ce1f37c44ae0382a2b",
 }
 
 
@@ -257,13 +273,11 @@ def test_cell_cache_keys_of_the_quickstart_are_unchanged(monkeypatch, tmp_path):
     # marker would enter the LP-FT cell's identity, as it should in a real run.
     job = dataclasses.replace(job, out=tmp_path / "quickstart")
     tasks = plan(job)
-    by_id = {t.id: t for t in tasks}
+    states = {t.id: runner.TaskRun(t, store="store.h5") for t in tasks}
     keys = {}
     for task in tasks:
-        if task.kind == "extract":
-            task.store, task.labels = "store.h5", None
-        else:
-            identity = runner._cell_identity(job, task, by_id)
+        if task.kind != "extract":
+            identity = runner._cell_identity(job, task, states)
             keys[task.id] = identity_hash(identity)
             if task.kind == "finetune":  # the runner combines the identity the checkpoint hashes, never its own
                 assert identity["config"] == finetune_config(task.finetune, task.seed).identity()

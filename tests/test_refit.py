@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, TINY_ROW, pipeline_toml
 from safetensors.torch import load_file
 
 from featx.classify import ClassifierConfig, train
@@ -136,38 +136,17 @@ def test_lp_ft_refits_from_the_probe_refit_on_train_and_val(store, colour_folder
 
 
 # ------------------------------------------------------------------------------------------------- jobs
-JOB = """
-[job]
-name = "refit"
-out = "{out}"
-
-[[datasets]]
-name = "colours"
-source = "{data}"
-{refit}
-
-[[backbones]]
-name = "tiny"
-backbone = "featx:tiny_test"
-
-[[classifiers]]
-name = "logreg"
-classifier = "logreg"
-value = 1.0
-
-[[finetune]]
-name = "lpft"
-backbone = "tiny"
-phases = "head:1:1e-2"
-init_head = "logreg"
-batch_size = 8
-
-[[finetune]]
-name = "ft"
-backbone = "tiny"
-phases = "head:1:1e-2"
-batch_size = 8
-"""
+def _job(path: Path, out: Path, data: Path, **refit: str) -> Path:
+    ft = {"name": "ft", "backbone": "tiny", "phases": "head:1:1e-2", "batch_size": 8}
+    return pipeline_toml(
+        path,
+        name="refit",
+        out=out,
+        datasets=[{"name": "colours", "source": data, **refit}],
+        backbones=[TINY_ROW],
+        classifiers=[{"name": "logreg", "classifier": "logreg", "value": 1.0}],
+        finetune=[{**ft, "name": "lpft", "init_head": "logreg"}, ft],
+    )
 
 
 @pytest.mark.slow
@@ -176,8 +155,7 @@ def test_a_job_refits_every_row_kind_and_records_it(colour_folder, tmp_path):
     from featx.jobs.runner import run
     from featx.jobs.schema import load_job
 
-    path = tmp_path / "job.toml"
-    path.write_text(JOB.format(out=tmp_path / "out", data=colour_folder, refit='refit = "train+val"'))
+    path = _job(tmp_path / "job.toml", tmp_path / "out", colour_folder, refit="train+val")
     run(load_job(path), progress=False)
     rows = {r["method"].split(" ")[0].split("[")[0]: r for r in collect(tmp_path / "out")}
     assert set(rows) == {"logreg", "lp-ft", "finetune"}
@@ -192,17 +170,14 @@ def test_a_job_with_the_default_refit_keeps_its_cell_identities(colour_folder, t
     from featx.jobs.runner import _cell_identity
     from featx.jobs.schema import JobError, load_job
 
-    path = tmp_path / "job.toml"
-    path.write_text(JOB.format(out=tmp_path / "out", data=colour_folder, refit=""))
+    path = _job(tmp_path / "job.toml", tmp_path / "out", colour_folder)
     job = load_job(path)
-    tasks = plan(job)
-    by_id = {t.id: t for t in tasks}
-    finetunes = [t for t in tasks if t.kind == "finetune"]
+    finetunes = [t for t in plan(job) if t.kind == "finetune"]
     for task in finetunes:
-        identity = _cell_identity(job, task, by_id)
+        identity = _cell_identity(job, task, {})
         assert "refit" not in identity and "refit" not in identity["dataset"]  # the hash of cells cached before
-    path.write_text(JOB.format(out=tmp_path / "out", data=colour_folder, refit='refit = "val"'))
-    with pytest.raises(JobError, match=r"job.toml:9: unknown refit 'val'.*train, train\+val"):
+    _job(path, tmp_path / "out", colour_folder, refit="val")
+    with pytest.raises(JobError, match=r"job.toml:8: unknown refit 'val'.*train, train\+val"):
         load_job(path)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "temporary",
     "temporary_attr",
     "temporary_environ",
+    "timestamp",
 ]
 
 _UNSET = object()  # an environment variable that was not set
@@ -62,6 +63,14 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
     return versions
+
+
+def timestamp() -> str:
+    """Now, as featx records when it made something (a store's, a model's, a results document's ``created_at``):
+    ISO 8601, UTC, to the second."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def temporary(

@@ -11,6 +11,7 @@ from featx.classify._rows import labelled_rows
 from featx.classify.config import ClassifierConfig
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import cv_folds, fit_quietly, search
+from featx.results import FewShotPoint
 from featx.store.reader import FeatureStore
 
 __all__ = ["ONE_SHOT_VALUE", "drawable_shots", "few_shot_curve", "shot_rows"]
@@ -100,7 +101,7 @@ def few_shot_curve(
     shots: Sequence[int | str],
     draws: int,
     layer: str,
-) -> list[dict]:
+) -> list[FewShotPoint]:
     """Test accuracy with k training images per class: mean and 95 % CI over nested, seeded draws.
 
     At each k the hyper-parameter is chosen again inside the k-shot training set, by stratified CV with
@@ -138,15 +139,15 @@ def few_shot_curve(
                 else 0.0
             )
             curve.append(
-                {
-                    "shots": k,
-                    "draws": len(accs),
-                    "mean": mean,
-                    "std": float(np.std(accs)),
-                    "accuracies": accs,
-                    "ci95": [mean - half, mean + half],
-                    "values": values,
-                    "selection": selection,
-                }
+                FewShotPoint(
+                    shots=k,
+                    draws=len(accs),
+                    mean=mean,
+                    std=float(np.std(accs)),
+                    accuracies=accs,
+                    ci95=[mean - half, mean + half],
+                    values=values,
+                    selection=selection,
+                )
             )
     return curve

@@ -6,7 +6,7 @@ converts to float64 and to its own sparse rows, about seven bytes for every feat
 scores (``n × classes``). :data:`FOOTPRINTS` holds those multiples for each preset, measured, not guessed:
 ``python benchmarks/bench_scale.py calibrate`` fits them to peak resident memory (``VmHWM``, reset before the
 fit) of one process at small N (benchmarks/RESULTS.md, "The classical stage at scale");
-``tests/test_memory.py`` checks the estimate against fresh measurements.
+``tests/classify/test_scale.py`` checks the estimate against fresh measurements.
 
 A fit whose estimate exceeds the memory available is refused up front (:class:`InsufficientMemoryError`,
 naming the estimate, the memory and the alternatives) instead of being killed mid-search; a parallel search that

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from featx._runtime.env import library_versions
+from featx._runtime.env import library_versions, timestamp
 from featx._runtime.io import check_writable
 from featx.classify import memory
 from featx.classify._rows import labelled_rows, labelled_store_rows
@@ -33,20 +33,22 @@ from featx.classify.fewshot import ONE_SHOT_VALUE, drawable_shots, few_shot_curv
 from featx.classify.model import TrainedModel, check_compatible
 from featx.classify.presets import Preset, build_pipeline
 from featx.classify.search import SearchResult, cv_folds, fit_converged, fit_quietly, search
-from featx.data.splits import FinalFit, SplitPlan, selection_rule
+from featx.data.splits import FinalFit, SplitPlan
 from featx.exceptions import SpecMismatchError, unknown
 from featx.metrics import evaluate, predictions
 from featx.results import (
-    SCHEMA,
     CellInfo,
     ClassifierResults,
     ClassifierSettings,
-    SplitInfo,
+    FewShotPoint,
     StoreInfo,
     TestMetrics,
     TrainSummary,
     ValScore,
-    timestamp,
+    assemble,
+    header,
+    metrics_section,
+    split_section,
     write_results,
 )
 from featx.store.reader import FeatureStore
@@ -58,7 +60,6 @@ __all__ = [
     "few_shot_curve",
     "fit_in_memory",
     "shot_rows",
-    "split_info",
     "train",
 ]
 
@@ -144,11 +145,8 @@ def train(
                     fs, layer, preset, config, preprocess, n_jobs, array_path, refit=refit, keep_on_train=True
                 )
             model = _wrap_model(fs, config, preset, layer, fitted)
-            results = _classifier_results(fs, model, fitted, refit)
-            if shots:
-                results["few_shot"] = few_shot_curve(fs, preset, fitted.value, preprocess, config, shots, draws, layer)
-            if cell is not None:
-                results["cell"] = cell
+            curve = few_shot_curve(fs, preset, fitted.value, preprocess, config, shots, draws, layer) if shots else None
+            results = _classifier_results(fs, model, fitted, refit, few_shot=curve, cell=cell)
             if out_dir is not None:
                 _write_artifacts(Path(out_dir), model, results)
                 if fitted.on_train is not None:
@@ -415,57 +413,36 @@ def _wrap_model(fs: FeatureStore, config: ClassifierConfig, preset: Preset, laye
 
 
 def _classifier_results(
-    fs: FeatureStore, model: TrainedModel, fitted: Fitted, refit: str = "train"
+    fs: FeatureStore,
+    model: TrainedModel,
+    fitted: Fitted,
+    refit: str = "train",
+    *,
+    few_shot: list[FewShotPoint] | None = None,
+    cell: CellInfo | None = None,
 ) -> ClassifierResults:
     """The ``results.json`` document of a trained model, scored once on the store's test split (if any)."""
     meta = model.meta
     settings: ClassifierSettings = meta["classifier"]
-    test = evaluate_model(model, fs) if fs.splits.get("test") else None
-    return ClassifierResults(
-        schema=SCHEMA,
-        kind="classifier",
-        method=f"{settings['preset']} · {fs.spec.backbone.split(':', 1)[-1]} · {model.layer}",
-        store=StoreInfo(
-            path=str(fs.path),
-            key=fs.key,
-            manifest_fingerprint=meta["manifest_fingerprint"],
-            spec=fs.spec.to_dict(),
-            stats=fs.info()["stats"],
+    method = f"{settings['preset']} · {fs.spec.backbone.split(':', 1)[-1]} · {model.layer}"
+    store = StoreInfo(
+        path=str(fs.path),
+        key=fs.key,
+        manifest_fingerprint=meta["manifest_fingerprint"],
+        spec=fs.spec.to_dict(),
+        stats=fs.info()["stats"],
+    )
+    own = {"store": store, "classifier": settings, "search": fitted.search.to_dict() if fitted.search else None}
+    return assemble(
+        header("classifier", method, cell=cell, created_at=meta["created_at"], versions=meta["versions"]),
+        own | ({"few_shot": few_shot} if few_shot is not None else {}),
+        split=split_section(
+            fs.plan, fs.split_policy, fs.split_hashes, {s: n for s, n in fs.splits.items() if s != "unlabeled"}, refit
         ),
-        classifier=settings,
-        search=fitted.search.to_dict() if fitted.search else None,
         train=TrainSummary(n=fitted.trained_on["n"], fit_seconds=round(fitted.fit_seconds, 4), **fitted.refit),
-        split=split_info(fs, refit),
-        **_val_score(fs, model, fitted),
-        test=test,
-        versions=meta["versions"],
-        created_at=meta["created_at"],
+        val=_val_score(fs, model, fitted),
+        test=evaluate_model(model, fs) if fs.splits.get("test") else None,
     )
-
-
-def split_info(fs: FeatureStore, refit: str = "train") -> SplitInfo:
-    """The ``split`` section of a result on ``fs``.
-
-    Parameters
-    ----------
-    fs : FeatureStore
-        Open under the split plan the row used.
-    refit : {"train", "train+val"}, default="train"
-        What the tested model was fit on (recorded under ``refit`` when not the default, and in the rule).
-
-    Returns
-    -------
-    SplitInfo
-        The plan, how the splits came about, one hash of the ids per split, their sizes and the selection rule.
-    """
-    info = SplitInfo(
-        plan=fs.plan.to_dict(),
-        policy=fs.split_policy,
-        hashes=fs.split_hashes,
-        sizes={s: n for s, n in fs.splits.items() if s != "unlabeled"},
-        rule=selection_rule(refit),
-    )
-    return info | {"refit": refit} if refit != "train" else info  # type: ignore[return-value]
 
 
 def _write_artifacts(out: Path, model: TrainedModel, results: ClassifierResults) -> None:
@@ -593,17 +570,17 @@ def _chain(steps):
     return transform
 
 
-def _val_score(fs: FeatureStore, model: TrainedModel, fitted: Fitted) -> dict[str, ValScore]:
-    """``{"val": …}``: the final model's accuracy on the val images, the score a comparison chooses its rows by
-    (empty without a val split). Under refit ``train+val`` the final model has fit val, so the score is the fit on
-    train alone's (the one val judged); out of core, where that fit is not kept, there is none."""
+def _val_score(fs: FeatureStore, model: TrainedModel, fitted: Fitted) -> ValScore | None:
+    """The final model's accuracy on the val images, the score a comparison chooses its rows by (``None`` without a
+    val split). Under refit ``train+val`` the final model has fit val, so the score is the fit on train alone's (the
+    one val judged); out of core, where that fit is not kept, there is none."""
     y = fs.labels("val") if fs.splits.get("val") else np.empty(0)
     refitted = "val" in fitted.trained_on["splits"]
     if not len(y) or (refitted and fitted.on_train is None):
-        return {}
+        return None
     judged = fitted.on_train if refitted else model.pipeline
     y_pred = judged.predict(fs.features(model.layer, split="val", dtype=np.float32))
-    return {"val": ValScore(accuracy=float(np.mean(y_pred == y)), n=len(y))}
+    return ValScore(accuracy=float(np.mean(y_pred == y)), n=len(y))
 
 
 def evaluate_model(model: TrainedModel, store: FeatureStore, split: str = "test") -> TestMetrics:
@@ -621,8 +598,9 @@ def evaluate_model(model: TrainedModel, store: FeatureStore, split: str = "test"
     y_pred = model.predict(X)
     predict_seconds = time.perf_counter() - t0
     scores = model.scores(X)
-    metrics = evaluate(y, y_pred, model.class_names, scores=scores)
-    metrics["predict_seconds"] = round(predict_seconds, 4)
-    metrics["split"] = split
-    metrics["predictions"] = predictions(store.ids(split), y, y_pred, scores)
-    return metrics
+    return metrics_section(
+        evaluate(y, y_pred, model.class_names, scores=scores),
+        predictions(store.ids(split), y, y_pred, scores),
+        predict_seconds=predict_seconds,
+        split=split,
+    )

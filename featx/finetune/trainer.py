@@ -30,13 +30,12 @@ import torch
 
 from featx._runtime import dist as _ddp
 from featx._runtime.device import resolve_amp
-from featx._runtime.env import library_versions
 from featx._runtime.io import check_writable
 from featx._runtime.malloc import reuse_freed_memory
 from featx._runtime.progress import Progress
 from featx.backbones.names import resolve_backbone
 from featx.data.manifest import Manifest
-from featx.data.splits import FinalFit, SplitPlan, selection_rule
+from featx.data.splits import FinalFit, SplitPlan
 from featx.exceptions import DamagedFileError, SpecMismatchError
 from featx.finetune.artifacts import CHECKPOINT, FINETUNE_META, WEIGHTS, config_hash, save_json
 from featx.finetune.config import FinetuneConfig
@@ -48,7 +47,18 @@ from featx.finetune.refit import refit_on_train_val
 from featx.finetune.state import RunState, read_checkpoint, save_checkpoint
 from featx.finetune.sweep import choose_rate, needs_choice, sweep_summary
 from featx.metrics import evaluate, predictions
-from featx.results import SCHEMA, CellInfo, FinetuneResults, TestMetrics, ValScore, timestamp, write_results
+from featx.results import (
+    CellInfo,
+    FinetuneResults,
+    TestMetrics,
+    TrainSummary,
+    ValScore,
+    assemble,
+    header,
+    metrics_section,
+    split_section,
+    write_results,
+)
 from featx.spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["finetune"]
@@ -227,6 +237,7 @@ def _finetune(
     t_start = time.perf_counter()
     check_writable(out, "out_dir")  # before the network loads; on every rank, so that all of them stop
     amp = resolve_amp(amp, dev)
+    config = config.for_head(from_probe=init_head is not None)
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)
     selection_head = _train_only_probe(init_head) if init_head is not None and refit == "train+val" else init_head
@@ -318,11 +329,11 @@ def test_best(run: Run) -> TestMetrics | None:
     scores, y_test, _ = predict(run, images)
     predict_seconds = time.perf_counter() - t0
     y_pred = scores.argmax(1)
-    metrics = evaluate(y_test, y_pred, manifest.class_names, scores=scores)
-    metrics["predict_seconds"] = round(predict_seconds, 4)
-    metrics["split"] = "test"
-    metrics["predictions"] = predictions([manifest.ids[r] for r in rows], y_test, y_pred, scores)
-    return metrics
+    return metrics_section(
+        evaluate(y_test, y_pred, manifest.class_names, scores=scores),
+        predictions([manifest.ids[r] for r in rows], y_test, y_pred, scores),
+        predict_seconds=predict_seconds,
+    )
 
 
 def write_artifacts(
@@ -339,9 +350,7 @@ def write_artifacts(
 
     ``refit``: what the refit on train+val trained (:func:`~featx.finetune.refit.refit_on_train_val`), if any."""
     meta = _finetune_meta(run, state)
-    results = _results(run, state, test, seconds=seconds, refit=refit)
-    if cell is not None:
-        results["cell"] = cell
+    results = _results(run, state, test, seconds=seconds, refit=refit, cell=cell)
     if run.world.is_main:
         save_json(run.out / FINETUNE_META, meta)
         write_results(run.out / "results.json", results)
@@ -381,12 +390,12 @@ def _phases_run(config: FinetuneConfig, base: float | None) -> list[dict[str, An
     ]
 
 
-def _val_score(state: RunState, n: int) -> dict[str, ValScore]:
-    """``{"val": …}``: the chosen epoch's val accuracy, the score a comparison chooses its rows by."""
+def _val_score(state: RunState, n: int) -> ValScore | None:
+    """The chosen epoch's val accuracy, the score a comparison chooses its rows by (``None`` without val images)."""
     record = next((c for c in state.curves if c["epoch"] == state.best_epoch), None)
     if record is None or record.get("val_accuracy") is None or not n:
-        return {}
-    return {"val": ValScore(accuracy=float(record["val_accuracy"]), n=n)}
+        return None
+    return ValScore(accuracy=float(record["val_accuracy"]), n=n)
 
 
 def _fit_seconds(state: RunState) -> float:
@@ -397,29 +406,22 @@ def _fit_seconds(state: RunState) -> float:
 
 
 def _results(
-    run: Run, state: RunState, test: TestMetrics | None, *, seconds: float, refit: dict[str, Any] | None
+    run: Run,
+    state: RunState,
+    test: TestMetrics | None,
+    *,
+    seconds: float,
+    refit: dict[str, Any] | None,
+    cell: CellInfo | None = None,
 ) -> FinetuneResults:
     """The run's results document (:class:`featx.results.FinetuneResults`)."""
     built, config, rows = run.built, run.config, run.rows
-    on = "train" if refit is None else refit["on"]
     kind = "lp-ft" if built.init_ref else "finetune"
-    sweep = {} if state.lr_sweep is None else {"lr_sweep": sweep_summary(config, state.lr_sweep)}
-    return sweep | {
-        "schema": SCHEMA,
-        "kind": "finetune",
-        "method": f"{kind}[{config.label}] · {model_label(built.net.parsed)}",
+    own = {
         "store": None,
         "source": rows.manifest.source,
         "split_policy": rows.manifest.split_policy,
         "val_policy": rows.val_policy,
-        "split": {
-            "plan": rows.plan.to_dict(),
-            "policy": rows.manifest.split_policy,
-            "hashes": rows.split_hashes,
-            "sizes": {"train": len(rows.train), "val": len(rows.val), "test": len(rows.test)},
-            "rule": selection_rule(on),
-        }
-        | ({"refit": on} if refit is not None else {}),
         "manifest_fingerprint": rows.fingerprint,
         "backbone": built.net.name,
         "finetune": {
@@ -434,16 +436,23 @@ def _results(
         },
         "curves": state.curves,
         "best_epoch": state.best_epoch,
-        **_val_score(state, len(rows.val)),
         "skipped_images": [{"id": i, "reason": r} for i, r in rows.skipped],
-        "train": {
-            "n": len(rows.train),
-            "val_n": len(rows.val),
-            "fit_seconds": round(_fit_seconds(state) + (refit["seconds"] if refit else 0.0), 3),
-        },
         **({"refit": refit} if refit is not None else {}),
-        "test": test,
-        "versions": library_versions(),
-        "created_at": timestamp(),
+        **({} if state.lr_sweep is None else {"lr_sweep": sweep_summary(config, state.lr_sweep)}),
         "seconds": round(seconds, 3),
     }
+    sizes = {"train": len(rows.train), "val": len(rows.val), "test": len(rows.test)}
+    return assemble(
+        header("finetune", f"{kind}[{config.label}] · {model_label(built.net.parsed)}", cell=cell),
+        own,
+        split=split_section(
+            rows.plan, rows.manifest.split_policy, rows.split_hashes, sizes, "train" if refit is None else refit["on"]
+        ),
+        train=TrainSummary(
+            n=len(rows.train),
+            val_n=len(rows.val),
+            fit_seconds=round(_fit_seconds(state) + (refit["seconds"] if refit else 0.0), 3),
+        ),
+        val=_val_score(state, len(rows.val)),
+        test=test,
+    )

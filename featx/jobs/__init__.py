@@ -2,7 +2,7 @@
 
 - :mod:`~featx.jobs.schema`: the TOML file read and checked, every problem with its line;
 - :mod:`~featx.jobs.values`: the checks of each table's values, and the configs they become;
-- :mod:`~featx.jobs.planning`: the cells (extraction, classifiers, fine-tunes) and their cache hashes;
+- :mod:`~featx.jobs.planning`: the tasks, one type per kind (extraction, classifier cell, fine-tune), and their folders;
 - :mod:`~featx.jobs.runner`: running them, resumably;
 - :mod:`~featx.jobs.report`: the side-by-side report.
 """

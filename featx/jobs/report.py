@@ -11,7 +11,6 @@ import base64
 import html
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,12 @@ from featx._runtime.io import atomic_write
 from featx.finetune.config import edge_words
 from featx.jobs.decision import DEFAULT_MARGIN
 from featx.jobs.markdown import md_cell, md_code, md_link, md_text
+from featx.jobs.planning import ClassifyTask, FinetuneTask, row_key
 from featx.jobs.plots import plot_datasets
 from featx.jobs.verdict import DatasetVerdict, across_datasets, split_seed_of, two_figures, verdict
 from featx.results import ClassifierResults, FinetuneResults, NotResultsError, Results, ResultsError, read_results
 
-__all__ = ["COLUMNS", "Row", "collect", "format_table", "recorded_margin", "val_accuracy", "write_report"]
+__all__ = ["COLUMNS", "Row", "collect", "format_table", "recorded_margin", "row_key_of", "val_accuracy", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,35 @@ def _row(results: Results, path: Path, root: Path) -> Row:
         path=_relative(path, root),
         seed=seed,
         init_results=init_results,
-        # The same row under another training seed or split shares this (one cell per seed and repeat).
-        row_key=re.sub(r"(/split\d+)?(/seed\d+)?$", "", cell["id"]) if cell.get("id") else _relative(path, root),
+        row_key=row_key_of(results, path, root),
         seed_accuracies=None,
         fingerprint=fingerprint,
     )
+
+
+def row_key_of(results: Results, path: Path, root: Path) -> str:
+    """The key a row's runs share across training seeds and splits (one cell per seed and repeat): for a cell of
+    ``featx run``, made of the fields its results record (:func:`~featx.jobs.planning.row_key`); else the file.
+
+    Parameters
+    ----------
+    results : Results
+    path : Path
+        The results file (its key when it is no cell's).
+    root : Path
+        Where the report goes: the file is named relative to it.
+
+    Returns
+    -------
+    str
+        ``classify/dataset/backbone/layer/name``, ``finetune/dataset/name``, or the file's path.
+    """
+    cell = results.get("cell") or {}
+    kind = ClassifyTask.kind if results["kind"] == "classifier" else FinetuneTask.kind
+    needed = ("dataset", "name", "backbone", "layer") if kind == ClassifyTask.kind else ("dataset", "name")
+    if not all(cell.get(field) for field in needed):  # no cell of a run (`featx train`, `featx finetune`)
+        return _relative(path, root)
+    return row_key(kind, cell["dataset"], cell["name"], cell.get("backbone"), cell.get("layer"))
 
 
 def val_accuracy(results: Results) -> float | None:

@@ -23,12 +23,21 @@ from typing import Any
 from featx._runtime.io import atomic_write, check_writable
 from featx._runtime.lock import FileLock, LockHeld
 from featx.exceptions import NotWritableError, StoreLockedError
-from featx.jobs.planning import Task, backbone_of, cell_dir, identity_hash, plan
-from featx.jobs.schema import FinetuneSpec, Job, JobError, job_error
+from featx.jobs.planning import (
+    CellTask,
+    ClassifyTask,
+    ExtractTask,
+    FinetuneTask,
+    Task,
+    cell_dir,
+    identity_hash,
+    plan,
+)
+from featx.jobs.schema import Job, JobError, job_error
 from featx.jobs.values import classifier_config, finetune_config
 from featx.results import CellInfo, ResultsError, read_results
 
-__all__ = ["RunSummary", "run"]
+__all__ = ["RunSummary", "TaskRun", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +54,46 @@ class _CellBusy(Exception):
 
 # ------------------------------------------------------------------------------------------------- run
 @dataclass
-class RunSummary:
-    """What a run did, task by task."""
+class TaskRun:
+    """One task in a run: the task (what it is, frozen) and what became of it here.
 
-    tasks: list[Task]
+    Attributes
+    ----------
+    task : ExtractTask, ClassifyTask or FinetuneTask
+    status : str
+        ``pending``, then ``done``, ``cached``, ``planned`` (a dry run), ``failed`` or ``skipped``.
+    message : str
+        Why it failed or was skipped, or what was redone.
+    seconds : float
+    store : Path or None
+        An extraction's store, once found or written (dry runs included).
+    labels : str or None
+        The labels fingerprint of an extraction's store, when found.
+    """
+
+    task: Task
+    status: str = "pending"
+    message: str = ""
+    seconds: float = 0.0
+    store: Path | None = None
+    labels: str | None = None
+
+    @property
+    def id(self) -> str:
+        """The task's id."""
+        return self.task.id
+
+    @property
+    def kind(self) -> str:
+        """The task's kind: ``extract``, ``classify`` or ``finetune``."""
+        return self.task.kind
+
+
+@dataclass
+class RunSummary:
+    """What a run did, task by task: a :class:`TaskRun` for each selected task, in the plan's order."""
+
+    tasks: list[TaskRun]
     seconds: float
 
     def count(self, status: str) -> int:
@@ -56,7 +101,7 @@ class RunSummary:
         return sum(t.status == status for t in self.tasks)
 
     @property
-    def failed(self) -> list[Task]:
+    def failed(self) -> list[TaskRun]:
         """The tasks that failed."""
         return [t for t in self.tasks if t.status == "failed"]
 
@@ -75,7 +120,8 @@ def run(
     Parameters
     ----------
     only : sequence of str
-        Shell patterns on task ids or cell names (``svm``, ``classify/digits/*``); their dependencies run too.
+        Shell patterns on task ids, row, dataset or backbone names, or cell folders (``svm``, ``classify/digits/*``,
+        ``digits__lite0__penultimate__svm``); their dependencies run too.
     force : bool
         Redo selected cells even when their results are cached (extractions stay cached).
     dry_run : bool
@@ -97,7 +143,7 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
 
     tasks = plan(job)  # refuses cells that would share a folder, before anything is written
     selected = _select(tasks, only)
-    by_id = {t.id: t for t in tasks}
+    states = {t.id: TaskRun(t) for t in tasks}
     if (job.out.exists() and not job.out.is_dir()) or any(p.is_file() for p in job.out.parents):
         # load_job refuses it; a Job made in Python may not have been
         raise job_error(job, f"out {str(job.out)!r} is a file, or inside one: out must be a folder", "job", None, "out")
@@ -122,10 +168,10 @@ def _run(job: Job, *, only: Sequence[str], force: bool, dry_run: bool, progress:
         )
         for task in tasks:
             if task.id in selected:
-                _run_task(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
+                _run_task(job, states[task.id], states, force=force, dry_run=dry_run, progress=progress)
                 bar.update(1)
         bar.close()
-        summary = RunSummary([t for t in tasks if t.id in selected], time.perf_counter() - t0)
+        summary = RunSummary([states[t.id] for t in tasks if t.id in selected], time.perf_counter() - t0)
         if not dry_run:
             _write_json(job.out / "run.json", _run_record(job, summary, dry_run))
         return summary
@@ -142,7 +188,7 @@ def _check_layers(job: Job, tasks: list[Task]) -> None:
     from featx.backbones.names import PENULTIMATE, resolve_backbone
     from featx.exceptions import UnknownNameError
 
-    extracted = {t.backbone.name for t in tasks if t.kind == "extract"}
+    extracted = {t.backbone.name for t in tasks if isinstance(t, ExtractTask)}
     tables: dict[str, list[int]] = {}  # backbone -> the indices of its tables in the job
     for index, bb in enumerate(job.backbones):
         if bb.name in extracted and set(bb.layers) - {PENULTIMATE}:
@@ -184,35 +230,37 @@ def _run_log(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def _run_task(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_run: bool, progress: bool) -> None:
-    """Run one task unless a dependency did not finish; a failure is recorded on the task, not raised."""
-    blocked = [d for d in task.depends if by_id[d].status in ("failed", "skipped")]
+def _run_task(
+    job: Job, state: TaskRun, states: dict[str, TaskRun], *, force: bool, dry_run: bool, progress: bool
+) -> None:
+    """Run one task unless a dependency did not finish; a failure is recorded on its run, not raised."""
+    blocked = [d for d in state.task.depends if states[d].status in ("failed", "skipped")]
     if blocked:
-        task.status, task.message = "skipped", f"depends on {', '.join(blocked)}, which did not finish"
+        state.status, state.message = "skipped", f"depends on {', '.join(blocked)}, which did not finish"
     else:
         start = time.perf_counter()
         try:
-            _execute(job, task, by_id, force=force, dry_run=dry_run, progress=progress)
+            _execute(job, state, states, force=force, dry_run=dry_run, progress=progress)
         except KeyboardInterrupt:
-            task.status, task.message = "failed", "interrupted"
+            state.status, state.message = "failed", "interrupted"
             raise
         except _CellBusy as busy:
-            task.status, task.message = "skipped", str(busy)
-            log.warning("%s: %s", task.id, busy)
+            state.status, state.message = "skipped", str(busy)
+            log.warning("%s: %s", state.id, busy)
         except StoreLockedError as exc:  # another run of the pipeline is extracting this store
-            task.status, task.message = "skipped", str(exc)
-            log.warning("%s: %s", task.id, exc)
+            state.status, state.message = "skipped", str(exc)
+            log.warning("%s: %s", state.id, exc)
         except Exception as exc:  # one failing cell must not lose the others
-            task.status, task.message = "failed", f"{type(exc).__name__}: {exc}"
-            log.error("%s failed: %s\n%s", task.id, task.message, traceback.format_exc())
-        task.seconds = time.perf_counter() - start
+            state.status, state.message = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("%s failed: %s\n%s", state.id, state.message, traceback.format_exc())
+        state.seconds = time.perf_counter() - start
     # A dry run's plan is the caller's to print (`featx run --dry-run` lists each task once); a run logs its story.
     log.log(
         logging.DEBUG if dry_run else logging.INFO,
         "%s: %s%s",
-        task.id,
-        task.status,
-        f" ({task.message})" if task.message else "",
+        state.id,
+        state.status,
+        f" ({state.message})" if state.message else "",
     )
 
 
@@ -240,17 +288,7 @@ def _select(tasks: list[Task], only: Sequence[str]) -> set[str]:
     by_id = {t.id: t for t in tasks}
     chosen = set()
     for t in tasks:
-        names = [t.id] + [
-            n
-            for n in (
-                t.classifier and t.classifier.name,
-                t.finetune and t.finetune.name,
-                t.dataset.name,
-                t.backbone and t.backbone.name,
-            )
-            if n
-        ]
-        if any(fnmatch.fnmatch(n, pattern) for pattern in only for n in names):
+        if any(fnmatch.fnmatch(n, pattern) for pattern in only for n in (t.id, *t.names)):
             chosen.add(t.id)
     if not chosen:
         raise JobError(f"--only {', '.join(only)} matches no task; tasks are: {', '.join(by_id)}")
@@ -263,42 +301,45 @@ def _select(tasks: list[Task], only: Sequence[str]) -> set[str]:
     return chosen
 
 
-def _execute(job: Job, task: Task, by_id: dict[str, Task], *, force: bool, dry_run: bool, progress: bool) -> None:
+def _execute(
+    job: Job, state: TaskRun, states: dict[str, TaskRun], *, force: bool, dry_run: bool, progress: bool
+) -> None:
     """Run one task, or mark it ``cached`` (its results are there for the same identity) or ``planned``."""
-    if task.kind == "extract":
-        _extract(job, task, dry_run=dry_run, progress=progress)
+    task = state.task
+    if isinstance(task, ExtractTask):
+        _extract(job, state, dry_run=dry_run, progress=progress)
         return
-    identity = _cell_identity(job, task, by_id)
+    identity = _cell_identity(job, task, states)
     if identity is None:  # dry run with a store still to extract
-        task.status = "planned"
+        state.status = "planned"
         return
     out = cell_dir(job, task)
     marker = out / CELL_MARKER
     digest = identity_hash(identity)
     cached, damage = _cached(out, digest)
     if not force and cached:
-        task.status = "cached"
+        state.status = "cached"
         return
     if dry_run:
-        task.status = "planned"
-        task.message = f"to redo: {damage}" if damage else ""
+        state.status = "planned"
+        state.message = f"to redo: {damage}" if damage else ""
         return
     out.mkdir(parents=True, exist_ok=True)
     with _cell_lock(out):
         cached, damage = _cached(out, digest)  # another run may have finished it while this one got here
         if not force and cached:
-            task.status = "cached"
+            state.status = "cached"
             return
         if damage:
-            log.warning("%s: %s; the cell is done again", task.id, damage)
+            log.warning("%s: %s; the cell is done again", state.id, damage)
         marker.unlink(missing_ok=True)  # a half-finished cell never reads as done
-        if task.kind == "classify":
-            _train_cell(job, task, by_id, out)
+        if isinstance(task, ClassifyTask):
+            _train_cell(task, states[task.extraction.id], out)
         else:
-            _finetune_cell(job, task, by_id, out, progress=progress)
+            _finetune_cell(job, task, out, progress=progress)
         _write_json(marker, {"hash": digest, "identity": identity})  # last: the cell now reads as done
-    task.status = "done"
-    task.message = f"redone: {damage}" if damage else ""
+    state.status = "done"
+    state.message = f"redone: {damage}" if damage else ""
 
 
 @contextlib.contextmanager
@@ -318,10 +359,10 @@ def _cell_lock(out: Path) -> Iterator[None]:
         lock.release()
 
 
-def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
+def _extract(job: Job, state: TaskRun, *, dry_run: bool, progress: bool) -> None:
     from featx.extract.api import extract
 
-    bb, ds = task.backbone, task.dataset
+    bb, ds = state.task.backbone, state.task.dataset
     # The table's options (amp is no pipeline key: the job's device decides the precision), the job's workers.
     options = dataclasses.replace(bb.options, workers=job.workers)
     result = extract(
@@ -335,18 +376,18 @@ def _extract(job: Job, task: Task, *, dry_run: bool, progress: bool) -> None:
         progress=progress,
         dry_run=dry_run,
     )
-    task.store, task.labels = result.path, result.labels_fingerprint
-    task.status = "cached" if result.cached else ("planned" if dry_run else "done")
+    state.store, state.labels = result.path, result.labels_fingerprint
+    state.status = "cached" if result.cached else ("planned" if dry_run else "done")
     if result.n_failed and not dry_run:
-        task.message = f"{result.n_failed} images could not be read (see `featx info {result.path} --failures`)"
+        state.message = f"{result.n_failed} images could not be read (see `featx info {result.path} --failures`)"
 
 
-def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, Any] | None:
+def _cell_identity(job: Job, task: CellTask, states: dict[str, TaskRun]) -> dict[str, Any] | None:
     """What a cell's results depend on (hashed into its cache key); None while its store is still to extract."""
-    if task.kind == "classify":
+    if isinstance(task, ClassifyTask):
         from featx.store.format import read_key, read_labels_fingerprint
 
-        extraction = by_id[task.depends[0]]
+        extraction = states[task.extraction.id]
         store = extraction.store
         key = read_key(store) if store else None
         if key is None:
@@ -363,20 +404,19 @@ def _cell_identity(job: Job, task: Task, by_id: dict[str, Task]) -> dict[str, An
             "shots": _shots(task),
             "draws": task.classifier.draws,
         } | _refit_identity(task)
-    ft = task.finetune
-    init_marker = _init_dir(job, task, by_id) / CELL_MARKER if task.depends else None
+    init_marker = cell_dir(job, task.probe) / CELL_MARKER if task.probe is not None else None
     return {
         "kind": "finetune",
         # The dataset with the split seed of the task's repeat (the first repeat keeps its identity).
         "dataset": task.dataset.identity(task.plan.split_seed),
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
-        "backbone": _finetune_backbone(job, ft),
-        "config": finetune_config(ft, task.seed).identity(),  # what the fine-tune's checkpoint hashes too
+        "backbone": task.network,
+        "config": finetune_config(task.finetune, task.seed).identity(),  # what the fine-tune's checkpoint hashes too
         "init_head": _marker_hash(init_marker) if init_marker is not None else None,
     } | _refit_identity(task)
 
 
-def _refit_identity(task: Task) -> dict[str, str]:
+def _refit_identity(task: CellTask) -> dict[str, str]:
     """A cell's refit, in its identity only when not the default: cells cached before the option keep their hash."""
     refit = task.dataset.refit
     return {"refit": refit} if refit != "train" else {}
@@ -425,12 +465,12 @@ def _cached(out: Path, digest: str) -> tuple[bool, str | None]:
     return True, None
 
 
-def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None:
+def _train_cell(task: ClassifyTask, extraction: TaskRun, out: Path) -> None:
     from featx.classify.training import train
 
     config = classifier_config(task.classifier, task.seed, task.layer)
     train(
-        by_id[task.depends[0]].store,
+        extraction.store,
         config,
         plan=task.plan,
         out_dir=out,
@@ -441,16 +481,15 @@ def _train_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path) -> None
     )
 
 
-def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, progress: bool) -> None:
+def _finetune_cell(job: Job, task: FinetuneTask, out: Path, *, progress: bool) -> None:
     from featx.finetune.trainer import finetune
 
-    ft = task.finetune
     finetune(
         task.dataset.source,
-        _finetune_backbone(job, ft),
-        finetune_config(ft, task.seed),
+        task.network,
+        finetune_config(task.finetune, task.seed),
         out,
-        init_head=_init_dir(job, task, by_id) / "model.skops" if task.depends else None,
+        init_head=cell_dir(job, task.probe) / "model.skops" if task.probe is not None else None,
         device=job.device,
         workers=job.workers,
         overwrite=True,
@@ -461,31 +500,22 @@ def _finetune_cell(job: Job, task: Task, by_id: dict[str, Task], out: Path, *, p
     )
 
 
-def _cell_info(task: Task) -> CellInfo:
-    """Which cell of the job a task is, for its results (the report groups rows by its dataset)."""
+def _cell_info(task: CellTask) -> CellInfo:
+    """Which cell of the job a task is, for its results: the report groups rows by these fields (the row key,
+    :func:`~featx.jobs.planning.row_key`, is made of them; the split seed is in the results' split plan)."""
+    classify = isinstance(task, ClassifyTask)
     return CellInfo(
         id=task.id,
         dataset=task.dataset.name,
-        name=(task.classifier or task.finetune).name,
-        backbone=task.backbone.name if task.backbone else task.finetune.backbone,
-        layer=task.layer,
+        name=task.name,
+        backbone=task.backbone.name if classify else task.finetune.backbone,
+        layer=task.layer if classify else None,
         seed=task.seed,
     )
 
 
-def _shots(task: Task) -> list[Any] | None:
+def _shots(task: ClassifyTask) -> list[Any] | None:
     return list(task.classifier.shots) if task.classifier.shots else None
-
-
-def _finetune_backbone(job: Job, ft: FinetuneSpec) -> str:
-    """A fine-tune's backbone: that of the [[backbones]] table it names, else the name itself."""
-    bb = backbone_of(job, ft)
-    return bb.backbone if bb is not None else ft.backbone
-
-
-def _init_dir(job: Job, task: Task, by_id: dict[str, Task]) -> Path:
-    """The folder of the logreg cell an LP-FT fine-tune takes its head from."""
-    return cell_dir(job, by_id[task.depends[0]])
 
 
 def _read_json(path: Path) -> dict[str, Any]:

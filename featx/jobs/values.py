@@ -194,10 +194,12 @@ def classifier_config(spec: ClassifierSpec, seed: int, layer: str | None) -> Cla
 
 
 def finetune_config(spec: FinetuneSpec, seed: int) -> FinetuneConfig:
-    """The :class:`~featx.finetune.FinetuneConfig` of a ``[[finetune]]`` row, with the job's seed."""
+    """The :class:`~featx.finetune.FinetuneConfig` of a ``[[finetune]]`` row, with the job's seed, resolved for its
+    head (an ``init_head`` row is LP-FT)."""
     from featx.finetune.config import FinetuneConfig
 
-    return FinetuneConfig(**_pick(spec.settings, FinetuneConfig), seed=seed)
+    config = FinetuneConfig(**_pick(spec.settings, FinetuneConfig), seed=seed)
+    return config.for_head(from_probe=spec.init_head is not None)
 
 
 # ---------------------------------------------------------------------------------------- the checks

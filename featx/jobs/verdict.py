@@ -6,7 +6,7 @@ image both rows are right, both wrong, or one of them right (Dietterich 1998).
 1. **Chosen on val, tested once.** The reference row, the best frozen row, the best fine-tuned row, the best
    transfer row and the best no-transfer row are each the one with the best *val* score (ties to the cheaper row).
    Test accuracy only scores them, so the tests below hold at their level (picking the reference on test and then
-   testing against it does not: see ``tests/test_verdict_calibration.py``).
+   testing against it does not: see ``tests/jobs/test_verdict_calibration.py``).
 2. **The decision** (:mod:`featx.jobs.decision`): the best fine-tuned row against the best frozen row, read against
    a margin of practical equivalence, over every split (``repeats``) and training seed the two rows were run with;
    likewise transfer against no transfer.

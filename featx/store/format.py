@@ -28,7 +28,6 @@ joined with :func:`concatenate` into an ordinary store like the one above.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
 import json
 import os
@@ -41,6 +40,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featx._runtime.env import timestamp
 from featx.data.manifest import SPLITS
 from featx.exceptions import DiskFullError, StoreError
 from featx.spec import ExtractionSpec, canonical_json
@@ -174,7 +174,7 @@ def finish_attrs(f: h5py.File, attrs: dict[str, str]) -> None:
     """Write the provenance attributes and, last of all, mark the file complete."""
     for name, value in attrs.items():
         f.attrs[name] = value
-    f.attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    f.attrs["created_at"] = timestamp()
     f.attrs["complete"] = True
 
 

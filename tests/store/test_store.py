@@ -26,7 +26,7 @@ from featx.extract import extract
 from featx.spec import ExtractionSpec, Preprocessing, cache_key
 from featx.store import FORMAT_NAME, StoreWriter, partial_path
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _spec(**changes) -> ExtractionSpec:

@@ -321,7 +321,7 @@ def test_a_finetune_folder_is_a_backbone_name(tmp_path):
     import shutil
 
     folder = tmp_path / "ft"
-    shutil.copytree(Path(__file__).parent / "fixtures" / "tiny" / "finetune", folder)
+    shutil.copytree(Path(__file__).parents[1] / "fixtures" / "tiny" / "finetune", folder)
     (folder / "model.safetensors").write_bytes(b"weights")
     resolved = names.resolve_backbone(str(folder))
     assert (resolved.source, resolved.arch) == ("file", "timm:test_efficientnet")

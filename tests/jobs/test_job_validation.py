@@ -16,7 +16,7 @@ from featx.jobs.planning import cell_dir, plan
 from featx.jobs.runner import run
 from featx.jobs.schema import BackboneSpec, ClassifierSpec, JobError, load_job
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 HEAD = '[job]\nname = "t"\n[[datasets]]\nname = "d"\nsource = "digits"\n'  # lines 1-5
 BACKBONE = '[[backbones]]\nname = "b"\n'  # lines 6-7
@@ -150,6 +150,38 @@ def test_planned_folders_are_distinct_and_unchanged(tmp_path):
         "d__b2__penultimate__y",
         "d__b2__penultimate__x-penultimate-y",
     ]
+
+
+def test_tasks_carry_their_folder_row_and_dependencies_and_the_report_finds_the_row_again(tmp_path):
+    from featx.jobs.planning import ClassifyTask, ExtractTask, FinetuneTask
+    from featx.jobs.report import row_key_of
+    from featx.jobs.runner import _cell_info, _select
+    from featx.jobs.schema import FinetuneSpec
+
+    job = _job_without_checks(tmp_path, [BackboneSpec("b")], [ClassifierSpec("logreg", seeds=(0, 1))])
+    job = dataclasses.replace(
+        job,
+        datasets=(dataclasses.replace(job.datasets[0], repeats=2),),
+        finetune=(FinetuneSpec("ft", backbone="b", init_head="logreg"),),
+    )
+    extract, *cells, first_ft, second_ft = plan(job)
+    assert isinstance(extract, ExtractTask) and all(isinstance(c, ClassifyTask) for c in cells)
+    assert [(c.folder, c.row, c.seed, c.split_seed) for c in cells] == [
+        ("d__b__penultimate__logreg__seed0", "classify/d/b/penultimate/logreg", 0, 0),
+        ("d__b__penultimate__logreg__seed1", "classify/d/b/penultimate/logreg", 1, 0),
+        ("d__b__penultimate__logreg__split1__seed0", "classify/d/b/penultimate/logreg", 0, 1),
+        ("d__b__penultimate__logreg__split1__seed1", "classify/d/b/penultimate/logreg", 1, 1),
+    ]
+    assert all(c.extraction is extract and c.depends == (extract.id,) for c in cells)
+    assert isinstance(second_ft, FinetuneTask) and second_ft.folder == "d__ft__split1"
+    assert second_ft.probe is cells[2] and second_ft.depends == (cells[2].id,)  # its own split's probe, seed 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        second_ft.seed = 3  # what a task is does not change while it runs (runner.TaskRun holds that)
+    for task in (*cells, first_ft, second_ft):  # the report's key, from the fields the cell's results record
+        kind = "classifier" if task.kind == "classify" else "finetune"
+        assert row_key_of({"kind": kind, "cell": _cell_info(task)}, tmp_path, tmp_path) == task.row
+    selected = _select([extract, *cells, first_ft, second_ft], ["d__b__penultimate__logreg__split1__seed1"])
+    assert selected == {extract.id, cells[3].id}  # --only takes a cell's folder too, and adds what it needs
 
 
 SHIPPED_CELLS = {  # cached results live in these folders: they must keep their names

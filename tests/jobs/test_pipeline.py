@@ -17,7 +17,7 @@ from featx.jobs.planning import plan
 from featx.jobs.runner import run
 from featx.jobs.schema import JobError, load_job
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_plan_covers_the_grid(job_file):
         "classify/colours/tiny/penultimate/knn",
         "finetune/colours/lpft",
     ]
-    assert tasks[-1].depends == ["classify/colours/tiny/penultimate/logreg"]
+    assert tasks[-1].depends == ("classify/colours/tiny/penultimate/logreg",)
 
 
 def test_run_caches_resumes_and_reports(job_file, tmp_path, monkeypatch):
@@ -401,7 +401,7 @@ def test_repeats_run_every_row_under_each_split_seed_and_the_decision_counts_the
         "finetune/colours/lpft",
         "finetune/colours/lpft/split1",
     ]
-    assert tasks[-1].depends == ["classify/colours/tiny/penultimate/logreg/split1"]  # its own split's probe
+    assert tasks[-1].depends == ("classify/colours/tiny/penultimate/logreg/split1",)  # its own split's probe
     assert [t.plan.split_seed for t in tasks[1:]] == [0, 1, 0, 1, 0, 1]
     summary = run(job, progress=False)
     assert [t.status for t in summary.tasks] == ["done"] * 7

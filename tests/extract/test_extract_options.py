@@ -17,7 +17,7 @@ from featx.extract import extract
 from featx.sklearn import ConvNetFeatures
 from featx.spec import SPEC_OPTIONS, ExtractionOptions, ExtractionSpec
 
-PACKAGE = Path(__file__).resolve().parents[1] / "featx"
+PACKAGE = Path(__file__).resolve().parents[2] / "featx"
 OPTIONS = set(options_of(ExtractionOptions))
 
 

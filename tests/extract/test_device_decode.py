@@ -30,7 +30,7 @@ from featx.extract import extract
 from featx.extract.device_decode import DeviceDecoder, jpeg_decodable, read_for_device
 from featx.spec import ExtractionSpec, Preprocessing
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 PRE = Preprocessing((224, 224), 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
 #: The stated pixel tolerance against the exact path, in levels of 0-255, and the share of pixels that may differ.
 MAX_LEVELS, MAX_SHARE_DIFFERENT = 2, 0.01

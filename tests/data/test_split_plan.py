@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY, make_image
+from conftest import TINY, TINY_ROW, make_image, pipeline_toml
 
 import featx.extract.api
 import featx.store
@@ -19,35 +20,18 @@ from featx.exceptions import IncompleteStoreError, SpecMismatchError
 from featx.extract import extract
 from featx.jobs import load_job, run
 
-JOB = """
-[job]
-name = "plan"
-out = "{out}"
 
-[[datasets]]
-name = "colours"
-source = "{data}"
-split_seed = {split_seed}
-
-[[backbones]]
-name = "tiny"
-backbone = "featx:tiny_test"
-
-[[classifiers]]
-name = "logreg"
-classifier = "logreg"
-
-[[classifiers]]
-name = "knn"
-classifier = "knn"
-
-[[finetune]]
-name = "lpft"
-backbone = "tiny"
-phases = "head:1:1e-2"
-init_head = "logreg"
-batch_size = 8
-"""
+def _job(path: Path, out: Path, data: Path, split_seed: int, probe: bool = True) -> Path:
+    lpft = {"name": "lpft", "backbone": "tiny", "phases": "head:1:1e-2", "batch_size": 8}
+    return pipeline_toml(
+        path,
+        name="plan",
+        out=out,
+        datasets=[{"name": "colours", "source": data, "split_seed": split_seed}],
+        backbones=[TINY_ROW],
+        classifiers=[{"name": "logreg", "classifier": "logreg"}, {"name": "knn", "classifier": "knn"}],
+        finetune=[{**lpft, "init_head": "logreg"} if probe else lpft],
+    )
 
 
 def _no_extraction(*args, **kwargs):
@@ -184,7 +168,7 @@ def test_a_probe_without_a_split_plan_is_refused(tmp_path):
     import featx.backbones as B
     from featx.finetune import head_from_logreg
 
-    old = Path(__file__).parent / "fixtures" / "tiny" / "logreg" / "model.skops"
+    old = Path(__file__).parents[1] / "fixtures" / "tiny" / "logreg" / "model.skops"
     with pytest.raises(SpecMismatchError, match="records no split plan"):
         head_from_logreg(old, B.load_backbone(TINY), ["ant", "bee"], split_hashes={"train": "1:x"})
 
@@ -197,7 +181,7 @@ def _results(out) -> dict[str, dict]:
 def test_every_row_shares_the_plan_and_a_new_split_seed_extracts_nothing(colour_folder, tmp_path, monkeypatch):
     job_file = tmp_path / "job.toml"
     out = tmp_path / "out"
-    job_file.write_text(JOB.format(out=out, data=colour_folder, split_seed=0))
+    _job(job_file, out, colour_folder, split_seed=0)
     assert [t.status for t in run(load_job(job_file), progress=False).tasks] == ["done"] * 4
     first = _results(out)
     assert len(first) == 3
@@ -205,7 +189,7 @@ def test_every_row_shares_the_plan_and_a_new_split_seed_extracts_nothing(colour_
     assert len(hashes) == 1  # classifiers and the fine-tune: the same train, val and test images
     assert {r["split"]["rule"] for r in first.values()} == {featx.data.splits.SELECTION_RULE}
 
-    job_file.write_text(JOB.format(out=out, data=colour_folder, split_seed=3))
+    _job(job_file, out, colour_folder, split_seed=3)
     monkeypatch.setattr(featx.store.writer.StoreWriter, "__init__", _no_extraction)
     second = run(load_job(job_file), progress=False)
     assert [t.status for t in second.tasks] == ["cached", "done", "done", "done"], [t.message for t in second.tasks]
@@ -221,7 +205,7 @@ def test_a_relabelled_csv_re_runs_every_row_of_a_pipeline_but_extracts_nothing(c
     csv.write_text("path,label\n" + "\n".join(rows) + "\n")
     job_file, out = tmp_path / "job.toml", tmp_path / "out"
     # A fine-tune without a probe: only the labels themselves can tell it to re-run.
-    job_file.write_text(JOB.format(out=out, data=csv, split_seed=0).replace('init_head = "logreg"\n', ""))
+    _job(job_file, out, csv, split_seed=0, probe=False)
     assert [t.status for t in run(load_job(job_file), progress=False).tasks] == ["done"] * 4
     assert [t.status for t in run(load_job(job_file), progress=False).tasks] == ["cached"] * 4
     relabelled = [r.rsplit(",", 1)[0] + ",crimson" if i == 0 else r for i, r in enumerate(rows)]  # one image

@@ -26,7 +26,7 @@ from featx.extract import extract
 from featx.extract.sharded import Shard, check_agreement, join_shards, shard_manifest, shard_path
 from featx.store import shards_path
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 #: Attributes a joined store must share with the single-process store (created_at and stats differ by nature).
 _SAME_ATTRS = (

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY, make_image, synthetic_store
+from conftest import TINY, make_image, store_writer, synthetic_store
 from PIL import Image
 
 import featx.store.format as format_module
@@ -34,7 +34,7 @@ from featx.data.splits import SplitPlan
 from featx.exceptions import ArchiveError, DiskFullError, ImageDecodeError, StoreLockedError
 from featx.extract import extract
 from featx.extract.device_decode import jpeg_decodable
-from featx.spec import DEFAULT_MAX_PIXELS, ExtractionSpec, Preprocessing, cache_key
+from featx.spec import DEFAULT_MAX_PIXELS, Preprocessing
 from featx.store import FeatureStore, StoreWriter, partial_path
 
 PRE = Preprocessing(input_size=(64, 64), resize_size=72, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -46,22 +46,8 @@ def _strip(path: Path, size: tuple[int, int], fmt: str | None = None) -> Path:
     return path
 
 
-def _spec(dtype: str = "float32") -> ExtractionSpec:
-    return ExtractionSpec(
-        backbone=TINY,
-        weights="random-seed0",
-        weights_sha256="0" * 64,
-        layers=("penultimate",),
-        preprocessing=PRE,
-        dtype=dtype,
-    )
-
-
 def _writer(path: Path, folder: Path, dims: int = 4, dtype: str = "float32") -> StoreWriter:
-    m = from_folder(folder)
-    spec = _spec(dtype)
-    fp = m.fingerprint()
-    return StoreWriter(path, spec, cache_key(spec, fp), m, fp, {"penultimate": dims})
+    return store_writer(path, from_folder(folder), dims, dtype=dtype)
 
 
 # --------------------------------------------------------------------- 1. an image's work is bounded

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, synthetic_store
+from conftest import TINY, TINY_ROW, pipeline_toml, synthetic_store
 
 from featx.classify import ClassifierConfig
 from featx.classify.training import train
@@ -152,32 +152,18 @@ def test_an_untouched_store_passes_the_check(tmp_path):
 
 
 # --------------------------------------------------------------------------------- damaged run folders
-PIPELINE = """
-[job]
-name = "state"
-out = "{out}"
+def _pipeline(path: Path, out, data) -> Path:
+    knn = {"name": "knn", "classifier": "knn"}
+    datasets = [{"name": "colours", "source": data}]
+    return pipeline_toml(path, name="state", out=out, datasets=datasets, backbones=[TINY_ROW], classifiers=[knn])
 
-[[datasets]]
-name = "colours"
-source = "{data}"
-
-[[backbones]]
-name = "tiny"
-backbone = "featx:tiny_test"
-
-[[classifiers]]
-name = "knn"
-classifier = "knn"
-"""
 
 CELL = "classify/colours/tiny/penultimate/knn"
 
 
 @pytest.fixture
 def pipeline(tmp_path, colour_folder) -> Path:
-    path = tmp_path / "job.toml"
-    path.write_text(PIPELINE.format(out=tmp_path / "out", data=colour_folder))
-    return path
+    return _pipeline(tmp_path / "job.toml", tmp_path / "out", colour_folder)
 
 
 def _run(pipeline: Path, **kw):
@@ -275,9 +261,8 @@ def test_an_unwritable_out_names_the_pipeline_line_and_the_fix(tmp_path, colour_
 
     if not Path("/proc/self").is_dir():
         pytest.skip("needs /proc (Linux)")
-    path = tmp_path / "job.toml"
-    path.write_text(PIPELINE.format(out="/proc/featx", data=colour_folder))
-    with pytest.raises(JobError, match=r"job.toml:4: .*out '/proc/featx' cannot be created or written .*set out in"):
+    path = _pipeline(tmp_path / "job.toml", "/proc/featx", colour_folder)
+    with pytest.raises(JobError, match=r"job.toml:3: .*out '/proc/featx' cannot be created or written .*set out in"):
         _run(path)
 
 

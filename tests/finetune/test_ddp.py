@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from featx.finetune import FinetuneConfig, finetune, parse_phases
 from featx.finetune.data import GlobalBatches
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 PHASES = "head:1:0.5,top2:2:0.1"  # large rates: the weights move far in three epochs
 ATOL = 1e-5
 

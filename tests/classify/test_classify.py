@@ -28,7 +28,7 @@ def _train(store, **config):
 
 
 # ------------------------------------------------------------------------------------------- presets
-@pytest.mark.parametrize("name", sorted(n for n, p in PRESETS.items() if p.param))  # chance: tests/test_baselines.py
+@pytest.mark.parametrize("name", sorted(n for n, p in PRESETS.items() if p.param))  # chance: test_baselines.py
 def test_every_preset_searches_refits_and_evaluates(blobs, name):
     model, results = _train(blobs, classifier=name)
     preset = PRESETS[name]

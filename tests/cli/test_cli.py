@@ -133,7 +133,7 @@ def test_info_on_an_unfinished_store_says_how_to_resume(runner, tmp_path):
     assert result.exit_code == 1 and "0 of 10 images" in result.output and "resume" in result.output
 
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tiny"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "tiny"
 
 
 def test_info_on_a_model_file_describes_the_model(runner):

@@ -16,7 +16,7 @@ from featx.classify import ClassifierConfig, arrays, load_model, memory, train
 from featx.classify.training import fit_in_memory
 from featx.exceptions import InsufficientMemoryError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: The torch path runs the same lbfgs in float32 with another summation order: coefficients agree to this
 #: (absolute, on coefficients of order 1), a fold's score to one image in a few hundred, the predictions exactly.
