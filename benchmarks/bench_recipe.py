@@ -71,6 +71,9 @@ RECIPES: dict[str, dict] = {
     # on val), as `featx finetune --init-head` runs it; and the same with the gradient norm clipped at 1.
     "lpft": {"phases": ALL, "layer_decay": 0.5, "init_head": "logreg", "clip_grad": 0.0},
     "lpft-clip1": {"phases": ALL, "layer_decay": 0.5, "init_head": "logreg", "clip_grad": 1.0},
+    # LP-FT without the head phase (the probe is the trained head: Kumar et al.'s LP then FT), so the rate is
+    # chosen on an all-layer epoch instead of a head epoch from a head val already chose.
+    "lpft-all-clip1": {"phases": "all:8:auto/2", "layer_decay": 0.5, "init_head": "logreg", "clip_grad": 1.0},
     # The default recipe's training-seed spread (seed 0 is all-discriminative itself), and its refit on train+val.
     "all-discriminative-seed1": {"phases": ALL, "layer_decay": 0.5, "seed": 1},
     "all-discriminative-seed2": {"phases": ALL, "layer_decay": 0.5, "seed": 2},
@@ -83,12 +86,15 @@ DEFAULT_CONTEST = (
     "all-3e-3-3e-2", "all-by-val-loss", "all-clip1",
 )  # fmt: skip
 #: The LP-FT recipes, chosen among on val like the default (their probe is the same logreg).
-LPFT_CONTEST = ("lpft", "lpft-clip1")
+LPFT_CONTEST = ("lpft", "lpft-clip1", "lpft-all-clip1")
 #: Keys of a recipe that are arguments of ``finetune`` rather than of its config.
 _RUN_KEYS = ("phases", "init_head", "refit")
 
 #: What each recipe is paired with in the report (``phased`` when not named): an ablation with what it ablates.
-_ON_ALL = ("all-no-decay", "all-run-cosine", "all-3e-3-3e-2", "all-by-val-loss", "all-clip1", "lpft", "lpft-clip1")
+_ON_ALL = (
+    "all-no-decay", "all-run-cosine", "all-3e-3-3e-2", "all-by-val-loss", "all-clip1", "lpft", "lpft-clip1",
+    "lpft-all-clip1",
+)  # fmt: skip
 BASE = {r: "all-discriminative" for r in (*_ON_ALL, *(r for r in RECIPES if r.startswith("all-discriminative-")))}
 DEFAULT_BASE = "phased"
 
