@@ -42,6 +42,8 @@ BACKBONE = "featx:efficientnet_lite0"
 SETS = ("hymenoptera", "digits", "cifar")
 NO_FLIP = {"digits"}
 FROZEN = ("logreg", "svm")
+#: The LP-FT probes a recipe may start from (``init_head``): featx's logreg (standardised), and one on raw features.
+PROBES = {"logreg": {"classifier": "logreg"}, "logreg-raw": {"classifier": "logreg", "preprocess": ("none",)}}
 
 #: The phased recipe featx had as its default until these runs: the head, then the top two blocks, then all.
 PHASED = "head:3:auto,top2:5:auto/10,all:5:auto/100"
@@ -74,6 +76,14 @@ RECIPES: dict[str, dict] = {
     # LP-FT without the head phase (the probe is the trained head: Kumar et al.'s LP then FT), so the rate is
     # chosen on an all-layer epoch instead of a head epoch from a head val already chose.
     "lpft-all-clip1": {"phases": "all:8:auto/2", "layer_decay": 0.5, "init_head": "logreg", "clip_grad": 1.0},
+    # The same from a probe on the raw features (Kumar et al.'s probe: no standardisation to fold, so no weights of
+    # 1/std on near-constant features).
+    "lpft-raw-all-clip1": {
+        "phases": "all:8:auto/2",
+        "layer_decay": 0.5,
+        "init_head": "logreg-raw",
+        "clip_grad": 1.0,
+    },
     # The default recipe's training-seed spread (seed 0 is all-discriminative itself), and its refit on train+val.
     "all-discriminative-seed1": {"phases": ALL, "layer_decay": 0.5, "seed": 1},
     "all-discriminative-seed2": {"phases": ALL, "layer_decay": 0.5, "seed": 2},
@@ -86,14 +96,14 @@ DEFAULT_CONTEST = (
     "all-3e-3-3e-2", "all-by-val-loss", "all-clip1",
 )  # fmt: skip
 #: The LP-FT recipes, chosen among on val like the default (their probe is the same logreg).
-LPFT_CONTEST = ("lpft", "lpft-clip1", "lpft-all-clip1")
+LPFT_CONTEST = ("lpft", "lpft-clip1", "lpft-all-clip1", "lpft-raw-all-clip1")
 #: Keys of a recipe that are arguments of ``finetune`` rather than of its config.
 _RUN_KEYS = ("phases", "init_head", "refit")
 
 #: What each recipe is paired with in the report (``phased`` when not named): an ablation with what it ablates.
 _ON_ALL = (
     "all-no-decay", "all-run-cosine", "all-3e-3-3e-2", "all-by-val-loss", "all-clip1", "lpft", "lpft-clip1",
-    "lpft-all-clip1",
+    "lpft-all-clip1", "lpft-raw-all-clip1",
 )  # fmt: skip
 BASE = {r: "all-discriminative" for r in (*_ON_ALL, *(r for r in RECIPES if r.startswith("all-discriminative-")))}
 DEFAULT_BASE = "phased"
@@ -124,6 +134,11 @@ def child_finetune(args) -> dict:
     out = work / "runs" / f"{args.set}__{args.recipe}"
     probe = settings.get("init_head")
     init_head = work / "runs" / f"{args.set}__{probe}" / "model.skops" if probe else None
+    if init_head is not None and not init_head.exists():  # a probe beside the frozen rows, C chosen on val alike
+        from featx.classify import ClassifierConfig, train
+
+        store = work / "stores" / f"{args.set}.lite0.h5"
+        train(store, ClassifierConfig(**PROBES[probe]), out_dir=init_head.parent, n_jobs=args.threads)
     results = finetune(
         source(work, args.set),
         BACKBONE,
