@@ -186,12 +186,12 @@ def test_run_hash_of_settings_featx_had_before_is_unchanged():
     from featx.finetune.artifacts import config_hash
 
     net = SimpleNamespace(name="featx:tiny_test", weights_sha256="w" * 64)
-    # the one rate for every block featx had then; a fresh head (clip_grad auto: off, as it was then)
-    config = _config("head:1:1e-2,all:2:1e-3", layer_decay=1.0).for_head(from_probe=False)
+    config = _config("head:1:1e-2,all:2:1e-3", layer_decay=1.0)  # the one rate for every block featx had then
     assert config_hash(config, net, "m", None) == "611a8df21fdac049ed58bad4c21b417495b5f7be4897855f7124e85d5d06103c"
     for other in ({"flip": False}, {}):  # no flip; today's default layer decay (0.5)
-        changed = _config("head:1:1e-2,all:2:1e-3", **other).for_head(from_probe=False)
-        assert config_hash(changed, net, "m", None) != config_hash(config, net, "m", None)
+        assert config_hash(_config("head:1:1e-2,all:2:1e-3", **other), net, "m", None) != config_hash(
+            config, net, "m", None
+        )
 
 
 def test_cli_no_flip_reaches_the_run(folder, tmp_path, monkeypatch):
