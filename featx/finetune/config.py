@@ -23,7 +23,6 @@ __all__ = [
     "DEFAULT_LR_CANDIDATES",
     "DEFAULT_PHASES",
     "FINETUNE_VERSION",
-    "LPFT_CLIP_GRAD",
     "SCHEDULES",
     "FinetuneConfig",
     "Phase",
@@ -69,15 +68,6 @@ def edge_words(at_edge: str | None) -> str:
     # One epoch favours high rates: a grid one step higher chose 3e-2 and lost 17 and 26 pt on CIFAR-10 and digits
     # (benchmarks/RESULTS.md, "Choosing the default fine-tuning recipe"), so the highest is not a call to go higher.
     return " (the highest candidate; the one-epoch choice favours high rates, so a higher one is not likely better)"
-
-
-#: The gradient-norm cap of an LP-FT run (``clip_grad="auto"`` with a head from a probe; a fresh head's run is
-#: not clipped). The probe's standardisation, folded into the head, gives near-constant features weights in the
-#: thousands, and every gradient into the backbone passes through them: unclipped, the default recipe from the probe
-#: diverged on digits at its first all-layer epoch (val loss 0.36 -> 25,971) and its row stayed at its probe
-#: (benchmarks/RESULTS.md, "Fine-tuning that earns its row").
-LPFT_CLIP_GRAD = 1.0
-AUTO_CLIP = "auto"
 
 
 #: Bumped when a code change alters what a fine-tuning run with the same settings trains to. Left out of
@@ -242,10 +232,8 @@ class FinetuneConfig:
     weight_decay : float, default=1e-4
         Not applied to biases and normalisation parameters.
     label_smoothing : float, default=0.0
-    clip_grad : float or "auto", default="auto"
-        Max gradient norm; 0 disables clipping. ``auto`` is :data:`LPFT_CLIP_GRAD` for a run whose head starts from
-        a probe (LP-FT) and 0 otherwise, resolved by :meth:`for_head` when the run starts (results record the
-        number).
+    clip_grad : float, default=0.0
+        Max gradient norm; 0 disables clipping.
     backbone_lr_mult : float, default=1.0
         The backbone's learning rate relative to the head's.
     layer_decay : float, default=DEFAULT_LAYER_DECAY (0.5)
@@ -303,12 +291,7 @@ class FinetuneConfig:
         1e-4, Interval(False, 0), help="Weight decay (not on biases and normalisation parameters)."
     )
     label_smoothing: float = option(0.0, Interval(False, 0, 1, "left"), help="Label smoothing of the loss.")
-    clip_grad: float | str = option(
-        AUTO_CLIP,
-        Choices((AUTO_CLIP,)),
-        Interval(False, 0),
-        help=f"Max gradient norm (0: off); auto: {LPFT_CLIP_GRAD:g} for a head from a probe (LP-FT), else off.",
-    )
+    clip_grad: float = option(0.0, Interval(False, 0), help="Max gradient norm (0: off).")
     backbone_lr_mult: float = option(
         1.0, Interval(False, 0, None, "neither"), help="The backbone's learning rate relative to the head's."
     )
@@ -416,15 +399,6 @@ class FinetuneConfig:
                 "pass lr auto, or write auto as a phase's rate (head:1:auto,all:3:auto/3)",
             )
 
-    def for_head(self, from_probe: bool) -> FinetuneConfig:
-        """This config with ``clip_grad="auto"`` resolved for a run whose head starts from a probe (LP-FT) or not.
-
-        A run, its checkpoint and a pipeline cell all use the resolved config, so a fresh-head run keeps the identity
-        it had before the option became ``auto`` (clip 0)."""
-        if self.clip_grad != AUTO_CLIP:
-            return self
-        return dataclasses.replace(self, clip_grad=LPFT_CLIP_GRAD if from_probe else 0.0)
-
     @property
     def sweeps(self) -> bool:
         """Whether the base learning rate is chosen on val (a phase's rate is ``auto``)."""
@@ -445,16 +419,7 @@ class FinetuneConfig:
         """What makes two fine-tuning runs the same (with the data, backbone and LP-FT head beside it): the
         settings as :meth:`to_dict` writes them, less those that do not change what is trained (``max_minutes``)
         and those added later at the value that trains as before, plus :data:`FINETUNE_VERSION` once bumped.
-        The checkpoint's run hash and a pipeline cell's cache key both hash it.
-
-        Raises
-        ------
-        ValueError
-            ``clip_grad`` is still ``auto``: what is trained depends on the head, so resolve it with
-            :meth:`for_head` first.
-        """
-        if self.clip_grad == AUTO_CLIP:
-            raise ValueError("clip_grad 'auto' depends on the head: call for_head(from_probe) before identity()")
+        The checkpoint's run hash and a pipeline cell's cache key both hash it."""
         settings = {
             k: v
             for k, v in self.to_dict().items()

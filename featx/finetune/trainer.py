@@ -237,7 +237,6 @@ def _finetune(
     t_start = time.perf_counter()
     check_writable(out, "out_dir")  # before the network loads; on every rank, so that all of them stop
     amp = resolve_amp(amp, dev)
-    config = config.for_head(from_probe=init_head is not None)
     name = resolve_backbone(backbone)
     manifest = load_manifest(source, plan)
     selection_head = _train_only_probe(init_head) if init_head is not None and refit == "train+val" else init_head

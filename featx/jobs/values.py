@@ -194,12 +194,10 @@ def classifier_config(spec: ClassifierSpec, seed: int, layer: str | None) -> Cla
 
 
 def finetune_config(spec: FinetuneSpec, seed: int) -> FinetuneConfig:
-    """The :class:`~featx.finetune.FinetuneConfig` of a ``[[finetune]]`` row, with the job's seed, resolved for its
-    head (an ``init_head`` row is LP-FT)."""
+    """The :class:`~featx.finetune.FinetuneConfig` of a ``[[finetune]]`` row, with the job's seed."""
     from featx.finetune.config import FinetuneConfig
 
-    config = FinetuneConfig(**_pick(spec.settings, FinetuneConfig), seed=seed)
-    return config.for_head(from_probe=spec.init_head is not None)
+    return FinetuneConfig(**_pick(spec.settings, FinetuneConfig), seed=seed)
 
 
 # ---------------------------------------------------------------------------------------- the checks
