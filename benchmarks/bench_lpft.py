@@ -6,6 +6,7 @@ Usage::
     python benchmarks/bench_lpft.py probe-cv --set digits [--work DIR]   # C on val against C by CV inside train
     python benchmarks/bench_lpft.py run --set digits --variants a,b,... [--work DIR]
     python benchmarks/bench_lpft.py report [--work DIR]
+    python benchmarks/bench_lpft.py gradnorm --set digits [--work DIR]  # the gradient an LP-FT run starts with
 
 Every run is ``featx.finetune.finetune`` on the built-in EfficientNet-Lite0 from the probe's head (``init_head``),
 the default split plan (split seed 0), training seed 0, the rate fixed (no choice on val) unless the variant says
@@ -61,7 +62,11 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _source(name: str) -> str:
+def _source(name: str, work: Path | None = None) -> str:
+    if name == "cifar":
+        from _common import cifar_manifest
+
+        return str(cifar_manifest(work or Path("/tmp/featx-bench/lpft"), 80, 30))
     return str(HYMENOPTERA) if name == "hymenoptera" else name
 
 
@@ -71,7 +76,7 @@ def probe(args) -> None:
 
     work = Path(args.work)
     store = work / f"{args.set}.lite0.h5"
-    extract(_source(args.set), out=store, backbone=BACKBONE, progress=False)
+    extract(_source(args.set, work), out=store, backbone=BACKBONE, progress=False)
     train(store, ClassifierConfig(classifier="logreg"), out_dir=work / f"{args.set}__probe", n_jobs=1)
     raw = ClassifierConfig(classifier="logreg", preprocess=())  # the raw features (featx train --preprocess none)
     train(store, raw, out_dir=work / f"{args.set}__probe-raw", n_jobs=1)
@@ -97,7 +102,7 @@ def run(args) -> None:
         )
         t0 = time.perf_counter()
         finetune(
-            _source(args.set),
+            _source(args.set, Path(args.work)),
             BACKBONE,
             config,
             out,
@@ -154,15 +159,86 @@ def report(args) -> None:
     print(table(["run", "phase", "val accuracy by epoch", "val loss by epoch", "best", "test (info)", "s"], rows))
 
 
+def gradnorm(args) -> None:
+    """The gradient norm over all of the network's parameters (what ``clip_grad`` caps) on 32 train images of the
+    probe's split plan with their true labels, in the evaluation view and in the training view (``--crop-min``), for
+    the head from the standardised probe,
+    from the raw-feature probe and a fresh head (``nn.Linear``'s init, seed 0): how large an LP-FT run's first
+    steps are against a fine-tune's."""
+    import numpy as np
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from featx.backbones import load_backbone
+    from featx.data.sources import load_source
+    from featx.data.splits import SplitPlan
+    from featx.finetune.heads import head_from_logreg, set_module
+
+    torch.set_num_threads(2)
+    work = Path(args.work)
+    manifest = load_source(_source(args.set, work)).with_plan(SplitPlan())
+    train_rows = np.flatnonzero(np.asarray(manifest.splits) == "train")
+    rows = np.random.default_rng(0).choice(train_rows, size=32, replace=False)
+    net = load_backbone(BACKBONE)
+    pre = net.preprocessing
+    interpolation = T.InterpolationMode(pre.interpolation)
+    normalise = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    views = {  # the evaluation view, and the training view fine-tuning sees (featx's default crop; flips but digits)
+        "eval": T.Compose([T.Resize(pre.resize_size, interpolation=interpolation), T.CenterCrop(pre.input_size)]),
+        "train": T.Compose([
+            T.RandomResizedCrop(pre.input_size, scale=(args.crop_min, 1.0), interpolation=interpolation),
+            T.RandomHorizontalFlip(0.0 if args.set in NO_FLIP else 0.5),
+        ]),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    pictures = [Image.open(manifest.paths[i]).convert("RGB") for i in rows]
+    batches = {v: torch.stack([T.Compose([t, *normalise])(im) for im in pictures]) for v, t in views.items()}
+    labels = torch.as_tensor(np.asarray(manifest.labels)[rows])
+    head_name, names = net.classifier_name(), list(manifest.class_names)
+    found = {}
+    for label, folder in (("standardised probe", "probe"), ("raw-feature probe", "probe-raw"), ("fresh head", None)):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(net.model.get_submodule(head_name).in_features, len(names))
+        if folder is not None:
+            weight, bias = head_from_logreg(work / f"{args.set}__{folder}" / "model.skops", net, names)
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                head.bias.copy_(bias)
+        set_module(net.model, head_name, head)
+        net.model.eval()
+        for param in net.model.parameters():
+            param.requires_grad_(True)
+            param.grad = None
+        found[label] = {"head_row_norm_max": float(head.weight.norm(dim=1).max())}
+        for view, images in batches.items():
+            net.model.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net.model(images), labels)
+            loss.backward()
+            norm = torch.sqrt(sum((q.grad**2).sum() for q in net.model.parameters() if q.grad is not None))
+            found[label] |= {f"loss_{view}": float(loss), f"grad_norm_{view}": float(norm)}
+    rows_md = [
+        [k, f"{v['loss_eval']:.3f} · {v['loss_train']:.3f}", f"{v['grad_norm_eval']:.1f} · {v['grad_norm_train']:.1f}",
+         f"{v['head_row_norm_max']:.2f}"]
+        for k, v in found.items()
+    ]  # fmt: skip
+    header = ["head", "loss, eval · training view", "gradient norm (all parameters), eval · training view",
+              "largest head row norm"]  # fmt: skip
+    print(table(header, rows_md))
+    (work / f"{args.set}__gradnorm-crop{args.crop_min:g}.json").write_text(json.dumps(found, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("probe", "probe-cv", "run", "report"))
+    parser.add_argument("command", choices=("probe", "probe-cv", "run", "report", "gradnorm"))
     parser.add_argument("--work", default="/tmp/featx-bench/lpft")
-    parser.add_argument("--set", default="digits", choices=("digits", "hymenoptera"))
+    parser.add_argument("--set", default="digits", choices=("digits", "hymenoptera", "cifar"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--crop-min", type=float, default=0.25, help="gradnorm: the training view's smallest crop area")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    {"probe": probe, "probe-cv": probe_cv, "run": run, "report": report}[args.command](args)
+    commands = {"probe": probe, "probe-cv": probe_cv, "run": run, "report": report, "gradnorm": gradnorm}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
