@@ -61,8 +61,8 @@ SELECTION_RULE = "fit on train, hyper-parameters chosen on val, scored once on t
 #: ``train`` is the default although the refit gained on every row measured (frozen rows +0.0 to +2.5 pt on
 #: hymenoptera and digits, the default fine-tune +0.7 pt on hymenoptera and +4.7 pt on a CIFAR-10 subset: test
 #: accuracies, benchmarks/RESULTS.md "Refit on train+val"): val cannot see a refit (it becomes training data), so
-#: making it the default would be a default chosen on test; a fine-tune's refit is a second training run (+30 to
-#: +60 % compute); and the decision's rows are chosen on val either way. It is the option for final numbers.
+#: making it the default would be a default chosen on test; a fine-tune's refit is a second training run (about
+#: doubling its compute); and the decision's rows are chosen on val either way. It is the option for final numbers.
 REFITS = ("train", "train+val")
 
 #: The split seed's default. It is separate from every training seed: changing a classifier's or a
