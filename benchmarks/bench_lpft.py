@@ -7,6 +7,8 @@ Usage::
     python benchmarks/bench_lpft.py run --set digits --variants a,b,... [--work DIR]
     python benchmarks/bench_lpft.py report [--work DIR]
     python benchmarks/bench_lpft.py gradnorm --set digits [--work DIR]  # the gradient an LP-FT run starts with
+    python benchmarks/bench_lpft.py dead --set digits [--work DIR]      # where the folded probe puts its weight
+    python benchmarks/bench_lpft.py probe-floor --set digits --floor 0.3 [--work DIR]  # the probe, std floored
 
 Every run is ``featx.finetune.finetune`` on the built-in EfficientNet-Lite0 from the probe's head (``init_head``),
 the default split plan (split seed 0), training seed 0, the rate fixed (no choice on val) unless the variant says
@@ -59,6 +61,21 @@ VARIANTS: dict[str, dict] = {
     "all-3ep-3e-3-clip1": {"phases": "all:3:3e-3", "crop_scale": (0.8, 1.0), "clip_grad": 1.0},
     # The head alone at the default recipe's rates (its first phase): whether head training from the probe helps val.
     "head-1e-2": {"phases": "head:1:1e-2", "crop_scale": (0.8, 1.0)},
+    # The probe's standardisation floored at q x its median scale before folding (``probe-floor``): whether the
+    # head's huge weights on near-dead channels (98.5 % of its squared weight on digits) are what the backbone's
+    # first updates trip over.
+    "floor0.3-top1-1e-4": {"phases": "top1:1:1e-4", "crop_scale": (0.8, 1.0), "probe": "probe-floor0.3"},
+    "floor0.3-top1-2ep-1e-3": {"phases": "top1:2:1e-3", "crop_scale": (0.8, 1.0), "probe": "probe-floor0.3"},
+    # The default recipe (head:2:auto,all:6:auto/2, layer decay 0.5, 1e-3-1e-2 chosen on val) from the floored probe,
+    # at the quickstart's crop.
+    "floor0.3-default": {"phases": "head:2:auto,all:6:auto/2", "crop_scale": (0.8, 1.0), "probe": "probe-floor0.3"},
+    # Kumar et al.'s LP-FT (the probe, then everything) at fixed rates, the default crop: the plain fine-tune's
+    # all-layer rate (5e-3, half its chosen 1e-2) and a third of it.
+    "floor0.3-all6-5e-3": {"phases": "all:6:5e-3", "probe": "probe-floor0.3"},
+    "floor0.3-all6-1.5e-3": {"phases": "all:6:1.5e-3", "probe": "probe-floor0.3"},
+    # The same at the plain fine-tune's chosen rate, fixed: whether the one-epoch choice (1e-3) holds LP-FT back.
+    "floor0.3-default-1e-2": {"phases": "head:2:1e-2,all:6:5e-3", "crop_scale": (0.8, 1.0), "probe": "probe-floor0.3"},
+    "floor1-top1-2ep-1e-3": {"phases": "top1:2:1e-3", "crop_scale": (0.8, 1.0), "probe": "probe-floor1"},
 }
 
 
@@ -83,6 +100,53 @@ def probe(args) -> None:
     print(f"probes: {work / f'{args.set}__probe'}, {work / f'{args.set}__probe-raw'}")
 
 
+def probe_floor(args) -> None:
+    """``{set}__probe-floor{Q}``: the probe with its standardisation's scales floored at Q times their median, so that
+    folding it into a head (``probe_scale_floor=0`` in the runs) gives the head ``probe_scale_floor=Q`` gives; its val
+    accuracy, and how many val predictions it keeps."""
+    import numpy as np
+
+    from featx.classify.model import load_model
+    from featx.store.reader import FeatureStore
+
+    work = Path(args.work)
+    model = load_model(work / f"{args.set}__probe" / "model.skops")
+    fs = FeatureStore(work / f"{args.set}.lite0.h5")
+    X, y = fs.features("penultimate", split="val", dtype=np.float64), fs.labels("val")
+    before = model.pipeline.predict(X)
+    scaler = model.pipeline.steps[0][1]
+    scaler.scale_ = np.maximum(scaler.scale_, args.floor * np.median(scaler.scale_))
+    after = model.pipeline.predict(X)
+    out = work / f"{args.set}__probe-floor{args.floor:g}" / "model.skops"
+    model.save(out)
+    print(f"{out}: val {np.mean(after == y):.4f} (exact fold {np.mean(before == y):.4f}), "
+          f"{np.mean(after == before):.3f} of val predictions unchanged")  # fmt: skip
+
+
+def dead(args) -> None:
+    """Where the exactly folded probe puts its weight: the features' train std against their median, and the share
+    of the head's squared weight on features below 1 % of it (near-dead channels the standardisation blows up)."""
+    import numpy as np
+
+    from featx.classify.model import load_model
+    from featx.store.reader import FeatureStore
+
+    work = Path(args.work)
+    model = load_model(work / f"{args.set}__probe" / "model.skops")
+    scaler, clf = model.pipeline.steps[0][1], model.pipeline.steps[-1][1]
+    std = FeatureStore(work / f"{args.set}.lite0.h5").features("penultimate", split="train", dtype=np.float64).std(0)
+    folded = clf.coef_ / scaler.scale_
+    low = std < 0.01 * np.median(std)
+    share = (folded[:, low] ** 2).sum() / (folded**2).sum()
+    top = np.argmax(np.abs(folded).max(0))
+    print(
+        f"{args.set}: median std {np.median(std):.3g}; {low.sum()} of {len(std)} features below 1 % of it hold "
+        f"{share:.1%} of the folded head's squared weight; the largest weight, {np.abs(folded).max():.4g}, sits on a "
+        f"feature of std {std[top]:.3g}; standardised coefficients there at most "
+        f"{np.abs(clf.coef_[:, low]).max() if low.any() else 0:.3g} (overall {np.abs(clf.coef_).max():.3g})"
+    )
+
+
 def run(args) -> None:
     from featx.finetune import FinetuneConfig, finetune, parse_phases
 
@@ -98,6 +162,7 @@ def run(args) -> None:
             phases=tuple(parse_phases(settings.pop("phases"))),
             batch_size=64,
             flip=args.set not in NO_FLIP,
+            probe_scale_floor=0.0,  # the probe files hold any floor a variant names (probe-floorQ)
             **settings,
         )
         t0 = time.perf_counter()
@@ -230,14 +295,23 @@ def gradnorm(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("probe", "probe-cv", "run", "report", "gradnorm"))
+    parser.add_argument("command", choices=("probe", "probe-cv", "probe-floor", "dead", "run", "report", "gradnorm"))
     parser.add_argument("--work", default="/tmp/featx-bench/lpft")
     parser.add_argument("--set", default="digits", choices=("digits", "hymenoptera", "cifar"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--floor", type=float, default=0.3, help="probe-floor: the scale floor, times the median")
     parser.add_argument("--crop-min", type=float, default=0.25, help="gradnorm: the training view's smallest crop area")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    commands = {"probe": probe, "probe-cv": probe_cv, "run": run, "report": report, "gradnorm": gradnorm}
+    commands = {
+        "probe": probe,
+        "probe-cv": probe_cv,
+        "probe-floor": probe_floor,
+        "dead": dead,
+        "run": run,
+        "report": report,
+        "gradnorm": gradnorm,
+    }
     commands[args.command](args)
 
 

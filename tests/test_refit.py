@@ -129,7 +129,11 @@ def test_lp_ft_refits_from_the_probe_refit_on_train_and_val(store, colour_folder
 
     net = load_backbone(TINY)
     W, _ = head_from_logreg(
-        tmp_path / "both" / "model.skops", net, ["blue", "green", "red"], fitted_on=("train", "val")
+        tmp_path / "both" / "model.skops",
+        net,
+        ["blue", "green", "red"],
+        fitted_on=("train", "val"),
+        scale_floor=config.probe_scale_floor,  # the fold the run makes
     )
     saved = load_file(str(tmp_path / "z" / "model.safetensors"))
     np.testing.assert_allclose(saved["classifier.weight"].numpy(), W.numpy(), atol=1e-5)

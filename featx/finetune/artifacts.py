@@ -41,7 +41,7 @@ def config_hash(
 ) -> str:
     payload = canonical_json(
         {
-            "config": config.identity(),
+            "config": config.identity(lp_ft=init_head is not None),
             "backbone": backbone.name,
             "weights": backbone.weights_sha256,
             "manifest": manifest_fp,

@@ -145,12 +145,17 @@ def head_from_logreg(
     trust: bool = False,
     split_hashes: dict[str, str] | None = None,
     fitted_on: Sequence[str] = ("train",),
+    scale_floor: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights and bias of a linear head equal to a stage-2 logistic regression (LP-FT, Kumar et al. 2022).
 
     The logistic regression must be trained on this backbone's ``penultimate`` features with ``standard``
     or no preprocessing: standardisation is folded into the weights, so ``head(x)`` equals the regression's
-    decision function on the raw features exactly (up to float rounding). Given the fine-tune's
+    decision function on the raw features exactly (up to float rounding) when ``scale_floor`` is 0. With a
+    ``scale_floor``, each feature's standard deviation is floored at ``scale_floor`` times their median before it
+    is folded: a feature the backbone almost never activates (std 1e-6 where the median is 0.02: digits' upsampled
+    glyphs leave 138 of Lite0's 1,280 channels so) would otherwise get a weight of 1/std, thousands, in the head,
+    and the backbone's first updates, waking that channel, would swing the logits by as much. Given the fine-tune's
     ``split_hashes``, the probe must have been trained under the same split plan: a probe that saw the
     fine-tune's val or test images would leak them into its starting point; and it must have been fit on the
     splits ``fitted_on`` (train alone where val then chooses the fine-tune's epoch, train and val for the refit
@@ -186,6 +191,7 @@ def head_from_logreg(
     for name, step in reversed(steps[:-1]):
         if isinstance(step, StandardScaler):
             scale = step.scale_ if step.scale_ is not None else np.ones(W.shape[1])
+            scale = np.maximum(scale, scale_floor * np.median(scale))
             mean = step.mean_ if step.mean_ is not None else np.zeros(W.shape[1])
             b = b - (W / scale) @ mean
             W = W / scale

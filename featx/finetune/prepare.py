@@ -107,7 +107,13 @@ def build_model(
             raise ValueError("--init-head sets a linear head; it cannot be combined with an MLP head (--hidden)")
         hashes = split_hashes(manifest.ids, manifest.splits)
         W, b = head_from_logreg(
-            init_head, net, manifest.class_names, trust=trust, split_hashes=hashes, fitted_on=probe_on
+            init_head,
+            net,
+            manifest.class_names,
+            trust=trust,
+            split_hashes=hashes,
+            fitted_on=probe_on,
+            scale_floor=config.probe_scale_floor,
         )
         linear = head if isinstance(head, nn.Linear) else head[-1]
         with torch.no_grad():

@@ -411,7 +411,9 @@ def _cell_identity(job: Job, task: CellTask, states: dict[str, TaskRun]) -> dict
         "dataset": task.dataset.identity(task.plan.split_seed),
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": task.network,
-        "config": finetune_config(task.finetune, task.seed).identity(),  # what the fine-tune's checkpoint hashes too
+        "config": finetune_config(task.finetune, task.seed).identity(
+            lp_ft=task.probe is not None
+        ),  # what the fine-tune's checkpoint hashes too
         "init_head": _marker_hash(init_marker) if init_marker is not None else None,
     } | _refit_identity(task)
 

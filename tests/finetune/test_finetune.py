@@ -194,6 +194,22 @@ def test_run_hash_of_settings_featx_had_before_is_unchanged():
         )
 
 
+def test_the_probe_floor_is_in_an_lp_ft_runs_hash_only():
+    """A plain fine-tune's hash ignores the LP-FT floor (its cached runs stay valid); an LP-FT's takes it, and the
+    exact fold (0) hashes as featx did before the floor existed."""
+    from types import SimpleNamespace
+
+    from featx.finetune.artifacts import config_hash
+
+    net = SimpleNamespace(name="featx:tiny_test", weights_sha256="w" * 64)
+    exact, floored = _config(probe_scale_floor=0.0), _config()
+    assert "probe_scale_floor" not in floored.identity(lp_ft=False)
+    assert floored.identity(lp_ft=True)["probe_scale_floor"] == 0.3
+    assert "probe_scale_floor" not in exact.identity(lp_ft=True)
+    assert config_hash(exact, net, "m", None) == config_hash(floored, net, "m", None)
+    assert config_hash(exact, net, "m", "probe.skops") != config_hash(floored, net, "m", "probe.skops")
+
+
 def test_cli_no_flip_reaches_the_run(folder, tmp_path, monkeypatch):
     from featx.finetune import data
 
@@ -329,7 +345,7 @@ def test_lp_ft_head_is_exactly_the_logistic_regression(folder, tmp_path, preproc
     results = finetune(
         folder,
         TINY,
-        _config("head:1:1e-12", weight_decay=0.0),
+        _config("head:1:1e-12", weight_decay=0.0, probe_scale_floor=0.0),
         tmp_path / "ft",
         init_head=tmp_path / "lr" / "model.skops",
         workers=0,
@@ -338,6 +354,32 @@ def test_lp_ft_head_is_exactly_the_logistic_regression(folder, tmp_path, preproc
     saved = load_file(str(tmp_path / "ft" / "model.safetensors"))
     torch.testing.assert_close(saved["classifier.weight"], W, rtol=0, atol=1e-6)
     assert results["method"].startswith("lp-ft[head]")
+
+
+def test_lp_ft_floor_caps_the_weights_of_near_dead_features(folder, tmp_path):
+    """A feature whose std is a millionth of the median's gets a weight of a million from an exact fold; the floor
+    caps it at coef / (floor x median) and leaves every feature above the floor exactly as folded."""
+    from featx.classify import ClassifierConfig, train
+    from featx.classify.model import load_model
+    from featx.extract import extract
+
+    store = extract(folder, TINY, out=tmp_path / "s.h5", workers=0, progress=False).path
+    train(store, ClassifierConfig(classifier="logreg", value=1.0), out_dir=tmp_path / "lr")
+    model = load_model(tmp_path / "lr" / "model.skops")
+    scaler, clf = model.pipeline.steps[0][1], model.pipeline.steps[-1][1]
+    scaler.scale_ = scaler.scale_.copy()
+    scaler.scale_[0] = 1e-6 * np.median(scaler.scale_)  # a channel the backbone almost never activates
+    median = np.median(scaler.scale_)
+    model.save(tmp_path / "dead" / "model.skops")
+    net, names = B.load_backbone(TINY), list(model.class_names)
+    exact, _ = head_from_logreg(tmp_path / "dead" / "model.skops", net, names)
+    floored, _ = head_from_logreg(tmp_path / "dead" / "model.skops", net, names, scale_floor=0.3)
+    coef = clf.coef_.astype(np.float32)
+    np.testing.assert_allclose(exact[:, 0].numpy(), coef[:, 0] / scaler.scale_[0], rtol=1e-5)
+    np.testing.assert_allclose(floored[:, 0].numpy(), coef[:, 0] / (0.3 * median), rtol=1e-5)
+    above = scaler.scale_ >= 0.3 * median
+    np.testing.assert_array_equal(floored[:, above].numpy(), exact[:, above].numpy())
+    assert not above.all() and above.sum() > len(above) // 2
 
 
 def test_lp_ft_refuses_unfoldable_or_foreign_models(folder, tmp_path):
