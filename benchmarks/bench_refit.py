@@ -2,12 +2,13 @@
 
 Usage::
 
-    python benchmarks/bench_refit.py [--set digits] [--classifiers logreg,svm,knn] [--work DIR]
+    python benchmarks/bench_refit.py [--set digits|hymenoptera|cifar] [--classifiers logreg,svm,knn] [--work DIR]
 
 Each classifier is trained twice on the store of the built-in Lite0 (and on ``featx:pixels``) under the default split
-plan: ``refit="train"`` (search on val, fit on train) and ``refit="train+val"`` with the value that search chose (its
-own search would be the same fits on the same images); prints the value, the test accuracy of each (paired: exact
-McNemar, paired bootstrap CI) and the seconds of each (search + final fit; the refit's final fit only). Test
+plan (``cifar``: bench_recipe.py's CIFAR-10 subset, 80 train and 30 test images per class): ``refit="train"``
+(search on val, fit on train) and ``refit="train+val"`` with the value that search chose (its own search would be the
+same fits on the same images); prints the value, the test accuracy of each (paired: exact McNemar, paired bootstrap
+CI) and the seconds of each (search + final fit; the refit's final fit only). Test
 accuracy here measures the protocol option; it chooses no setting.
 """
 
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HYMENOPTERA, machine_line, table
+from _common import HYMENOPTERA, cifar_manifest, machine_line, table
 
 BACKBONES = {"lite0": "featx:efficientnet_lite0", "pixels": "featx:pixels"}
 
@@ -33,18 +34,20 @@ def _correct(results: dict) -> list[bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/featx-bench/refit")
-    parser.add_argument("--set", default="digits", choices=("digits", "hymenoptera"))
+    parser.add_argument("--set", default="digits", choices=("digits", "hymenoptera", "cifar"))
     parser.add_argument("--classifiers", default="logreg,svm,knn")
     parser.add_argument("--backbones", default="lite0,pixels")
     args = parser.parse_args()
 
     from featx.classify import ClassifierConfig, train
     from featx.extract import extract
-    from featx.jobs.verdict import mcnemar_exact, paired_bootstrap_ci
+    from featx.jobs.decision import paired_score_interval
+    from featx.jobs.verdict import mcnemar_exact
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    source = str(HYMENOPTERA) if args.set == "hymenoptera" else args.set
+    sources = {"hymenoptera": str(HYMENOPTERA), "digits": "digits"}
+    source = sources[args.set] if args.set in sources else str(cifar_manifest(work, 80, 30))
     rows = []
     for bb in args.backbones.split(","):
         store = work / f"{args.set}.{bb}.h5"
@@ -65,8 +68,8 @@ def main() -> None:
                 results[refit] = json.loads(path.read_text())
             a, b = results["train"], results["train+val"]
             right = [_correct(r) for r in (b, a)]
-            _, _, p = mcnemar_exact(*right)
-            low, high = paired_bootstrap_ci(*right)
+            only_refit, only_train, p = mcnemar_exact(*right)
+            low, high = paired_score_interval(only_refit, only_train, len(right[0]))
             delta = b["test"]["accuracy"] - a["test"]["accuracy"]
             chosen = a["classifier"].get("chosen")
             rows.append([
