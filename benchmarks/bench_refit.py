@@ -7,8 +7,8 @@ Usage::
 Each classifier is trained twice on the store of the built-in Lite0 (and on ``featx:pixels``) under the default split
 plan (``cifar``: bench_recipe.py's CIFAR-10 subset, 80 train and 30 test images per class): ``refit="train"``
 (search on val, fit on train) and ``refit="train+val"`` with the value that search chose (its own search would be the
-same fits on the same images); prints the value, the test accuracy of each (paired: exact McNemar, paired bootstrap
-CI) and the seconds of each (search + final fit; the refit's final fit only). Test
+same fits on the same images); prints the value, the test accuracy of each (paired: exact McNemar, featx's paired
+score interval) and the seconds of each (search + final fit; the refit's final fit only). Test
 accuracy here measures the protocol option; it chooses no setting.
 """
 

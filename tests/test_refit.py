@@ -180,6 +180,9 @@ def test_a_job_with_the_default_refit_keeps_its_cell_identities(colour_folder, t
     for task in finetunes:
         identity = _cell_identity(job, task, {})
         assert "refit" not in identity and "refit" not in identity["dataset"]  # the hash of cells cached before
+        # The LP-FT floor is in the LP-FT cell's identity only: the plain fine-tune's cached cell keeps its hash.
+        assert ("probe_scale_floor" in identity["config"]) == (task.probe is not None)
+    assert {t.probe is not None for t in finetunes} == {True, False}
     _job(path, tmp_path / "out", colour_folder, refit="val")
     with pytest.raises(JobError, match=r"job.toml:8: unknown refit 'val'.*train, train\+val"):
         load_job(path)

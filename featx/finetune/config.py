@@ -48,9 +48,9 @@ DEFAULT_LAYER_DECAY = 0.5
 
 #: The base rates an ``auto`` learning rate is chosen from on val, per optimiser: three log-spaced rates around
 #: those issue 15 measured working (SGD: head 1e-2 then all 3e-3 reached 0.961 on digits; the hymenoptera
-#: pipeline needed ten times the default 1e-3), AdamW's ten times lower as its steps are larger. One step higher
-#: (3e-3, 1e-2, 3e-2) the default recipe chose 3e-2 and lost 26 and 17 pt on digits and CIFAR-10
-#: (benchmarks/RESULTS.md, "Choosing the default fine-tuning recipe").
+#: pipeline needed ten times the default 1e-3), AdamW's ten times lower as its steps are larger. Chosen on val: one
+#: step higher (3e-3, 1e-2, 3e-2) the default recipe chose 3e-2 on all three study sets and lost 32.4 and 13.1 pt of
+#: val on digits and a CIFAR-10 subset for a tie on hymenoptera (benchmarks/RESULTS.md, "Defaults chosen on val").
 DEFAULT_LR_CANDIDATES = {"sgd": (1e-3, 3e-3, 1e-2), "adamw": (1e-4, 3e-4, 1e-3)}
 
 
@@ -66,13 +66,13 @@ def edge_words(at_edge: str | None) -> str:
         return ""
     if at_edge == "lower":
         return " (the lowest candidate: a lower rate may do better; widen --lr-candidates)"
-    # One epoch favours high rates: a grid one step higher chose 3e-2 and lost 17 and 26 pt on CIFAR-10 and digits
-    # (benchmarks/RESULTS.md, "Choosing the default fine-tuning recipe"), so the highest is not a call to go higher.
+    # One epoch favours high rates: a grid one step higher chose 3e-2 and lost 13 and 32 pt of val on CIFAR-10 and
+    # digits (benchmarks/RESULTS.md, "Defaults chosen on val"), so the highest is not a call to go higher.
     return " (the highest candidate; the one-epoch choice favours high rates, so a higher one is not likely better)"
 
 
 #: LP-FT folds its probe's standardisation into the head with each feature's std floored at this times the median
-#: std (``probe_scale_floor``): an exact fold gave digits' probe weights up to 4,740 on channels Lite0 almost never
+#: std (``probe_scale_floor``): an exact fold gave digits' probe weights up to 4,741 on channels Lite0 almost never
 #: activates there, and every LP-FT from it diverged or stayed at the probe (benchmarks/RESULTS.md, issue 24).
 DEFAULT_PROBE_SCALE_FLOOR = 0.3
 

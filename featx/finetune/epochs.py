@@ -175,7 +175,7 @@ def evaluate_start(run: Run, state: RunState) -> None:
     """Epoch 0: the model before any update (for LP-FT, the probe's head on the frozen backbone) on val.
 
     It is the first candidate for the best epoch, so a run whose training only hurts on val ends with its
-    starting weights (LP-FT never ends below its probe on val).
+    starting weights (LP-FT never ends below its starting head on val: the probe as folded).
     """
     t0 = time.perf_counter()
     val_loss, val_acc = validate(run)

@@ -1,7 +1,8 @@
 """The network fine-tuning trains: its new head (optionally from a probe, for LP-FT), blocks and freezing.
 
 - :func:`block_names` splits a backbone into blocks, input to output, for ``topK`` phases;
-- :func:`head_from_logreg` turns a ``featx train -c logreg`` model into an exactly equal linear head;
+- :func:`head_from_logreg` turns a ``featx train -c logreg`` model into a linear head (exactly equal, or with its
+  near-dead features' weights capped);
 - the private helpers build the head, swap it in, freeze per phase and keep frozen statistics frozen.
 """
 
@@ -153,9 +154,10 @@ def head_from_logreg(
     or no preprocessing: standardisation is folded into the weights, so ``head(x)`` equals the regression's
     decision function on the raw features exactly (up to float rounding) when ``scale_floor`` is 0. With a
     ``scale_floor``, each feature's standard deviation is floored at ``scale_floor`` times their median before it
-    is folded: a feature the backbone almost never activates (std 1e-6 where the median is 0.02: digits' upsampled
-    glyphs leave 138 of Lite0's 1,280 channels so) would otherwise get a weight of 1/std, thousands, in the head,
-    and the backbone's first updates, waking that channel, would swing the logits by as much. Given the fine-tune's
+    is folded (the median of the scaler's scales, where scikit-learn gives a constant feature a scale of 1): a feature
+    the backbone almost never activates (digits' upsampled glyphs leave 138 of Lite0's 1,280 channels below 1 % of
+    the median std, one at 3e-6) would otherwise get a weight of 1/std, up to 4,741, in the head, and the backbone's
+    first updates, waking that channel, would swing the logits by as much. Given the fine-tune's
     ``split_hashes``, the probe must have been trained under the same split plan: a probe that saw the
     fine-tune's val or test images would leak them into its starting point; and it must have been fit on the
     splits ``fitted_on`` (train alone where val then chooses the fine-tune's epoch, train and val for the refit

@@ -9,7 +9,7 @@ epoch at that rate: the run goes on from it, so the choice costs one epoch per o
 because it is the shortest run that sees every training image once; fewer steps on a small dataset
 (hymenoptera: 7 steps an epoch at batch 32) leave the rates undistinguishable. Short runs favour larger
 rates (the schedule has not decayed yet), and the later phases inherit the choice: with 3e-2 among the
-candidates, the default recipe chose it on three datasets and its all-layer phase then lost 17-26 pt on two
+candidates, the default recipe chose it on three datasets and then lost 13-32 pt of val on two
 (benchmarks/RESULTS.md), so the default candidates stop at 1e-2.
 
 The choice is checkpointed after each candidate: a run killed mid-choice resumes with the candidates it

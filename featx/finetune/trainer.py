@@ -88,7 +88,8 @@ def finetune(
     """Fine-tune a backbone on a source's train split, validate each epoch, test the best epoch once.
 
     The weights before any update are epoch 0, a candidate like every epoch (LP-FT never ends below its
-    probe on val). A phase whose rate is ``auto`` (or every phase, under ``config.lr="auto"``) has its base
+    starting head on val: the probe, folded with its near-dead features floored, ``config.probe_scale_floor``).
+    A phase whose rate is ``auto`` (or every phase, under ``config.lr="auto"``) has its base
     rate chosen on val first (:mod:`featx.finetune.sweep`).
 
     Writes into ``out_dir``: ``checkpoint.pt`` (every epoch; resumes a killed run; at the end only the run's
@@ -121,8 +122,8 @@ def finetune(
         The folder the run writes into (created if needed).
     init_head : str or Path, optional
         LP-FT: a ``featx train -c logreg`` ``model.skops`` on this backbone's ``penultimate`` features; the
-        linear head starts as that regression (:func:`~featx.finetune.head_from_logreg`). Not with
-        ``config.hidden``.
+        linear head starts as that regression (:func:`~featx.finetune.head_from_logreg`; exactly with
+        ``config.probe_scale_floor=0``, else with its near-dead features floored). Not with ``config.hidden``.
     trust : bool, default=False
         Load an ``init_head`` file that holds types which could run code.
     device : str, default="auto"

@@ -125,7 +125,7 @@ class DatasetVerdict:
     question_rows: tuple[str, str] | None = None  # (tuned, frozen) methods
     transfer: Decision | None = None  # best transfer against best no-transfer row
     transfer_rows: tuple[str, str] | None = None
-    question_kept_at_start: bool = False  # the fine-tuned row never left its starting point (an LP-FT's probe)
+    question_kept_at_start: bool = False  # the fine-tuned row never left its starting point (an LP-FT's folded probe)
     headline: str = ""  # the decision in one sentence (the report opens with it)
 
     def to_dict(self) -> dict[str, Any]:

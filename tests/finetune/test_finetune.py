@@ -373,13 +373,35 @@ def test_lp_ft_floor_caps_the_weights_of_near_dead_features(folder, tmp_path):
     model.save(tmp_path / "dead" / "model.skops")
     net, names = B.load_backbone(TINY), list(model.class_names)
     exact, _ = head_from_logreg(tmp_path / "dead" / "model.skops", net, names)
-    floored, _ = head_from_logreg(tmp_path / "dead" / "model.skops", net, names, scale_floor=0.3)
+    floored, floored_bias = head_from_logreg(tmp_path / "dead" / "model.skops", net, names, scale_floor=0.3)
     coef = clf.coef_.astype(np.float32)
     np.testing.assert_allclose(exact[:, 0].numpy(), coef[:, 0] / scaler.scale_[0], rtol=1e-5)
     np.testing.assert_allclose(floored[:, 0].numpy(), coef[:, 0] / (0.3 * median), rtol=1e-5)
     above = scaler.scale_ >= 0.3 * median
     np.testing.assert_array_equal(floored[:, above].numpy(), exact[:, above].numpy())
-    assert not above.all() and above.sum() > len(above) // 2
+    assert above.sum() > len(above) // 2
+    # Weights and bias together: the floored head is the regression with its scaler's scales floored.
+    import featx.store
+
+    with featx.store.open(store) as s:
+        X = s.features()
+    scaler.scale_ = np.maximum(scaler.scale_, 0.3 * median)
+    np.testing.assert_allclose(
+        X @ floored.numpy().T + floored_bias.numpy(), model.pipeline.decision_function(X), rtol=1e-4, atol=1e-4
+    )
+    # The run folds with its config's floor: at a vanishing rate its saved head is the floored one.
+    finetune(
+        folder,
+        TINY,
+        _config("head:1:1e-12", weight_decay=0.0),
+        tmp_path / "ft",
+        init_head=tmp_path / "dead" / "model.skops",
+        workers=0,
+        progress=False,
+    )
+    saved = load_file(str(tmp_path / "ft" / "model.safetensors"))["classifier.weight"]
+    torch.testing.assert_close(saved, floored, rtol=0, atol=1e-6)
+    assert not torch.allclose(saved, exact)
 
 
 def test_lp_ft_refuses_unfoldable_or_foreign_models(folder, tmp_path):
