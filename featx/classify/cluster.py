@@ -78,8 +78,10 @@ def scheduler(address: str | None, *, timeout: float = 10.0) -> Iterator[Any]:
     from joblib import parallel_config
 
     try:
+        # A malformed address (no protocol) is refused before any client, and its event-loop thread, is started.
+        distributed.comm.parse_address(address, strict=True)
         client = distributed.Client(address, timeout=timeout)
-    except ValueError as exc:  # malformed: no port, unknown protocol
+    except ValueError as exc:  # malformed: no protocol, no port, unknown protocol
         raise ValueError(
             f"scheduler address {address!r} is not a Dask address ({exc}); give PROTOCOL://HOST:PORT as "
             "`dask scheduler` prints it, e.g. tcp://10.0.0.5:8786"
