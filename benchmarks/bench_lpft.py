@@ -8,7 +8,7 @@ Usage::
     python benchmarks/bench_lpft.py report [--work DIR]
     python benchmarks/bench_lpft.py gradnorm --set digits [--work DIR]  # the gradient an LP-FT run starts with
     python benchmarks/bench_lpft.py dead --set digits [--work DIR]      # where the folded probe puts its weight
-    python benchmarks/bench_lpft.py probe-floor --set digits --floor 0.3 [--work DIR]  # the probe, std floored
+    python benchmarks/bench_lpft.py probe-floor --set digits --floor 0.3 [--work DIR]  # the floored probe's val
 
 Every run is ``featx.finetune.finetune`` on the built-in EfficientNet-Lite0 from the probe's head (``init_head``),
 the default split plan (split seed 0), training seed 0, the rate fixed (no choice on val) unless the variant says
@@ -64,18 +64,18 @@ VARIANTS: dict[str, dict] = {
     # The probe's standardisation floored at q x its median scale before folding (``probe-floor``): whether the
     # head's huge weights on near-dead channels (98.5 % of its squared weight on digits) are what the backbone's
     # first updates trip over.
-    "floor0.3-top1-1e-4": {"phases": "top1:1:1e-4", "crop_scale": (0.8, 1.0), "probe": "probe-floor0.3"},
-    "floor0.3-top1-2ep-1e-3": {"phases": "top1:2:1e-3", "crop_scale": (0.8, 1.0), "probe": "probe-floor0.3"},
+    "floor0.3-top1-1e-4": {"phases": "top1:1:1e-4", "crop_scale": (0.8, 1.0), "probe_scale_floor": 0.3},
+    "floor0.3-top1-2ep-1e-3": {"phases": "top1:2:1e-3", "crop_scale": (0.8, 1.0), "probe_scale_floor": 0.3},
     # The default recipe (head:2:auto,all:6:auto/2, layer decay 0.5, 1e-3-1e-2 chosen on val) from the floored probe,
     # at the quickstart's crop.
-    "floor0.3-default": {"phases": "head:2:auto,all:6:auto/2", "crop_scale": (0.8, 1.0), "probe": "probe-floor0.3"},
+    "floor0.3-default": {"phases": "head:2:auto,all:6:auto/2", "crop_scale": (0.8, 1.0), "probe_scale_floor": 0.3},
     # Kumar et al.'s LP-FT (the probe, then everything) at fixed rates, the default crop: the plain fine-tune's
     # all-layer rate (5e-3, half its chosen 1e-2) and a third of it.
-    "floor0.3-all6-5e-3": {"phases": "all:6:5e-3", "probe": "probe-floor0.3"},
-    "floor0.3-all6-1.5e-3": {"phases": "all:6:1.5e-3", "probe": "probe-floor0.3"},
+    "floor0.3-all6-5e-3": {"phases": "all:6:5e-3", "probe_scale_floor": 0.3},
+    "floor0.3-all6-1.5e-3": {"phases": "all:6:1.5e-3", "probe_scale_floor": 0.3},
     # The same at the plain fine-tune's chosen rate, fixed: whether the one-epoch choice (1e-3) holds LP-FT back.
-    "floor0.3-default-1e-2": {"phases": "head:2:1e-2,all:6:5e-3", "crop_scale": (0.8, 1.0), "probe": "probe-floor0.3"},
-    "floor1-top1-2ep-1e-3": {"phases": "top1:2:1e-3", "crop_scale": (0.8, 1.0), "probe": "probe-floor1"},
+    "floor0.3-default-1e-2": {"phases": "head:2:1e-2,all:6:5e-3", "crop_scale": (0.8, 1.0), "probe_scale_floor": 0.3},
+    "floor1-top1-2ep-1e-3": {"phases": "top1:2:1e-3", "crop_scale": (0.8, 1.0), "probe_scale_floor": 1.0},
 }
 
 
@@ -101,26 +101,31 @@ def probe(args) -> None:
 
 
 def probe_floor(args) -> None:
-    """``{set}__probe-floor{Q}``: the probe with its standardisation's scales floored at Q times their median, so that
-    folding it into a head (``probe_scale_floor=0`` in the runs) gives the head ``probe_scale_floor=Q`` gives; its val
-    accuracy, and how many val predictions it keeps."""
+    """The probe's val accuracy as the head LP-FT starts from, folded exactly and with ``probe_scale_floor=Q``
+    (featx's own fold, :func:`~featx.finetune.head_from_logreg`), and how many val predictions the floor keeps."""
     import numpy as np
 
+    from featx.backbones import load_backbone
     from featx.classify.model import load_model
+    from featx.finetune import head_from_logreg
     from featx.store.reader import FeatureStore
 
     work = Path(args.work)
-    model = load_model(work / f"{args.set}__probe" / "model.skops")
+    probe = work / f"{args.set}__probe" / "model.skops"
+    names = load_model(probe).class_names
     fs = FeatureStore(work / f"{args.set}.lite0.h5")
-    X, y = fs.features("penultimate", split="val", dtype=np.float64), fs.labels("val")
-    before = model.pipeline.predict(X)
-    scaler = model.pipeline.steps[0][1]
-    scaler.scale_ = np.maximum(scaler.scale_, args.floor * np.median(scaler.scale_))
-    after = model.pipeline.predict(X)
-    out = work / f"{args.set}__probe-floor{args.floor:g}" / "model.skops"
-    model.save(out)
-    print(f"{out}: val {np.mean(after == y):.4f} (exact fold {np.mean(before == y):.4f}), "
-          f"{np.mean(after == before):.3f} of val predictions unchanged")  # fmt: skip
+    X = fs.features("penultimate", split="val", dtype=np.float32)
+    truth = np.array([list(names).index(str(label)) for label in fs.labels("val")])
+    net = load_backbone(BACKBONE)
+    predicted = {}
+    for floor in (0.0, args.floor):
+        W, b = head_from_logreg(probe, net, names, scale_floor=floor)
+        predicted[floor] = (X @ W.numpy().T + b.numpy()).argmax(1)
+    exact, floored = predicted[0.0], predicted[args.floor]
+    print(
+        f"{args.set}: val {np.mean(floored == truth):.4f} floored at {args.floor:g} (exact fold "
+        f"{np.mean(exact == truth):.4f}), {np.mean(floored == exact):.3f} of val predictions unchanged"
+    )
 
 
 def dead(args) -> None:
@@ -162,8 +167,7 @@ def run(args) -> None:
             phases=tuple(parse_phases(settings.pop("phases"))),
             batch_size=64,
             flip=args.set not in NO_FLIP,
-            probe_scale_floor=0.0,  # the probe files hold any floor a variant names (probe-floorQ)
-            **settings,
+            **({"probe_scale_floor": 0.0} | settings),  # the exact fold unless the variant floors it
         )
         t0 = time.perf_counter()
         finetune(

@@ -405,15 +405,14 @@ def _cell_identity(job: Job, task: CellTask, states: dict[str, TaskRun]) -> dict
             "draws": task.classifier.draws,
         } | _refit_identity(task)
     init_marker = cell_dir(job, task.probe) / CELL_MARKER if task.probe is not None else None
+    config = finetune_config(task.finetune, task.seed).identity(lp_ft=task.probe is not None)
     return {
         "kind": "finetune",
         # The dataset with the split seed of the task's repeat (the first repeat keeps its identity).
         "dataset": task.dataset.identity(task.plan.split_seed),
         "source": _source_fingerprint(task.dataset.source),  # new images or labels must re-run the fine-tune too
         "backbone": task.network,
-        "config": finetune_config(task.finetune, task.seed).identity(
-            lp_ft=task.probe is not None
-        ),  # what the fine-tune's checkpoint hashes too
+        "config": config,  # what the fine-tune's checkpoint hashes too
         "init_head": _marker_hash(init_marker) if init_marker is not None else None,
     } | _refit_identity(task)
 
